@@ -1,0 +1,31 @@
+"""fmjax: JAX/Flax pretraining of vision foundation models."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fmjax",
+    version="0.1.0",
+    description="JAX/Flax research codebase for pretraining vision foundation models.",
+    packages=find_packages(include=["fmjax", "fmjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.87",
+        "ml-collections>=1.0",
+        "tensorflow-datasets>=4.9.7",
+        "grain>=0.2.10",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "absl-py>=2.0",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        # Tests and the PyTorch parity references (CPU torch wheel).
+        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=4.45"],
+        # Preparing TFDS catalog datasets (imagenet2012, ...) needs TensorFlow.
+        "tf": ["tensorflow-cpu"],
+    },
+)
