@@ -1,0 +1,40 @@
+"""Defaults shared by every method's config (the contract keys of docs/design.md)."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 128            # global, over all processes
+    c.grad_accum_steps = 1
+    c.log_every = 50
+    c.eval_every = 500
+    c.eval_at_start = True
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3        # keep the last N ...
+    c.keep_period = 0             # ... plus every M-th step (0: none)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.sharding = "fsdp"           # logical-axis rules preset: dp | fsdp | fsdp_tensor
+    c.dtype = "float32"           # compute dtype; params stay float32
+    c.model = ml_collections.ConfigDict()
+    c.objective = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict(dict(
+        name="fmjax_shapes/64", data_dir=ml_collections.config_dict.placeholder(str), train_split="train", image_size=64,
+        normalization="imagenet", worker_count=0, pp_train="", pp_eval=""))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", lr=1e-3, blr=0.0, lr_scaling="none", b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=0.05, warmup_steps=100, min_lr=0.0, decay="cosine", clip_norm=0.0))
+    c.evals = ml_collections.ConfigDict()
+    return c
+
+
+def imagenet_data(c, image_size: int = 224, scale=(0.2, 1.0)):
+    """ImageNet-1k from TFDS (prepare it first: see README, 'Real datasets')."""
+    c.data.name = "imagenet2012"
+    c.data.image_size = image_size
+    c.data.worker_count = 16
+    c.data.pp_train = (f"random_resized_crop({image_size}, scale={tuple(scale)})|flip_lr|"
+                       f"normalize('imagenet')|keep('image', 'label')")
+    c.data.pp_eval = (f"resize({int(image_size * 256 / 224)})|center_crop({image_size})|"
+                      f"normalize('imagenet')|keep('image', 'label')")

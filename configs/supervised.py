@@ -1,0 +1,52 @@
+"""Supervised ViT classification (cross-entropy with label smoothing).
+
+Default (bundled shapes, 32x32 -> shape class, CPU-sized):
+    python launch/train.py --config=configs/supervised.py --workdir=/tmp/sup
+  Reaches (2-core CPU, ~5 min): validation accuracy (eval/val_accuracy) >= 0.9;
+  tests/train/test_learning.py asserts a shortened run's number.
+
+Paper-style preset (DeiT-style recipe on ImageNet-1k; needs `imagenet2012` in TFDS):
+    python launch/train.py --config=configs/supervised.py:vit_b16_imagenet --workdir=DIR
+"""
+from configs import common
+
+
+def get_config(arg: str = "default"):
+    c = common.base_config()
+    c.objective.name = "supervised"
+    c.objective.label_smoothing = 0.1
+    if arg == "default":
+        c.total_steps = 1000
+        c.batch_size = 128
+        c.log_every = 50
+        c.eval_every = 500
+        c.checkpoint_every = 500
+        c.optimizer.update(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.05,
+                                warmup_steps=100, clip_norm=1.0))
+        c.data.name = "fmjax_shapes/32"
+        c.data.image_size = 32
+        c.data.pp_train = "random_resized_crop(32, scale=(0.5, 1.0))|flip_lr|normalize('imagenet')|keep('image', 'label')"
+        c.data.pp_eval = "normalize('imagenet')|keep('image', 'label')"
+        c.model = dict(name="vit", variant="Ti/4", width=128, depth=4, num_heads=4, mlp_dim=512,
+                       num_classes=_num_shape_classes(), pool="cls")
+        c.evals = dict(val=dict(type="metrics", split="validation"))
+    elif arg == "vit_b16_imagenet":
+        common.imagenet_data(c, 224, scale=(0.08, 1.0))
+        c.batch_size = 1024
+        c.total_steps = 300 * (1281167 // 1024)
+        c.dtype = "bfloat16"
+        c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=5e-4 * 256 / 512,
+                                weight_decay=0.05, warmup_steps=5 * (1281167 // 1024), min_lr=1e-5,
+                                clip_norm=1.0))
+        c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="cls", drop_path=0.1)
+        c.evals = dict(val=dict(type="metrics", split="validation", every=5000))
+        c.eval_every = 5000
+        c.checkpoint_every = 2000
+    else:
+        raise ValueError(f"Unknown configs/supervised.py preset {arg!r}; valid: default, vit_b16_imagenet.")
+    return c
+
+
+def _num_shape_classes() -> int:
+    from fmjax.data import shapes
+    return len(shapes.CLASS_NAMES)

@@ -1,0 +1,186 @@
+"""A TFDS-free reader for a user's own image folders (TFDS's ImageFolder needs TF).
+
+Layout:
+  root/<split>/<class_name>/*.{png,jpg,jpeg}     labelled images
+  root/<split>/*.{png,jpg,jpeg}                  unlabelled images (label -1)
+
+Optional captions, in `<split>/captions.{tsv,jsonl}` or `root/captions.{tsv,jsonl}`
+(the first found), with image paths relative to the folder holding the file:
+  captions.tsv:    <relative/path.jpg>\t<caption>          one per line
+  captions.jsonl:  {"image": "<relative/path.jpg>", "caption": "..."}   one per line
+When a captions file is present, every image of the split needs a caption.
+
+Class indices are the sorted union of class folder names over all splits, so
+they agree between splits.
+"""
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CAPTION_FILES = ("captions.tsv", "captions.jsonl")
+
+
+def _is_image(filename):
+    return filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith(".")
+
+
+def _split_dir(root, split):
+    """Checks root and root/split exist; returns the split directory."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"Image folder {root!r} does not exist: create it as {root}/<split>/<class_name>/*.jpg "
+            f"or fix the path in 'image_folder:<path>'.")
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        raise FileNotFoundError(
+            f"Split folder {split_dir!r} does not exist (splits found: {found}): "
+            f"put the {split!r} images in {split_dir}/<class_name>/.")
+    return split_dir
+
+
+def folder_class_names(root):
+    """Sorted union of class folder names over every split under `root`."""
+    if not os.path.isdir(root):
+        return []
+    names = set()
+    for split in os.listdir(root):
+        split_dir = os.path.join(root, split)
+        if os.path.isdir(split_dir):
+            names.update(d for d in os.listdir(split_dir)
+                         if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith("."))
+    return sorted(names)
+
+
+def _list_images(root, split):
+    """Returns [(relative path from the split dir, label)] sorted by path."""
+    split_dir = _split_dir(root, split)
+    class_to_index = {name: i for i, name in enumerate(folder_class_names(root))}
+    items = []
+    for entry in sorted(os.listdir(split_dir)):
+        path = os.path.join(split_dir, entry)
+        if os.path.isdir(path) and entry in class_to_index:
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                for f in sorted(filenames):
+                    if _is_image(f):
+                        rel = os.path.relpath(os.path.join(dirpath, f), split_dir)
+                        items.append((rel, class_to_index[entry]))
+        elif _is_image(entry):
+            items.append((entry, -1))
+    if not items:
+        raise FileNotFoundError(
+            f"No images found in {split_dir!r}: add {'/'.join(IMAGE_EXTENSIONS)} files "
+            f"under {split_dir}/<class_name>/.")
+    return items
+
+
+def find_captions_file(root, split):
+    """The captions file for a split, or None."""
+    for folder in (os.path.join(root, split), root):
+        for name in CAPTION_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _read_captions(captions_file):
+    """Returns {absolute normalized image path: (caption, line number)}."""
+    base = os.path.dirname(os.path.abspath(captions_file))
+    captions = {}
+    with open(captions_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            where = f"{captions_file}:{lineno}"
+            if captions_file.endswith(".jsonl"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: invalid JSON ({e.msg}); write one object per line "
+                                     'like {"image": "cls/a.jpg", "caption": "..."}.') from None
+                rel = record.get("image", record.get("file", record.get("path")))
+                caption = record.get("caption", record.get("text"))
+                if not isinstance(rel, str) or caption is None:
+                    raise ValueError(f'{where}: need keys "image" and "caption"; '
+                                     'write {"image": "cls/a.jpg", "caption": "..."}.')
+            else:
+                if "\t" not in line:
+                    raise ValueError(f"{where}: expected '<image path><TAB><caption>'; "
+                                     "separate the path and caption with a tab.")
+                rel, caption = line.split("\t", 1)
+            if not str(caption).strip():
+                raise ValueError(f"{where}: empty caption for {rel!r}; write a caption or remove the line.")
+            path = os.path.normpath(os.path.join(base, rel))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{where}: image {rel!r} does not exist (looked for {path}); "
+                                        "fix the path (relative to the captions file) or remove the line.")
+            captions[path] = (str(caption).strip(), lineno)
+    return captions
+
+
+def check_image_folder(root, split):
+    """Cheap validation: the folders exist and hold images."""
+    _list_images(root, split)
+
+
+class ImageFolderSource:
+    """Random-access source over root/<split>/<class_name>/*.{png,jpg,jpeg}.
+
+    `source[i]` is dict(image=uint8 (H, W, 3) RGB, label=int (-1 without a
+    class folder), caption=str when a captions file exists, file_name=str).
+    """
+
+    def __init__(self, root, split, captions_file=None):
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.split = split
+        self.class_names = folder_class_names(self.root)
+        items = _list_images(self.root, split)
+        split_dir = os.path.join(self.root, split)
+        self.paths = [os.path.join(split_dir, rel) for rel, _ in items]
+        self.labels = np.array([label for _, label in items], np.int64)
+        self.captions = None
+        if captions_file is None:
+            captions_file = find_captions_file(self.root, split)
+        elif not os.path.isfile(captions_file):
+            raise FileNotFoundError(f"Captions file {captions_file!r} does not exist: fix the path "
+                                    "or omit it to use <root>/captions.tsv.")
+        self.captions_file = captions_file
+        if captions_file:
+            table = _read_captions(captions_file)
+            self.captions = []
+            for path in self.paths:
+                entry = table.get(os.path.normpath(path))
+                if entry is None:
+                    raise ValueError(f"{captions_file}: no caption for image {path!r}; "
+                                     "add a line for it or remove the image.")
+                self.captions.append(entry[0])
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        index = int(index)
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                image = np.asarray(img.convert("RGB"), np.uint8)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"Cannot decode image {path!r} ({e}); replace or remove the file.") from None
+        out = dict(image=image, label=int(self.labels[index]),
+                   file_name=os.path.relpath(path, self.root))
+        if self.captions is not None:
+            out["caption"] = self.captions[index]
+        return out
+
+    def __repr__(self):
+        return f"ImageFolderSource({self.root!r}, split={self.split!r}, len={len(self)})"

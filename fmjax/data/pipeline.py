@@ -1,0 +1,287 @@
+"""grain input pipelines: sharded, shuffled, checkpointable host batches.
+
+Training::
+
+    it = make_train_iterator(source, global_batch_size=256, seed=0,
+                             transform="random_resized_crop(224)|flip_lr|normalize")
+    batch = next(it)                       # dict of numpy, batch dim 256 // process_count
+    arrays = global_batch(batch, mesh)     # dict of sharded jax.Arrays
+
+Each process reads a disjoint strided shard of the source, reshuffled every
+epoch with ``seed``. Each example's transform rng depends only on
+``(seed, process_index, position in the stream)``, so batches are identical
+for any ``worker_count``.
+
+Iterator state (exact resume) — the returned iterator is a
+``grain.DatasetIterator``: ``state = it.get_state()`` (a JSON-able dict) and
+``it.set_state(state)``. With Orbax, put it next to the train state::
+
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(train_state),
+        data=grain.checkpoint.CheckpointSave(it)))        # == grain_save_args(it)
+    mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(it)))     # == grain_restore_args(it)
+
+The restore mutates ``it`` in place (build it with the same arguments
+first). grain writes one ``process_{i}-of-{n}.json`` per JAX process.
+
+With ``worker_count > 0`` grain spawns worker processes: the source and
+transform must be picklable and the launching script needs the usual
+``if __name__ == "__main__":`` guard. Close such iterators (``it.close()``)
+when done.
+"""
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import grain
+import grain.checkpoint
+import grain.python as gp
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fmjax.data import transforms as tr
+
+TransformLike = Union[None, str, Callable[[dict, np.random.Generator], dict]]
+VALID_KEY = "_valid"
+
+
+def _as_transform(transform: TransformLike) -> Callable:
+    """None -> identity, str -> :func:`transforms.parse`, else unchanged."""
+    if transform is None:
+        return tr.Compose([])
+    if isinstance(transform, str):
+        return tr.parse(transform)
+    return transform
+
+
+def _process(process_index: Optional[int], process_count: Optional[int]):
+    """Fills in ``jax.process_index()/process_count()`` and validates."""
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= pi < pc:
+        raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
+    return pi, pc
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """``global_batch_size // process_count``; raises if not divisible."""
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of "
+            f"process_count={process_count}")
+    return global_batch_size // process_count
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker pool reads absl flags; outside ``absl.app.run`` (e.g.
+    pytest, notebooks) they are unparsed, so mark them parsed (defaults)."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class _IndexedTransform(gp.MapWithIndexTransform):
+    """Applies ``transform(example, rng)`` with ``rng`` seeded by
+    ``(seed, process_index, index)``, ``index`` being the element's position
+    in this process's (repeated) stream, so results do not depend on workers.
+    """
+
+    def __init__(self, transform: Callable, seed: int, process_index: int):
+        self.transform = transform
+        self.seed = int(seed)
+        self.process_index = int(process_index)
+
+    def map_with_index(self, index: int, element):
+        rng = np.random.default_rng((self.seed, self.process_index, int(index)))
+        return self.transform(element, rng)
+
+
+def make_train_iterator(
+    source: Any,
+    *,
+    global_batch_size: int,
+    transform: TransformLike,
+    seed: int,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    worker_count: int = 0,
+    shuffle: bool = True,
+    num_epochs: Optional[int] = None,
+    read_threads: int = 4,
+) -> "grain.DatasetIterator":
+    """Returns an iterator of per-process local batches (dicts of numpy).
+
+    Pipeline (grain dataset API): ``source[:m][process_index::process_count]``
+    (``m`` = largest multiple of ``process_count``), per-epoch reseeded
+    shuffle, repeat, per-example transform, batch (remainder dropped),
+    optional ``mp_prefetch`` workers. Worker processes each build whole
+    batches ``i::worker_count`` and the output is interleaved back in order,
+    so batches are identical for any ``worker_count``.
+
+    Args:
+      source: random-access source (``len`` and ``__getitem__(i) -> dict``);
+        must be picklable when ``worker_count > 0``.
+      global_batch_size: batch size over all processes; each local batch has
+        ``global_batch_size // process_count`` examples.
+      transform: ``transform(example, rng) -> example``, a pp string, or None.
+      seed: shuffle and augmentation seed (``0 <= seed < 2**32``).
+      process_index, process_count: this process's shard; default JAX's.
+      worker_count: grain worker processes (0: threads in this process).
+      shuffle: reshuffle every epoch.
+      num_epochs: None repeats forever; else stop after that many epochs.
+      read_threads: threads reading/transforming elements in each process.
+
+    Returns:
+      A ``grain.DatasetIterator`` with ``get_state()``/``set_state()``.
+    """
+    pi, pc = _process(process_index, process_count)
+    local_bs = _local_batch_size(global_batch_size, pc)
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    n = len(source)
+    per_process = n // pc
+    if per_process == 0 or (per_process < local_bs and num_epochs is not None):
+        raise ValueError(f"{n} examples over {pc} processes cannot fill a local batch of {local_bs}")
+    ds = grain.MapDataset.source(source)[: per_process * pc][pi::pc]
+    if shuffle:
+        ds = ds.shuffle(seed=int(seed))  # reseeded per epoch by repeat()
+    ds = ds.repeat(num_epochs)
+    ds = ds.map_with_index(_IndexedTransform(_as_transform(transform), seed, pi))
+    ds = ds.batch(local_bs, drop_remainder=True)
+    read = gp.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * local_bs)
+    it_ds = ds.to_iter_dataset(read)
+    if worker_count:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(gp.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds)
+
+
+def grain_save_args(iterator) -> Any:
+    """Orbax args saving a grain iterator (use inside ``ocp.args.Composite``)."""
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def grain_restore_args(iterator) -> Any:
+    """Orbax args restoring a grain iterator in place."""
+    return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def eval_indices(num_examples: int, global_batch_size: int, process_index: int,
+                 process_count: int) -> np.ndarray:
+    """Source indices this process reads for eval; ``-1`` marks padding.
+
+    Global batch ``k`` holds examples ``[k * G, (k + 1) * G)`` in order and
+    process ``p`` holds the ``p``-th slice of ``G // process_count`` of it, so
+    concatenating the local batches in process order restores dataset order.
+    """
+    local_bs = _local_batch_size(global_batch_size, process_count)
+    num_batches = -(-num_examples // global_batch_size)
+    idx = np.arange(num_batches * global_batch_size).reshape(num_batches, process_count, local_bs)
+    idx = idx[:, process_index].reshape(-1)
+    return np.where(idx < num_examples, idx, -1)
+
+
+class _EvalSource:
+    """Random-access view: position -> transformed example + ``_valid``."""
+
+    def __init__(self, source, indices: np.ndarray, transform: Callable, seed: int):
+        self.source = source
+        self.indices = indices
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict:
+        i = int(self.indices[position])
+        j = max(i, 0)  # padding repeats example 0 and is masked out
+        example = self.transform(self.source[j], np.random.default_rng((self.seed, j)))
+        example = dict(example)
+        example[VALID_KEY] = np.bool_(i >= 0)
+        return example
+
+
+class EvalIterator:
+    """One in-order pass over a split; ``len()`` is the number of batches,
+    equal on every process."""
+
+    def __init__(self, dataset, num_batches: int):
+        self._it = iter(dataset)
+        self._num_batches = num_batches
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        return next(self._it)
+
+
+def make_eval_iterator(
+    source: Any,
+    *,
+    global_batch_size: int,
+    transform: TransformLike,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    seed: int = 0,
+) -> EvalIterator:
+    """One pass over ``source`` in order, no shuffle, per-process share.
+
+    Every process yields ``ceil(len(source) / global_batch_size)`` batches of
+    ``global_batch_size // process_count``; padding examples (copies of
+    example 0) have ``batch['_valid'] == False``. ``seed`` only matters for
+    random transforms (each example's rng is seeded by ``(seed, index)``).
+    """
+    pi, pc = _process(process_index, process_count)
+    local_bs = _local_batch_size(global_batch_size, pc)
+    n = len(source)
+    if n == 0:
+        raise ValueError("make_eval_iterator: empty source")
+    indices = eval_indices(n, global_batch_size, pi, pc)
+    ds = grain.MapDataset.source(_EvalSource(source, indices, _as_transform(transform), seed))
+    ds = ds.batch(local_bs, drop_remainder=False)
+    return EvalIterator(ds.to_iter_dataset(), len(indices) // local_bs)
+
+
+def _is_numeric(x: np.ndarray) -> bool:
+    """bool / int / uint / float / complex dtypes (incl. bfloat16)."""
+    return x.dtype.kind in "biufc" or x.dtype.name == "bfloat16"
+
+
+def global_batch(
+    local_batch: Dict[str, Any],
+    mesh: Mesh,
+    batch_axes: Sequence[str] = ("data", "fsdp"),
+    *,
+    drop_non_numeric: bool = False,
+) -> Dict[str, jax.Array]:
+    """Local host batch -> global ``jax.Array``s sharded on the batch dim.
+
+    The batch dim is split over ``batch_axes`` (those absent from ``mesh``
+    are ignored) with ``jax.make_array_from_process_local_data``; the global
+    batch is the concatenation of all processes' local batches in process
+    order. Non-numeric values (e.g. caption strings) raise a TypeError, or
+    are dropped with ``drop_non_numeric=True``.
+    """
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    sharding = NamedSharding(mesh, P(axes if axes else None))
+    out = {}
+    for k, v in local_batch.items():
+        arr = np.asarray(v)
+        if not _is_numeric(arr):
+            if drop_non_numeric:
+                continue
+            raise TypeError(
+                f"global_batch: key {k!r} has non-numeric dtype {arr.dtype}; tokenize it or "
+                "drop it (drop_non_numeric=True) before making device arrays")
+        if arr.ndim == 0:
+            raise ValueError(f"global_batch: key {k!r} is a scalar, expected a batch dim")
+        global_shape = (arr.shape[0] * jax.process_count(),) + arr.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(sharding, arr, global_shape)
+    return out

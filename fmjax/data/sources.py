@@ -1,0 +1,247 @@
+"""Random-access data sources by name.
+
+Names:
+  fmjax_shapes, fmjax_shapes/<resolution>  the bundled procedural dataset; it
+                                           prepares itself on first use.
+  image_folder:<path>                      root/<split>/<class>/*.{png,jpg,jpeg}
+  <tfds name>[/<config>][:<version>]       any prepared TFDS catalog dataset,
+                                           read with `tfds.data_source`.
+
+Every source has `len()` and `__getitem__(i)` returning a dict of numpy values:
+`image` uint8 (H, W, 3) RGB, `label` int when the dataset has labels,
+`caption` str when it has captions, plus the dataset's other fields (text
+decoded to str). Sources are picklable (grain worker processes): the
+underlying readers are reopened lazily after unpickling.
+"""
+import contextlib
+import fcntl
+import os
+import shutil
+
+import numpy as np
+
+from fmjax.data import image_folder as image_folder_lib
+from fmjax.data import shapes
+
+SHAPES_NAME = "fmjax_shapes"
+IMAGE_FOLDER_PREFIX = "image_folder:"
+VALID_FORMS = (f"'{SHAPES_NAME}', '{SHAPES_NAME}/<resolution>' (resolution in {list(shapes.RESOLUTIONS)}), "
+               f"'{IMAGE_FOLDER_PREFIX}<path>', or a TFDS catalog name such as 'imagenet2012'")
+
+
+def default_data_dir(data_dir=None):
+    """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (absolute)."""
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    return os.path.abspath(os.path.expanduser(data_dir))
+
+
+def _shapes_resolution(name):
+    """Resolution of an fmjax_shapes name, or None if `name` is not one."""
+    if name == SHAPES_NAME:
+        return shapes.DEFAULT_RESOLUTION
+    if not name.startswith(SHAPES_NAME + "/"):
+        return None
+    res = name.split("/", 1)[1].split(":")[0]
+    if not res.isdigit() or int(res) not in shapes.RESOLUTIONS:
+        raise ValueError(f"Unknown {SHAPES_NAME} resolution {res!r} in {name!r}: "
+                         f"use one of {list(shapes.RESOLUTIONS)}, e.g. '{SHAPES_NAME}/64'.")
+    return int(res)
+
+
+def _check_split(split, valid, name):
+    if split not in valid:
+        raise ValueError(f"Unknown split {split!r} for dataset {name!r}: use one of {sorted(valid)}.")
+
+
+def _to_numpy(example):
+    """Makes every value numpy (or str/int), decodes bytes text, RGB images."""
+    out = {}
+    for key, value in example.items():
+        if isinstance(value, dict):
+            value = _to_numpy(value)
+        elif isinstance(value, bytes):
+            value = value.decode("utf-8")
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "SO":
+            value = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v,
+                                 otypes=[object])(value) if value.size else value
+        elif key == "label" and isinstance(value, (int, np.integer)):
+            value = int(value)
+        out[key] = value
+    image = out.get("image")
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 1:
+        out["image"] = np.repeat(image, 3, axis=-1)  # grayscale -> RGB
+    return out
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    """Exclusive advisory lock, so processes on one host prepare only once."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_shapes(resolution=shapes.DEFAULT_RESOLUTION, data_dir=None):
+    """Prepares fmjax_shapes/<resolution> in data_dir if needed; returns the builder.
+
+    TFDS writes into an `incomplete.*` folder and renames it when done, so an
+    interrupted preparation leaves no half dataset; its leftovers are removed
+    here and the preparation is redone.
+    """
+    data_dir = default_data_dir(data_dir)
+    config_dir = os.path.join(data_dir, SHAPES_NAME, str(resolution))
+    with _file_lock(os.path.join(data_dir, SHAPES_NAME, f".{resolution}.lock")):
+        builder = shapes.FmjaxShapes(config=str(resolution), data_dir=data_dir,
+                                     file_format="array_record")
+        if not builder.is_prepared():
+            if os.path.isdir(config_dir):
+                for entry in os.listdir(config_dir):
+                    if entry.startswith("incomplete."):
+                        shutil.rmtree(os.path.join(config_dir, entry), ignore_errors=True)
+            builder.download_and_prepare()
+    return builder
+
+
+class TfdsSource:
+    """A picklable wrapper over `tfds.data_source` returning numpy dicts."""
+
+    def __init__(self, name, split, data_dir):
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self._source = None
+        self._len = len(self._open())
+
+    def _open(self):
+        if self._source is None:
+            import tensorflow_datasets as tfds
+            if _shapes_resolution(self.name) is not None:
+                shapes_builder = prepare_shapes(_shapes_resolution(self.name), self.data_dir)
+                self._source = shapes_builder.as_data_source(split=self.split)
+            else:
+                self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+        return self._source
+
+    def __len__(self):
+        return self._len
+
+    def __getitem__(self, index):
+        return _to_numpy(self._open()[int(index)])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_source"] = None
+        return state
+
+    def __repr__(self):
+        return f"TfdsSource({self.name!r}, split={self.split!r}, data_dir={self.data_dir!r}, len={self._len})"
+
+
+def _not_prepared(name, data_dir):
+    return FileNotFoundError(
+        f"Dataset {name!r} is not prepared in {data_dir}: run `pip install 'fmjax[tf]'` then "
+        f"`tfds build {name.split(':')[0]} --data_dir={data_dir}`, or point --config.data.data_dir "
+        f"(or $TFDS_DATA_DIR) at a directory that holds it.")
+
+
+def _catalog_builder(name, data_dir):
+    """The TFDS builder for a catalog name, with one-line errors for bad names."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import registered
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except registered.DatasetNotFoundError:
+        raise ValueError(f"Unknown dataset name {name!r}: use {VALID_FORMS}.") from None
+    except Exception as e:  # Some catalog builders import TensorFlow; read from files.
+        try:
+            return tfds.builder_from_directories([os.path.join(data_dir, name.split(":")[0])])
+        except Exception:
+            raise _not_prepared(name, data_dir) from e
+
+
+def _parse(name):
+    """Returns (kind, arg) for a name: ('shapes', res), ('folder', path), ('tfds', name)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"Unknown dataset name {name!r}: use {VALID_FORMS}.")
+    if name.startswith(IMAGE_FOLDER_PREFIX):
+        path = name[len(IMAGE_FOLDER_PREFIX):]
+        if not path:
+            raise ValueError(f"Empty path in {name!r}: use '{IMAGE_FOLDER_PREFIX}/path/to/root'.")
+        return "folder", os.path.expanduser(path)
+    res = _shapes_resolution(name)
+    if res is not None:
+        return "shapes", res
+    if ":" in name and not name.split(":")[-1].replace(".", "").isdigit():
+        raise ValueError(f"Unknown dataset name {name!r}: use {VALID_FORMS}.")
+    return "tfds", name
+
+
+def check_source(name, split, data_dir=None):
+    """Validates a dataset name, split and availability cheaply, before any compile.
+
+    Does not prepare fmjax_shapes (it prepares itself on first use). Raises
+    ValueError (bad name or split) or FileNotFoundError (missing data) with a
+    one-line message naming the fix.
+    """
+    kind, arg = _parse(name)
+    data_dir = default_data_dir(data_dir)
+    if kind == "shapes":
+        _check_split(split, shapes.SPLITS, name)
+    elif kind == "folder":
+        image_folder_lib.check_image_folder(arg, split)
+    else:
+        builder = _catalog_builder(name, data_dir)
+        if not builder.is_prepared():
+            raise _not_prepared(name, data_dir)
+        _check_split(split, set(builder.info.splits.keys()), name)
+
+
+def get_source(name, split, data_dir=None, **kw):
+    """Returns a random-access source for dataset `name` and `split`.
+
+    Extra keyword arguments go to `ImageFolderSource` for image folders (e.g.
+    `captions_file`); other sources take none.
+    """
+    kind, arg = _parse(name)
+    if kind == "folder":
+        return image_folder_lib.ImageFolderSource(arg, split, **kw)
+    if kw:
+        raise ValueError(f"Unexpected options {sorted(kw)} for dataset {name!r}; only image folders take options.")
+    data_dir = default_data_dir(data_dir)
+    if kind == "shapes":
+        _check_split(split, shapes.SPLITS, name)
+        return TfdsSource(f"{SHAPES_NAME}/{arg}", split, data_dir)
+    check_source(name, split, data_dir)
+    return TfdsSource(name, split, data_dir)
+
+
+def _catalog_label(name, data_dir):
+    """The `label` feature of a TFDS catalog dataset, or None."""
+    features = _catalog_builder(name, default_data_dir(data_dir)).info.features
+    try:
+        return features["label"]
+    except (KeyError, TypeError):
+        return None
+
+
+def class_names(name, data_dir=None):
+    """Class names of a dataset's `label`, or None where unknown."""
+    kind, arg = _parse(name)
+    if kind == "shapes":
+        return list(shapes.CLASS_NAMES)
+    if kind == "folder":
+        return image_folder_lib.folder_class_names(arg) or None
+    label = _catalog_label(name, data_dir)
+    names = getattr(label, "names", None)
+    return list(names) if names else None
+
+
+def num_classes(name, data_dir=None):
+    """Number of classes of a dataset's `label`, or None where unknown."""
+    kind, _ = _parse(name)
+    if kind == "tfds":
+        return getattr(_catalog_label(name, data_dir), "num_classes", None)
+    names = class_names(name, data_dir)
+    return len(names) if names else None

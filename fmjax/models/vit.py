@@ -1,0 +1,155 @@
+"""Vision Transformer (ViT) backbone with optional class token, registers and head.
+
+Param tree: ``patch_embed/proj``, ``cls_token``, ``reg_tokens``, ``pos_embed``
+(learned only), ``encoder/block_{i}``, ``encoder/norm``, ``head``. The MAE
+encoder (``fmjax.models.mae``) uses the same names, so its encoder params load
+straight into a ``ViT(pos_embed='sincos')`` for fine-tuning.
+"""
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fmjax.models import layers
+
+Dtype = Any
+
+# name -> (width, depth, num_heads, mlp_dim)
+VIT_PRESETS: Dict[str, Dict[str, int]] = {
+    "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "H": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+    "g": dict(width=1408, depth=40, num_heads=16, mlp_dim=6144),
+}
+
+
+def vit_kwargs(variant: str, **overrides) -> Dict[str, Any]:
+    """Parse 'S/16' into ``dict(width, depth, num_heads, mlp_dim, patch_size)``.
+
+    ``overrides`` replace preset values, e.g. a custom tiny model:
+    ``vit_kwargs('Ti/4', width=32, depth=2, num_heads=2, mlp_dim=64)``.
+    Raises ValueError naming the valid variants for an unknown one.
+    """
+    valid = ", ".join(f"{k}/<patch>" for k in VIT_PRESETS)
+    name, sep, patch = str(variant).partition("/")
+    if name not in VIT_PRESETS or not sep or not patch.isdigit() or int(patch) <= 0:
+        raise ValueError(
+            f"Unknown ViT variant {variant!r}; valid: {valid} (e.g. 'B/16').")
+    kwargs = dict(VIT_PRESETS[name], patch_size=int(patch))
+    kwargs.update(overrides)
+    return kwargs
+
+
+def resize_pos_embed(pos: jax.Array, old_grid, new_grid, num_prefix: int) -> jax.Array:
+    """Bicubic-resize a learned (1, prefix + gh*gw, D) pos embed to a new grid."""
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    d = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], d)
+    grid = jax.image.resize(grid, (1, new_grid[0], new_grid[1], d), method="bicubic")
+    return jnp.concatenate([prefix, grid.reshape(1, -1, d)], axis=1)
+
+
+class ViT(nn.Module):
+    """Vision Transformer.
+
+    ``__call__(images (B, H, W, C) float, train=False)`` returns a dict:
+    ``tokens`` (B, prefix + N, width) after the final norm (prefix = class
+    token + registers), ``patch_tokens`` (B, N, width), ``pre_logits``
+    (B, width) pooled by ``pool`` ('cls' or 'mean' over patch tokens), and
+    ``logits`` (B, num_classes) when ``num_classes > 0``.
+    """
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int
+    num_classes: int = 0
+    pool: str = "cls"
+    class_token: bool = True
+    pos_embed: str = "learned"
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    layernorm_eps: float = 1e-6
+    layerscale: Optional[float] = None
+    num_registers: int = 0
+    attention_impl: str = "xla"
+    remat: bool = False
+    activation: str = "gelu"
+    pre_norm: bool = False  # LayerNorm after embedding (OpenAI CLIP's ln_pre)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _check(self):
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"Unknown pool {self.pool!r}; valid: 'cls', 'mean'.")
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("pool='cls' needs class_token=True; use pool='mean'.")
+        if self.pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; valid: 'learned', 'sincos'.")
+
+    def _embed(self, images: jax.Array) -> jax.Array:
+        """Patch-embed, add positions, prepend class token and registers: (B, P + N, D)."""
+        self._check()
+        b, hh, ww, _ = images.shape
+        grid = (hh // self.patch_size, ww // self.patch_size)
+        x = layers.PatchEmbed(self.width, self.patch_size, self.dtype, self.param_dtype,
+                              name="patch_embed")(images)
+        n_cls = int(self.class_token)
+        if self.class_token:
+            cls = self.param("cls_token", layers.part(nn.initializers.normal(0.02),
+                                                      (None, None, "embed")),
+                             (1, 1, self.width), self.param_dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x],
+                                axis=1)
+        if self.pos_embed == "sincos":
+            pos = layers.get_2d_sincos_pos_embed(self.width, grid, cls_token=self.class_token)
+            x = x + jnp.asarray(pos, x.dtype)[None]
+        else:
+            shape = (1, n_cls + grid[0] * grid[1], self.width)
+            if self.has_variable("params", "pos_embed"):  # trained at another resolution?
+                shape = nn.meta.unbox(self.get_variable("params", "pos_embed")).shape
+            pos = self.param("pos_embed", layers.part(nn.initializers.normal(0.02),
+                                                      (None, None, "embed")),
+                             shape, self.param_dtype)
+            if pos.shape[1] != x.shape[1]:
+                old = int(round((pos.shape[1] - n_cls) ** 0.5))
+                pos = resize_pos_embed(pos, (old, old), grid, n_cls)
+            x = x + pos.astype(x.dtype)
+        if self.num_registers:
+            reg = self.param("reg_tokens", layers.part(nn.initializers.normal(0.02),
+                                                       (None, None, "embed")),
+                             (1, self.num_registers, self.width), self.param_dtype)
+            reg = jnp.broadcast_to(reg.astype(x.dtype), (b, self.num_registers, self.width))
+            x = jnp.concatenate([x[:, :n_cls], reg, x[:, n_cls:]], axis=1)
+        return layers.constrain(x)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class token plus registers, which precede the patch tokens."""
+        return int(self.class_token) + self.num_registers
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
+        """Encode (B, H, W, C) images; see the class docstring for the outputs."""
+        x = self._embed(images.astype(self.dtype))
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        if self.pre_norm:
+            x = layers.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "pre_norm")(x)
+        x = layers.Encoder(
+            depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+            dropout=self.dropout, drop_path=self.drop_path, layernorm_eps=self.layernorm_eps,
+            layerscale=self.layerscale, activation=self.activation,
+            attention_impl=self.attention_impl, remat=self.remat, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="encoder")(x, not train)
+        patch_tokens = x[:, self.num_prefix_tokens:]
+        pooled = x[:, 0] if self.pool == "cls" else patch_tokens.mean(axis=1)
+        out = dict(tokens=x, patch_tokens=patch_tokens, pre_logits=pooled)
+        if self.num_classes > 0:
+            out["logits"] = nn.Dense(
+                self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+                kernel_init=layers.part(nn.initializers.zeros, ("embed", "classes")),
+                bias_init=layers.part(nn.initializers.zeros, ("classes",)))(pooled)
+        return out

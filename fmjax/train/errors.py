@@ -1,0 +1,23 @@
+"""Turns expected user errors into one clear line on stderr and a non-zero exit."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from fmjax.train.checkpoint import IncompatibleCheckpointError
+from fmjax.train.validate import ConfigError
+
+# Errors that describe bad input; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, IncompatibleCheckpointError, FileNotFoundError, FloatingPointError)
+
+
+def run_with_clean_errors(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        if os.environ.get("FMJAX_TRACEBACK"):
+            traceback.print_exc()
+        msg = " ".join(str(e).split())  # one line
+        print(f"fmjax: error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2)

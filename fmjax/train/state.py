@@ -1,0 +1,76 @@
+"""TrainState and its sharded creation.
+
+State is never materialised unsharded: ``jax.eval_shape`` gives the abstract
+state, logical axis names give partition specs, and ``jax.jit(init,
+out_shardings=...)`` creates each shard where it lives.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fmjax.parallel import rules as rules_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array          # int32 scalar: number of updates applied
+    params: Any              # trained params (f32)
+    opt_state: Any
+    extra: Any               # objective state: EMA teacher, centers, queues ...
+    rng: jax.Array           # raw uint32[2] key; per-step keys are fold_in(rng, step)
+
+
+def mesh_context(mesh: Mesh):
+    """Makes ``mesh`` the ambient mesh so logical activation constraints apply."""
+    if hasattr(jax, "set_mesh"):
+        return jax.set_mesh(mesh)
+    return mesh if hasattr(mesh, "__enter__") else contextlib.nullcontext()
+
+
+def _init_fn(objective, tx, batch_spec):
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_spec)
+        params, extra = objective.init(init_rng, batch)
+        params, extra = nn.meta.unbox(params), nn.meta.unbox(extra)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), extra=extra, rng=state_rng)
+    return init
+
+
+def state_shardings(objective, tx, batch_spec, mesh: Mesh, rules, seed: int = 0):
+    """Returns (abstract TrainState, TrainState of NamedShardings)."""
+    rng = jax.random.PRNGKey(seed)
+    with nn.logical_axis_rules(rules):
+        boxed_params, boxed_extra = jax.eval_shape(lambda r: objective.init(r, jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), batch_spec)), rng)
+        abstract = jax.eval_shape(_init_fn(objective, tx, batch_spec), rng)
+    replicated = NamedSharding(mesh, P())
+    param_sh = rules_lib.param_shardings(boxed_params, mesh, rules)
+    extra_sh = rules_lib.param_shardings(boxed_extra, mesh, rules)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sh: sh, abstract.opt_state, param_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                           extra=extra_sh, rng=replicated)
+    return abstract, shardings, boxed_params
+
+
+def create_state(objective, tx, batch_spec, mesh: Mesh, rules, seed: int):
+    """Initialises the TrainState directly into its shardings."""
+    _, shardings, _ = state_shardings(objective, tx, batch_spec, mesh, rules, seed)
+    init = _init_fn(objective, tx, batch_spec)
+    # No ambient mesh here: flax's DenseGeneral initialises kernels flat and unboxing them
+    # under a mesh would constrain a 2-D value with 3-D names. out_shardings places shards.
+    with nn.logical_axis_rules(rules):
+        state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    return state, shardings

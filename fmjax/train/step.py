@@ -1,0 +1,72 @@
+"""The jit-sharded train step, with gradient accumulation by scan over micro-batches."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fmjax.train.state import TrainState
+
+
+def _split_micro(batch, accum_steps: int):
+    """[B, ...] -> [accum, B/accum, ...] taking every accum-th example into one micro-batch.
+
+    Striding (rather than contiguous blocks) keeps every micro-batch spread over all
+    devices that hold a share of the batch dimension.
+    """
+    def split(x):
+        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+        return jnp.moveaxis(x, 1, 0)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1):
+    """Returns ``step(state, batch) -> (state, metrics)`` (not yet jitted)."""
+
+    def loss_and_grad(params, extra, batch, rng, step):
+        grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+        (loss, (metrics, extra)), grads = grad_fn(params, extra, batch, rng, step)
+        return loss, metrics, extra, grads
+
+    def step_fn(state: TrainState, batch):
+        with nn.logical_axis_rules(rules):
+            rng = jax.random.fold_in(state.rng, state.step)
+            if accum_steps == 1:
+                loss, metrics, extra, grads = loss_and_grad(
+                    state.params, state.extra, batch, rng, state.step)
+            else:
+                micro = _split_micro(batch, accum_steps)
+
+                def body(carry, xs):
+                    grads_sum, extra = carry
+                    mb, i = xs
+                    loss, metrics, extra, grads = loss_and_grad(
+                        state.params, extra, mb, jax.random.fold_in(rng, i), state.step)
+                    grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+                    return (grads_sum, extra), (loss, metrics)
+
+                zeros = jax.tree.map(jnp.zeros_like, state.params)
+                (grads, extra), (losses, metrics) = jax.lax.scan(
+                    body, (zeros, state.extra), (micro, jnp.arange(accum_steps)))
+                grads = jax.tree.map(lambda g: g / accum_steps, grads)
+                loss = losses.mean()
+                metrics = jax.tree.map(jnp.mean, metrics)
+
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            extra = objective.after_update(params, extra, state.step)
+            new_state = state.replace(step=state.step + 1, params=params,
+                                      opt_state=opt_state, extra=extra)
+            metrics = dict(metrics)
+            metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                           param_norm=optax.global_norm(params), lr=schedule(state.step))
+        return new_state, metrics
+
+    return step_fn
+
+
+def jit_train_step(step_fn, state_shardings, batch_shardings):
+    """jit with explicit shardings; the old state is donated."""
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=0)

@@ -1,0 +1,91 @@
+"""Metric writing: ``DIR/metrics.jsonl``, TensorBoard events, and a progress line.
+
+Only process 0 writes. Metric names are flat, e.g. ``train/loss``, ``eval/knn_top1``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.total_steps = total_steps
+        self.workdir = workdir
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+            except ImportError:  # pragma: no cover - tensorboardX is a hard dependency
+                self._tb = None
+
+    def write(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            v = np.asarray(v)
+            if v.size == 1:
+                row[k] = float(v)
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+
+    def write_image(self, step: int, name: str, image: np.ndarray):
+        """Writes ``DIR/images/<name>_<step>.png`` and a TensorBoard image."""
+        if not self.enabled:
+            return None
+        from PIL import Image
+        path = os.path.join(self.workdir, "images", f"{name}_{int(step):07d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(np.asarray(image, np.uint8)).save(path)
+        if self._tb is not None:
+            self._tb.add_image(name, np.asarray(image, np.uint8), int(step), dataformats="HWC")
+        return path
+
+    def close(self):
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+class Progress:
+    """Measures steps/s and items/s between log points and prints a one-line status."""
+
+    def __init__(self, total_steps: int, global_batch: int, start_step: int):
+        self.total_steps, self.global_batch = total_steps, global_batch
+        self._t, self._step = time.perf_counter(), start_step
+
+    def rates(self, step: int) -> dict:
+        now = time.perf_counter()
+        dt, ds = now - self._t, step - self._step
+        self._t, self._step = now, step
+        sps = ds / dt if dt > 0 and ds > 0 else 0.0
+        return {"train/steps_per_s": sps, "train/items_per_s": sps * self.global_batch}
+
+    def line(self, step: int, metrics: dict) -> str:
+        sps = metrics.get("train/steps_per_s", 0.0)
+        eta = (self.total_steps - step) / sps if sps > 0 else float("nan")
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        return (f"[step {step}/{self.total_steps}] loss {metrics.get('train/loss', float('nan')):.4f} "
+                f"lr {metrics.get('train/lr', 0.0):.2e} {sps:.2f} steps/s "
+                f"{metrics.get('train/items_per_s', 0.0):.1f} items/s ETA {eta_s}")
+
+
+def log(msg: str):
+    if jax.process_index() == 0:
+        print(msg, flush=True, file=sys.stdout)

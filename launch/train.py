@@ -1,0 +1,36 @@
+"""Train a model: ``python launch/train.py --config=configs/mae.py[:preset] --workdir=DIR``.
+
+Override any config key with ``--config.KEY=VALUE`` (e.g. ``--config.total_steps=100``).
+Re-running the same command with the same ``--workdir`` resumes from its latest checkpoint.
+Bad input ends with one line on stderr naming the problem and the fix, and exit code 2.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py[:preset].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl, TensorBoard events and images go "
+                    "(default: workdirs/<config name>).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from fmjax.parallel.mesh import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    from fmjax.train.errors import run_with_clean_errors
+    from fmjax.train.loop import train_and_evaluate
+    config = FLAGS.config
+    workdir = FLAGS.workdir or os.path.join(
+        "workdirs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
+    run_with_clean_errors(train_and_evaluate, config, workdir)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

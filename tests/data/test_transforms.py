@@ -1,0 +1,151 @@
+"""Tests for fmjax.data.transforms."""
+import pickle
+
+import numpy as np
+import pytest
+
+from fmjax.data import transforms as tr
+
+
+def _example(h=32, w=48, seed=0):
+    """A random uint8 RGB example with a label."""
+    img = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return {"image": img, "label": 3, "caption": "a red square"}
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+ALL_RANDOM = ("random_resized_crop(16)|flip_lr|color_jitter(0.4, 0.4, 0.2, 0.1, p=1.0)"
+              "|grayscale(0.5)|gaussian_blur(1.0)|solarize(0.5)|normalize('clip')")
+
+
+def test_compose_deterministic_given_rng_and_picklable():
+    t = tr.parse(ALL_RANDOM)
+    a = t(_example(), _rng(1))
+    b = pickle.loads(pickle.dumps(t))(_example(), _rng(1))
+    c = t(_example(), _rng(2))
+    assert a["image"].shape == (16, 16, 3) and a["image"].dtype == np.float32
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(a["image"], c["image"])
+    assert a["label"] == 3 and a["caption"] == "a red square"
+
+
+def test_input_example_not_mutated():
+    ex = _example()
+    before = ex["image"].copy()
+    tr.parse("flip_lr(1.0)|normalize")(ex, _rng())
+    np.testing.assert_array_equal(ex["image"], before)
+    assert ex["image"].dtype == np.uint8
+
+
+def test_resize_and_center_crop_shapes():
+    ex = _example(32, 48)
+    assert tr.resize(16)(ex, _rng())["image"].shape == (16, 24, 3)  # shorter side
+    assert tr.resize((10, 12))(ex, _rng())["image"].shape == (10, 12, 3)
+    out = tr.center_crop(20)(ex, _rng())["image"]
+    np.testing.assert_array_equal(out, ex["image"][6:26, 14:34])
+    padded = tr.center_crop((40, 40))(ex, _rng())["image"]
+    assert padded.shape == (40, 40, 3) and padded[0].sum() == 0
+
+
+def test_flip_lr():
+    ex = _example()
+    np.testing.assert_array_equal(tr.flip_lr(1.0)(ex, _rng())["image"], ex["image"][:, ::-1])
+    np.testing.assert_array_equal(tr.flip_lr(0.0)(ex, _rng())["image"], ex["image"])
+
+
+def test_normalize_presets():
+    ex = {"image": np.full((2, 2, 3), 255, np.uint8)}
+    out = tr.normalize("imagenet")(ex, _rng())["image"]
+    mean, std = tr.NORMALIZE_PRESETS["imagenet"]
+    np.testing.assert_allclose(out[0, 0], (1 - np.array(mean)) / np.array(std), rtol=1e-6)
+    assert out.dtype == np.float32
+    custom = tr.normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(ex, _rng())["image"]
+    np.testing.assert_allclose(custom, 1.0)
+    with pytest.raises(ValueError):
+        tr.normalize("nope")
+
+
+def test_random_resized_crop_scale():
+    op = tr.random_resized_crop(8, scale=(0.2, 0.3), ratio=(1.0, 1.0))
+    rng = _rng(0)
+    fracs = []
+    for _ in range(200):
+        top, left, h, w = op.get_params(100, 100, rng)
+        assert 0 <= top and top + h <= 100 and 0 <= left and left + w <= 100
+        fracs.append(h * w / 1e4)
+    fracs = np.array(fracs)
+    assert fracs.min() >= 0.19 and fracs.max() <= 0.31
+    full = tr.random_resized_crop(8, scale=(1.0, 1.0))
+    assert full.get_params(100, 100, _rng())[2:] == (100, 100)
+
+
+def test_random_resized_crop_fallback_is_central():
+    # Impossible ratio for a very wide image -> every try fails -> fallback.
+    op = tr.random_resized_crop(8, scale=(0.99, 1.0), ratio=(1.0, 1.0))
+    assert op.get_params(10, 100, _rng()) == (0, 45, 10, 10)
+
+
+def test_random_resized_crop_content_and_interpolation():
+    img = np.zeros((40, 40, 3), np.uint8)
+    img[:20] = 255  # top half white
+    ex = {"image": img}
+    for interp in ("bilinear", "bicubic", "nearest"):
+        out = tr.random_resized_crop(10, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                                     interpolation=interp)(ex, _rng())["image"]
+        assert out.shape == (10, 10, 3) and out.dtype == np.uint8
+        assert out[0].min() == 255 and out[-1].max() == 0
+    with pytest.raises(ValueError):
+        tr.random_resized_crop(10, interpolation="cubic")
+
+
+def test_pixel_ops():
+    ex = _example()
+    img = ex["image"]
+    sol = tr.solarize(1.0, threshold=128)(ex, _rng())["image"]
+    np.testing.assert_array_equal(sol, np.where(img >= 128, 255 - img, img))
+    gray = tr.grayscale(1.0)(ex, _rng())["image"]
+    assert gray.shape == img.shape and (gray[..., 0] == gray[..., 2]).all()
+    blur = tr.gaussian_blur(1.0, sigma=(2.0, 2.0))(ex, _rng())["image"]
+    assert blur.shape == img.shape and blur.std() < img.std()
+    cj = tr.color_jitter(0.4, 0.4, 0.4, 0.1, p=1.0)(ex, _rng())["image"]
+    assert cj.shape == img.shape and cj.dtype == np.uint8 and not np.array_equal(cj, img)
+    unchanged = tr.color_jitter(0.4, 0.4, 0.4, 0.1, p=0.0)(ex, _rng())["image"]
+    np.testing.assert_array_equal(unchanged, img)
+    with pytest.raises(TypeError, match="uint8"):
+        tr.parse("normalize|solarize(1.0)")(ex, _rng())
+
+
+def test_keep_and_outkey():
+    ex = _example()
+    out = tr.parse("random_resized_crop(8, outkey='view1')|keep('image', 'view1')")(ex, _rng())
+    assert set(out) == {"image", "view1"}
+    assert out["view1"].shape == (8, 8, 3) and out["image"].shape == ex["image"].shape
+    with pytest.raises(KeyError):
+        tr.keep("nope")(ex, _rng())
+
+
+def test_parse():
+    t = tr.parse("random_resized_crop(64, scale=(0.2, 1.0))|flip_lr|normalize('imagenet')"
+                 "|keep('image', 'label')")
+    assert [type(o).__name__ for o in t.transforms] == [
+        "random_resized_crop", "flip_lr", "normalize", "keep"]
+    assert t.transforms[0].scale == (0.2, 1.0) and t.transforms[0].size == 64
+    out = t(_example(80, 80), _rng())
+    assert set(out) == {"image", "label"} and out["image"].shape == (64, 64, 3)
+    assert tr.parse("")(_example(), _rng())["label"] == 3
+    # '|' inside a string literal is not a separator.
+    assert tr.parse("keep('a|b')").transforms[0].keys == ("a|b",)
+
+
+def test_parse_errors():
+    with pytest.raises(ValueError, match="unknown op 'bogus'.*valid ops:.*flip_lr"):
+        tr.parse("flip_lr|bogus(3)")
+    with pytest.raises(ValueError, match="literals"):
+        tr.parse("resize(__import__('os'))")
+    with pytest.raises(ValueError):
+        tr.parse("resize(")
+    with pytest.raises(ValueError, match="bad arguments"):
+        tr.parse("flip_lr(1, 2, 3, 4)")
