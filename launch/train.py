@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py[:preset].",
@@ -21,6 +21,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress line
     from fmjax.parallel.mesh import maybe_initialize_distributed
     maybe_initialize_distributed()
     from fmjax.train.errors import run_with_clean_errors

@@ -23,3 +23,39 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 def shapes_data_dir(tmp_path_factory):
     """One prepared copy of the bundled dataset shared by every test."""
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, preset: str = "default"):
+    """``configs/<name>.py`` get_config(preset), importable from tests."""
+    import importlib
+    import sys
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    return importlib.import_module(f"configs.{name}").get_config(preset)
+
+
+@pytest.fixture
+def tiny_config(shapes_data_dir):
+    """Factory: a config of ``configs/<name>.py`` shrunk to a few seconds of CPU training."""
+    def make(name: str = "mae", **overrides):
+        c = load_config(name)
+        c.data.data_dir = shapes_data_dir
+        c.total_steps, c.batch_size = 4, 16
+        c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 2
+        c.eval_at_start = False
+        c.optimizer.warmup_steps = 2
+        c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
+        if name == "mae":
+            c.model.update(dict(decoder_width=32, decoder_depth=1, decoder_heads=2))
+        c.evals = {}
+        for k, v in overrides.items():
+            target = c
+            *path, last = k.split(".")
+            for p in path:
+                target = target[p]
+            target[last] = v
+        return c
+    return make

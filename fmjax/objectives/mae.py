@@ -20,9 +20,9 @@ class MAEObjective(Objective):
 
     def __init__(self, config):
         super().__init__(config)
+        self.model = build_model(config.model, config.get("dtype", "float32"))
         if config.model.name != "mae":
             raise ValueError(f"objective 'mae' needs config.model.name='mae', got {config.model.name!r}.")
-        self.model = build_model(config.model, config.get("dtype", "float32"))
         self.patch_size = self.model.patch_size
         self.feature = config.objective.get("feature", "mean")
         self.norm = config.data.get("normalization", "imagenet")

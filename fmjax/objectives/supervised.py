@@ -14,12 +14,12 @@ class SupervisedObjective(Objective):
 
     def __init__(self, config):
         super().__init__(config)
+        self.model = build_model(config.model, config.get("dtype", "float32"))
         if config.model.name != "vit":
             raise ValueError(f"objective 'supervised' needs config.model.name='vit', got {config.model.name!r}.")
         self.num_classes = int(config.model.num_classes)
         if self.num_classes <= 0:
             raise ValueError("objective 'supervised' needs config.model.num_classes > 0.")
-        self.model = build_model(config.model, config.get("dtype", "float32"))
         self.patch_size = self.model.patch_size
         self.label_smoothing = float(config.objective.get("label_smoothing", 0.0))
 

@@ -63,16 +63,20 @@ def _batch_spec(source, transform, keys, global_batch):
                                     np.asarray(example[k]).dtype) for k in keys}
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns final metrics."""
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns final metrics.
+
+    ``devices``: the devices of the mesh (default all); tests use subsets to restore a
+    checkpoint onto fewer devices than wrote it.
+    """
     workdir = os.path.abspath(workdir)
     log(f"== fmjax: {config.objective.name} | workdir {workdir} | "
-        f"{jax.process_count()} process(es), {jax.device_count()} device(s) ({jax.devices()[0].platform})")
+        f"{jax.process_count()} process(es), {len(devices or jax.devices())} device(s) ({jax.devices()[0].platform})")
 
     # -- 1. Check the config: every error here is one line, before any compile. ---------------
     try:
         objective = make_objective(config)
-        mesh = mesh_lib.make_mesh(config.mesh)
+        mesh = mesh_lib.make_mesh(config.mesh, devices)
         rules = rules_lib.get_rules(config.get("sharding", "fsdp"))
     except ValueError as e:  # unknown names, impossible meshes: the user's input, not a bug
         raise validate.ConfigError(str(e)) from None

@@ -175,7 +175,7 @@ def test_sharded_jit_with_logical_rules():
              ("classes", None))
     model = ViT(**TINY, num_classes=4)
     x = _images(b=8)
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
         specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
         variables = jax.jit(model.init, out_shardings=specs)(jax.random.PRNGKey(0), x)

@@ -1,0 +1,75 @@
+"""Every bad-input case ends with one clear line naming the problem and the fix, before compiling."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fmjax.train import loop
+from fmjax.train.validate import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _error(config, workdir) -> str:
+    with pytest.raises(ConfigError) as e:
+        loop.train_and_evaluate(config, str(workdir))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_model(tiny_config, tmp_path):
+    msg = _error(tiny_config("mae", **{"model.name": "vitt"}), tmp_path)
+    assert "Unknown model 'vitt'" in msg and "'mae'" in msg and "'vit'" in msg
+
+
+def test_unknown_objective(tiny_config, tmp_path):
+    msg = _error(tiny_config("mae", **{"objective.name": "maee"}), tmp_path)
+    assert "Unknown objective 'maee'" in msg and "'mae'" in msg and "'supervised'" in msg
+
+
+def test_unknown_variant(tiny_config, tmp_path):
+    msg = _error(tiny_config("mae", **{"model.variant": "Q/16"}), tmp_path)
+    assert "Q/16" in msg and "B/<patch>" in msg
+
+
+def test_unknown_dataset(tiny_config, tmp_path):
+    msg = _error(tiny_config("mae", **{"data.name": "fmjax_shapez"}), tmp_path)
+    assert "fmjax_shapez" in msg and "fmjax_shapes" in msg
+
+
+def test_missing_tfds_dataset_says_how_to_prepare(tiny_config, tmp_path):
+    c = tiny_config("mae", **{"data.name": "mnist"})
+    c.data.data_dir = str(tmp_path / "empty_tfds")
+    msg = _error(c, tmp_path / "wd")
+    assert "mnist" in msg and "tfds build mnist" in msg and "not prepared" in msg
+
+
+def test_image_size_not_divisible_by_patch(tiny_config, tmp_path):
+    msg = _error(tiny_config("mae", **{"data.image_size": 30}), tmp_path)
+    assert "30" in msg and "patch size 4" in msg
+
+
+def test_batch_not_divisible_by_data_parallel(tiny_config, tmp_path):
+    msg = _error(tiny_config("mae", batch_size=12, mesh={"data": 8, "fsdp": 1, "tensor": 1}), tmp_path)
+    assert "batch_size=12" in msg and "data-parallel size 8" in msg
+
+
+def test_impossible_mesh(tiny_config, tmp_path):
+    msg = _error(tiny_config("mae", mesh={"data": 3, "fsdp": 1, "tensor": 1}), tmp_path)
+    assert "config.mesh" in msg
+
+
+def test_cli_prints_one_line_and_exits_nonzero(shapes_data_dir, tmp_path):
+    """The launcher turns the error into one stderr line and exit code 2 (no traceback)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(
+        [sys.executable, "launch/train.py", "--config=configs/mae.py", f"--workdir={tmp_path}",
+         "--config.objective.name=nope", f"--config.data.data_dir={shapes_data_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("fmjax: error:")]
+    assert len(errors) == 1 and "Unknown objective 'nope'" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
