@@ -67,9 +67,11 @@ ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture showing a {}.",
                        "there is a {} in the center.", "an image of a {} on a textured background.")
 
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
-_CENTERS = ((0.22, 0.5), (0.78, 0.5), (0.5, 0.22), (0.5, 0.78), (0.5, 0.5))
+_CENTERS = ((0.24, 0.5), (0.76, 0.5), (0.5, 0.24), (0.5, 0.76), (0.5, 0.5))
 _WHERE = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
-_RADIUS = (0.11, 0.18)  # small, large; fraction of the image side
+_RADIUS = (0.15, 0.22)  # main object small, large; fraction of the image side
+_OTHER_RADIUS = 0.09    # other objects are always clearly smaller than the main one, so the
+                        # class label (the main object's shape) is identifiable from the image
 _NUMBER_WORDS = {2: "two", 3: "three"}
 
 
@@ -116,16 +118,17 @@ def _sample_scene(index, split):
     combos += [SEEN_COMBOS[rng.integers(len(SEEN_COMBOS))] for _ in range(n - 1)]
     positions = rng.permutation(len(POSITION_NAMES))[:n]
     main_size = int(rng.integers(2))
-    # The main object is never smaller than the others.
-    sizes = [main_size] + [int(rng.integers(main_size + 1)) for _ in range(n - 1)]
+    # The main object is always bigger than the others (which are "small").
+    sizes = [main_size] + [0] * (n - 1)
     objects = []
-    for (shape, color), pos, size in zip(combos, positions, sizes):
+    for i, ((shape, color), pos, size) in enumerate(zip(combos, positions, sizes)):
         cx, cy = np.array(_CENTERS[pos]) + rng.uniform(-0.04, 0.04, 2)
         rot = 0.0 if CLASS_NAMES[shape] in ("circle", "ring") else rng.uniform(-25, 25)
         objects.append(dict(
             shape=int(shape), color=int(color), size=size, position=int(pos),
             center=(float(cx), float(cy)),
-            radius=_RADIUS[size] * rng.uniform(0.9, 1.1), rotation=math.radians(rot),
+            radius=(_RADIUS[size] if i == 0 else _OTHER_RADIUS) * rng.uniform(0.9, 1.1),
+            rotation=math.radians(rot),
             rgb=np.clip(np.array(COLOR_RGB[color]) + rng.normal(0, 8, 3), 0, 255)))
     hue = rng.uniform()
     bg_colors = [colorsys.hsv_to_rgb((hue + rng.uniform(-0.15, 0.15)) % 1.0,
@@ -258,8 +261,9 @@ class FmjaxShapesConfig(tfds.core.BuilderConfig):
 class FmjaxShapes(tfds.core.GeneratorBasedBuilder):
     """Procedural coloured-shape scenes with labels, captions and instance masks."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Main object always larger than the others (identifiable label)."}
     BUILDER_CONFIGS = [FmjaxShapesConfig(resolution=r) for r in RESOLUTIONS]
     DEFAULT_CONFIG_NAME = str(DEFAULT_RESOLUTION)
 
