@@ -68,8 +68,8 @@ class Evaluator:
                                          transform=self.transform)
         for local in it:
             valid = np.asarray(local.pop("_valid"))
-            arrays = {k: v for k, v in local.items() if np.asarray(v).dtype != object
-                      and np.asarray(v).dtype.kind in "biuf"}
+            arrays = {k: np.asarray(v, jax.dtypes.canonicalize_dtype(np.asarray(v).dtype))
+                      for k, v in local.items() if np.asarray(v).dtype.kind in "biuf"}
             yield pipeline.global_batch(arrays, self.mesh), valid
 
     def _features(self, params, extra, split, n, batch_size):

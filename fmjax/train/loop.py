@@ -60,7 +60,13 @@ def _batch_spec(source, transform, keys, global_batch):
     """Shapes of one global batch, from one transformed example (the iterator is untouched)."""
     example = transform(source[0], np.random.default_rng(0))
     return {k: jax.ShapeDtypeStruct((global_batch,) + np.asarray(example[k]).shape,
-                                    np.asarray(example[k]).dtype) for k in keys}
+                                    jax.dtypes.canonicalize_dtype(np.asarray(example[k]).dtype))
+            for k in keys}
+
+
+def _host_arrays(local, spec):
+    """The spec'd entries of a host batch, in the dtypes the step was compiled for (int64 -> int32)."""
+    return {k: np.asarray(local[k], dtype=spec[k].dtype) for k in spec}
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
@@ -143,7 +149,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     with _Preemption() as preempt:
         while step < config.total_steps:
             local = next(data_iter)
-            batch = pipeline.global_batch({k: local[k] for k in spec}, mesh)
+            batch = pipeline.global_batch(_host_arrays(local, spec), mesh)
             state, metrics = compiled(state, batch)
             step += 1
             if step % config.log_every == 0 or step == config.total_steps:

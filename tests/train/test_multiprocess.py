@@ -55,11 +55,12 @@ def _launch(workdir, data_dir, tmp_path):
             XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
             JAX_COMPILATION_CACHE_DIR=os.environ["FMJAX_TEST_JAX_CACHE"],
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         log = tmp_path / f"process_{i}.log"
         logs.append(log)
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"),
-                                      stderr=subprocess.STDOUT))
+        with open(log, "w") as f:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
     return procs, logs
 
 

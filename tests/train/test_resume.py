@@ -137,6 +137,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tiny_config, shapes_data_dir, tmp_
     env = dict(os.environ)
     env["JAX_COMPILATION_CACHE_DIR"] = os.environ["FMJAX_TEST_JAX_CACHE"]
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config=configs/mae.py",
            f"--workdir={workdir}", f"--config.data.data_dir={shapes_data_dir}",
            f"--config.total_steps={total}", f"--config.checkpoint_every={total}"] + TINY_MAE_FLAGS
