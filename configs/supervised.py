@@ -2,8 +2,8 @@
 
 Default (bundled shapes, 32x32 -> shape class, CPU-sized):
     python launch/train.py --config=configs/supervised.py --workdir=/tmp/sup
-  Reaches (2-core CPU, ~5 min): validation accuracy (eval/val_accuracy) >= 0.9;
-  tests/train/test_learning.py asserts a shortened run's number.
+  Reaches (2-core CPU, ~7 min): validation accuracy (eval/val_accuracy) ~0.65 over 8 shape
+  classes (chance 0.125); tests/train/test_learning.py asserts a shortened run's number.
 
 Paper-style preset (DeiT-style recipe on ImageNet-1k; needs `imagenet2012` in TFDS):
     python launch/train.py --config=configs/supervised.py:vit_b16_imagenet --workdir=DIR
@@ -16,19 +16,21 @@ def get_config(arg: str = "default"):
     c.objective.name = "supervised"
     c.objective.label_smoothing = 0.1
     if arg == "default":
-        c.total_steps = 1000
+        c.total_steps = 1500
         c.batch_size = 128
         c.log_every = 50
         c.eval_every = 500
         c.checkpoint_every = 500
-        c.optimizer.update(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.05,
+        c.optimizer.update(dict(name="adamw", lr=2e-3, b1=0.9, b2=0.999, weight_decay=0.05,
                                 warmup_steps=100, clip_norm=1.0))
         c.data.name = "fmjax_shapes/32"
         c.data.image_size = 32
         c.data.pp_train = "random_resized_crop(32, scale=(0.5, 1.0))|flip_lr|normalize('imagenet')|keep('image', 'label')"
         c.data.pp_eval = "normalize('imagenet')|keep('image', 'label')"
-        c.model = dict(name="vit", variant="Ti/4", width=128, depth=4, num_heads=4, mlp_dim=512,
-                       num_classes=_num_shape_classes(), pool="cls")
+        # Patch 8 on 32x32 (16 tokens) keeps a step cheap on a CPU; mean pooling learns
+        # faster than a class token on small data.
+        c.model = dict(name="vit", variant="Ti/8", width=128, depth=4, num_heads=4, mlp_dim=512,
+                       num_classes=_num_shape_classes(), pool="mean")
         c.evals = dict(val=dict(type="metrics", split="validation"))
     elif arg == "vit_b16_imagenet":
         common.imagenet_data(c, 224, scale=(0.08, 1.0))

@@ -59,3 +59,13 @@ def tiny_config(shapes_data_dir):
             target[last] = v
         return c
     return make
+
+
+@pytest.fixture
+def default_config(shapes_data_dir):
+    """Factory: ``configs/<name>.py`` as shipped, reading the session's prepared data."""
+    def make(name: str, preset: str = "default"):
+        c = load_config(name, preset)
+        c.data.data_dir = shapes_data_dir
+        return c
+    return make
