@@ -38,7 +38,7 @@ def mesh_context(mesh: Mesh):
 def _init_fn(objective, tx, batch_spec):
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
-        batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_spec)
+        batch = jax.tree.map(lambda s: jnp.zeros(s.shape, jax.dtypes.canonicalize_dtype(s.dtype)), batch_spec)
         params, extra = objective.init(init_rng, batch)
         params, extra = nn.meta.unbox(params), nn.meta.unbox(extra)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -51,7 +51,7 @@ def state_shardings(objective, tx, batch_spec, mesh: Mesh, rules, seed: int = 0)
     rng = jax.random.PRNGKey(seed)
     with nn.logical_axis_rules(rules):
         boxed_params, boxed_extra = jax.eval_shape(lambda r: objective.init(r, jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), batch_spec)), rng)
+            lambda s: jnp.zeros(s.shape, jax.dtypes.canonicalize_dtype(s.dtype)), batch_spec)), rng)
         abstract = jax.eval_shape(_init_fn(objective, tx, batch_spec), rng)
     replicated = NamedSharding(mesh, P())
     param_sh = rules_lib.param_shardings(boxed_params, mesh, rules)
