@@ -50,7 +50,8 @@ def get_config(arg: str = "default"):
         c.dtype = "bfloat16"
         c.sharding = "fsdp"
         c.model = dict(name="mae", variant=variant, decoder_width=512, decoder_depth=8,
-                       decoder_heads=16, mask_ratio=0.75, norm_pix_loss=True)
+                       decoder_heads=16, mask_ratio=0.75, norm_pix_loss=True,
+                       attention_impl="xla", remat=False)
         c.evals = dict(images=dict(type="images", split="validation", every=c.eval_every))
     else:
         raise ValueError(f"Unknown configs/mae.py preset {arg!r}; valid: default, vit_b16_imagenet, vit_l16_imagenet.")

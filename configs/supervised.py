@@ -40,7 +40,8 @@ def get_config(arg: str = "default"):
         c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=5e-4 * 256 / 512,
                                 weight_decay=0.05, warmup_steps=5 * (1281167 // 1024), min_lr=1e-5,
                                 clip_norm=1.0))
-        c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="cls", drop_path=0.1)
+        c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="cls", drop_path=0.1,
+                       attention_impl="xla", remat=False)
         c.evals = dict(val=dict(type="metrics", split="validation", every=5000))
         c.eval_every = 5000
         c.checkpoint_every = 2000

@@ -43,6 +43,22 @@ def flat_xavier_uniform(num_in_axes: int):
     return init
 
 
+def _cudnn_attention(q, k, v, scale, multiple: int = 64):
+    """cuDNN flash attention for any length: pads Q/KV to a multiple of 64 (what the
+    kernel supports, e.g. ViT-B/16's 197 tokens are not) and masks the padded keys via
+    sequence lengths, then drops the padded queries."""
+    b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    pq, pk = (-lq) % multiple, (-lk) % multiple
+    if not (pq or pk):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+    out = jax.nn.dot_product_attention(
+        pad(q, pq), pad(k, pk), pad(v, pk), scale=scale, implementation="cudnn",
+        query_seq_lengths=jnp.full((b,), lq, jnp.int32),
+        key_value_seq_lengths=jnp.full((b,), lk, jnp.int32))
+    return out[:, :lq]
+
+
 class DenseND(nn.Module):
     """``DenseGeneral`` over the last ``contract`` input dims, with the kernel created at its
     full N-D shape (e.g. q/k/v (embed, heads, kv)).
@@ -156,6 +172,8 @@ class MultiHeadAttention(nn.Module):
             if use_dropout:
                 probs = nn.Dropout(self.attention_dropout)(probs, deterministic=False)
             out = jnp.einsum("bhqt,bthd->bqhd", probs, v)
+        elif self.attention_impl == "cudnn" and mask is None:
+            out = _cudnn_attention(q, k, v, scale)
         else:
             impl = None if self.attention_impl == "dot_product" else "cudnn"
             out = jax.nn.dot_product_attention(
