@@ -2,9 +2,11 @@
 
 Default (bundled shapes, 32x32, a small ViT with patch 4, CPU-sized):
     python launch/train.py --config=configs/mae.py --workdir=/tmp/mae
-  Reaches (2-core CPU, ~8 min): validation reconstruction loss <= 0.6x its initial
-  value (eval/val_loss), and a linear probe on the frozen encoder well above a random
-  encoder's (eval/probe_top1; see tests/train/test_learning.py for asserted numbers).
+  Reaches (2-core CPU, ~9 min): validation reconstruction loss (eval/val_loss, norm-pix)
+  2.62 -> ~0.45, far below the 0.6x gate. The linear probe on the frozen encoder
+  (eval/probe_top1, 8 shape classes, chance 0.125) is ~0.22, which does NOT yet beat the
+  randomly initialised encoder (step-0 eval, ~0.23) at this CPU budget; see
+  tests/train/test_learning.py for the asserted numbers.
 
 Paper presets (He et al. 2021, 800 epochs on ImageNet-1k; needs `imagenet2012` in TFDS):
     python launch/train.py --config=configs/mae.py:vit_b16_imagenet --workdir=DIR
@@ -21,11 +23,11 @@ def get_config(arg: str = "default"):
     c.optimizer.update(dict(name="adamw", lr_scaling="linear", b1=0.9, b2=0.95, weight_decay=0.05,
                             min_lr=0.0))
     if arg == "default":
-        c.total_steps = 1500
+        c.total_steps = 800
         c.batch_size = 128
         c.log_every = 50
-        c.eval_every = 500
-        c.checkpoint_every = 500
+        c.eval_every = 400
+        c.checkpoint_every = 400
         c.optimizer.blr = 1.5e-3            # small model, short schedule: 10x the paper's blr
         c.optimizer.warmup_steps = 100
         c.data.name = "fmjax_shapes/32"
