@@ -15,7 +15,7 @@ with ``ast.literal_eval`` (never ``eval``).
 """
 import ast
 import math
-from typing import Any, Callable, Dict, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -334,10 +334,29 @@ class Compose(Transform):
         return f"Compose({self.spec!r})" if self.spec is not None else f"Compose({self.transforms!r})"
 
 
+class tokenize(Transform):  # noqa: N801
+    """Caption -> int32 token ids ``[context_length]`` (sot + tokens + eot, zero padded;
+    captions longer than the context are truncated, eot kept last). ``tokenizer`` is a
+    name for ``fmjax.data.tokenizer.get_tokenizer`` ('bytes' or 'clip_bpe' + ``bpe_path``)."""
+
+    def __init__(self, context_length: int = 77, tokenizer: str = "bytes",
+                 bpe_path: Optional[str] = None, key: str = "caption", outkey: str = "tokens"):
+        from fmjax.data.tokenizer import get_tokenizer
+        self.context_length, self.key, self.outkey = int(context_length), key, outkey
+        self.tokenizer = get_tokenizer(tokenizer, bpe_path)
+
+    def __call__(self, example, rng):
+        out = dict(example)
+        text = example[self.key]
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        out[self.outkey] = self.tokenizer([text], self.context_length)[0]
+        return out
+
+
 OPS: Dict[str, type] = {
     cls.__name__: cls for cls in (
         resize, center_crop, random_resized_crop, flip_lr, normalize, keep,
-        color_jitter, grayscale, gaussian_blur, solarize)
+        color_jitter, grayscale, gaussian_blur, solarize, tokenize)
 }
 
 

@@ -5,10 +5,13 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from fmjax.models.clip import CLIP, clip_kwargs
 from fmjax.models.mae import MAE
 from fmjax.models.vit import ViT, vit_kwargs
 
-MODELS = {"vit": ViT, "mae": MAE}
+MODELS = {"vit": ViT, "mae": MAE, "clip": CLIP}
+# How each model reads ``config.model.variant`` (e.g. 'B/16').
+_VARIANTS = {"vit": vit_kwargs, "mae": vit_kwargs, "clip": clip_kwargs}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -18,7 +21,7 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict:
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; valid models: {sorted(MODELS)}.")
     variant = cfg.pop("variant", None)
-    return vit_kwargs(variant, **cfg) if variant else cfg
+    return _VARIANTS[name](variant, **cfg) if variant else cfg
 
 
 def build_model(model_config: Mapping[str, Any], dtype: str = "float32", **extra):

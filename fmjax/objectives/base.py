@@ -10,6 +10,9 @@ The trainer only knows this protocol (see docs/design.md):
 Optional hooks the trainer uses when present:
     visualize(params, extra, batch, rng) -> {name: uint8 HxWx3}   # pictures for DIR/images/
     eval_metrics(params, extra, batch, rng) -> {name: [B] per-example values}
+    project_params(params, step) -> params   # applied right after each update (e.g. clamps)
+    update_mask(params, step) -> tree of bool  # False: the param is not updated (no decay either)
+    text_features(params, extra, tokens) -> [B, D]  # text embedding for zero-shot / retrieval
 """
 from __future__ import annotations
 

@@ -15,9 +15,11 @@ from jax.experimental import multihost_utils
 from fmjax.data import pipeline, sources, transforms
 from fmjax.evals import knn as knn_lib
 from fmjax.evals import linear_probe as probe_lib
+from fmjax.evals import retrieval as retrieval_lib
+from fmjax.evals import zero_shot as zero_shot_lib
 from fmjax.train.state import mesh_context
 
-EVAL_TYPES = ("knn", "linear_probe", "loss", "metrics", "images")
+EVAL_TYPES = ("knn", "linear_probe", "loss", "metrics", "images", "zero_shot", "retrieval")
 
 
 class Subset:
@@ -39,9 +41,12 @@ class Evaluator:
         self.transform = transforms.parse(config.data.pp_eval)
         self._sources = {}
         self._features_fn = jax.jit(objective.features)
+        self._text_fn = jax.jit(objective.text_features) if hasattr(objective, "text_features") else None
         self._loss_fn = jax.jit(lambda p, e, b, r, s: objective.loss(p, e, b, r, s)[0])
         self._eval_metrics_fn = jax.jit(objective.eval_metrics) if hasattr(objective, "eval_metrics") else None
         for name, ev in config.evals.items():
+            if ev.get("type") in ("zero_shot", "retrieval") and self._text_fn is None:
+                raise ValueError(f"config.evals.{name}: objective {config.objective.name!r} has no text tower.")
             if ev.get("type") == "metrics" and self._eval_metrics_fn is None:
                 raise ValueError(f"config.evals.{name}: objective {config.objective.name!r} has no eval_metrics.")
             if ev.get("type") not in EVAL_TYPES:
@@ -72,16 +77,30 @@ class Evaluator:
                       for k, v in local.items() if np.asarray(v).dtype.kind in "biuf"}
             yield pipeline.global_batch(arrays, self.mesh), valid
 
-    def _features(self, params, extra, split, n, batch_size):
-        feats, labels = [], []
+    def _features(self, params, extra, split, n, batch_size, with_text: bool = False):
+        """(image features, labels[, text features]) over a split, padding removed."""
+        feats, labels, texts = [], [], []
+        gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
         with mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
             for batch, valid in self._batches(split, n, batch_size):
-                f = self._features_fn(params, extra, batch["image"])
-                f = multihost_utils.process_allgather(f, tiled=True)
-                lab = multihost_utils.process_allgather(batch["label"], tiled=True)
-                v = multihost_utils.process_allgather(valid, tiled=True) if jax.process_count() > 1 else valid
-                feats.append(np.asarray(f)[v]), labels.append(np.asarray(lab)[v])
-        return np.concatenate(feats).astype(np.float32), np.concatenate(labels)
+                v = gather(valid) if jax.process_count() > 1 else valid
+                feats.append(gather(self._features_fn(params, extra, batch["image"]))[v])
+                labels.append(gather(batch["label"])[v])
+                if with_text:
+                    texts.append(gather(self._text_fn(params, extra, batch["tokens"]))[v])
+        out = (np.concatenate(feats).astype(np.float32), np.concatenate(labels))
+        return out + (np.concatenate(texts).astype(np.float32),) if with_text else out
+
+    def _embed_prompts(self, params, extra, prompts, batch_size: int = 256):
+        """Text embeddings of prompt strings (same on every process: replicated inputs)."""
+        from fmjax.data.transforms import tokenize
+        tok = tokenize(**dict(self.config.data.get("tokenize", {})))
+        ids = tok.tokenizer(list(prompts), tok.context_length)
+        out = []
+        with mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
+            for i in range(0, len(ids), batch_size):
+                out.append(np.asarray(self._text_fn(params, extra, ids[i:i + batch_size])))
+        return np.concatenate(out)
 
     # -- evaluators -------------------------------------------------------------------------
     def run(self, names, state, writer, step: int) -> dict:
@@ -102,6 +121,21 @@ class Evaluator:
                 else:
                     kw = {k: ev[k] for k in ("steps", "lr", "weight_decay") if k in ev}
                     res = probe_lib.linear_probe(tr[0], tr[1], te[0], te[1], num_classes, **kw)
+                metrics.update({f"eval/{name}_{k}": v for k, v in res.items()})
+            elif kind == "zero_shot":
+                split = ev.get("split", "validation")
+                img, lab = self._features(state.params, state.extra, split, ev.get("examples"), bs)
+                names = list(ev.get("class_names") or sources.class_names(
+                    self.config.data.name, self.config.data.get("data_dir")))
+                templates = list(ev.get("templates") or ["a photo of a {}."])
+                w = zero_shot_lib.classifier_weights(
+                    lambda p: self._embed_prompts(state.params, state.extra, p), names, templates)
+                res = zero_shot_lib.zero_shot_accuracy(img, lab, w)
+                metrics.update({f"eval/{name}_{k}": v for k, v in res.items()})
+            elif kind == "retrieval":
+                img, _, txt = self._features(state.params, state.extra, ev.get("split", "validation"),
+                                             ev.get("examples"), bs, with_text=True)
+                res = retrieval_lib.retrieval_recall(img, txt)
                 metrics.update({f"eval/{name}_{k}": v for k, v in res.items()})
             elif kind == "loss":
                 metrics[f"eval/{name}"] = self._loss(state, ev, bs)

@@ -54,7 +54,12 @@ def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1):
                 metrics = jax.tree.map(jnp.mean, metrics)
 
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            if hasattr(objective, "update_mask"):  # frozen params (LiT towers, warm-up freezes)
+                mask = objective.update_mask(state.params, state.step)
+                updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
             params = optax.apply_updates(state.params, updates)
+            if hasattr(objective, "project_params"):  # constraints, e.g. CLIP's logit-scale clamp
+                params = objective.project_params(params, state.step)
             extra = objective.after_update(params, extra, state.step)
             new_state = state.replace(step=state.step + 1, params=params,
                                       opt_state=opt_state, extra=extra)

@@ -1,0 +1,72 @@
+"""CLIP: contrastive image-text pretraining; zero-shot classification and retrieval evals.
+
+Default (bundled shapes captions, 32x32 images, byte tokenizer, CPU-sized):
+    python launch/train.py --config=configs/clip.py --workdir=/tmp/clip
+  Logs eval/zero_shot_top1 (validation, 8 shape classes, chance 0.125),
+  eval/zero_shot_heldout_top1 (attribute combinations never seen in training) and
+  eval/retrieval_{i2t,t2i}_r@{1,5,10} while it trains.
+
+Paper presets (need an image-text dataset: --config.data.name=image_folder:/path with a
+captions file, or a TFDS dataset with captions):
+    python launch/train.py --config=configs/clip.py:vit_b16 --config.data.name=... --workdir=DIR
+  (vit_b32, vit_l14 likewise). Recipe: AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6, wd 0.2
+  (not on gains / biases / logit scale), 10k warmup steps, cosine, global batch 32768.
+"""
+from configs import common
+
+
+def _pp(size: int, scale, tok: str, keys: str) -> str:
+    crop = f"random_resized_crop({size}, scale={tuple(scale)})|" if scale else f"resize(({size}, {size}))|"
+    return f"{crop}normalize('clip')|{tok}|keep({keys})"
+
+
+def get_config(arg: str = "default"):
+    c = common.base_config()
+    c.objective.name = "clip"
+    c.objective.lock = ""
+    c.data.normalization = "clip"
+    if arg == "default":
+        c.total_steps = 1000
+        c.batch_size = 128
+        c.log_every = 50
+        c.eval_every = 500
+        c.checkpoint_every = 500
+        c.optimizer.update(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+                                warmup_steps=100, clip_norm=1.0))
+        c.data.name = "fmjax_shapes/32"
+        c.data.image_size = 32
+        c.data.tokenize = dict(context_length=64, tokenizer="bytes", bpe_path="")
+        c.model = dict(name="clip", width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8,
+                       embed_dim=128, text_width=128, text_depth=3, text_heads=4, text_mlp_dim=512,
+                       vocab_size=259, context_length=64, activation="gelu", loss="softmax")
+        zs = dict(type="zero_shot", split="validation", templates=_shapes_templates())
+        c.evals = dict(
+            zero_shot=zs,
+            zero_shot_heldout=dict(zs, split="heldout"),
+            retrieval=dict(type="retrieval", split="validation"))
+    elif arg in ("vit_b16", "vit_b32", "vit_l14"):
+        variant = {"vit_b16": "B/16", "vit_b32": "B/32", "vit_l14": "L/14"}[arg]
+        c.total_steps = 32 * 400_000_000 // 32768  # 32 epochs of 400M pairs (~391k steps)
+        c.batch_size = 32768
+        c.dtype = "bfloat16"
+        c.optimizer.update(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
+                                warmup_steps=10_000, clip_norm=0.0))
+        c.data.name = "image_folder:/path/to/image_text"
+        c.data.image_size = 224
+        c.data.worker_count = 16
+        c.data.tokenize = dict(context_length=77, tokenizer="clip_bpe", bpe_path="bpe_simple_vocab_16e6.txt.gz")
+        c.model = dict(name="clip", variant=variant, activation="quick_gelu", loss="softmax",
+                       attention_impl="xla", remat=False)
+        c.evals = dict()
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
+    else:
+        raise ValueError(f"Unknown configs/clip.py preset {arg!r}; valid: default, vit_b16, vit_b32, vit_l14.")
+    tok = "tokenize({context_length}, {tokenizer!r}, {bpe_path!r})".format(**c.data.tokenize)
+    c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'")
+    c.data.pp_eval = _pp(c.data.image_size, None, tok, "'image', 'label', 'tokens'")
+    return c
+
+
+def _shapes_templates():
+    from fmjax.data import shapes
+    return list(shapes.ZERO_SHOT_TEMPLATES)

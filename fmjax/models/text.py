@@ -1,0 +1,155 @@
+"""CLIP text tower: a causal (GPT-style) pre-norm transformer with end-of-text pooling.
+
+Param tree: ``token_embed/embedding`` (vocab, width), ``pos_embed``
+(context_length, width), ``encoder/block_{i}`` (``layers.Block``, same names
+as the ViT encoder), ``encoder/norm`` (CLIP's ``ln_final``) and ``proj/kernel``
+(width, embed_dim; no bias, CLIP's ``text_projection``).
+"""
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax.models import layers
+
+Dtype = Any
+
+# name -> tower shape (width, depth, num_heads, mlp_dim), as in OpenAI CLIP / open_clip.
+TEXT_PRESETS: Dict[str, Dict[str, int]] = {
+    "B": dict(width=512, depth=12, num_heads=8, mlp_dim=2048),     # CLIP ViT-B/32, B/16
+    "L": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),    # CLIP ViT-L/14
+    "H": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),   # open_clip ViT-H/14, g/14
+}
+TEXT_POOLS = ("argmax", "eos")
+
+
+def text_kwargs(variant: str, **overrides) -> Dict[str, Any]:
+    """Preset name ('B', 'L', 'H') -> TextTransformer kwargs, with ``overrides`` applied.
+
+    Raises ValueError naming the valid presets for an unknown one.
+    """
+    if variant not in TEXT_PRESETS:
+        raise ValueError(
+            f"Unknown text variant {variant!r}; valid: {', '.join(TEXT_PRESETS)}.")
+    kwargs = dict(TEXT_PRESETS[variant])
+    kwargs.update(overrides)
+    return kwargs
+
+
+def causal_mask(length: int) -> jax.Array:
+    """(1, 1, L, L) boolean mask, True where query i may attend to key j (j <= i)."""
+    return jnp.asarray(np.tril(np.ones((length, length), dtype=bool)))[None, None]
+
+
+def pool_positions(tokens: jax.Array, pool: str, eos_token_id: Optional[int]) -> jax.Array:
+    """Index of the end-of-text token in each (B, L) row of token ids, as HF CLIP does.
+
+    'argmax': the highest id (OpenAI's EOT 49407 is the largest id in the vocabulary;
+    HF's legacy ``eos_token_id == 2`` path). 'eos': the first position equal to
+    ``eos_token_id`` (so padding with the EOT id is fine); rows without it pool index 0.
+    """
+    if pool == "argmax":
+        return jnp.argmax(tokens, axis=-1)
+    if pool == "eos":
+        if eos_token_id is None:
+            raise ValueError("pool='eos' needs eos_token_id; set it or use pool='argmax'.")
+        return jnp.argmax((tokens == eos_token_id).astype(jnp.int32), axis=-1)
+    raise ValueError(f"Unknown text pool {pool!r}; valid: {TEXT_POOLS}.")
+
+
+class MaskedEncoder(nn.Module):
+    """``layers.Encoder`` with an attention mask: ``block_{i}`` ... then ``norm``.
+
+    Same param names and drop-path / remat behaviour as ``layers.Encoder``, so a
+    text tower's blocks convert with the same code as a ViT's.
+    """
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    layernorm_eps: float = 1e-5
+    activation: str = "gelu"
+    attention_impl: str = "xla"
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array],
+                 deterministic: bool = True) -> jax.Array:
+        """Run the blocks on (B, L, D) tokens with ``mask`` (True = attend), then the norm."""
+        block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
+        rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
+        for i in range(self.depth):
+            x = block_cls(
+                num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
+                drop_path=float(rates[i]), layernorm_eps=self.layernorm_eps,
+                activation=self.activation, attention_impl=self.attention_impl,
+                dtype=self.dtype, param_dtype=self.param_dtype,
+                name=f"block_{i}")(x, deterministic, mask)
+        x = layers.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
+        return layers.constrain(x)
+
+
+class TextTransformer(nn.Module):
+    """CLIP text encoder.
+
+    ``__call__(tokens (B, L) int, train=False)`` with ``L <= context_length``
+    returns a dict: ``tokens`` (B, L, width) after the final norm, ``pooled``
+    (B, width) at the end-of-text position (see ``pool_positions``) and
+    ``embedding`` (B, embed_dim) = pooled @ proj (not normalised).
+    ``activation``: 'quick_gelu' for OpenAI CLIP weights, 'gelu' for most others.
+    """
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    embed_dim: int = 512
+    activation: str = "quick_gelu"
+    layernorm_eps: float = 1e-5
+    pool: str = "argmax"
+    eos_token_id: Optional[int] = None
+    causal: bool = True
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    attention_impl: str = "xla"
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
+        """Encode (B, L) token ids; see the class docstring for the outputs."""
+        if self.pool not in TEXT_POOLS:
+            raise ValueError(f"Unknown text pool {self.pool!r}; valid: {TEXT_POOLS}.")
+        b, length = tokens.shape
+        if length > self.context_length:
+            raise ValueError(
+                f"Text length {length} exceeds context_length={self.context_length}; "
+                "truncate the tokens or raise context_length.")
+        x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="token_embed",
+                     embedding_init=layers.part(nn.initializers.normal(0.02),
+                                                ("vocab", "embed")))(tokens)
+        pos = self.param("pos_embed", layers.part(nn.initializers.normal(0.01), (None, "embed")),
+                         (self.context_length, self.width), self.param_dtype)
+        x = layers.constrain(x + pos[:length].astype(self.dtype)[None])
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        mask = causal_mask(length) if self.causal else None
+        x = MaskedEncoder(
+            depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+            dropout=self.dropout, drop_path=self.drop_path, layernorm_eps=self.layernorm_eps,
+            activation=self.activation, attention_impl=self.attention_impl, remat=self.remat,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(x, mask, not train)
+        idx = pool_positions(tokens, self.pool, self.eos_token_id)
+        pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+        embedding = nn.Dense(
+            self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="proj", kernel_init=layers.part(nn.initializers.normal(self.width ** -0.5),
+                                                 ("embed", None)))(pooled)
+        return dict(tokens=x, pooled=pooled, embedding=embedding)
