@@ -50,6 +50,9 @@ def tiny_config(shapes_data_dir):
         c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
         if name == "mae":
             c.model.update(dict(decoder_width=32, decoder_depth=1, decoder_heads=2))
+        if name == "clip":
+            c.model.update(dict(text_width=32, text_depth=1, text_heads=2, text_mlp_dim=64,
+                                embed_dim=16))
         c.evals = {}
         for k, v in overrides.items():
             target = c
