@@ -23,6 +23,11 @@ def test_clip_trains_and_evaluates(tiny_config, tmp_path):
     assert math.isfinite(final["train/loss"])
     assert 0.0 <= final["eval/zero_shot_top1"] <= 1.0 and "eval/retrieval_i2t_r@5" in final
     assert final["eval/retrieval_chance_r@1"] == 1 / 64
+    # launch/eval.py's path: the saved config + latest checkpoint reproduce the numbers.
+    from fmjax.train.eval_only import evaluate_checkpoint
+    again = evaluate_checkpoint(str(tmp_path))
+    for k in ("eval/zero_shot_top1", "eval/retrieval_i2t_r@5", "eval/retrieval_t2i_r@1"):
+        assert again[k] == final[k], k
 
 
 def test_logit_scale_is_clamped_after_update(tiny_config):
