@@ -58,3 +58,21 @@ def test_mae_default_learns(default_config, tmp_path):
     assert end <= 0.6 * start                      # measured 2.62 -> ~0.55 (ratio ~0.21)
     assert probe_trained > 0.16 and probe_random > 0.16   # chance is 0.125
     assert os.listdir(os.path.join(tmp_path, "images"))   # reconstruction grids were written
+
+
+def test_clip_default_learns(default_config, tmp_path):
+    """A shortened default CLIP run: retrieval recall@5 far above chance, zero-shot above it.
+
+    The full default (configs/clip.py) is not yet at the issue's 0.8 zero-shot bar:
+    measured 0.354 validation / 0.304 held-out zero-shot top-1 and recall@5 0.70 after 600 steps.
+    """
+    c = _shorten(default_config("clip"), 150)
+    for ev in c.evals.values():
+        ev.examples = 500
+    loop.train_and_evaluate(c, str(tmp_path))
+    rows = _rows(tmp_path)
+    r5 = _eval_at(rows, 150, "eval/retrieval_i2t_r@5")
+    zs, zs_start = _eval_at(rows, 150, "eval/zero_shot_top1"), _eval_at(rows, 0, "eval/zero_shot_top1")
+    print(f"CLIP recall@5 {r5:.3f} (chance 0.010); zero-shot {zs_start:.3f} -> {zs:.3f} (chance 0.125)")
+    assert r5 >= 0.15                # measured 0.354 (chance 0.010)
+    assert zs >= zs_start + 0.05     # measured 0.090 -> 0.188
