@@ -4,7 +4,9 @@ Default (bundled shapes captions, 32x32 images, byte tokenizer, CPU-sized):
     python launch/train.py --config=configs/clip.py --workdir=/tmp/clip
   Logs eval/zero_shot_top1 (validation, 8 shape classes, chance 0.125),
   eval/zero_shot_heldout_top1 (attribute combinations never seen in training) and
-  eval/retrieval_{i2t,t2i}_r@{1,5,10} while it trains.
+  eval/retrieval_{i2t,t2i}_r@{1,5,10} while it trains. Measured after 600 steps (2-core
+  CPU): zero-shot 0.354 (held-out 0.304), recall@5 0.70 / 0.69 (chance 0.005). The
+  issue's 0.8 zero-shot bar is not reached yet.
 
 Paper presets (need an image-text dataset: --config.data.name=image_folder:/path with a
 captions file, or a TFDS dataset with captions):
@@ -26,11 +28,11 @@ def get_config(arg: str = "default"):
     c.objective.lock = ""
     c.data.normalization = "clip"
     if arg == "default":
-        c.total_steps = 1000
+        c.total_steps = 800
         c.batch_size = 128
         c.log_every = 50
-        c.eval_every = 500
-        c.checkpoint_every = 500
+        c.eval_every = 400
+        c.checkpoint_every = 400
         c.optimizer.update(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
                                 warmup_steps=100, clip_norm=1.0))
         c.data.name = "fmjax_shapes/32"
