@@ -385,8 +385,10 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Run all blocks (and the final norm) on (B, L, D) tokens."""
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 mask: Optional[jax.Array] = None) -> jax.Array:
+        """Run all blocks (and the final norm) on (B, L, D) tokens; ``mask`` (True = attend,
+        e.g. causal for a text tower) goes to every block's attention."""
         block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
         for i in range(self.depth):
@@ -395,7 +397,7 @@ class Encoder(nn.Module):
                 drop_path=float(rates[i]), layernorm_eps=self.layernorm_eps,
                 layerscale=self.layerscale, activation=self.activation,
                 attention_impl=self.attention_impl, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"block_{i}")(x, deterministic)
+                param_dtype=self.param_dtype, name=f"block_{i}")(x, deterministic, mask)
         if self.final_norm:
             x = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
         return constrain(x)

@@ -59,41 +59,6 @@ def pool_positions(tokens: jax.Array, pool: str, eos_token_id: Optional[int]) ->
     raise ValueError(f"Unknown text pool {pool!r}; valid: {TEXT_POOLS}.")
 
 
-class MaskedEncoder(nn.Module):
-    """``layers.Encoder`` with an attention mask: ``block_{i}`` ... then ``norm``.
-
-    Same param names and drop-path / remat behaviour as ``layers.Encoder``, so a
-    text tower's blocks convert with the same code as a ViT's.
-    """
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    dropout: float = 0.0
-    drop_path: float = 0.0
-    layernorm_eps: float = 1e-5
-    activation: str = "gelu"
-    attention_impl: str = "xla"
-    remat: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array],
-                 deterministic: bool = True) -> jax.Array:
-        """Run the blocks on (B, L, D) tokens with ``mask`` (True = attend), then the norm."""
-        block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
-        rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
-        for i in range(self.depth):
-            x = block_cls(
-                num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
-                drop_path=float(rates[i]), layernorm_eps=self.layernorm_eps,
-                activation=self.activation, attention_impl=self.attention_impl,
-                dtype=self.dtype, param_dtype=self.param_dtype,
-                name=f"block_{i}")(x, deterministic, mask)
-        x = layers.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
-        return layers.constrain(x)
-
-
 class TextTransformer(nn.Module):
     """CLIP text encoder.
 
@@ -141,11 +106,11 @@ class TextTransformer(nn.Module):
         x = layers.constrain(x + pos[:length].astype(self.dtype)[None])
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         mask = causal_mask(length) if self.causal else None
-        x = MaskedEncoder(
+        x = layers.Encoder(
             depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             dropout=self.dropout, drop_path=self.drop_path, layernorm_eps=self.layernorm_eps,
             activation=self.activation, attention_impl=self.attention_impl, remat=self.remat,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(x, mask, not train)
+            dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(x, not train, mask)
         idx = pool_positions(tokens, self.pool, self.eos_token_id)
         pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
         embedding = nn.Dense(
