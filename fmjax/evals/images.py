@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from fmjax.models import layers  # the one patch layout (MAE reference order)
+
 
 def to_uint8(x):
     """Converts a float image in [0, 1] (clipped) or a uint8 image to uint8."""
@@ -95,26 +97,14 @@ def denormalize(x, mean, std):
 
 
 def patchify(images, patch_size):
-    """``[N, H, W, C]`` -> ``[N, (H/p)*(W/p), p*p*C]`` (MAE layout)."""
-    images = np.asarray(images)
-    n, h, w, c = images.shape
-    p = patch_size
-    if h % p or w % p:
-        raise ValueError(f"image size {(h, w)} not divisible by patch {p}")
-    x = images.reshape(n, h // p, p, w // p, p, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, (h // p) * (w // p), p * p * c)
+    """``[N, H, W, C]`` -> ``[N, (H/p)*(W/p), p*p*C]`` (MAE layout), on host arrays."""
+    return np.asarray(layers.patchify(np.asarray(images), patch_size))
 
 
 def unpatchify(patches, patch_size, height, width, channels=3):
-    """Inverse of :func:`patchify`."""
-    patches = np.asarray(patches)
-    n = patches.shape[0]
-    p = patch_size
-    gh, gw = height // p, width // p
-    x = patches.reshape(n, gh, gw, p, p, channels)
-    x = x.transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, height, width, channels)
+    """Inverse of :func:`patchify`, on host arrays."""
+    grid = (height // patch_size, width // patch_size)
+    return np.asarray(layers.unpatchify(np.asarray(patches), patch_size, grid, channels))
 
 
 def mae_reconstruction_grid(images, pred_patches, mask, patch_size, mean, std,
