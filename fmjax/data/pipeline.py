@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax.data import transforms as tr
+from fmjax.parallel.mesh import BATCH_AXES
 
 TransformLike = Union[None, str, Callable[[dict, np.random.Generator], dict]]
 VALID_KEY = "_valid"
@@ -257,7 +258,7 @@ def _is_numeric(x: np.ndarray) -> bool:
 def global_batch(
     local_batch: Dict[str, Any],
     mesh: Mesh,
-    batch_axes: Sequence[str] = ("data", "fsdp"),
+    batch_axes: Sequence[str] = BATCH_AXES,
     *,
     drop_non_numeric: bool = False,
 ) -> Dict[str, jax.Array]:
