@@ -79,14 +79,12 @@ def main(argv):
     import jax.numpy as jnp
     import numpy as np
 
-    from fmjax.objectives.base import make_objective
-    from fmjax.parallel import mesh as mesh_lib, rules as rules_lib
+    from fmjax.parallel import mesh as mesh_lib
+    from fmjax.train.loop import build
     from fmjax.train import optimizer as opt_lib, state as state_lib, step as step_lib
 
     config = FLAGS.config
-    objective = make_objective(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = rules_lib.get_rules(config.get("sharding", "fsdp"))
+    objective, mesh, rules = build(config)
     size = int(config.data.image_size)
     bs = int(config.batch_size)
     spec = {"image": jax.ShapeDtypeStruct((bs, size, size, 3), jnp.float32)}

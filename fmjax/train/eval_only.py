@@ -4,18 +4,14 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 
 from fmjax.data import sources, transforms
-from fmjax.objectives.base import make_objective
-from fmjax.parallel import mesh as mesh_lib
-from fmjax.parallel import rules as rules_lib
 from fmjax.train import checkpoint as ckpt
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train.evaluate import Evaluator
-from fmjax.train.loop import _batch_spec
+from fmjax.train.loop import _batch_spec, build
 from fmjax.train.validate import ConfigError
 from fmjax.train.writer import MetricWriter, log
 
@@ -33,9 +29,7 @@ def evaluate_checkpoint(workdir: str, config=None, step: int | None = None, eval
     (or the named subset ``evals``); writes the metrics to metrics.jsonl and returns them."""
     workdir = os.path.abspath(workdir)
     config = config or load_workdir_config(workdir)
-    objective = make_objective(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = rules_lib.get_rules(config.get("sharding", "fsdp"))
+    objective, mesh, rules = build(config)
     manager = ckpt.make_manager(workdir, async_save=False)
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():

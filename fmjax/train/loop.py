@@ -69,6 +69,15 @@ def _host_arrays(local, spec):
     return {k: np.asarray(local[k], dtype=spec[k].dtype) for k in spec}
 
 
+def build(config, devices=None):
+    """(objective, mesh, logical rules) from a config; bad names are ``ConfigError``s."""
+    try:
+        return (make_objective(config), mesh_lib.make_mesh(config.mesh, devices),
+                rules_lib.get_rules(config.get("sharding", "fsdp")))
+    except ValueError as e:  # unknown names, impossible meshes: the user's input, not a bug
+        raise validate.ConfigError(str(e)) from None
+
+
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns final metrics.
 
@@ -80,12 +89,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         f"{jax.process_count()} process(es), {len(devices or jax.devices())} device(s) ({jax.devices()[0].platform})")
 
     # -- 1. Check the config: every error here is one line, before any compile. ---------------
-    try:
-        objective = make_objective(config)
-        mesh = mesh_lib.make_mesh(config.mesh, devices)
-        rules = rules_lib.get_rules(config.get("sharding", "fsdp"))
-    except ValueError as e:  # unknown names, impossible meshes: the user's input, not a bug
-        raise validate.ConfigError(str(e)) from None
+    objective, mesh, rules = build(config, devices)
     validate.check(config, objective, mesh)
     manager = ckpt.make_manager(workdir, keep=config.get("keep_checkpoints", 3),
                                 keep_period=config.get("keep_period") or None)
@@ -118,7 +122,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             f"mesh fsdp={mesh.shape['fsdp']} leaves {frac:.0%} of large params replicated; "
             "use --config.sharding=fsdp or a smaller fsdp axis.")
     if latest is None:
-        state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed)
+        state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings)
         start = 0
     else:
         log(f"== resuming from step {latest}")

@@ -65,9 +65,10 @@ def state_shardings(objective, tx, batch_spec, mesh: Mesh, rules, seed: int = 0)
     return abstract, shardings, boxed_params
 
 
-def create_state(objective, tx, batch_spec, mesh: Mesh, rules, seed: int):
-    """Initialises the TrainState directly into its shardings."""
-    _, shardings, _ = state_shardings(objective, tx, batch_spec, mesh, rules, seed)
+def create_state(objective, tx, batch_spec, mesh: Mesh, rules, seed: int, shardings=None):
+    """Initialises the TrainState directly into its shardings (computed if not given)."""
+    if shardings is None:
+        _, shardings, _ = state_shardings(objective, tx, batch_spec, mesh, rules, seed)
     init = _init_fn(objective, tx, batch_spec)
     # No ambient mesh here: flax's DenseGeneral initialises kernels flat and unboxing them
     # under a mesh would constrain a 2-D value with 3-D names. out_shardings places shards.
