@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         # Tests and the PyTorch parity references (CPU torch wheel).
-        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=4.45"],
+        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "diffusers>=0.30"],
         # Preparing TFDS catalog datasets (imagenet2012, ...) needs TensorFlow.
         "tf": ["tensorflow-cpu"],
     },
