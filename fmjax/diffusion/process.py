@@ -1,0 +1,434 @@
+"""The Gaussian diffusion process of DDPM (Ho et al., 2020) and DDIM (Song et al., 2021).
+
+No networks here: schedules, the forward process, training targets / loss weights, the
+DDPM and DDIM reverse steps and a ``lax.scan`` sampling loop. Everything after
+``make_schedule`` is pure jax.numpy (jit-able, elementwise on sharded arrays, any layout);
+the per-step functions follow diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` formula by
+formula (tests/diffusion/test_process_parity.py checks them against diffusers).
+
+Notation: ``a_t = alphas_cumprod[t]`` (alpha-bar), ``SNR(t) = a_t / (1 - a_t)``.
+
+    forward   x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps                      (add_noise)
+    velocity  v   = sqrt(a_t) eps - sqrt(1 - a_t) x0                      (Salimans & Ho, 2022)
+    inverse   x0  = sqrt(a_t) x_t - sqrt(1 - a_t) v,   eps = sqrt(a_t) v + sqrt(1 - a_t) x_t
+              x0  = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+
+Timesteps ``t`` are integers in [0, T): a scalar or one per example (shape [B]); per-example
+coefficients broadcast over the trailing axes of ``x`` (NHWC or NCHW alike).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOSS_WEIGHTINGS = ("none", "snr", "min_snr_gamma", "truncated_snr", "snr_plus_one")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddpm", "ddim")
+
+
+def _check(arg: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{arg}={value!r}; valid: {', '.join(map(repr, valid))}.")
+
+
+# --------------------------------------------------------------------------- schedules
+
+def _linspace32(start: float, end: float, n: int) -> np.ndarray:
+    """float32 linspace rounded as torch's CPU kernel does (so the tables equal diffusers' bit for bit)."""
+    start, end = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([start], np.float32)
+    step = np.float64((end - start) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    out = np.where(i < n // 2, np.float64(start) + step * i, np.float64(end) - step * (n - 1 - i))
+    return out.astype(np.float32)
+
+
+def _cumprod32(x: np.ndarray) -> np.ndarray:
+    """float32 cumprod accumulated in float64, as torch.cumprod on CPU."""
+    return np.cumprod(np.asarray(x, np.float64)).astype(np.float32)
+
+
+def make_betas(schedule: str = "linear", num_timesteps: int = 1000, beta_start: float = 1e-4,
+               beta_end: float = 0.02, max_beta: float = 0.999) -> np.ndarray:
+    """float32 [T] betas, computed as diffusers does.
+
+    'linear': linspace(beta_start, beta_end); 'scaled_linear' (Stable Diffusion):
+    linspace(sqrt(beta_start), sqrt(beta_end))**2; 'cosine' = 'squaredcos_cap_v2' (Nichol &
+    Dhariwal, 2021): beta_i = min(1 - f((i+1)/T) / f(i/T), max_beta) with
+    f(s) = cos((s + 0.008) / 1.008 * pi/2)**2 (beta_start/end unused); 'sigmoid' (GeoDiff):
+    sigmoid(linspace(-6, 6)) * (beta_end - beta_start) + beta_start.
+    """
+    _check("schedule", schedule, SCHEDULES)
+    n = int(num_timesteps)
+    if schedule == "linear":
+        return _linspace32(beta_start, beta_end, n)
+    if schedule == "scaled_linear":
+        return _linspace32(beta_start ** 0.5, beta_end ** 0.5, n) ** 2
+    if schedule == "sigmoid":
+        s = _linspace32(-6, 6, n)
+        return (1 / (1 + np.exp(-s)) * np.float32(beta_end - beta_start) + np.float32(beta_start)).astype(np.float32)
+    alpha_bar = [math.cos((s / n + 0.008) / 1.008 * math.pi / 2) ** 2 for s in range(n + 1)]
+    return np.array([min(1 - alpha_bar[i + 1] / alpha_bar[i], max_beta) for i in range(n)], np.float32)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. (2024), Alg. 1: shift/scale sqrt(alpha-bar) so that SNR(T-1) = 0 exactly."""
+    betas = np.asarray(betas, np.float32)
+    sqrt_ab = np.sqrt(_cumprod32(1.0 - betas))
+    first, last = sqrt_ab[0].copy(), sqrt_ab[-1].copy()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    ab = sqrt_ab ** 2
+    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return (1 - alphas).astype(np.float32)
+
+
+@flax.struct.dataclass
+class Schedule:
+    """Per-timestep float32 tables, each [T]. A pytree, so it can be a jit argument or a constant."""
+    betas: jax.Array
+    alphas: jax.Array            # 1 - betas
+    alphas_cumprod: jax.Array    # a_t = prod_{s<=t} alphas[s]
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+
+def make_schedule(schedule: str = "linear", num_timesteps: int = 1000, beta_start: float = 1e-4,
+                  beta_end: float = 0.02, *, rescale_zero_snr: bool = False,
+                  betas=None) -> Schedule:
+    """``Schedule`` from a named beta schedule (see ``make_betas``) or explicit ``betas``.
+
+    ``rescale_zero_snr``: zero terminal SNR (pair it with v-prediction and 'trailing' spacing;
+    the epsilon -> x0 conversion divides by sqrt(a_t) = 0 at t = T-1).
+    """
+    if betas is None:
+        betas = make_betas(schedule, num_timesteps, beta_start, beta_end)
+    betas = np.asarray(betas, np.float32)
+    if rescale_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    alphas = (1.0 - betas).astype(np.float32)
+    alphas_cumprod = _cumprod32(alphas)
+    return Schedule(jnp.asarray(betas), jnp.asarray(alphas), jnp.asarray(alphas_cumprod))
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+    """[B] (or scalar) per-example values -> broadcastable against x [B, ...]."""
+    return v.reshape(v.shape + (1,) * (jnp.ndim(x) - v.ndim))
+
+
+def _alpha_cumprod(schedule: Schedule, t, x, final=1.0) -> jax.Array:
+    """a_t broadcast against x; ``final`` for t < 0 (one step past the end of the chain)."""
+    t = jnp.asarray(t, jnp.int32)
+    a = jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], final)
+    return _bcast(a.astype(jnp.float32), x)
+
+
+def snr(schedule: Schedule, t) -> jax.Array:
+    """SNR(t) = a_t / (1 - a_t), float32 with the shape of ``t``."""
+    a = schedule.alphas_cumprod[jnp.asarray(t, jnp.int32)]
+    return a / (1.0 - a)
+
+
+# --------------------------------------------------------------------------- forward process, targets
+
+def add_noise(schedule: Schedule, x0, noise, t) -> jax.Array:
+    """q_sample: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise (diffusers ``add_noise``)."""
+    a = _alpha_cumprod(schedule, t, x0)
+    out = a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
+    return out.astype(jnp.result_type(x0, noise))
+
+
+def velocity(schedule: Schedule, x0, noise, t) -> jax.Array:
+    """v = sqrt(a_t) noise - sqrt(1 - a_t) x0 (diffusers ``get_velocity``)."""
+    a = _alpha_cumprod(schedule, t, x0)
+    out = a ** 0.5 * noise - (1 - a) ** 0.5 * x0
+    return out.astype(jnp.result_type(x0, noise))
+
+
+def training_target(schedule: Schedule, x0, noise, t, prediction_type: str = "epsilon") -> jax.Array:
+    """What the network regresses: ``noise`` ('epsilon'), ``velocity`` ('v_prediction') or ``x0`` ('sample')."""
+    _check("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return velocity(schedule, x0, noise, t)
+    return x0
+
+
+def pred_to_x0_eps(schedule: Schedule, x_t, t, model_output, prediction_type: str = "epsilon",
+                   final_alpha_cumprod=1.0) -> tuple[jax.Array, jax.Array]:
+    """(x0, eps) implied by a model output of ``prediction_type`` at x_t (DDIM's formulas).
+
+    ``final_alpha_cumprod`` is a_t used for t < 0 (only the DDIM sampler passes such t).
+    """
+    _check("prediction_type", prediction_type, PREDICTION_TYPES)
+    a = _alpha_cumprod(schedule, t, x_t, final_alpha_cumprod)
+    b = 1 - a
+    if prediction_type == "epsilon":
+        return (x_t - b ** 0.5 * model_output) / a ** 0.5, model_output
+    if prediction_type == "sample":
+        return model_output, (x_t - a ** 0.5 * model_output) / b ** 0.5
+    return a ** 0.5 * x_t - b ** 0.5 * model_output, a ** 0.5 * model_output + b ** 0.5 * x_t
+
+
+def convert_prediction(schedule: Schedule, x_t, t, model_output, from_type: str, to_type: str):
+    """Re-express a model output as another prediction type (e.g. v -> epsilon for a guidance rule)."""
+    x0, eps = pred_to_x0_eps(schedule, x_t, t, model_output, from_type)
+    _check("to_type", to_type, PREDICTION_TYPES)
+    if to_type == "epsilon":
+        return eps
+    if to_type == "sample":
+        return x0
+    a = _alpha_cumprod(schedule, t, x_t)
+    return a ** 0.5 * eps - (1 - a) ** 0.5 * x0
+
+
+def loss_weight(schedule: Schedule, t, prediction_type: str = "epsilon", weighting: str = "none",
+                gamma: float = 5.0) -> jax.Array:
+    """Per-example multiplier for the MSE between the model output and ``training_target``.
+
+    Each weighting names w(t), the weight of ||x0_hat - x0||^2 (Hang et al., 2023); since
+    ||eps_hat - eps||^2 = SNR ||x0_hat - x0||^2 and ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x0||^2,
+    the returned multiplier is w / SNR ('epsilon'), w / (SNR + 1) ('v_prediction'), w ('sample'):
+
+      'none'           multiplier 1: the plain MSE on the target (for 'epsilon', L_simple, w = SNR)
+      'snr'            w = SNR                 (= L_simple in any parameterisation)
+      'min_snr_gamma'  w = min(SNR, gamma)     (Min-SNR-gamma, gamma = 5 in the paper)
+      'truncated_snr'  w = max(SNR, 1)         (Salimans & Ho, 2022)
+      'snr_plus_one'   w = SNR + 1             (= the plain v-prediction loss)
+
+    At SNR = 0 (zero terminal SNR) 'epsilon' with 'min_snr_gamma' gives its limit 1; the other
+    weightings divide by SNR = 0 there (epsilon-prediction is ill-posed at SNR 0 anyway).
+    """
+    _check("prediction_type", prediction_type, PREDICTION_TYPES)
+    _check("weighting", weighting, LOSS_WEIGHTINGS)
+    s = snr(schedule, t)
+    if weighting == "none":
+        return jnp.ones_like(s)
+    w = {"snr": s, "min_snr_gamma": jnp.minimum(s, gamma), "truncated_snr": jnp.maximum(s, 1.0),
+         "snr_plus_one": s + 1.0}[weighting]
+    if prediction_type == "epsilon":
+        if weighting == "min_snr_gamma":
+            return jnp.where(s > 0, w / jnp.where(s > 0, s, 1.0), 1.0)
+        return w / s
+    if prediction_type == "v_prediction":
+        return w / (s + 1.0)
+    return w
+
+
+def cfg_combine(cond_out, uncond_out, scale) -> jax.Array:
+    """Classifier-free guidance (Ho & Salimans, 2022): uncond + scale * (cond - uncond).
+
+    The combination is affine with weights summing to 1, so guiding eps, v or x0 outputs
+    gives the same step.
+    """
+    return uncond_out + scale * (cond_out - uncond_out)
+
+
+# --------------------------------------------------------------------------- reverse steps
+
+def _process_x0(x0, clip_sample: bool, clip_sample_range: float):
+    return jnp.clip(x0, -clip_sample_range, clip_sample_range) if clip_sample else x0
+
+
+def ddpm_step(schedule: Schedule, model_output, t, x_t, noise=None, *, prev_t=None,
+              prediction_type: str = "epsilon", variance_type: str = "fixed_small",
+              clip_sample: bool = True, clip_sample_range: float = 1.0,
+              predicted_variance=None) -> tuple[jax.Array, jax.Array]:
+    """One ancestral step x_t -> x_{prev_t}; returns (x_prev, x0_pred). = ``DDPMScheduler.step``.
+
+    ``prev_t`` defaults to t - 1; with fewer inference steps pass ``previous_timesteps(...,
+    'ddpm')`` (-1 after the last). With a_p = a_{prev_t} (1 for prev_t < 0), beta = 1 - a_t/a_p:
+      mean = sqrt(a_p) beta / (1 - a_t) * x0 + sqrt(a_t/a_p) (1 - a_p) / (1 - a_t) * x_t,
+      x_prev = mean + sigma * noise for t > 0, x_prev = mean at t = 0, with sigma^2
+      'fixed_small' = posterior variance (1 - a_p) / (1 - a_t) beta (clamped to 1e-20),
+      'fixed_small_log' = the same via exp(0.5 log), 'fixed_large' = beta,
+      'learned' = ``predicted_variance``, 'learned_range' (Nichol & Dhariwal) =
+      exp(f log beta + (1 - f) log posterior variance), f = (predicted_variance + 1) / 2.
+    ``clip_sample`` clips x0_pred to +-clip_sample_range (diffusers' default: on).
+    ``noise=None`` returns the mean (no sampling noise at any t).
+    """
+    _check("variance_type", variance_type, VARIANCE_TYPES)
+    t = jnp.asarray(t, jnp.int32)
+    prev_t = t - 1 if prev_t is None else jnp.asarray(prev_t, jnp.int32)
+    a_t = _alpha_cumprod(schedule, t, x_t)
+    a_prev = _alpha_cumprod(schedule, prev_t, x_t)
+    beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
+    cur_alpha = a_t / a_prev
+    cur_beta = 1 - cur_alpha
+
+    x0, _ = pred_to_x0_eps(schedule, x_t, t, model_output, prediction_type)
+    x0 = _process_x0(x0, clip_sample, clip_sample_range)
+    x0_coeff = (a_prev ** 0.5 * cur_beta) / beta_prod_t
+    xt_coeff = cur_alpha ** 0.5 * beta_prod_prev / beta_prod_t
+    mean = x0_coeff * x0 + xt_coeff * x_t
+    if noise is None:
+        return mean, x0
+
+    variance = jnp.maximum(beta_prod_prev / beta_prod_t * cur_beta, 1e-20)
+    if variance_type == "fixed_small":
+        std = variance ** 0.5
+    elif variance_type == "fixed_small_log":
+        std = jnp.exp(0.5 * jnp.log(variance))
+    elif variance_type == "fixed_large":
+        std = cur_beta ** 0.5
+    else:
+        if predicted_variance is None:
+            raise ValueError(f"variance_type={variance_type!r} needs predicted_variance.")
+        if variance_type == "learned":
+            std = predicted_variance ** 0.5
+        else:
+            frac = (predicted_variance + 1) / 2
+            std = jnp.exp(0.5 * (frac * jnp.log(cur_beta) + (1 - frac) * jnp.log(variance)))
+    x_prev = jnp.where(_bcast(t > 0, x_t), mean + std * noise, mean)
+    return x_prev, x0
+
+
+def ddim_step(schedule: Schedule, model_output, t, x_t, noise=None, *, prev_t=None, eta=0.0,
+              prediction_type: str = "epsilon", clip_sample: bool = True,
+              clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
+              use_clipped_model_output: bool = False) -> tuple[jax.Array, jax.Array]:
+    """One DDIM step x_t -> x_{prev_t}; returns (x_prev, x0_pred). = ``DDIMScheduler.step``.
+
+    ``prev_t`` defaults to t - 1; diffusers uses t - T // num_inference_steps for every spacing
+    (``previous_timesteps(..., 'ddim')``). For prev_t < 0, a_p = 1 (``set_alpha_to_one``) or a_0.
+      sigma = eta sqrt((1 - a_p) / (1 - a_t) (1 - a_t / a_p)),
+      x_prev = sqrt(a_p) x0 + sqrt(1 - a_p - sigma^2) eps + sigma noise
+    (eq. 12 of Song et al.). ``noise`` may be None when eta == 0. With
+    ``use_clipped_model_output``, eps is re-derived from the clipped x0.
+    """
+    t = jnp.asarray(t, jnp.int32)
+    prev_t = t - 1 if prev_t is None else jnp.asarray(prev_t, jnp.int32)
+    final = 1.0 if set_alpha_to_one else schedule.alphas_cumprod[0]
+    a_t = _alpha_cumprod(schedule, t, x_t)
+    a_prev = _alpha_cumprod(schedule, prev_t, x_t, final)
+    beta_prod_t = 1 - a_t
+
+    x0, eps = pred_to_x0_eps(schedule, x_t, t, model_output, prediction_type)
+    x0 = _process_x0(x0, clip_sample, clip_sample_range)
+    variance = (1 - a_prev) / beta_prod_t * (1 - a_t / a_prev)
+    std = eta * variance ** 0.5
+    if use_clipped_model_output:
+        eps = (x_t - a_t ** 0.5 * x0) / beta_prod_t ** 0.5
+    direction = jnp.maximum(1 - a_prev - std ** 2, 0.0) ** 0.5 * eps
+    x_prev = a_prev ** 0.5 * x0 + direction
+    if noise is not None:
+        x_prev = x_prev + std * noise
+    return x_prev, x0
+
+
+# --------------------------------------------------------------------------- timesteps
+
+def timesteps(schedule_or_T: Schedule | int, num_inference_steps: int, spacing: str = "leading",
+              steps_offset: int = 0) -> np.ndarray:
+    """Descending int32 timesteps, equal to diffusers' DDPM/DDIM ``set_timesteps`` (Lin et al., Tab. 2).
+
+    'leading': arange(N) * (T // N) + steps_offset; 'trailing': round(arange(T, 0, -T/N)) - 1
+    (always starts at T-1); 'linspace': round(linspace(0, T-1, N)). Static host values.
+    """
+    T = schedule_or_T.num_timesteps if isinstance(schedule_or_T, Schedule) else int(schedule_or_T)
+    n = int(num_inference_steps)
+    _check("spacing", spacing, SPACINGS)
+    if not 1 <= n <= T:
+        raise ValueError(f"num_inference_steps={n}; valid: 1 .. num_timesteps={T}.")
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n).round()[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
+    else:
+        ts = np.round(np.arange(T, 0, -T / n)) - 1
+    return ts.astype(np.int32)
+
+
+def previous_timesteps(ts, sampler: str, num_train_timesteps: int,
+                       num_inference_steps: int | None = None) -> np.ndarray:
+    """The prev_t diffusers steps each of ``ts`` to (negative = past the end of the chain).
+
+    'ddpm': the next entry of ``ts`` and -1 after the last; 'ddim': t - T // num_inference_steps
+    (default len(ts)), which for 'trailing' / 'linspace' need not be the next entry.
+    """
+    _check("sampler", sampler, SAMPLERS)
+    ts = np.asarray(ts, np.int32)
+    if sampler == "ddpm":
+        return np.concatenate([ts[1:], [-1]]).astype(np.int32)
+    n = len(ts) if num_inference_steps is None else int(num_inference_steps)
+    return (ts - int(num_train_timesteps) // n).astype(np.int32)
+
+
+# --------------------------------------------------------------------------- sampling loop
+
+def sample(model_fn: Callable, schedule: Schedule, shape, rng, *, sampler: str = "ddim",
+           num_steps: int = 50, spacing: str = "leading", steps_offset: int = 0, eta: float = 0.0,
+           guidance_scale: float = 1.0, uncond_fn: Callable | None = None,
+           prediction_type: str = "epsilon", variance_type: str = "fixed_small",
+           clip_sample: bool = True, clip_sample_range: float = 1.0,
+           set_alpha_to_one: bool = True, x_T=None, sharding=None) -> jax.Array:
+    """Draw samples: x_T ~ N(0, I), then ``num_steps`` DDPM or DDIM steps in one ``lax.scan``.
+
+    ``model_fn(x_t, t) -> model_output`` with ``t`` int32 [B]; close over params and the
+    conditioning. Classifier-free guidance: pass ``uncond_fn(x_t, t)`` (the same network with
+    the null condition); each step then combines
+    ``cfg_combine(model_fn(..), uncond_fn(..), guidance_scale)`` (``guidance_scale`` may be
+    traced). For variance_type 'learned' / 'learned_range' the output carries 2C channels on
+    the LAST axis (channels-last); guidance applies to the first C, the variance half comes
+    from the conditional call. DDIM ignores the variance half.
+
+    Randomness: ``x_T`` from split(rng)[0] unless given; step i draws noise from
+    ``fold_in(split(rng)[1], i)`` - deterministic and (partitionable threefry) independent of
+    the device count. ``sharding``: optional ``jax.sharding.Sharding`` kept on x every step.
+    The remaining arguments are those of ``ddpm_step`` / ``ddim_step`` / ``timesteps``.
+    Returns x_0 (same dtype as x_T; float32 by default).
+    """
+    _check("sampler", sampler, SAMPLERS)
+    _check("variance_type", variance_type, VARIANCE_TYPES)
+    if uncond_fn is None and not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1):
+        raise ValueError(f"guidance_scale={guidance_scale!r} needs uncond_fn (classifier-free guidance).")
+    T = schedule.num_timesteps
+    ts = timesteps(T, num_steps, spacing, steps_offset)
+    prev = previous_timesteps(ts, sampler, T, num_steps)
+    learned = variance_type in ("learned", "learned_range")
+    needs_noise = sampler == "ddpm" or not (isinstance(eta, (int, float)) and eta == 0)
+
+    rng_init, rng_steps = jax.random.split(rng)
+    x = jax.random.normal(rng_init, shape, jnp.float32) if x_T is None else jnp.asarray(x_T)
+    constrain = (lambda y: jax.lax.with_sharding_constraint(y, sharding)) if sharding else (lambda y: y)
+    x = constrain(x)
+    batch = x.shape[0]
+
+    def split(out):
+        return jnp.split(out, 2, axis=-1) if learned else (out, None)
+
+    def body(x, inputs):
+        i, t, prev_t = inputs
+        tb = jnp.full((batch,), t, jnp.int32)
+        out, var = split(model_fn(x, tb))
+        if uncond_fn is not None:
+            out = cfg_combine(out, split(uncond_fn(x, tb))[0], guidance_scale)
+        noise = None
+        if needs_noise:
+            noise = jax.random.normal(jax.random.fold_in(rng_steps, i), x.shape, x.dtype)
+        if sampler == "ddpm":
+            x_new, _ = ddpm_step(schedule, out, t, x, noise, prev_t=prev_t,
+                                 prediction_type=prediction_type, variance_type=variance_type,
+                                 clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                                 predicted_variance=var)
+        else:
+            x_new, _ = ddim_step(schedule, out, t, x, noise, prev_t=prev_t, eta=eta,
+                                 prediction_type=prediction_type, clip_sample=clip_sample,
+                                 clip_sample_range=clip_sample_range,
+                                 set_alpha_to_one=set_alpha_to_one)
+        return constrain(x_new.astype(x.dtype)), None
+
+    xs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), jnp.asarray(prev))
+    x, _ = jax.lax.scan(body, x, xs)
+    return x
