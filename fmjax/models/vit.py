@@ -5,11 +5,12 @@ Param tree: ``patch_embed/proj``, ``cls_token``, ``reg_tokens``, ``pos_embed``
 encoder (``fmjax.models.mae``) uses the same names, so its encoder params load
 straight into a ``ViT(pos_embed='sincos')`` for fine-tuning.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fmjax.models import layers
 
@@ -43,12 +44,62 @@ def vit_kwargs(variant: str, **overrides) -> Dict[str, Any]:
     return kwargs
 
 
-def resize_pos_embed(pos: jax.Array, old_grid, new_grid, num_prefix: int) -> jax.Array:
-    """Bicubic-resize a learned (1, prefix + gh*gw, D) pos embed to a new grid."""
+POS_INTERPS = ("resize", "torch_bicubic")
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int, offset: float = 0.0) -> np.ndarray:
+    """(out_size, in_size) weights of torch ``F.interpolate(mode='bicubic',
+    align_corners=False, antialias=False)`` along one axis.
+
+    Keys cubic with A=-0.75, 4 taps, edge indices clamped (replicate). With
+    ``offset == 0`` the output size is given (``size=``, source scale in/out); with
+    ``offset > 0`` torch is called with ``scale_factor=(out_size + offset) / in_size``
+    as in DINO / DINOv2's ``interpolate_offset`` (source scale 1 / scale_factor).
+    """
+    if offset:
+        factor = (out_size + offset) / in_size
+        if int(np.floor(in_size * factor)) != out_size:
+            raise ValueError(f"offset={offset} does not give {out_size} outputs from {in_size}.")
+        scale = 1.0 / factor
+    else:
+        scale = in_size / out_size
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+    base = np.floor(src)
+    t = src - base
+    a = -0.75
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1          # |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a      # 1 < |x| < 2
+    taps = (far(t + 1), near(t), near(1 - t), far(2 - t))
+    m = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    for k, w in enumerate(taps):
+        np.add.at(m, (rows, np.clip(base + k - 1, 0, in_size - 1).astype(np.int64)), w)
+    return m.astype(np.float32)
+
+
+def resize_pos_embed(pos: jax.Array, old_grid: Tuple[int, int], new_grid: Tuple[int, int],
+                     num_prefix: int, method: str = "resize", offset: float = 0.0) -> jax.Array:
+    """Bicubic-resize a learned (1, prefix + gh*gw, D) pos embed to a new grid.
+
+    ``method='resize'``: ``jax.image.resize`` bicubic (Keys A=-0.5, antialiased when
+    shrinking); equals torch ``F.interpolate(mode='bicubic', antialias=True)`` as used
+    by transformers' Dinov2WithRegisters and the DINOv2 ``*_reg`` hub models.
+    ``method='torch_bicubic'``: torch bicubic without antialias (``torch_bicubic_matrix``,
+    with ``offset`` the DINO / DINOv2 ``interpolate_offset``, e.g. 0.1).
+    The prefix rows (class token) are kept as they are.
+    """
     prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
     d = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], d)
-    grid = jax.image.resize(grid, (1, new_grid[0], new_grid[1], d), method="bicubic")
+    if method == "resize":
+        grid = jax.image.resize(grid, (1, new_grid[0], new_grid[1], d), method="bicubic")
+    elif method == "torch_bicubic":
+        mh = jnp.asarray(torch_bicubic_matrix(old_grid[0], new_grid[0], offset))
+        mw = jnp.asarray(torch_bicubic_matrix(old_grid[1], new_grid[1], offset))
+        grid = jnp.einsum("hH,wW,bHWd->bhwd", mh, mw, grid.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST).astype(pos.dtype)
+    else:
+        raise ValueError(f"Unknown pos_interp {method!r}; valid: {POS_INTERPS}.")
     return jnp.concatenate([prefix, grid.reshape(1, -1, d)], axis=1)
 
 
@@ -60,6 +111,10 @@ class ViT(nn.Module):
     token + registers), ``patch_tokens`` (B, N, width), ``pre_logits``
     (B, width) pooled by ``pool`` ('cls' or 'mean' over patch tokens), and
     ``logits`` (B, num_classes) when ``num_classes > 0``.
+
+    A learned ``pos_embed`` stored for another grid is resized to the input's grid
+    by ``pos_interp`` / ``pos_interp_offset`` (see ``resize_pos_embed``).
+    ``attention_maps`` gives the last block's class-token attention.
     """
     width: int
     depth: int
@@ -79,6 +134,8 @@ class ViT(nn.Module):
     remat: bool = False
     activation: str = "gelu"
     pre_norm: bool = False  # LayerNorm after embedding (OpenAI CLIP's ln_pre)
+    pos_interp: str = "resize"  # 'resize' (jax.image.resize) or 'torch_bicubic'
+    pos_interp_offset: float = 0.0  # 'torch_bicubic' only: DINO's interpolate_offset
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -89,6 +146,8 @@ class ViT(nn.Module):
             raise ValueError("pool='cls' needs class_token=True; use pool='mean'.")
         if self.pos_embed not in ("learned", "sincos"):
             raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; valid: 'learned', 'sincos'.")
+        if self.pos_interp not in POS_INTERPS:
+            raise ValueError(f"Unknown pos_interp {self.pos_interp!r}; valid: {POS_INTERPS}.")
 
     def _embed(self, images: jax.Array) -> jax.Array:
         """Patch-embed, add positions, prepend class token and registers: (B, P + N, D)."""
@@ -116,7 +175,8 @@ class ViT(nn.Module):
                              shape, self.param_dtype)
             if pos.shape[1] != x.shape[1]:
                 old = int(round((pos.shape[1] - n_cls) ** 0.5))
-                pos = resize_pos_embed(pos, (old, old), grid, n_cls)
+                pos = resize_pos_embed(pos, (old, old), grid, n_cls, self.pos_interp,
+                                       self.pos_interp_offset)
             x = x + pos.astype(x.dtype)
         if self.num_registers:
             reg = self.param("reg_tokens", layers.part(nn.initializers.normal(0.02),
@@ -153,3 +213,37 @@ class ViT(nn.Module):
                 kernel_init=layers.part(nn.initializers.zeros, ("embed", "classes")),
                 bias_init=layers.part(nn.initializers.zeros, ("classes",)))(pooled)
         return out
+
+    def attention_maps(self, images: jax.Array, include_prefix: bool = False) -> jax.Array:
+        """Last block's class-token attention: (B, heads, N_patches) float32.
+
+        Row 0 (the class token) of softmax(q k^T / sqrt(head_dim)) of the last block,
+        restricted to the patch tokens (class token and registers dropped; pass
+        ``include_prefix=True`` for the full (B, heads, prefix + N) row, which sums to 1).
+        q and k are the block's own projections, captured from a deterministic forward
+        pass (any ``attention_impl``; run without remat), so params and ``__call__`` are
+        untouched. Call as ``model.apply(variables, images, method=ViT.attention_maps)``.
+        """
+        if not self.class_token:
+            raise ValueError("attention_maps needs class_token=True (query index 0).")
+        if self.depth < 1:
+            raise ValueError("attention_maps needs depth >= 1.")
+        want = ("encoder", f"block_{self.depth - 1}", "attn")
+        captured = {}
+
+        def grab(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            path = tuple(context.module.path)
+            if (context.method_name == "__call__" and path[:-1] == want
+                    and path[-1] in ("query", "key")):
+                captured[path[-1]] = out
+            return out
+
+        model = self.clone(parent=None, remat=False)
+        with nn.intercept_methods(grab):
+            model.apply(self.variables, images, train=False)
+        q, k = captured["query"], captured["key"]  # (B, L, heads, head_dim)
+        logits = jnp.einsum("bhd,bthd->bht", q[:, 0].astype(jnp.float32),
+                            k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        probs = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1)
+        return probs if include_prefix else probs[..., self.num_prefix_tokens:]
