@@ -353,10 +353,53 @@ class tokenize(Transform):  # noqa: N801
         return out
 
 
+class multi_crop(Transform):  # noqa: N801
+    """DINO's ``DataAugmentationDINO``: 2 global crops and ``num_local`` local crops of
+    ``key``, stacked as ``global_crops`` [2, G, G, C] and ``local_crops`` [N, L, L, C]
+    (float32, normalised), so a batch holds one array per resolution.
+
+    Every crop: random resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1)
+    with p 0.8, grayscale p 0.2, Gaussian blur sigma (0.1, 2); the blur probability is
+    1.0 / 0.1 / 0.5 for global 1 / global 2 / locals and global 2 is solarised with p 0.2.
+    """
+
+    def __init__(self, global_size: Size = 224, local_size: Size = 96, num_local: int = 10,
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), normalization="imagenet",
+                 jitter=(0.4, 0.4, 0.2, 0.1), key: str = "image"):
+        self.key, self.num_local = key, int(num_local)
+        if self.num_local < 0:
+            raise ValueError(f"multi_crop: num_local must be >= 0, got {num_local}")
+        jit = lambda: [flip_lr(0.5), color_jitter(*jitter, p=0.8), grayscale(0.2)]
+        norm = normalize(normalization)
+        g = lambda: random_resized_crop(global_size, scale=global_scale)
+        self.global1 = jit() + [gaussian_blur(1.0), norm]
+        self.global2 = jit() + [gaussian_blur(0.1), solarize(0.2), norm]
+        self.local = jit() + [gaussian_blur(0.5), norm]
+        self.crop_global = g()
+        self.crop_local = random_resized_crop(local_size, scale=local_scale)
+
+    @staticmethod
+    def _view(image, crop, ops, rng):
+        x = crop.apply(image, rng)
+        for op in ops:
+            x = op.apply(x, rng)
+        return x
+
+    def __call__(self, example, rng):
+        image = np.asarray(example[self.key])
+        out = dict(example)
+        out["global_crops"] = np.stack([self._view(image, self.crop_global, self.global1, rng),
+                                        self._view(image, self.crop_global, self.global2, rng)])
+        if self.num_local:
+            out["local_crops"] = np.stack([self._view(image, self.crop_local, self.local, rng)
+                                           for _ in range(self.num_local)])
+        return out
+
+
 OPS: Dict[str, type] = {
     cls.__name__: cls for cls in (
         resize, center_crop, random_resized_crop, flip_lr, normalize, keep,
-        color_jitter, grayscale, gaussian_blur, solarize, tokenize)
+        color_jitter, grayscale, gaussian_blur, solarize, tokenize, multi_crop)
 }
 
 

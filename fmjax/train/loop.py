@@ -165,6 +165,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
                 metrics.update(progress.rates(step))
                 writer.write(step, metrics)
                 log(progress.line(step, metrics))
+                warning = objective.health(metrics) if hasattr(objective, "health") else None
+                if warning:  # e.g. DINO's collapse monitors
+                    log(f"   WARNING @{step}: {warning}")
                 final.update(metrics)
             stop = preempt.sync()
             due = evaluator.due(step, config.total_steps)

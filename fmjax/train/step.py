@@ -21,6 +21,19 @@ def _split_micro(batch, accum_steps: int):
     return jax.tree.map(split, batch)
 
 
+def mask_update(tx, mask, updates, new_opt_state, old_opt_state):
+    """Frozen params (``mask`` False) are skipped by the optimizer, as torch skips a param
+    whose grad is None: no update, no weight decay, and their moments keep their old
+    values. (Step counts are shared by all params in optax, so Adam's bias correction
+    of a param unfrozen later uses the global count, where torch counts its own steps.)"""
+    updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
+    slot_mask = optax.tree_map_params(tx, lambda _, m: m, new_opt_state, mask,
+                                      transform_non_params=lambda _: True)
+    opt_state = jax.tree.map(lambda m, new, old: jnp.where(m, new, old),
+                             slot_mask, new_opt_state, old_opt_state)
+    return updates, opt_state
+
+
 def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1):
     """Returns ``step(state, batch) -> (state, metrics)`` (not yet jitted)."""
 
@@ -56,7 +69,7 @@ def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             if hasattr(objective, "update_mask"):  # frozen params (LiT towers, warm-up freezes)
                 mask = objective.update_mask(state.params, state.step)
-                updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
+                updates, opt_state = mask_update(tx, mask, updates, opt_state, state.opt_state)
             params = optax.apply_updates(state.params, updates)
             if hasattr(objective, "project_params"):  # constraints, e.g. CLIP's logit-scale clamp
                 params = objective.project_params(params, state.step)

@@ -1,0 +1,51 @@
+"""DINO projection head (Caron et al., 2021): MLP -> L2 norm -> weight-normalised last layer.
+
+Param tree: ``mlp_{i}`` (Dense, trunc-normal 0.02, zero bias), ``last_layer_v``
+(bottleneck, out_dim) and, unless ``norm_last_layer``, ``last_layer_g`` (out_dim,)
+initialised to 1 — torch's ``weight_norm`` with ``weight_g`` frozen at 1 when
+``norm_last_layer`` (the reference's default).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fmjax.models import layers
+
+Dtype = Any
+
+
+class DINOHead(nn.Module):
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    norm_last_layer: bool = True
+    activation: str = "gelu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, D) backbone features -> (B, out_dim) logits (before the temperature)."""
+        act = layers.get_activation(self.activation)
+        dims = [self.hidden_dim] * (max(self.num_layers, 1) - 1) + [self.bottleneck_dim]
+        for i, d in enumerate(dims):
+            axes = ("embed", "mlp") if i % 2 == 0 else ("mlp", "embed")  # alternate: one fsdp dim each
+            x = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=f"mlp_{i}",
+                         kernel_init=layers.part(nn.initializers.truncated_normal(0.02), axes),
+                         bias_init=layers.part(nn.initializers.zeros, axes[1:]))(x)
+            if i < len(dims) - 1:
+                x = act(x)
+        x = x.astype(jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
+        v = self.param("last_layer_v", layers.part(nn.initializers.truncated_normal(0.02),
+                                                   ("embed", "classes")),
+                       (self.bottleneck_dim, self.out_dim), self.param_dtype)
+        w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        if not self.norm_last_layer:
+            g = self.param("last_layer_g", layers.part(nn.initializers.ones, ("classes",)),
+                           (self.out_dim,), self.param_dtype)
+            w = w * g
+        return x @ w.astype(jnp.float32)

@@ -1,0 +1,182 @@
+"""DINO (Caron et al., 2021): self-distillation with no labels, multi-crop and an EMA teacher.
+
+Student = ViT backbone + DINO head (``params``); teacher = an EMA copy of both, carried
+with the center in the objective state (``extra = {teacher, center}``), so it is sharded
+like the params, checkpointed, and resumed exactly. Every schedule is a function of the
+step (teacher temperature warm-up, EMA momentum 0.996 -> 1 cosine, the last-layer freeze;
+weight decay 0.04 -> 0.4 lives in the optimizer), so nothing else needs saving.
+
+Batches hold ``global_crops`` [B, 2, G, G, C] and ``local_crops`` [B, N, L, L, C] (the
+``multi_crop`` transform): one backbone forward per resolution. The loss, center and
+monitors are computed on the global batch inside the jit-sharded step, so the center is
+the mean over every device's teacher outputs (tests/objectives/test_dino.py checks 8
+devices against 1, and the formulas against a NumPy transcription of the reference).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax.data.transforms import NORMALIZE_PRESETS
+from fmjax.evals import attention as attention_lib
+from fmjax.models.dino_head import DINOHead
+from fmjax.models.registry import build_model
+from fmjax.objectives.base import Objective
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def teacher_temperature(step, warmup_temp: float, temp: float, warmup_steps: int):
+    """Linear warm-up ``warmup_temp -> temp`` over ``warmup_steps``, then constant."""
+    if warmup_steps <= 0:
+        return jnp.asarray(temp, jnp.float32)
+    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+    return warmup_temp + frac * (temp - warmup_temp)
+
+
+def ema_momentum(step, base: float, total_steps: int):
+    """Cosine from ``base`` at step 0 to 1 at the last step (the reference's schedule)."""
+    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 1.0)
+    return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0
+
+
+def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp, center_momentum):
+    """The DINO loss over all (teacher global view, student view) pairs of different views.
+
+    Args:
+      student_out: [B, V, K] head outputs for every view (the 2 global views first).
+      teacher_out: [B, 2, K] teacher head outputs for the global views.
+      center: [1, K]. Returns (loss, new center, monitors).
+    """
+    s = jax.nn.log_softmax(student_out.astype(jnp.float32) / student_temp, axis=-1)
+    t_logits = (teacher_out.astype(jnp.float32) - center) / teacher_temp
+    t = jax.lax.stop_gradient(jax.nn.softmax(t_logits, axis=-1))
+    ce = -jnp.einsum("bik,bvk->biv", t, s)                  # [B, 2, V]
+    v = student_out.shape[1]
+    pairs = 1.0 - jnp.eye(2, v)                             # skip same-view pairs
+    n_terms = float(2 * v - 2)
+    loss = jnp.sum(ce.mean(0) * pairs) / n_terms
+    # Monitors: teacher entropy and KL(teacher || student) over the same pairs.
+    ent = -jnp.sum(t * jax.nn.log_softmax(t_logits, axis=-1), axis=-1)   # [B, 2]
+    kl = jnp.sum((ce - ent[..., None]).mean(0) * pairs) / n_terms
+    teacher_out = jax.lax.stop_gradient(teacher_out.astype(jnp.float32))
+    batch_center = teacher_out.reshape(-1, teacher_out.shape[-1]).mean(0, keepdims=True)
+    new_center = center * center_momentum + batch_center * (1 - center_momentum)
+    return loss, new_center, {"teacher_entropy": ent.mean(), "kl": kl}
+
+
+class DINOObjective(Objective):
+    batch_keys = ("global_crops", "local_crops")
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.model.name != "vit":
+            raise ValueError(f"objective 'dino' needs config.model.name='vit', got {config.model.name!r}.")
+        o = config.objective
+        self.backbone = build_model(config.model, config.get("dtype", "float32"))
+        self.head = DINOHead(
+            out_dim=o.get("out_dim", 65536), hidden_dim=o.get("hidden_dim", 2048),
+            bottleneck_dim=o.get("bottleneck_dim", 256), num_layers=o.get("head_layers", 3),
+            norm_last_layer=o.get("norm_last_layer", True),
+            dtype=_DTYPES[config.get("dtype", "float32")])
+        self.patch_size = self.backbone.patch_size
+        self.num_local = int(o.get("num_local_crops", 0))
+        if self.num_local == 0:
+            self.batch_keys = ("global_crops",)
+        self.total_steps = int(config.total_steps)
+        self.student_temp = float(o.get("student_temp", 0.1))
+        self.teacher_temp = (float(o.get("warmup_teacher_temp", 0.04)), float(o.get("teacher_temp", 0.07)),
+                             int(o.get("warmup_teacher_temp_steps", 0)))
+        self.momentum = float(o.get("momentum_teacher", 0.996))
+        self.center_momentum = float(o.get("center_momentum", 0.9))
+        self.freeze_last_layer_steps = int(o.get("freeze_last_layer_steps", 0))
+
+    # -- model ------------------------------------------------------------------------------
+    def _forward(self, params, crops, train, rng=None):
+        """[B, n, H, W, C] crops -> [B, n, K] head outputs, one backbone call for all n views."""
+        b, n = crops.shape[:2]
+        x = crops.reshape((b * n,) + crops.shape[2:])     # example-major: keeps the batch sharding
+        rngs = {"dropout": rng} if rng is not None else {}
+        feats = self.backbone.apply({"params": params["backbone"]}, x, train=train, rngs=rngs)["pre_logits"]
+        out = self.head.apply({"params": params["head"]}, feats)
+        return out.reshape(b, n, -1)
+
+    def init(self, rng, batch):
+        b_rng, h_rng = jax.random.split(rng)
+        images = batch["global_crops"][:, 0]
+        backbone = self.backbone.init({"params": b_rng}, images)["params"]
+        feats = self.backbone.apply({"params": backbone}, images)["pre_logits"]
+        head = self.head.init({"params": h_rng}, feats)["params"]
+        params = {"backbone": backbone, "head": head}
+        center = jnp.zeros((1, self.head.out_dim), jnp.float32)
+        return params, {"teacher": params, "center": center}   # the teacher starts as the student
+
+    def schedules(self, step) -> dict:
+        return {"teacher_temp": teacher_temperature(step, *self.teacher_temp),
+                "momentum": ema_momentum(step, self.momentum, self.total_steps)}
+
+    def loss(self, params, extra, batch, rng, step):
+        g_rng, l_rng = jax.random.split(rng)
+        student = [self._forward(params, batch["global_crops"], True, g_rng)]
+        if self.num_local:
+            student.append(self._forward(params, batch["local_crops"], True, l_rng))
+        student = jnp.concatenate(student, axis=1)
+        teacher = self._forward(extra["teacher"], batch["global_crops"], False)
+        sched = self.schedules(step)
+        loss, center, monitors = dino_loss(student, teacher, extra["center"], self.student_temp,
+                                           sched["teacher_temp"], self.center_momentum)
+        extra = dict(extra, center=center)
+        metrics = dict(monitors, teacher_temp=sched["teacher_temp"], momentum=sched["momentum"])
+        return loss, (metrics, extra)
+
+    def update_mask(self, params, step):
+        """The head's last layer is frozen (skipped by the optimizer) for the first steps."""
+        frozen = step < self.freeze_last_layer_steps
+        mask = jax.tree.map(lambda _: jnp.asarray(True), params)
+        head = dict(mask["head"])
+        for k in ("last_layer_v", "last_layer_g"):
+            if k in head:
+                head[k] = jnp.logical_not(frozen)
+        return dict(mask, head=head)
+
+    def after_update(self, params, extra, step):
+        """EMA: teacher <- m * teacher + (1 - m) * student (backbone and head)."""
+        m = ema_momentum(step, self.momentum, self.total_steps)
+        teacher = jax.tree.map(lambda t, s: m * t + (1 - m) * s, extra["teacher"], params)
+        return dict(extra, teacher=teacher)
+
+    def features(self, params, extra, images):
+        """The teacher backbone's (pooled) output, as the reference uses for kNN."""
+        return self.backbone.apply({"params": extra["teacher"]["backbone"]}, images)["pre_logits"]
+
+    def visualize(self, params, extra, batch, rng):
+        """Last-layer CLS attention of the teacher, per head, over validation images."""
+        images = batch["image"]
+        maps = self.backbone.apply({"params": extra["teacher"]["backbone"]}, images,
+                                   method=type(self.backbone).attention_maps)
+        mean, std = NORMALIZE_PRESETS[self.config.data.get("normalization", "imagenet")]
+        grid = attention_lib.attention_grid(np.asarray(images), np.asarray(maps), self.patch_size,
+                                            mean, std, n=8)
+        return {"attention": grid}
+
+    def health(self, metrics: dict) -> str | None:
+        """A warning when the monitors signal collapse (see docs/design.md, DINO)."""
+        ent, kl = metrics.get("train/teacher_entropy"), metrics.get("train/kl")
+        if ent is None or kl is None:
+            return None
+        max_ent = math.log(self.head.out_dim)
+        if ent < 0.05 * max_ent and kl < 0.05:
+            return (f"DINO collapse: teacher entropy {ent:.3f} and KL {kl:.3f} are both near 0 "
+                    "(one dimension dominates); raise center_momentum or lower teacher_temp's warm-up.")
+        if ent > 0.98 * max_ent:
+            return (f"DINO collapse: teacher entropy {ent:.3f} is near ln(out_dim)={max_ent:.3f} "
+                    "(uniform outputs); lower teacher_temp or check the centering.")
+        return None
+
+
+def make(config) -> DINOObjective:
+    return DINOObjective(config)
+
