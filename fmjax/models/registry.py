@@ -6,12 +6,15 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from fmjax.models.clip import CLIP, clip_kwargs
+from fmjax.models.dit import DiT, dit_kwargs
 from fmjax.models.mae import MAE
+from fmjax.models.unet import UNet, unet_kwargs
 from fmjax.models.vit import ViT, vit_kwargs
 
-MODELS = {"vit": ViT, "mae": MAE, "clip": CLIP}
-# How each model reads ``config.model.variant`` (e.g. 'B/16').
-_VARIANTS = {"vit": vit_kwargs, "mae": vit_kwargs, "clip": clip_kwargs}
+MODELS = {"vit": ViT, "mae": MAE, "clip": CLIP, "unet": UNet, "dit": DiT}
+# How each model reads ``config.model.variant`` (e.g. 'B/16', 'XL/2', 'ddpm_cifar10').
+_VARIANTS = {"vit": vit_kwargs, "mae": vit_kwargs, "clip": clip_kwargs,
+             "unet": unet_kwargs, "dit": dit_kwargs}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

@@ -1,6 +1,7 @@
 """Logical-axis rules: how named param / activation axes map onto the mesh.
 
-Models annotate params with logical names (``embed``, ``mlp``, ``heads``, ...)
+Models annotate params with logical names (``embed``, ``mlp``, ``heads``, ...;
+conv kernels (kh, kw, ``conv_in``, ``conv_out``))
 and activations with (``batch``, ``length``, ``embed``). A preset chooses which
 mesh axes each logical name is split over. Axes whose size does not divide
 the mesh axis are left replicated (see ``param_shardings``).
@@ -25,15 +26,18 @@ RULES = {
     # Every param replicated; the batch split over data and fsdp.
     "dp": _ACTIVATIONS + (
         ("embed", None), ("mlp", None), ("heads", None), ("kv", None),
-        ("vocab", None), ("classes", None), ("patch", None), ("norm", None)),
+        ("vocab", None), ("classes", None), ("patch", None), ("norm", None),
+        ("conv_in", None), ("conv_out", None)),
     # Params split over fsdp along their embed dimension (ZeRO-3 style).
     "fsdp": _ACTIVATIONS + (
         ("embed", "fsdp"), ("mlp", None), ("heads", None), ("kv", None),
-        ("vocab", "fsdp"), ("classes", None), ("patch", None), ("norm", None)),
+        ("vocab", "fsdp"), ("classes", None), ("patch", None), ("norm", None),
+        ("conv_in", "fsdp"), ("conv_out", None)),
     # FSDP plus Megatron-style tensor parallelism over mlp / heads.
     "fsdp_tensor": _ACTIVATIONS + (
         ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
-        ("vocab", "tensor"), ("classes", None), ("patch", None), ("norm", None)),
+        ("vocab", "tensor"), ("classes", None), ("patch", None), ("norm", None),
+        ("conv_in", "fsdp"), ("conv_out", "tensor")),
 }
 
 
