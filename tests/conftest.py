@@ -53,6 +53,9 @@ def tiny_config(shapes_data_dir):
         if name == "clip":
             c.model.update(dict(text_width=32, text_depth=1, text_heads=2, text_mlp_dim=64,
                                 embed_dim=16))
+        if name == "dino":
+            c.objective.update(dict(out_dim=64, hidden_dim=32, bottleneck_dim=16,
+                                    freeze_last_layer_steps=1, warmup_teacher_temp_steps=3))
         c.evals = {}
         for k, v in overrides.items():
             target = c

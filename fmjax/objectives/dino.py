@@ -30,10 +30,11 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def teacher_temperature(step, warmup_temp: float, temp: float, warmup_steps: int):
-    """Linear warm-up ``warmup_temp -> temp`` over ``warmup_steps``, then constant."""
-    if warmup_steps <= 0:
+    """``np.linspace(warmup_temp, temp, warmup_steps)`` then ``temp`` (the reference's
+    schedule, here per step rather than per epoch)."""
+    if warmup_steps <= 1:
         return jnp.asarray(temp, jnp.float32)
-    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / (warmup_steps - 1), 1.0)
     return warmup_temp + frac * (temp - warmup_temp)
 
 

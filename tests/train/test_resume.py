@@ -102,10 +102,12 @@ def _snapshot(directory):
 
 # -- (a) -------------------------------------------------------------------------------------------
 
-def test_interrupted_and_resumed_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["mae", "dino"])
+def test_interrupted_and_resumed_equals_uninterrupted(name, tiny_config, tmp_path, monkeypatch):
+    """For DINO this covers the teacher and center (``extra``) and its step schedules."""
     n = 3
     # Periodic checkpoints at 4: the stop at 3 is saved only because it was asked to stop.
-    config = tiny_config("mae", total_steps=2 * n, checkpoint_every=4)
+    config = tiny_config(name, total_steps=2 * n, checkpoint_every=4)
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
 
     _train_interrupted(monkeypatch, config, resumed, n)
@@ -120,7 +122,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_config, tmp_path, mon
     rows_r, rows_s = _rows(resumed), _rows(straight)
     assert sorted(rows_r) == sorted(rows_s) == list(range(1, 2 * n + 1))
     for step in range(1, 2 * n + 1):
-        for key in ("train/loss", "train/grad_norm", "train/param_norm"):
+        keys = ("train/loss", "train/grad_norm", "train/param_norm")
+        if name == "dino":
+            keys += ("train/teacher_temp", "train/momentum", "train/teacher_entropy", "train/kl")
+        for key in keys:
             np.testing.assert_allclose(rows_r[step][key], rows_s[step][key], rtol=1e-6,
                                        err_msg=f"{key} at step {step}")
     _assert_trees_close(_saved_state(resumed, 2 * n), _saved_state(straight, 2 * n), atol=1e-7)
@@ -233,7 +238,10 @@ def test_checkpoint_from_8_devices_restores_on_4_and_1(tiny_config, tmp_path, mo
         assert sorted(_rows(workdir)) == [1, 2, 3]
         params[n] = _saved_state(workdir, 3)["params"]
     for n in (4, 1):
-        for key in ("train/loss", "train/grad_norm", "train/param_norm"):
+        keys = ("train/loss", "train/grad_norm", "train/param_norm")
+        if name == "dino":
+            keys += ("train/teacher_temp", "train/momentum", "train/teacher_entropy", "train/kl")
+        for key in keys:
             np.testing.assert_allclose(finals[n][key], finals[8][key], rtol=1e-5, err_msg=f"{key} on {n}")
         _assert_trees_close(params[n], params[8], rtol=1e-5, atol=1e-6)
 
