@@ -124,11 +124,12 @@ def _norm(r: _Reader, name: str) -> Params:
     return {"scale": r(name + ".weight"), "bias": r(name + ".bias")}
 
 
-def _resnet(r: _Reader, name: str) -> Params:
+def _resnet(r: _Reader, name: str, c_in: int, c_out: int) -> Params:
+    """ResnetBlock2D; a 1x1 ``conv_shortcut`` exists when in != out channels."""
     out = {"norm1": _norm(r, f"{name}.norm1"), "conv1": _conv(r, f"{name}.conv1"),
            "time_emb_proj": _linear(r, f"{name}.time_emb_proj"),
            "norm2": _norm(r, f"{name}.norm2"), "conv2": _conv(r, f"{name}.conv2")}
-    if f"{name}.conv_shortcut.weight" in r.sd:
+    if c_in != c_out:
         out["conv_shortcut"] = _conv(r, f"{name}.conv_shortcut")
     return out
 
@@ -176,26 +177,31 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], config) -> Params:
     if kw["num_classes"]:
         params["class_embedding"] = {"embedding": r("class_embedding.weight")}
     n = kw["num_res_blocks"]
+    chans = [kw["channels"] * m for m in kw["channel_mult"]]
     for i in range(levels):
         block = {}
         for j in range(n):
-            block[f"resnets_{j}"] = _resnet(r, f"down_blocks.{i}.resnets.{j}")
+            c_in = chans[max(i - 1, 0)] if j == 0 else chans[i]
+            block[f"resnets_{j}"] = _resnet(r, f"down_blocks.{i}.resnets.{j}", c_in, chans[i])
             if attn[i]:
                 block[f"attentions_{j}"] = _attention(r, f"down_blocks.{i}.attentions.{j}",
                                                       head_dim)
         if i != levels - 1:
             block["downsample"] = _conv(r, f"down_blocks.{i}.downsamplers.0.conv")
         params[f"down_blocks_{i}"] = block
-    mid = {"resnets_0": _resnet(r, "mid_block.resnets.0"),
-           "resnets_1": _resnet(r, "mid_block.resnets.1")}
+    mid = {f"resnets_{j}": _resnet(r, f"mid_block.resnets.{j}", chans[-1], chans[-1])
+           for j in range(2)}
     if kw["mid_attention"]:
         mid["attentions_0"] = _attention(r, "mid_block.attentions.0", head_dim)
     params["mid_block"] = mid
     for k in range(levels):
         i = levels - 1 - k
         block = {}
-        for j in range(n + 1):
-            block[f"resnets_{j}"] = _resnet(r, f"up_blocks.{k}.resnets.{j}")
+        for j in range(n + 1):  # input: [h, skip]; the last skip comes from the level below
+            c_h = chans[min(i + 1, levels - 1)] if j == 0 else chans[i]
+            c_skip = chans[max(i - 1, 0)] if j == n else chans[i]
+            block[f"resnets_{j}"] = _resnet(r, f"up_blocks.{k}.resnets.{j}", c_h + c_skip,
+                                            chans[i])
             if attn[i]:
                 block[f"attentions_{j}"] = _attention(r, f"up_blocks.{k}.attentions.{j}",
                                                       head_dim)

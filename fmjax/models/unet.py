@@ -75,7 +75,7 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool = False,
     """
     half = dim // 2
     exponent = -np.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift)
-    freqs = jnp.asarray(np.exp(exponent), jnp.float32)
+    freqs = jnp.asarray(np.exp(exponent), jnp.float32)  # correctly rounded on any backend
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
     if flip_sin_to_cos:

@@ -153,3 +153,11 @@ def test_sharded_fsdp_matches_single_device(cond_model):
             sharded, x, t, y, ctx)
     ref = apply(params, x, t, y, ctx)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
+
+
+def test_bf16_compute_keeps_f32_params():
+    model = build_model(dict(name="unet", **TINY, num_classes=2), dtype="bfloat16")
+    out, variables = jax.eval_shape(model.init_with_output, jax.random.PRNGKey(0), _x(),
+                                    jnp.zeros((2,)))
+    assert out.dtype == jnp.bfloat16
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nn.meta.unbox(variables)))
