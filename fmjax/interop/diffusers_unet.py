@@ -134,10 +134,10 @@ def _resnet(r: _Reader, name: str, c_in: int, c_out: int) -> Params:
     return out
 
 
-def _attention(r: _Reader, name: str, head_dim) -> Params:
-    """Attention (to_q/to_k/to_v (C, C), to_out.0) -> group_norm + MultiHeadAttention."""
+def _attention(r: _Reader, name: str, head_dim, norm: bool = True) -> Params:
+    """Attention (to_q/to_k/to_v (C, C), to_out.0) -> [group_norm] + MultiHeadAttention."""
     out = {}
-    if f"{name}.group_norm.weight" in r.sd:
+    if norm:
         out["group_norm"] = _norm(r, f"{name}.group_norm")
     attn = {}
     for ours, theirs in (("query", "to_q"), ("key", "to_k"), ("value", "to_v")):
@@ -192,7 +192,9 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], config) -> Params:
     mid = {f"resnets_{j}": _resnet(r, f"mid_block.resnets.{j}", chans[-1], chans[-1])
            for j in range(2)}
     if kw["mid_attention"]:
-        mid["attentions_0"] = _attention(r, "mid_block.attentions.0", head_dim)
+        mid_norm = (kw["attn_norm_num_groups"] is not None
+                    or kw["resnet_time_scale_shift"] == "default")
+        mid["attentions_0"] = _attention(r, "mid_block.attentions.0", head_dim, mid_norm)
     params["mid_block"] = mid
     for k in range(levels):
         i = levels - 1 - k

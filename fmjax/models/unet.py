@@ -16,7 +16,9 @@ resnets_1}``; ``up_blocks_{i}/{resnets_{j}, attentions_{j}, upsample [upsamplers
 A resnet holds ``norm1, conv1, time_emb_proj, norm2, conv2`` and ``conv_shortcut``
 (a 1x1 conv, present when in != out channels: diffusers' ``use_in_shortcut``; DDPM's
 ``nin_shortcut``). An attention holds ``group_norm`` and ``attn/{query,key,value,out}``
-(``layers.MultiHeadAttention``; [``to_q, to_k, to_v, to_out.0``]).
+(``layers.MultiHeadAttention``; [``to_q, to_k, to_v, to_out.0``]). As in DDPM, ``conv_in``
+and the sinusoid have ``channels`` features and level i has ``channels * channel_mult[i]``;
+diffusers uses ``block_out_channels[0]`` for both, the same when ``channel_mult[0] == 1``.
 
 Logical axes: conv kernels (None, None, 'conv_in', 'conv_out'), conv biases ('conv_out',),
 GroupNorm ('norm',), time MLP (None, 'mlp') -> ('mlp', 'embed'), ``time_emb_proj``
