@@ -27,6 +27,7 @@ NORMALIZE_PRESETS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "clip": ((0.48145466, 0.4578275, 0.40821073),
              (0.26862954, 0.26130258, 0.27577711)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),   # to [-1, 1] (diffusion)
 }
 _INTERP = {
     "nearest": Image.NEAREST, "bilinear": Image.BILINEAR,

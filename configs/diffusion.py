@@ -1,0 +1,105 @@
+"""Diffusion: DDPM training with a U-Net or DiT; DDPM / DDIM sampling with classifier-free guidance.
+
+Default (bundled shapes, 32x32, class-conditional small U-Net, CPU-sized):
+    python launch/train.py --config=configs/diffusion.py --workdir=/tmp/diff
+    python launch/sample.py --workdir=/tmp/diff            # PNG grids in /tmp/diff/samples/
+  Result: see RESULTS in README (conditional-generation accuracy scored by a shape
+  classifier trained with configs/supervised.py).
+
+Text-conditional (the CLIP text tower, trained jointly, on the shapes captions):
+    python launch/train.py --config=configs/diffusion.py:text --workdir=/tmp/diff_text
+
+Paper presets (need the dataset in TFDS):
+    python launch/train.py --config=configs/diffusion.py:ddpm_cifar10 --workdir=DIR
+  Ho et al. 2020: unconditional CIFAR-10, 35.7M-param U-Net, Adam 2e-4, batch 128, warmup 5000,
+  clip 1.0, dropout 0.1, EMA 0.9999, 800k steps, fixed_large DDPM sampling; FID 3.17.
+    python launch/train.py --config=configs/diffusion.py:dit_b2_imagenet256 --workdir=DIR
+  Peebles & Xie 2023 recipe for DiT-B/2 (AdamW 1e-4, no weight decay, batch 256, EMA 0.9999,
+  label dropout 0.1, 400k steps). fmjax has no VAE yet, so instead of 32x32x4 SD-VAE latents
+  of 256px images this preset trains on 32x32 RGB ImageNet images: the same token count
+  (256) and compute per step as the paper's model, but not its FID.
+"""
+from configs import common
+
+
+def get_config(arg: str = "default"):
+    c = common.base_config()
+    c.objective = dict(
+        name="diffusion", conditioning="class", schedule="linear", num_timesteps=1000,
+        beta_start=1e-4, beta_end=0.02, prediction_type="epsilon", loss_weighting="none",
+        snr_gamma=5.0, cond_drop_prob=0.1, text_lock=False,
+        ema=dict(decay=0.9999, min_decay=0.0, update_after_step=0, use_ema_warmup=False,
+                 inv_gamma=1.0, power=2 / 3),
+        sample=dict(sampler="ddim", num_steps=50, eta=0.0, spacing="leading",
+                    variance_type="fixed_small", guidance_scale=1.0, clip_sample=True))
+    c.optimizer.update(dict(name="adam", lr=2e-4, warmup_steps=5000, clip_norm=1.0,
+                            decay="constant", weight_decay=0.0))
+    norm = "normalize('half')"   # pixels to [-1, 1]
+    if arg in ("default", "text"):
+        c.total_steps = 3000
+        c.batch_size = 64
+        c.log_every = 50
+        c.eval_every = 1000
+        c.checkpoint_every = 500
+        c.data.name = "fmjax_shapes/32"
+        c.data.image_size = 32
+        c.data.normalization = "half"
+        c.optimizer.update(dict(lr=1e-3, warmup_steps=200, decay="cosine", min_lr=1e-4))
+        c.objective.ema.update(dict(decay=0.999, use_ema_warmup=True, power=3 / 4))
+        c.objective.sample.update(dict(num_steps=25, guidance_scale=2.0))
+        c.model = dict(name="unet", channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                       attention_resolutions=(8,), dropout=0.1, num_groups=8,
+                       num_classes=_num_shape_classes(), sample_size=32)
+        c.data.pp_train = f"flip_lr|{norm}|keep('image', 'label')"
+        c.data.pp_eval = f"{norm}|keep('image', 'label')"
+        c.evals = dict(samples=dict(type="images", split="validation"))
+        if arg == "text":
+            c.objective.conditioning = "text"
+            c.model.num_classes = 0
+            c.objective.text = dict(vocab_size=259, context_length=32, width=64, depth=2, num_heads=4,
+                                    mlp_dim=256, embed_dim=64, activation="gelu", pool="argmax")
+            c.data.tokenize = dict(context_length=32, tokenizer="bytes")
+            c.data.pp_train = f"flip_lr|{norm}|tokenize(32)|keep('image', 'tokens')"
+            c.data.pp_eval = f"{norm}|tokenize(32)|keep('image', 'tokens', 'label')"
+    elif arg == "ddpm_cifar10":
+        c.objective.conditioning = "none"
+        c.objective.sample.update(dict(sampler="ddpm", num_steps=1000, variance_type="fixed_large"))
+        c.data.name = "cifar10"
+        c.data.image_size = 32
+        c.data.normalization = "half"
+        c.data.pp_train = f"flip_lr|{norm}|keep('image')"
+        c.data.pp_eval = f"{norm}|keep('image', 'label')"
+        c.batch_size = 128
+        c.total_steps = 800_000
+        c.log_every = 100
+        c.eval_every = 20_000
+        c.checkpoint_every = 5000
+        c.keep_period = 100_000
+        c.model = dict(name="unet", variant="ddpm_cifar10")
+        c.evals = dict(samples=dict(type="images", split="test", every=20_000))
+    elif arg == "dit_b2_imagenet256":
+        common.imagenet_data(c, 32)
+        c.data.normalization = "half"
+        c.data.pp_train = f"resize(32)|center_crop(32)|flip_lr|{norm}|keep('image', 'label')"
+        c.data.pp_eval = f"resize(32)|center_crop(32)|{norm}|keep('image', 'label')"
+        c.batch_size = 256
+        c.total_steps = 400_000
+        c.dtype = "bfloat16"
+        c.optimizer.update(dict(name="adamw", lr=1e-4, weight_decay=0.0, warmup_steps=0,
+                                clip_norm=0.0))
+        c.objective.sample.update(dict(sampler="ddpm", num_steps=250, guidance_scale=1.5))
+        c.model = dict(name="dit", variant="B/2", num_classes=1000)
+        c.log_every = 100
+        c.eval_every = 20_000
+        c.checkpoint_every = 5000
+        c.keep_period = 50_000
+        c.evals = dict(samples=dict(type="images", split="validation", every=20_000))
+    else:
+        raise ValueError(f"Unknown configs/diffusion.py preset {arg!r}; valid: default, text, ddpm_cifar10, "
+                         "dit_b2_imagenet256.")
+    return c
+
+
+def _num_shape_classes() -> int:
+    from fmjax.data import shapes
+    return len(shapes.CLASS_NAMES)
