@@ -47,7 +47,12 @@ def tiny_config(shapes_data_dir):
         c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 2
         c.eval_at_start = False
         c.optimizer.warmup_steps = 2
-        c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
+        if name == "diffusion":  # a U-Net config: no ViT keys
+            c.model.update(dict(channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                attention_resolutions=(16,), num_groups=4))
+            c.objective.sample.update(dict(num_steps=2))
+        else:
+            c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
         if name == "mae":
             c.model.update(dict(decoder_width=32, decoder_depth=1, decoder_heads=2))
         if name == "clip":

@@ -40,6 +40,10 @@ class SupervisedObjective(Objective):
         return {"accuracy": (logits.argmax(-1) == batch["label"]).astype(jnp.float32),
                 "top5": (top5 == batch["label"][:, None]).any(-1).astype(jnp.float32)}
 
+    def predict(self, params, extra, images):
+        """Class logits [B, num_classes] (inference mode); used to score generated samples."""
+        return self.model.apply({"params": params}, images)["logits"]
+
     def features(self, params, extra, images):
         return self.model.apply({"params": params}, images)["pre_logits"]
 

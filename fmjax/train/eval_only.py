@@ -1,12 +1,19 @@
-"""Evaluate a checkpoint without training: what ``launch/eval.py`` runs."""
+"""Restore a workdir's checkpoint and evaluate it without training: what ``launch/eval.py`` runs.
+
+``load_checkpoint`` is the one way to get a trained model back from a workdir written by
+``launch/train.py`` (used by ``launch/eval.py``, ``launch/sample.py`` and the ``generation``
+evaluator, which loads a classifier from another workdir).
+"""
 from __future__ import annotations
 
 import json
 import os
 
 import ml_collections
+import numpy as np
 
 from fmjax.data import sources, transforms
+from fmjax.evals import generation as gen_lib
 from fmjax.train import checkpoint as ckpt
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
@@ -24,34 +31,83 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def load_checkpoint(workdir: str, config=None, step: int | None = None, devices=None):
+    """Restores the sharded TrainState of ``workdir`` (latest checkpoint or ``step``).
+
+    ``config`` defaults to ``DIR/config.json``; ``devices`` to all (the mesh comes from
+    ``config.mesh`` over them, so a checkpoint restores onto any device count).
+    Returns ``(config, objective, mesh, rules, state, step)``; a missing workdir, config or
+    checkpoint is a one-line ``FileNotFoundError`` / ``ConfigError``.
+    """
+    workdir = os.path.abspath(workdir)
+    config = config or load_workdir_config(workdir)
+    objective, mesh, rules = build(config, devices)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # the manager would create it
+        raise ConfigError(f"no checkpoint in {workdir}/checkpoints; available: [] "
+                          "(train first with launch/train.py --workdir=...).")
+    manager = ckpt.make_manager(workdir, async_save=False)
+    try:
+        available = sorted(manager.all_steps())
+        step = manager.latest_step() if step is None else int(step)
+        if step is None or step not in available:
+            raise ConfigError(f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints; "
+                              f"available: {available}.")
+        source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
+                                    config.data.get("data_dir"))
+        spec = _batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
+                           config.batch_size)
+        tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
+        abstract, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
+        state = ckpt.restore(manager, step, abstract, shardings, data_iter=None)
+    finally:
+        manager.close()
+    return config, objective, mesh, rules, state, step
+
+
 def evaluate_checkpoint(workdir: str, config=None, step: int | None = None, evals=None) -> dict:
     """Restores ``workdir``'s checkpoint (latest or ``step``) and runs ``config.evals``
     (or the named subset ``evals``); writes the metrics to metrics.jsonl and returns them."""
     workdir = os.path.abspath(workdir)
     config = config or load_workdir_config(workdir)
-    objective, mesh, rules = build(config)
-    manager = ckpt.make_manager(workdir, async_save=False)
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise ConfigError(f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints; "
-                          f"available: {sorted(manager.all_steps())}.")
     names = list(evals or config.evals.keys())
     unknown = [n for n in names if n not in config.evals]
     if unknown:
         raise ConfigError(f"unknown evals {unknown}; the config defines {sorted(config.evals.keys())}.")
-    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
-                                config.data.get("data_dir"))
-    spec = _batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
-                       config.batch_size)
-    tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
-    abstract, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
-    state = ckpt.restore(manager, step, abstract, shardings, data_iter=None)
+    config, objective, mesh, rules, state, step = load_checkpoint(workdir, config, step)
     log(f"== evaluating {workdir} at step {step}: {names}")
     writer = MetricWriter(workdir, config.total_steps)
     metrics = Evaluator(config, objective, mesh, rules).run(names, state, writer, step)
     writer.write(step, metrics)
     writer.close()
-    manager.close()
     for k, v in sorted(metrics.items()):
         log(f"   {k} = {v:.4f}")
     return metrics
+
+
+def load_classifier(workdir: str, num_classes: int, image_shape=None, devices=None,
+                    batch_size: int | None = None):
+    """A ``generation.Classifier`` from a workdir trained with the ``supervised`` objective.
+
+    Checks (before restoring anything) that the workdir exists and classifies
+    ``num_classes`` classes, and that its eval transform maps ``image_shape`` (H, W, C)
+    pictures to the size it was trained on. Returns ``(classifier, classifier_config)``.
+    """
+    try:
+        gen_lib.check_classifier_workdir(workdir, num_classes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    config, objective, mesh, rules, state, _ = load_checkpoint(workdir, devices=devices)
+    try:
+        clf = gen_lib.Classifier(objective, mesh, rules, state.params, state.extra,
+                                 config.data.pp_eval, batch_size or config.batch_size, num_classes)
+    except ValueError as e:
+        raise ConfigError(f"classifier_workdir {workdir}: {e}") from None
+    size = config.data.get("image_size")
+    if image_shape is not None and size:
+        got = clf.preprocess(np.zeros((1,) + tuple(image_shape), np.uint8)).shape[1:3]
+        if tuple(got) != (int(size), int(size)):
+            raise ConfigError(
+                f"the classifier in {workdir} takes {size}x{size} images but its pp_eval maps the "
+                f"generated {image_shape[0]}x{image_shape[1]} samples to {got[0]}x{got[1]}; train the "
+                "classifier at the diffusion model's image size.")
+    return clf, config

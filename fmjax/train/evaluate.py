@@ -2,10 +2,16 @@
 
 Types: ``knn`` and ``linear_probe`` on frozen ``objective.features``; ``loss`` (the
 objective's loss on a held-out split with a fixed rng); ``images`` (the objective's
-``visualize`` pictures, written to ``DIR/images/`` and TensorBoard). Runs identically
-on every process; features are gathered so every process sees the whole split.
+``visualize`` pictures, written to ``DIR/images/`` and TensorBoard); ``generation`` (a
+classifier trained with the ``supervised`` objective in ``classifier_workdir`` scores
+``samples_per_class`` class-conditional samples per class: ``eval/<name>_accuracy``, per
+class ``eval/<name>_accuracy_<class>``, and ``eval/<name>_classifier_real_accuracy`` on real
+images of ``split``). Runs identically on every process; features are gathered so every
+process sees the whole split.
 """
 from __future__ import annotations
+
+import os
 
 import flax.linen as nn
 import jax
@@ -13,13 +19,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fmjax.data import pipeline, sources, transforms
+from fmjax.evals import generation as gen_lib
 from fmjax.evals import knn as knn_lib
 from fmjax.evals import linear_probe as probe_lib
 from fmjax.evals import retrieval as retrieval_lib
 from fmjax.evals import zero_shot as zero_shot_lib
 from fmjax.train.state import mesh_context
+from fmjax.train.validate import ConfigError
 
-EVAL_TYPES = ("knn", "linear_probe", "loss", "metrics", "images", "zero_shot", "retrieval")
+EVAL_TYPES = ("knn", "linear_probe", "loss", "metrics", "images", "zero_shot", "retrieval",
+              "generation")
 
 
 class Subset:
@@ -51,6 +60,9 @@ class Evaluator:
                 raise ValueError(f"config.evals.{name}: objective {config.objective.name!r} has no eval_metrics.")
             if ev.get("type") not in EVAL_TYPES:
                 raise ValueError(f"config.evals.{name}.type={ev.get('type')!r}; valid: {list(EVAL_TYPES)}.")
+            if ev.get("type") == "generation":
+                self._check_generation(name, ev)
+        self._classifiers, self._generators, self._real_accuracy = {}, {}, {}
 
     def due(self, step: int, total_steps: int) -> list[str]:
         out = []
@@ -143,6 +155,8 @@ class Evaluator:
                 metrics.update({f"eval/{name}_{k}": v for k, v in self._metrics(state, ev, bs).items()})
             elif kind == "images":
                 self._images(state, ev, bs, writer, step, name)
+            elif kind == "generation":
+                metrics.update({f"eval/{name}_{k}": v for k, v in self._generation(state, ev, bs, name).items()})
         return metrics
 
     def _loss(self, state, ev, bs) -> float:
@@ -180,3 +194,53 @@ class Evaluator:
             pics = self.objective.visualize(state.params, state.extra, batch, jax.random.PRNGKey(ev.get("seed", 0)))
         for pic_name, pic in pics.items():
             writer.write_image(step, f"{name}_{pic_name}", np.asarray(pic))
+
+    # -- generation -------------------------------------------------------------------------
+    def _check_generation(self, name, ev):
+        """One-line errors before training: a class-conditional generator and a matching classifier."""
+        obj = self.objective
+        if not hasattr(obj, "generate") or getattr(obj, "conditioning", None) != "class":
+            raise ConfigError(f"config.evals.{name}: type 'generation' needs a class-conditional "
+                              f"diffusion objective, got {self.config.objective.name!r} "
+                              f"(conditioning {getattr(obj, 'conditioning', None)!r}).")
+        if not ev.get("classifier_workdir"):
+            raise ConfigError(f"config.evals.{name}: type 'generation' needs classifier_workdir=DIR "
+                              "(a workdir trained with configs/supervised.py).")
+        try:
+            gen_lib.check_classifier_workdir(ev["classifier_workdir"], obj.num_classes)
+            gen_lib.check_sampler(gen_lib.sampler_overrides(ev), obj.schedule.num_timesteps)
+        except ValueError as e:
+            raise ConfigError(f"config.evals.{name}: {e}") from None
+
+    def _classifier(self, workdir, image_shape):
+        """The classifier of ``workdir``, restored once onto this evaluator's devices."""
+        from fmjax.train.eval_only import load_classifier  # eval_only imports this module
+        key = os.path.abspath(workdir)
+        if key not in self._classifiers:
+            self._classifiers[key] = load_classifier(key, self.objective.num_classes, image_shape,
+                                                     devices=list(self.mesh.devices.flat))[0]
+        return self._classifiers[key]
+
+    def _generation(self, state, ev, bs, name) -> dict:
+        """Classifier accuracy on ``samples_per_class`` EMA samples per class, and on real images."""
+        if name not in self._generators:
+            self._generators[name] = gen_lib.Generator(self.objective, self.mesh, self.rules, bs,
+                                                       **gen_lib.sampler_overrides(ev))
+        generator = self._generators[name]
+        classifier = self._classifier(ev["classifier_workdir"], generator.image_shape)
+        num_classes = self.objective.num_classes
+        labels = np.repeat(np.arange(num_classes, dtype=np.int32), int(ev.get("samples_per_class", 8)))
+        images = generator(state.params, state.extra, {"label": labels}, seed=ev.get("seed", 0))
+        pred = classifier.classify(images, labels)
+        try:
+            names = sources.class_names(self.config.data.name, self.config.data.get("data_dir"))
+        except Exception:  # noqa: BLE001 - names only label the per-class metrics
+            names = None
+        out = gen_lib.accuracy_metrics(pred, labels, num_classes, names,
+                                       per_class=ev.get("per_class", num_classes <= 100))
+        split = ev.get("split", "validation")
+        key = (os.path.abspath(ev["classifier_workdir"]), split, ev.get("examples"))
+        if key not in self._real_accuracy:
+            self._real_accuracy[key] = classifier.accuracy(self._source(split, ev.get("examples")))
+        out["classifier_real_accuracy"] = self._real_accuracy[key]
+        return out

@@ -1,0 +1,243 @@
+"""Conditional-generation quality: sharded sampling and a classifier that scores the samples.
+
+The project's conditional-generation metric (issue "Diffusion"): a classifier trained with
+the ``supervised`` objective on real images classifies class-conditional samples; the
+fraction classified as their conditioning label is the metric, reported beside the
+classifier's accuracy on real images of the same split (the most the metric can reach).
+
+``Generator`` draws samples from any objective with ``generate(params, extra, cond_batch,
+rng, shape=None, use_ema=True, **overrides)`` (samples in [-1, 1]) with the batch dimension
+sharded over the mesh's data-parallel axes; ``Classifier`` runs an objective with
+``predict(params, extra, images) -> logits`` on its own mesh, feeding generated uint8
+pictures through the classifier's own ``pp_eval`` transform. Both enter their mesh and
+logical-axis rules themselves; on several processes every process gets the whole result.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fmjax.data import pipeline, transforms
+from fmjax.diffusion import process
+from fmjax.parallel import mesh as mesh_lib
+
+# Keys of process.sample a caller may override (sampler, num_steps, eta, guidance_scale, ...).
+SAMPLER_KEYS = tuple(k for k in inspect.signature(process.sample).parameters
+                     if k not in ("model_fn", "schedule", "shape", "rng", "uncond_fn", "x_T", "sharding"))
+
+
+def sampler_overrides(settings) -> dict:
+    """The sampler settings among ``settings`` (e.g. an eval config), None values dropped."""
+    return {k: settings[k] for k in SAMPLER_KEYS if k in settings and settings[k] is not None}
+
+
+def check_sampler(settings: dict, num_timesteps: int) -> None:
+    """ValueError naming the bad sampler setting, before anything is compiled."""
+    for key, valid in (("sampler", process.SAMPLERS), ("spacing", process.SPACINGS),
+                       ("variance_type", process.VARIANCE_TYPES),
+                       ("prediction_type", process.PREDICTION_TYPES)):
+        if key in settings and settings[key] not in valid:
+            raise ValueError(f"{key}={settings[key]!r}; valid: {list(valid)}.")
+    n = settings.get("num_steps")
+    if n is not None and not 1 <= int(n) <= num_timesteps:
+        raise ValueError(f"num_steps={n}; valid: 1 .. num_timesteps={num_timesteps}.")
+
+
+def to_uint8(x) -> np.ndarray:
+    """Samples in [-1, 1] (clipped) -> uint8 pixels."""
+    x = np.nan_to_num(np.asarray(x, np.float32), nan=0.0)
+    return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def scope(mesh, rules):
+    """The ambient mesh and logical-axis rules under which a sharded model runs."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh)
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
+
+
+def padded_batch_size(batch_size: int, mesh) -> int:
+    """``batch_size`` rounded up to a multiple of the mesh's data-parallel size."""
+    dp = mesh_lib.batch_parallelism(mesh)
+    return max(dp, -(-int(batch_size) // dp) * dp)
+
+
+def _put(host: np.ndarray, sharding) -> jax.Array:
+    """A host array that every process holds whole -> a global array with ``sharding``."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _fetch(x) -> np.ndarray:
+    """A global array -> the whole value as numpy on every process."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def _chunk(host: np.ndarray, start: int, size: int) -> np.ndarray:
+    """host[start:start + size], padded to ``size`` with copies of its first row."""
+    part = host[start:start + size]
+    if len(part) < size:
+        part = np.concatenate([part, np.repeat(host[:1], size - len(part), axis=0)])
+    return part
+
+
+class Generator:
+    """Sharded sampling from an objective's ``generate`` in fixed-size global batches.
+
+    The batch (``batch_size`` rounded up to a multiple of the data-parallel size) is split
+    over the mesh's data axes; each sample's x_T comes from ``fold_in(key, index)``, so with a
+    deterministic sampler (DDIM, eta 0) sample i depends on (seed, i, condition) only, not on
+    the batch size or the device count. Stochastic samplers draw step noise per batch
+    (``fold_in(key', batch index)``): reproducible for the same seed and batch size.
+    """
+
+    def __init__(self, objective, mesh, rules, batch_size: int, use_ema: bool = True, **overrides):
+        if not hasattr(objective, "generate"):
+            raise ValueError(f"objective {objective.config.objective.name!r} cannot generate images.")
+        self.objective, self.mesh, self.rules = objective, mesh, rules
+        self.batch_size = padded_batch_size(batch_size, mesh)
+        self.sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+        self.overrides = dict(overrides)
+        if getattr(objective, "conditioning", None) == "none":
+            self.overrides["guidance_scale"] = 1.0  # nothing to guide by (and no null branch)
+        cfg = objective.config
+        self.image_shape = (int(cfg.data.image_size), int(cfg.data.image_size),
+                            int(cfg.model.get("in_channels", 3)))
+        shape = (self.batch_size,) + self.image_shape
+
+        def sample(params, extra, cond, index, rng):
+            x_rng, step_rng = jax.random.split(rng)
+            x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(x_rng, i), shape[1:]))(index)
+            x_T = jax.lax.with_sharding_constraint(x_T, self.sharding)
+            return objective.generate(params, extra, cond, jax.random.fold_in(step_rng, index[0]),
+                                      shape=shape, use_ema=use_ema, x_T=x_T, sharding=self.sharding,
+                                      **self.overrides)
+
+        self._sample = jax.jit(sample, out_shardings=self.sharding)
+
+    def __call__(self, params, extra, cond: dict | None = None, num: int | None = None,
+                 seed: int = 0) -> np.ndarray:
+        """uint8 samples [num, H, W, C] for host condition arrays ``cond`` ({'label': [n]} or
+        {'tokens': [n, L]}; None or {} with ``num`` for unconditional sampling)."""
+        cond = {k: np.asarray(v) for k, v in (cond or {}).items()}
+        if num is None:
+            if not cond:
+                raise ValueError("Generator: give conditions or num.")
+            num = len(next(iter(cond.values())))
+        rng = jax.random.PRNGKey(seed)
+        out = []
+        with scope(self.mesh, self.rules):
+            for start in range(0, num, self.batch_size):
+                index = np.arange(start, start + self.batch_size, dtype=np.int32)
+                c = {k: _put(_chunk(v, start, self.batch_size), self.sharding) for k, v in cond.items()}
+                x = self._sample(params, extra, c, _put(index, self.sharding), rng)
+                out.append(to_uint8(_fetch(x)))
+        return np.concatenate(out)[:num]
+
+
+class Classifier:
+    """A trained classifier (an objective with ``predict``) scoring uint8 images.
+
+    Images go through ``pp_eval`` (the classifier config's eval transform, so their
+    normalisation matches what it was trained on), then ``predict`` on its own mesh.
+    """
+
+    def __init__(self, objective, mesh, rules, params, extra, pp_eval: str, batch_size: int,
+                 num_classes: int):
+        if not hasattr(objective, "predict"):
+            raise ValueError(f"objective {objective.config.objective.name!r} has no predict(); "
+                             "train the classifier with the 'supervised' objective.")
+        self.objective, self.mesh, self.rules = objective, mesh, rules
+        self.params, self.extra = params, extra
+        self.transform = transforms.parse(pp_eval)
+        self.batch_size = padded_batch_size(batch_size, mesh)
+        self.sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+        self.num_classes = int(num_classes)
+        self._predict = jax.jit(lambda p, e, x: objective.predict(p, e, x).argmax(-1),
+                                out_shardings=self.sharding)
+
+    def preprocess(self, images: np.ndarray, labels=None) -> np.ndarray:
+        """uint8 [N, H, W, C] -> the model's input, through the eval transform."""
+        labels = np.zeros(len(images), np.int64) if labels is None else np.asarray(labels)
+        rng = np.random.default_rng(0)
+        return np.stack([np.asarray(self.transform({"image": img, "label": y}, rng)["image"])
+                         for img, y in zip(images, labels)])
+
+    def classify(self, images: np.ndarray, labels=None) -> np.ndarray:
+        """Predicted labels [N] of uint8 images [N, H, W, C]."""
+        x = self.preprocess(images, labels)
+        out = []
+        with scope(self.mesh, self.rules):
+            for start in range(0, len(x), self.batch_size):
+                batch = _put(_chunk(x, start, self.batch_size), self.sharding)
+                out.append(_fetch(self._predict(self.params, self.extra, batch)))
+        return np.concatenate(out)[:len(x)]
+
+    def accuracy(self, source) -> float:
+        """Top-1 accuracy on a labelled random-access source of raw examples (padding excluded)."""
+        it = pipeline.make_eval_iterator(source, global_batch_size=self.batch_size,
+                                         transform=self.transform)
+        correct = count = 0
+        with scope(self.mesh, self.rules):
+            for local in it:
+                valid = np.asarray(local["_valid"])
+                arrays = {k: np.asarray(local[k]) for k in ("image", "label")}
+                arrays["label"] = arrays["label"].astype(np.int32)
+                batch = pipeline.global_batch(arrays, self.mesh)
+                pred = _fetch(self._predict(self.params, self.extra, batch["image"]))
+                labels = _fetch(batch["label"])
+                if jax.process_count() > 1:
+                    valid = np.asarray(multihost_utils.process_allgather(valid, tiled=True))
+                correct += int(((pred == labels) & valid).sum())
+                count += int(valid.sum())
+        return correct / max(count, 1)
+
+
+def check_classifier_workdir(workdir: str, num_classes: int) -> dict:
+    """The classifier workdir's saved config (a dict); ValueError if it is missing or its
+    number of classes differs from ``num_classes`` (the generator's)."""
+    path = os.path.join(os.path.abspath(workdir), "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"classifier_workdir {os.path.abspath(workdir)} has no config.json: train a classifier "
+            "first (python launch/train.py --config=configs/supervised.py --workdir=DIR).")
+    with open(path) as f:
+        config = json.load(f)
+    theirs = int((config.get("model") or {}).get("num_classes") or 0)
+    if theirs != int(num_classes):
+        raise ValueError(
+            f"classifier_workdir {os.path.abspath(workdir)} classifies {theirs} classes but the "
+            f"diffusion model generates {num_classes}; train the classifier on the same dataset.")
+    return config
+
+
+def accuracy_metrics(pred: np.ndarray, labels: np.ndarray, num_classes: int,
+                     class_names=None, per_class: bool = True) -> dict:
+    """{'accuracy': fraction of ``pred == labels``, 'accuracy_<class>': per conditioning class}."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    out = {"accuracy": float((pred == labels).mean())}
+    if per_class:
+        for c in range(num_classes):
+            sel = labels == c
+            if sel.any():
+                out[f"accuracy_{class_key(c, class_names)}"] = float((pred[sel] == c).mean())
+    return out
+
+
+def class_key(c: int, class_names=None) -> str:
+    """A metric-name-safe name of class ``c`` ('circle', or 'class3' without names)."""
+    if class_names and c < len(class_names):
+        name = "".join(ch if ch.isalnum() else "_" for ch in str(class_names[c]).lower()).strip("_")
+        if name:
+            return name
+    return f"class{c}"

@@ -1,0 +1,180 @@
+"""Sample a trained diffusion checkpoint to PNG grids: what ``launch/sample.py`` runs.
+
+Class-conditional models: one grid per class (``class_<i>_<name>.png``) and
+``all_classes.png`` (a row per class); text-conditional: one grid per prompt
+(``prompt_<i>.png``) and ``all_prompts.png``; unconditional: ``samples.png``. Samples come
+from the EMA weights, in global batches sharded over the mesh's data axes (see
+``fmjax.evals.generation.Generator``). With ``classifier_workdir`` the class-conditional
+samples are also scored by that classifier (the project's conditional-generation metric).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from fmjax.data import sources, transforms
+from fmjax.evals import generation as gen_lib
+from fmjax.evals.images import image_grid, save_png
+from fmjax.train.eval_only import load_checkpoint, load_classifier
+from fmjax.train.validate import ConfigError
+from fmjax.train.writer import log
+
+COLUMNS = 8  # images per row of a per-class / per-prompt grid
+
+
+def parse_prompts(prompts) -> list[str]:
+    """'a red circle;a blue square' (or a list) -> ['a red circle', 'a blue square']."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, str):
+        prompts = prompts.split(";")
+    return [p.strip() for p in prompts if p and p.strip()]
+
+
+def tokenize_prompts(config, prompts) -> np.ndarray:
+    """int32 [N, L] tokens of ``prompts`` with the config's ``data.tokenize`` settings
+    (context length defaulting to the text tower's)."""
+    kw = dict(config.data.get("tokenize", None) or {})
+    text = config.objective.get("text", None) or {}
+    if "context_length" not in kw and "context_length" in text:
+        kw["context_length"] = text["context_length"]
+    tok = transforms.tokenize(**kw)
+    return np.asarray(tok.tokenizer(list(prompts), tok.context_length), np.int32)
+
+
+def _default_prompts(config, n: int = 8) -> list[str]:
+    """The first ``n`` distinct captions of the validation split."""
+    src = sources.get_source(config.data.name, config.data.get("eval_split", "validation"),
+                             config.data.get("data_dir"))
+    out = []
+    for i in range(min(len(src), 100 * n)):
+        caption = src[i].get("caption")
+        if caption is None:
+            break
+        caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        if caption not in out:
+            out.append(caption)
+        if len(out) == n:
+            break
+    if not out:
+        raise ConfigError(f"the model is text-conditional and {config.data.name} has no captions; "
+                          "pass --prompts='a red circle;a blue square'.")
+    return out
+
+
+def _slug(text: str, n: int = 40) -> str:
+    """'A red circle, left.' -> 'a_red_circle_left' (a file-name-safe prefix)."""
+    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+    return "_".join(words)[:n].strip("_") or "prompt"
+
+
+def _rows(images: np.ndarray, columns: int = COLUMNS) -> list:
+    return [images[i:i + columns] for i in range(0, len(images), columns)]
+
+
+def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int = 8,
+                      prompts=None, classes=None, seed: int = 0, outdir: str | None = None,
+                      batch_size: int | None = None, classifier_workdir: str | None = None,
+                      config=None, devices=None, **sampler) -> dict:
+    """Samples ``workdir``'s checkpoint (latest or ``step``) and writes PNG grids.
+
+    ``num_per_class`` samples per class (``classes``: a subset of class ids, default all),
+    per prompt (``prompts``: a list or a ';'-separated string; default the first captions
+    of the validation split), or, unconditional, 8 rows of ``num_per_class``. ``sampler``:
+    overrides of ``config.objective.sample`` (sampler, num_steps, guidance_scale, eta, ...;
+    None values ignored). ``batch_size`` (default ``config.batch_size``) is rounded up to a
+    multiple of the data-parallel size. Returns {'paths', 'images' (uint8 [N, H, W, C]),
+    'conditions', 'metrics', 'step'}.
+    """
+    workdir = os.path.abspath(workdir)
+    config, objective, mesh, rules, state, step = load_checkpoint(workdir, config, step, devices)
+    if not hasattr(objective, "generate"):
+        raise ConfigError(f"{workdir} holds a {config.objective.name!r} model, which cannot generate "
+                          "images; launch/sample.py needs a diffusion workdir.")
+    overrides = gen_lib.sampler_overrides(sampler)
+    unknown = sorted(set(k for k, v in sampler.items() if v is not None) - set(overrides))
+    if unknown:
+        raise ConfigError(f"unknown sampler settings {unknown}; valid: {list(gen_lib.SAMPLER_KEYS)}.")
+    try:
+        gen_lib.check_sampler(overrides, objective.schedule.num_timesteps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    num_per_class = int(num_per_class)
+    if num_per_class < 1:
+        raise ConfigError(f"num_per_class={num_per_class}; it must be at least 1.")
+    if classifier_workdir:  # fail before sampling
+        if objective.conditioning != "class":
+            raise ConfigError("--classifier_workdir scores class-conditional samples; this model is "
+                              f"{objective.conditioning!r}-conditional.")
+        try:
+            gen_lib.check_classifier_workdir(classifier_workdir, objective.num_classes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    generator = gen_lib.Generator(objective, mesh, rules, batch_size or config.batch_size, **overrides)
+    outdir = os.path.abspath(outdir or os.path.join(workdir, "samples"))
+
+    if objective.conditioning == "class":
+        try:
+            names = sources.class_names(config.data.name, config.data.get("data_dir"))
+        except Exception:  # noqa: BLE001 - names only label the files
+            names = None
+        try:
+            ids = list(range(objective.num_classes)) if classes is None else [int(c) for c in classes]
+        except ValueError:
+            raise ConfigError(f"classes={list(classes)}: give integer class ids.") from None
+        bad = [c for c in ids if not 0 <= c < objective.num_classes]
+        if bad or not ids:
+            raise ConfigError(f"classes {bad or ids}: valid class ids are 0 .. {objective.num_classes - 1}.")
+        groups = [(f"class_{c:03d}_{gen_lib.class_key(c, names)}", c) for c in ids]
+        labels = np.repeat(np.asarray(ids, np.int32), num_per_class)
+        cond, all_name = {"label": labels}, "all_classes"
+    elif objective.conditioning == "text":
+        prompts = parse_prompts(prompts) or _default_prompts(config)
+        groups = [(f"prompt_{i:02d}_{_slug(p)}", p) for i, p in enumerate(prompts)]
+        cond = {"tokens": np.repeat(tokenize_prompts(config, prompts), num_per_class, axis=0)}
+        all_name = "all_prompts"
+    else:
+        groups, cond, all_name = [], None, "samples"
+    num = len(groups) * num_per_class if groups else 8 * num_per_class
+    log(f"== sampling {num} images from {workdir} at step {step} "
+        f"({dict(config.objective.get('sample', {}), **overrides)}, batch {generator.batch_size}, "
+        f"mesh {dict(mesh.shape)})")
+    images = generator(state.params, state.extra, cond, num=num, seed=seed)
+
+    paths = []
+    if groups:
+        per_group = images.reshape((len(groups), num_per_class) + images.shape[1:])
+        for (name, _), pics in zip(groups, per_group):
+            paths.append(os.path.join(outdir, f"{name}.png"))
+            _save(paths[-1], image_grid(_rows(pics)))
+        paths.append(os.path.join(outdir, f"{all_name}.png"))
+        _save(paths[-1], image_grid(list(per_group)))
+    else:
+        paths.append(os.path.join(outdir, f"{all_name}.png"))
+        _save(paths[-1], image_grid(_rows(images, num_per_class)))
+    for p in paths:
+        log(p)
+
+    metrics = {}
+    if classifier_workdir:
+        classifier, _ = load_classifier(classifier_workdir, objective.num_classes, generator.image_shape,
+                                        devices=list(mesh.devices.flat))
+        metrics = gen_lib.accuracy_metrics(classifier.classify(images, labels), labels,
+                                           objective.num_classes, names)
+        split = config.data.get("eval_split", "validation")
+        real = sources.get_source(config.data.name, split, config.data.get("data_dir"))
+        metrics["classifier_real_accuracy"] = classifier.accuracy(real)
+        log(f"== generation accuracy (classifier {os.path.abspath(classifier_workdir)}): "
+            f"{metrics['accuracy']:.4f} on samples, {metrics['classifier_real_accuracy']:.4f} on real "
+            f"{split} images")
+        for k, v in sorted(metrics.items()):
+            log(f"   {k} = {v:.4f}")
+    return dict(paths=paths, images=images, conditions=[g[1] for g in groups], metrics=metrics,
+                step=step)
+
+
+def _save(path: str, picture: np.ndarray) -> None:
+    if jax.process_index() == 0:
+        save_png(path, picture)
