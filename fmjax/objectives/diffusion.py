@@ -164,7 +164,8 @@ class DiffusionObjective(Objective):
         if guidance != 1.0 and self.conditioning != "none":
             uncond_fn = lambda x, t: self.model.apply({"params": p["model"]}, x, t, **null)
         s.setdefault("prediction_type", self.prediction_type)
-        return process.sample(model_fn, self.schedule, shape, rng, guidance_scale=guidance,
+        return process.sample(model_fn, self.schedule, shape, rng,
+                              guidance_scale=guidance if uncond_fn is not None else 1.0,
                               uncond_fn=uncond_fn, **s)
 
     def visualize(self, params, extra, batch, rng):
