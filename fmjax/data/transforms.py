@@ -360,23 +360,28 @@ class multi_crop(Transform):  # noqa: N801
     (float32, normalised), so a batch holds one array per resolution.
 
     Every crop: random resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1)
-    with p 0.8, grayscale p 0.2, Gaussian blur sigma (0.1, 2); the blur probability is
-    1.0 / 0.1 / 0.5 for global 1 / global 2 / locals and global 2 is solarised with p 0.2.
+    with p 0.8, grayscale p 0.2, Gaussian blur; the blur probability is 1.0 / 0.1 / 0.5 for
+    global 1 / global 2 / locals and global 2 is solarised with p 0.2. The blur radius is the
+    reference's U(0.1, 2.0) pixels at 224px global crops and shrinks in proportion below that
+    (``blur_sigma`` overrides it): a 2-pixel blur erases the shapes of a 32px image.
     """
 
     def __init__(self, global_size: Size = 224, local_size: Size = 96, num_local: int = 10,
                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), normalization="imagenet",
-                 jitter=(0.4, 0.4, 0.2, 0.1), key: str = "image"):
+                 jitter=(0.4, 0.4, 0.2, 0.1), blur_sigma=None, key: str = "image"):
         self.key, self.num_local = key, int(num_local)
         if self.num_local < 0:
             raise ValueError(f"multi_crop: num_local must be >= 0, got {num_local}")
+        if blur_sigma is None:
+            f = min(1.0, _hw(global_size)[0] / 224)
+            blur_sigma = (0.1 * f, 2.0 * f)
         jit = lambda: [flip_lr(0.5), color_jitter(*jitter, p=0.8), grayscale(0.2)]
         norm = normalize(normalization)
-        g = lambda: random_resized_crop(global_size, scale=global_scale)
-        self.global1 = jit() + [gaussian_blur(1.0), norm]
-        self.global2 = jit() + [gaussian_blur(0.1), solarize(0.2), norm]
-        self.local = jit() + [gaussian_blur(0.5), norm]
-        self.crop_global = g()
+        blur = lambda p: gaussian_blur(p, sigma=blur_sigma)
+        self.global1 = jit() + [blur(1.0), norm]
+        self.global2 = jit() + [blur(0.1), solarize(0.2), norm]
+        self.local = jit() + [blur(0.5), norm]
+        self.crop_global = random_resized_crop(global_size, scale=global_scale)
         self.crop_local = random_resized_crop(local_size, scale=local_scale)
 
     @staticmethod

@@ -148,6 +148,7 @@ def _fixed_batch(objective, b=16, seed=0):
 
 
 def _run(config, batch, devices, steps=1):
+    """Trainer steps on ``batch``: (initial state, [state after each step], [metrics])."""
     objective = make_objective(config)
     mesh = make_mesh(config.mesh, devices)
     rules = get_rules(config.sharding)
@@ -157,20 +158,21 @@ def _run(config, batch, devices, steps=1):
     first = jax.device_get(state)
     step_fn = make_train_step(objective, tx, schedule, rules)
     jitted = jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sharding(mesh), spec))
-    metrics = []
+    states, metrics = [], []
     with mesh_context(mesh):
         for _ in range(steps):
             state, m = jitted(state, pipeline.global_batch(batch, mesh))
+            states.append(jax.device_get(state))
             metrics.append(jax.device_get(m))
-    return first, jax.device_get(state), metrics
+    return first, states, metrics
 
 
 def test_sharded_loss_and_center_equal_one_device(tiny_config):
     c = _dino_config(tiny_config, mesh={"data": 2, "fsdp": 4, "tensor": 1})
     batch = _fixed_batch(make_objective(c))
-    _, s8, m8 = _run(c, batch, jax.devices()[:8], steps=2)
+    _, (_, s8), m8 = _run(c, batch, jax.devices()[:8], steps=2)
     c1 = _dino_config(tiny_config, mesh={"data": 1, "fsdp": 1, "tensor": 1})
-    _, s1, m1 = _run(c1, batch, jax.devices()[:1], steps=2)
+    _, (_, s1), m1 = _run(c1, batch, jax.devices()[:1], steps=2)
     for a, b in zip(m8, m1):
         for k in ("loss", "teacher_entropy", "kl"):
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
@@ -185,7 +187,7 @@ def test_ema_teacher_and_last_layer_freeze(tiny_config):
     c.optimizer.update(dict(lr_scaling="none", lr=1e-2, warmup_steps=0, weight_decay=0.1,
                             weight_decay_end=0.1))
     batch = _fixed_batch(make_objective(c))
-    first, after1, _ = _run(c, batch, jax.devices()[:1], steps=1)
+    first, (after1, _, after3), _ = _run(c, batch, jax.devices()[:1], steps=3)
     # EMA: teacher_1 = m_0 * teacher_0 + (1 - m_0) * student_1, with m_0 from the cosine schedule.
     m0 = np_cosine_scheduler(0.9, 1.0, c.total_steps, 1)[0]
     expect = jax.tree.map(lambda t, s: m0 * t + (1 - m0) * s, first.extra["teacher"], after1.params)
@@ -198,7 +200,6 @@ def test_ema_teacher_and_last_layer_freeze(tiny_config):
     assert np.any(mu["head"]["mlp_0"]["kernel"] != 0)
     assert not np.allclose(after1.params["head"]["mlp_0"]["kernel"], first.params["head"]["mlp_0"]["kernel"])
     # After the freeze it trains.
-    _, after3, _ = _run(c, batch, jax.devices()[:1], steps=3)
     assert not np.allclose(after3.params["head"]["last_layer_v"], first.params["head"]["last_layer_v"])
 
 
