@@ -36,7 +36,7 @@ def get_config(arg: str = "default"):
                             decay="constant", weight_decay=0.0))
     norm = "normalize('half')"   # pixels to [-1, 1]
     if arg in ("default", "text"):
-        c.total_steps = 3000
+        c.total_steps = 2400
         c.batch_size = 64
         c.log_every = 50
         c.eval_every = 1000
@@ -47,9 +47,11 @@ def get_config(arg: str = "default"):
         c.optimizer.update(dict(lr=1e-3, warmup_steps=200, decay="cosine", min_lr=1e-4))
         c.objective.ema.update(dict(decay=0.999, use_ema_warmup=True, power=3 / 4))
         c.objective.sample.update(dict(num_steps=25, guidance_scale=2.0))
-        c.model = dict(name="unet", channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                       attention_resolutions=(8,), dropout=0.1, num_groups=8,
-                       num_classes=_num_shape_classes(), sample_size=32)
+        # A DiT with patch 4 (64 tokens) runs ~3 steps/s on 2 CPU cores; a U-Net of similar
+        # size (channels 16-32) was 2-7x slower per step there. The U-Net is the
+        # ddpm_cifar10 preset's model (and --config.model.name=unet works here too).
+        c.model = dict(name="dit", variant="S/4", width=128, depth=4, num_heads=4, mlp_dim=512,
+                       num_classes=_num_shape_classes())
         c.data.pp_train = f"flip_lr|{norm}|keep('image', 'label')"
         c.data.pp_eval = f"{norm}|keep('image', 'label')"
         c.evals = dict(samples=dict(type="images", split="validation"))

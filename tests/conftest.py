@@ -47,9 +47,10 @@ def tiny_config(shapes_data_dir):
         c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 2
         c.eval_at_start = False
         c.optimizer.warmup_steps = 2
-        if name == "diffusion":  # a U-Net config: no ViT keys
-            c.model.update(dict(channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                                attention_resolutions=(16,), num_groups=4))
+        if name == "diffusion":  # a tiny U-Net (the default preset's DiT runs in test_learning)
+            c.model = dict(name="unet", channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_resolutions=(16,), num_groups=4, dropout=0.1,
+                           num_classes=c.model.num_classes, sample_size=32)
             c.objective.sample.update(dict(num_steps=2))
         else:
             c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))

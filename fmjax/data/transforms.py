@@ -368,14 +368,15 @@ class multi_crop(Transform):  # noqa: N801
 
     def __init__(self, global_size: Size = 224, local_size: Size = 96, num_local: int = 10,
                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), normalization="imagenet",
-                 jitter=(0.4, 0.4, 0.2, 0.1), blur_sigma=None, key: str = "image"):
+                 jitter=(0.4, 0.4, 0.2, 0.1), grayscale_p: float = 0.2, blur_sigma=None,
+                 key: str = "image"):
         self.key, self.num_local = key, int(num_local)
         if self.num_local < 0:
             raise ValueError(f"multi_crop: num_local must be >= 0, got {num_local}")
         if blur_sigma is None:
             f = min(1.0, _hw(global_size)[0] / 224)
             blur_sigma = (0.1 * f, 2.0 * f)
-        jit = lambda: [flip_lr(0.5), color_jitter(*jitter, p=0.8), grayscale(0.2)]
+        jit = lambda: [flip_lr(0.5), color_jitter(*jitter, p=0.8), grayscale(grayscale_p)]
         norm = normalize(normalization)
         blur = lambda p: gaussian_blur(p, sigma=blur_sigma)
         self.global1 = jit() + [blur(1.0), norm]

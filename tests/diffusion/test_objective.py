@@ -154,8 +154,7 @@ def test_text_conditional_sampling(default_config):
     """Prompts tokenized with the config's ``data.tokenize`` condition the samples (8 devices)."""
     from fmjax.train.sample import parse_prompts, tokenize_prompts
     config = default_config("diffusion", "text")
-    config.model.update(dict(channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                             attention_resolutions=(16,), num_groups=4))
+    config.model.update(dict(width=16, depth=1, num_heads=2, mlp_dim=32))
     config.objective.text.update(dict(width=16, depth=1, num_heads=2, mlp_dim=32, embed_dim=16))
     objective = make(config)
     size = config.data.image_size
