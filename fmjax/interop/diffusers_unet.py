@@ -17,7 +17,6 @@ ValueError naming the option.
 import re
 from typing import Any, Dict, Mapping, Sequence
 
-import numpy as np
 
 from fmjax.interop.hf_vit import _cfg, _Reader, _to_numpy, load_safetensors  # noqa: F401
 

@@ -3,11 +3,9 @@ reference (facebookresearch/dino ``DINOLoss``, ``cosine_scheduler``, ``clip_grad
 sharded loss/center against 1 device, and the last-layer freeze as an optimizer skip.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax.data import transforms
 from fmjax.objectives import dino

@@ -238,10 +238,7 @@ def test_checkpoint_from_8_devices_restores_on_4_and_1(tiny_config, tmp_path, mo
         assert sorted(_rows(workdir)) == [1, 2, 3]
         params[n] = _saved_state(workdir, 3)["params"]
     for n in (4, 1):
-        keys = ("train/loss", "train/grad_norm", "train/param_norm")
-        if name == "dino":
-            keys += ("train/teacher_temp", "train/momentum", "train/teacher_entropy", "train/kl")
-        for key in keys:
+        for key in ("train/loss", "train/grad_norm", "train/param_norm"):
             np.testing.assert_allclose(finals[n][key], finals[8][key], rtol=1e-5, err_msg=f"{key} on {n}")
         _assert_trees_close(params[n], params[8], rtol=1e-5, atol=1e-6)
 
