@@ -25,8 +25,9 @@ with antialias (``pos_interp='resize'``).
 import re
 from typing import Any, Dict, Mapping
 
-from fmjax.interop.hf_vit import (_activation, _cfg, _check_common, _int_size, _layer_norm,
-                                  _linear, _patch_embed, _Reader, _to_numpy, load_safetensors)
+from fmjax.interop.hf_vit import (_activation, _attention, _cfg, _check_common, _int_size,
+                                  _layer_norm, _linear, _patch_embed, _Reader, _to_numpy,
+                                  load_safetensors)
 
 Params = Dict[str, Any]
 __all__ = ["convert_hf_dinov2", "dinov2_kwargs_from_hf_config", "load_safetensors"]
@@ -99,21 +100,9 @@ def dinov2_kwargs_from_hf_config(cfg, interpolate_offset: float = 0.0) -> Dict[s
 
 def _block(r: _Reader, name: str, num_heads: int) -> Params:
     """One HF Dinov2Layer -> fmjax ``Block`` params (with layerscale)."""
-    def qkv(proj):
-        p = _linear(r, f"{name}.attention.{proj}")
-        if not p:
-            return {}
-        d = p["kernel"].shape[0]
-        return {"kernel": p["kernel"].reshape(d, num_heads, -1),
-                "bias": p["bias"].reshape(num_heads, -1)}
-
-    out = _linear(r, f"{name}.attention.o_proj")
-    if out:
-        out["kernel"] = out["kernel"].reshape(num_heads, -1, out["kernel"].shape[-1])
     return {
         "norm1": _layer_norm(r, f"{name}.norm1"),
-        "attn": {"query": qkv("q_proj"), "key": qkv("k_proj"), "value": qkv("v_proj"),
-                 "out": out},
+        "attn": _attention(r, name, num_heads),
         "ls1": {"gamma": r(f"{name}.layer_scale1.lambda1")},
         "norm2": _layer_norm(r, f"{name}.norm2"),
         "mlp": {"fc1": _linear(r, f"{name}.mlp.fc1"), "fc2": _linear(r, f"{name}.mlp.fc2")},

@@ -97,8 +97,8 @@ def _layer_norm(r: _Reader, name: str) -> Dict[str, np.ndarray]:
     return {"scale": r(name + ".weight"), "bias": r(name + ".bias")}
 
 
-def _block(r: _Reader, name: str, num_heads: int) -> Params:
-    """One HF ViT layer -> fmjax ``Block`` params."""
+def _attention(r: _Reader, name: str, num_heads: int) -> Params:
+    """HF ``{name}.attention.{q,k,v,o}_proj`` -> fmjax ``MultiHeadAttention`` params."""
     def qkv(proj):
         p = _linear(r, f"{name}.attention.{proj}")
         if not p:
@@ -110,10 +110,14 @@ def _block(r: _Reader, name: str, num_heads: int) -> Params:
     out = _linear(r, f"{name}.attention.o_proj")
     if out:
         out["kernel"] = out["kernel"].reshape(num_heads, -1, out["kernel"].shape[-1])
+    return {"query": qkv("q_proj"), "key": qkv("k_proj"), "value": qkv("v_proj"), "out": out}
+
+
+def _block(r: _Reader, name: str, num_heads: int) -> Params:
+    """One HF ViT layer -> fmjax ``Block`` params."""
     return {
         "norm1": _layer_norm(r, f"{name}.layernorm_before"),
-        "attn": {"query": qkv("q_proj"), "key": qkv("k_proj"), "value": qkv("v_proj"),
-                 "out": out},
+        "attn": _attention(r, name, num_heads),
         "norm2": _layer_norm(r, f"{name}.layernorm_after"),
         "mlp": {"fc1": _linear(r, f"{name}.mlp.fc1"), "fc2": _linear(r, f"{name}.mlp.fc2")},
     }
