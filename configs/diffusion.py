@@ -3,8 +3,10 @@
 Default (bundled shapes, 32x32, class-conditional small U-Net, CPU-sized):
     python launch/train.py --config=configs/diffusion.py --workdir=/tmp/diff
     python launch/sample.py --workdir=/tmp/diff            # PNG grids in /tmp/diff/samples/
-  Result: see RESULTS in README (conditional-generation accuracy scored by a shape
-  classifier trained with configs/supervised.py).
+  Measured (2-core CPU, ~3 steps/s): denoising MSE 0.8 -> ~0.03; after 1500 steps the
+  conditional-generation accuracy (EMA samples, 25 DDIM steps, guidance 2, scored by the
+  configs/supervised.py default classifier, 0.749 on real images) is 0.195 (chance 0.125),
+  short of the 0.7 target: samples are colour blobs, not yet clean shapes.
 
 Text-conditional (the CLIP text tower, trained jointly, on the shapes captions):
     python launch/train.py --config=configs/diffusion.py:text --workdir=/tmp/diff_text

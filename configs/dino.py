@@ -2,8 +2,10 @@
 
 Default (bundled shapes, 2 x 32px global + 4 x 16px local crops, a small ViT, CPU-sized):
     python launch/train.py --config=configs/dino.py --workdir=/tmp/dino
-  Reaches (2-core CPU): see RESULTS below; tests/objectives/test_dino_train.py asserts a
-  shortened run beats the randomly initialised teacher's kNN accuracy.
+  Measured (2-core CPU, ~1.5 steps/s): the loss falls and the collapse monitors stay healthy
+  (teacher entropy ~0.85 ln 256, KL 0.3-1.0), but the teacher kNN top-1 (eval/knn_top1) does
+  NOT yet beat the randomly initialised network: 0.159 after 300 steps vs 0.173 at init
+  (chance 0.125). tests/train/test_learning.py asserts the monitors on a shortened run.
 
 Paper presets (Caron et al. 2021; needs `imagenet2012` in TFDS):
     python launch/train.py --config=configs/dino.py:vit_s16_imagenet --workdir=DIR   # 100 epochs
