@@ -92,12 +92,12 @@ class DiffusionObjective(Objective):
             return {"context": ctx}
         return {}
 
-    def null_cond(self, params, batch):
-        b = batch["image"].shape[0] if "image" in batch else next(iter(batch.values())).shape[0]
+    def null_cond(self, batch_size: int):
+        """Model keyword arguments for the null condition (classifier-free guidance)."""
         if self.conditioning == "class":
-            return {"y": jnp.full((b,), self.num_classes, jnp.int32)}
+            return {"y": jnp.full((batch_size,), self.num_classes, jnp.int32)}
         if self.conditioning == "text":
-            return {"context": jnp.zeros((b, self.text.embed_dim), jnp.float32)}
+            return {"context": jnp.zeros((batch_size, self.text.embed_dim), jnp.float32)}
         return {}
 
     # -- objective ---------------------------------------------------------------------------
@@ -105,13 +105,10 @@ class DiffusionObjective(Objective):
         m_rng, t_rng = jax.random.split(rng)
         x = batch["image"]
         params = {}
-        cond = {}
         if self.conditioning == "text":
             params["text"] = self.text.init({"params": t_rng}, batch["tokens"])["params"]
-            cond = {"context": jnp.zeros((x.shape[0], self.text.embed_dim), jnp.float32)}
-        elif self.conditioning == "class":
-            cond = {"y": jnp.zeros((x.shape[0],), jnp.int32)}
-        params["model"] = self.model.init({"params": m_rng}, x, jnp.zeros((x.shape[0],), jnp.int32), **cond)["params"]
+        params["model"] = self.model.init({"params": m_rng}, x, jnp.zeros((x.shape[0],), jnp.int32),
+                                          **self.null_cond(x.shape[0]))["params"]
         return params, {"ema": params}
 
     def loss(self, params, extra, batch, rng, step):
@@ -158,7 +155,7 @@ class DiffusionObjective(Objective):
             size = int(self.config.data.image_size)
             shape = (n, size, size, int(self.config.model.get("in_channels", 3)))
         cond = self._cond(p, cond_batch) if self.conditioning != "none" else {}
-        null = self.null_cond(p, {"image": jnp.zeros(shape)})
+        null = self.null_cond(shape[0])
         model_fn = lambda x, t: self.model.apply({"params": p["model"]}, x, t, **cond)
         uncond_fn = None
         if guidance != 1.0 and self.conditioning != "none":

@@ -26,9 +26,6 @@ from fmjax.models.dino_head import DINOHead
 from fmjax.models.registry import build_model
 from fmjax.objectives.base import Objective
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def teacher_temperature(step, warmup_temp: float, temp: float, warmup_steps: int):
     """``np.linspace(warmup_temp, temp, warmup_steps)`` then ``temp`` (the reference's
     schedule, here per step rather than per epoch)."""
@@ -82,7 +79,7 @@ class DINOObjective(Objective):
             out_dim=o.get("out_dim", 65536), hidden_dim=o.get("hidden_dim", 2048),
             bottleneck_dim=o.get("bottleneck_dim", 256), num_layers=o.get("head_layers", 3),
             norm_last_layer=o.get("norm_last_layer", True),
-            dtype=_DTYPES[config.get("dtype", "float32")])
+            dtype=self.backbone.dtype)
         self.patch_size = self.backbone.patch_size
         self.num_local = int(o.get("num_local_crops", 0))
         if self.num_local == 0:
