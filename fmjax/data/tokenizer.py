@@ -19,6 +19,12 @@ file/line context.
 
 * :class:`ByteTokenizer` (the default, ``"bytes"``): UTF-8 bytes.
   pad = 0, byte ``b`` -> ``b + 1``, sot = 257, eot = 258, vocab_size 259.
+* :class:`WordHashTokenizer` (``"words"``): lowercased words and punctuation marks,
+  each hashed (CRC-32, stable across hosts and runs) into ``vocab_size - 3``
+  buckets: pad 0, words 1..vocab_size-3, sot vocab_size-2, eot vocab_size-1.
+  No files and one token per word (a small text tower learns words much faster
+  than from bytes); distinct words may share a bucket (rare for small
+  vocabularies), and ``decode`` can only show bucket ids.
 * :class:`ClipBpeTokenizer` (``"clip_bpe"``): OpenAI CLIP's SimpleTokenizer
   byte-pair encoding read from ``bpe_simple_vocab_16e6.txt.gz``; ids match
   OpenAI's ``SimpleTokenizer`` and transformers' ``CLIPTokenizer`` for the same
@@ -31,7 +37,9 @@ import functools
 import gzip
 import html
 import os
+import re
 import unicodedata
+import zlib
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -43,10 +51,11 @@ SOT_TEXT = "<|startoftext|>"
 EOT_TEXT = "<|endoftext|>"
 BPE_URL = ("https://github.com/openai/CLIP/raw/main/clip/"
            "bpe_simple_vocab_16e6.txt.gz")
-TOKENIZER_NAMES = ("bytes", "clip_bpe")
+TOKENIZER_NAMES = ("bytes", "words", "clip_bpe")
 _CLIP_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
                  r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 _CACHE_LIMIT = 100_000
+_WORD_PATTERN = re.compile(r"[^\W_]+|[^\w\s]")
 
 
 @functools.lru_cache()
@@ -176,6 +185,27 @@ class ByteTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"ByteTokenizer(lowercase={self.lowercase})"
+
+
+class WordHashTokenizer(Tokenizer):
+    """Hashed word tokenizer needing no files (see the module docstring)."""
+
+    def __init__(self, vocab_size: int = 4096):
+        if int(vocab_size) < 4:
+            raise ValueError(f"WordHashTokenizer needs vocab_size >= 4, got {vocab_size}")
+        self.vocab_size = int(vocab_size)
+        self.sot_token_id = self.vocab_size - 2
+        self.eot_token_id = self.vocab_size - 1
+
+    def _encode(self, text: str) -> List[int]:
+        words = _WORD_PATTERN.findall(unicodedata.normalize("NFC", text).lower())
+        return [1 + zlib.crc32(w.encode("utf-8")) % (self.vocab_size - 3) for w in words]
+
+    def _decode(self, ids: List[int]) -> str:
+        return " ".join(f"<{i}>" for i in ids)
+
+    def __repr__(self) -> str:
+        return f"WordHashTokenizer(vocab_size={self.vocab_size})"
 
 
 def read_bpe_merges(bpe_path: str, max_merges: Optional[int] = DEFAULT_NUM_MERGES
@@ -328,6 +358,8 @@ def get_tokenizer(name: str = "bytes", bpe_path: Optional[str] = None, **kwargs)
     """
     if name == "bytes":
         return ByteTokenizer(**kwargs)
+    if name == "words":
+        return WordHashTokenizer(**kwargs)
     if name == "clip_bpe":
         if not bpe_path:
             raise ValueError(

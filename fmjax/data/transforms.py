@@ -338,13 +338,16 @@ class Compose(Transform):
 class tokenize(Transform):  # noqa: N801
     """Caption -> int32 token ids ``[context_length]`` (sot + tokens + eot, zero padded;
     captions longer than the context are truncated, eot kept last). ``tokenizer`` is a
-    name for ``fmjax.data.tokenizer.get_tokenizer`` ('bytes' or 'clip_bpe' + ``bpe_path``)."""
+    name for ``fmjax.data.tokenizer.get_tokenizer`` ('bytes', 'words' + ``vocab_size``, or
+    'clip_bpe' + ``bpe_path``)."""
 
     def __init__(self, context_length: int = 77, tokenizer: str = "bytes",
-                 bpe_path: Optional[str] = None, key: str = "caption", outkey: str = "tokens"):
+                 bpe_path: Optional[str] = None, vocab_size: Optional[int] = None,
+                 key: str = "caption", outkey: str = "tokens"):
         from fmjax.data.tokenizer import get_tokenizer
         self.context_length, self.key, self.outkey = int(context_length), key, outkey
-        self.tokenizer = get_tokenizer(tokenizer, bpe_path)
+        kwargs = {"vocab_size": int(vocab_size)} if tokenizer == "words" and vocab_size else {}
+        self.tokenizer = get_tokenizer(tokenizer, bpe_path, **kwargs)
 
     def __call__(self, example, rng):
         out = dict(example)

@@ -87,6 +87,7 @@ class CLIP(nn.Module):
     drop_path: float = 0.0
     attention_impl: str = "xla"
     remat: bool = False
+    stem: str = "patch"  # image tower's patch embedding: 'patch' or 'conv' (ViT.stem)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -100,7 +101,7 @@ class CLIP(nn.Module):
             width=self.width, depth=self.depth, num_heads=self.num_heads,
             mlp_dim=self.mlp_dim, patch_size=self.patch_size, activation=self.activation,
             pool="cls", class_token=True, pos_embed="learned", pre_norm=True, num_classes=0,
-            **common)
+            stem=self.stem, **common)
         self.image_proj = nn.Dense(
             self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=layers.part(nn.initializers.normal(self.width ** -0.5),

@@ -145,6 +145,7 @@ class DiT(nn.Module):
     learn_sigma: bool = False
     frequency_embedding_size: int = 256
     freq_shift: float = 0.0  # reference DiT: 0; diffusers' DiTTransformer2DModel: 1
+    label_init_std: float = 0.02  # reference DiT's label table init
     layernorm_eps: float = 1e-6
     attention_impl: str = "xla"
     remat: bool = False
@@ -163,7 +164,8 @@ class DiT(nn.Module):
             c = c + nn.Embed(
                 self.num_classes + 1, self.width, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="y_embedder",
-                embedding_init=layers.part(nn.initializers.normal(0.02), ("classes", "embed")),
+                embedding_init=layers.part(nn.initializers.normal(self.label_init_std),
+                                              ("classes", "embed")),
             )(jnp.asarray(y, jnp.int32))
         if self.context_dim:
             context = (jnp.zeros((batch, self.context_dim), self.dtype) if context is None

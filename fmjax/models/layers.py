@@ -292,6 +292,45 @@ class PatchEmbed(nn.Module):
         return constrain(x)
 
 
+class ConvStem(nn.Module):
+    """Convolutional patch embedding ("Early convolutions help transformers see better",
+    Xiao et al. 2021): log2(patch_size) 3x3 stride-2 convs, each followed by a LayerNorm
+    over channels and GELU (the paper's BatchNorm + ReLU, without batch statistics), with
+    channels doubling up to ``features / 2``, then a 1x1 conv to ``features``. Same output
+    as ``PatchEmbed`` - (B, H/p * W/p, features) - but with overlapping receptive fields,
+    which makes small objects easier to see. ``patch_size`` must be a power of two >= 2.
+    """
+    features: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        n = p.bit_length() - 1
+        if p < 2 or 2 ** n != p:
+            raise ValueError(f"stem='conv' needs a power-of-two patch_size >= 2, got {p}; "
+                             "use stem='patch'.")
+        b, hh, ww, _ = images.shape
+        if hh % p or ww % p:
+            raise ValueError(f"Image size {hh}x{ww} is not divisible by patch_size={p}.")
+        x = images
+        for i in range(n):
+            ch = max(self.features // 2 ** (n - i), 8)
+            x = nn.Conv(ch, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=f"conv_{i}",
+                        kernel_init=part(nn.initializers.lecun_normal(),
+                                         (None, None, "conv_in", "conv_out")),
+                        bias_init=part(zeros, ("conv_out",)))(x)
+            x = nn.gelu(layer_norm(1e-6, self.dtype, self.param_dtype, f"norm_{i}")(x),
+                        approximate=False)
+        x = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj",
+                     kernel_init=part(xavier_uniform, ("conv_out", "embed")),
+                     bias_init=part(zeros, ("embed",)))(x)
+        return constrain(x.reshape(b, -1, self.features))
+
+
 def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     """MAE reference 1-D sin-cos embedding: (M,) positions -> (M, D) = [sin | cos]."""
     if embed_dim % 2:

@@ -136,6 +136,7 @@ class ViT(nn.Module):
     pre_norm: bool = False  # LayerNorm after embedding (OpenAI CLIP's ln_pre)
     pos_interp: str = "resize"  # 'resize' (jax.image.resize) or 'torch_bicubic'
     pos_interp_offset: float = 0.0  # 'torch_bicubic' only: DINO's interpolate_offset
+    stem: str = "patch"  # 'patch' (linear patch embedding) or 'conv' (layers.ConvStem)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -146,6 +147,8 @@ class ViT(nn.Module):
             raise ValueError("pool='cls' needs class_token=True; use pool='mean'.")
         if self.pos_embed not in ("learned", "sincos"):
             raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; valid: 'learned', 'sincos'.")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"Unknown stem {self.stem!r}; valid: 'patch', 'conv'.")
         if self.pos_interp not in POS_INTERPS:
             raise ValueError(f"Unknown pos_interp {self.pos_interp!r}; valid: {POS_INTERPS}.")
 
@@ -154,8 +157,9 @@ class ViT(nn.Module):
         self._check()
         b, hh, ww, _ = images.shape
         grid = (hh // self.patch_size, ww // self.patch_size)
-        x = layers.PatchEmbed(self.width, self.patch_size, self.dtype, self.param_dtype,
-                              name="patch_embed")(images)
+        stem = {"patch": layers.PatchEmbed, "conv": layers.ConvStem}[self.stem]
+        x = stem(self.width, self.patch_size, self.dtype, self.param_dtype,
+                 name="patch_embed")(images)
         n_cls = int(self.class_token)
         if self.class_token:
             cls = self.param("cls_token", layers.part(nn.initializers.normal(0.02),

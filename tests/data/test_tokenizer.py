@@ -3,6 +3,8 @@ import collections
 import gzip
 import json
 import pickle
+import re
+import zlib
 
 import numpy as np
 import pytest
@@ -150,6 +152,52 @@ def test_empty_caption_raises(name, text, bpe):
         tok([None])
 
 
+# ------------------------------------------------------------------ words
+
+def test_word_hash_tokenizer_layout():
+    tok = tk.get_tokenizer("words", vocab_size=512)
+    assert isinstance(tok, tk.WordHashTokenizer)
+    assert (tok.vocab_size, tok.pad_token_id, tok.sot_token_id, tok.eot_token_id) == (512, 0, 510, 511)
+    ids = tok.encode("A large red Triangle, on the left.")
+    assert len(ids) == 9  # 7 words + ',' + '.'
+    assert all(1 <= i <= 509 for i in ids)
+    # One id per word, case-insensitive, independent of context and of the process
+    # (CRC-32, not Python's salted hash): pinned values.
+    assert tok.encode("red") == [ids[2]] and tok.encode("RED triangle") == ids[2:4]
+    assert ids[2] == 1 + zlib.crc32(b"red") % 509
+    assert tok.encode("red") != tok.encode("blue")
+    out = tok(["a red circle", "x " * 40], context_length=8)
+    assert out[0, 0] == tok.sot_token_id and out[0, 4] == tok.eot_token_id
+    assert (out[0, 5:] == 0).all() and int(out[0].argmax()) == 4
+    assert out[1, -1] == tok.eot_token_id and (out[1, 1:-1] == tok.encode("x")[0]).all()
+    with pytest.raises(ValueError, match="empty"):
+        tok("  ")
+    with pytest.raises(ValueError, match="vocab_size >= 4"):
+        tk.WordHashTokenizer(vocab_size=3)
+    clone = pickle.loads(pickle.dumps(tok))
+    np.testing.assert_array_equal(clone(CAPTIONS), tok(CAPTIONS))
+
+
+def test_word_hash_tokenizer_separates_the_shapes_vocabulary():
+    """The default CLIP config's buckets give every word of the shapes captions its own id
+    (with 46 words, about 2 of 3 random vocab sizes near 1000 would not)."""
+    import importlib
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    config = importlib.import_module("configs.clip").get_config()
+    assert config.data.tokenize.tokenizer == "words"
+    assert config.data.tokenize.vocab_size == config.model.vocab_size
+    from fmjax.data import shapes
+    words = set(shapes.CLASS_NAMES + shapes.COLOR_NAMES + shapes.SIZE_NAMES)
+    for t in shapes.CAPTION_TEMPLATES + shapes.ZERO_SHOT_TEMPLATES:
+        words |= set(re.findall(r"[a-z]+", re.sub(r"{\w*}", " ", t)))
+    words |= {"left", "right", "top", "bottom", "center", "above", "below", "two", "three", "an"}
+    tok = tk.WordHashTokenizer(vocab_size=config.data.tokenize.vocab_size)
+    ids = {w: tok.encode(w)[0] for w in words}
+    assert len(set(ids.values())) == len(words), "hash collision in the shapes vocabulary"
+
+
 # ------------------------------------------------------------------ CLIP BPE
 
 def test_bpe_vocab_layout(bpe, bpe_files):
@@ -217,7 +265,7 @@ def test_missing_bpe_file(tmp_path):
 
 
 def test_factory_unknown_name():
-    with pytest.raises(ValueError, match="bytes, clip_bpe"):
+    with pytest.raises(ValueError, match="bytes, words, clip_bpe"):
         tk.get_tokenizer("sentencepiece")
 
 

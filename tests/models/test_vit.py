@@ -85,6 +85,39 @@ def test_bad_config_errors():
         ViT(**TINY, attention_impl="flash").init(jax.random.PRNGKey(0), _images())
 
 
+def test_conv_stem():
+    """stem='conv': the same token layout as the patch stem, every param partitioned, and
+    overlapping receptive fields (a pixel on a patch border moves the neighbouring token
+    too; with the linear patch stem it moves only its own)."""
+    model = ViT(**TINY, stem="conv", pool="mean")
+    variables = model.init(jax.random.PRNGKey(0), _images())
+    _assert_all_partitioned(variables)
+    stem = variables["params"]["patch_embed"]
+    assert sorted(stem) == ["conv_0", "conv_1", "conv_2", "norm_0", "norm_1", "norm_2", "proj"]
+    assert [stem[f"conv_{i}"]["kernel"].value.shape[-1] for i in range(3)] == [8, 8, 16]
+    x = _images()
+    base = model.apply(variables, x)
+    assert base["tokens"].shape == (2, 1 + 16, 32)
+    moved = model.apply(variables, x.at[:, 3, 8].add(5.0))  # row 3, first column of patch (0, 1)
+
+    def changed(out):
+        d = jnp.abs(out["patch_tokens"] - base["patch_tokens"]).max(axis=(0, 2))
+        return set(np.flatnonzero(np.asarray(d) > 1e-5).tolist())
+
+    assert changed(moved)  # through attention every token moves; the stem alone:
+    x2 = x.at[:, 3, 8].add(5.0)
+    # (3, 8) is in patch (0, 1); the 3x3 stride-2 convs reach down into patch (1, 1) too.
+    for stem, expect in ((layers.ConvStem(32, 8), {1, 5}), (layers.PatchEmbed(32, 8), {1})):
+        v = {"params": variables["params"]["patch_embed"]} if isinstance(stem, layers.ConvStem) \
+            else stem.init(jax.random.PRNGKey(0), x)
+        d = jnp.abs(stem.apply(v, x2) - stem.apply(v, x)).max(axis=(0, 2))
+        assert set(np.flatnonzero(np.asarray(d) > 1e-5).tolist()) == expect
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        ViT(**dict(TINY, patch_size=6), stem="conv").init(jax.random.PRNGKey(0), _images(h=36, w=36))
+    with pytest.raises(ValueError, match="Unknown stem"):
+        ViT(**TINY, stem="hybrid").init(jax.random.PRNGKey(0), x)
+
+
 def test_attention_impls_agree_and_remat():
     x = _images()
     ref_model = ViT(**TINY)
