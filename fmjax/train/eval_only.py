@@ -31,13 +31,25 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def abstract_state(config, objective, mesh, rules):
+    """``(abstract TrainState, shardings)`` of ``config``'s training run on ``mesh``."""
+    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
+                                config.data.get("data_dir"))
+    spec = _batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
+                       config.batch_size)
+    tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
+    abstract, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
+    return abstract, shardings
+
+
 def load_checkpoint(workdir: str, config=None, step: int | None = None, devices=None):
     """Restores the sharded TrainState of ``workdir`` (latest checkpoint or ``step``).
 
     ``config`` defaults to ``DIR/config.json``; ``devices`` to all (the mesh comes from
     ``config.mesh`` over them, so a checkpoint restores onto any device count).
-    Returns ``(config, objective, mesh, rules, state, step)``; a missing workdir, config or
-    checkpoint is a one-line ``FileNotFoundError`` / ``ConfigError``.
+    Returns ``(config, objective, mesh, rules, state, step)``; ``state.opt_state`` is None
+    (not read from disk: evaluation and sampling do not need it). A missing workdir, config
+    or checkpoint is a one-line ``FileNotFoundError`` / ``ConfigError``.
     """
     workdir = os.path.abspath(workdir)
     config = config or load_workdir_config(workdir)
@@ -52,13 +64,8 @@ def load_checkpoint(workdir: str, config=None, step: int | None = None, devices=
         if step is None or step not in available:
             raise ConfigError(f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints; "
                               f"available: {available}.")
-        source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
-                                    config.data.get("data_dir"))
-        spec = _batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
-                           config.batch_size)
-        tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
-        abstract, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
-        state = ckpt.restore(manager, step, abstract, shardings, data_iter=None)
+        abstract, shardings = abstract_state(config, objective, mesh, rules)
+        state = ckpt.restore(manager, step, abstract, shardings, data_iter=None, with_opt_state=False)
     finally:
         manager.close()
     return config, objective, mesh, rules, state, step

@@ -91,6 +91,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     # -- 1. Check the config: every error here is one line, before any compile. ---------------
     objective, mesh, rules = build(config, devices)
     validate.check(config, objective, mesh)
+    evaluator = Evaluator(config, objective, mesh, rules)  # checks config.evals (and classifiers)
     manager = ckpt.make_manager(workdir, keep=config.get("keep_checkpoints", 3),
                                 keep_period=config.get("keep_period") or None)
     latest = ckpt.check_compatible(manager, config)
@@ -142,7 +143,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
 
     # -- 5. Train. --------------------------------------------------------------------------------
     writer = MetricWriter(workdir, config.total_steps)
-    evaluator = Evaluator(config, objective, mesh, rules)
     progress = Progress(config.total_steps, config.batch_size, start)
     final: dict = {}
     if start == 0 and config.get("eval_at_start", True) and config.evals:

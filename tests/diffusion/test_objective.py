@@ -11,6 +11,7 @@ from fmjax.evals import generation as gen_lib
 from fmjax.objectives.diffusion import ema_decay, make
 from fmjax.parallel.mesh import make_mesh
 from fmjax.parallel.rules import get_rules
+from fmjax.testing import perturb
 from fmjax.train import loop
 
 torch = pytest.importorskip("torch")
@@ -20,10 +21,7 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 
 def _perturb(tree, seed=0, scale=0.1):
     """Random offsets on every param: a fresh U-Net's zero-init output layers ignore the input."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
+    return perturb(tree, seed, scale)
 
 
 def _init(objective, batch_size=4, seed=0):

@@ -206,7 +206,7 @@ def test_conversions_and_loss_weights():
     snr = np.asarray(process.snr(sched, t))
     from diffusers.training_utils import compute_snr
     _close(snr, compute_snr(DDPMScheduler(beta_schedule="squaredcos_cap_v2"), torch.from_numpy(t)).numpy())
-    pred_x0, pred_eps = _randn(13), _randn(14)  # an imperfect model, expressed in each parameterisation
+    pred_x0 = _randn(13)  # an imperfect model, expressed in each parameterisation
     x0_err = ((pred_x0 - x0) ** 2).mean(axis=(1, 2, 3))
     for ptype in process.PREDICTION_TYPES:
         target = process.training_target(sched, x0, noise, t, ptype)

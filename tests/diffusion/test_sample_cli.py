@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from fmjax.train import loop
-from fmjax.train.eval_only import evaluate_checkpoint, load_checkpoint, load_workdir_config
+from fmjax.train.eval_only import (abstract_state, evaluate_checkpoint, load_checkpoint,
+                                   load_workdir_config)
 from fmjax.train.evaluate import Evaluator
 from fmjax.train.sample import sample_checkpoint
 from fmjax.train.validate import ConfigError
@@ -53,6 +54,16 @@ def test_load_checkpoint_restores_the_trained_state(workdirs):
     assert step == 2 and int(state.step) == 2 and config.objective.name == "diffusion"
     assert mesh.shape["data"] == 8 and len(state.step.sharding.device_set) == 8
     assert objective.num_classes == 8 and set(state.extra) == {"ema"}
+    # The optimizer state is not read; everything else equals a full restore.
+    assert state.opt_state is None
+    from fmjax.train import checkpoint as ckpt
+    manager = ckpt.make_manager(workdirs["diffusion"], async_save=False)
+    full = ckpt.restore(manager, 2, *abstract_state(config, objective, mesh, rules), data_iter=None)
+    manager.close()
+    assert jax.tree.leaves(full.opt_state)
+    for a, b in zip(jax.tree.leaves((full.params, full.extra, full.rng)),
+                    jax.tree.leaves((state.params, state.extra, state.rng))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sample_library_writes_grids(workdirs, tmp_path):
@@ -150,6 +161,11 @@ def test_generation_eval_errors(workdirs, tmp_path):
     msg = error(classifier_workdir=str(tmp_path / "clf5"))
     assert "classifies 5 classes" in msg and "generates 8" in msg
     assert "num_steps=5000" in error(classifier_workdir=workdirs["supervised"], num_steps=5000)
+    # train_and_evaluate runs these checks before anything is compiled or written.
+    config.evals = {"gen": dict(type="generation", classifier_workdir=str(tmp_path / "missing"))}
+    with pytest.raises((ConfigError, FileNotFoundError), match="has no config.json"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "config.json")
     with pytest.raises(ConfigError, match="classifies 5 classes"):
         sample_checkpoint(workdirs["diffusion"], num_steps=2, num_per_class=1,
                           classifier_workdir=str(tmp_path / "clf5"))

@@ -10,20 +10,18 @@ from fmjax.models.dit import DiT, dit_kwargs
 from fmjax.models.registry import build_model
 from fmjax.parallel.mesh import make_mesh
 from fmjax.parallel.rules import get_rules, param_shardings
+from fmjax.testing import normal_images, perturb
 from fmjax.train.state import mesh_context
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=128, patch_size=2)
 
 
 def _x(b=2, size=8, c=4, seed=0):
-    return jax.random.normal(jax.random.PRNGKey(seed), (b, size, size, c))
+    return normal_images(b, size, c, seed)
 
 
 def _perturb(params, seed=1, scale=0.1):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape), p.dtype),
-        params)
+    return perturb(params, seed, scale)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from fmjax.models.registry import build_model
 from fmjax.models.unet import CONV_AXES, UNet, timestep_embedding, unet_kwargs
 from fmjax.parallel.mesh import make_mesh
 from fmjax.parallel.rules import get_rules, param_shardings
+from fmjax.testing import normal_images, perturb
 from fmjax.train.state import mesh_context
 
 TINY = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
@@ -16,15 +17,11 @@ TINY = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolu
 
 
 def _x(b=2, size=16, c=3, seed=0):
-    return jax.random.normal(jax.random.PRNGKey(seed), (b, size, size, c))
+    return normal_images(b, size, c, seed)
 
 
 def _perturb(params, seed=1, scale=0.1):
-    """Random values added to every param (conv2 / conv_out start at zero)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape), p.dtype),
-        params)
+    return perturb(params, seed, scale)
 
 
 def _key(seed=0):
