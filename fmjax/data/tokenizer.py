@@ -1,6 +1,6 @@
 """Text tokenizers for CLIP-style image-text training.
 
-Two tokenizers share one interface (:class:`Tokenizer`)::
+Three tokenizers share one interface (:class:`Tokenizer`)::
 
     tok = get_tokenizer("bytes")                       # offline, no files
     tok = get_tokenizer("clip_bpe", bpe_path=".../bpe_simple_vocab_16e6.txt.gz")
@@ -11,7 +11,7 @@ Two tokenizers share one interface (:class:`Tokenizer`)::
 ``tok(texts, context_length=77)`` lays out each row as
 ``[sot] + encode(text) + [eot]`` followed by zero padding. Rows that are too
 long are cut to ``context_length`` with ``eot`` forced into the last slot, as
-open_clip's ``tokenize(..., truncate=True)`` does. In both tokenizers ``eot``
+open_clip's ``tokenize(..., truncate=True)`` does. In every tokenizer ``eot``
 is the largest id, so text towers may pool at ``argmax(ids)`` like CLIP.
 
 An empty or whitespace-only caption raises ``ValueError``; callers add the
@@ -351,7 +351,8 @@ class ClipBpeTokenizer(Tokenizer):
 
 
 def get_tokenizer(name: str = "bytes", bpe_path: Optional[str] = None, **kwargs) -> Tokenizer:
-    """Tokenizer by name: ``'bytes'`` (default, no files) or ``'clip_bpe'``.
+    """Tokenizer by name: ``'bytes'`` (default, no files), ``'words'`` (no files; keyword
+    ``vocab_size``) or ``'clip_bpe'``.
 
     ``'clip_bpe'`` needs ``bpe_path`` (config key ``config.data.tokenizer.bpe_path``).
     Extra keyword arguments go to the tokenizer's constructor.

@@ -1,4 +1,4 @@
-"""Tests for fmjax.data.tokenizer: byte tokenizer, CLIP BPE parity, factory."""
+"""Tests for fmjax.data.tokenizer: byte and hashed-word tokenizers, CLIP BPE parity, factory."""
 import collections
 import gzip
 import json

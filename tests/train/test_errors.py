@@ -56,6 +56,16 @@ def test_batch_not_divisible_by_data_parallel(tiny_config, tmp_path):
     assert "batch_size=12" in msg and "data-parallel size 8" in msg
 
 
+def test_tokenizer_vocab_larger_than_the_text_tower(tiny_config, tmp_path):
+    msg = _error(tiny_config("clip", **{"model.vocab_size": 1000}), tmp_path)
+    assert "WordHashTokenizer(vocab_size=2048)" in msg and "vocab_size is 1000" in msg
+    assert "set the model's vocab_size to 2048" in msg
+    msg = _error(tiny_config("clip", **{"data.tokenize.tokenizer": "clip_bpe",
+                                         "data.tokenize.bpe_path": str(tmp_path / "no.txt.gz")}),
+                 tmp_path / "wd")
+    assert msg.startswith("config.data.tokenize:") and "no.txt.gz" in msg
+
+
 def test_impossible_mesh(tiny_config, tmp_path):
     msg = _error(tiny_config("mae", mesh={"data": 3, "fsdp": 1, "tensor": 1}), tmp_path)
     assert "config.mesh" in msg

@@ -58,7 +58,7 @@ def test_supervised_default_learns(shape_classifier):
     start, end = _eval_at(rows, 0, "eval/val_accuracy"), _eval_at(rows, 300, "eval/val_accuracy")
     print(f"supervised val accuracy: {start:.3f} at init -> {end:.3f} after 300 steps")
     assert start < 0.2            # chance is 1/8
-    assert end >= 0.25            # measured 0.328 (8 classes; 2x chance)
+    assert end >= 0.3             # measured 0.445 (8 classes; chance 0.125)
 
 
 def test_mae_default_learns(default_config, tmp_path):
@@ -87,7 +87,8 @@ def test_clip_default_learns(default_config, tmp_path):
     """A shortened default CLIP run: retrieval recall@5 far above chance, zero-shot above it.
 
     The full default (configs/clip.py) is not yet at the issue's 0.8 zero-shot bar:
-    measured 0.354 validation / 0.304 held-out zero-shot top-1 and recall@5 0.70 after 600 steps.
+    measured 0.424 validation / 0.333 held-out zero-shot top-1 and recall@5 0.69 after its
+    800 steps.
     """
     c = _shorten(default_config("clip"), 150)
     for ev in c.evals.values():
@@ -97,8 +98,8 @@ def test_clip_default_learns(default_config, tmp_path):
     r5 = _eval_at(rows, 150, "eval/retrieval_i2t_r@5")
     zs, zs_start = _eval_at(rows, 150, "eval/zero_shot_top1"), _eval_at(rows, 0, "eval/zero_shot_top1")
     print(f"CLIP recall@5 {r5:.3f} (chance 0.010); zero-shot {zs_start:.3f} -> {zs:.3f} (chance 0.125)")
-    assert r5 >= 0.15                # measured 0.354 (chance 0.010)
-    assert zs >= zs_start + 0.05     # measured 0.090 -> 0.188
+    assert r5 >= 0.15                # measured 0.374 (chance 0.010)
+    assert zs >= zs_start + 0.05     # measured 0.104 -> 0.182
 
 
 def test_dino_default_learns_without_collapse(default_config, tmp_path):
