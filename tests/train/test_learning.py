@@ -70,9 +70,10 @@ def test_mae_default_learns(default_config, tmp_path):
     "well above chance" is asserted here; see the open note on issue 2.
     """
     c = _shorten(default_config("mae"), 120)
-    for name in ("val_loss", "probe", "knn"):
+    del c.evals["knn"]  # not asserted here; the probe is
+    for name in ("val_loss", "probe"):
         c.evals[name].examples = 500
-    c.evals.probe.train_examples = c.evals.knn.train_examples = 1000
+    c.evals.probe.train_examples = 1000
     loop.train_and_evaluate(c, str(tmp_path), devices=ONE_DEVICE)
     rows = _rows(tmp_path)
     start, end = _eval_at(rows, 0, "eval/val_loss"), _eval_at(rows, 120, "eval/val_loss")
@@ -87,10 +88,11 @@ def test_clip_default_learns(default_config, tmp_path):
     """A shortened default CLIP run: retrieval recall@5 far above chance, zero-shot above it.
 
     The full default (configs/clip.py) is not yet at the issue's 0.8 zero-shot bar:
-    measured 0.424 validation / 0.333 held-out zero-shot top-1 and recall@5 0.69 after its
+    measured 0.437 validation / 0.331 held-out zero-shot top-1 and recall@5 0.86 after its
     800 steps.
     """
     c = _shorten(default_config("clip"), 150)
+    del c.evals["zero_shot_heldout"]  # not asserted here
     for ev in c.evals.values():
         ev.examples = 500
     loop.train_and_evaluate(c, str(tmp_path), devices=ONE_DEVICE)
@@ -99,7 +101,7 @@ def test_clip_default_learns(default_config, tmp_path):
     zs, zs_start = _eval_at(rows, 150, "eval/zero_shot_top1"), _eval_at(rows, 0, "eval/zero_shot_top1")
     print(f"CLIP recall@5 {r5:.3f} (chance 0.010); zero-shot {zs_start:.3f} -> {zs:.3f} (chance 0.125)")
     assert r5 >= 0.15                # measured 0.374 (chance 0.010)
-    assert zs >= zs_start + 0.05     # measured 0.104 -> 0.182
+    assert zs >= zs_start + 0.05     # measured 0.104 -> 0.166
 
 
 def test_dino_default_learns_without_collapse(default_config, tmp_path):
