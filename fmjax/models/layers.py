@@ -292,18 +292,15 @@ class PatchEmbed(nn.Module):
         return constrain(x)
 
 
-class ConvStem(nn.Module):
+class ConvStem(PatchEmbed):
     """Convolutional patch embedding ("Early convolutions help transformers see better",
     Xiao et al. 2021): log2(patch_size) 3x3 stride-2 convs, each followed by a LayerNorm
     over channels and GELU (the paper's BatchNorm + ReLU, without batch statistics), with
     channels doubling up to ``features / 2``, then a 1x1 conv to ``features``. Same output
     as ``PatchEmbed`` - (B, H/p * W/p, features) - but with overlapping receptive fields,
     which makes small objects easier to see. ``patch_size`` must be a power of two >= 2.
+    Same fields as ``PatchEmbed`` (a drop-in replacement).
     """
-    features: int
-    patch_size: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
