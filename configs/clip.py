@@ -42,7 +42,7 @@ def get_config(arg: str = "default"):
                                 warmup_steps=100, clip_norm=1.0))
         c.data.name = "fmjax_shapes/32"
         c.data.image_size = 32
-        c.data.tokenize = dict(context_length=32, tokenizer="words", bpe_path="", vocab_size=2048)
+        c.data.tokenize = dict(context_length=32, tokenizer="words", vocab_size=2048)
         c.model = dict(name="clip", width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8,
                        embed_dim=128, text_width=128, text_depth=3, text_heads=4, text_mlp_dim=512,
                        vocab_size=2048, context_length=32, activation="gelu", loss="softmax",
@@ -62,15 +62,14 @@ def get_config(arg: str = "default"):
         c.data.name = "image_folder:/path/to/image_text"
         c.data.image_size = 224
         c.data.worker_count = 16
-        c.data.tokenize = dict(context_length=77, tokenizer="clip_bpe", bpe_path="bpe_simple_vocab_16e6.txt.gz",
-                               vocab_size=0)
+        c.data.tokenize = dict(context_length=77, tokenizer="clip_bpe", bpe_path="bpe_simple_vocab_16e6.txt.gz")
         c.model = dict(name="clip", variant=variant, activation="quick_gelu", loss="softmax",
                        attention_impl="xla", remat=False)
         c.evals = dict()
         c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
     else:
         raise ValueError(f"Unknown configs/clip.py preset {arg!r}; valid: default, vit_b16, vit_b32, vit_l14.")
-    tok = "tokenize({context_length}, {tokenizer!r}, {bpe_path!r}, {vocab_size})".format(**c.data.tokenize)
+    tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
     c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'")
     c.data.pp_eval = _pp(c.data.image_size, None, tok, "'image', 'label', 'tokens'")
     return c

@@ -350,17 +350,19 @@ class ClipBpeTokenizer(Tokenizer):
         return f"ClipBpeTokenizer({self.bpe_path!r}, vocab_size={self.vocab_size})"
 
 
-def get_tokenizer(name: str = "bytes", bpe_path: Optional[str] = None, **kwargs) -> Tokenizer:
-    """Tokenizer by name: ``'bytes'`` (default, no files), ``'words'`` (no files; keyword
-    ``vocab_size``) or ``'clip_bpe'``.
+def get_tokenizer(name: str = "bytes", bpe_path: Optional[str] = None,
+                  vocab_size: Optional[int] = None, **kwargs) -> Tokenizer:
+    """Tokenizer by name: ``'bytes'`` (default, no files), ``'words'`` (no files; its
+    ``vocab_size``, default 4096) or ``'clip_bpe'``.
 
     ``'clip_bpe'`` needs ``bpe_path`` (config key ``config.data.tokenizer.bpe_path``).
-    Extra keyword arguments go to the tokenizer's constructor.
+    ``vocab_size`` is read by ``'words'`` only (the others have a fixed vocabulary). Extra
+    keyword arguments go to the tokenizer's constructor.
     """
     if name == "bytes":
         return ByteTokenizer(**kwargs)
     if name == "words":
-        return WordHashTokenizer(**kwargs)
+        return WordHashTokenizer(int(vocab_size), **kwargs) if vocab_size else WordHashTokenizer(**kwargs)
     if name == "clip_bpe":
         if not bpe_path:
             raise ValueError(

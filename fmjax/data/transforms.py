@@ -346,8 +346,7 @@ class tokenize(Transform):  # noqa: N801
                  key: str = "caption", outkey: str = "tokens"):
         from fmjax.data.tokenizer import get_tokenizer
         self.context_length, self.key, self.outkey = int(context_length), key, outkey
-        kwargs = {"vocab_size": int(vocab_size)} if tokenizer == "words" and vocab_size else {}
-        self.tokenizer = get_tokenizer(tokenizer, bpe_path, **kwargs)
+        self.tokenizer = get_tokenizer(tokenizer, bpe_path, vocab_size)
 
     def __call__(self, example, rng):
         out = dict(example)

@@ -240,16 +240,22 @@ class LayerScale(nn.Module):
         return x * gamma.astype(x.dtype)
 
 
+def patch_grid(shape, patch_size: int) -> Tuple[int, int]:
+    """(H/p, W/p) of a (B, H, W, C) ``shape``; ValueError unless p divides H and W."""
+    hh, ww = shape[1], shape[2]
+    if hh % patch_size or ww % patch_size:
+        raise ValueError(f"Image size {hh}x{ww} is not divisible by patch_size={patch_size}.")
+    return hh // patch_size, ww // patch_size
+
+
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     """(B, H, W, C) -> (B, H/p * W/p, p*p*C), per patch: p rows, p cols, channels last.
 
     Same order as the MAE reference (``nchpwq -> nhwpqc``) and HF ``ViTMAE.patchify``.
     """
-    b, hh, ww, c = images.shape
+    b, _, _, c = images.shape
     p = patch_size
-    if hh % p or ww % p:
-        raise ValueError(f"Image size {hh}x{ww} is not divisible by patch_size={p}.")
-    h, w = hh // p, ww // p
+    h, w = patch_grid(images.shape, p)
     x = images.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h * w, p * p * c)
 
@@ -309,9 +315,7 @@ class ConvStem(PatchEmbed):
         if p < 2 or 2 ** n != p:
             raise ValueError(f"stem='conv' needs a power-of-two patch_size >= 2, got {p}; "
                              "use stem='patch'.")
-        b, hh, ww, _ = images.shape
-        if hh % p or ww % p:
-            raise ValueError(f"Image size {hh}x{ww} is not divisible by patch_size={p}.")
+        patch_grid(images.shape, p)  # stride-2 convs would round a partial patch up
         x = images
         for i in range(n):
             ch = max(self.features // 2 ** (n - i), 8)
@@ -325,7 +329,7 @@ class ConvStem(PatchEmbed):
         x = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj",
                      kernel_init=part(xavier_uniform, ("conv_out", "embed")),
                      bias_init=part(zeros, ("embed",)))(x)
-        return constrain(x.reshape(b, -1, self.features))
+        return constrain(x.reshape(images.shape[0], -1, self.features))
 
 
 def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:

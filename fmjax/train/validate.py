@@ -55,7 +55,7 @@ def _check_vocab(config) -> None:
     would be silently clamped by the lookup)."""
     tok_cfg = config.data.get("tokenize")
     text = config.objective.get("text") or {}
-    vocab = config.model.get("vocab_size") or (text.get("vocab_size") if text else None)
+    vocab = config.model.get("vocab_size") or text.get("vocab_size")
     if not tok_cfg or not vocab:
         return
     from fmjax.data.transforms import tokenize
