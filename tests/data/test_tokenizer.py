@@ -178,14 +178,10 @@ def test_word_hash_tokenizer_layout():
     np.testing.assert_array_equal(clone(CAPTIONS), tok(CAPTIONS))
 
 
-def test_word_hash_tokenizer_separates_the_shapes_vocabulary():
+def test_word_hash_tokenizer_separates_the_shapes_vocabulary(default_config):
     """The default CLIP config's buckets give every word of the shapes captions its own id
     (with 46 words, about 2 of 3 random vocab sizes near 1000 would not)."""
-    import importlib
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    config = importlib.import_module("configs.clip").get_config()
+    config = default_config("clip")
     assert config.data.tokenize.tokenizer == "words"
     assert config.data.tokenize.vocab_size == config.model.vocab_size
     from fmjax.data import shapes

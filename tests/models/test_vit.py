@@ -98,14 +98,10 @@ def test_conv_stem():
     x = _images()
     base = model.apply(variables, x)
     assert base["tokens"].shape == (2, 1 + 16, 32)
-    moved = model.apply(variables, x.at[:, 3, 8].add(5.0))  # row 3, first column of patch (0, 1)
-
-    def changed(out):
-        d = jnp.abs(out["patch_tokens"] - base["patch_tokens"]).max(axis=(0, 2))
-        return set(np.flatnonzero(np.asarray(d) > 1e-5).tolist())
-
-    assert changed(moved)  # through attention every token moves; the stem alone:
-    x2 = x.at[:, 3, 8].add(5.0)
+    x2 = x.at[:, 3, 8].add(5.0)  # row 3, first column of patch (0, 1)
+    moved = model.apply(variables, x2)
+    # Through attention every token moves; the stem alone:
+    assert (jnp.abs(moved["patch_tokens"] - base["patch_tokens"]).max(axis=(0, 2)) > 1e-5).all()
     # (3, 8) is in patch (0, 1); the 3x3 stride-2 convs reach down into patch (1, 1) too.
     for stem, expect in ((layers.ConvStem(32, 8), {1, 5}), (layers.PatchEmbed(32, 8), {1})):
         v = {"params": variables["params"]["patch_embed"]} if isinstance(stem, layers.ConvStem) \
