@@ -54,4 +54,5 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    from fmjax.cli import parse_flags
+    app.run(main, flags_parser=parse_flags)

@@ -83,3 +83,27 @@ def test_cli_prints_one_line_and_exits_nonzero(shapes_data_dir, tmp_path):
     assert len(errors) == 1 and "Unknown objective 'nope'" in errors[0]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/mae.py", "--config.keep=3"],
+     ["unknown config key 'config.keep'", "keep_checkpoints"]),
+    (["--config=configs/mae.py", "--config.model.widht=64"],
+     ["unknown config key 'config.model.widht'", "valid keys of config.model:", "width"]),
+    (["--config=configs/mae.py", "--config.total_steps=ten"],
+     ["--config.total_steps=ten", "invalid literal for int()"]),
+    (["--config=configs/nosuch.py"], ["config file 'configs/nosuch.py' not found"]),
+    (["--config=configs/mae.py:nope"], ["Unknown configs/mae.py preset 'nope'", "valid: default"]),
+    (["--config=configs/mae.py", "--no_such_flag=1"], ["Unknown command line flag 'no_such_flag'"]),
+])
+@pytest.mark.parametrize("script", ["train", "eval"])
+def test_cli_bad_flags_one_line(script, args, expected, tmp_path):
+    """Bad flags or config overrides: one line and exit code 2, before jax is imported."""
+    proc = subprocess.run([sys.executable, f"launch/{script}.py", f"--workdir={tmp_path}", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fmjax: error:"), proc.stderr[-2000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert not os.listdir(tmp_path)
