@@ -223,7 +223,17 @@ def read_bpe_merges(bpe_path: str, max_merges: Optional[int] = DEFAULT_NUM_MERGE
             f"CLIP BPE vocabulary not found: {path!r}. Download "
             f"bpe_simple_vocab_16e6.txt.gz from {BPE_URL} (it also ships inside "
             "the open_clip and openai-clip pip packages) and point "
-            "config.data.tokenizer.bpe_path at it, or use the 'bytes' tokenizer.")
+            "config.data.tokenize.bpe_path at it, or use the 'bytes' tokenizer.")
+    stat = os.stat(path)  # the cache key: a changed file is read again
+    return list(_read_merges(os.path.abspath(path), max_merges, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_merges(path: str, max_merges: Optional[int], mtime_ns: int, size: int
+                 ) -> Tuple[Tuple[str, str], ...]:
+    """Parses the merges file once per (path, version): the config check, the input
+    pipeline and the zero-shot eval each build the tokenizer."""
+    del mtime_ns, size
     with gzip.open(path, "rb") as f:
         lines = f.read().decode("utf-8").split("\n")
     lines = [ln for ln in lines[1:] if ln.strip()]
@@ -235,7 +245,7 @@ def read_bpe_merges(bpe_path: str, max_merges: Optional[int] = DEFAULT_NUM_MERGE
         if len(parts) != 2:
             raise ValueError(f"{path}:{n}: expected a merge 'a b', got {line!r}")
         merges.append((parts[0], parts[1]))
-    return merges
+    return tuple(merges)
 
 
 def _get_pairs(word: Tuple[str, ...]) -> set:
@@ -355,7 +365,7 @@ def get_tokenizer(name: str = "bytes", bpe_path: Optional[str] = None,
     """Tokenizer by name: ``'bytes'`` (default, no files), ``'words'`` (no files; its
     ``vocab_size``, default 4096) or ``'clip_bpe'``.
 
-    ``'clip_bpe'`` needs ``bpe_path`` (config key ``config.data.tokenizer.bpe_path``).
+    ``'clip_bpe'`` needs ``bpe_path`` (config key ``config.data.tokenize.bpe_path``).
     ``vocab_size`` is read by ``'words'`` only (the others have a fixed vocabulary). Extra
     keyword arguments go to the tokenizer's constructor.
     """
@@ -367,7 +377,7 @@ def get_tokenizer(name: str = "bytes", bpe_path: Optional[str] = None,
         if not bpe_path:
             raise ValueError(
                 "tokenizer 'clip_bpe' needs a BPE merges file: set "
-                "config.data.tokenizer.bpe_path to bpe_simple_vocab_16e6.txt.gz "
+                "config.data.tokenize.bpe_path to bpe_simple_vocab_16e6.txt.gz "
                 f"(from {BPE_URL}), or use the 'bytes' tokenizer.")
         return ClipBpeTokenizer(bpe_path, **kwargs)
     raise ValueError(f"unknown tokenizer {name!r}; valid names: {', '.join(TOKENIZER_NAMES)}")

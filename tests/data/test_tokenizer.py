@@ -2,8 +2,10 @@
 import collections
 import gzip
 import json
+import os
 import pickle
 import re
+import shutil
 import zlib
 
 import numpy as np
@@ -255,9 +257,25 @@ def test_missing_bpe_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope") as e:
         tk.ClipBpeTokenizer(missing)
     assert "bpe_simple_vocab_16e6.txt.gz" in str(e.value)
-    assert "config.data.tokenizer.bpe_path" in str(e.value)
-    with pytest.raises(ValueError, match=r"config\.data\.tokenizer\.bpe_path"):
+    assert "config.data.tokenize.bpe_path" in str(e.value)   # the config key that exists
+    with pytest.raises(ValueError, match=r"config\.data\.tokenize\.bpe_path"):
         tk.get_tokenizer("clip_bpe")
+
+
+def test_bpe_merges_read_once_per_file_version(bpe_files, tmp_path):
+    """The merges file is parsed once (config check, pipeline and eval all build the
+    tokenizer); a rewritten file is read again."""
+    path = tmp_path / "bpe.txt.gz"
+    shutil.copy(bpe_files[0] / "bpe_simple_vocab_16e6.txt.gz", path)
+    before = tk._read_merges.cache_info()
+    first = tk.read_bpe_merges(path)
+    assert tk.read_bpe_merges(str(path)) == first == list(bpe_files[1])
+    info = tk._read_merges.cache_info()
+    assert (info.misses, info.hits) == (before.misses + 1, before.hits + 1)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("#version: 0.2\nh e\n")
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse-clock filesystem
+    assert tk.read_bpe_merges(path) == [("h", "e")]
 
 
 def test_factory_unknown_name():
