@@ -22,8 +22,12 @@ captions file, or a TFDS dataset with captions):
 from configs import common
 
 
-def _pp(size: int, scale, tok: str, keys: str) -> str:
+def _pp(size: int, scale, tok: str, keys: str, swap_words=()) -> str:
     crop = f"random_resized_crop({size}, scale={tuple(scale)})|" if scale else f"resize(({size}, {size}))|"
+    if swap_words:  # NegCLIP hard negatives: a caption with one listed word swapped, tokenized
+        neg_tok = tok[:-1] + ", key='neg_caption', outkey='neg_tokens')"
+        tok = f"swap_words({tuple(swap_words)!r})|{tok}|{neg_tok}"
+        keys += ", 'neg_tokens', 'neg_valid'"
     return f"{crop}normalize('clip')|{tok}|keep({keys})"
 
 
@@ -31,6 +35,8 @@ def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective.name = "clip"
     c.objective.lock = ""
+    c.objective.hard_negatives = False     # True: NegCLIP negatives from data.swap_words
+    c.data.swap_words = ()
     c.data.normalization = "clip"
     if arg == "default":
         c.total_steps = 800
@@ -43,6 +49,8 @@ def get_config(arg: str = "default"):
         c.data.name = "fmjax_shapes/32"
         c.data.image_size = 32
         c.data.tokenize = dict(context_length=32, tokenizer="words", vocab_size=2048)
+        c.objective.hard_negatives = True
+        c.data.swap_words = _shapes_classes()
         c.model = dict(name="clip", width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8,
                        embed_dim=128, text_width=128, text_depth=3, text_heads=4, text_mlp_dim=512,
                        vocab_size=2048, context_length=32, activation="gelu", loss="softmax",
@@ -70,9 +78,15 @@ def get_config(arg: str = "default"):
     else:
         raise ValueError(f"Unknown configs/clip.py preset {arg!r}; valid: default, vit_b16, vit_b32, vit_l14.")
     tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
-    c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'")
+    c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'",
+                          c.data.swap_words if c.objective.hard_negatives else ())
     c.data.pp_eval = _pp(c.data.image_size, None, tok, "'image', 'label', 'tokens'")
     return c
+
+
+def _shapes_classes():
+    from fmjax.data import shapes
+    return tuple(shapes.CLASS_NAMES)
 
 
 def _shapes_templates():

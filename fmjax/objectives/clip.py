@@ -6,6 +6,11 @@ matrix (XLA all-gathers the shards across the data axes) and every example sees 
 negative. Its gradients are exactly those of the single-device global-batch loss —
 the semantics of open_clip's ``gather_with_grad=True`` + ``local_loss``
 (tests/objectives/test_clip_loss.py checks both against an explicit shard_map version).
+
+``config.objective.hard_negatives``: NegCLIP (Yuksekgonul et al., 2023) hard negatives. The
+pipeline's ``swap_words`` op writes each caption with one listed word swapped (e.g. the
+shape), tokenized as ``neg_tokens``; those texts join the image->text candidates, so the
+model must tell the swapped word apart even when colour and position already pick the caption.
 """
 from __future__ import annotations
 
@@ -21,21 +26,39 @@ from fmjax.objectives.base import Objective
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-def softmax_clip_loss(image_embeds, text_embeds, logit_scale):
-    """Symmetric InfoNCE over the batch; embeddings L2-normalised, ``logit_scale`` = exp(param)."""
-    logits = logit_scale * image_embeds.astype(jnp.float32) @ text_embeds.astype(jnp.float32).T
+def _similarity(image_embeds, text_embeds, logit_scale):
+    return logit_scale * image_embeds.astype(jnp.float32) @ text_embeds.astype(jnp.float32).T
+
+
+def softmax_clip_loss(image_embeds, text_embeds, logit_scale, neg_embeds=None, neg_valid=None):
+    """Symmetric InfoNCE over the batch; embeddings L2-normalised, ``logit_scale`` = exp(param).
+
+    ``neg_embeds`` (B, D): one hard-negative caption per image (NegCLIP), appended to the
+    image->text candidates (B x 2B logits; columns with ``neg_valid`` 0 are masked out). The
+    text->image direction and the returned (B, B) logits are unchanged.
+    """
+    logits = _similarity(image_embeds, text_embeds, logit_scale)
     labels = jnp.arange(logits.shape[0])
-    li = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    i2t = logits
+    if neg_embeds is not None:
+        neg = _similarity(image_embeds, neg_embeds, logit_scale)
+        i2t = jnp.concatenate([logits, jnp.where(neg_valid[None, :] > 0, neg, -jnp.inf)], axis=1)
+    li = optax.softmax_cross_entropy_with_integer_labels(i2t, labels).mean()
     lt = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
     return (li + lt) / 2, logits
 
 
-def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias):
-    """SigLIP: independent binary losses, +1 on the diagonal, -1 elsewhere; / batch size."""
-    logits = logit_scale * image_embeds.astype(jnp.float32) @ text_embeds.astype(jnp.float32).T
-    logits = logits + logit_bias
+def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, neg_embeds=None,
+                 neg_valid=None):
+    """SigLIP: independent binary losses, +1 on the diagonal, -1 elsewhere; / batch size.
+    ``neg_embeds`` (B, D) add B x B more negative pairs (those with ``neg_valid`` 1)."""
+    logits = _similarity(image_embeds, text_embeds, logit_scale) + logit_bias
     z = 2.0 * jnp.eye(logits.shape[0]) - 1.0
-    return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / logits.shape[0], logits
+    total = jnp.sum(jax.nn.log_sigmoid(z * logits))
+    if neg_embeds is not None:
+        neg = _similarity(image_embeds, neg_embeds, logit_scale) + logit_bias
+        total += jnp.sum(jax.nn.log_sigmoid(-neg) * (neg_valid[None, :] > 0))
+    return -total / logits.shape[0], logits
 
 
 class CLIPObjective(Objective):
@@ -50,6 +73,10 @@ class CLIPObjective(Objective):
         self.lock = config.objective.get("lock", "")  # "", "image" or "text" (LiT)
         if self.lock not in ("", "image", "text"):
             raise ValueError(f"config.objective.lock={self.lock!r}; valid: '', 'image', 'text'.")
+        # NegCLIP hard negatives: the pipeline's swap_words + tokenize give neg_tokens/neg_valid.
+        self.hard_negatives = bool(config.objective.get("hard_negatives", False))
+        if self.hard_negatives:
+            self.batch_keys = self.batch_keys + ("neg_tokens", "neg_valid")
 
     def init(self, rng, batch):
         return self.model.init({"params": rng}, batch["image"], batch["tokens"])["params"], {}
@@ -58,14 +85,20 @@ class CLIPObjective(Objective):
         out = self.model.apply({"params": params}, batch["image"], batch["tokens"], train=True,
                                rngs={"dropout": rng})
         img, txt = out["image_embeds"], out["text_embeds"]
+        neg = {}
+        if self.hard_negatives:
+            neg = dict(neg_valid=batch["neg_valid"], neg_embeds=self.model.apply(
+                {"params": params}, batch["neg_tokens"], train=True, method=self.model.encode_text,
+                rngs={"dropout": jax.random.fold_in(rng, 1)}))
         if self.lock == "image":  # no backward through the locked tower (its update is masked too)
             img = jax.lax.stop_gradient(img)
         elif self.lock == "text":
             txt = jax.lax.stop_gradient(txt)
+            neg = jax.tree.map(jax.lax.stop_gradient, neg)
         if self.model.loss == "sigmoid":
-            loss, logits = sigmoid_loss(img, txt, out["logit_scale"], out["logit_bias"])
+            loss, logits = sigmoid_loss(img, txt, out["logit_scale"], out["logit_bias"], **neg)
         else:
-            loss, logits = softmax_clip_loss(img, txt, out["logit_scale"])
+            loss, logits = softmax_clip_loss(img, txt, out["logit_scale"], **neg)
         labels = jnp.arange(logits.shape[0])
         metrics = {"logit_scale": out["logit_scale"],
                    "i2t_acc": (logits.argmax(1) == labels).mean(),

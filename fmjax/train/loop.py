@@ -59,6 +59,13 @@ class _Preemption:
 def _batch_spec(source, transform, keys, global_batch):
     """Shapes of one global batch, from one transformed example (the iterator is untouched)."""
     example = transform(source[0], np.random.default_rng(0))
+    missing = [k for k in keys if k not in example]
+    if missing:
+        raise validate.ConfigError(
+            f"the objective needs batch keys {list(keys)} but config.data.pp_train gives "
+            f"{sorted(example)}: add {missing} to its keep(...) and the ops that make them"
+            + (" (hard negatives: swap_words(words)|tokenize(..., key='neg_caption', "
+               "outkey='neg_tokens'))" if "neg_tokens" in missing else "") + ".")
     return {k: jax.ShapeDtypeStruct((global_batch,) + np.asarray(example[k]).shape,
                                     jax.dtypes.canonicalize_dtype(np.asarray(example[k]).dtype))
             for k in keys}
@@ -92,6 +99,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     objective, mesh, rules = build(config, devices)
     validate.check(config, objective, mesh)
     evaluator = Evaluator(config, objective, mesh, rules)  # checks config.evals (and classifiers)
+    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
+                                config.data.get("data_dir"))
+    transform = transforms.parse(config.data.pp_train)
+    spec = _batch_spec(source, transform, objective.batch_keys, config.batch_size)
     manager = ckpt.make_manager(workdir, keep=config.get("keep_checkpoints", 3),
                                 keep_period=config.get("keep_period") or None)
     latest = ckpt.check_compatible(manager, config)
@@ -101,13 +112,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     # -- 2. Data. -------------------------------------------------------------------------------
-    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
-                                config.data.get("data_dir"))
-    transform = transforms.parse(config.data.pp_train)
     data_iter = pipeline.make_train_iterator(
         source, global_batch_size=config.batch_size, transform=transform, seed=config.seed,
         worker_count=config.data.get("worker_count", 0))
-    spec = _batch_spec(source, transform, objective.batch_keys, config.batch_size)
     log(f"== data: {config.data.name} ({len(source)} train examples), global batch {config.batch_size}, "
         f"mesh {dict(mesh.shape)}")
 

@@ -149,3 +149,33 @@ def test_parse_errors():
         tr.parse("resize(")
     with pytest.raises(ValueError, match="bad arguments"):
         tr.parse("flip_lr(1, 2, 3, 4)")
+
+
+def test_swap_words_hard_negative_caption():
+    """NegCLIP-style negatives: exactly one listed word (whole word, any case) becomes a
+    different listed word; a caption without one is flagged invalid and left as is."""
+    op = tr.parse("swap_words(('circle', 'square', 'star'))")
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(60):
+        out = op({"caption": b"a Red circle left of a small star."}, rng)
+        assert out["neg_valid"] == 1 and out["caption"] == b"a Red circle left of a small star."
+        words, orig = out["neg_caption"].split(), "a Red circle left of a small star.".split()
+        changed = [(a, b) for a, b in zip(orig, words) if a != b]
+        assert len(words) == len(orig) and len(changed) == 1
+        a, b = changed[0]
+        assert a.strip(".") in ("circle", "star") and b.strip(".") in ("circle", "square", "star")
+        assert a.strip(".") != b.strip(".")
+        seen.add(out["neg_caption"])
+    assert len(seen) == 4  # 2 positions x 2 replacements, all drawn
+    out = op({"caption": "a starry hexagon"}, rng)  # 'starry' is not the word 'star'
+    assert out["neg_valid"] == 0 and out["neg_caption"] == "a starry hexagon"
+    same = [tr.parse("swap_words(('circle', 'square', 'star'))")({"caption": "a circle and a star"},
+                                                                 np.random.default_rng(5))
+            for _ in range(2)]
+    assert same[0] == same[1]
+    clone = pickle.loads(pickle.dumps(op))
+    assert clone({"caption": "one SQUARE"}, np.random.default_rng(1))["neg_caption"] in (
+        "one circle", "one star")
+    with pytest.raises(ValueError, match="at least two distinct words"):
+        tr.swap_words(("circle", "Circle"))

@@ -38,9 +38,13 @@ def _embed(w, x):
 
 def _global_loss(w, x_img, x_txt, kind="softmax"):
     img, txt = _embed(w, x_img), _embed(w * 0.5 + 0.1, x_txt)
-    if kind == "softmax":
-        return softmax_clip_loss(img, txt, 10.0)[0]
-    return sigmoid_loss(img, txt, 10.0, -10.0)[0]
+    neg = {}
+    if kind.endswith("_neg"):  # hard negatives: perturbed captions, every 4th one missing
+        neg = dict(neg_embeds=_embed(w * 0.5 + 0.1, x_txt[::-1] * 0.7 + 0.2),
+                   neg_valid=(jnp.arange(x_txt.shape[0]) % 4 != 3).astype(jnp.int32))
+    if kind.startswith("softmax"):
+        return softmax_clip_loss(img, txt, 10.0, **neg)[0]
+    return sigmoid_loss(img, txt, 10.0, -10.0, **neg)[0]
 
 
 def _mesh():
@@ -64,7 +68,7 @@ def _local_rows_loss(w, x_img, x_txt, gather: bool):
     return jax.lax.pmean((li.mean() + lt.mean()) / 2, axes)
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "softmax_neg", "sigmoid_neg"])
 def test_sharded_loss_and_grads_equal_single_device(kind):
     w, x_img, x_txt = _data()
     fn = jax.jit(jax.value_and_grad(functools.partial(_global_loss, kind=kind)))
@@ -113,3 +117,36 @@ def test_softmax_loss_matches_numpy_reference():
     ref_sig = -np.sum(np.log(1 / (1 + np.exp(-z * (logits - 2.0))))) / 6
     got_sig = sigmoid_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32), 7.0, -2.0)[0]
     np.testing.assert_allclose(float(got_sig), ref_sig, rtol=1e-5)
+
+
+def test_hard_negative_losses_match_numpy_reference():
+    """NegCLIP: each image also scores against its swapped caption (image->text only);
+    invalid negatives drop out; with none valid the plain loss comes back."""
+    rng = np.random.default_rng(4)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    img, txt, neg = (unit(rng.normal(size=(6, 5))) for _ in range(3))
+    valid = np.array([1, 1, 0, 1, 0, 1])
+    logits, neg_logits = 7.0 * img @ txt.T, 7.0 * img @ neg.T
+
+    def ce(l, labels):
+        l = l - l.max(1, keepdims=True)
+        return -(l[np.arange(len(l)), labels] - np.log(np.exp(l).sum(1))).mean()
+
+    i2t = np.concatenate([logits, neg_logits[:, valid == 1]], axis=1)
+    ref = (ce(i2t, np.arange(6)) + ce(logits.T, np.arange(6))) / 2
+    f = lambda *a: jnp.asarray(np.stack(a) if len(a) > 1 else a[0], jnp.float32)
+    kw = dict(neg_embeds=f(neg), neg_valid=jnp.asarray(valid))
+    got = softmax_clip_loss(f(img), f(txt), 7.0, **kw)[0]
+    np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+    z = 2 * np.eye(6) - 1
+    log_sig = lambda x: -np.log1p(np.exp(-x))
+    ref_sig = -(log_sig(z * (logits - 2.0)).sum() + log_sig(-(neg_logits - 2.0))[:, valid == 1].sum()) / 6
+    got_sig = sigmoid_loss(f(img), f(txt), 7.0, -2.0, **kw)[0]
+    np.testing.assert_allclose(float(got_sig), ref_sig, rtol=1e-5)
+    none = dict(neg_embeds=f(neg), neg_valid=jnp.zeros(6, jnp.int32))
+    np.testing.assert_allclose(float(softmax_clip_loss(f(img), f(txt), 7.0, **none)[0]),
+                               float(softmax_clip_loss(f(img), f(txt), 7.0)[0]), rtol=1e-6)
+    grads = jax.grad(lambda n: softmax_clip_loss(f(img), f(txt), 7.0, n, jnp.asarray(valid))[0])(f(neg))
+    assert np.isfinite(np.asarray(grads)).all()           # masked columns give no NaN
+    assert np.abs(np.asarray(grads)[valid == 0]).max() == 0  # and no gradient
+    assert np.abs(np.asarray(grads)[valid == 1]).min() > 0

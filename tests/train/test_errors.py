@@ -66,6 +66,14 @@ def test_tokenizer_vocab_larger_than_the_text_tower(tiny_config, tmp_path):
     assert msg.startswith("config.data.tokenize:") and "no.txt.gz" in msg
 
 
+def test_pipeline_missing_a_batch_key(tiny_config, tmp_path):
+    c = tiny_config("clip")
+    c.data.pp_train = c.data.pp_train.replace(", 'neg_tokens', 'neg_valid'", "")
+    msg = _error(c, tmp_path)
+    assert "gives ['image', 'tokens']" in msg and "add ['neg_tokens', 'neg_valid']" in msg
+    assert "swap_words" in msg and not os.listdir(tmp_path)
+
+
 def test_impossible_mesh(tiny_config, tmp_path):
     msg = _error(tiny_config("mae", mesh={"data": 3, "fsdp": 1, "tensor": 1}), tmp_path)
     assert "config.mesh" in msg
