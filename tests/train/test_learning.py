@@ -87,9 +87,9 @@ def test_mae_default_learns(default_config, tmp_path):
 def test_clip_default_learns(default_config, tmp_path):
     """A shortened default CLIP run: retrieval recall@5 far above chance, zero-shot above it.
 
-    The full default (configs/clip.py) is not yet at the issue's 0.8 zero-shot bar:
-    measured 0.437 validation / 0.331 held-out zero-shot top-1 and recall@5 0.86 after its
-    800 steps.
+    The full default (configs/clip.py, with hard negatives) is not yet at the issue's 0.8
+    zero-shot bar: measured 0.494 validation / 0.257 held-out zero-shot top-1 and recall@5
+    0.86 after its 800 steps.
     """
     c = _shorten(default_config("clip"), 150)
     del c.evals["zero_shot_heldout"]  # not asserted here
@@ -100,8 +100,8 @@ def test_clip_default_learns(default_config, tmp_path):
     r5 = _eval_at(rows, 150, "eval/retrieval_i2t_r@5")
     zs, zs_start = _eval_at(rows, 150, "eval/zero_shot_top1"), _eval_at(rows, 0, "eval/zero_shot_top1")
     print(f"CLIP recall@5 {r5:.3f} (chance 0.010); zero-shot {zs_start:.3f} -> {zs:.3f} (chance 0.125)")
-    assert r5 >= 0.15                # measured 0.374 (chance 0.010)
-    assert zs >= zs_start + 0.05     # measured 0.104 -> 0.166
+    assert r5 >= 0.15                # measured 0.308 (chance 0.010)
+    assert zs >= zs_start + 0.05     # measured 0.104 -> 0.162
 
 
 def test_dino_default_learns_without_collapse(default_config, tmp_path):
