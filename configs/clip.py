@@ -39,7 +39,7 @@ def get_config(arg: str = "default"):
     c.objective.name = "clip"
     c.objective.lock = ""
     c.objective.hard_negatives = False     # True: NegCLIP negatives from data.swap_words
-    c.data.swap_words = ()
+    c.data.swap_words = ()                 # read once, here, to build pp_train
     c.data.normalization = "clip"
     if arg == "default":
         c.total_steps = 800
