@@ -1,12 +1,15 @@
 """MAE: masked-autoencoder pretraining of a ViT.
 
-Default (bundled shapes, 32x32, a small ViT with patch 4, CPU-sized):
+Default (bundled shapes, 32x32, a small ViT with patch 8 - 16 tokens, 4 visible - CPU-sized):
     python launch/train.py --config=configs/mae.py --workdir=/tmp/mae
-  Reaches (2-core CPU, ~9 min): validation reconstruction loss (eval/val_loss, norm-pix)
-  2.62 -> ~0.45, far below the 0.6x gate. The linear probe on the frozen encoder
-  (eval/probe_top1, 8 shape classes, chance 0.125) is ~0.22, which does NOT yet beat the
-  randomly initialised encoder (step-0 eval, ~0.23) at this CPU budget; see
-  tests/train/test_learning.py for the asserted numbers.
+  Reaches (2-core CPU, 2500 steps, ~8 min): validation reconstruction loss (eval/val_loss,
+  norm-pix) 1.74 -> 0.59, far below the 0.6x gate. The linear probe on the frozen encoder
+  (eval/probe_top1, 8 shape classes, chance 0.125; feature 'gap', the mean patch token before
+  the final norm, as the reference's global_pool) goes 0.310 (the step-0 random encoder) ->
+  0.349; kNN 0.188 -> 0.204. That gain is small next to the spread of random encoders: over 8
+  init seeds the same probe gives 0.285-0.357 (mean 0.318). MAE's probe gain grows with
+  training: 6000 steps (18 min) reach 0.382, above all 8 random seeds. Before this preset
+  (patch 4, 800 steps, feature 'mean') the probe was ~0.20, below its random encoder (~0.23).
 
 Paper presets (He et al. 2021, 800 epochs on ImageNet-1k; needs `imagenet2012` in TFDS):
     python launch/train.py --config=configs/mae.py:vit_b16_imagenet --workdir=DIR
@@ -19,20 +22,20 @@ from configs import common
 def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective.name = "mae"
-    c.objective.feature = "mean"           # pooled patch tokens for kNN / probe
+    c.objective.feature = "gap"            # kNN / probe: mean patch token before the final norm
     c.optimizer.update(dict(name="adamw", lr_scaling="linear", b1=0.9, b2=0.95, weight_decay=0.05,
                             min_lr=0.0))
     if arg == "default":
-        c.total_steps = 800
+        c.total_steps = 2500
         c.batch_size = 128
-        c.log_every = 50
-        c.eval_every = 400
-        c.checkpoint_every = 400
+        c.log_every = 100
+        c.eval_every = 1250
+        c.checkpoint_every = 500
         c.optimizer.blr = 1.5e-3            # small model, short schedule: 10x the paper's blr
         c.optimizer.warmup_steps = 100
         c.data.name = "fmjax_shapes/32"
         c.data.image_size = 32
-        c.model = dict(name="mae", variant="Ti/4", width=128, depth=4, num_heads=4, mlp_dim=512,
+        c.model = dict(name="mae", variant="Ti/8", width=128, depth=4, num_heads=4, mlp_dim=512,
                        decoder_width=128, decoder_depth=2, decoder_heads=4,
                        mask_ratio=0.75, norm_pix_loss=True)
         _shapes_evals(c, examples=1000, train_examples=2000)

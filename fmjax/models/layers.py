@@ -426,9 +426,10 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True,
-                 mask: Optional[jax.Array] = None) -> jax.Array:
+                 mask: Optional[jax.Array] = None, return_prenorm: bool = False):
         """Run all blocks (and the final norm) on (B, L, D) tokens; ``mask`` (True = attend,
-        e.g. causal for a text tower) goes to every block's attention."""
+        e.g. causal for a text tower) goes to every block's attention. ``return_prenorm``:
+        return ``(output, last block's output before the final norm)``."""
         block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
         for i in range(self.depth):
@@ -438,6 +439,7 @@ class Encoder(nn.Module):
                 layerscale=self.layerscale, activation=self.activation,
                 attention_impl=self.attention_impl, dtype=self.dtype,
                 param_dtype=self.param_dtype, name=f"block_{i}")(x, deterministic, mask)
+        prenorm = x
         if self.final_norm:
             x = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
-        return constrain(x)
+        return (constrain(x), constrain(prenorm)) if return_prenorm else constrain(x)

@@ -130,10 +130,13 @@ class MAE(nn.Module):
 
     def encode(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
         """Unmasked encoder features: dict(cls (B, D), mean (B, D) over patch tokens,
-        tokens (B, 1 + L, D)), all after the encoder's final norm."""
+        tokens (B, 1 + L, D)), all after the encoder's final norm, and gap (B, D): the mean
+        patch token BEFORE the final norm - the reference's ``global_pool`` representation
+        (models_vit.py drops the final norm and pools first; its fresh ``fc_norm`` is left to
+        the probe, which standardises features)."""
         x, cls = self._patch_tokens(images)
-        x = self.encoder(jnp.concatenate([cls, x], axis=1), not train)
-        return dict(cls=x[:, 0], mean=x[:, 1:].mean(axis=1), tokens=x)
+        x, pre = self.encoder(jnp.concatenate([cls, x], axis=1), not train, return_prenorm=True)
+        return dict(cls=x[:, 0], mean=x[:, 1:].mean(axis=1), gap=pre[:, 1:].mean(axis=1), tokens=x)
 
     def forward_encoder(self, images: jax.Array, noise: jax.Array, train: bool = False):
         """Encode the kept patches: (latent (B, 1 + kept, D), mask, ids_restore)."""

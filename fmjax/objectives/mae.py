@@ -15,6 +15,10 @@ from fmjax.models.registry import build_model
 from fmjax.objectives.base import Objective
 
 
+# Frozen features for the kNN / linear-probe evals (see MAE.encode).
+FEATURES = ("gap", "mean", "cls")
+
+
 class MAEObjective(Objective):
     batch_keys = ("image",)
 
@@ -25,6 +29,8 @@ class MAEObjective(Objective):
             raise ValueError(f"objective 'mae' needs config.model.name='mae', got {config.model.name!r}.")
         self.patch_size = self.model.patch_size
         self.feature = config.objective.get("feature", "mean")
+        if self.feature not in FEATURES:
+            raise ValueError(f"config.objective.feature={self.feature!r}; valid: {', '.join(FEATURES)}.")
         self.norm = config.data.get("normalization", "imagenet")
 
     def init(self, rng, batch):

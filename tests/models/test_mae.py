@@ -92,6 +92,20 @@ def test_encode_matches_vit_with_sincos(tiny):
     np.testing.assert_allclose(out["pre_logits"], feats["cls"], atol=1e-5)
 
 
+def test_encode_gap_pools_before_the_final_norm(tiny):
+    """'gap' is the reference's global_pool representation: the mean patch token of the last
+    block, before the encoder's final LayerNorm (which 'mean' and 'tokens' come after)."""
+    model, variables = tiny
+    feats, inter = model.apply(variables, _images(), method=MAE.encode, capture_intermediates=True)
+    last = inter["intermediates"]["encoder"]["block_1"]["__call__"][0]
+    np.testing.assert_allclose(feats["gap"], last[:, 1:].mean(1), atol=1e-6)
+    norm = nn.meta.unbox(variables)["params"]["encoder"]["norm"]
+    mu, var = last.mean(-1, keepdims=True), last.var(-1, keepdims=True)
+    np.testing.assert_allclose(feats["tokens"], (last - mu) / np.sqrt(var + 1e-6) * norm["scale"]
+                               + norm["bias"], atol=1e-5)
+    assert np.abs(np.asarray(feats["gap"] - feats["mean"])).max() > 1e-2
+
+
 def test_loss_definition():
     images = _images(b=2)
     target = patchify(images, 8)

@@ -34,6 +34,11 @@ def test_unknown_variant(tiny_config, tmp_path):
     assert "Q/16" in msg and "B/<patch>" in msg
 
 
+def test_unknown_mae_feature(tiny_config, tmp_path):
+    msg = _error(tiny_config("mae", **{"objective.feature": "pooled"}), tmp_path)
+    assert "config.objective.feature='pooled'" in msg and "valid: gap, mean, cls" in msg
+
+
 def test_unknown_dataset(tiny_config, tmp_path):
     msg = _error(tiny_config("mae", **{"data.name": "fmjax_shapez"}), tmp_path)
     assert "fmjax_shapez" in msg and "fmjax_shapes" in msg

