@@ -53,7 +53,7 @@ def test_missing_tfds_dataset_says_how_to_prepare(tiny_config, tmp_path):
 
 def test_image_size_not_divisible_by_patch(tiny_config, tmp_path):
     msg = _error(tiny_config("mae", **{"data.image_size": 30}), tmp_path)
-    assert "30" in msg and "patch size 4" in msg
+    assert "30" in msg and "patch size 8" in msg
 
 
 def test_batch_not_divisible_by_data_parallel(tiny_config, tmp_path):
