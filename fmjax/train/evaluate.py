@@ -31,6 +31,14 @@ EVAL_TYPES = ("knn", "linear_probe", "loss", "metrics", "images", "zero_shot", "
               "generation")
 
 
+def parse_pp(pp: str, key: str):
+    """``transforms.parse(pp)``; a bad op or argument is a one-line ConfigError naming ``key``."""
+    try:
+        return transforms.parse(pp)
+    except (ValueError, TypeError, SyntaxError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 class Subset:
     """The first ``n`` examples of a random-access source (picklable)."""
 
@@ -47,7 +55,7 @@ class Subset:
 class Evaluator:
     def __init__(self, config, objective, mesh, rules):
         self.config, self.objective, self.mesh, self.rules = config, objective, mesh, rules
-        self.transform = transforms.parse(config.data.pp_eval)
+        self.transform = parse_pp(config.data.pp_eval, "config.data.pp_eval")
         self._sources = {}
         self._features_fn = jax.jit(objective.features)
         self._text_fn = jax.jit(objective.text_features) if hasattr(objective, "text_features") else None
@@ -55,11 +63,11 @@ class Evaluator:
         self._eval_metrics_fn = jax.jit(objective.eval_metrics) if hasattr(objective, "eval_metrics") else None
         for name, ev in config.evals.items():
             if ev.get("type") in ("zero_shot", "retrieval") and self._text_fn is None:
-                raise ValueError(f"config.evals.{name}: objective {config.objective.name!r} has no text tower.")
+                raise ConfigError(f"config.evals.{name}: objective {config.objective.name!r} has no text tower.")
             if ev.get("type") == "metrics" and self._eval_metrics_fn is None:
-                raise ValueError(f"config.evals.{name}: objective {config.objective.name!r} has no eval_metrics.")
+                raise ConfigError(f"config.evals.{name}: objective {config.objective.name!r} has no eval_metrics.")
             if ev.get("type") not in EVAL_TYPES:
-                raise ValueError(f"config.evals.{name}.type={ev.get('type')!r}; valid: {list(EVAL_TYPES)}.")
+                raise ConfigError(f"config.evals.{name}.type={ev.get('type')!r}; valid: {list(EVAL_TYPES)}.")
             if ev.get("type") == "generation":
                 self._check_generation(name, ev)
         self._classifiers, self._generators, self._real_accuracy = {}, {}, {}

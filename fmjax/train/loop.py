@@ -13,7 +13,7 @@ import signal
 import jax
 import numpy as np
 
-from fmjax.data import pipeline, sources, transforms
+from fmjax.data import pipeline, sources
 from fmjax.objectives.base import make_objective
 from fmjax.parallel import mesh as mesh_lib
 from fmjax.parallel import rules as rules_lib
@@ -22,7 +22,7 @@ from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train import step as step_lib
 from fmjax.train import validate
-from fmjax.train.evaluate import Evaluator
+from fmjax.train.evaluate import Evaluator, parse_pp
 from fmjax.train.writer import MetricWriter, Progress, log
 
 
@@ -58,7 +58,11 @@ class _Preemption:
 
 def _batch_spec(source, transform, keys, global_batch):
     """Shapes of one global batch, from one transformed example (the iterator is untouched)."""
-    example = transform(source[0], np.random.default_rng(0))
+    try:
+        example = transform(source[0], np.random.default_rng(0))
+    except (KeyError, ValueError, TypeError) as e:  # e.g. keep() of a key the data lacks
+        raise validate.ConfigError(f"config.data.pp_train fails on the first training example: "
+                                   f"{e}") from None
     missing = [k for k in keys if k not in example]
     if missing:
         raise validate.ConfigError(
@@ -101,7 +105,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     evaluator = Evaluator(config, objective, mesh, rules)  # checks config.evals (and classifiers)
     source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
                                 config.data.get("data_dir"))
-    transform = transforms.parse(config.data.pp_train)
+    transform = parse_pp(config.data.pp_train, "config.data.pp_train")
     spec = _batch_spec(source, transform, objective.batch_keys, config.batch_size)
     manager = ckpt.make_manager(workdir, keep=config.get("keep_checkpoints", 3),
                                 keep_period=config.get("keep_period") or None)

@@ -79,6 +79,21 @@ def test_pipeline_missing_a_batch_key(tiny_config, tmp_path):
     assert "swap_words" in msg and not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("evals.bad", dict(type="nope"), "config.evals.bad.type='nope'; valid: ['knn'"),
+    ("data.pp_train", "resize(32)|nosuchop", "config.data.pp_train: unknown op 'nosuchop'"),
+    ("data.pp_eval", "resize(", "config.data.pp_eval: cannot parse op 'resize('"),
+    ("data.pp_train", "keep('nope')", "config.data.pp_train fails on the first training example"),
+])
+def test_bad_evals_and_pp_strings(tiny_config, tmp_path, key, value, expected):
+    c = tiny_config("mae")
+    section, name = key.split(".")
+    c[section][name] = value
+    msg = _error(c, tmp_path)
+    assert expected in msg, msg
+    assert not os.path.exists(tmp_path) or not os.listdir(tmp_path)
+
+
 def test_impossible_mesh(tiny_config, tmp_path):
     msg = _error(tiny_config("mae", mesh={"data": 3, "fsdp": 1, "tensor": 1}), tmp_path)
     assert "config.mesh" in msg
