@@ -1,0 +1,75 @@
+"""Caption ops for ``fmjax.data.transforms`` pipelines: ``tokenize`` and ``swap_words``.
+
+Registered with the image ops in ``transforms.OPS``, so pp strings name them the same way.
+"""
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+from fmjax.data.transform_base import Transform
+
+
+class tokenize(Transform):  # noqa: N801
+    """Caption -> int32 token ids ``[context_length]`` (sot + tokens + eot, zero padded;
+    captions longer than the context are truncated, eot kept last). ``tokenizer`` is a
+    name for ``fmjax.data.tokenizer.get_tokenizer`` ('bytes', 'words' + ``vocab_size``, or
+    'clip_bpe' + ``bpe_path``)."""
+
+    def __init__(self, context_length: int = 77, tokenizer: str = "bytes",
+                 bpe_path: Optional[str] = None, vocab_size: Optional[int] = None,
+                 key: str = "caption", outkey: str = "tokens"):
+        from fmjax.data.tokenizer import get_tokenizer
+        self.context_length, self.key, self.outkey = int(context_length), key, outkey
+        self.tokenizer = get_tokenizer(tokenizer, bpe_path, vocab_size)
+
+    def __call__(self, example, rng):
+        out = dict(example)
+        text = example[self.key]
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        out[self.outkey] = self.tokenizer([text], self.context_length)[0]
+        return out
+
+
+class swap_words(Transform):  # noqa: N801
+    """Hard-negative caption (NegCLIP, Yuksekgonul et al. 2023): one whole-word occurrence
+    of a word from ``words`` (case-insensitive) in ``key`` is replaced by a different word of
+    the list, drawn at random, into ``outkey``; ``validkey`` is 1, or 0 when the caption has
+    no such word (``outkey`` is then the caption itself and the objective ignores it).
+
+    E.g. ``swap_words(('circle', 'square', 'star'))``: "a red circle left of a star." ->
+    "a red square left of a star." With the class names as ``words`` the contrastive loss
+    must tell the named shapes apart, which colour or position alone can't do.
+    """
+
+    def __init__(self, words: Sequence[str], key: str = "caption", outkey: str = "neg_caption",
+                 validkey: str = "neg_valid"):
+        self.words = tuple(str(w).lower() for w in words)
+        if len(set(self.words)) < 2:
+            raise ValueError(f"swap_words needs at least two distinct words, got {words!r}")
+        self.key, self.outkey, self.validkey = key, outkey, validkey
+        alternatives = "|".join(re.escape(w) for w in sorted(set(self.words), key=len, reverse=True))
+        self._pattern = re.compile(rf"\b({alternatives})\b", re.IGNORECASE)
+
+    def __getstate__(self):  # the compiled pattern is rebuilt on unpickling
+        return {k: v for k, v in vars(self).items() if k != "_pattern"}
+
+    def __setstate__(self, state):
+        self.__init__(state["words"], state["key"], state["outkey"], state["validkey"])
+
+    def __repr__(self):
+        return f"swap_words(words={self.words!r}, key={self.key!r}, outkey={self.outkey!r})"
+
+    def __call__(self, example, rng):
+        out = dict(example)
+        text = example[self.key]
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        found = list(self._pattern.finditer(text))
+        if not found:
+            out[self.outkey], out[self.validkey] = text, np.int32(0)
+            return out
+        m = found[int(rng.integers(len(found)))]
+        others = [w for w in dict.fromkeys(self.words) if w != m.group(0).lower()]
+        out[self.outkey] = text[:m.start()] + others[int(rng.integers(len(others)))] + text[m.end():]
+        out[self.validkey] = np.int32(1)
+        return out
