@@ -4,6 +4,10 @@
 (U-Net, DiT) zero their output layers, so a parity or gradient test on raw init would
 compare zeros.
 """
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,3 +24,36 @@ def perturb(params, seed: int = 0, scale: float = 0.1):
 def normal_images(b: int = 2, size: int = 16, c: int = 3, seed: int = 0) -> jax.Array:
     """(b, size, size, c) float32 N(0, 1) images (channels last)."""
     return jax.random.normal(jax.random.PRNGKey(seed), (b, size, size, c))
+
+
+# -- Command-line drills (tests/reliability): run a launcher, check its one-line error. --------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(script: str, *args: str, devices: int = 1, timeout: float = 600, env=None):
+    """Runs ``launch/<script>.py args`` from the repository root in a fresh process.
+
+    Returns the ``subprocess.CompletedProcess`` (text stdout / stderr). ``devices``
+    simulated CPU devices; the persistent compilation cache of the test session is kept.
+    """
+    full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                    JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    full_env.pop("FMJAX_TRACEBACK", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(REPO, "launch", f"{script}.py"), *args],
+                          cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *texts: str, code: int = 2) -> str:
+    """``proc`` exited with ``code`` and its stderr ends in exactly one ``fmjax: error:`` line
+    containing every string of ``texts``, with no traceback anywhere. Returns that line."""
+    err = proc.stderr
+    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}:\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines, f"empty stderr; stdout:\n{proc.stdout[-2000:]}"
+    errors = [ln for ln in lines if ln.startswith("fmjax: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err[-3000:]
+    for text in texts:
+        assert text in errors[0], errors[0]
+    return errors[0]

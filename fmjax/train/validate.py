@@ -10,11 +10,9 @@ import jax
 from fmjax.data import sources
 from fmjax.parallel import mesh as mesh_lib
 
+from fmjax.errors import ConfigError  # noqa: F401  (re-exported: fmjax.train.validate.ConfigError)
+
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def check(config, objective, mesh) -> None:
