@@ -15,6 +15,13 @@ import sys
 from absl import flags
 
 EXIT_BAD_INPUT = 2
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def config_path(spec: str) -> str:
+    """The file of ``--config=FILE[:preset]`` (ml_collections' ``config_filename`` keeps the preset)."""
+    path, sep, preset = spec.rpartition(":")
+    return path if sep and path.endswith(".py") and "/" not in preset else spec
 
 
 def _fail(msg: str):
@@ -33,7 +40,8 @@ def _last_line(err: Exception) -> str:
 def _load_config(argv: list[str]):
     """The config named by ``--config=FILE[:preset]`` in ``argv``, loaded without overrides."""
     spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
-    path, _, preset = spec.partition(":")
+    path = config_path(spec)
+    preset = spec[len(path) + 1:]
     module_spec = importlib.util.spec_from_file_location("_fmjax_cli_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -76,12 +84,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl ``flags_parser``: parses ``argv``; bad flags end with one line and exit code 2."""
     try:
         rest = flags.FLAGS(argv)
+    except SystemExit as e:  # absl's --help / --helpshort / --helpfull print, then exit 1
+        if any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+            sys.stdout.flush()
+            sys.exit(0)
+        raise
     except flags.Error as e:
         _fail(f"{_last_line(e)} (see --helpshort).")
     except (AttributeError, KeyError) as e:  # ml_collections: an override names no config field
         _fail(_unknown_key_message(argv, e.args[0] if e.args else e))
     if "config" in flags.FLAGS and flags.FLAGS["config"].present:
-        path = flags.FLAGS["config"].config_filename
+        path = config_path(flags.FLAGS["config"].config_filename)
         if not os.path.isfile(path):
             _fail(f"config file {path!r} not found (give its path, e.g. "
                   f"--config=configs/mae.py, relative to {os.getcwd()}).")

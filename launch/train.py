@@ -27,8 +27,9 @@ def main(argv):
     from fmjax.train.errors import run_with_clean_errors
     from fmjax.train.loop import train_and_evaluate
     config = FLAGS.config
+    from fmjax.cli import config_path
     workdir = FLAGS.workdir or os.path.join(
-        "workdirs", os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0])
+        "workdirs", os.path.splitext(os.path.basename(config_path(FLAGS["config"].config_filename)))[0])
     run_with_clean_errors(train_and_evaluate, config, workdir)
 
 

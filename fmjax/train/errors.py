@@ -5,11 +5,12 @@ import os
 import sys
 import traceback
 
+from fmjax.errors import ConfigError, DataError, NonFiniteError, WorkdirBusyError
 from fmjax.train.checkpoint import IncompatibleCheckpointError
-from fmjax.train.validate import ConfigError
 
 # Errors that describe bad input; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, IncompatibleCheckpointError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (ConfigError, DataError, IncompatibleCheckpointError, FileNotFoundError,
+               FloatingPointError, NonFiniteError, WorkdirBusyError)
 
 
 def run_with_clean_errors(fn, *args, **kwargs):
