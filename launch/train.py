@@ -16,6 +16,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.p
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl, TensorBoard events and images go "
                     "(default: workdirs/<config name>).")
+flags.DEFINE_bool("check_only", False, "Run every config check (config, data, pipeline, optimizer, "
+                  "sharding, workdir), print a summary and exit without writing or compiling.")
 FLAGS = flags.FLAGS
 
 
@@ -30,7 +32,7 @@ def main(argv):
     from fmjax.cli import config_path
     workdir = FLAGS.workdir or os.path.join(
         "workdirs", os.path.splitext(os.path.basename(config_path(FLAGS["config"].config_filename)))[0])
-    run_with_clean_errors(train_and_evaluate, config, workdir)
+    run_with_clean_errors(train_and_evaluate, config, workdir, check_only=FLAGS.check_only)
 
 
 if __name__ == "__main__":

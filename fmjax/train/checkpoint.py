@@ -2,13 +2,17 @@
 
 ``DIR/checkpoints/<step>/{state,data,meta}``. Saves are async; a save that was
 interrupted leaves a ``*.orbax-checkpoint-tmp`` dir that the manager ignores, so
-the latest *complete* step is always what a resume restores.
+the latest *complete* step is always what a resume restores. A complete step that
+cannot be read (a truncated file, a disk error) is skipped with a one-line warning:
+``restore_latest`` falls back to the newest readable step and never deletes anything.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -19,6 +23,31 @@ from fmjax.data import pipeline
 
 class IncompatibleCheckpointError(ValueError):
     pass
+
+
+class UnreadableCheckpointError(IncompatibleCheckpointError):
+    """Checkpoints exist but none of them can be read."""
+
+
+def warn(msg: str):
+    if jax.process_index() == 0:
+        print(f"fmjax: warning: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
+
+
+def structure(abstract_state) -> dict[str, str]:
+    """A digest of the tree structure, shapes and dtypes of each part of a TrainState.
+
+    Stored in the checkpoint's meta, so a resume whose optimizer (or model) builds a
+    different state is refused with one line before Orbax tries to restore into it.
+    """
+    out = {}
+    for f in dataclasses.fields(abstract_state):
+        tree = getattr(abstract_state, f.name)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        text = str(treedef) + "".join(
+            f"{jax.tree_util.keystr(k)}:{getattr(v, 'shape', ())}:{getattr(v, 'dtype', '')};" for k, v in leaves)
+        out[f.name] = hashlib.sha1(text.encode()).hexdigest()[:16]
+    return out
 
 
 def make_manager(workdir: str, keep: int = 3, keep_period: int | None = None,
@@ -36,8 +65,13 @@ def fingerprint(config) -> dict[str, Any]:
     return {k: cfg.get(k) for k in ("model", "objective")}
 
 
+OPTIMIZER_STRUCTURE_KEYS = ("name", "clip_norm", "clip_mode", "weight_decay_end")
+
+
 def save(manager, step: int, state, data_iter, config, force: bool = False) -> bool:
-    meta = dict(fingerprint=fingerprint(config), step=int(step),
+    meta = dict(fingerprint=fingerprint(config), step=int(step), structure=structure(state),
+                optimizer={k: config.optimizer.get(k) for k in OPTIMIZER_STRUCTURE_KEYS}
+                if hasattr(config, "optimizer") else None,
                 config=json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else None,
                 versions=dict(jax=jax.__version__))
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
@@ -46,19 +80,116 @@ def save(manager, step: int, state, data_iter, config, force: bool = False) -> b
     return manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
 
+def read_meta(manager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def check_meta(meta: dict, config, directory, abstract_state=None, parts=None) -> None:
+    """Raises a one-line ``IncompatibleCheckpointError`` if the checkpoint described by
+    ``meta`` was written by another model / objective config, or (given the abstract state)
+    holds a state of another structure, e.g. a resume with a different optimizer."""
+    saved, now = _normalise(meta.get("fingerprint", {})), _normalise(fingerprint(config))
+    if saved != now:
+        diffs = _diff(saved, now)
+        raise IncompatibleCheckpointError(
+            f"{directory} holds checkpoints of an incompatible config ({'; '.join(diffs[:4])}); "
+            "use a new --workdir, or restore the original config to resume.")
+    if abstract_state is None or "structure" not in meta:
+        return
+    have = structure(abstract_state)
+    changed = [k for k in (parts or have) if k in meta["structure"] and meta["structure"][k] != have[k]]
+    if not changed:
+        return
+    if "opt_state" in changed and meta.get("optimizer") is not None:
+        now_opt = {k: config.optimizer.get(k) for k in OPTIMIZER_STRUCTURE_KEYS}
+        diffs = _diff(_normalise(meta["optimizer"]), _normalise(now_opt), "optimizer.")
+        raise IncompatibleCheckpointError(
+            f"{directory} was trained with another optimizer state ({'; '.join(diffs[:4]) or 'its structure differs'}); "
+            "resume with the original config.optimizer settings, or use a new --workdir.")
+    raise IncompatibleCheckpointError(
+        f"{directory} holds a train state whose {', '.join(changed)} differ from this config's; "
+        "resume with the original config, or use a new --workdir.")
+
+
 def check_compatible(manager, config) -> int | None:
     """Returns the latest step, raising a one-line error if it was written by another config."""
     step = manager.latest_step()
     if step is None:
         return None
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    saved, now = _normalise(meta.get("fingerprint", {})), _normalise(fingerprint(config))
-    if saved != now:
-        diffs = _diff(saved, now)
-        raise IncompatibleCheckpointError(
-            f"{manager.directory} holds checkpoints of an incompatible config ({'; '.join(diffs[:4])}); "
-            "use a new --workdir, or restore the original config to resume.")
+    check_meta(read_meta(manager, step), config, manager.directory)
     return step
+
+
+def _short(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(err).__name__
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def restore_latest(manager, config, abstract_state, shardings, data_iter=None, step=None,
+                   with_opt_state: bool = True, move_unreadable_to: str | None = None):
+    """``(step, state)`` of the newest readable checkpoint (or of ``step``), or ``(None, None)``.
+
+    A complete step that cannot be read is skipped with a one-line warning naming its
+    folder; with ``move_unreadable_to`` (training) the folder is moved there, not deleted,
+    so later saves and rotation never touch it. A config or state-structure mismatch is an
+    ``IncompatibleCheckpointError`` (not skipped). If checkpoints exist but none can be
+    read, ``UnreadableCheckpointError`` names them: a run never restarts from 0 silently.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None:
+        if int(step) not in steps:
+            raise IncompatibleCheckpointError(
+                f"no checkpoint {step} in {manager.directory}; available: {sorted(steps)}.")
+        steps = [int(step)]
+    parts = None if with_opt_state else ["params", "extra", "step", "rng"]
+    bad = []
+    for s in steps:
+        folder = os.path.join(str(manager.directory), str(s))
+        try:
+            meta = read_meta(manager, s)
+        except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+            bad.append((s, folder, e))
+            continue
+        check_meta(meta, config, manager.directory, abstract_state, parts)
+        try:
+            state = restore(manager, s, abstract_state, shardings, data_iter, with_opt_state)
+        except Exception as e:  # noqa: BLE001
+            bad.append((s, folder, e))
+            continue
+        for bs, bfolder, e in bad:
+            where = bfolder
+            if move_unreadable_to:
+                where = _move_aside(bfolder, move_unreadable_to)
+            warn(f"checkpoint {bfolder} cannot be read ({_short(e)}); "
+                 + (f"moved it to {where} (not deleted); " if move_unreadable_to else "")
+                 + f"using step {s} instead.")
+        if bad and move_unreadable_to:
+            manager.reload()
+        return s, state
+    if bad:
+        folders = ", ".join(f for _, f, _ in bad)
+        raise UnreadableCheckpointError(
+            f"no checkpoint in {manager.directory} can be read ({folders}; first error: {_short(bad[0][2])}); "
+            "nothing was changed. Move those folders aside to start again from step 0, or restore them "
+            "from a backup.")
+    return None, None
+
+
+def _move_aside(folder: str, dest_root: str) -> str:
+    """Moves an unreadable step folder to ``dest_root/<step>[-k]`` (process 0); returns the path."""
+    name = os.path.basename(folder.rstrip("/"))
+    dest = os.path.join(dest_root, name)
+    k = 1
+    while os.path.exists(dest):
+        dest, k = os.path.join(dest_root, f"{name}-{k}"), k + 1
+    if jax.process_index() == 0:
+        os.makedirs(dest_root, exist_ok=True)
+        os.replace(folder, dest)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("fmjax_move_unreadable_checkpoint")
+    return dest
 
 
 def restore(manager, step: int, abstract_state, shardings, data_iter, with_opt_state: bool = True):
@@ -93,7 +224,7 @@ def _normalise(tree: Mapping) -> Any:
     return json.loads(json.dumps(tree, sort_keys=True, default=str))
 
 
-def _diff(a, b, prefix="") -> list[str]:
+def _diff(a, b, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):

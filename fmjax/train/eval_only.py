@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 
 from fmjax.data import sources, transforms
 from fmjax.evals import generation as gen_lib
+from fmjax.errors import NonFiniteError
 from fmjax.train import checkpoint as ckpt
+from fmjax.train import workdir as workdir_lib
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train.evaluate import Evaluator
@@ -24,7 +27,7 @@ from fmjax.train.writer import MetricWriter, log
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir_lib.resolve(workdir), "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by launch/train.py.")
     with open(path) as f:
@@ -43,15 +46,17 @@ def abstract_state(config, objective, mesh, rules):
 
 
 def load_checkpoint(workdir: str, config=None, step: int | None = None, devices=None):
-    """Restores the sharded TrainState of ``workdir`` (latest checkpoint or ``step``).
+    """Restores the sharded TrainState of ``workdir`` (latest readable checkpoint or ``step``).
 
     ``config`` defaults to ``DIR/config.json``; ``devices`` to all (the mesh comes from
     ``config.mesh`` over them, so a checkpoint restores onto any device count).
     Returns ``(config, objective, mesh, rules, state, step)``; ``state.opt_state`` is None
     (not read from disk: evaluation and sampling do not need it). A missing workdir, config
-    or checkpoint is a one-line ``FileNotFoundError`` / ``ConfigError``.
+    or checkpoint, a config whose model / objective differ from the checkpoint's, and a
+    checkpoint holding NaN / inf params are one-line errors. An unreadable latest step is
+    skipped with a warning (nothing is moved or deleted).
     """
-    workdir = os.path.abspath(workdir)
+    workdir = workdir_lib.resolve(workdir)
     config = config or load_workdir_config(workdir)
     objective, mesh, rules = build(config, devices)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # the manager would create it
@@ -59,22 +64,32 @@ def load_checkpoint(workdir: str, config=None, step: int | None = None, devices=
                           "(train first with launch/train.py --workdir=...).")
     manager = ckpt.make_manager(workdir, async_save=False)
     try:
-        available = sorted(manager.all_steps())
-        step = manager.latest_step() if step is None else int(step)
-        if step is None or step not in available:
-            raise ConfigError(f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints; "
-                              f"available: {available}.")
+        if step is None and manager.latest_step() is None:
+            raise ConfigError(f"no checkpoint in {workdir}/checkpoints; available: [] "
+                              "(train first with launch/train.py --workdir=...).")
         abstract, shardings = abstract_state(config, objective, mesh, rules)
-        state = ckpt.restore(manager, step, abstract, shardings, data_iter=None, with_opt_state=False)
+        step, state = ckpt.restore_latest(manager, config, abstract, shardings, step=step,
+                                          with_opt_state=False)
     finally:
         manager.close()
+    check_finite_params(state, step, workdir)
     return config, objective, mesh, rules, state, step
+
+
+def check_finite_params(state, step, workdir) -> None:
+    """A checkpoint with NaN / inf params is an error naming its step (evaluating it would
+    report plausible-looking numbers: kNN on NaN features still picks neighbours)."""
+    bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(
+        (state.params, state.extra))[0] if not bool(jax.numpy.isfinite(v).all())]
+    if bad:
+        raise NonFiniteError(f"checkpoint step {step} in {workdir}/checkpoints holds non-finite values "
+                             f"({len(bad)} arrays, e.g. {bad[0]}); evaluate an earlier step with --step=N.")
 
 
 def evaluate_checkpoint(workdir: str, config=None, step: int | None = None, evals=None) -> dict:
     """Restores ``workdir``'s checkpoint (latest or ``step``) and runs ``config.evals``
     (or the named subset ``evals``); writes the metrics to metrics.jsonl and returns them."""
-    workdir = os.path.abspath(workdir)
+    workdir = workdir_lib.resolve(workdir)
     config = config or load_workdir_config(workdir)
     names = list(evals or config.evals.keys())
     unknown = [n for n in names if n not in config.evals]

@@ -24,6 +24,7 @@ from fmjax.evals import knn as knn_lib
 from fmjax.evals import linear_probe as probe_lib
 from fmjax.evals import retrieval as retrieval_lib
 from fmjax.evals import zero_shot as zero_shot_lib
+from fmjax.errors import NonFiniteError
 from fmjax.train.state import mesh_context
 from fmjax.train.validate import ConfigError
 
@@ -71,6 +72,7 @@ class Evaluator:
             if ev.get("type") == "generation":
                 self._check_generation(name, ev)
         self._classifiers, self._generators, self._real_accuracy = {}, {}, {}
+        self._step = 0
 
     def due(self, step: int, total_steps: int) -> list[str]:
         out = []
@@ -109,7 +111,13 @@ class Evaluator:
                 if with_text:
                     texts.append(gather(self._text_fn(params, extra, batch["tokens"]))[v])
         out = (np.concatenate(feats).astype(np.float32), np.concatenate(labels))
-        return out + (np.concatenate(texts).astype(np.float32),) if with_text else out
+        out = out + (np.concatenate(texts).astype(np.float32),) if with_text else out
+        for name, x in (("image features", out[0]), ("text features", out[-1] if with_text else out[0])):
+            if not np.isfinite(x).all():
+                raise NonFiniteError(f"the model's {name} on {split} are not finite at step "
+                                     f"{int(jax.device_get(self._step))}: the weights hold NaN/inf; "
+                                     "evaluate an earlier checkpoint (--step=N).")
+        return out
 
     def _embed_prompts(self, params, extra, prompts, batch_size: int = 256):
         """Text embeddings of prompt strings (same on every process: replicated inputs)."""
@@ -125,6 +133,7 @@ class Evaluator:
     # -- evaluators -------------------------------------------------------------------------
     def run(self, names, state, writer, step: int) -> dict:
         metrics = {}
+        self._step = step
         for name in names:
             ev = self.config.evals[name]
             kind = ev["type"]
@@ -223,7 +232,7 @@ class Evaluator:
     def _classifier(self, workdir, image_shape):
         """The classifier of ``workdir``, restored once onto this evaluator's devices."""
         from fmjax.train.eval_only import load_classifier  # eval_only imports this module
-        key = os.path.abspath(workdir)
+        key = os.path.abspath(os.path.expanduser(workdir))
         if key not in self._classifiers:
             self._classifiers[key] = load_classifier(key, self.objective.num_classes, image_shape,
                                                      devices=list(self.mesh.devices.flat))[0]
@@ -247,7 +256,7 @@ class Evaluator:
         out = gen_lib.accuracy_metrics(pred, labels, num_classes, names,
                                        per_class=ev.get("per_class", num_classes <= 100))
         split = ev.get("split", "validation")
-        key = (os.path.abspath(ev["classifier_workdir"]), split, ev.get("examples"))
+        key = (os.path.abspath(os.path.expanduser(ev["classifier_workdir"])), split, ev.get("examples"))
         if key not in self._real_accuracy:
             self._real_accuracy[key] = classifier.accuracy(self._source(split, ev.get("examples")))
         out["classifier_real_accuracy"] = self._real_accuracy[key]

@@ -21,31 +21,49 @@ from fmjax.train import checkpoint as ckpt
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train import step as step_lib
+from fmjax.errors import NonFiniteError
 from fmjax.train import validate
+from fmjax.train import workdir as workdir_lib
 from fmjax.train.evaluate import Evaluator, parse_pp
-from fmjax.train.writer import MetricWriter, Progress, log
+from fmjax.train.writer import MetricWriter, Progress, log, truncate_metrics
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training, after the current step was saved; exit code 130."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag checked once per step (save, then exit 0)."""
+    """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag checked once per step: the
+    loop saves the step, then exits 0 (SIGTERM) or raises ``Interrupted`` (SIGINT, exit 130).
+    A second Ctrl-C interrupts at once (the saves already committed stay restorable)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum = None
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, self.signum or signum
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
     def sync(self) -> bool:
         """All processes agree to stop if any of them was asked to."""
@@ -89,17 +107,12 @@ def build(config, devices=None):
         raise validate.ConfigError(str(e)) from None
 
 
-def train_and_evaluate(config, workdir: str, devices=None) -> dict:
-    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns final metrics.
+def check_config(config, workdir: str, devices=None):
+    """Phase 1: every check that needs no write and no compile. Returns what the run needs.
 
-    ``devices``: the devices of the mesh (default all); tests use subsets to restore a
-    checkpoint onto fewer devices than wrote it.
+    Bad input here is a one-line ``ConfigError`` (or a missing-file error), raised before
+    anything is written to ``workdir``.
     """
-    workdir = os.path.abspath(workdir)
-    log(f"== fmjax: {config.objective.name} | workdir {workdir} | "
-        f"{jax.process_count()} process(es), {len(devices or jax.devices())} device(s) ({jax.devices()[0].platform})")
-
-    # -- 1. Check the config: every error here is one line, before any compile. ---------------
     objective, mesh, rules = build(config, devices)
     validate.check(config, objective, mesh)
     evaluator = Evaluator(config, objective, mesh, rules)  # checks config.evals (and classifiers)
@@ -107,100 +120,238 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
                                 config.data.get("data_dir"))
     transform = parse_pp(config.data.pp_train, "config.data.pp_train")
     spec = _batch_spec(source, transform, objective.batch_keys, config.batch_size)
-    manager = ckpt.make_manager(workdir, keep=config.get("keep_checkpoints", 3),
-                                keep_period=config.get("keep_period") or None)
-    latest = ckpt.check_compatible(manager, config)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-    # -- 2. Data. -------------------------------------------------------------------------------
-    data_iter = pipeline.make_train_iterator(
-        source, global_batch_size=config.batch_size, transform=transform, seed=config.seed,
-        worker_count=config.data.get("worker_count", 0))
-    log(f"== data: {config.data.name} ({len(source)} train examples), global batch {config.batch_size}, "
-        f"mesh {dict(mesh.shape)}")
-
-    # -- 3. Model, optimizer and sharded state. --------------------------------------------------
-    tx, schedule = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
+    validate.check_pipeline_matches(config, transform, spec)
+    try:
+        tx, schedule = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
+    except ValueError as e:
+        raise validate.ConfigError(str(e)) from None
     abstract, shardings, boxed = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     frac = rules_lib.replicated_fraction(shardings.params, boxed)
-    log(f"== model: {n_params / 1e6:.2f}M params; {frac:.0%} of large-param bytes replicated "
-        f"(sharding preset {config.get('sharding', 'fsdp')!r})")
     if mesh.shape["fsdp"] > 1 and frac > config.get("max_replicated_fraction", 0.5):
         raise validate.ConfigError(
             f"mesh fsdp={mesh.shape['fsdp']} leaves {frac:.0%} of large params replicated; "
             "use --config.sharding=fsdp or a smaller fsdp axis.")
-    if latest is None:
-        state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings)
-        start = 0
-    else:
-        log(f"== resuming from step {latest}")
-        state = ckpt.restore(manager, latest, abstract, shardings, data_iter)
-        start = int(latest)
+    validate.check_workdir(workdir, create=False)
+    return dict(objective=objective, mesh=mesh, rules=rules, evaluator=evaluator, source=source,
+                transform=transform, spec=spec, tx=tx, schedule=schedule, abstract=abstract,
+                shardings=shardings, n_params=n_params, replicated=frac)
 
-    # -- 4. Compile ahead of time. ---------------------------------------------------------------
-    batch_sh = mesh_lib.batch_sharding(mesh)
-    step_fn = step_lib.make_train_step(objective, tx, schedule, rules, config.get("grad_accum_steps", 1))
-    jitted = step_lib.jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sh, spec))
-    with state_lib.mesh_context(mesh):
-        compiled = jitted.lower(state, spec).compile()
-    mem = compiled.memory_analysis()
-    if mem is not None and hasattr(mem, "temp_size_in_bytes"):
-        log(f"== compiled: temp {mem.temp_size_in_bytes / 2**20:.1f} MiB, "
-            f"args {mem.argument_size_in_bytes / 2**20:.1f} MiB per device")
 
-    # -- 5. Train. --------------------------------------------------------------------------------
-    writer = MetricWriter(workdir, config.total_steps)
-    progress = Progress(config.total_steps, config.batch_size, start)
-    final: dict = {}
-    if start == 0 and config.get("eval_at_start", True) and config.evals:
-        final.update(evaluator.run(list(config.evals), state, writer, 0))
-        writer.write(0, final)
-        log(f"   eval @0: {_fmt(final)}")
-    step = start
-    with _Preemption() as preempt:
-        while step < config.total_steps:
-            local = next(data_iter)
-            batch = pipeline.global_batch(_host_arrays(local, spec), mesh)
-            state, metrics = compiled(state, batch)
-            step += 1
-            if step % config.log_every == 0 or step == config.total_steps:
-                metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(metrics["train/loss"]):
-                    raise FloatingPointError(
-                        f"train/loss is {metrics['train/loss']} at step {step}; nothing was saved for "
-                        "this step. Lower the learning rate or enable clipping (--config.optimizer.clip_norm=1).")
-                metrics.update(progress.rates(step))
-                writer.write(step, metrics)
-                log(progress.line(step, metrics))
-                warning = objective.health(metrics) if hasattr(objective, "health") else None
-                if warning:  # e.g. DINO's collapse monitors
-                    log(f"   WARNING @{step}: {warning}")
-                final.update(metrics)
-            stop = preempt.sync()
-            due = evaluator.due(step, config.total_steps)
-            if due:
-                ev = evaluator.run(due, state, writer, step)
-                if ev:
-                    writer.write(step, ev)
-                    log(f"   eval @{step}: {_fmt(ev)}")
-                    final.update(ev)
-            if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
-                ckpt.save(manager, step, state, data_iter, config, force=stop)
-            if stop:
-                log(f"== SIGTERM: saved step {step}; exiting cleanly")
-                break
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    final["step"] = step
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(final, f, indent=1)
-    return final
+def train_and_evaluate(config, workdir: str, devices=None, check_only: bool = False) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns final metrics.
+
+    ``devices``: the devices of the mesh (default all); tests use subsets to restore a
+    checkpoint onto fewer devices than wrote it. ``check_only``: run every config check,
+    print a summary and return without writing or compiling anything.
+    """
+    workdir = workdir_lib.resolve(workdir)
+    log(f"== fmjax: {config.objective.name} | workdir {workdir} | "
+        f"{jax.process_count()} process(es), {len(devices or jax.devices())} device(s) ({jax.devices()[0].platform})")
+
+    # -- 1. Check the config: every error here is one line, before anything is written. ------
+    run = check_config(config, workdir, devices)
+    mesh = run["mesh"]
+    log(f"== model: {run['n_params'] / 1e6:.2f}M params; {run['replicated']:.0%} of large-param bytes "
+        f"replicated (sharding preset {config.get('sharding', 'fsdp')!r}); batch "
+        + ", ".join(f"{k} {tuple(v.shape)}" for k, v in run["spec"].items()))
+    if check_only:
+        log(f"== config OK ({config.total_steps} steps, global batch {config.batch_size}, mesh "
+            f"{dict(mesh.shape)}); nothing was written")
+        return {}
+    validate.check_workdir(workdir, create=jax.process_index() == 0)
+    with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        return _train(config, workdir, run)
+
+
+def _train(config, workdir: str, run: dict) -> dict:
+    objective, mesh, rules, evaluator = run["objective"], run["mesh"], run["rules"], run["evaluator"]
+    spec, tx, schedule, shardings = run["spec"], run["tx"], run["schedule"], run["shardings"]
+    manager = ckpt.make_manager(workdir, keep=config.get("keep_checkpoints", 3),
+                                keep_period=config.get("keep_period") or None)
+    writer = None
+    try:
+        # -- 2. Data, and the latest readable checkpoint (or a fresh state). ------------------
+        data_iter = pipeline.make_train_iterator(
+            run["source"], global_batch_size=config.batch_size, transform=run["transform"],
+            seed=config.seed, worker_count=config.data.get("worker_count", 0))
+        latest, state = ckpt.restore_latest(
+            manager, config, run["abstract"], shardings, data_iter,
+            move_unreadable_to=os.path.join(workdir, "unreadable_checkpoints"))
+        if latest is not None and latest >= config.total_steps:
+            log(f"== already at step {latest} (total_steps {config.total_steps}): nothing to do; "
+                "the workdir is left as it was")
+            return _read_final(workdir, latest)
+        if jax.process_index() == 0:
+            workdir_lib.write_config(workdir, config, latest or 0)
+            dropped = truncate_metrics(workdir, latest if latest is not None else -1)
+            if dropped:
+                log(f"== metrics.jsonl: {dropped} row(s) logged after step {latest or 0} moved to "
+                    "metrics_discarded.jsonl (they are logged again)")
+        log(f"== data: {config.data.name} ({len(run['source'])} train examples), global batch "
+            f"{config.batch_size}, mesh {dict(mesh.shape)}")
+        if latest is None:
+            state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings)
+            start = 0
+        else:
+            log(f"== resuming from step {latest}")
+            start = int(latest)
+
+        # -- 3. Compile ahead of time. ------------------------------------------------------------
+        batch_sh = mesh_lib.batch_sharding(mesh)
+        policy = config.get("nonfinite", "stop")
+        step_fn = step_lib.make_train_step(objective, tx, schedule, rules,
+                                           config.get("grad_accum_steps", 1), nonfinite=policy)
+        jitted = step_lib.jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sh, spec))
+        with state_lib.mesh_context(mesh):
+            compiled = jitted.lower(state, spec).compile()
+        mem = compiled.memory_analysis()
+        if mem is not None and hasattr(mem, "temp_size_in_bytes"):
+            log(f"== compiled: temp {mem.temp_size_in_bytes / 2**20:.1f} MiB, "
+                f"args {mem.argument_size_in_bytes / 2**20:.1f} MiB per device")
+
+        # -- 4. Train. -------------------------------------------------------------------------------
+        writer = MetricWriter(workdir, config.total_steps)
+        progress = Progress(config.total_steps, config.batch_size, start)
+        guard = _FiniteGuard(policy, manager, workdir)
+        final: dict = {}
+        step = start
+        with _Preemption() as preempt:
+            if start == 0 and config.get("eval_at_start", True) and config.evals:
+                final.update(evaluator.run(list(config.evals), state, writer, 0))
+                writer.write(0, final)
+                log(f"   eval @0: {_fmt(final)}")
+            while step < config.total_steps:
+                local = next(data_iter)
+                batch = pipeline.global_batch(_host_arrays(local, spec), mesh)
+                state, metrics = compiled(state, batch)
+                step += 1
+                guard.after_dispatch(step, metrics)  # checks the previous step (no pipeline stall)
+                if step % config.log_every == 0 or step == config.total_steps:
+                    metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+                    guard.check(step, metrics)
+                    metrics.update(progress.rates(step))
+                    metrics["train/skipped_steps"] = float(guard.skipped)
+                    writer.write(step, metrics)
+                    log(progress.line(step, metrics))
+                    warning = objective.health(metrics) if hasattr(objective, "health") else None
+                    if warning:  # e.g. DINO's collapse monitors
+                        log(f"   WARNING @{step}: {warning}")
+                    final.update(metrics)
+                stop = preempt.sync()
+                due = evaluator.due(step, config.total_steps)
+                if due:
+                    guard.check_now(step)
+                    ev = evaluator.run(due, state, writer, step)
+                    if ev:
+                        writer.write(step, ev)
+                        log(f"   eval @{step}: {_fmt(ev)}")
+                        final.update(ev)
+                if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
+                    guard.check_now(step)  # never save a non-finite state
+                    ckpt.save(manager, step, state, data_iter, config, force=stop)
+                if stop:
+                    manager.wait_until_finished()
+                    if preempt.signum == signal.SIGINT:
+                        raise Interrupted(f"interrupted (Ctrl-C) at step {step}; saved checkpoint {step} "
+                                          f"in {workdir}/checkpoints; run the same command to resume.")
+                    log(f"== SIGTERM: saved step {step}; exiting cleanly")
+                    break
+        manager.wait_until_finished()
+        final["step"] = step
+        if jax.process_index() == 0:
+            tmp = os.path.join(workdir, "final_metrics.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                           for k, v in final.items()}, f, indent=1)
+            os.replace(tmp, os.path.join(workdir, "final_metrics.json"))
+        return final
+    finally:
+        # Any exit (an error, Ctrl-C, a NaN): finish the saves already started, so the last
+        # committed step stays restorable, then release Orbax's threads quietly.
+        try:
+            manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - a failed save must not hide the original error
+            ckpt.warn(f"a checkpoint save did not finish ({type(e).__name__}: {e}); the previous "
+                      "committed step is still restorable.")
+        try:
+            manager.close()
+        except Exception:  # noqa: BLE001
+            pass
+        if writer is not None:
+            writer.close()
+
+
+class _FiniteGuard:
+    """Host side of the step's on-device finiteness check (``metrics['finite']``).
+
+    ``stop``: the first non-finite step ends the run with one line naming it and the last
+    good checkpoint; the state after it is never saved. The flag of step s is read after
+    step s+1 was dispatched, so the check does not stall the device pipeline, and right
+    before any save or eval. ``skip_step``: counts the skipped steps; more than
+    ``MAX_CONSECUTIVE`` in a row end the run the same way.
+    """
+    MAX_CONSECUTIVE = 20
+
+    def __init__(self, policy, manager, workdir):
+        self.policy, self.manager, self.workdir = policy, manager, workdir
+        self.pending = None  # (step, device metrics) not yet checked
+        self.skipped = 0
+        self._consecutive = 0
+
+    def after_dispatch(self, step, metrics):
+        previous, self.pending = self.pending, (step, metrics)
+        if previous is not None:
+            self._check_device(*previous)
+
+    def check_now(self, step):
+        if self.pending is not None and self.pending[0] == step:
+            self._check_device(*self.pending)
+            self.pending = None
+
+    def check(self, step, host_metrics):
+        if self.pending is not None and self.pending[0] == step:
+            self.pending = None
+        self._verdict(step, host_metrics.get("train/finite", 1.0) > 0, host_metrics)
+
+    def _check_device(self, step, metrics):
+        finite = float(jax.device_get(metrics["finite"])) > 0
+        if not finite:
+            metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        self._verdict(step, finite, metrics)
+
+    def _verdict(self, step, finite, metrics):
+        if finite:
+            self._consecutive = 0
+            return
+        if self.policy == "skip_step":
+            self.skipped += 1
+            self._consecutive += 1
+            log(f"   WARNING @{step}: non-finite loss or gradient; step skipped (state unchanged; "
+                f"{self.skipped} skipped so far)")
+            if self._consecutive <= self.MAX_CONSECUTIVE:
+                return
+        self.manager.wait_until_finished()
+        good = self.manager.latest_step()
+        where = (f"the last good checkpoint is step {good} ({self.workdir}/checkpoints/{good}); re-running "
+                 "the same command resumes from it" if good is not None else "no checkpoint was saved yet")
+        what = ", ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in ("train/loss", "train/grad_norm")
+                         if k in metrics)
+        raise NonFiniteError(
+            f"non-finite training state at step {step} ({what}"
+            + (f"; {self._consecutive} steps in a row skipped" if self.policy == "skip_step" else "")
+            + f"); it was not saved; {where}. Lower the learning rate or enable clipping "
+            "(--config.optimizer.clip_norm=1)"
+            + (" or set --config.nonfinite=skip_step." if self.policy == "stop" else "."))
+
+
+def _read_final(workdir: str, step: int) -> dict:
+    path = os.path.join(workdir, "final_metrics.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"step": step}
 
 
 def _fmt(metrics: dict) -> str:

@@ -34,8 +34,20 @@ def mask_update(tx, mask, updates, new_opt_state, old_opt_state):
     return updates, opt_state
 
 
-def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1):
-    """Returns ``step(state, batch) -> (state, metrics)`` (not yet jitted)."""
+NONFINITE_POLICIES = ("stop", "skip_step")
+
+
+def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1, nonfinite: str = "stop"):
+    """Returns ``step(state, batch) -> (state, metrics)`` (not yet jitted).
+
+    Every step checks on device that the loss, the gradient norm and the new params' norm
+    are finite (``metrics['finite']``, 1.0 or 0.0; three scalars it computes anyway).
+    ``nonfinite='stop'``: the state is returned as computed and the loop stops before it
+    saves it. ``'skip_step'`` (big_vision / MaxText style): a non-finite step leaves params,
+    optimizer state and objective state as they were, only the step counter moves on.
+    """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"config.nonfinite={nonfinite!r}; valid: {list(NONFINITE_POLICIES)}.")
 
     def loss_and_grad(params, extra, batch, rng, step):
         grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
@@ -74,11 +86,17 @@ def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1):
             if hasattr(objective, "project_params"):  # constraints, e.g. CLIP's logit-scale clamp
                 params = objective.project_params(params, state.step)
             extra = objective.after_update(params, extra, state.step)
+            grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+            if nonfinite == "skip_step":
+                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+                params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+                extra = keep(extra, state.extra)
             new_state = state.replace(step=state.step + 1, params=params,
                                       opt_state=opt_state, extra=extra)
             metrics = dict(metrics)
-            metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                           param_norm=optax.global_norm(params), lr=schedule(state.step))
+            metrics.update(loss=loss, grad_norm=grad_norm, param_norm=param_norm,
+                           lr=schedule(state.step), finite=finite.astype(jnp.float32))
         return new_state, metrics
 
     return step_fn

@@ -18,6 +18,8 @@ DTYPES = ("float32", "bfloat16")
 def check(config, objective, mesh) -> None:
     dp = mesh_lib.batch_parallelism(mesh)
     bs = int(config.batch_size)
+    if bs <= 0:
+        raise ConfigError(f"batch_size must be positive, got {bs}; e.g. --config.batch_size={max(dp, 8)}.")
     if bs % dp:
         raise ConfigError(
             f"global batch_size={bs} is not divisible by the data-parallel size {dp} "
@@ -38,9 +40,19 @@ def check(config, objective, mesh) -> None:
             f"image size {size} is not divisible by the patch size {patch}; "
             f"use an image size that is a multiple of {patch} (e.g. {size // patch * patch or patch}).")
     _check_vocab(config)
-    for key in ("total_steps", "log_every", "checkpoint_every"):
+    for key in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         if int(config.get(key, 1)) <= 0:
-            raise ConfigError(f"{key} must be positive, got {config.get(key)}.")
+            raise ConfigError(f"{key} must be positive, got {config.get(key)}"
+                              + (" (0 would delete every checkpoint, the final one included); keep at "
+                                 "least 1, e.g. --config.keep_checkpoints=3." if key == "keep_checkpoints" else "."))
+    for key in ("keep_period", "eval_every"):
+        if int(config.get(key) or 0) < 0:
+            raise ConfigError(f"{key} must be 0 (off) or positive, got {config.get(key)}.")
+    from fmjax.train.step import NONFINITE_POLICIES
+    if config.get("nonfinite", "stop") not in NONFINITE_POLICIES:
+        raise ConfigError(f"config.nonfinite={config.get('nonfinite')!r}; valid: {list(NONFINITE_POLICIES)} "
+                          "(stop: end the run at the first NaN/inf step, nothing non-finite is saved; "
+                          "skip_step: leave the state as it was and go on).")
     try:
         sources.check_source(config.data.name, config.data.get("train_split", "train"),
                              config.data.get("data_dir"))
@@ -65,3 +77,71 @@ def _check_vocab(config) -> None:
         raise ConfigError(
             f"tokenizer {tok!r} yields ids up to {tok.vocab_size - 1} but the text tower's vocab_size "
             f"is {vocab}; set the model's vocab_size to {tok.vocab_size} (or the tokenizer's to {vocab}).")
+
+
+def check_pipeline_matches(config, transform, spec) -> None:
+    """``pp_train`` is a string built from ``config.data`` when the config file is loaded, so
+    a later ``--config.data.image_size`` / ``data.tokenize.*`` / ``data.swap_words`` override
+    does not reach it. Refuse a config whose pipeline disagrees with those keys, instead of
+    training silently on the old values."""
+    fix = ("config.data.pp_train is built from it when the config file is loaded, so the override "
+           "did not reach the pipeline; override --config.data.pp_train (and pp_eval) to match, or "
+           "edit the config file")
+    size = config.data.get("image_size")
+    if size and "image" in spec and len(spec["image"].shape) == 4:
+        got = tuple(spec["image"].shape[1:3])
+        if got != (int(size), int(size)):
+            raise ConfigError(f"config.data.image_size={size} but config.data.pp_train makes "
+                              f"{got[0]}x{got[1]} images: {fix}.")
+    ops = list(getattr(transform, "transforms", []))
+    from fmjax.data.text_ops import swap_words, tokenize
+    tok_cfg = config.data.get("tokenize")
+    caption_toks = [op for op in ops if isinstance(op, tokenize) and op.key == "caption"]
+    if tok_cfg and caption_toks:
+        try:
+            want = tokenize(**dict(tok_cfg))
+        except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+            raise ConfigError(f"config.data.tokenize: {e}") from None
+        for op in ops:
+            if not isinstance(op, tokenize):
+                continue
+            if repr(op.tokenizer) != repr(want.tokenizer) or (
+                    "context_length" in tok_cfg and op.context_length != want.context_length):
+                raise ConfigError(
+                    f"config.data.tokenize={dict(tok_cfg)} but config.data.pp_train tokenizes with "
+                    f"{op.tokenizer!r}, context_length={op.context_length}: {fix}.")
+    words = config.data.get("swap_words")
+    if words:
+        for op in ops:
+            if isinstance(op, swap_words) and tuple(op.words) != tuple(str(w).lower() for w in words):
+                raise ConfigError(f"config.data.swap_words={tuple(words)} but config.data.pp_train swaps "
+                                  f"{op.words}: {fix}.")
+        if config.objective.get("hard_negatives") and not any(isinstance(op, swap_words) for op in ops):
+            raise ConfigError(f"config.data.swap_words is set but config.data.pp_train has no swap_words op: {fix}.")
+
+
+def check_workdir(workdir: str, create: bool) -> None:
+    """The workdir is (or can become) a writable directory; with ``create``, it is made and
+    probed with a temporary file. A bad one is a one-line ConfigError."""
+    import os
+    import tempfile
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory "
+                          "(new or written by launch/train.py).")
+    parent = workdir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"cannot create --workdir={workdir}: {parent} is a file; pick another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to {parent} (for --workdir={workdir}): permission denied; "
+                          "pick a writable path.")
+    if not create:
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".fmjax_write_probe_"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write to --workdir={workdir}: {e.strerror or e}; "
+                          "pick a writable path.") from None

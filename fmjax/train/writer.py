@@ -14,6 +14,35 @@ import jax
 import numpy as np
 
 
+def truncate_metrics(workdir: str, after_step: int) -> int:
+    """Drops the rows of ``DIR/metrics.jsonl`` logged after ``after_step`` (a resume from that
+    step logs them again), moving them to ``metrics_discarded.jsonl``; returns how many.
+
+    Rows that are not valid JSON (a line cut by a kill) are dropped the same way.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return 0
+    keep, drop = [], []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                ok = int(json.loads(line)["step"]) <= after_step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            (keep if ok else drop).append(line if line.endswith("\n") else line + "\n")
+    if drop:
+        with open(os.path.join(workdir, "metrics_discarded.jsonl"), "a") as f:
+            f.writelines(drop)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(drop)
+
+
 class MetricWriter:
     def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -36,12 +65,13 @@ class MetricWriter:
         for k, v in metrics.items():
             v = np.asarray(v)
             if v.size == 1:
-                row[k] = float(v)
-        self._jsonl.write(json.dumps(row) + "\n")
+                v = float(v)
+                row[k] = v if math.isfinite(v) else None  # NaN / inf: JSON null (NaN is not JSON)
+        self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in row.items():
-                if k != "step" and math.isfinite(v):
+                if k != "step" and v is not None:
                     self._tb.add_scalar(k, v, int(step))
 
     def write_image(self, step: int, name: str, image: np.ndarray):
