@@ -7,6 +7,12 @@ square"``), or ``samples.png`` (unconditional); prints their paths. Sampler flag
 ``config.objective.sample``. With ``--classifier_workdir=CLF`` (a workdir trained with
 configs/supervised.py) it also prints the fraction of samples that classifier assigns to
 their conditioning class, beside its accuracy on real validation images.
+
+Bad flags (a non-finite --guidance_scale / --eta, --num_steps outside 1 .. the model's train
+timesteps, --batch_size or --num_per_class below 1, class ids out of range, --prompts for a
+model that is not text-conditional, --classes for one that is not class-conditional) are one
+``fmjax: error:`` line and exit code 2 before the checkpoint is read; a NaN or infinite sample
+is the same, naming the checkpoint step, before any PNG is written.
 """
 import os
 import sys
@@ -21,8 +27,9 @@ config_flags.DEFINE_config_file("config", None, "Optional config file (default: 
 flags.DEFINE_string("workdir", None, "A workdir written by launch/train.py.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_integer("num_per_class", 8, "Samples per class / per prompt (unconditional: 8 rows of this).")
-flags.DEFINE_list("classes", None, "Class ids to sample (default: all).")
-flags.DEFINE_string("prompts", None, "';'-separated prompts for a text-conditional model "
+flags.DEFINE_list("classes", None, "Class ids to sample, class-conditional models only "
+                  "(default: all).")
+flags.DEFINE_string("prompts", None, "';'-separated prompts, text-conditional models only "
                     "(default: the first validation captions).")
 flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler (default: config.objective.sample).")
 flags.DEFINE_integer("num_steps", None, "Sampling steps.")

@@ -8,7 +8,11 @@ Optional captions, in `<split>/captions.{tsv,jsonl}` or `root/captions.{tsv,json
 (the first found), with image paths relative to the folder holding the file:
   captions.tsv:    <relative/path.jpg>\t<caption>          one per line
   captions.jsonl:  {"image": "<relative/path.jpg>", "caption": "..."}   one per line
-When a captions file is present, every image of the split needs a caption.
+When a captions file is present, every image of the split needs a caption. A bad captions
+file (a line that is not JSON, lacks a key, names a missing image, has an empty caption)
+is a one-line ``fmjax.errors.DataError`` naming file:line, raised when the source is opened.
+An image that does not decode is a ``bad_examples.BadExampleError`` (a ``DataError``)
+naming the file, raised when it is read (see ``bad_examples`` for skipping such files).
 
 Class indices are the sorted union of class folder names over all splits, so
 they agree between splits.
@@ -18,6 +22,9 @@ import os
 
 import numpy as np
 from PIL import Image
+
+from fmjax.data.bad_examples import BadExampleError
+from fmjax.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CAPTION_FILES = ("captions.tsv", "captions.jsonl")
@@ -88,39 +95,77 @@ def find_captions_file(root, split):
     return None
 
 
+class MissingCaptionedImageError(DataError, FileNotFoundError):
+    """A captions line names an image file that does not exist."""
+
+
+_CAPTION_EXAMPLE = '{"image": "cls/a.jpg", "caption": "..."}'
+
+
+def _caption_lines(captions_file):
+    """Yields (line number, line) of a UTF-8 text file; bad bytes are a DataError at file:line."""
+    try:
+        f = open(captions_file, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read captions file {captions_file} ({e.strerror or e}): "
+                        "fix its permissions or path.") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{captions_file}:{lineno}: not UTF-8 text ({e.reason} at byte "
+                                f"{e.start}); save the file as UTF-8.") from None
+            yield lineno, line.rstrip("\n").rstrip("\r")
+
+
+def _parse_caption_line(captions_file, where, line):
+    """(relative image path, caption) of one non-blank line of a captions file."""
+    if captions_file.endswith(".jsonl"):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg}); write one object per line "
+                            f"like {_CAPTION_EXAMPLE}.") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}; "
+                            f"write one object per line like {_CAPTION_EXAMPLE}.")
+        rel = record.get("image", record.get("file", record.get("path")))
+        caption = record.get("caption", record.get("text"))
+        if not isinstance(rel, str) or caption is None:
+            raise DataError(f'{where}: need keys "image" and "caption"; write {_CAPTION_EXAMPLE}.')
+        if not isinstance(caption, str):
+            raise DataError(f"{where}: the caption of {rel!r} is a {type(caption).__name__}, not a "
+                            f"string; write it as text, like {_CAPTION_EXAMPLE}.")
+    else:
+        if "\t" not in line:
+            raise DataError(f"{where}: expected '<image path><TAB><caption>'; "
+                            "fix the line: separate the path and the caption with a tab.")
+        rel, caption = line.split("\t", 1)
+    return rel, caption
+
+
 def _read_captions(captions_file):
-    """Returns {absolute normalized image path: (caption, line number)}."""
+    """Returns {absolute normalized image path: (caption, line number)}.
+
+    Any bad line is a one-line ``DataError`` naming ``file:line`` and the fix.
+    """
     base = os.path.dirname(os.path.abspath(captions_file))
     captions = {}
-    with open(captions_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            where = f"{captions_file}:{lineno}"
-            if captions_file.endswith(".jsonl"):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON ({e.msg}); write one object per line "
-                                     'like {"image": "cls/a.jpg", "caption": "..."}.') from None
-                rel = record.get("image", record.get("file", record.get("path")))
-                caption = record.get("caption", record.get("text"))
-                if not isinstance(rel, str) or caption is None:
-                    raise ValueError(f'{where}: need keys "image" and "caption"; '
-                                     'write {"image": "cls/a.jpg", "caption": "..."}.')
-            else:
-                if "\t" not in line:
-                    raise ValueError(f"{where}: expected '<image path><TAB><caption>'; "
-                                     "separate the path and caption with a tab.")
-                rel, caption = line.split("\t", 1)
-            if not str(caption).strip():
-                raise ValueError(f"{where}: empty caption for {rel!r}; write a caption or remove the line.")
-            path = os.path.normpath(os.path.join(base, rel))
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{where}: image {rel!r} does not exist (looked for {path}); "
-                                        "fix the path (relative to the captions file) or remove the line.")
-            captions[path] = (str(caption).strip(), lineno)
+    for lineno, line in _caption_lines(captions_file):
+        if not line.strip():
+            continue
+        where = f"{captions_file}:{lineno}"
+        rel, caption = _parse_caption_line(captions_file, where, line)
+        if not caption.strip():
+            raise DataError(f"{where}: empty caption for {rel!r}; write a caption or remove the line "
+                            "(and the image).")
+        path = os.path.normpath(os.path.join(base, rel))
+        if not os.path.isfile(path):
+            raise MissingCaptionedImageError(
+                f"{where}: image {rel!r} does not exist (looked for {path}); "
+                "fix the path (relative to the captions file) or remove the line.")
+        captions[path] = (caption.strip(), lineno)
     return captions
 
 
@@ -157,8 +202,8 @@ class ImageFolderSource:
             for path in self.paths:
                 entry = table.get(os.path.normpath(path))
                 if entry is None:
-                    raise ValueError(f"{captions_file}: no caption for image {path!r}; "
-                                     "add a line for it or remove the image.")
+                    raise DataError(f"{captions_file}: no caption for image {path!r}; "
+                                    "add a line for it or remove the image.")
                 self.captions.append(entry[0])
 
     @property
@@ -174,8 +219,9 @@ class ImageFolderSource:
         try:
             with Image.open(path) as img:
                 image = np.asarray(img.convert("RGB"), np.uint8)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"Cannot decode image {path!r} ({e}); replace or remove the file.") from None
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+            raise BadExampleError(f"image {path}", str(e) or type(e).__name__,
+                                  "replace or remove the file") from None
         out = dict(image=image, label=int(self.labels[index]),
                    file_name=os.path.relpath(path, self.root))
         if self.captions is not None:

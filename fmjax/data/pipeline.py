@@ -29,9 +29,20 @@ first). grain writes one ``process_{i}-of-{n}.json`` per JAX process.
 With ``worker_count > 0`` grain spawns worker processes: the source and
 transform must be picklable and the launching script needs the usual
 ``if __name__ == "__main__":`` guard. Close such iterators (``it.close()``)
-when done.
+when done; any left open are closed at interpreter exit.
+
+Bad data: examples are stacked into batches only after checking that every one
+has the same keys and shapes per key (and, with ``example_shapes``, the shapes
+the train step was compiled for). A mismatch (e.g. an eval split of 32x32 and
+48x48 images with no resize in ``pp_eval``) is a one-line
+``fmjax.errors.DataError`` naming the key, the two shapes and the fix. A source's
+``DataError`` (an unreadable image: ``fmjax.data.bad_examples``) reaches the
+caller of ``next(iterator)`` unwrapped, with ``worker_count`` 0 or more (grain
+re-raises a worker's exception in the trainer, type and message intact).
 """
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+import atexit
+import weakref
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import grain
 import grain.checkpoint
@@ -41,7 +52,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax.data import transforms as tr
+from fmjax.errors import DataError
 from fmjax.parallel.mesh import BATCH_AXES
+
+try:  # grain's default batch function (np.stack per leaf, optionally into shared memory)
+    from grain._src.python.dataset.transformations.batch import make_batch as _grain_make_batch
+except ImportError:  # pragma: no cover - grain moved it
+    _grain_make_batch = None
 
 TransformLike = Union[None, str, Callable[[dict, np.random.Generator], dict]]
 VALID_KEY = "_valid"
@@ -99,6 +116,93 @@ class _IndexedTransform(gp.MapWithIndexTransform):
         return self.transform(element, rng)
 
 
+def _stack(values, output_to_shared_memory: bool = False):
+    """grain's default batching: a new leading batch dim on every leaf."""
+    if _grain_make_batch is not None:
+        return _grain_make_batch(values, output_to_shared_memory=output_to_shared_memory)
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _stack([v[k] for v in values]) for k in first}
+    return np.stack([np.asarray(v) for v in values])
+
+
+def _shape(x) -> tuple:
+    return tuple(int(d) for d in x)
+
+
+class _Batch:
+    """A grain ``batch_fn``: grain's default stacking, after checking that the examples
+    (dicts) agree on their keys and on the shape of each array (and match
+    ``example_shapes`` where given). A mismatch is a one-line DataError naming the
+    key, the shapes and the fix in ``pp_key``. Picklable (grain worker processes)."""
+
+    def __init__(self, pp_key: str, example_shapes: Optional[Mapping[str, Sequence[int]]] = None):
+        self.pp_key = pp_key
+        self.example_shapes = {k: _shape(v) for k, v in (example_shapes or {}).items()}
+        self.output_to_shared_memory = False
+
+    def enable_shared_memory_output(self) -> None:  # grain calls this under mp_prefetch
+        self.output_to_shared_memory = True
+
+    def __call__(self, values):
+        if values and all(isinstance(v, dict) for v in values):
+            self._check(values)
+        return _stack(values, self.output_to_shared_memory)
+
+    def _check(self, values) -> None:
+        first = values[0]
+        for example in values[1:]:
+            if example.keys() != first.keys():
+                raise DataError(
+                    f"examples of one batch have different keys, {sorted(first)} and {sorted(example)}: "
+                    f"make {self.pp_key} give every example the same keys (end it in keep(...)).")
+        for key in first:
+            arrays = [v[key] for v in values]
+            if not all(isinstance(a, np.ndarray) for a in arrays):
+                continue  # strings, ints, nested dicts: stacked as grain does
+            expected = self.example_shapes.get(key)
+            reference = expected if expected is not None else arrays[0].shape
+            for i, a in enumerate(arrays):
+                if a.shape != reference:
+                    raise DataError(self._mismatch(key, reference, a.shape, values[0], values[i],
+                                                   expected is not None))
+
+    def _mismatch(self, key, reference, got, first, example, compiled: bool) -> str:
+        def source_of(ex):
+            name = ex.get("file_name")
+            return f" ({name})" if isinstance(name, str) else ""
+        if compiled:
+            what = (f"{key!r} has shape {_shape(got)}{source_of(example)} but the train step was built "
+                    f"for {_shape(reference)} (the first training example)")
+        else:
+            what = (f"examples of one batch have different shapes for {key!r}: {_shape(reference)}"
+                    f"{source_of(first)} and {_shape(got)}{source_of(example)}")
+        if len(reference) == 3 and len(got) == 3:  # (H, W, C) images of different sizes
+            size = reference[0]
+            fix = (f"give every image one size in {self.pp_key}, e.g. start it with "
+                   f"resize({size})|center_crop({size})")
+        else:
+            fix = f"make {self.pp_key} give {key!r} one shape for every example"
+        return f"{what}: {fix}."
+
+
+def _close_at_exit(iterator) -> None:
+    """Closes a worker-process iterator at interpreter exit if still open: its workers and
+    buffered shared-memory batches are released before module teardown, where grain's
+    ``__del__`` would otherwise print "Exception ignored" tracebacks after an error."""
+    ref = weakref.ref(iterator)
+
+    def close():
+        it = ref()
+        if it is not None:
+            try:
+                it.close()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+
+    atexit.register(close)
+
+
 def make_train_iterator(
     source: Any,
     *,
@@ -111,6 +215,8 @@ def make_train_iterator(
     shuffle: bool = True,
     num_epochs: Optional[int] = None,
     read_threads: int = 4,
+    pp_key: str = "config.data.pp_train",
+    example_shapes: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> "grain.DatasetIterator":
     """Returns an iterator of per-process local batches (dicts of numpy).
 
@@ -133,6 +239,10 @@ def make_train_iterator(
       shuffle: reshuffle every epoch.
       num_epochs: None repeats forever; else stop after that many epochs.
       read_threads: threads reading/transforming elements in each process.
+      pp_key: the config key of ``transform``, named in shape-mismatch errors.
+      example_shapes: optional ``{key: per-example shape}`` every example must
+        have (e.g. what the train step was compiled for); else examples only
+        need to agree within a batch. A mismatch is a ``DataError``.
 
     Returns:
       A ``grain.DatasetIterator`` with ``get_state()``/``set_state()``.
@@ -150,13 +260,16 @@ def make_train_iterator(
         ds = ds.shuffle(seed=int(seed))  # reseeded per epoch by repeat()
     ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(_IndexedTransform(_as_transform(transform), seed, pi))
-    ds = ds.batch(local_bs, drop_remainder=True)
+    ds = ds.batch(local_bs, drop_remainder=True, batch_fn=_Batch(pp_key, example_shapes))
     read = gp.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * local_bs)
     it_ds = ds.to_iter_dataset(read)
     if worker_count:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(gp.MultiprocessingOptions(num_workers=worker_count))
-    return iter(it_ds)
+    iterator = iter(it_ds)
+    if worker_count:
+        _close_at_exit(iterator)
+    return iterator
 
 
 def grain_save_args(iterator) -> Any:
@@ -231,6 +344,7 @@ def make_eval_iterator(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
     seed: int = 0,
+    pp_key: str = "config.data.pp_eval",
 ) -> EvalIterator:
     """One pass over ``source`` in order, no shuffle, per-process share.
 
@@ -238,6 +352,8 @@ def make_eval_iterator(
     ``global_batch_size // process_count``; padding examples (copies of
     example 0) have ``batch['_valid'] == False``. ``seed`` only matters for
     random transforms (each example's rng is seeded by ``(seed, index)``).
+    ``pp_key`` names ``transform`` in the DataError for examples of different
+    shapes (e.g. images of several sizes and no resize in ``pp_eval``).
     """
     pi, pc = _process(process_index, process_count)
     local_bs = _local_batch_size(global_batch_size, pc)
@@ -246,7 +362,7 @@ def make_eval_iterator(
         raise ValueError("make_eval_iterator: empty source")
     indices = eval_indices(n, global_batch_size, pi, pc)
     ds = grain.MapDataset.source(_EvalSource(source, indices, _as_transform(transform), seed))
-    ds = ds.batch(local_bs, drop_remainder=False)
+    ds = ds.batch(local_bs, drop_remainder=False, batch_fn=_Batch(pp_key))
     return EvalIterator(ds.to_iter_dataset(), len(indices) // local_bs)
 
 

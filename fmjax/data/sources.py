@@ -12,6 +12,10 @@ Every source has `len()` and `__getitem__(i)` returning a dict of numpy values:
 `caption` str when it has captions, plus the dataset's other fields (text
 decoded to str). Sources are picklable (grain worker processes): the
 underlying readers are reopened lazily after unpickling.
+
+An example that cannot be read (a corrupt image file, a TFDS record that does not
+decode) raises ``bad_examples.BadExampleError``, a one-line ``fmjax.errors.DataError``
+naming it; ``get_source(..., skip_bad_examples=N)`` skips up to N of them instead.
 """
 import contextlib
 import fcntl
@@ -20,6 +24,7 @@ import shutil
 
 import numpy as np
 
+from fmjax.data import bad_examples
 from fmjax.data import image_folder as image_folder_lib
 from fmjax.data import shapes
 
@@ -128,7 +133,18 @@ class TfdsSource:
         return self._len
 
     def __getitem__(self, index):
-        return _to_numpy(self._open()[int(index)])
+        index = int(index)
+        source = self._open()
+        try:
+            return _to_numpy(source[index])
+        except IndexError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a record that does not decode (TFDS / PIL / utf-8)
+            raise bad_examples.BadExampleError(
+                f"example {index} of {self.name!r} split {self.split!r} in {self.data_dir}",
+                f"{type(e).__name__}: {e}",
+                "prepare the dataset again (delete its folder under the data_dir and rerun, or run "
+                f"`tfds build {self.name.split(':')[0]} --data_dir={self.data_dir}`)") from None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -198,23 +214,30 @@ def check_source(name, split, data_dir=None):
         _check_split(split, set(builder.info.splits.keys()), name)
 
 
-def get_source(name, split, data_dir=None, **kw):
+def get_source(name, split, data_dir=None, skip_bad_examples=0, **kw):
     """Returns a random-access source for dataset `name` and `split`.
 
+    `skip_bad_examples` (config.data.skip_bad_examples): up to that many unreadable
+    examples are replaced by the next readable one, each with a one-line warning
+    (see `bad_examples.SkipBadExamples`); 0 makes the first one a `DataError`.
     Extra keyword arguments go to `ImageFolderSource` for image folders (e.g.
     `captions_file`); other sources take none.
     """
+    max_bad = bad_examples.check_budget(skip_bad_examples)
     kind, arg = _parse(name)
     if kind == "folder":
-        return image_folder_lib.ImageFolderSource(arg, split, **kw)
-    if kw:
+        source = image_folder_lib.ImageFolderSource(arg, split, **kw)
+    elif kw:
         raise ValueError(f"Unexpected options {sorted(kw)} for dataset {name!r}; only image folders take options.")
-    data_dir = default_data_dir(data_dir)
-    if kind == "shapes":
-        _check_split(split, shapes.SPLITS, name)
-        return TfdsSource(f"{SHAPES_NAME}/{arg}", split, data_dir)
-    check_source(name, split, data_dir)
-    return TfdsSource(name, split, data_dir)
+    else:
+        data_dir = default_data_dir(data_dir)
+        if kind == "shapes":
+            _check_split(split, shapes.SPLITS, name)
+            source = TfdsSource(f"{SHAPES_NAME}/{arg}", split, data_dir)
+        else:
+            check_source(name, split, data_dir)
+            source = TfdsSource(name, split, data_dir)
+    return bad_examples.skip_bad_examples(source, max_bad)
 
 
 def _catalog_label(name, data_dir):

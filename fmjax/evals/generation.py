@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax.data import pipeline, transforms
 from fmjax.diffusion import process
+from fmjax.errors import NonFiniteError
 from fmjax.parallel import mesh as mesh_lib
 
 # Keys of process.sample a caller may override (sampler, num_steps, eta, guidance_scale, ...).
@@ -39,16 +40,46 @@ def sampler_overrides(settings) -> dict:
     return {k: settings[k] for k in SAMPLER_KEYS if k in settings and settings[k] is not None}
 
 
+def _number(key, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r}; it must be a number.") from None
+
+
 def check_sampler(settings: dict, num_timesteps: int) -> None:
-    """ValueError naming the bad sampler setting, before anything is compiled."""
+    """ValueError naming the bad sampler setting, before anything is compiled: unknown
+    names, a non-finite guidance_scale / eta / clip_sample_range, a negative eta, and
+    num_steps outside 1 .. ``num_timesteps`` (the model's train timesteps)."""
     for key, valid in (("sampler", process.SAMPLERS), ("spacing", process.SPACINGS),
                        ("variance_type", process.VARIANCE_TYPES),
                        ("prediction_type", process.PREDICTION_TYPES)):
         if key in settings and settings[key] not in valid:
             raise ValueError(f"{key}={settings[key]!r}; valid: {list(valid)}.")
+    if settings.get("guidance_scale") is not None:
+        g = _number("guidance_scale", settings["guidance_scale"])
+        if not np.isfinite(g):
+            raise ValueError(f"guidance_scale={g}; it must be a finite number "
+                             "(1: no guidance; e.g. 2.0 for classifier-free guidance).")
+    if settings.get("eta") is not None:
+        eta = _number("eta", settings["eta"])
+        if not (np.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta={eta}; it must be a finite number >= 0 (0: deterministic DDIM, "
+                             "1: DDPM-like step noise).")
+    if settings.get("clip_sample_range") is not None:
+        r = _number("clip_sample_range", settings["clip_sample_range"])
+        if not (np.isfinite(r) and r > 0):
+            raise ValueError(f"clip_sample_range={r}; it must be a finite number > 0 (1 for images "
+                             "in [-1, 1]).")
     n = settings.get("num_steps")
-    if n is not None and not 1 <= int(n) <= num_timesteps:
-        raise ValueError(f"num_steps={n}; valid: 1 .. num_timesteps={num_timesteps}.")
+    if n is not None:
+        try:
+            ok = int(n) == float(n) and 1 <= int(n) <= num_timesteps
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise ValueError(f"num_steps={n}; valid: 1 .. num_timesteps={num_timesteps} "
+                             "(the model's train timesteps).")
 
 
 def to_uint8(x) -> np.ndarray:
@@ -66,7 +97,9 @@ def scope(mesh, rules):
 
 
 def padded_batch_size(batch_size: int, mesh) -> int:
-    """``batch_size`` rounded up to a multiple of the mesh's data-parallel size."""
+    """``batch_size`` (at least 1) rounded up to a multiple of the mesh's data-parallel size."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size={batch_size}; it must be at least 1.")
     dp = mesh_lib.batch_parallelism(mesh)
     return max(dp, -(-int(batch_size) // dp) * dp)
 
@@ -107,7 +140,7 @@ class Generator:
         self.objective, self.mesh, self.rules = objective, mesh, rules
         self.batch_size = padded_batch_size(batch_size, mesh)
         self.sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
-        self.overrides = dict(overrides)
+        self.overrides, self.use_ema = dict(overrides), use_ema
         if getattr(objective, "conditioning", None) == "none":
             self.overrides["guidance_scale"] = 1.0  # nothing to guide by (and no null branch)
         cfg = objective.config
@@ -126,9 +159,12 @@ class Generator:
         self._sample = jax.jit(sample, out_shardings=self.sharding)
 
     def __call__(self, params, extra, cond: dict | None = None, num: int | None = None,
-                 seed: int = 0) -> np.ndarray:
+                 seed: int = 0, step: int | None = None) -> np.ndarray:
         """uint8 samples [num, H, W, C] for host condition arrays ``cond`` ({'label': [n]} or
-        {'tokens': [n, L]}; None or {} with ``num`` for unconditional sampling)."""
+        {'tokens': [n, L]}; None or {} with ``num`` for unconditional sampling).
+
+        A NaN or infinite sample raises ``NonFiniteError`` (naming the checkpoint ``step``
+        when given) as soon as its batch is fetched, never grey pixels."""
         cond = {k: np.asarray(v) for k, v in (cond or {}).items()}
         if num is None:
             if not cond:
@@ -140,9 +176,21 @@ class Generator:
             for start in range(0, num, self.batch_size):
                 index = np.arange(start, start + self.batch_size, dtype=np.int32)
                 c = {k: _put(_chunk(v, start, self.batch_size), self.sharding) for k, v in cond.items()}
-                x = self._sample(params, extra, c, _put(index, self.sharding), rng)
-                out.append(to_uint8(_fetch(x)))
+                x = _fetch(self._sample(params, extra, c, _put(index, self.sharding), rng))
+                self._check_finite(x[:num - start], start, num, step)
+                out.append(to_uint8(x))
         return np.concatenate(out)[:num]
+
+    def _check_finite(self, x: np.ndarray, start: int, num: int, step) -> None:
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if finite.all():
+            return
+        at = "" if step is None else f" at step {int(step)}"
+        raise NonFiniteError(
+            f"{int((~finite).sum())} of {len(x)} samples (#{start}..{start + len(x) - 1} of {num}) "
+            f"are NaN or infinite{at}: the model's {'EMA ' if self.use_ema else ''}params or the "
+            f"sampler settings {self.overrides} give non-finite values; use an earlier checkpoint, "
+            "or a smaller guidance_scale.")
 
 
 class Classifier:

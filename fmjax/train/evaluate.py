@@ -86,7 +86,8 @@ class Evaluator:
     def _source(self, split: str, n: int | None):
         key = (split, n)
         if key not in self._sources:
-            src = sources.get_source(self.config.data.name, split, self.config.data.get("data_dir"))
+            src = sources.get_source(self.config.data.name, split, self.config.data.get("data_dir"),
+                                     skip_bad_examples=self.config.data.get("skip_bad_examples", 0))
             self._sources[key] = Subset(src, n)
         return self._sources[key]
 
@@ -247,7 +248,8 @@ class Evaluator:
         classifier = self._classifier(ev["classifier_workdir"], generator.image_shape)
         num_classes = self.objective.num_classes
         labels = np.repeat(np.arange(num_classes, dtype=np.int32), int(ev.get("samples_per_class", 8)))
-        images = generator(state.params, state.extra, {"label": labels}, seed=ev.get("seed", 0))
+        images = generator(state.params, state.extra, {"label": labels}, seed=ev.get("seed", 0),
+                           step=int(jax.device_get(state.step)))
         pred = classifier.classify(images, labels)
         try:
             names = sources.class_names(self.config.data.name, self.config.data.get("data_dir"))

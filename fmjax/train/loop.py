@@ -21,7 +21,7 @@ from fmjax.train import checkpoint as ckpt
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train import step as step_lib
-from fmjax.errors import NonFiniteError
+from fmjax.errors import DataError, NonFiniteError
 from fmjax.train import validate
 from fmjax.train import workdir as workdir_lib
 from fmjax.train.evaluate import Evaluator, parse_pp
@@ -78,6 +78,8 @@ def _batch_spec(source, transform, keys, global_batch):
     """Shapes of one global batch, from one transformed example (the iterator is untouched)."""
     try:
         example = transform(source[0], np.random.default_rng(0))
+    except DataError:  # an unreadable first example: the data's fault, not pp_train's
+        raise
     except (KeyError, ValueError, TypeError) as e:  # e.g. keep() of a key the data lacks
         raise validate.ConfigError(f"config.data.pp_train fails on the first training example: "
                                    f"{e}") from None
@@ -117,7 +119,8 @@ def check_config(config, workdir: str, devices=None):
     validate.check(config, objective, mesh)
     evaluator = Evaluator(config, objective, mesh, rules)  # checks config.evals (and classifiers)
     source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
-                                config.data.get("data_dir"))
+                                config.data.get("data_dir"),
+                                skip_bad_examples=config.data.get("skip_bad_examples", 0))
     transform = parse_pp(config.data.pp_train, "config.data.pp_train")
     spec = _batch_spec(source, transform, objective.batch_keys, config.batch_size)
     validate.check_pipeline_matches(config, transform, spec)
@@ -169,12 +172,13 @@ def _train(config, workdir: str, run: dict) -> dict:
     spec, tx, schedule, shardings = run["spec"], run["tx"], run["schedule"], run["shardings"]
     manager = ckpt.make_manager(workdir, keep=config.get("keep_checkpoints", 3),
                                 keep_period=config.get("keep_period") or None)
-    writer = None
+    writer = data_iter = None
     try:
         # -- 2. Data, and the latest readable checkpoint (or a fresh state). ------------------
         data_iter = pipeline.make_train_iterator(
             run["source"], global_batch_size=config.batch_size, transform=run["transform"],
-            seed=config.seed, worker_count=config.data.get("worker_count", 0))
+            seed=config.seed, worker_count=config.data.get("worker_count", 0),
+            example_shapes={k: v.shape[1:] for k, v in spec.items()})
         latest, state = ckpt.restore_latest(
             manager, config, run["abstract"], shardings, data_iter,
             move_unreadable_to=os.path.join(workdir, "unreadable_checkpoints"))
@@ -280,6 +284,11 @@ def _train(config, workdir: str, run: dict) -> dict:
             pass
         if writer is not None:
             writer.close()
+        if data_iter is not None and hasattr(data_iter, "close"):
+            try:
+                data_iter.close()  # grain worker processes
+            except Exception:  # noqa: BLE001
+                pass
 
 
 class _FiniteGuard:

@@ -17,8 +17,9 @@ import numpy as np
 from fmjax.data import sources, transforms
 from fmjax.evals import generation as gen_lib
 from fmjax.evals.images import image_grid, save_png
-from fmjax.train.eval_only import load_checkpoint, load_classifier
-from fmjax.train.validate import ConfigError
+from fmjax.errors import ConfigError, NonFiniteError
+from fmjax.train.eval_only import load_checkpoint, load_classifier, load_workdir_config
+from fmjax.train.loop import build
 from fmjax.train.writer import log
 
 COLUMNS = 8  # images per row of a per-class / per-prompt grid
@@ -64,6 +65,70 @@ def _default_prompts(config, n: int = 8) -> list[str]:
     return out
 
 
+def check_request(num_per_class, batch_size, classes, prompts):
+    """The sampling flags that need no model, checked: ``(num_per_class, batch_size or None,
+    class ids or None, prompts or None)``; a ``ConfigError`` naming the flag otherwise."""
+    try:
+        num_per_class = int(num_per_class)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--num_per_class={num_per_class!r}; give an integer >= 1.") from None
+    if num_per_class < 1:
+        raise ConfigError(f"--num_per_class={num_per_class}; it must be at least 1.")
+    if batch_size is not None:
+        try:
+            batch_size = int(batch_size)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--batch_size={batch_size!r}; give an integer >= 1.") from None
+        if batch_size < 1:
+            raise ConfigError(f"--batch_size={batch_size}; it must be at least 1 (the global sampling "
+                              "batch; omit it for config.batch_size).")
+    ids = None
+    if classes is not None:
+        given = classes.split(",") if isinstance(classes, str) else list(classes)
+        text = ",".join(str(c).strip() for c in given)
+        try:
+            ids = [int(str(c).strip()) for c in given]
+        except ValueError:
+            raise ConfigError(f"--classes={text}: class ids must be integers, e.g. --classes=0,3.") from None
+        if not ids:
+            raise ConfigError("--classes is empty; give class ids, e.g. --classes=0,3, or omit it for "
+                              "all classes.")
+    prompt_list = None
+    if prompts is not None:
+        prompt_list = parse_prompts(prompts)
+        if not prompt_list:
+            shown = prompts if isinstance(prompts, str) else ";".join(map(str, prompts))
+            raise ConfigError(f"--prompts={shown!r} holds no prompt; give ';'-separated prompts, e.g. "
+                              "--prompts='a red circle;a blue square', or omit it for the first "
+                              "validation captions.")
+    return num_per_class, batch_size, ids, prompt_list
+
+
+def check_conditions(workdir: str, objective, ids, prompts) -> None:
+    """``ConfigError`` if class ids or prompts do not fit the model's conditioning."""
+    kind = objective.conditioning
+    what = {"class": "class-conditional", "text": "text-conditional", "none": "unconditional"}[kind]
+    if prompts is not None and kind != "text":
+        fix = (f"pick classes with --classes=0,3 (ids 0 .. {objective.num_classes - 1})"
+               if kind == "class" else "omit --prompts")
+        raise ConfigError(f"--prompts is for a text-conditional model, but {workdir} is {what}; {fix}.")
+    if ids is not None and kind != "class":
+        fix = ("give prompts with --prompts='a red circle;a blue square'" if kind == "text"
+               else "omit --classes")
+        raise ConfigError(f"--classes is for a class-conditional model, but {workdir} is {what}; {fix}.")
+    if ids is not None:
+        bad = [c for c in ids if not 0 <= c < objective.num_classes]
+        if bad:
+            raise ConfigError(f"--classes={','.join(map(str, ids))}: {bad} out of range; valid class ids "
+                              f"are 0 .. {objective.num_classes - 1}.")
+
+
+def _steps(workdir: str) -> list:
+    """The checkpoint steps in ``workdir``/checkpoints (folder names)."""
+    path = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
 def _slug(text: str, n: int = 40) -> str:
     """'A red circle, left.' -> 'a_red_circle_left' (a file-name-safe prefix)."""
     words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
@@ -87,23 +152,29 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
     None values ignored). ``batch_size`` (default ``config.batch_size``) is rounded up to a
     multiple of the data-parallel size. Returns {'paths', 'images' (uint8 [N, H, W, C]),
     'conditions', 'metrics', 'step'}.
+
+    Bad arguments are ``ConfigError``s raised before the checkpoint is restored (they need
+    only ``DIR/config.json``); a NaN or infinite sample is a ``NonFiniteError`` naming the
+    step, raised before any PNG is written.
     """
-    workdir = os.path.abspath(workdir)
-    config, objective, mesh, rules, state, step = load_checkpoint(workdir, config, step, devices)
-    if not hasattr(objective, "generate"):
-        raise ConfigError(f"{workdir} holds a {config.objective.name!r} model, which cannot generate "
-                          "images; launch/sample.py needs a diffusion workdir.")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    # -- Every check runs before the checkpoint is restored or anything compiled. -------------
     overrides = gen_lib.sampler_overrides(sampler)
     unknown = sorted(set(k for k, v in sampler.items() if v is not None) - set(overrides))
     if unknown:
         raise ConfigError(f"unknown sampler settings {unknown}; valid: {list(gen_lib.SAMPLER_KEYS)}.")
+    num_per_class, batch_size, ids, prompt_list = check_request(num_per_class, batch_size, classes,
+                                                                prompts)
+    config = config or load_workdir_config(workdir)
+    objective, mesh, _ = build(config, devices)
+    if not hasattr(objective, "generate"):
+        raise ConfigError(f"{workdir} holds a {config.objective.name!r} model, which cannot generate "
+                          "images; launch/sample.py needs a diffusion workdir.")
     try:
         gen_lib.check_sampler(overrides, objective.schedule.num_timesteps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    num_per_class = int(num_per_class)
-    if num_per_class < 1:
-        raise ConfigError(f"num_per_class={num_per_class}; it must be at least 1.")
+    check_conditions(workdir, objective, ids, prompt_list)
     if classifier_workdir:  # fail before sampling
         if objective.conditioning != "class":
             raise ConfigError("--classifier_workdir scores class-conditional samples; this model is "
@@ -112,28 +183,25 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
             gen_lib.check_classifier_workdir(classifier_workdir, objective.num_classes)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    outdir = os.path.abspath(os.path.expanduser(outdir or os.path.join(workdir, "samples")))
+    if objective.conditioning == "text":
+        prompt_list = prompt_list or _default_prompts(config)
+
+    config, objective, mesh, rules, state, step = load_checkpoint(workdir, config, step, devices)
     generator = gen_lib.Generator(objective, mesh, rules, batch_size or config.batch_size, **overrides)
-    outdir = os.path.abspath(outdir or os.path.join(workdir, "samples"))
 
     if objective.conditioning == "class":
         try:
             names = sources.class_names(config.data.name, config.data.get("data_dir"))
         except Exception:  # noqa: BLE001 - names only label the files
             names = None
-        try:
-            ids = list(range(objective.num_classes)) if classes is None else [int(c) for c in classes]
-        except ValueError:
-            raise ConfigError(f"classes={list(classes)}: give integer class ids.") from None
-        bad = [c for c in ids if not 0 <= c < objective.num_classes]
-        if bad or not ids:
-            raise ConfigError(f"classes {bad or ids}: valid class ids are 0 .. {objective.num_classes - 1}.")
+        ids = list(range(objective.num_classes)) if ids is None else ids
         groups = [(f"class_{c:03d}_{gen_lib.class_key(c, names)}", c) for c in ids]
         labels = np.repeat(np.asarray(ids, np.int32), num_per_class)
         cond, all_name = {"label": labels}, "all_classes"
     elif objective.conditioning == "text":
-        prompts = parse_prompts(prompts) or _default_prompts(config)
-        groups = [(f"prompt_{i:02d}_{_slug(p)}", p) for i, p in enumerate(prompts)]
-        cond = {"tokens": np.repeat(tokenize_prompts(config, prompts), num_per_class, axis=0)}
+        groups = [(f"prompt_{i:02d}_{_slug(p)}", p) for i, p in enumerate(prompt_list)]
+        cond = {"tokens": np.repeat(tokenize_prompts(config, prompt_list), num_per_class, axis=0)}
         all_name = "all_prompts"
     else:
         groups, cond, all_name = [], None, "samples"
@@ -141,7 +209,11 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
     log(f"== sampling {num} images from {workdir} at step {step} "
         f"({dict(config.objective.get('sample', {}), **overrides)}, batch {generator.batch_size}, "
         f"mesh {dict(mesh.shape)})")
-    images = generator(state.params, state.extra, cond, num=num, seed=seed)
+    try:
+        images = generator(state.params, state.extra, cond, num=num, seed=seed, step=step)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{workdir}: {e} Nothing was written to {outdir}; "
+                             f"checkpoints: {_steps(workdir)} (pick one with --step=N).") from None
 
     paths = []
     if groups:
