@@ -30,16 +30,26 @@ def normal_images(b: int = 2, size: int = 16, c: int = 3, seed: int = 0) -> jax.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def cli_env(devices: int = 1, env=None) -> dict:
+    """The environment ``run_cli`` gives a launcher: ``devices`` simulated CPU devices, the
+    test session's persistent compilation cache, no FMJAX_TRACEBACK."""
+    full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                    JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    full_env.pop("FMJAX_TRACEBACK", None)
+    if os.environ.get("FMJAX_TEST_JAX_CACHE"):  # tests/conftest.py's persistent compilation cache
+        full_env.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["FMJAX_TEST_JAX_CACHE"])
+        full_env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    full_env.update(env or {})
+    return full_env
+
+
 def run_cli(script: str, *args: str, devices: int = 1, timeout: float = 600, env=None):
     """Runs ``launch/<script>.py args`` from the repository root in a fresh process.
 
     Returns the ``subprocess.CompletedProcess`` (text stdout / stderr). ``devices``
     simulated CPU devices; the persistent compilation cache of the test session is kept.
     """
-    full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                    JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    full_env.pop("FMJAX_TRACEBACK", None)
-    full_env.update(env or {})
+    full_env = cli_env(devices, env)
     return subprocess.run([sys.executable, os.path.join(REPO, "launch", f"{script}.py"), *args],
                           cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
