@@ -65,7 +65,7 @@ def fingerprint(config) -> dict[str, Any]:
     return {k: cfg.get(k) for k in ("model", "objective")}
 
 
-OPTIMIZER_STRUCTURE_KEYS = ("name", "clip_norm", "clip_mode", "weight_decay_end")
+OPTIMIZER_STRUCTURE_KEYS = ("name", "clip_norm", "clip_mode", "weight_decay_end", "adam_count")
 
 
 def save(manager, step: int, state, data_iter, config, force: bool = False) -> bool:

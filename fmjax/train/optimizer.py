@@ -6,18 +6,27 @@ peak lr, cosine decay to ``min_lr``; the peak lr is either ``lr`` or, when
 """
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
-# Params whose path matches one of these never get weight decay: biases, norms,
-# position / class / mask / register embeddings (as in the MAE and DINO references).
+# Weight decay groups. Every reference skips params with fewer than 2 dims and biases (whose
+# q/k/v parts are 2-D here, (heads, head_dim), where torch has one 1-D qkv bias); beyond that
+# ``config.optimizer.no_decay`` lists path regexes, per method:
+#   MAE (timm add_weight_decay, as facebookresearch/mae calls it): ()  - cls/mask tokens decay
+#   DINO (utils.get_params_groups): ()                                  - cls token, pos_embed decay
+#   open_clip (main.py exclude): cls_token (open_clip's class_embedding is 1-D)
+#   DeiT / timm ViT (no_weight_decay): pos_embed, cls_token, dist_token
+# NO_DECAY_PATTERNS is the default for configs that set nothing: fmjax's own, broader choice.
 NO_DECAY_PATTERNS = (r"bias$", r"scale$", r"(^|/)pos_embed", r"cls", r"token", r"register",
                      r"(^|/)norm", r"ln_", r"logit_scale", r"logit_bias", r"gamma$")
+ALWAYS_NO_DECAY = (r"bias$",)
 
 
 def peak_learning_rate(opt: Mapping[str, Any], global_batch: int) -> float:
@@ -44,7 +53,14 @@ def make_schedule(opt: Mapping[str, Any], total_steps: int, global_batch: int):
         raise ValueError(f"config.optimizer.decay={decay!r}; valid: 'cosine', 'linear', 'constant'.")
     if warmup <= 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    mode = opt.get("warmup_mode", "linear")
+    if mode == "linear":  # optax / MAE / open_clip: peak * s / W
+        ramp = optax.linear_schedule(0.0, peak, warmup)
+    elif mode == "linspace":  # DINO's cosine_scheduler: np.linspace(0, peak, W)[s] = peak * s / (W - 1)
+        ramp = lambda s: peak * jnp.minimum(s, warmup - 1) / max(warmup - 1, 1)
+    else:
+        raise ValueError(f"config.optimizer.warmup_mode={mode!r}; valid: 'linear', 'linspace'.")
+    return optax.join_schedules([ramp, after], [warmup])
 
 
 def make_wd_schedule(opt: Mapping[str, Any], total_steps: int):
@@ -58,22 +74,88 @@ def make_wd_schedule(opt: Mapping[str, Any], total_steps: int):
     return lambda step: end + 0.5 * (wd - end) * (1 + jnp.cos(jnp.pi * jnp.minimum(step / max(total_steps, 1), 1.0)))
 
 
-def clip_by_param_norm(max_norm: float) -> optax.GradientTransformation:
+QKV = re.compile(r"/(query|key|value)/")
+
+
+def clip_group(path: str, fuse_qkv: bool) -> str:
+    """The clipping group of a param: itself, or with ``fuse_qkv`` one group for the q, k and
+    v kernels (and one for their biases) of an attention layer, as torch's fused ``qkv``."""
+    return QKV.sub("/qkv/", path) if fuse_qkv else path
+
+
+def clip_by_param_norm(max_norm: float, fuse_qkv: bool = False) -> optax.GradientTransformation:
     """DINO's ``clip_gradients``: each tensor's gradient is rescaled by
-    ``max_norm / (norm + 1e-6)`` when that factor is below 1 (tensors are clipped separately)."""
+    ``max_norm / (norm + 1e-6)`` when that factor is below 1 (tensors are clipped separately).
+    ``fuse_qkv``: q, k and v count as one tensor (DINO's ViT has one ``qkv`` Linear)."""
     def update(updates, state, params=None):
-        def clip(g):
-            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
-            coef = max_norm / (norm + 1e-6)
+        flat = traverse_util.flatten_dict(updates, sep="/") if isinstance(updates, Mapping) else None
+        if flat is None:  # a bare array or non-dict tree: per leaf
+            groups = None
+        else:
+            groups = {}
+            for k, g in flat.items():
+                key = clip_group(k, fuse_qkv)
+                groups[key] = groups.get(key, 0.0) + jnp.sum(jnp.square(g.astype(jnp.float32)))
+
+        def clip(g, sq):
+            coef = max_norm / (jnp.sqrt(sq) + 1e-6)
             return jnp.where(coef < 1, g * coef.astype(g.dtype), g)
-        return jax.tree.map(clip, updates), state
+        if groups is None:
+            return jax.tree.map(lambda g: clip(g, jnp.sum(jnp.square(g.astype(jnp.float32)))), updates), state
+        out = {k: clip(g, groups[clip_group(k, fuse_qkv)]) for k, g in flat.items()}
+        return traverse_util.unflatten_dict(out, sep="/"), state
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+class PerParamAdamState(NamedTuple):
+    count: Any  # int32 scalar per param: its own step count, as torch.optim.Adam(W) keeps
+    mu: Any
+    nu: Any
+
+
+def bias_correction(decay: float, count) -> jax.Array:
+    """``1 - decay ** count`` to float32 rounding. torch computes it in float64 (Python
+    floats); float32 ``decay ** count`` loses ~3e-5 relative at count 2 for decay 0.999,
+    which a 25-step trajectory comparison sees. ``-expm1(count * log(decay))`` with the log
+    taken in float64 does not."""
+    return -jnp.expm1(count.astype(jnp.float32) * np.float32(np.log(decay)))
+
+
+def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, per_param_count: bool = False) -> optax.GradientTransformation:
+    """Adam's scaling, as torch.optim.Adam(W) computes it (``optax.scale_by_adam``'s state).
+
+    ``per_param_count``: a step count per param instead of one shared count. torch counts
+    each param's steps in its own state; a param skipped while frozen (DINO's last layer)
+    resumes with its own count and bias correction. Paired with the step's ``mask_update``,
+    which keeps a frozen param's slots (its count included) unchanged.
+    """
+    def init(params):
+        mu, nu = jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params)
+        if per_param_count:
+            return PerParamAdamState(count=jax.tree.map(lambda _: jnp.zeros((), jnp.int32), params), mu=mu, nu=nu)
+        return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32), mu=mu, nu=nu)
+
+    def update(updates, state, params=None):
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+
+        def step(m, v, c):
+            return (m / bias_correction(b1, c)) / (jnp.sqrt(v / bias_correction(b2, c)) + eps)
+        if per_param_count:
+            count = jax.tree.map(lambda c: optax.safe_int32_increment(c), state.count)
+            return jax.tree.map(step, mu, nu, count), PerParamAdamState(count=count, mu=mu, nu=nu)
+        count = optax.safe_int32_increment(state.count)
+        return (jax.tree.map(lambda m, v: step(m, v, count), mu, nu),
+                optax.ScaleByAdamState(count=count, mu=mu, nu=nu))
+
+    return optax.GradientTransformation(init, update)
+
+
 def decay_mask(params, patterns=NO_DECAY_PATTERNS):
-    """True for params that get weight decay (matrices that are not embeddings)."""
+    """True for params that get weight decay: at least 2 dims, not a bias, and no match of
+    ``patterns`` (regexes on the '/'-joined path)."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    compiled = [re.compile(p) for p in patterns]
+    compiled = [re.compile(p) for p in tuple(ALWAYS_NO_DECAY) + tuple(patterns)]
     mask = {k: (v.ndim > 1 and not any(c.search(k) for c in compiled)) for k, v in flat.items()}
     return traverse_util.unflatten_dict(mask, sep="/")
 
@@ -83,19 +165,29 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
     schedule = make_schedule(opt, total_steps, global_batch)
     name = opt.get("name", "adamw")
     wd = make_wd_schedule(opt, total_steps)
+    patterns = opt.get("no_decay")
+    patterns = NO_DECAY_PATTERNS if patterns is None else tuple(patterns)
+    mask = functools.partial(decay_mask, patterns=patterns)
+    count = opt.get("adam_count", "global")
+    if count not in ("global", "per_param"):
+        raise ValueError(f"config.optimizer.adam_count={count!r}; valid: 'global', 'per_param'.")
+    b1, b2, eps = opt.get("b1", 0.9), opt.get("b2", 0.999), opt.get("eps", 1e-8)
     if name == "adamw":
-        kw = dict(b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8), mask=decay_mask)
+        def adamw(learning_rate, weight_decay):
+            scale = scale_by_adam(b1, b2, eps, per_param_count=count == "per_param")
+            return optax.chain(scale, optax.add_decayed_weights(weight_decay, mask),
+                               optax.scale_by_learning_rate(learning_rate))
         if callable(wd):  # a scheduled weight decay needs its value injected each step
-            tx = optax.inject_hyperparams(optax.adamw, static_args=("mask", "b1", "b2", "eps"))(
-                learning_rate=schedule, weight_decay=wd, **kw)
+            tx = optax.inject_hyperparams(adamw)(learning_rate=schedule, weight_decay=wd)
         else:
-            tx = optax.adamw(schedule, weight_decay=wd, **kw)
+            tx = adamw(schedule, wd)
     elif name == "adam":
-        tx = optax.adam(schedule, b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8))
+        tx = optax.chain(scale_by_adam(b1, b2, eps, per_param_count=count == "per_param"),
+                         optax.scale_by_learning_rate(schedule))
     elif name == "sgd":
         if callable(wd):
             raise ValueError("config.optimizer.weight_decay_end (a weight-decay schedule) needs name='adamw'.")
-        tx = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask),
+        tx = optax.chain(optax.add_decayed_weights(wd, mask=mask),
                          optax.sgd(schedule, momentum=opt.get("momentum", 0.9)))
     else:
         raise ValueError(f"Unknown optimizer {name!r}; valid: 'adamw', 'adam', 'sgd'.")
@@ -104,8 +196,9 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
     if mode not in ("global", "per_param"):
         raise ValueError(f"config.optimizer.clip_mode={mode!r}; valid: 'global', 'per_param'.")
     if clip:
-        clipper = optax.clip_by_global_norm if mode == "global" else clip_by_param_norm
-        tx = optax.chain(clipper(float(clip)), tx)
+        clipper = (optax.clip_by_global_norm(float(clip)) if mode == "global" else
+                   clip_by_param_norm(float(clip), fuse_qkv=bool(opt.get("clip_fuse_qkv", False))))
+        tx = optax.chain(clipper, tx)
     return tx, schedule
 
 

@@ -56,8 +56,8 @@ def state_shardings(objective, tx, batch_spec, mesh: Mesh, rules, seed: int = 0)
     replicated = NamedSharding(mesh, P())
     param_sh = rules_lib.param_shardings(boxed_params, mesh, rules)
     extra_sh = rules_lib.param_shardings(boxed_extra, mesh, rules)
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, sh: sh, abstract.opt_state, param_sh,
+    opt_sh = optax.tree_map_params(  # per-param slots shard like their param (scalars: replicated)
+        tx, lambda slot, sh: replicated if getattr(slot, "ndim", 1) == 0 else sh, abstract.opt_state, param_sh,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding))
     shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,

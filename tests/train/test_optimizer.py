@@ -47,3 +47,96 @@ def test_unknown_optimizer_and_scaling():
         opt_lib.make_optimizer(dict(name="lamb", lr=1.0), 10, 8)
     with pytest.raises(ValueError, match="lr_scaling"):
         opt_lib.make_schedule(dict(lr_scaling="sqrt", lr=1.0), 10, 8)
+
+
+# -- Reference options (issue 12): decay groups, DINO's warm-up, fused-qkv clipping, per-param Adam count.
+
+def test_no_decay_patterns_per_method():
+    """MAE's and DINO's references decay cls/mask tokens and pos_embed (only <2-D params and
+    biases are skipped); DeiT skips pos_embed / cls_token / dist_token by name."""
+    params = {"cls_token": jnp.ones((1, 1, 8)), "mask_token": jnp.ones((1, 1, 8)),
+              "pos_embed": jnp.ones((1, 5, 8)), "w": jnp.ones((8, 8)), "b": jnp.ones(8),
+              "attn": {"query": {"kernel": jnp.ones((8, 2, 4)), "bias": jnp.ones((2, 4))}}}
+    mae = opt_lib.decay_mask(params, patterns=())
+    assert mae["cls_token"] and mae["mask_token"] and mae["pos_embed"] and mae["w"]
+    assert not mae["b"] and not mae["attn"]["query"]["bias"] and mae["attn"]["query"]["kernel"]
+    deit = opt_lib.decay_mask(params, patterns=(r"pos_embed$", r"cls_token$", r"dist_token$"))
+    assert not deit["cls_token"] and not deit["pos_embed"] and deit["mask_token"]
+
+
+def test_linspace_warmup_is_dinos():
+    """DINO's cosine_scheduler warms up with np.linspace(0, peak, W): peak * s / (W - 1)."""
+    opt = dict(lr=1.0, warmup_steps=5, warmup_mode="linspace", decay="cosine", min_lr=0.0)
+    sched = opt_lib.make_schedule(opt, total_steps=15, global_batch=8)
+    want = np.concatenate([np.linspace(0, 1.0, 5),
+                           0.5 * (1 + np.cos(np.pi * np.arange(10) / 10))])
+    np.testing.assert_allclose([float(sched(s)) for s in range(15)], want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="warmup_mode"):
+        opt_lib.make_schedule(dict(opt, warmup_mode="exp"), 15, 8)
+
+
+def test_per_param_clip_can_fuse_qkv():
+    g = {"attn": {"query": {"kernel": jnp.full((2, 2), 3.0)}, "key": {"kernel": jnp.full((2, 2), 4.0)},
+                  "value": {"kernel": jnp.zeros((2, 2))}}, "w": jnp.full((2,), 0.1)}
+    sep, _ = opt_lib.clip_by_param_norm(1.0).update(g, None)
+    fused, _ = opt_lib.clip_by_param_norm(1.0, fuse_qkv=True).update(g, None)
+    np.testing.assert_allclose(np.linalg.norm(sep["attn"]["query"]["kernel"]), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(sep["attn"]["key"]["kernel"]), 1.0, rtol=1e-5)
+    # Fused: one norm sqrt(4*9 + 4*16) = 10 for q, k, v together.
+    np.testing.assert_allclose(np.asarray(fused["attn"]["query"]["kernel"]), 0.3, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(fused["attn"]["key"]["kernel"]), 0.4, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(fused["w"]), 0.1, rtol=1e-6)
+
+
+def test_per_param_adam_count_after_a_freeze_matches_torch():
+    """A param frozen for 3 steps then trained: its first update equals torch AdamW's (its
+    own count is 1); optax's shared count (4) gives a different first update."""
+    import optax
+    import torch
+    from fmjax.train.step import mask_update
+
+    opt = dict(name="adamw", lr=0.1, weight_decay=0.0, warmup_steps=0, decay="constant")
+    grads = [np.array([0.3, -0.2], np.float32), np.array([0.1, 0.5], np.float32)]
+    results = {}
+    for count in ("global", "per_param"):
+        tx, _ = opt_lib.make_optimizer(dict(opt, adam_count=count), 10, 8)
+        params = {"a": jnp.ones((2, 2)), "last": jnp.zeros(2)}
+        state = tx.init(params)
+        for step in range(5):
+            g = {"a": jnp.full((2, 2), 0.1 * (step + 1)), "last": jnp.asarray(grads[step % 2])}
+            upd, new = tx.update(g, state, params)
+            mask = {"a": jnp.asarray(True), "last": jnp.asarray(step >= 3)}
+            mask = {"a": jnp.ones((2, 2), bool), "last": jnp.full(2, step >= 3)}
+            upd, state = mask_update(tx, mask, upd, new, state)
+            params = optax.apply_updates(params, upd)
+        results[count] = np.asarray(params["last"])
+
+    p = torch.zeros(2, requires_grad=True)
+    topt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.0)
+    for step in (3, 4):
+        p.grad = torch.tensor(grads[step % 2])
+        topt.step()
+    np.testing.assert_allclose(results["per_param"], p.detach().numpy(), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(results["global"], p.detach().numpy(), rtol=1e-3)
+
+
+def test_adamw_matches_torch_over_30_steps():
+    """Bias corrections to float32 rounding (torch computes them in float64)."""
+    import optax
+    import torch
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((4, 3)).astype(np.float32)
+    grads = rng.standard_normal((30, 4, 3)).astype(np.float32)
+    opt = dict(name="adamw", lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, warmup_steps=0,
+               decay="constant")
+    tx, _ = opt_lib.make_optimizer(opt, 30, 8)
+    params = {"w": jnp.asarray(w0)}
+    state = tx.init(params)
+    p = torch.tensor(w0, requires_grad=True)
+    topt = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
+    for g in grads:
+        upd, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, upd)
+        p.grad = torch.tensor(g)
+        topt.step()
+    np.testing.assert_allclose(np.asarray(params["w"]), p.detach().numpy(), rtol=2e-6, atol=1e-7)
