@@ -58,8 +58,10 @@ def make_schedule(opt: Mapping[str, Any], total_steps: int, global_batch: int):
         ramp = optax.linear_schedule(0.0, peak, warmup)
     elif mode == "linspace":  # DINO's cosine_scheduler: np.linspace(0, peak, W)[s] = peak * s / (W - 1)
         ramp = lambda s: peak * jnp.minimum(s, warmup - 1) / max(warmup - 1, 1)
+    elif mode == "plus_one":  # open_clip's _warmup_lr: peak * (s + 1) / W (never 0)
+        ramp = lambda s: peak * (jnp.minimum(s, warmup - 1) + 1) / warmup
     else:
-        raise ValueError(f"config.optimizer.warmup_mode={mode!r}; valid: 'linear', 'linspace'.")
+        raise ValueError(f"config.optimizer.warmup_mode={mode!r}; valid: 'linear', 'linspace', 'plus_one'.")
     return optax.join_schedules([ramp, after], [warmup])
 
 
