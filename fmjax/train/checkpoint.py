@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
+import tempfile
+import time
 from typing import Any, Mapping
 
 import jax
@@ -144,6 +147,76 @@ def restore_latest(manager, config, abstract_state, shardings, data_iter=None, s
         steps = [int(step)]
     parts = None if with_opt_state else ["params", "extra", "step", "rng"]
     bad = []
+    with _QuietFailedReads() as quiet:
+        found = _first_readable(manager, config, abstract_state, shardings, data_iter, steps,
+                                with_opt_state, parts, bad)
+        quiet.failed = bool(bad)
+    if found is None:
+        if bad:
+            folders = ", ".join(f for _, f, _ in bad)
+            raise UnreadableCheckpointError(
+                f"no checkpoint in {manager.directory} can be read ({folders}; first error: "
+                f"{_short(bad[0][2])}); nothing was changed. Move those folders aside to start again "
+                "from step 0, or restore them from a backup.")
+        return None, None
+    s, state = found
+    for bs, bfolder, e in bad:
+        where = _move_aside(bfolder, move_unreadable_to) if move_unreadable_to else bfolder
+        warn(f"checkpoint {bfolder} cannot be read ({_short(e)}); "
+             + (f"moved it to {where} (not deleted); " if move_unreadable_to else "")
+             + f"using step {s} instead.")
+    if bad and move_unreadable_to:
+        manager.reload()
+    return s, state
+
+
+class _QuietFailedReads:
+    """Holds back what the C++ readers print to stderr (fd 2) while checkpoints are tried.
+
+    When one array of a step cannot be read, Orbax stops, closes its event loop, and the
+    reads still in flight later print "Event loop is closed" tracebacks from tensorstore's
+    threads. The failure itself is reported as one line by ``restore_latest``; so after a
+    failed read that output is dropped (once the late callbacks have run), and otherwise
+    written back unchanged.
+    """
+
+    def __init__(self):
+        self.failed = False
+        self._saved = self._tmp = None
+
+    def __enter__(self):
+        try:
+            sys.stderr.flush()
+            self._tmp = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._tmp.fileno(), 2)
+        except (OSError, ValueError, AttributeError):  # no real fd 2 (e.g. a notebook): do nothing
+            self._saved = None
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if self._saved is None:
+            return
+        if self.failed or exc_type is not None:
+            time.sleep(0.5)  # let the abandoned reads finish and print into the void
+            # Their futures are garbage-collected later, when asyncio logs "Task exception was
+            # never retrieved" with the same traceback: already reported, so keep it quiet.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        text = self._tmp.read().decode(errors="replace")
+        self._tmp.close()
+        if self.failed or exc_type is not None:
+            text = "".join(ln for ln in text.splitlines(True) if ln.startswith("fmjax:"))
+        if text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+
+def _first_readable(manager, config, abstract_state, shardings, data_iter, steps, with_opt_state,
+                    parts, bad):
     for s in steps:
         folder = os.path.join(str(manager.directory), str(s))
         try:
@@ -157,23 +230,8 @@ def restore_latest(manager, config, abstract_state, shardings, data_iter=None, s
         except Exception as e:  # noqa: BLE001
             bad.append((s, folder, e))
             continue
-        for bs, bfolder, e in bad:
-            where = bfolder
-            if move_unreadable_to:
-                where = _move_aside(bfolder, move_unreadable_to)
-            warn(f"checkpoint {bfolder} cannot be read ({_short(e)}); "
-                 + (f"moved it to {where} (not deleted); " if move_unreadable_to else "")
-                 + f"using step {s} instead.")
-        if bad and move_unreadable_to:
-            manager.reload()
         return s, state
-    if bad:
-        folders = ", ".join(f for _, f, _ in bad)
-        raise UnreadableCheckpointError(
-            f"no checkpoint in {manager.directory} can be read ({folders}; first error: {_short(bad[0][2])}); "
-            "nothing was changed. Move those folders aside to start again from step 0, or restore them "
-            "from a backup.")
-    return None, None
+    return None
 
 
 def _move_aside(folder: str, dest_root: str) -> str:

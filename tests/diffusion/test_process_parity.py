@@ -43,11 +43,15 @@ def test_schedule_tables(name, rescale):
     ref = DDPMScheduler(beta_schedule=NAMES[name], rescale_betas_zero_snr=rescale)
     sched = process.make_schedule(name, 1000, rescale_zero_snr=rescale)
     # alphas / alphas_cumprod are within 1 ulp (bit-exact for linear, scaled_linear, cosine);
-    # betas = 1 - alphas after the zero-SNR rescale inherit that absolute error.
+    # betas = 1 - alphas after the zero-SNR rescale inherit that absolute error. The rescale
+    # takes sqrt(alpha-bar): torch 2.13's float32 sqrt is 1 ulp off the correctly rounded one
+    # (NumPy's) for some inputs, and alphas = ab[t] / ab[t-1] of the small alpha-bars near T
+    # amplify that to up to 1.5e-5 relative (measured, sigmoid t=998), hence 3e-5 there.
+    rtol = 3e-5 if rescale else 1e-6
     for field in ("alphas", "alphas_cumprod"):
         np.testing.assert_allclose(np.asarray(getattr(sched, field)), getattr(ref, field).numpy(),
-                                   rtol=1e-6, atol=0)
-    np.testing.assert_allclose(np.asarray(sched.betas), ref.betas.numpy(), rtol=1e-6, atol=1e-6)
+                                   rtol=rtol, atol=0)
+    np.testing.assert_allclose(np.asarray(sched.betas), ref.betas.numpy(), rtol=rtol, atol=1e-6)
     if not rescale and name != "sigmoid":
         np.testing.assert_array_equal(np.asarray(sched.alphas_cumprod), ref.alphas_cumprod.numpy())
     assert sched.num_timesteps == 1000

@@ -339,12 +339,14 @@ def test_6_ctrl_c_saves_the_step_and_exits_130(shapes_data_dir, tmp_path):
 # -- 7. Corrupt checkpoints ------------------------------------------------------------------------
 
 def _corrupt(workdir, step):
-    """Truncates the largest data file of a step's state to a third (the drill's reproduction)."""
+    """Truncates every data file of a step's state to a third (the drill truncated one; all of
+    them makes the params unreadable too, whichever file Orbax put them in)."""
     files = [p for p in glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**"),
-                                  recursive=True) if os.path.isfile(p)]
-    big = max(files, key=os.path.getsize)
-    with open(big, "r+b") as f:
-        f.truncate(os.path.getsize(big) // 3)
+                                  recursive=True) if os.path.isfile(p) and f"{os.sep}d{os.sep}" in p]
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 3)
 
 
 def test_7_corrupt_latest_checkpoint_falls_back_and_is_kept(copy_of, shapes_data_dir):
