@@ -24,8 +24,41 @@ captions file, or a TFDS dataset with captions):
     python launch/train.py --config=configs/clip.py:vit_b16 --config.data.name=... --workdir=DIR
   (vit_b32, vit_l14 likewise). Recipe: AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6, wd 0.2
   (not on gains / biases / logit scale), 10k warmup steps, cosine, global batch 32768.
+  They step exactly like open_clip v3.3.0's trainer (tests/reference/test_clip_trajectory.py,
+  30 steps to 1e-5): OPEN_CLIP_OPTIONS (weight decay on every >=2-D param but the class token,
+  so token and position embeddings decay; warm-up peak * (step + 1) / W), model.patch_bias=False
+  (open_clip's conv1 has no bias) and the logit-scale clamp to [0, ln 100] after each step
+  (objective.clamp_logit_scale, default True). open_clip after 2026-06 also leaves both position
+  embeddings undecayed: --config.optimizer.no_decay="('cls_token$', 'pos_embed$')".
+  The default preset keeps fmjax's own choices (optimizer.NO_DECAY_PATTERNS, warm-up peak * s / W).
+
+SigLIP as big_vision trains it (loss='sigmoid', t = 10 and b = -10 at init, no clamp of t):
+  --config.model.loss=sigmoid --config.objective.clamp_logit_scale=False, and the optimizer from
+  big_vision_optimizer(lr, wd, warmup_steps, clip_norm) below (big_vision's weight decay is in
+  its own units: scaled by the schedule but not by the lr, kernels only), which the reference
+  test checks against big_vision's SigLIP trainer step.
 """
 from configs import common
+
+# open_clip's training step (tests/reference/test_clip_trajectory.py): weight decay on every
+# >=2-D param except the class token (open_clip's class_embedding is 1-D, fmjax's cls_token
+# [1, 1, D]), so token and position embeddings decay; warm-up lr = peak * (step + 1) / W.
+OPEN_CLIP_OPTIONS = dict(no_decay=(r"cls_token$",), warmup_mode="plus_one")
+# big_vision's weight decay touches only kernels (wd_mults default ".*/kernel$").
+KERNELS_ONLY = (r"^(?!.*(^|/)kernel$)",)
+
+
+def big_vision_optimizer(lr: float, wd: float, warmup_steps: int, clip_norm: float = 1.0,
+                         b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> dict:
+    """``config.optimizer`` options that reproduce big_vision's optimizer (``big_vision/optax.py``
+    ``make`` with ``optax_name='scale_by_adam'``, as its SigLIP config uses): global-norm clip,
+    Adam, ``lr``, then ``wd`` (big_vision's units: added after the lr, scaled only by the
+    schedule, kernels only), cosine with linear warm-up. AdamW decays by ``lr_t * weight_decay``
+    and ``lr_t = lr * schedule_t``, so ``weight_decay = wd / lr`` is the same update. Pair it
+    with ``objective.clamp_logit_scale=False`` (big_vision does not clamp the temperature)."""
+    return dict(name="adamw", lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd / lr,
+                warmup_steps=warmup_steps, warmup_mode="linear", decay="cosine", min_lr=0.0,
+                clip_norm=clip_norm, clip_mode="global", no_decay=KERNELS_ONLY)
 
 
 def _pp(size: int, scale, tok: str, keys: str, swap_words=()) -> str:
@@ -72,13 +105,13 @@ def get_config(arg: str = "default"):
         c.batch_size = 32768
         c.dtype = "bfloat16"
         c.optimizer.update(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
-                                warmup_steps=10_000, clip_norm=0.0))
+                                warmup_steps=10_000, clip_norm=0.0, **OPEN_CLIP_OPTIONS))
         c.data.name = "image_folder:/path/to/image_text"
         c.data.image_size = 224
         c.data.worker_count = 16
         c.data.tokenize = dict(context_length=77, tokenizer="clip_bpe", bpe_path="bpe_simple_vocab_16e6.txt.gz")
         c.model = dict(name="clip", variant=variant, activation="quick_gelu", loss="softmax",
-                       attention_impl="xla", remat=False)
+                       attention_impl="xla", remat=False, patch_bias=False)  # open_clip's conv1
         c.evals = dict()
         c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
     else:

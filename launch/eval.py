@@ -1,5 +1,9 @@
 """Evaluate a trained checkpoint: ``python launch/eval.py --workdir=DIR [--step=N] [--evals=a,b]``.
 
+Random-feature baseline: ``python launch/eval.py --config=configs/mae.py --random_init_seeds=8
+[--evals=probe,knn] --out=FILE.json`` evaluates 8 freshly initialised models with the config's
+evals and writes ``{"seeds": [...], "<metric>": [per-seed values], "summary": {...}}``.
+
 Uses the config saved in ``DIR/config.json`` (override keys with ``--config.KEY=VALUE`` by
 passing ``--config=configs/<name>.py`` instead) and runs its ``config.evals`` (e.g. zero-shot,
 retrieval, kNN, linear probe) on the latest checkpoint; results are appended to
@@ -18,6 +22,9 @@ config_flags.DEFINE_config_file("config", None, "Optional config file (default: 
 flags.DEFINE_string("workdir", None, "A workdir written by launch/train.py.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_list("evals", None, "Names in config.evals to run (default: all).")
+flags.DEFINE_integer("random_init_seeds", None, "Evaluate this many randomly initialised models of "
+                     "--config instead of a checkpoint (the random-feature baseline).")
+flags.DEFINE_string("out", None, "With --random_init_seeds: write the per-seed results to this JSON file.")
 FLAGS = flags.FLAGS
 
 
@@ -27,11 +34,44 @@ def main(argv):
     from fmjax.parallel.mesh import maybe_initialize_distributed
     maybe_initialize_distributed()
     from fmjax.train.errors import run_with_clean_errors
-    from fmjax.train.eval_only import evaluate_checkpoint
-    run_with_clean_errors(evaluate_checkpoint, FLAGS.workdir, FLAGS.config, FLAGS.step, FLAGS.evals)
+    from fmjax.train.eval_only import evaluate_checkpoint, evaluate_random_inits, load_workdir_config
+    if FLAGS.random_init_seeds is not None:
+        def baseline():
+            config = FLAGS.config or load_workdir_config(FLAGS.workdir)
+            return evaluate_random_inits(config, FLAGS.random_init_seeds, FLAGS.evals, FLAGS.out)
+        run_with_clean_errors(baseline)
+    else:
+        run_with_clean_errors(evaluate_checkpoint, FLAGS.workdir, FLAGS.config, FLAGS.step, FLAGS.evals)
+
+
+def _check_flags():
+    """One-line errors for flag combinations, before jax is imported."""
+    from fmjax.cli import _fail
+    if FLAGS.random_init_seeds is not None:
+        if FLAGS.random_init_seeds < 1:
+            _fail(f"--random_init_seeds={FLAGS.random_init_seeds}; give the number of random "
+                  "initialisations, e.g. --random_init_seeds=8.")
+        if FLAGS.step is not None:
+            _fail("--step names a checkpoint; --random_init_seeds evaluates fresh models: give one of them.")
+        if not FLAGS["config"].present and not FLAGS.workdir:
+            _fail("--random_init_seeds needs --config=configs/<name>.py (or a --workdir whose config to use).")
+        if FLAGS.out and not os.path.isdir(os.path.dirname(os.path.abspath(os.path.expanduser(FLAGS.out)))):
+            _fail(f"--out={FLAGS.out}: its folder does not exist.")
+    else:
+        if FLAGS.out:
+            _fail("--out is for --random_init_seeds; checkpoint evals go to DIR/metrics.jsonl.")
+        if not FLAGS.workdir:
+            _fail("--workdir is required: a directory written by launch/train.py "
+                  "(or --config=... --random_init_seeds=N for the random-feature baseline).")
+
+
+def _parse(argv):
+    from fmjax.cli import parse_flags
+    rest = parse_flags(argv)
+    _check_flags()
+    return rest
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdir")
-    from fmjax.cli import parse_flags
-    app.run(main, flags_parser=parse_flags)
+    from fmjax.cli import parse_flags  # noqa: F401
+    app.run(main, flags_parser=_parse)

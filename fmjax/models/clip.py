@@ -6,6 +6,11 @@ embed_dim; no bias), ``text`` (``TextTransformer``, incl. ``text/proj``),
 ``logit_scale`` () and, for ``loss='sigmoid'`` or a given ``logit_bias_init``,
 ``logit_bias`` ().
 
+``patch_bias=False`` (open_clip / OpenAI, whose ``conv1`` has no bias; the paper presets of
+configs/clip.py): the image tower runs with a zero patch-embedding bias. The param stays in
+the tree at its zero init, so checkpoints and converters keep one layout; it gets no
+gradient, so it never moves (tests/reference/test_clip_trajectory.py).
+
 The vision tower's fields are the flat ViT names (``width``, ``depth``,
 ``num_heads``, ``mlp_dim``, ``patch_size``) so ``registry.build_model(dict(
 name='clip', variant='B/16', ...))`` works; the text tower's are ``text_*``.
@@ -88,6 +93,7 @@ class CLIP(nn.Module):
     attention_impl: str = "xla"
     remat: bool = False
     stem: str = "patch"  # image tower's patch embedding: 'patch' or 'conv' (ViT.stem)
+    patch_bias: bool = True  # False: open_clip / OpenAI conv1 (bias=False); see _without_patch_bias
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -97,7 +103,14 @@ class CLIP(nn.Module):
         common = dict(dropout=self.dropout, drop_path=self.drop_path,
                       layernorm_eps=self.layernorm_eps, attention_impl=self.attention_impl,
                       remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.image = ViT(  # class-token ViT with ln_pre, no head
+        vit = ViT
+        if not self.patch_bias:
+            if self.stem != "patch":
+                raise ValueError("patch_bias=False needs stem='patch' (the conv stem has its own "
+                                 "biases and norms).")
+            vit = nn.map_variables(ViT, "params", self._without_patch_bias,
+                                   init=self.is_initializing())
+        self.image = vit(  # class-token ViT with ln_pre, no head
             width=self.width, depth=self.depth, num_heads=self.num_heads,
             mlp_dim=self.mlp_dim, patch_size=self.patch_size, activation=self.activation,
             pool="cls", class_token=True, pos_embed="learned", pre_norm=True, num_classes=0,
@@ -124,6 +137,19 @@ class CLIP(nn.Module):
             bias = -10.0
         self.logit_bias = None if bias is None else self.param(
             "logit_bias", layers.part(nn.initializers.constant(bias), ()), (), self.param_dtype)
+
+    def _without_patch_bias(self, variables):
+        """The image tower sees a zero patch-embedding bias: open_clip's and OpenAI's ``conv1``
+        has none. The param stays in the tree (checkpoints and converters keep one layout) at its
+        zero init; it gets no gradient, so Adam leaves it at zero and clipping norms ignore it."""
+        if self.is_initializing():
+            return variables
+        params = dict(variables["params"])
+        embed = dict(params["patch_embed"])
+        proj = dict(embed["proj"])
+        proj["bias"] = jnp.zeros_like(proj["bias"])
+        embed["proj"], params["patch_embed"] = proj, embed
+        return dict(variables, params=params)
 
     def encode_image(self, images: jax.Array, train: bool = False,
                      normalize: bool = True) -> jax.Array:

@@ -1,9 +1,15 @@
 """DINO projection head (Caron et al., 2021): MLP -> L2 norm -> weight-normalised last layer.
 
 Param tree: ``mlp_{i}`` (Dense, trunc-normal 0.02, zero bias), ``last_layer_v``
-(bottleneck, out_dim) and, unless ``norm_last_layer``, ``last_layer_g`` (out_dim,)
+(bottleneck, out_dim) and, unless ``norm_last_layer``, ``last_layer_g`` (1, out_dim)
 initialised to 1 — torch's ``weight_norm`` with ``weight_g`` frozen at 1 when
 ``norm_last_layer`` (the reference's default).
+
+``last_layer_g`` keeps torch's ``weight_g`` layout (the kernel's shape with the normalised
+axis kept as 1; torch's is (out_dim, 1) for its transposed weight). It is therefore a 2-D
+param, and weight decay applies to it as in the reference, whose ``get_params_groups``
+skips only ``.bias`` and 1-D params and so decays ``weight_g``. (A 1-D g, as fmjax had it,
+escapes the decay; tests/reference/test_dino_trajectory.py sees the difference.)
 """
 from typing import Any
 
@@ -45,7 +51,7 @@ class DINOHead(nn.Module):
                        (self.bottleneck_dim, self.out_dim), self.param_dtype)
         w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
         if not self.norm_last_layer:
-            g = self.param("last_layer_g", layers.part(nn.initializers.ones, ("classes",)),
-                           (self.out_dim,), self.param_dtype)
+            g = self.param("last_layer_g", layers.part(nn.initializers.ones, (None, "classes")),
+                           (1, self.out_dim), self.param_dtype)
             w = w * g
         return x @ w.astype(jnp.float32)

@@ -77,6 +77,9 @@ class CLIPObjective(Objective):
         self.hard_negatives = bool(config.objective.get("hard_negatives", False))
         if self.hard_negatives:
             self.batch_keys = self.batch_keys + ("neg_tokens", "neg_valid")
+        # open_clip clamps the log-scale to [0, ln 100] after every step (train.py); big_vision's
+        # SigLIP trainer does not clamp its temperature (released SigLIP models sit above 100).
+        self.clamp_logit_scale = bool(config.objective.get("clamp_logit_scale", True))
 
     def init(self, rng, batch):
         return self.model.init({"params": rng}, batch["image"], batch["tokens"])["params"], {}
@@ -111,7 +114,11 @@ class CLIPObjective(Objective):
         return {k: jax.tree.map(lambda _: k not in locked, v) for k, v in params.items()}
 
     def project_params(self, params, step):
-        """Clamp the learnable temperature to ln(100) after each update (as the references do)."""
+        """Clamp the learnable log-scale to [0, ln 100] after each update, as open_clip's
+        train.py does (``objective.clamp_logit_scale``, default True; False: big_vision's
+        SigLIP trainer, which leaves its temperature unclamped)."""
+        if not self.clamp_logit_scale:
+            return params
         params = dict(params)
         params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)
         return params

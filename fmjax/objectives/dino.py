@@ -26,13 +26,22 @@ from fmjax.models.dino_head import DINOHead
 from fmjax.models.registry import build_model
 from fmjax.objectives.base import Objective
 
-def teacher_temperature(step, warmup_temp: float, temp: float, warmup_steps: int):
-    """``np.linspace(warmup_temp, temp, warmup_steps)`` then ``temp`` (the reference's
-    schedule, here per step rather than per epoch)."""
-    if warmup_steps <= 1:
+def teacher_temperature(step, warmup_temp: float, temp: float, warmup_steps: int, every: int = 1):
+    """The reference's ``np.concatenate((np.linspace(warmup_temp, temp, W), np.ones(...) * temp))``
+    indexed by ``step // every`` with ``W = warmup_steps // every``.
+
+    ``every``: the number of steps the temperature is held (1: a per-step schedule; the
+    reference's schedule is per epoch, ``every = steps per epoch``). As ``np.linspace``:
+    ``W == 0`` gives ``temp`` throughout and ``W == 1`` gives ``warmup_temp`` for the first
+    block, then ``temp``.
+    """
+    every = max(int(every), 1)
+    w = int(warmup_steps) // every
+    if w <= 0:
         return jnp.asarray(temp, jnp.float32)
-    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / (warmup_steps - 1), 1.0)
-    return warmup_temp + frac * (temp - warmup_temp)
+    e = jnp.asarray(step, jnp.int32) // every
+    ramp = warmup_temp + (temp - warmup_temp) * e.astype(jnp.float32) / max(w - 1, 1)
+    return jnp.where(e < w, ramp, temp).astype(jnp.float32)
 
 
 def ema_momentum(step, base: float, total_steps: int):
@@ -86,8 +95,14 @@ class DINOObjective(Objective):
             self.batch_keys = ("global_crops",)
         self.total_steps = int(config.total_steps)
         self.student_temp = float(o.get("student_temp", 0.1))
+        every = int(o.get("teacher_temp_every", 1))
+        warm = int(o.get("warmup_teacher_temp_steps", 0))
+        if every < 1 or warm % every:
+            raise ValueError(f"config.objective.teacher_temp_every={every} must be >= 1 and divide "
+                             f"warmup_teacher_temp_steps={warm} (the reference's schedule is per epoch: "
+                             "both in steps, every = steps per epoch).")
         self.teacher_temp = (float(o.get("warmup_teacher_temp", 0.04)), float(o.get("teacher_temp", 0.07)),
-                             int(o.get("warmup_teacher_temp_steps", 0)))
+                             warm, every)
         self.momentum = float(o.get("momentum_teacher", 0.996))
         self.center_momentum = float(o.get("center_momentum", 0.9))
         self.freeze_last_layer_steps = int(o.get("freeze_last_layer_steps", 0))

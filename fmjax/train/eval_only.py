@@ -106,6 +106,58 @@ def evaluate_checkpoint(workdir: str, config=None, step: int | None = None, eval
     return metrics
 
 
+def evaluate_random_inits(config, num_seeds: int, evals=None, out: str | None = None,
+                          devices=None) -> dict:
+    """The "how much does pretraining beat random features?" baseline.
+
+    Initialises ``num_seeds`` fresh models of ``config`` (seeds ``config.seed + i``), runs the
+    config's evals (or the named subset) on each, and returns (and with ``out`` writes as
+    JSON) ``{"seeds": [...], "<metric>": [per-seed values], ..., "summary": {"<metric>":
+    {"max", "mean", "min"}}}``. Nothing is trained and no workdir is written.
+    """
+    if int(num_seeds) < 1:
+        raise ConfigError(f"--random_init_seeds={num_seeds}; give the number of random initialisations, e.g. 8.")
+    names = list(evals or config.evals.keys())
+    unknown = [n for n in names if n not in config.evals]
+    if unknown:
+        raise ConfigError(f"unknown evals {unknown}; the config defines {sorted(config.evals.keys())}.")
+    names = [n for n in names if config.evals[n].get("type") not in ("images", "generation")]
+    if not names:
+        raise ConfigError("no evals to run on random initialisations (images and generation evals are "
+                          f"skipped); the config defines {sorted(config.evals.keys())}.")
+    if out:
+        out = workdir_lib.resolve(out)
+        if not os.path.isdir(os.path.dirname(out)):
+            raise ConfigError(f"--out={out}: folder {os.path.dirname(out)} does not exist.")
+    objective, mesh, rules = build(config, devices)
+    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
+                                config.data.get("data_dir"))
+    spec = _batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
+                       config.batch_size)
+    tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
+    evaluator = Evaluator(config, objective, mesh, rules)
+    writer = MetricWriter("", config.total_steps, enabled=False)
+    seeds = [int(config.seed) + i for i in range(int(num_seeds))]
+    result: dict = {"seeds": seeds}
+    for seed in seeds:
+        state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, seed)
+        metrics = evaluator.run(names, state, writer, 0)
+        log(f"   seed {seed}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        for k, v in metrics.items():
+            result.setdefault(k, []).append(float(v))
+    result["summary"] = {k: dict(max=max(v), mean=sum(v) / len(v), min=min(v))
+                         for k, v in result.items() if k not in ("seeds", "summary")}
+    for k, v in sorted(result["summary"].items()):
+        log(f"== {k}: best {v['max']:.4f}, mean {v['mean']:.4f}, worst {v['min']:.4f} over {len(seeds)} random inits")
+    if out and jax.process_index() == 0:
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, out)
+        log(f"== wrote {out}")
+    return result
+
+
 def load_classifier(workdir: str, num_classes: int, image_shape=None, devices=None,
                     batch_size: int | None = None):
     """A ``generation.Classifier`` from a workdir trained with the ``supervised`` objective.

@@ -108,6 +108,25 @@ def test_schedules_match_reference():
                                atol=1e-7)
 
 
+@pytest.mark.parametrize("warm_epochs", [0, 1, 2, 5])
+@pytest.mark.parametrize("every", [1, 3])
+def test_teacher_temperature_matches_reference_schedule(warm_epochs, every):
+    """DINOLoss.teacher_temp_schedule, indexed by epoch = step // every: a one-epoch warm-up
+    gives the START temperature in epoch 0 (np.linspace(a, b, 1) == [a]), none gives the final."""
+    epochs = 8
+    ref = np.concatenate((np.linspace(0.04, 0.07, warm_epochs), np.ones(epochs - warm_epochs) * 0.07))
+    steps = np.arange(epochs * every)
+    temp = np.asarray(jax.vmap(lambda s: dino.teacher_temperature(s, 0.04, 0.07, warm_epochs * every, every))(steps))
+    np.testing.assert_allclose(temp, ref[steps // every], rtol=0, atol=1e-7)
+
+
+def test_teacher_temp_every_must_divide_the_warmup(tiny_config):
+    c = _dino_config(tiny_config)
+    c.objective.update(dict(warmup_teacher_temp_steps=10, teacher_temp_every=3))
+    with pytest.raises(ValueError, match="teacher_temp_every=3"):
+        make_objective(c)
+
+
 def test_per_param_clipping_matches_reference():
     rng = np.random.default_rng(0)
     grads = {"a": rng.normal(size=(5, 4)).astype(np.float32) * 3, "b": rng.normal(size=(3,)).astype(np.float32) * 0.1}
@@ -192,9 +211,13 @@ def test_ema_teacher_and_last_layer_freeze(tiny_config):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), after1.extra["teacher"], expect)
     # Frozen last layer: unchanged (no weight decay either) and its Adam moments untouched.
     np.testing.assert_array_equal(after1.params["head"]["last_layer_v"], first.params["head"]["last_layer_v"])
-    mu = [s for s in jax.tree.leaves(after1.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-          if isinstance(s, optax.ScaleByAdamState)][0].mu
+    adam_types = (optax.ScaleByAdamState, opt_lib.PerParamAdamState)
+    adam = [s for s in jax.tree.leaves(after1.opt_state, is_leaf=lambda x: isinstance(x, adam_types))
+            if isinstance(s, adam_types)][0]
+    mu = adam.mu
     assert np.all(mu["head"]["last_layer_v"] == 0)
+    if isinstance(adam, opt_lib.PerParamAdamState):  # the preset's adam_count='per_param'
+        assert adam.count["head"]["last_layer_v"] == 0 and adam.count["head"]["mlp_0"]["kernel"] == 1
     assert np.any(mu["head"]["mlp_0"]["kernel"] != 0)
     assert not np.allclose(after1.params["head"]["mlp_0"]["kernel"], first.params["head"]["mlp_0"]["kernel"])
     # After the freeze it trains.
