@@ -205,4 +205,4 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
 
 
 def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)

@@ -24,8 +24,9 @@ def _split_micro(batch, accum_steps: int):
 def mask_update(tx, mask, updates, new_opt_state, old_opt_state):
     """Frozen params (``mask`` False) are skipped by the optimizer, as torch skips a param
     whose grad is None: no update, no weight decay, and their moments keep their old
-    values. (Step counts are shared by all params in optax, so Adam's bias correction
-    of a param unfrozen later uses the global count, where torch counts its own steps.)"""
+    values. With ``optimizer.adam_count='per_param'`` each param's Adam step count is one
+    of those slots, so a param unfrozen later starts its bias correction from its own
+    count, as torch does; with the default shared count it uses the global one."""
     updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
     slot_mask = optax.tree_map_params(tx, lambda _, m: m, new_opt_state, mask,
                                       transform_non_params=lambda _: True)
@@ -86,7 +87,7 @@ def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1, nonfin
             if hasattr(objective, "project_params"):  # constraints, e.g. CLIP's logit-scale clamp
                 params = objective.project_params(params, state.step)
             extra = objective.after_update(params, extra, state.step)
-            grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+            grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
             if nonfinite == "skip_step":
                 keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
