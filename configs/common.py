@@ -26,7 +26,12 @@ def base_config() -> ml_collections.ConfigDict:
         skip_bad_examples=0))  # up to N unreadable examples skipped with a warning (0: stop at the first)
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, blr=0.0, lr_scaling="none", b1=0.9, b2=0.999, eps=1e-8,
-        weight_decay=0.05, warmup_steps=100, min_lr=0.0, decay="cosine", clip_norm=0.0))
+        weight_decay=0.05, warmup_steps=100, min_lr=0.0, decay="cosine", clip_norm=0.0,
+        clip_mode="global", clip_fuse_qkv=False, adam_count="global",
+        # Reference behaviours (see docs/design.md, "reference options"); these defaults are fmjax's.
+        no_decay=None,                 # None: fmjax's NO_DECAY_PATTERNS; () decays every >= 2-D non-bias param
+        warmup_mode="linear", warmup_init=0.0, decay_from="warmup_end",
+        schedule_steps_per_epoch=0, schedule_epoch_lag=0))
     c.evals = ml_collections.ConfigDict()
     return c
 

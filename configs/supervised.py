@@ -8,8 +8,30 @@ Default (bundled shapes, 32x32 -> shape class, CPU-sized):
 
 Paper-style preset (DeiT-style recipe on ImageNet-1k; needs `imagenet2012` in TFDS):
     python launch/train.py --config=configs/supervised.py:vit_b16_imagenet --workdir=DIR
+  Its optimizer is facebookresearch/deit's main.py (timm 0.3.2 create_optimizer /
+  create_scheduler), checked step by step by tests/reference/test_supervised_trajectory.py:
+  - lr = 5e-4 * batch / 512 (blr 2.5e-4 with fmjax's batch / 256 scaling), AdamW betas
+    (0.9, 0.999), eps 1e-8, weight decay 0.05, no clipping (DeiT's --clip-grad is None);
+  - optimizer.no_decay = pos_embed, cls_token, dist_token (timm's VisionTransformer
+    no_weight_decay(); biases and < 2-D params never decay);
+  - the lr is timm's CosineLRScheduler stepped per EPOCH: schedule_steps_per_epoch = one
+    epoch (1281167 // 1024 steps, drop_last), warm-up 5 epochs from warmup_init 1e-6
+    (--warmup-lr), decay_from='start' (the cosine over all 300 epochs, warm-up included:
+    warmup_prefix=False), min_lr 1e-5, and schedule_epoch_lag=1: DeiT calls
+    lr_scheduler.step(epoch) at the end of epoch e, so epoch e trains with timm's value for
+    e - 1 (epochs 0 and 1 both at 1e-6).
+  - Loss: LabelSmoothingCrossEntropy(0.1) (DeiT's criterion without mixup / cutmix, which
+    fmjax does not implement); DeiT's model EMA (eval only) is not kept.
+  The fmjax defaults (default preset) stay per-step: linear warm-up from 0, cosine after the
+  warm-up, fmjax's broader no_decay list (NO_DECAY_PATTERNS).
 """
 from configs import common
+
+
+# facebookresearch/deit main.py + timm 0.3.2 (see the module docstring); the paper preset sets
+# these and schedule_steps_per_epoch to its epoch length.
+DEIT_OPTIONS = dict(no_decay=(r"pos_embed$", r"cls_token$", r"dist_token$"), warmup_init=1e-6,
+                    decay_from="start", schedule_epoch_lag=1)
 
 
 def get_config(arg: str = "default"):
@@ -40,9 +62,10 @@ def get_config(arg: str = "default"):
         c.batch_size = 1024
         c.total_steps = 300 * (1281167 // 1024)
         c.dtype = "bfloat16"
+        epoch = 1281167 // 1024
         c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=5e-4 * 256 / 512,
-                                weight_decay=0.05, warmup_steps=5 * (1281167 // 1024), min_lr=1e-5,
-                                clip_norm=1.0))
+                                weight_decay=0.05, warmup_steps=5 * epoch, min_lr=1e-5,
+                                clip_norm=0.0, **DEIT_OPTIONS, schedule_steps_per_epoch=epoch))
         c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="cls", drop_path=0.1,
                        attention_impl="xla", remat=False)
         c.evals = dict(val=dict(type="metrics", split="validation", every=5000))

@@ -173,8 +173,8 @@ def first_example(config):
 def batch_spec(config, objective, global_batch):
     """(spec {key: ShapeDtypeStruct of the global batch}, one transformed example, origin)."""
     import numpy as np
-    from fmjax.train.evaluate import parse_pp
-    from fmjax.train.loop import _batch_spec
+    from fmjax.data.transforms import parse_pp
+    from fmjax.train.setup import batch_spec as _batch_spec
     transform = parse_pp(config.data.pp_train, "config.data.pp_train")
     raw, origin = first_example(config)
     try:
@@ -219,7 +219,7 @@ def run() -> dict:
 
     from fmjax.parallel import mesh as mesh_lib
     from fmjax.train import optimizer as opt_lib, state as state_lib, step as step_lib
-    from fmjax.train.loop import build
+    from fmjax.train.setup import build
 
     config = FLAGS.config
     try:

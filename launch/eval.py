@@ -73,5 +73,4 @@ def _parse(argv):
 
 
 if __name__ == "__main__":
-    from fmjax.cli import parse_flags  # noqa: F401
     app.run(main, flags_parser=_parse)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from fmjax.data.text_ops import swap_words, tokenize
+from fmjax.errors import ConfigError
 from fmjax.data.transform_base import Example, Transform
 
 Size = Union[int, Sequence[int]]
@@ -437,3 +438,11 @@ def parse(pp: str) -> Compose:
     An empty string gives the identity transform.
     """
     return Compose([_parse_op(s) for s in _split_top_level(pp)], spec=pp)
+
+
+def parse_pp(pp: str, key: str):
+    """``parse(pp)``; a bad op or argument is a one-line ConfigError naming ``key``."""
+    try:
+        return parse(pp)
+    except (ValueError, TypeError, SyntaxError) as e:
+        raise ConfigError(f"{key}: {e}") from None

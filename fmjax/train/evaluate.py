@@ -18,26 +18,20 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fmjax.data import pipeline, sources, transforms
+from fmjax.data import pipeline, sources
 from fmjax.evals import generation as gen_lib
 from fmjax.evals import knn as knn_lib
 from fmjax.evals import linear_probe as probe_lib
 from fmjax.evals import retrieval as retrieval_lib
 from fmjax.evals import zero_shot as zero_shot_lib
 from fmjax.errors import NonFiniteError
+from fmjax.data.transforms import parse_pp  # noqa: F401  (re-exported)
+from fmjax.train.restore import load_classifier
 from fmjax.train.state import mesh_context
 from fmjax.train.validate import ConfigError
 
 EVAL_TYPES = ("knn", "linear_probe", "loss", "metrics", "images", "zero_shot", "retrieval",
               "generation")
-
-
-def parse_pp(pp: str, key: str):
-    """``transforms.parse(pp)``; a bad op or argument is a one-line ConfigError naming ``key``."""
-    try:
-        return transforms.parse(pp)
-    except (ValueError, TypeError, SyntaxError) as e:
-        raise ConfigError(f"{key}: {e}") from None
 
 
 class Subset:
@@ -232,7 +226,6 @@ class Evaluator:
 
     def _classifier(self, workdir, image_shape):
         """The classifier of ``workdir``, restored once onto this evaluator's devices."""
-        from fmjax.train.eval_only import load_classifier  # eval_only imports this module
         key = os.path.abspath(os.path.expanduser(workdir))
         if key not in self._classifiers:
             self._classifiers[key] = load_classifier(key, self.objective.num_classes, image_shape,

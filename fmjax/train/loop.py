@@ -14,17 +14,18 @@ import jax
 import numpy as np
 
 from fmjax.data import pipeline, sources
-from fmjax.objectives.base import make_objective
 from fmjax.parallel import mesh as mesh_lib
 from fmjax.parallel import rules as rules_lib
 from fmjax.train import checkpoint as ckpt
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train import step as step_lib
-from fmjax.errors import DataError, NonFiniteError
+from fmjax.errors import NonFiniteError
 from fmjax.train import validate
 from fmjax.train import workdir as workdir_lib
-from fmjax.train.evaluate import Evaluator, parse_pp
+from fmjax.data.transforms import parse_pp
+from fmjax.train import setup as setup_lib
+from fmjax.train.evaluate import Evaluator
 from fmjax.train.writer import MetricWriter, Progress, log, truncate_metrics
 
 
@@ -74,39 +75,8 @@ class _Preemption:
         return bool(np.asarray(flags).any())
 
 
-def _batch_spec(source, transform, keys, global_batch):
-    """Shapes of one global batch, from one transformed example (the iterator is untouched)."""
-    try:
-        example = transform(source[0], np.random.default_rng(0))
-    except DataError:  # an unreadable first example: the data's fault, not pp_train's
-        raise
-    except (KeyError, ValueError, TypeError) as e:  # e.g. keep() of a key the data lacks
-        raise validate.ConfigError(f"config.data.pp_train fails on the first training example: "
-                                   f"{e}") from None
-    missing = [k for k in keys if k not in example]
-    if missing:
-        raise validate.ConfigError(
-            f"the objective needs batch keys {list(keys)} but config.data.pp_train gives "
-            f"{sorted(example)}: add {missing} to its keep(...) and the ops that make them"
-            + (" (hard negatives: swap_words(words)|tokenize(..., key='neg_caption', "
-               "outkey='neg_tokens'))" if "neg_tokens" in missing else "") + ".")
-    return {k: jax.ShapeDtypeStruct((global_batch,) + np.asarray(example[k]).shape,
-                                    jax.dtypes.canonicalize_dtype(np.asarray(example[k]).dtype))
-            for k in keys}
-
-
-def _host_arrays(local, spec):
-    """The spec'd entries of a host batch, in the dtypes the step was compiled for (int64 -> int32)."""
-    return {k: np.asarray(local[k], dtype=spec[k].dtype) for k in spec}
-
-
-def build(config, devices=None):
-    """(objective, mesh, logical rules) from a config; bad names are ``ConfigError``s."""
-    try:
-        return (make_objective(config), mesh_lib.make_mesh(config.mesh, devices),
-                rules_lib.get_rules(config.get("sharding", "fsdp")))
-    except ValueError as e:  # unknown names, impossible meshes: the user's input, not a bug
-        raise validate.ConfigError(str(e)) from None
+# Re-exported for callers of the old names.
+_batch_spec, _host_arrays, build = setup_lib.batch_spec, setup_lib.host_arrays, setup_lib.build
 
 
 def check_config(config, workdir: str, devices=None):

@@ -39,11 +39,57 @@ def peak_learning_rate(opt: Mapping[str, Any], global_batch: int) -> float:
 
 
 def make_schedule(opt: Mapping[str, Any], total_steps: int, global_batch: int):
+    """The lr per optimizer step.
+
+    Reference options (defaults: fmjax's per-step schedule, unchanged):
+    ``warmup_init`` (0.0): the linear warm-up starts there (timm's ``warmup_lr_init``);
+    ``decay_from`` ('warmup_end'): 'start' runs the cosine over the whole run,
+    ``min_lr + (peak - min_lr) * (1 + cos(pi * s / total_steps)) / 2``, cut by the warm-up
+    (timm's ``CosineLRScheduler`` with ``warmup_prefix=False``, so the peak is never reached);
+    ``schedule_steps_per_epoch`` (0 = per step): K > 0 holds the lr constant within each
+    epoch of K steps at the value of the epoch's first step (timm schedulers stepped per epoch);
+    ``schedule_epoch_lag`` (0): epoch e uses the value of epoch max(e - lag, 0) (DeiT's
+    ``lr_scheduler.step(epoch)`` at the END of epoch e sets the lr of epoch e + 1 to timm's
+    value for e: lag 1).
+    """
+    base = _make_step_schedule(opt, total_steps, global_batch)
+    per_epoch = int(opt.get("schedule_steps_per_epoch", 0) or 0)
+    lag = int(opt.get("schedule_epoch_lag", 0) or 0)
+    if per_epoch < 0 or lag < 0:
+        raise ValueError("config.optimizer.schedule_steps_per_epoch and schedule_epoch_lag must be >= 0.")
+    if per_epoch == 0:
+        if lag:
+            raise ValueError("config.optimizer.schedule_epoch_lag needs schedule_steps_per_epoch > 0.")
+        return base
+    warmup = int(opt.get("warmup_steps", 0))
+    if warmup % per_epoch:
+        raise ValueError(f"config.optimizer.warmup_steps={warmup} is not a whole number of epochs of "
+                         f"schedule_steps_per_epoch={per_epoch} steps.")
+
+    def schedule(step):
+        epoch = jnp.maximum(jnp.asarray(step) // per_epoch - lag, 0)
+        return base(epoch * per_epoch)
+    return schedule
+
+
+def _make_step_schedule(opt: Mapping[str, Any], total_steps: int, global_batch: int):
     peak = peak_learning_rate(opt, global_batch)
     warmup = int(opt.get("warmup_steps", 0))
     min_lr = float(opt.get("min_lr", 0.0))
     decay = opt.get("decay", "cosine")
-    if decay == "cosine":
+    decay_from = opt.get("decay_from", "warmup_end")
+    if decay_from not in ("warmup_end", "start"):
+        raise ValueError(f"config.optimizer.decay_from={decay_from!r}; valid: 'warmup_end', 'start'.")
+    if decay_from == "start" and decay != "cosine":
+        raise ValueError("config.optimizer.decay_from='start' needs decay='cosine'.")
+    warmup_init = float(opt.get("warmup_init", 0.0) or 0.0)
+    if decay == "cosine" and decay_from == "start":
+        # timm CosineLRScheduler (warmup_prefix=False): t counts from the run's start; join_schedules
+        # hands the post-warm-up schedule ``step - warmup``. (1 + cos x) / 2 = cos(x / 2)^2, which
+        # keeps float32's relative precision near the end of the cosine.
+        total = max(total_steps, 1)
+        after = lambda s: min_lr + (peak - min_lr) * jnp.square(jnp.cos(jnp.pi / 2 * (s + warmup) / total))
+    elif decay == "cosine":
         after = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1), alpha=min_lr / peak if peak else 0.0)
     elif decay == "constant":
         after = optax.constant_schedule(peak)
@@ -54,8 +100,13 @@ def make_schedule(opt: Mapping[str, Any], total_steps: int, global_batch: int):
     if warmup <= 0:
         return after
     mode = opt.get("warmup_mode", "linear")
-    if mode == "linear":  # optax / MAE / open_clip: peak * s / W
-        ramp = optax.linear_schedule(0.0, peak, warmup)
+    if warmup_init and mode != "linear":
+        raise ValueError(f"config.optimizer.warmup_init needs warmup_mode='linear', got {mode!r}.")
+    if mode == "linear":  # optax / MAE / open_clip: peak * s / W; timm: init + (peak - init) * s / W
+        if warmup_init:  # timm's _get_lr: init + s * (peak - init) / W (exact at s = 0)
+            ramp = lambda s: warmup_init + jnp.minimum(s, warmup) * ((peak - warmup_init) / warmup)
+        else:
+            ramp = optax.linear_schedule(0.0, peak, warmup)
     elif mode == "linspace":  # DINO's cosine_scheduler: np.linspace(0, peak, W)[s] = peak * s / (W - 1)
         ramp = lambda s: peak * jnp.minimum(s, warmup - 1) / max(warmup - 1, 1)
     elif mode == "plus_one":  # open_clip's _warmup_lr: peak * (s + 1) / W (never 0)

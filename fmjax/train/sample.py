@@ -18,8 +18,8 @@ from fmjax.data import sources, transforms
 from fmjax.evals import generation as gen_lib
 from fmjax.evals.images import image_grid, save_png
 from fmjax.errors import ConfigError, NonFiniteError
-from fmjax.train.eval_only import load_checkpoint, load_classifier, load_workdir_config
-from fmjax.train.loop import build
+from fmjax.train.restore import load_checkpoint, load_classifier, load_workdir_config
+from fmjax.train.setup import build
 from fmjax.train.writer import log
 
 COLUMNS = 8  # images per row of a per-class / per-prompt grid
