@@ -71,8 +71,19 @@ def fingerprint(config) -> dict[str, Any]:
 OPTIMIZER_STRUCTURE_KEYS = ("name", "clip_norm", "clip_mode", "weight_decay_end", "adam_count")
 
 
-def save(manager, step: int, state, data_iter, config, force: bool = False) -> bool:
+def spec_to_json(spec) -> dict:
+    return {k: [list(v.shape), str(v.dtype)] for k, v in spec.items()}
+
+
+def spec_from_json(data) -> dict:
+    return {k: jax.ShapeDtypeStruct(tuple(shape), dtype) for k, (shape, dtype) in data.items()}
+
+
+def save(manager, step: int, state, data_iter, config, force: bool = False, spec=None) -> bool:
+    """``spec``: the global batch spec, stored so that eval and sampling rebuild the state's
+    shapes without reading training data."""
     meta = dict(fingerprint=fingerprint(config), step=int(step), structure=structure(state),
+                batch_spec=spec_to_json(spec) if spec is not None else None,
                 optimizer={k: config.optimizer.get(k) for k in OPTIMIZER_STRUCTURE_KEYS}
                 if hasattr(config, "optimizer") else None,
                 config=json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else None,

@@ -223,7 +223,7 @@ def _train(config, workdir: str, run: dict) -> dict:
                         final.update(ev)
                 if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
                     guard.check_now(step)  # never save a non-finite state
-                    ckpt.save(manager, step, state, data_iter, config, force=stop)
+                    ckpt.save(manager, step, state, data_iter, config, force=stop, spec=spec)
                 if stop:
                     manager.wait_until_finished()
                     if preempt.signum == signal.SIGINT:

@@ -31,12 +31,17 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def abstract_state(config, objective, mesh, rules):
-    """``(abstract TrainState, shardings)`` of ``config``'s training run on ``mesh``."""
-    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
-                                config.data.get("data_dir"))
-    spec = batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
-                       config.batch_size)
+def abstract_state(config, objective, mesh, rules, spec=None):
+    """``(abstract TrainState, shardings)`` of ``config``'s training run on ``mesh``.
+
+    ``spec``: the batch spec (from a checkpoint's meta); without it, it is computed from the
+    first training example, which needs the training data.
+    """
+    if spec is None:
+        source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
+                                    config.data.get("data_dir"))
+        spec = batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
+                          config.batch_size)
     tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
     abstract, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
     return abstract, shardings
@@ -64,13 +69,24 @@ def load_checkpoint(workdir: str, config=None, step: int | None = None, devices=
         if step is None and manager.latest_step() is None:
             raise ConfigError(f"no checkpoint in {workdir}/checkpoints; available: [] "
                               "(train first with launch/train.py --workdir=...).")
-        abstract, shardings = abstract_state(config, objective, mesh, rules)
+        abstract, shardings = abstract_state(config, objective, mesh, rules,
+                                             _saved_spec(manager, step))
         step, state = ckpt.restore_latest(manager, config, abstract, shardings, step=step,
                                           with_opt_state=False)
     finally:
         manager.close()
     check_finite_params(state, step, workdir)
     return config, objective, mesh, rules, state, step
+
+
+def _saved_spec(manager, step):
+    """The batch spec stored in the meta of ``step`` (or the latest step), or None (older
+    checkpoints, an unreadable meta: the caller computes it from the training data)."""
+    try:
+        meta = ckpt.read_meta(manager, manager.latest_step() if step is None else int(step))
+        return ckpt.spec_from_json(meta["batch_spec"]) if meta.get("batch_spec") else None
+    except Exception:  # noqa: BLE001 - any failure falls back to the data
+        return None
 
 
 def check_finite_params(state, step, workdir) -> None:

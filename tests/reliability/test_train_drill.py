@@ -425,3 +425,16 @@ def test_11_tilde_workdir_is_expanded(shapes_data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _steps(tmp_path / "wd") == [1]
     assert not os.path.exists(os.path.join(REPO, "~"))
+
+
+def test_checkpoint_meta_holds_the_batch_spec_so_loading_needs_no_data(copy_of, tmp_path):
+    """Eval and sampling rebuild the state from the spec saved in the checkpoint, not from the
+    first training example (issue 13): a workdir restores with its training data gone."""
+    from fmjax.train import restore
+    wd = copy_of()
+    config = restore.load_workdir_config(wd)
+    config.data.name = f"image_folder:{tmp_path / 'no_data_here'}"
+    _, _, _, _, state, step = restore.load_checkpoint(wd, config)
+    assert step == 4 and state.opt_state is None
+    np.testing.assert_allclose(jax.tree.leaves(jax.device_get(state.params))[0],
+                               jax.tree.leaves(_params(wd, 4))[0])
