@@ -24,7 +24,16 @@ Paper presets (need the dataset in TFDS):
   Peebles & Xie 2023 recipe for DiT-B/2 (AdamW 1e-4, no weight decay, batch 256, EMA 0.9999,
   label dropout 0.1, 400k steps). fmjax has no VAE yet, so instead of 32x32x4 SD-VAE latents
   of 256px images this preset trains on 32x32 RGB ImageNet images: the same token count
-  (256) and compute per step as the paper's model, but not its FID.
+  (256) and compute per step as the paper's model, but not its FID. Like the reference
+  (tests/reference/test_dit_trajectory.py) it sets objective.schedule_precision='float64'
+  (sqrt(a_t), sqrt(1 - a_t) of q_sample from float64 tables, cast to float32) and
+  objective.ema.mode='constant' (EMA decay 0.9999 from the first step, no warm-up) and
+  model.freq_precision='float32' (the timestep frequencies' exponent rounded in float32).
+
+Defaults elsewhere: objective.schedule_precision='float32' (diffusers' float32 tables, what
+tests/diffusion/test_process_parity.py checks) and objective.ema.mode='diffusers' (EMAModel's
+decay with its warm-up, (1+s)/(10+s) unless use_ema_warmup). The model does not learn sigma
+(no VB term; DiT's learn_sigma=True adds one), so the preset trains the eps-MSE only.
 """
 from configs import common
 
@@ -33,10 +42,10 @@ def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective = dict(
         name="diffusion", conditioning="class", schedule="linear", num_timesteps=1000,
-        beta_start=1e-4, beta_end=0.02, prediction_type="epsilon", loss_weighting="none",
-        snr_gamma=5.0, cond_drop_prob=0.1, text_lock=False,
-        ema=dict(decay=0.9999, min_decay=0.0, update_after_step=0, use_ema_warmup=False,
-                 inv_gamma=1.0, power=2 / 3),
+        beta_start=1e-4, beta_end=0.02, schedule_precision="float32", prediction_type="epsilon",
+        loss_weighting="none", snr_gamma=5.0, cond_drop_prob=0.1, text_lock=False,
+        ema=dict(mode="diffusers", decay=0.9999, min_decay=0.0, update_after_step=0,
+                 use_ema_warmup=False, inv_gamma=1.0, power=2 / 3),
         sample=dict(sampler="ddim", num_steps=50, eta=0.0, spacing="leading",
                     variance_type="fixed_small", guidance_scale=1.0, clip_sample=True))
     c.optimizer.update(dict(name="adam", lr=2e-4, warmup_steps=5000, clip_norm=1.0,
@@ -96,8 +105,11 @@ def get_config(arg: str = "default"):
         c.dtype = "bfloat16"
         c.optimizer.update(dict(name="adamw", lr=1e-4, weight_decay=0.0, warmup_steps=0,
                                 clip_norm=0.0))
+        # The reference's GaussianDiffusion tables (float64, cast) and update_ema (constant decay).
+        c.objective.schedule_precision = "float64"
+        c.objective.ema.mode = "constant"
         c.objective.sample.update(dict(sampler="ddpm", num_steps=250, guidance_scale=1.5))
-        c.model = dict(name="dit", variant="B/2", num_classes=1000)
+        c.model = dict(name="dit", variant="B/2", num_classes=1000, freq_precision="float32")
         c.log_every = 100
         c.eval_every = 20_000
         c.checkpoint_every = 5000

@@ -93,24 +93,63 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 @flax.struct.dataclass
 class Schedule:
-    """Per-timestep float32 tables, each [T]. A pytree, so it can be a jit argument or a constant."""
+    """Per-timestep float32 tables, each [T]. A pytree, so it can be a jit argument or a constant.
+
+    ``sqrt_alphas_cumprod`` / ``sqrt_one_minus_alphas_cumprod``: optional tables of sqrt(a_t)
+    and sqrt(1 - a_t) used by the forward process (``add_noise``, ``velocity``) instead of
+    ``a_t ** 0.5`` in float32; ``make_schedule(precision='float64')`` sets them.
+    """
     betas: jax.Array
     alphas: jax.Array            # 1 - betas
     alphas_cumprod: jax.Array    # a_t = prod_{s<=t} alphas[s]
+    sqrt_alphas_cumprod: jax.Array | None = None
+    sqrt_one_minus_alphas_cumprod: jax.Array | None = None
 
     @property
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
 
 
+PRECISIONS = ("float32", "float64")
+
+
+def _betas64(schedule: str, n: int, beta_start: float, beta_end: float) -> np.ndarray:
+    """float64 betas as facebookresearch/DiT's (OpenAI's) ``get_beta_schedule`` computes them."""
+    if schedule == "linear":
+        return np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    if schedule == "scaled_linear":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=np.float64) ** 2
+    if schedule == "sigmoid":
+        s = np.linspace(-6, 6, n, dtype=np.float64)
+        return 1 / (1 + np.exp(-s)) * (beta_end - beta_start) + beta_start
+    alpha_bar = [math.cos((s / n + 0.008) / 1.008 * math.pi / 2) ** 2 for s in range(n + 1)]
+    return np.array([min(1 - alpha_bar[i + 1] / alpha_bar[i], 0.999) for i in range(n)], np.float64)
+
+
 def make_schedule(schedule: str = "linear", num_timesteps: int = 1000, beta_start: float = 1e-4,
                   beta_end: float = 0.02, *, rescale_zero_snr: bool = False,
-                  betas=None) -> Schedule:
+                  betas=None, precision: str = "float32") -> Schedule:
     """``Schedule`` from a named beta schedule (see ``make_betas``) or explicit ``betas``.
 
     ``rescale_zero_snr``: zero terminal SNR (pair it with v-prediction and 'trailing' spacing;
     the epsilon -> x0 conversion divides by sqrt(a_t) = 0 at t = T-1).
+    ``precision``: 'float32' (default; diffusers: float32 betas and cumprod, ``a_t ** 0.5`` in
+    float32) or 'float64' (facebookresearch/DiT's ``GaussianDiffusion``: betas, alpha-bar,
+    sqrt(a_t) and sqrt(1 - a_t) computed in float64 with NumPy, then cast to float32; the
+    forward process uses those sqrt tables). The sampler's coefficients are still computed
+    from the float32 ``alphas_cumprod`` either way.
     """
+    _check("precision", precision, PRECISIONS)
+    if precision == "float64":
+        _check("schedule", schedule, SCHEDULES)
+        b64 = (np.asarray(betas, np.float64) if betas is not None
+               else _betas64(schedule, int(num_timesteps), beta_start, beta_end))
+        if rescale_zero_snr:
+            raise ValueError("precision='float64' does not support rescale_zero_snr.")
+        ac64 = np.cumprod(1.0 - b64)
+        f32 = lambda a: jnp.asarray(np.asarray(a, np.float64).astype(np.float32))
+        return Schedule(f32(b64), f32(1.0 - b64), f32(ac64), f32(np.sqrt(ac64)),
+                        f32(np.sqrt(1.0 - ac64)))
     if betas is None:
         betas = make_betas(schedule, num_timesteps, beta_start, beta_end)
     betas = np.asarray(betas, np.float32)
@@ -133,6 +172,17 @@ def _alpha_cumprod(schedule: Schedule, t, x, final=1.0) -> jax.Array:
     return _bcast(a.astype(jnp.float32), x)
 
 
+def _sqrt_coefs(schedule: Schedule, t, x) -> tuple[jax.Array, jax.Array]:
+    """(sqrt(a_t), sqrt(1 - a_t)) broadcast against x: from the schedule's sqrt tables when it
+    has them (``precision='float64'``), else ``a_t ** 0.5`` in float32 (diffusers)."""
+    if schedule.sqrt_alphas_cumprod is None:
+        a = _alpha_cumprod(schedule, t, x)
+        return a ** 0.5, (1 - a) ** 0.5
+    t = jnp.asarray(t, jnp.int32)
+    return (_bcast(schedule.sqrt_alphas_cumprod[t].astype(jnp.float32), x),
+            _bcast(schedule.sqrt_one_minus_alphas_cumprod[t].astype(jnp.float32), x))
+
+
 def snr(schedule: Schedule, t) -> jax.Array:
     """SNR(t) = a_t / (1 - a_t), float32 with the shape of ``t``."""
     a = schedule.alphas_cumprod[jnp.asarray(t, jnp.int32)]
@@ -143,15 +193,15 @@ def snr(schedule: Schedule, t) -> jax.Array:
 
 def add_noise(schedule: Schedule, x0, noise, t) -> jax.Array:
     """q_sample: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise (diffusers ``add_noise``)."""
-    a = _alpha_cumprod(schedule, t, x0)
-    out = a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
+    sa, sb = _sqrt_coefs(schedule, t, x0)
+    out = sa * x0 + sb * noise
     return out.astype(jnp.result_type(x0, noise))
 
 
 def velocity(schedule: Schedule, x0, noise, t) -> jax.Array:
     """v = sqrt(a_t) noise - sqrt(1 - a_t) x0 (diffusers ``get_velocity``)."""
-    a = _alpha_cumprod(schedule, t, x0)
-    out = a ** 0.5 * noise - (1 - a) ** 0.5 * x0
+    sa, sb = _sqrt_coefs(schedule, t, x0)
+    out = sa * noise - sb * x0
     return out.astype(jnp.result_type(x0, noise))
 
 

@@ -5,7 +5,10 @@ eps, v or x0 (``prediction_type``) under an optional loss weighting (min-SNR, ..
 condition is dropped with probability ``cond_drop_prob`` (the null class / a zero text vector)
 so one network serves classifier-free guidance. Sampling (DDPM or DDIM, ``fmjax.diffusion.
 process``, equal to diffusers' schedulers step for step) uses the EMA weights, carried as
-objective state (``extra['ema']``) with diffusers ``EMAModel``'s decay and warm-up.
+objective state (``extra['ema']``) with diffusers ``EMAModel``'s decay and warm-up
+(``ema.mode='diffusers'``, the default) or facebookresearch/DiT's constant-decay ``update_ema``
+(``ema.mode='constant'``). ``schedule_precision='float64'`` builds q_sample's sqrt(a_t) and
+sqrt(1 - a_t) tables in float64 as DiT's GaussianDiffusion does (default 'float32', diffusers').
 
 Text conditioning: a causal text transformer (the CLIP text tower, ``fmjax.models.text``)
 trained jointly, or locked (``text_lock``) e.g. after loading a CLIP checkpoint's text tower;
@@ -23,6 +26,9 @@ from fmjax.models.text import TextTransformer
 from fmjax.objectives.base import Objective
 
 CONDITIONINGS = ("class", "text", "none")
+# 'diffusers': EMAModel.get_decay (warm-up (1+s)/(10+s) or 1-(1+s/inv_gamma)^-power, capped at
+# decay, 0 at the first update); 'constant': facebookresearch/DiT's update_ema, ``decay`` every step.
+EMA_MODES = ("diffusers", "constant")
 
 
 def ema_decay(optimization_step, decay: float = 0.9999, min_decay: float = 0.0,
@@ -62,13 +68,16 @@ class DiffusionObjective(Objective):
         self.patch_size = getattr(self.model, "patch_size", None)
         self.schedule = process.make_schedule(
             o.get("schedule", "linear"), int(o.get("num_timesteps", 1000)),
-            float(o.get("beta_start", 1e-4)), float(o.get("beta_end", 0.02)))
+            float(o.get("beta_start", 1e-4)), float(o.get("beta_end", 0.02)),
+            precision=o.get("schedule_precision", "float32"))
         self.prediction_type = o.get("prediction_type", "epsilon")
         self.weighting = o.get("loss_weighting", "none")
         self.snr_gamma = float(o.get("snr_gamma", 5.0))
         self.cond_drop = float(o.get("cond_drop_prob", 0.1))
         self.text_lock = bool(o.get("text_lock", False))
         self.ema = dict(o.get("ema", {}))
+        if self.ema.get("mode", "diffusers") not in EMA_MODES:
+            raise ValueError(f"config.objective.ema.mode={self.ema.get('mode')!r}; valid: {list(EMA_MODES)}.")
         self.sampling = dict(o.get("sample", {}))
         for name, valid in (("prediction_type", process.PREDICTION_TYPES),
                             ("loss_weighting", process.LOSS_WEIGHTINGS)):
@@ -133,6 +142,12 @@ class DiffusionObjective(Objective):
 
     def after_update(self, params, extra, step):
         e = self.ema
+        if e.get("mode", "diffusers") == "constant":
+            # facebookresearch/DiT train.py update_ema: ema = decay * ema + (1 - decay) * param
+            # after every step, from the first (the EMA starts as a copy of the params).
+            d = float(e.get("decay", 0.9999))
+            ema = jax.tree.map(lambda s, p: s * d + p * (1 - d), extra["ema"], params)
+            return dict(extra, ema=ema)
         d = ema_decay(step + 1, e.get("decay", 0.9999), e.get("min_decay", 0.0),
                       e.get("update_after_step", 0), e.get("use_ema_warmup", False),
                       e.get("inv_gamma", 1.0), e.get("power", 2 / 3))
