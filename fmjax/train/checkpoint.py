@@ -125,15 +125,6 @@ def check_meta(meta: dict, config, directory, abstract_state=None, parts=None) -
         "resume with the original config, or use a new --workdir.")
 
 
-def check_compatible(manager, config) -> int | None:
-    """Returns the latest step, raising a one-line error if it was written by another config."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    check_meta(read_meta(manager, step), config, manager.directory)
-    return step
-
-
 def _short(err: Exception) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     text = lines[-1] if lines else type(err).__name__

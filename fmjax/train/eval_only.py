@@ -11,14 +11,13 @@ import os
 
 import jax
 
-from fmjax.data import sources, transforms
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train import workdir as workdir_lib
 from fmjax.train.evaluate import Evaluator
 from fmjax.train.restore import (abstract_state, check_finite_params, load_checkpoint,  # noqa: F401
-                                 load_classifier, load_workdir_config)
-from fmjax.train.setup import batch_spec, build
+                                 load_classifier, load_workdir_config, train_batch_spec)
+from fmjax.train.setup import build
 from fmjax.train.validate import ConfigError
 from fmjax.train.writer import MetricWriter, log
 
@@ -67,10 +66,7 @@ def evaluate_random_inits(config, num_seeds: int, evals=None, out: str | None = 
         if not os.path.isdir(os.path.dirname(out)):
             raise ConfigError(f"--out={out}: folder {os.path.dirname(out)} does not exist.")
     objective, mesh, rules = build(config, devices)
-    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
-                                config.data.get("data_dir"))
-    spec = batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
-                       config.batch_size)
+    spec = train_batch_spec(config, objective)
     tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
     evaluator = Evaluator(config, objective, mesh, rules)
     writer = MetricWriter("", config.total_steps, enabled=False)

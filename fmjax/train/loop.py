@@ -75,24 +75,20 @@ class _Preemption:
         return bool(np.asarray(flags).any())
 
 
-# Re-exported for callers of the old names.
-_batch_spec, _host_arrays, build = setup_lib.batch_spec, setup_lib.host_arrays, setup_lib.build
-
-
 def check_config(config, workdir: str, devices=None):
     """Phase 1: every check that needs no write and no compile. Returns what the run needs.
 
     Bad input here is a one-line ``ConfigError`` (or a missing-file error), raised before
     anything is written to ``workdir``.
     """
-    objective, mesh, rules = build(config, devices)
+    objective, mesh, rules = setup_lib.build(config, devices)
     validate.check(config, objective, mesh)
     evaluator = Evaluator(config, objective, mesh, rules)  # checks config.evals (and classifiers)
     source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
                                 config.data.get("data_dir"),
                                 skip_bad_examples=config.data.get("skip_bad_examples", 0))
     transform = parse_pp(config.data.pp_train, "config.data.pp_train")
-    spec = _batch_spec(source, transform, objective.batch_keys, config.batch_size)
+    spec = setup_lib.batch_spec(source, transform, objective.batch_keys, config.batch_size)
     validate.check_pipeline_matches(config, transform, spec)
     try:
         tx, schedule = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
@@ -197,7 +193,7 @@ def _train(config, workdir: str, run: dict) -> dict:
                 log(f"   eval @0: {_fmt(final)}")
             while step < config.total_steps:
                 local = next(data_iter)
-                batch = pipeline.global_batch(_host_arrays(local, spec), mesh)
+                batch = pipeline.global_batch(setup_lib.host_arrays(local, spec), mesh)
                 state, metrics = compiled(state, batch)
                 step += 1
                 guard.after_dispatch(step, metrics)  # checks the previous step (no pipeline stall)

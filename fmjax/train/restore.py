@@ -31,6 +31,14 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def train_batch_spec(config, objective):
+    """The global batch spec of ``config``'s training run, from its first training example."""
+    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
+                                config.data.get("data_dir"))
+    return batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
+                      config.batch_size)
+
+
 def abstract_state(config, objective, mesh, rules, spec=None):
     """``(abstract TrainState, shardings)`` of ``config``'s training run on ``mesh``.
 
@@ -38,10 +46,7 @@ def abstract_state(config, objective, mesh, rules, spec=None):
     first training example, which needs the training data.
     """
     if spec is None:
-        source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
-                                    config.data.get("data_dir"))
-        spec = batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
-                          config.batch_size)
+        spec = train_batch_spec(config, objective)
     tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
     abstract, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
     return abstract, shardings

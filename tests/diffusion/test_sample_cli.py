@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from fmjax.train import loop
+from fmjax.train import setup
 from fmjax.train.eval_only import (abstract_state, evaluate_checkpoint, load_checkpoint,
                                    load_workdir_config)
 from fmjax.train.evaluate import Evaluator
@@ -140,7 +141,7 @@ def test_generation_eval_scores_samples_with_the_classifier(workdirs):
 
 def test_generation_eval_errors(workdirs, tmp_path):
     config = load_workdir_config(workdirs["diffusion"])
-    objective, mesh, rules = loop.build(config)
+    objective, mesh, rules = setup.build(config)
 
     def error(**ev):
         config.evals = {"gen": dict(type="generation", **ev)}

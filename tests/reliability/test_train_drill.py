@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fmjax.testing import REPO, assert_one_line_error, run_cli
+from fmjax.testing import REPO, assert_one_line_error, cli_env, run_cli
 
 TINY = [
     "--config=configs/mae.py", "--config.batch_size=16", "--config.log_every=1",
@@ -163,7 +163,6 @@ def test_2_nan_is_never_checkpointed(shapes_data_dir, tmp_path):
 
 def test_2_skip_step_policy_keeps_training(shapes_data_dir, tmp_path):
     """``nonfinite=skip_step``: a non-finite step leaves the state as it was and the run goes on."""
-    from fmjax.train.step import make_train_step  # noqa: F401 (the policy lives in the step)
     wd = str(tmp_path / "wd")
     proc = _train(wd, shapes_data_dir, "--config.nonfinite=skip_step", "--config.optimizer.blr=1e6",
                   "--config.checkpoint_every=3", steps=["--config.total_steps=6"])
@@ -184,7 +183,6 @@ def test_9_metrics_jsonl_writes_nan_as_null(tmp_path):
 
 def _nan_checkpoint(workdir, step):
     """Writes a copy of the latest checkpoint as ``step`` with every param NaN."""
-    from fmjax.train.checkpoint import read_meta  # noqa: F401
     src = os.path.join(workdir, "checkpoints", str(max(_steps(workdir))))
     dst = os.path.join(workdir, "checkpoints", str(step))
     shutil.copytree(src, dst)
@@ -296,11 +294,9 @@ def test_4_rerunning_a_finished_run_changes_nothing(copy_of, shapes_data_dir):
 # -- 6. Ctrl-C --------------------------------------------------------------------------------------
 
 def _popen_train(workdir, data_dir, *extra, steps):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    env.pop("FMJAX_TRACEBACK", None)
     return subprocess.Popen(
         [sys.executable, "launch/train.py", f"--workdir={workdir}", TINY[0],
-         f"--config.data.data_dir={data_dir}", *TINY[1:], *steps, *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         f"--config.data.data_dir={data_dir}", *TINY[1:], *steps, *extra], cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
 
 

@@ -23,7 +23,7 @@ from fmjax.data import pipeline, sources, transforms
 from fmjax.objectives.base import make_objective
 from fmjax.parallel.mesh import batch_sharding, make_mesh
 from fmjax.parallel.rules import get_rules
-from fmjax.train import loop
+from fmjax.train import setup
 from fmjax.train import optimizer as opt_lib
 from fmjax.train.state import create_state, mesh_context
 from fmjax.train.step import jit_train_step, make_train_step
@@ -90,7 +90,7 @@ def _reference(config):
     tx, schedule = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
     source = sources.get_source(config.data.name, "train", config.data.data_dir)
     transform = transforms.parse(config.data.pp_train)
-    spec = loop._batch_spec(source, transform, objective.batch_keys, config.batch_size)
+    spec = setup.batch_spec(source, transform, objective.batch_keys, config.batch_size)
     iters = [pipeline.make_train_iterator(source, global_batch_size=config.batch_size, transform=transform,
                                           seed=config.seed, process_index=p, process_count=2)
              for p in range(2)]

@@ -24,6 +24,7 @@ from fmjax.parallel.mesh import make_mesh
 from fmjax.parallel.rules import get_rules
 from fmjax.train import checkpoint as ckpt
 from fmjax.train import loop
+from fmjax.train import setup
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train.checkpoint import IncompatibleCheckpointError
@@ -198,7 +199,7 @@ def _restore_onto(config, workdir, step, devices):
     rules = get_rules(config.sharding)
     tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
     source = sources.get_source(config.data.name, "train", config.data.data_dir)
-    spec = loop._batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
+    spec = setup.batch_spec(source, transforms.parse(config.data.pp_train), objective.batch_keys,
                             config.batch_size)
     abstract, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
     manager = ckpt.make_manager(workdir)
