@@ -25,7 +25,7 @@ Paper presets (need the dataset in TFDS):
   label dropout 0.1, 400k steps). fmjax has no VAE yet, so instead of 32x32x4 SD-VAE latents
   of 256px images this preset trains on 32x32 RGB ImageNet images: the same token count
   (256) and compute per step as the paper's model, but not its FID. Like the reference
-  (tests/reference/test_dit_trajectory.py) it sets objective.schedule_precision='float64'
+  (tests/reference/test_diffusion_trajectory.py) it sets objective.schedule_precision='float64'
   (sqrt(a_t), sqrt(1 - a_t) of q_sample from float64 tables, cast to float32) and
   objective.ema.mode='constant' (EMA decay 0.9999 from the first step, no warm-up) and
   model.freq_precision='float32' (the timestep frequencies' exponent rounded in float32).
