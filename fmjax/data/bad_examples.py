@@ -102,10 +102,12 @@ class SkipBadExamples:
                     + (f" ({shown})" if skipped else "")
                     + f": {error.fix}, or raise {SKIP_FLAG}.") from None
             self._bad[index] = error.what
-            count = len(self._bad)
-        print(f"fmjax: warning: skipping unreadable {error.what} ({error.reason}); example {index} is "
-              f"replaced by the next readable one ({count} of config.data.skip_bad_examples="
-              f"{self.max_bad})", file=sys.stderr, flush=True)
+            # One write of the whole line, under the lock: grain's reader threads can skip two
+            # examples at once, and print()'s separate writes of text and newline interleave.
+            sys.stderr.write(f"fmjax: warning: skipping unreadable {error.what} ({error.reason}); "
+                             f"example {index} is replaced by the next readable one ({len(self._bad)} "
+                             f"of config.data.skip_bad_examples={self.max_bad})\n")
+            sys.stderr.flush()
 
 
 def skip_bad_examples(source, max_bad):
