@@ -122,13 +122,14 @@ def check_flags() -> None:
 
 
 def _check_config(config, objective, mesh) -> None:
-    """``validate.check`` without its dataset check: the benchmark needs no data (it falls
-    back to a synthetic example), so the config is checked as if it named the bundled data."""
+    """``validate.check`` without its dataset and eval checks: the benchmark needs no data (it
+    falls back to a synthetic example), so the config is checked as if it named the bundled
+    data, and it runs no evals."""
     from fmjax.data import sources
     from fmjax.train import validate
     checked = config.copy_and_resolve_references()
     checked.data.name, checked.data.train_split = sources.SHAPES_NAME, "train"
-    validate.check(checked, objective, mesh)
+    validate.check(checked, objective, mesh, evals=False)
 
 
 # -- Batch spec: from the real first example when the data is here, else a synthetic one. ---
@@ -156,9 +157,9 @@ def first_example(config):
     data_dir = config.data.get("data_dir")
     try:
         sources.check_source(name, split, data_dir)
-        res = sources._shapes_resolution(name)  # noqa: SLF001
-        if res is not None and not shapes.FmjaxShapes(
-                config=str(res), data_dir=sources.default_data_dir(data_dir),
+        shapes_config = sources._shapes_config(name)  # noqa: SLF001
+        if shapes_config is not None and not shapes.FmjaxShapes(
+                config=shapes_config, data_dir=sources.default_data_dir(data_dir),
                 file_format="array_record").is_prepared():
             raise FileNotFoundError(f"{name} is not prepared in {sources.default_data_dir(data_dir)} "
                                     "(launch/train.py prepares it)")

@@ -5,6 +5,13 @@ background, with a class label (the main object's shape), a caption, instance
 masks and per-object attributes. Scenes depend only on (split, index), so every
 resolution renders the same scene and preparation is fully deterministic.
 
+The `simple` variant (`fmjax_shapes/simple_<resolution>`) renders the same scenes with
+only the main object, on the background's smooth two-colour gradient (no blobs, texture
+or noise): same labels, main-object attributes and held-out split, and a caption of the
+one-object templates. It is for recipes that must learn within minutes on a CPU (the
+`cpu` presets of DINO and diffusion): the full scenes' textured backgrounds and
+distractor objects dominate what a tiny model learns first.
+
 Some (shape, colour) combinations never appear on any object of the
 train/validation/test splits; the `heldout` split has them as its main object,
 for zero-shot tests.
@@ -35,6 +42,7 @@ SPLITS = ("train", "validation", "test", "heldout")
 SPLIT_SIZES = {"train": 10000, "validation": 1000, "test": 1000, "heldout": 1000}
 RESOLUTIONS = (32, 48, 64, 96, 128, 160, 192, 224, 256)
 DEFAULT_RESOLUTION = 64
+VARIANTS = ("full", "simple")   # builder config names: "<res>" (full), "simple_<res>"
 
 # (shape, colour) index pairs that only the heldout split shows: one per shape
 # and one per colour (3 is coprime with 8, so the map is a permutation).
@@ -141,12 +149,15 @@ def _sample_scene(index, split):
     return dict(objects=objects, background=background, caption_seed=int(rng.integers(2**31)))
 
 
-def _render_background(bg, res):
-    """Muted two-colour gradient + low-frequency blobs + stripes/checks + noise."""
+def _render_background(bg, res, plain=False):
+    """Muted two-colour gradient + low-frequency blobs + stripes/checks + noise (``plain``:
+    the gradient only)."""
     yy, xx = (np.mgrid[0:res, 0:res] + 0.5) / res
     t = (xx - 0.5) * math.cos(bg["angle"]) + (yy - 0.5) * math.sin(bg["angle"])
     t = np.clip(t / 1.42 + 0.5, 0, 1)[..., None]
     img = bg["colors"][0] * (1 - t) + bg["colors"][1] * t
+    if plain:
+        return img * 255.0
     blobs = Image.fromarray(bg["blobs"].astype(np.float32), mode="F").resize((res, res), Image.BILINEAR)
     img = img + np.asarray(blobs)[..., None]
     u = xx * math.cos(bg["tex_angle"]) + yy * math.sin(bg["tex_angle"])
@@ -216,8 +227,11 @@ def make_caption(objects, seed):
     return _a_an(template.format(**fields))
 
 
-def generate_example(index, split="train", resolution=DEFAULT_RESOLUTION):
+def generate_example(index, split="train", resolution=DEFAULT_RESOLUTION, variant="full"):
     """Renders example `index` of `split` at `resolution` pixels (square).
+
+    ``variant='simple'``: the same scene with only its main object, on a plain gradient
+    background (see the module docstring).
 
     Returns a dict of numpy values:
       image uint8 (R, R, 3); label int64 (main object's shape, index into
@@ -228,10 +242,13 @@ def generate_example(index, split="train", resolution=DEFAULT_RESOLUTION):
     """
     if not 8 <= int(resolution) <= 1024:
         raise ValueError(f"fmjax_shapes resolution must be in [8, 1024], got {resolution}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown fmjax_shapes variant {variant!r}; use one of {list(VARIANTS)}")
     res = int(resolution)
     scene = _sample_scene(index, split)
-    objects = scene["objects"]
-    img = _render_background(scene["background"], res)
+    simple = variant == "simple"
+    objects = scene["objects"][:1] if simple else scene["objects"]
+    img = _render_background(scene["background"], res, plain=simple)
     masks = np.zeros((MAX_OBJECTS, res, res), np.uint8)
     for i in reversed(range(len(objects))):  # others first, main last (on top)
         alpha = _object_alpha(objects[i], res)[..., None]
@@ -250,12 +267,21 @@ def generate_example(index, split="train", resolution=DEFAULT_RESOLUTION):
         masks=masks, num_objects=np.int32(len(objects)), **attrs)
 
 
-class FmjaxShapesConfig(tfds.core.BuilderConfig):
-    """A resolution of fmjax_shapes; the config name is the resolution, e.g. '64'."""
+def config_name(resolution, variant="full") -> str:
+    """The builder config name: '64' (full scenes), 'simple_64' (the simple variant)."""
+    return str(resolution) if variant == "full" else f"{variant}_{resolution}"
 
-    def __init__(self, *, resolution, **kwargs):
-        super().__init__(name=str(resolution), description=f"{resolution}x{resolution} pixels", **kwargs)
+
+class FmjaxShapesConfig(tfds.core.BuilderConfig):
+    """A resolution and variant of fmjax_shapes; the config name is ``config_name``, e.g.
+    '64' or 'simple_32'."""
+
+    def __init__(self, *, resolution, variant="full", **kwargs):
+        what = "" if variant == "full" else f", {variant} variant (main object only, plain background)"
+        super().__init__(name=config_name(resolution, variant),
+                         description=f"{resolution}x{resolution} pixels{what}", **kwargs)
         self.resolution = resolution
+        self.variant = variant
 
 
 class FmjaxShapes(tfds.core.GeneratorBasedBuilder):
@@ -264,7 +290,7 @@ class FmjaxShapes(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "Main object always larger than the others (identifiable label)."}
-    BUILDER_CONFIGS = [FmjaxShapesConfig(resolution=r) for r in RESOLUTIONS]
+    BUILDER_CONFIGS = [FmjaxShapesConfig(resolution=r, variant=v) for v in VARIANTS for r in RESOLUTIONS]
     DEFAULT_CONFIG_NAME = str(DEFAULT_RESOLUTION)
 
     # TFDS's default `code_path` needs the `importlib_resources` backport,
@@ -302,9 +328,9 @@ class FmjaxShapes(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split) for split in SPLITS}
 
     def _generate_examples(self, split):
-        res = self.builder_config.resolution
+        res, variant = self.builder_config.resolution, self.builder_config.variant
         for index in range(SPLIT_SIZES[split]):
-            ex = generate_example(index, split, res)
+            ex = generate_example(index, split, res, variant)
             buf = io.BytesIO()
             Image.fromarray(ex["image"]).save(buf, format="PNG", compress_level=1)
             ex["image"] = buf.getvalue()

@@ -3,6 +3,8 @@
 Names:
   fmjax_shapes, fmjax_shapes/<resolution>  the bundled procedural dataset; it
                                            prepares itself on first use.
+  fmjax_shapes/simple_<resolution>         its simple variant (main object only,
+                                           plain background; see fmjax.data.shapes).
   image_folder:<path>                      root/<split>/<class>/*.{png,jpg,jpeg}
   <tfds name>[/<config>][:<version>]       any prepared TFDS catalog dataset,
                                            read with `tfds.data_source`.
@@ -30,7 +32,8 @@ from fmjax.data import shapes
 
 SHAPES_NAME = "fmjax_shapes"
 IMAGE_FOLDER_PREFIX = "image_folder:"
-VALID_FORMS = (f"'{SHAPES_NAME}', '{SHAPES_NAME}/<resolution>' (resolution in {list(shapes.RESOLUTIONS)}), "
+VALID_FORMS = (f"'{SHAPES_NAME}', '{SHAPES_NAME}/<resolution>' or '{SHAPES_NAME}/simple_<resolution>' "
+               f"(resolution in {list(shapes.RESOLUTIONS)}), "
                f"'{IMAGE_FOLDER_PREFIX}<path>', or a TFDS catalog name such as 'imagenet2012'")
 
 
@@ -40,17 +43,29 @@ def default_data_dir(data_dir=None):
     return os.path.abspath(os.path.expanduser(data_dir))
 
 
-def _shapes_resolution(name):
-    """Resolution of an fmjax_shapes name, or None if `name` is not one."""
+def _shapes_config(name):
+    """The builder config name ('64', 'simple_32') of an fmjax_shapes name, or None if
+    `name` is not one."""
     if name == SHAPES_NAME:
-        return shapes.DEFAULT_RESOLUTION
+        return shapes.config_name(shapes.DEFAULT_RESOLUTION)
     if not name.startswith(SHAPES_NAME + "/"):
         return None
-    res = name.split("/", 1)[1].split(":")[0]
+    config = name.split("/", 1)[1].split(":")[0]
+    variant, _, res = config.rpartition("_")
+    variant = variant or "full"
+    if variant not in shapes.VARIANTS or variant == "full" and "_" in config:
+        raise ValueError(f"Unknown {SHAPES_NAME} variant in {name!r}: use '{SHAPES_NAME}/<resolution>' "
+                         f"or '{SHAPES_NAME}/simple_<resolution>', e.g. '{SHAPES_NAME}/simple_32'.")
     if not res.isdigit() or int(res) not in shapes.RESOLUTIONS:
         raise ValueError(f"Unknown {SHAPES_NAME} resolution {res!r} in {name!r}: "
                          f"use one of {list(shapes.RESOLUTIONS)}, e.g. '{SHAPES_NAME}/64'.")
-    return int(res)
+    return shapes.config_name(int(res), variant)
+
+
+def _shapes_resolution(name):
+    """Resolution of an fmjax_shapes name, or None if `name` is not one."""
+    config = _shapes_config(name)
+    return None if config is None else int(config.rpartition("_")[2])
 
 
 def _check_split(split, valid, name):
@@ -92,6 +107,7 @@ def _file_lock(path):
 
 def prepare_shapes(resolution=shapes.DEFAULT_RESOLUTION, data_dir=None):
     """Prepares fmjax_shapes/<resolution> in data_dir if needed; returns the builder.
+    ``resolution`` may also be a builder config name such as 'simple_32'.
 
     TFDS writes into an `incomplete.*` folder and renames it when done, so an
     interrupted preparation leaves no half dataset; its leftovers are removed
@@ -122,8 +138,8 @@ class TfdsSource:
     def _open(self):
         if self._source is None:
             import tensorflow_datasets as tfds
-            if _shapes_resolution(self.name) is not None:
-                shapes_builder = prepare_shapes(_shapes_resolution(self.name), self.data_dir)
+            if _shapes_config(self.name) is not None:
+                shapes_builder = prepare_shapes(_shapes_config(self.name), self.data_dir)
                 self._source = shapes_builder.as_data_source(split=self.split)
             else:
                 self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
@@ -178,7 +194,8 @@ def _catalog_builder(name, data_dir):
 
 
 def _parse(name):
-    """Returns (kind, arg) for a name: ('shapes', res), ('folder', path), ('tfds', name)."""
+    """Returns (kind, arg) for a name: ('shapes', config name such as '32' or 'simple_32'),
+    ('folder', path), ('tfds', name)."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"Unknown dataset name {name!r}: use {VALID_FORMS}.")
     if name.startswith(IMAGE_FOLDER_PREFIX):
@@ -186,9 +203,9 @@ def _parse(name):
         if not path:
             raise ValueError(f"Empty path in {name!r}: use '{IMAGE_FOLDER_PREFIX}/path/to/root'.")
         return "folder", os.path.expanduser(path)
-    res = _shapes_resolution(name)
-    if res is not None:
-        return "shapes", res
+    config = _shapes_config(name)
+    if config is not None:
+        return "shapes", config
     if ":" in name and not name.split(":")[-1].replace(".", "").isdigit():
         raise ValueError(f"Unknown dataset name {name!r}: use {VALID_FORMS}.")
     return "tfds", name

@@ -104,6 +104,55 @@ def test_bad_split_and_resolution():
         shapes.generate_example(0, "train", 4)
 
 
+def test_simple_variant_is_the_main_object_on_a_plain_background():
+    for i in range(40):
+        full, simple = (shapes.generate_example(i, "validation", 32, v) for v in ("full", "simple"))
+        assert simple["label"] == full["label"] and simple["num_objects"] == 1
+        for key in ("shapes", "colors", "sizes", "positions"):
+            assert simple[key][0] == full[key][0] and (simple[key][1:] == -1).all()
+        assert not simple["masks"][1:].any() and simple["masks"][0].sum() >= full["masks"][0].sum()
+        assert any(simple["caption"] == shapes._a_an(t.format(
+            main=d, main_where=w)) for t in shapes.SINGLE_TEMPLATES for w in shapes._WHERE
+            for d in (f"{shapes.SIZE_NAMES[full['sizes'][0]]} {shapes.COLOR_NAMES[full['colors'][0]]} "
+                      f"{shapes.CLASS_NAMES[full['label']]}",
+                      f"{shapes.COLOR_NAMES[full['colors'][0]]} {shapes.CLASS_NAMES[full['label']]}")), simple["caption"]
+        # Background: a smooth gradient (no noise / texture): neighbouring background pixels
+        # differ by a few levels at most, where the full scene's noise and texture do not.
+        obj = np.pad(simple["masks"][0], 2)  # dilated by 2 px: anti-aliased edges are not background
+        obj = np.max([np.roll(np.roll(obj, dy, 0), dx_, 1) for dy in range(-2, 3) for dx_ in range(-2, 3)], 0)
+        bg = obj[2:-2, 2:-2] == 0
+        dx = np.abs(np.diff(simple["image"].astype(int), axis=1))[bg[:, 1:] & bg[:, :-1]]
+        assert dx.max() <= 4, dx.max()
+    with pytest.raises(ValueError, match="variant"):
+        shapes.generate_example(0, "train", RES, "tiny")
+
+
+@pytest.mark.parametrize("name,config", [("fmjax_shapes", "64"), ("fmjax_shapes/32", "32"),
+                                         ("fmjax_shapes/simple_32", "simple_32")])
+def test_shapes_names(name, config):
+    assert sources._shapes_config(name) == config
+    assert sources._shapes_resolution(name) == int(config.rpartition("_")[2])
+
+
+@pytest.mark.parametrize("name,match", [("fmjax_shapes/simple_33", "resolution '33'"),
+                                        ("fmjax_shapes/plain_32", "variant"),
+                                        ("fmjax_shapes/full_32", "variant")])
+def test_bad_shapes_names(name, match):
+    with pytest.raises(ValueError, match=match):
+        sources.check_source(name, "train")
+
+
+def test_simple_variant_reads_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(shapes, "SPLIT_SIZES", dict(train=6, validation=3, test=3, heldout=3))
+    sources.prepare_shapes("simple_32", str(tmp_path))
+    source = sources.get_source("fmjax_shapes/simple_32", "heldout", data_dir=str(tmp_path))
+    assert len(source) == 3
+    for i in range(3):
+        expected = shapes.generate_example(i, "heldout", 32, "simple")
+        np.testing.assert_array_equal(source[i]["image"], expected["image"])
+        assert source[i]["caption"] == expected["caption"]
+
+
 def test_tfds_read_back_without_tensorflow(shapes_data_dir):
     import tensorflow_datasets as tfds
     sources.prepare_shapes(RES, shapes_data_dir)
@@ -127,11 +176,11 @@ def test_interrupted_preparation_is_redone(tmp_path, monkeypatch):
     real = shapes.generate_example
     calls = []
 
-    def flaky(index, split, resolution):
+    def flaky(index, split, resolution, variant="full"):
         calls.append(index)
         if len(calls) == 10:
             raise KeyboardInterrupt("simulated interruption")
-        return real(index, split, resolution)
+        return real(index, split, resolution, variant)
 
     monkeypatch.setattr(shapes, "generate_example", flaky)
     data_dir = str(tmp_path)
