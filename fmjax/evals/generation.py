@@ -14,12 +14,10 @@ logical-axis rules themselves; on several processes every process gets the whole
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -27,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax.data import pipeline, transforms
 from fmjax.diffusion import process
-from fmjax.errors import NonFiniteError
+from fmjax.errors import ConfigError, NonFiniteError
+from fmjax.evals import common, registry
 from fmjax.parallel import mesh as mesh_lib
 
 # Keys of process.sample a caller may override (sampler, num_steps, eta, guidance_scale, ...).
@@ -88,12 +87,7 @@ def to_uint8(x) -> np.ndarray:
     return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
-def scope(mesh, rules):
-    """The ambient mesh and logical-axis rules under which a sharded model runs."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh)
-    stack.enter_context(nn.logical_axis_rules(rules))
-    return stack
+scope = common.scope  # the ambient mesh and logical-axis rules of a sharded model
 
 
 def padded_batch_size(batch_size: int, mesh) -> int:
@@ -289,3 +283,76 @@ def class_key(c: int, class_names=None) -> str:
         if name:
             return name
     return f"class{c}"
+
+
+@registry.register("generation")
+class GenerationEvaluator(common.Evaluator):
+    """``eval/<name>_accuracy``: a classifier trained with the ``supervised`` objective in
+    ``classifier_workdir`` scores ``samples_per_class`` (default 8) class-conditional EMA
+    samples per class (seed ``seed``, default 0; sampler settings among ``SAMPLER_KEYS``);
+    per class ``eval/<name>_accuracy_<class>`` (``per_class``, default with <= 100 classes),
+    and ``eval/<name>_classifier_real_accuracy`` on real images of ``split`` (``examples``)."""
+
+    fields = ("classifier_workdir", "samples_per_class", "seed", "per_class") + SAMPLER_KEYS
+    random_init = False
+    sharded_batches = False  # the generator rounds batch_size up to the data-parallel size
+
+    @classmethod
+    def check_options(cls, where, ev, config, objective):
+        """A class-conditional generator and a matching classifier, before training."""
+        if not hasattr(objective, "generate") or getattr(objective, "conditioning", None) != "class":
+            raise ConfigError(f"{where}: type 'generation' needs a class-conditional "
+                              f"diffusion objective, got {config.objective.name!r} "
+                              f"(conditioning {getattr(objective, 'conditioning', None)!r}).")
+        if not ev.get("classifier_workdir"):
+            raise ConfigError(f"{where}: type 'generation' needs classifier_workdir=DIR "
+                              "(a workdir trained with configs/supervised.py).")
+        if ev.get("samples_per_class") is not None:
+            common.check_int(where, "samples_per_class", ev["samples_per_class"], 1)
+        try:
+            check_classifier_workdir(ev["classifier_workdir"], objective.num_classes)
+            check_sampler(sampler_overrides(ev), objective.schedule.num_timesteps)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def __init__(self, name, ev, ctx):
+        super().__init__(name, ev, ctx)
+        self._generator = None
+
+    def _classifier(self, image_shape):
+        """The classifier of ``classifier_workdir``, restored once per run onto the mesh's devices."""
+        key = ("classifier", os.path.abspath(os.path.expanduser(self.ev["classifier_workdir"])))
+        if key not in self.ctx.cache:
+            if self.ctx.load_classifier is None:
+                raise ConfigError(f"{self.where}: this run cannot restore classifiers "
+                                  "(no load_classifier in the eval context).")
+            self.ctx.cache[key] = self.ctx.load_classifier(
+                key[1], self.ctx.objective.num_classes, image_shape,
+                devices=list(self.ctx.mesh.devices.flat))[0]
+        return self.ctx.cache[key]
+
+    def run(self, state, step, writer):
+        """Classifier accuracy on ``samples_per_class`` EMA samples per class, and on real images."""
+        ctx, ev = self.ctx, self.ev
+        if self._generator is None:
+            self._generator = Generator(ctx.objective, ctx.mesh, ctx.rules, self.batch_size,
+                                        **sampler_overrides(ev))
+        generator = self._generator
+        classifier = self._classifier(generator.image_shape)
+        num_classes = ctx.objective.num_classes
+        labels = np.repeat(np.arange(num_classes, dtype=np.int32), int(ev.get("samples_per_class", 8)))
+        images = generator(state.params, state.extra, {"label": labels}, seed=ev.get("seed", 0),
+                           step=int(jax.device_get(state.step)))
+        pred = classifier.classify(images, labels)
+        try:
+            names = self.class_names()
+        except Exception:  # noqa: BLE001 - names only label the per-class metrics
+            names = None
+        out = accuracy_metrics(pred, labels, num_classes, names,
+                               per_class=ev.get("per_class", num_classes <= 100))
+        key = ("real_accuracy", os.path.abspath(os.path.expanduser(ev["classifier_workdir"])),
+               self.dataset, self.split, self.examples)
+        if key not in ctx.cache:
+            ctx.cache[key] = classifier.accuracy(self.source())
+        out["classifier_real_accuracy"] = ctx.cache[key]
+        return out

@@ -1,4 +1,4 @@
-"""Picture writing: image grids, PNG files, TensorBoard images, MAE grids.
+"""Picture writing: image grids, PNG files, TensorBoard images, MAE grids; the ``images`` eval type.
 
 Conventions: images are NHWC. A patch vector is the ``(p, p, 3)`` block
 flattened channel-last, and patches are ordered row-major over the patch grid
@@ -7,8 +7,10 @@ flattened channel-last, and patches are ordered row-major over the patch grid
 """
 import os
 
+import jax
 import numpy as np
 
+from fmjax.evals import common, registry
 from fmjax.models import layers  # the one patch layout (MAE reference order)
 
 
@@ -146,3 +148,32 @@ def mae_reconstruction_grid(images, pred_patches, mask, patch_size, mean, std,
     pix_mask = unpatchify(np.broadcast_to(m, target.shape), patch_size, h, w, c)
     masked = original * (1.0 - pix_mask) + grey * pix_mask
     return image_grid([masked, recon, original], pad=pad)
+
+
+@registry.register("images")
+class ImagesEvaluator(common.Evaluator):
+    """Writes the objective's ``visualize`` pictures of the first batch of ``split`` (of
+    ``examples``, default one batch; rng ``PRNGKey(seed)``, default 0) as ``<name>_<picture>``
+    to ``DIR/images/`` and TensorBoard; logs no metric. Objectives without ``visualize``
+    write nothing."""
+
+    fields = ("seed",)
+    random_init = False
+
+    @classmethod
+    def check_options(cls, where, ev, config, objective):
+        if "seed" in ev:
+            common.check_int(where, "seed", ev["seed"], 0)
+
+    def run(self, state, step, writer):
+        objective = self.ctx.objective
+        if not hasattr(objective, "visualize"):
+            return {}
+        n = self.examples if self.examples is not None else self.batch_size
+        batch, _ = next(self.batches(examples=n))
+        with self.ctx.scope():
+            pics = objective.visualize(state.params, state.extra, batch,
+                                       jax.random.PRNGKey(self.ev.get("seed", 0)))
+        for pic_name, pic in pics.items():
+            writer.write_image(step, f"{self.name}_{pic_name}", np.asarray(pic))
+        return {}

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax.evals import common, registry
+
 
 def l2_normalize(x, axis=-1, eps=1e-12):
     """Divides ``x`` by its L2 norm along ``axis`` (like ``F.normalize``)."""
@@ -131,3 +133,26 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels,
     top1, topn, _ = _run(train_feats, train_labels, test_feats, test_labels,
                          num_classes, k, temperature, batch_size)
     return {"top1": top1 / num_test, "top5": topn / num_test}
+
+
+@registry.register("knn")
+class KnnEvaluator(common.Evaluator):
+    """``eval/<name>_top1`` / ``_top5``: weighted kNN of the ``split`` features against the
+    ``train_split`` features (``k``, default 20; ``temperature``, default 0.07)."""
+
+    fields = ("k", "temperature")
+    train_side = True
+
+    @classmethod
+    def check_options(cls, where, ev, config, objective):
+        if "k" in ev:
+            common.check_int(where, "k", ev["k"], 1)
+        if "temperature" in ev:
+            common.check_number(where, "temperature", ev["temperature"])
+
+    def run(self, state, step, writer):
+        train_feats, train_labels = self.features(state, train=True)
+        feats, labels = self.features(state)
+        num_classes = int(max(train_labels.max(), labels.max()) + 1)
+        return knn_classify(train_feats, train_labels, feats, labels, num_classes,
+                            k=self.ev.get("k", 20), temperature=self.ev.get("temperature", 0.07))

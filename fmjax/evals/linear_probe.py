@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fmjax.errors import ConfigError
+from fmjax.evals import common, registry
+
 
 def standardize_stats(feats, eps=1e-6):
     """Returns (mean, std) per feature dimension, std floored by ``eps``."""
@@ -121,3 +124,32 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels,
         warmup_steps=int(warmup_steps))
     top1 = float(_accuracy(params, xt, yt)) if xt.shape[0] else 0.0
     return {"top1": top1, "train_top1": float(_accuracy(params, x, y))}
+
+
+@registry.register("linear_probe")
+class LinearProbeEvaluator(common.Evaluator):
+    """``eval/<name>_top1`` / ``_train_top1``: ``linear_probe`` fitted on the ``train_split``
+    features, scored on the ``split`` features; ``steps``, ``lr``, ``weight_decay``,
+    ``warmup_steps``, ``seed`` and ``standardize`` as in ``linear_probe``."""
+
+    fields = ("steps", "lr", "weight_decay", "warmup_steps", "seed", "standardize")
+    train_side = True
+
+    @classmethod
+    def check_options(cls, where, ev, config, objective):
+        for key, minimum in (("steps", 1), ("warmup_steps", 0), ("seed", 0)):
+            if key in ev:
+                common.check_int(where, key, ev[key], minimum)
+        if "lr" in ev:
+            common.check_number(where, "lr", ev["lr"])
+        if "weight_decay" in ev:
+            common.check_number(where, "weight_decay", ev["weight_decay"], positive=False)
+        if "standardize" in ev and not isinstance(ev["standardize"], bool):
+            raise ConfigError(f"{where}.standardize={ev['standardize']!r}; it must be True or False.")
+
+    def run(self, state, step, writer):
+        train_feats, train_labels = self.features(state, train=True)
+        feats, labels = self.features(state)
+        num_classes = int(max(train_labels.max(), labels.max()) + 1)
+        kw = {k: self.ev[k] for k in self.fields if k in self.ev}
+        return linear_probe(train_feats, train_labels, feats, labels, num_classes, **kw)

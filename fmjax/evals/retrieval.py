@@ -5,6 +5,8 @@ from typing import Sequence
 
 import numpy as np
 
+from fmjax.evals import common, registry
+
 
 def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -26,3 +28,15 @@ def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
         out[f"t2i_r@{k}"] = float((rank_t2i < k).mean())
     out["chance_r@1"] = 1.0 / n
     return out
+
+
+@registry.register("retrieval")
+class RetrievalEvaluator(common.Evaluator):
+    """``eval/<name>_i2t_r@k`` / ``_t2i_r@k`` (k = 1, 5, 10) and ``_chance_r@1`` over the
+    image-caption pairs of ``split`` (its pipeline gives ``image`` and ``tokens``)."""
+
+    requires = {"text_features": "text tower"}
+
+    def run(self, state, step, writer):
+        img, _, txt = self.features(state, with_text=True)
+        return retrieval_recall(img, txt)

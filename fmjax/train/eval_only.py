@@ -11,6 +11,7 @@ import os
 
 import jax
 
+from fmjax.evals import registry
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train import workdir as workdir_lib
@@ -34,7 +35,7 @@ def evaluate_checkpoint(workdir: str, config=None, step: int | None = None, eval
     config, objective, mesh, rules, state, step = load_checkpoint(workdir, config, step)
     log(f"== evaluating {workdir} at step {step}: {names}")
     writer = MetricWriter(workdir, config.total_steps)
-    metrics = Evaluator(config, objective, mesh, rules).run(names, state, writer, step)
+    metrics = Evaluator(config, objective, mesh, rules, data_for=names).run(names, state, writer, step)
     writer.write(step, metrics)
     writer.close()
     for k, v in sorted(metrics.items()):
@@ -57,10 +58,12 @@ def evaluate_random_inits(config, num_seeds: int, evals=None, out: str | None = 
     unknown = [n for n in names if n not in config.evals]
     if unknown:
         raise ConfigError(f"unknown evals {unknown}; the config defines {sorted(config.evals.keys())}.")
-    names = [n for n in names if config.evals[n].get("type") not in ("images", "generation")]
+    skipped = sorted({config.evals[n].get("type") for n in names
+                      if not registry.get(config.evals[n].get("type"), f"config.evals.{n}.type").random_init})
+    names = [n for n in names if config.evals[n].get("type") not in skipped]
     if not names:
-        raise ConfigError("no evals to run on random initialisations (images and generation evals are "
-                          f"skipped); the config defines {sorted(config.evals.keys())}.")
+        raise ConfigError(f"no evals to run on random initialisations (evals of type {', '.join(skipped)} "
+                          f"are skipped); the config defines {sorted(config.evals.keys())}.")
     if out:
         out = workdir_lib.resolve(out)
         if not os.path.isdir(os.path.dirname(out)):
@@ -68,7 +71,7 @@ def evaluate_random_inits(config, num_seeds: int, evals=None, out: str | None = 
     objective, mesh, rules = build(config, devices)
     spec = train_batch_spec(config, objective)
     tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
-    evaluator = Evaluator(config, objective, mesh, rules)
+    evaluator = Evaluator(config, objective, mesh, rules, data_for=names)
     writer = MetricWriter("", config.total_steps, enabled=False)
     seeds = [int(config.seed) + i for i in range(int(num_seeds))]
     result: dict = {"seeds": seeds}

@@ -83,7 +83,7 @@ def check_config(config, workdir: str, devices=None):
     """
     objective, mesh, rules = setup_lib.build(config, devices)
     validate.check(config, objective, mesh)
-    evaluator = Evaluator(config, objective, mesh, rules)  # checks config.evals (and classifiers)
+    evaluator = Evaluator(config, objective, mesh, rules, checked=True)  # validate.check ran check_evals
     source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
                                 config.data.get("data_dir"),
                                 skip_bad_examples=config.data.get("skip_bad_examples", 0))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 
 from fmjax.data import sources
+from fmjax.data.transforms import parse_pp
+from fmjax.evals import registry
 from fmjax.parallel import mesh as mesh_lib
 
 from fmjax.errors import ConfigError  # noqa: F401  (re-exported: fmjax.train.validate.ConfigError)
@@ -15,7 +17,9 @@ from fmjax.errors import ConfigError  # noqa: F401  (re-exported: fmjax.train.va
 DTYPES = ("float32", "bfloat16")
 
 
-def check(config, objective, mesh) -> None:
+def check(config, objective, mesh, evals: bool = True) -> None:
+    """Every check of ``config`` that needs no write and no compile; ``evals=False`` leaves
+    out ``config.evals`` (the benchmark, which runs none)."""
     dp = mesh_lib.batch_parallelism(mesh)
     bs = int(config.batch_size)
     if bs <= 0:
@@ -58,6 +62,36 @@ def check(config, objective, mesh) -> None:
                              config.data.get("data_dir"))
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
+    if evals:
+        check_evals(config, objective, mesh)
+
+
+def evals_that_run(config) -> list[str]:
+    """The entries of ``config.evals`` a training run reaches: at step 0 (``eval_at_start``)
+    or every N > 0 steps. (An entry that never runs is only checked for its keys and values:
+    e.g. MAE's evals on ``validation`` while training on an image folder with evals off.)"""
+    at_start = config.get("eval_at_start", True)
+    return [name for name, ev in config.evals.items()
+            if at_start or ev.get("every", config.get("eval_every", 0))]
+
+
+def check_evals(config, objective, mesh, data_for=None) -> None:
+    """``config.evals``: each entry's type is registered (``fmjax.evals.registry``), its keys
+    are the type's, its values sensible, the objective has the hooks the type needs; and for
+    the entries in ``data_for`` (default ``evals_that_run``) the dataset, splits and files
+    exist. Also parses ``config.data.pp_eval`` (the default eval pipeline). One-line
+    ConfigErrors; nothing is read, prepared or compiled."""
+    parse_pp(config.data.get("pp_eval", ""), "config.data.pp_eval")
+    classes = {}
+    for name, ev in config.evals.items():
+        if not hasattr(ev, "keys") or not hasattr(ev, "get"):
+            raise ConfigError(f"config.evals.{name}={ev!r}; each eval is a dict with a type, e.g. "
+                              "dict(type='knn', split='validation').")
+        classes[name] = registry.get(ev.get("type"), f"config.evals.{name}.type")
+        classes[name].check(name, ev, config, objective, mesh)
+    for name in (evals_that_run(config) if data_for is None else data_for):
+        if name in classes:
+            classes[name].check_data(name, config.evals[name], config)
 
 
 def _check_vocab(config) -> None:

@@ -1,0 +1,38 @@
+"""The ``metrics`` eval type: the objective's per-example ``eval_metrics`` averaged over a split."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fmjax.evals import common, registry
+
+
+@registry.register("metrics")
+class MetricsEvaluator(common.Evaluator):
+    """``eval/<name>_<metric>``: each of ``objective.eval_metrics(params, extra, batch, rng)``'s
+    per-example values averaged over ``split`` (padding excluded); batch ``i`` uses the rng
+    ``fold_in(PRNGKey(seed), i)`` (``seed``, default 1234)."""
+
+    fields = ("seed",)
+    requires = {"eval_metrics": "eval_metrics"}
+
+    @classmethod
+    def check_options(cls, where, ev, config, objective):
+        if "seed" in ev:
+            common.check_int(where, "seed", ev["seed"], 0)
+
+    def run(self, state, step, writer):
+        fn = self.ctx.jit("eval_metrics")
+        sums, count = {}, 0
+        rng = jax.random.PRNGKey(self.ev.get("seed", 1234))
+        with self.ctx.scope():
+            for i, (batch, valid) in enumerate(self.batches()):
+                values = fn(state.params, state.extra, batch, jax.random.fold_in(rng, i))
+                if jax.process_count() > 1:
+                    values = multihost_utils.process_allgather(values, tiled=True)
+                    valid = multihost_utils.process_allgather(valid, tiled=True)
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + float(np.asarray(v)[valid].sum())
+                count += int(valid.sum())
+        return {k: v / max(count, 1) for k, v in sums.items()}
