@@ -34,6 +34,28 @@ Defaults elsewhere: objective.schedule_precision='float32' (diffusers' float32 t
 tests/diffusion/test_process_parity.py checks) and objective.ema.mode='diffusers' (EMAModel's
 decay with its warm-up, (1+s)/(10+s) unless use_ema_warmup). The model does not learn sigma
 (no VB term; DiT's learn_sigma=True adds one), so the preset trains the eps-MSE only.
+
+Reference notes (issue 12; the trajectory tests in tests/reference/):
+- objective.schedule_precision='float64' (the DiT preset) also builds the DDPM sampler's
+  posterior coefficients (mean coefficients, variance, clipped log variance, sqrt(1/a_t),
+  sqrt(1/a_t - 1)) in float64 NumPy on the host, as guided-diffusion's / DiT's GaussianDiffusion
+  (for respaced chains as its SpacedDiffusion), cast to float32 at use
+  (fmjax.diffusion.process.posterior_coefficients); the chain's last step then adds no noise.
+  With the default 'float32' they are diffusers' float32 ones, up to 4.4e-4 relative off the
+  float64 tables at t <= 10 (tests/diffusion/test_posterior_float64.py). DDIM uses the (cast)
+  alphas_cumprod either way.
+- The DDPM U-Net as diffusers' examples/unconditional_image_generation/train_unconditional.py
+  trains it (tests/reference/test_unet_trajectory.py: loss, params and EMA agree to 8e-7 relative
+  over 25 steps): on top of ddpm_cifar10 (which follows Ho et al., not the script) set
+    optimizer: name='adamw', lr=1e-4, b1=0.95, b2=0.999, eps=1e-8, weight_decay=1e-6,
+      decay_all=True (default False: biases, norms and < 2-D params get no decay),
+      decay='cosine', min_lr=0.0, warmup_steps=500, warmup_mode='linear' (its LambdaLR: lr 0
+      at the first step, s/W), clip_norm=1.0, clip_eps=1e-6 (torch's clip_grad_norm_ factor
+      1/(norm + 1e-6); default 0.0: optax's clip_by_global_norm);
+    objective.ema: mode='diffusers', decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3/4;
+    model: the UNet2DModel layout via fmjax.interop.diffusers_unet.unet_kwargs_from_diffusers_config
+      (dropout 0), with freq_precision='float32' (diffusers' float32 timestep frequencies;
+      default 'float64').
 """
 from configs import common
 

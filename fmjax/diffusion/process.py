@@ -4,7 +4,11 @@ No networks here: schedules, the forward process, training targets / loss weight
 DDPM and DDIM reverse steps and a ``lax.scan`` sampling loop. Everything after
 ``make_schedule`` is pure jax.numpy (jit-able, elementwise on sharded arrays, any layout);
 the per-step functions follow diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` formula by
-formula (tests/diffusion/test_process_parity.py checks them against diffusers).
+formula (tests/diffusion/test_process_parity.py checks them against diffusers). A
+``make_schedule(precision='float64')`` schedule follows facebookresearch/DiT's (guided-diffusion's)
+``GaussianDiffusion`` instead: its tables and the DDPM step's posterior coefficients are built
+in float64 NumPy on the host (``posterior_coefficients``) and cast to float32 at use
+(tests/diffusion/test_posterior_float64.py).
 
 Notation: ``a_t = alphas_cumprod[t]`` (alpha-bar), ``SNR(t) = a_t / (1 - a_t)``.
 
@@ -91,19 +95,46 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1 - alphas).astype(np.float32)
 
 
+class HostTables:
+    """float64 NumPy ``betas`` and ``alphas_cumprod`` [T], read-only, kept on the host as static
+    (hashable) metadata of a ``Schedule``, so the sampler can build its coefficients in float64
+    (``posterior_coefficients``) while jax runs in float32. Hashed and compared by value."""
+    __slots__ = ("betas", "alphas_cumprod", "_hash")
+
+    def __init__(self, betas, alphas_cumprod):
+        self.betas = np.array(betas, np.float64)
+        self.alphas_cumprod = np.array(alphas_cumprod, np.float64)
+        for a in (self.betas, self.alphas_cumprod):
+            a.setflags(write=False)
+        self._hash = hash((self.betas.tobytes(), self.alphas_cumprod.tobytes()))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return (isinstance(other, HostTables) and np.array_equal(self.betas, other.betas)
+                and np.array_equal(self.alphas_cumprod, other.alphas_cumprod))
+
+    def __repr__(self):
+        return f"HostTables(T={len(self.betas)})"
+
+
 @flax.struct.dataclass
 class Schedule:
     """Per-timestep float32 tables, each [T]. A pytree, so it can be a jit argument or a constant.
 
     ``sqrt_alphas_cumprod`` / ``sqrt_one_minus_alphas_cumprod``: optional tables of sqrt(a_t)
     and sqrt(1 - a_t) used by the forward process (``add_noise``, ``velocity``) instead of
-    ``a_t ** 0.5`` in float32; ``make_schedule(precision='float64')`` sets them.
+    ``a_t ** 0.5`` in float32; ``make_schedule(precision='float64')`` sets them, and ``host64``
+    (static, not a leaf): the float64 betas and alpha-bar from which the DDPM sampler's posterior
+    coefficients are computed (``posterior_coefficients``).
     """
     betas: jax.Array
     alphas: jax.Array            # 1 - betas
     alphas_cumprod: jax.Array    # a_t = prod_{s<=t} alphas[s]
     sqrt_alphas_cumprod: jax.Array | None = None
     sqrt_one_minus_alphas_cumprod: jax.Array | None = None
+    host64: HostTables | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def num_timesteps(self) -> int:
@@ -134,10 +165,12 @@ def make_schedule(schedule: str = "linear", num_timesteps: int = 1000, beta_star
     ``rescale_zero_snr``: zero terminal SNR (pair it with v-prediction and 'trailing' spacing;
     the epsilon -> x0 conversion divides by sqrt(a_t) = 0 at t = T-1).
     ``precision``: 'float32' (default; diffusers: float32 betas and cumprod, ``a_t ** 0.5`` in
-    float32) or 'float64' (facebookresearch/DiT's ``GaussianDiffusion``: betas, alpha-bar,
-    sqrt(a_t) and sqrt(1 - a_t) computed in float64 with NumPy, then cast to float32; the
-    forward process uses those sqrt tables). The sampler's coefficients are still computed
-    from the float32 ``alphas_cumprod`` either way.
+    float32, the DDPM step's coefficients computed from those in float32) or 'float64'
+    (facebookresearch/DiT's / OpenAI guided-diffusion's ``GaussianDiffusion``: betas, alpha-bar,
+    sqrt(a_t) and sqrt(1 - a_t) computed in float64 with NumPy, then cast to float32, the
+    forward process using those sqrt tables; the DDPM step's posterior coefficients are built in
+    float64 on the host by ``posterior_coefficients`` and cast at use, see ``ddpm_step``). DDIM
+    uses the float32 ``alphas_cumprod`` (for 'float64' the cast float64 values) either way.
     """
     _check("precision", precision, PRECISIONS)
     if precision == "float64":
@@ -149,7 +182,7 @@ def make_schedule(schedule: str = "linear", num_timesteps: int = 1000, beta_star
         ac64 = np.cumprod(1.0 - b64)
         f32 = lambda a: jnp.asarray(np.asarray(a, np.float64).astype(np.float32))
         return Schedule(f32(b64), f32(1.0 - b64), f32(ac64), f32(np.sqrt(ac64)),
-                        f32(np.sqrt(1.0 - ac64)))
+                        f32(np.sqrt(1.0 - ac64)), HostTables(b64, ac64))
     if betas is None:
         betas = make_betas(schedule, num_timesteps, beta_start, beta_end)
     betas = np.asarray(betas, np.float32)
@@ -291,10 +324,138 @@ def _process_x0(x0, clip_sample: bool, clip_sample_range: float):
     return jnp.clip(x0, -clip_sample_range, clip_sample_range) if clip_sample else x0
 
 
+@flax.struct.dataclass
+class Posterior:
+    """float32 coefficients of one DDPM step t -> prev_t per entry (shaped like t), built in
+    float64 by ``posterior_coefficients``. Names as guided-diffusion's ``GaussianDiffusion``."""
+    mean_coef1: jax.Array            # x0's coefficient in the posterior mean
+    mean_coef2: jax.Array            # x_t's coefficient
+    variance: jax.Array              # posterior variance (0 where prev_t < 0)
+    log_variance_clipped: jax.Array  # log variance, the chain's next variance where it is 0
+    beta: jax.Array                  # the step's beta 1 - a_t / a_prev ('fixed_large' variance)
+    log_beta: jax.Array
+    sqrt_recip_alphas_cumprod: jax.Array    # sqrt(1 / a_t)
+    sqrt_recipm1_alphas_cumprod: jax.Array  # sqrt(1 / a_t - 1)
+
+
+def _host_ints(x, name: str) -> np.ndarray:
+    try:
+        return np.asarray(x).astype(np.int64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError(
+            f"{name} is traced: a float64 schedule's DDPM coefficients are built on the host. Pass "
+            "ddpm_step(..., posterior=posterior_coefficients(schedule, t, prev_t)) computed outside "
+            "jit (sample() does), or leave prev_t=None with a concrete t.") from e
+
+
+def posterior_coefficients(schedule: Schedule, t, prev_t=None) -> Posterior:
+    """The DDPM step's coefficients for host (concrete) timesteps ``t`` -> ``prev_t``, computed in
+    float64 and cast to float32, for a ``make_schedule(precision='float64')`` schedule.
+
+    guided-diffusion's / facebookresearch/DiT's ``GaussianDiffusion.__init__`` (float64 NumPy):
+      posterior_variance = betas (1 - a_prev) / (1 - a_t),
+      posterior_log_variance_clipped = log(posterior_variance), with index 0 (variance 0) taking
+        index 1's value,
+      posterior_mean_coef1 = betas sqrt(a_prev) / (1 - a_t),
+      posterior_mean_coef2 = (1 - a_prev) sqrt(alphas) / (1 - a_t),
+      sqrt_recip_alphas_cumprod = sqrt(1 / a_t), sqrt_recipm1_alphas_cumprod = sqrt(1 / a_t - 1).
+    ``prev_t=None``: the full chain t -> t - 1 (betas and alphas the schedule's own float64 ones,
+    a_prev = 1 at t = 0). Explicit ``prev_t`` (a respaced chain, as ``SpacedDiffusion`` builds it):
+    beta = 1 - a_t / a_prev (a_prev = 1 for prev_t < 0), alphas = a_t / a_prev. Where prev_t < 0
+    the clipped log variance is that of the entry stepping into t (its prev_t == t) if ``t``
+    holds one, else that of the step t + 1 -> t (guided-diffusion's index-1 rule; 1e-20 for
+    t = T - 1). ``sample`` and ``ddpm_step`` add no noise at such steps.
+    """
+    if schedule.host64 is None:
+        raise ValueError("posterior_coefficients needs a float64 schedule "
+                         "(make_schedule(..., precision='float64')); float32 schedules compute the "
+                         "coefficients in ddpm_step as diffusers does.")
+    b64, ac = schedule.host64.betas, schedule.host64.alphas_cumprod
+    n = len(ac)
+    t = _host_ints(t, "t")
+    if t.size and (t.min() < 0 or t.max() >= n):
+        raise ValueError(f"t must lie in [0, {n}), got {t.min()}..{t.max()}.")
+    full_chain = prev_t is None
+    prev = t - 1 if full_chain else np.broadcast_to(_host_ints(prev_t, "prev_t"), t.shape)
+    if not full_chain and np.any(prev >= t):
+        raise ValueError("prev_t must be below t.")
+
+    def step(tt, pp, chain):
+        a_t = ac[tt]
+        a_p = np.where(pp >= 0, ac[np.maximum(pp, 0)], 1.0)
+        if chain:
+            beta = b64[tt]
+            alpha = 1.0 - beta
+        else:
+            alpha = a_t / a_p
+            beta = 1.0 - alpha
+        return a_t, a_p, alpha, beta
+
+    a_t, a_p, alpha, beta = step(t, prev, full_chain)
+    variance = beta * (1.0 - a_p) / (1.0 - a_t)
+    # Where the variance is 0 (prev_t < 0): the variance of the step into t, from the entry whose
+    # prev_t is t if there is one, else from t + 1 (1e-20, diffusers' clamp, if t = T - 1).
+    t_next = t + 1
+    if not full_chain:
+        into = {int(pp): int(tt) for tt, pp in zip(t.ravel(), prev.ravel()) if pp >= 0}
+        t_next = np.array([into.get(int(tt), int(tt) + 1) for tt in t.ravel()],
+                          np.int64).reshape(t.shape)
+    last = prev < 0
+    has_next = t_next < n
+    tn = np.where(last & has_next, t_next, t)
+    pn = np.where(last & has_next, t, prev)
+    a_n, a_pn, _, beta_n = step(tn, pn, full_chain)
+    next_variance = np.where(has_next, beta_n * (1.0 - a_pn) / (1.0 - a_n), 1e-20)
+    log_variance_clipped = np.log(np.where(last, next_variance, np.maximum(variance, 1e-300)))
+    f32 = lambda a: jnp.asarray(np.asarray(a, np.float64).astype(np.float32))
+    return Posterior(
+        mean_coef1=f32(beta * np.sqrt(a_p) / (1.0 - a_t)),
+        mean_coef2=f32((1.0 - a_p) * np.sqrt(alpha) / (1.0 - a_t)),
+        variance=f32(variance), log_variance_clipped=f32(log_variance_clipped),
+        beta=f32(beta), log_beta=f32(np.log(beta)),
+        sqrt_recip_alphas_cumprod=f32(np.sqrt(1.0 / a_t)),
+        sqrt_recipm1_alphas_cumprod=f32(np.sqrt(1.0 / a_t - 1.0)))
+
+
+def _ddpm_step_posterior(schedule, post: Posterior, model_output, t, prev_t, x_t, noise,
+                         prediction_type, variance_type, clip_sample, clip_sample_range,
+                         predicted_variance):
+    """``ddpm_step`` from precomputed coefficients: guided-diffusion's ``p_sample``."""
+    c = lambda v: _bcast(jnp.asarray(v, jnp.float32), x_t)
+    if prediction_type == "epsilon":  # _predict_xstart_from_eps
+        x0 = c(post.sqrt_recip_alphas_cumprod) * x_t - c(post.sqrt_recipm1_alphas_cumprod) * model_output
+    elif prediction_type == "sample":
+        x0 = model_output
+    else:
+        x0, _ = pred_to_x0_eps(schedule, x_t, t, model_output, prediction_type)
+    x0 = _process_x0(x0, clip_sample, clip_sample_range)
+    mean = c(post.mean_coef1) * x0 + c(post.mean_coef2) * x_t  # q_posterior_mean_variance
+    if noise is None:
+        return mean, x0
+    if variance_type == "fixed_small":
+        std = c(post.variance) ** 0.5
+    elif variance_type == "fixed_small_log":  # guided-diffusion's FIXED_SMALL
+        std = jnp.exp(0.5 * c(post.log_variance_clipped))
+    elif variance_type == "fixed_large":
+        std = c(post.beta) ** 0.5
+    else:
+        if predicted_variance is None:
+            raise ValueError(f"variance_type={variance_type!r} needs predicted_variance.")
+        if variance_type == "learned":
+            std = predicted_variance ** 0.5
+        else:  # LEARNED_RANGE: frac * log(beta) + (1 - frac) * log_variance_clipped
+            frac = (predicted_variance + 1) / 2
+            std = jnp.exp(0.5 * (frac * c(post.log_beta) + (1 - frac) * c(post.log_variance_clipped)))
+    # guided-diffusion: no noise at the chain's last step (prev_t < 0)
+    x_prev = jnp.where(_bcast(prev_t >= 0, x_t), mean + std * noise, mean)
+    return x_prev, x0
+
+
 def ddpm_step(schedule: Schedule, model_output, t, x_t, noise=None, *, prev_t=None,
               prediction_type: str = "epsilon", variance_type: str = "fixed_small",
               clip_sample: bool = True, clip_sample_range: float = 1.0,
-              predicted_variance=None) -> tuple[jax.Array, jax.Array]:
+              predicted_variance=None, posterior: Posterior | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """One ancestral step x_t -> x_{prev_t}; returns (x_prev, x0_pred). = ``DDPMScheduler.step``.
 
     ``prev_t`` defaults to t - 1; with fewer inference steps pass ``previous_timesteps(...,
@@ -307,10 +468,26 @@ def ddpm_step(schedule: Schedule, model_output, t, x_t, noise=None, *, prev_t=No
       exp(f log beta + (1 - f) log posterior variance), f = (predicted_variance + 1) / 2.
     ``clip_sample`` clips x0_pred to +-clip_sample_range (diffusers' default: on).
     ``noise=None`` returns the mean (no sampling noise at any t).
+
+    A float64 schedule (``make_schedule(precision='float64')``) or an explicit ``posterior``
+    takes guided-diffusion's ``p_sample`` instead, with the coefficients of
+    ``posterior_coefficients(schedule, t, prev_t)`` (float64, cast; built here when t and prev_t
+    are concrete, else pass ``posterior``): x0 = sqrt(1/a_t) x_t - sqrt(1/a_t - 1) eps (for
+    'epsilon'), mean = coef1 x0 + coef2 x_t, std sqrt(variance) ('fixed_small'),
+    exp(0.5 log_variance_clipped) ('fixed_small_log' = guided-diffusion's FIXED_SMALL),
+    sqrt(beta) ('fixed_large'), exp(0.5 (f log beta + (1 - f) log_variance_clipped))
+    ('learned_range'); no noise where prev_t < 0 (the chain's last step) rather than at t = 0.
     """
     _check("variance_type", variance_type, VARIANCE_TYPES)
+    _check("prediction_type", prediction_type, PREDICTION_TYPES)
+    if posterior is None and schedule.host64 is not None:
+        posterior = posterior_coefficients(schedule, t, prev_t)
     t = jnp.asarray(t, jnp.int32)
     prev_t = t - 1 if prev_t is None else jnp.asarray(prev_t, jnp.int32)
+    if posterior is not None:
+        return _ddpm_step_posterior(schedule, posterior, model_output, t, prev_t, x_t, noise,
+                                    prediction_type, variance_type, clip_sample,
+                                    clip_sample_range, predicted_variance)
     a_t = _alpha_cumprod(schedule, t, x_t)
     a_prev = _alpha_cumprod(schedule, prev_t, x_t)
     beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
@@ -436,7 +613,8 @@ def sample(model_fn: Callable, schedule: Schedule, shape, rng, *, sampler: str =
     Randomness: ``x_T`` from split(rng)[0] unless given; step i draws noise from
     ``fold_in(split(rng)[1], i)`` - deterministic and (partitionable threefry) independent of
     the device count. ``sharding``: optional ``jax.sharding.Sharding`` kept on x every step.
-    The remaining arguments are those of ``ddpm_step`` / ``ddim_step`` / ``timesteps``.
+    The remaining arguments are those of ``ddpm_step`` / ``ddim_step`` / ``timesteps``. With a
+    float64 schedule the DDPM steps use ``posterior_coefficients(schedule, ts, prev_ts)``.
     Returns x_0 (same dtype as x_T; float32 by default).
     """
     _check("sampler", sampler, SAMPLERS)
@@ -458,8 +636,13 @@ def sample(model_fn: Callable, schedule: Schedule, shape, rng, *, sampler: str =
     def split(out):
         return jnp.split(out, 2, axis=-1) if learned else (out, None)
 
+    # A float64 schedule: the DDPM coefficients of the whole chain, built once on the host.
+    post = None
+    if sampler == "ddpm" and schedule.host64 is not None:
+        post = posterior_coefficients(schedule, ts, prev)
+
     def body(x, inputs):
-        i, t, prev_t = inputs
+        i, t, prev_t, post_i = inputs
         tb = jnp.full((batch,), t, jnp.int32)
         out, var = split(model_fn(x, tb))
         if uncond_fn is not None:
@@ -471,7 +654,7 @@ def sample(model_fn: Callable, schedule: Schedule, shape, rng, *, sampler: str =
             x_new, _ = ddpm_step(schedule, out, t, x, noise, prev_t=prev_t,
                                  prediction_type=prediction_type, variance_type=variance_type,
                                  clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-                                 predicted_variance=var)
+                                 predicted_variance=var, posterior=post_i)
         else:
             x_new, _ = ddim_step(schedule, out, t, x, noise, prev_t=prev_t, eta=eta,
                                  prediction_type=prediction_type, clip_sample=clip_sample,
@@ -479,6 +662,6 @@ def sample(model_fn: Callable, schedule: Schedule, shape, rng, *, sampler: str =
                                  set_alpha_to_one=set_alpha_to_one)
         return constrain(x_new.astype(x.dtype)), None
 
-    xs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), jnp.asarray(prev))
+    xs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), jnp.asarray(prev), post)
     x, _ = jax.lax.scan(body, x, xs)
     return x

@@ -22,10 +22,10 @@ from typing import Any, Dict, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fmjax.models import layers
-from fmjax.models.unet import TimestepEmbedding, batch_timesteps, timestep_embedding
+from fmjax.models.unet import (FREQ_PRECISIONS, TimestepEmbedding, batch_timesteps,  # noqa: F401
+                               timestep_embedding, timestep_freqs_f32)
 
 Dtype = Any
 
@@ -53,15 +53,6 @@ def dit_kwargs(variant: str, **overrides) -> Dict[str, Any]:
     kwargs.update(mlp_dim=4 * kwargs["width"], patch_size=int(patch))
     kwargs.update(overrides)
     return kwargs
-
-
-FREQ_PRECISIONS = ("float64", "float32")
-
-
-def timestep_freqs_f32(half: int, freq_shift: float = 0.0, max_period: float = 10000.0) -> np.ndarray:
-    """float32 [half] frequencies with the exponent rounded as float32 torch rounds it."""
-    arg = (np.float32(-np.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half - freq_shift)
-    return np.exp(arg.astype(np.float64)).astype(np.float32)
 
 
 def _timestep_embedding_f32(t: jax.Array, dim: int, freq_shift: float = 0.0,

@@ -8,7 +8,8 @@ process``, equal to diffusers' schedulers step for step) uses the EMA weights, c
 objective state (``extra['ema']``) with diffusers ``EMAModel``'s decay and warm-up
 (``ema.mode='diffusers'``, the default) or facebookresearch/DiT's constant-decay ``update_ema``
 (``ema.mode='constant'``). ``schedule_precision='float64'`` builds q_sample's sqrt(a_t) and
-sqrt(1 - a_t) tables in float64 as DiT's GaussianDiffusion does (default 'float32', diffusers').
+sqrt(1 - a_t) tables, and the DDPM sampler's posterior coefficients, in float64 as DiT's
+GaussianDiffusion does (default 'float32', diffusers').
 
 Text conditioning: a causal text transformer (the CLIP text tower, ``fmjax.models.text``)
 trained jointly, or locked (``text_lock``) e.g. after loading a CLIP checkpoint's text tower;
@@ -31,17 +32,30 @@ CONDITIONINGS = ("class", "text", "none")
 EMA_MODES = ("diffusers", "constant")
 
 
+def ema_one_minus_decay(optimization_step, decay: float = 0.9999, min_decay: float = 0.0,
+                        update_after_step: int = 0, use_ema_warmup: bool = False,
+                        inv_gamma: float = 1.0, power: float = 2 / 3):
+    """``1 - EMAModel.get_decay`` (``optimization_step`` counts updates from 1), the EMA's
+    update rate, computed directly: ``(1 + s / inv_gamma) ** -power`` or ``9 / (10 + s)``,
+    between ``1 - decay`` and ``1 - min_decay`` (Python floats), 1 at the first update.
+    diffusers takes ``1 - decay`` in float64; ``1 - d`` of a float32 d ~ 0.9999 is off by up to
+    1.7e-4 relative (float32(0.9999) = 0.99989998), this by float32 rounding only."""
+    step = jnp.maximum(jnp.asarray(optimization_step, jnp.float32) - update_after_step - 1, 0.0)
+    if use_ema_warmup:
+        rate = (1 + step / inv_gamma) ** -power
+    else:
+        rate = 9 / (10 + step)
+    rate = jnp.minimum(jnp.maximum(rate, 1 - decay), 1 - min_decay)
+    return jnp.where(step <= 0, 1.0, rate)
+
+
 def ema_decay(optimization_step, decay: float = 0.9999, min_decay: float = 0.0,
               update_after_step: int = 0, use_ema_warmup: bool = False,
               inv_gamma: float = 1.0, power: float = 2 / 3):
-    """diffusers ``EMAModel.get_decay`` (``optimization_step`` counts updates from 1)."""
-    step = jnp.maximum(jnp.asarray(optimization_step, jnp.float32) - update_after_step - 1, 0.0)
-    if use_ema_warmup:
-        cur = 1 - (1 + step / inv_gamma) ** -power
-    else:
-        cur = (1 + step) / (10 + step)
-    cur = jnp.maximum(jnp.minimum(cur, decay), min_decay)
-    return jnp.where(step <= 0, 0.0, cur)
+    """diffusers ``EMAModel.get_decay`` (``optimization_step`` counts updates from 1):
+    ``1 - ema_one_minus_decay``, 0 at the first update."""
+    return 1 - ema_one_minus_decay(optimization_step, decay, min_decay, update_after_step,
+                                   use_ema_warmup, inv_gamma, power)
 
 
 class DiffusionObjective(Objective):
@@ -148,10 +162,11 @@ class DiffusionObjective(Objective):
             d = float(e.get("decay", 0.9999))
             ema = jax.tree.map(lambda s, p: s * d + p * (1 - d), extra["ema"], params)
             return dict(extra, ema=ema)
-        d = ema_decay(step + 1, e.get("decay", 0.9999), e.get("min_decay", 0.0),
-                      e.get("update_after_step", 0), e.get("use_ema_warmup", False),
-                      e.get("inv_gamma", 1.0), e.get("power", 2 / 3))
-        ema = jax.tree.map(lambda s, p: s - (1 - d) * (s - p), extra["ema"], params)
+        rate = ema_one_minus_decay(step + 1, e.get("decay", 0.9999), e.get("min_decay", 0.0),
+                                   e.get("update_after_step", 0), e.get("use_ema_warmup", False),
+                                   e.get("inv_gamma", 1.0), e.get("power", 2 / 3))
+        # EMAModel.step: s_param.sub_(one_minus_decay * (s_param - param))
+        ema = jax.tree.map(lambda s, p: s - rate * (s - p), extra["ema"], params)
         return dict(extra, ema=ema)
 
     def features(self, params, extra, images):

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-# Weight decay groups. Every reference skips params with fewer than 2 dims and biases (whose
+# Weight decay groups. Every ViT reference skips params with fewer than 2 dims and biases (whose
 # q/k/v parts are 2-D here, (heads, head_dim), where torch has one 1-D qkv bias); beyond that
 # ``config.optimizer.no_decay`` lists path regexes, per method:
 #   MAE (timm add_weight_decay, as facebookresearch/mae calls it): ()  - cls/mask tokens decay
@@ -24,6 +24,8 @@ from flax import traverse_util
 #   open_clip (main.py exclude): cls_token (open_clip's class_embedding is 1-D)
 #   DeiT / timm ViT (no_weight_decay): pos_embed, cls_token, dist_token
 # NO_DECAY_PATTERNS is the default for configs that set nothing: fmjax's own, broader choice.
+# ``config.optimizer.decay_all=True`` (default False) decays every param, < 2-D ones and biases
+# included: one torch param group, as diffusers' train_unconditional.py builds its AdamW.
 NO_DECAY_PATTERNS = (r"bias$", r"scale$", r"(^|/)pos_embed", r"cls", r"token", r"register",
                      r"(^|/)norm", r"ln_", r"logit_scale", r"logit_bias", r"gamma$")
 ALWAYS_NO_DECAY = (r"bias$",)
@@ -160,6 +162,17 @@ def clip_by_param_norm(max_norm: float, fuse_qkv: bool = False) -> optax.Gradien
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def clip_by_global_norm_eps(max_norm: float, eps: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: every gradient times ``min(max_norm / (norm + eps), 1)``
+    (torch's eps is 1e-6), ``norm`` the global 2-norm. optax's clip_by_global_norm (fmjax's
+    default) divides by the norm itself, ``g / norm * max_norm`` when norm > max_norm."""
+    def update(updates, state, params=None):
+        norm = optax.tree.norm(updates)
+        coef = jnp.minimum(max_norm / (norm + eps), 1.0)
+        return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 class PerParamAdamState(NamedTuple):
     count: Any  # int32 scalar per param: its own step count, as torch.optim.Adam(W) keeps
     mu: Any
@@ -219,8 +232,16 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
     name = opt.get("name", "adamw")
     wd = make_wd_schedule(opt, total_steps)
     patterns = opt.get("no_decay")
-    patterns = NO_DECAY_PATTERNS if patterns is None else tuple(patterns)
-    mask = functools.partial(decay_mask, patterns=patterns)
+    if opt.get("decay_all", False):
+        # torch.optim.AdamW(model.parameters(), weight_decay=wd): one group, every param decays
+        # (biases, norms, 1-D params too), as diffusers' train_unconditional.py.
+        if patterns:
+            raise ValueError(f"config.optimizer.decay_all=True decays every param; no_decay={tuple(patterns)} "
+                             "contradicts it (leave no_decay None or ()).")
+        mask = None
+    else:
+        patterns = NO_DECAY_PATTERNS if patterns is None else tuple(patterns)
+        mask = functools.partial(decay_mask, patterns=patterns)
     count = opt.get("adam_count", "global")
     if count not in ("global", "per_param"):
         raise ValueError(f"config.optimizer.adam_count={count!r}; valid: 'global', 'per_param'.")
@@ -248,9 +269,17 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
     mode = opt.get("clip_mode", "global")
     if mode not in ("global", "per_param"):
         raise ValueError(f"config.optimizer.clip_mode={mode!r}; valid: 'global', 'per_param'.")
+    clip_eps = float(opt.get("clip_eps", 0.0) or 0.0)
+    if clip_eps < 0 or (clip_eps and mode != "global"):
+        raise ValueError(f"config.optimizer.clip_eps={clip_eps} needs clip_mode='global' and must be >= 0 "
+                         "(clip_mode='per_param' has DINO's 1e-6 built in).")
     if clip:
-        clipper = (optax.clip_by_global_norm(float(clip)) if mode == "global" else
-                   clip_by_param_norm(float(clip), fuse_qkv=bool(opt.get("clip_fuse_qkv", False))))
+        if mode == "per_param":
+            clipper = clip_by_param_norm(float(clip), fuse_qkv=bool(opt.get("clip_fuse_qkv", False)))
+        elif clip_eps:
+            clipper = clip_by_global_norm_eps(float(clip), clip_eps)
+        else:
+            clipper = optax.clip_by_global_norm(float(clip))
         tx = optax.chain(clipper, tx)
     return tx, schedule
 

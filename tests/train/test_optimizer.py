@@ -1,4 +1,5 @@
 """Optimizer factory: schedule shape, lr scaling, weight-decay mask, clipping."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,3 +141,41 @@ def test_adamw_matches_torch_over_30_steps():
         p.grad = torch.tensor(g)
         topt.step()
     np.testing.assert_allclose(np.asarray(params["w"]), p.detach().numpy(), rtol=2e-6, atol=1e-7)
+
+
+def test_decay_all_decays_biases_and_norms_too():
+    """decay_all=True: one torch param group (diffusers' train_unconditional.py), every param
+    decays, 1-D biases and norm scales included; it contradicts a non-empty no_decay."""
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2), "norm": {"scale": jnp.ones(3)}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    for decay_all, want_b in ((False, 0.0), (True, -0.05)):
+        opt = dict(name="adamw", lr=0.1, weight_decay=0.5, warmup_steps=0, decay="constant", decay_all=decay_all)
+        tx, _ = opt_lib.make_optimizer(opt, total_steps=10, global_batch=8)
+        updates, _ = tx.update(zero, tx.init(params), params)
+        np.testing.assert_allclose(updates["w"], -0.05, rtol=1e-6)
+        np.testing.assert_allclose(updates["b"], want_b, rtol=1e-6)
+        np.testing.assert_allclose(updates["norm"]["scale"], want_b, rtol=1e-6)
+    opt_lib.make_optimizer(dict(lr=0.1, decay_all=True, no_decay=()), 10, 8)
+    with pytest.raises(ValueError, match="decay_all"):
+        opt_lib.make_optimizer(dict(lr=0.1, decay_all=True, no_decay=("bias",)), 10, 8)
+
+
+def test_clip_eps_is_torchs_clip_grad_norm():
+    """clip_eps > 0 (global mode): g * min(1, max_norm / (norm + eps)), torch's clip_grad_norm_
+    with eps 1e-6; 0 (default) keeps optax's clip_by_global_norm; per_param mode refuses it."""
+    g = {"a": jnp.full((4,), 1.5), "b": jnp.full((5,), 0.0)}
+    params = jax.tree.map(jnp.zeros_like, g)
+    for eps in (0.0, 1e-6, 0.5):
+        clip = (opt_lib.clip_by_global_norm_eps(1.0, eps) if eps else opt_lib.optax.clip_by_global_norm(1.0))
+        out, _ = clip.update(g, clip.init(params), params)
+        np.testing.assert_allclose(out["a"], 1.5 / (3.0 + eps), rtol=1e-6)
+    small = jax.tree.map(lambda x: x / 10, g)  # norm 0.3 < 1: unchanged
+    out, _ = opt_lib.clip_by_global_norm_eps(1.0, 1e-6).update(small, None)
+    np.testing.assert_array_equal(out["a"], small["a"])
+    tx, _ = opt_lib.make_optimizer(dict(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, warmup_steps=0,
+                                        decay="constant", clip_norm=1.0, clip_eps=0.5), 10, 8)
+    updates, _ = tx.update(g, tx.init(params), params)
+    np.testing.assert_allclose(updates["a"], -1.5 / 3.5, rtol=1e-6)
+    for bad in (dict(clip_mode="per_param", clip_eps=1e-6), dict(clip_eps=-1.0)):
+        with pytest.raises(ValueError, match="clip_eps"):
+            opt_lib.make_optimizer(dict(lr=0.1, clip_norm=1.0, **bad), 10, 8)
