@@ -78,6 +78,8 @@ def get_config(arg: str = "default"):
         c.evals = dict(
             knn=dict(type="knn", split="validation", examples=1000, train_split="train",
                      train_examples=2000, k=20, temperature=0.07),
+            fewshot=dict(type="fewshot", split="validation", examples=1000, train_split="train",
+                         train_examples=2000),
             images=dict(type="images", split="validation"),
         )
     elif arg in ("vit_s16_imagenet", "vit_b16_imagenet"):

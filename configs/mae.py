@@ -47,7 +47,7 @@ def get_config(arg: str = "default"):
     # >= 2 dims but biases (timm's add_weight_decay), cls_token and mask_token included; no clipping.
     c.optimizer.update(dict(name="adamw", lr_scaling="linear", b1=0.9, b2=0.95, weight_decay=0.05,
                             min_lr=0.0, no_decay=(), clip_norm=0.0))
-    if arg == "default":
+    if arg in ("default", "cpu"):
         c.total_steps = 2500
         c.batch_size = 128
         c.log_every = 100
@@ -61,6 +61,10 @@ def get_config(arg: str = "default"):
                        decoder_width=128, decoder_depth=2, decoder_heads=4,
                        mask_ratio=0.75, norm_pix_loss=True)
         _shapes_evals(c, examples=1000, train_examples=2000)
+        if arg == "cpu":  # the default, trained longer (see the docstring)
+            c.total_steps = 9000
+            c.eval_every = 1500
+            c.checkpoint_every = 1500
     elif arg in ("vit_b16_imagenet", "vit_l16_imagenet"):
         variant = "B/16" if arg.startswith("vit_b") else "L/16"
         common.imagenet_data(c, 224, scale=(0.2, 1.0))
@@ -82,7 +86,7 @@ def get_config(arg: str = "default"):
         c.objective.param_init = "reference"  # fused-qkv xavier, torch's Conv2d patch bias
         c.evals = dict(images=dict(type="images", split="validation", every=c.eval_every))
     else:
-        raise ValueError(f"Unknown configs/mae.py preset {arg!r}; valid: default, vit_b16_imagenet, vit_l16_imagenet.")
+        raise ValueError(f"Unknown configs/mae.py preset {arg!r}; valid: default, cpu, vit_b16_imagenet, vit_l16_imagenet.")
     return c
 
 
@@ -97,5 +101,7 @@ def _shapes_evals(c, examples: int, train_examples: int):
                    train_split="train", train_examples=train_examples),
         knn=dict(type="knn", split="validation", examples=examples,
                  train_split="train", train_examples=train_examples),
+        fewshot=dict(type="fewshot", split="validation", examples=examples,
+                     train_split="train", train_examples=train_examples),
         images=dict(type="images", split="validation"),
     )
