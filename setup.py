@@ -25,6 +25,8 @@ setup(
     extras_require={
         # Tests and the PyTorch parity references (CPU torch wheel).
         "dev": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "diffusers>=0.30"],
+        # The notebooks draw with matplotlib when it is there (else plain PIL images).
+        "notebooks": ["matplotlib"],
         # Preparing TFDS catalog datasets (imagenet2012, ...) needs TensorFlow.
         "tf": ["tensorflow-cpu"],
     },
