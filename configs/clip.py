@@ -77,7 +77,7 @@ def get_config(arg: str = "default"):
     c.objective.hard_negatives = False     # True: NegCLIP negatives from data.swap_words
     c.data.swap_words = ()                 # read once, here, to build pp_train
     c.data.normalization = "clip"
-    if arg == "default":
+    if arg in ("default", "cpu"):
         c.total_steps = 800
         c.batch_size = 128
         c.log_every = 50
@@ -99,6 +99,10 @@ def get_config(arg: str = "default"):
             zero_shot=zs,
             zero_shot_heldout=dict(zs, split="heldout"),
             retrieval=dict(type="retrieval", split="validation"))
+        if arg == "cpu":  # the default on the simple shapes (see the docstring)
+            c.data.name = "fmjax_shapes/simple_32"
+            c.total_steps = 1600
+            c.eval_every = c.checkpoint_every = 400
     elif arg in ("vit_b16", "vit_b32", "vit_l14"):
         variant = {"vit_b16": "B/16", "vit_b32": "B/32", "vit_l14": "L/14"}[arg]
         c.total_steps = 32 * 400_000_000 // 32768  # 32 epochs of 400M pairs (~391k steps)
@@ -115,7 +119,7 @@ def get_config(arg: str = "default"):
         c.evals = dict()
         c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
     else:
-        raise ValueError(f"Unknown configs/clip.py preset {arg!r}; valid: default, vit_b16, vit_b32, vit_l14.")
+        raise ValueError(f"Unknown configs/clip.py preset {arg!r}; valid: default, cpu, vit_b16, vit_b32, vit_l14.")
     tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
     c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'",
                           c.data.swap_words if c.objective.hard_negatives else ())

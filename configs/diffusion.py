@@ -60,6 +60,11 @@ Reference notes (issue 12; the trajectory tests in tests/reference/):
 from configs import common
 
 
+# The classifier that scores the cpu preset's samples (configs/supervised.py:simple, trained
+# on fmjax_shapes/simple_32); override with --config.evals.generation.classifier_workdir=DIR.
+CPU_CLASSIFIER_WORKDIR = "runs/classifier_simple_32"
+
+
 def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective = dict(
@@ -73,7 +78,7 @@ def get_config(arg: str = "default"):
     c.optimizer.update(dict(name="adam", lr=2e-4, warmup_steps=5000, clip_norm=1.0,
                             decay="constant", weight_decay=0.0))
     norm = "normalize('half')"   # pixels to [-1, 1]
-    if arg in ("default", "text"):
+    if arg in ("default", "text", "cpu"):
         c.total_steps = 2400
         c.batch_size = 64
         c.log_every = 50
@@ -93,6 +98,14 @@ def get_config(arg: str = "default"):
         c.data.pp_train = f"flip_lr|{norm}|keep('image', 'label')"
         c.data.pp_eval = f"{norm}|keep('image', 'label')"
         c.evals = dict(samples=dict(type="images", split="validation"))
+        if arg == "cpu":  # the default on the simple shapes, longer, scored (see the docstring)
+            c.data.name = "fmjax_shapes/simple_32"
+            c.total_steps = 4500
+            c.eval_every = 1500
+            c.checkpoint_every = 1500
+            c.evals.generation = dict(type="generation", split="validation",
+                                      classifier_workdir=CPU_CLASSIFIER_WORKDIR, samples_per_class=16,
+                                      examples=1000, batch_size=128)
         if arg == "text":
             c.objective.conditioning = "text"
             c.model.num_classes = 0
@@ -138,7 +151,7 @@ def get_config(arg: str = "default"):
         c.keep_period = 50_000
         c.evals = dict(samples=dict(type="images", split="validation", every=20_000))
     else:
-        raise ValueError(f"Unknown configs/diffusion.py preset {arg!r}; valid: default, text, ddpm_cifar10, "
+        raise ValueError(f"Unknown configs/diffusion.py preset {arg!r}; valid: default, text, cpu, ddpm_cifar10, "
                          "dit_b2_imagenet256.")
     return c
 

@@ -38,7 +38,7 @@ def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective.name = "supervised"
     c.objective.label_smoothing = 0.1
-    if arg == "default":
+    if arg in ("default", "simple"):
         c.total_steps = 1500
         c.batch_size = 128
         c.log_every = 50
@@ -57,6 +57,8 @@ def get_config(arg: str = "default"):
         c.model = dict(name="vit", variant="Ti/8", width=128, depth=4, num_heads=4, mlp_dim=512,
                        num_classes=_num_shape_classes(), pool="mean", stem="conv")
         c.evals = dict(val=dict(type="metrics", split="validation"))
+        if arg == "simple":  # the classifier that scores configs/diffusion.py:cpu's samples
+            c.data.name = "fmjax_shapes/simple_32"
     elif arg == "vit_b16_imagenet":
         common.imagenet_data(c, 224, scale=(0.08, 1.0))
         c.batch_size = 1024
@@ -72,7 +74,7 @@ def get_config(arg: str = "default"):
         c.eval_every = 5000
         c.checkpoint_every = 2000
     else:
-        raise ValueError(f"Unknown configs/supervised.py preset {arg!r}; valid: default, vit_b16_imagenet.")
+        raise ValueError(f"Unknown configs/supervised.py preset {arg!r}; valid: default, simple, vit_b16_imagenet.")
     return c
 
 
