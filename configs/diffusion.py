@@ -100,9 +100,12 @@ def get_config(arg: str = "default"):
         c.evals = dict(samples=dict(type="images", split="validation"))
         if arg == "cpu":  # the default on the simple shapes, longer, scored (see the docstring)
             c.data.name = "fmjax_shapes/simple_32"
-            c.total_steps = 4500
-            c.eval_every = 1500
-            c.checkpoint_every = 1500
+            c.total_steps = 2500
+            c.eval_every = 1250
+            c.checkpoint_every = 500
+            c.model = dict(name="unet", channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                           attention_resolutions=(8,), num_groups=8, dropout=0.0, sample_size=32,
+                           num_classes=_num_shape_classes())
             c.evals.generation = dict(type="generation", split="validation",
                                       classifier_workdir=CPU_CLASSIFIER_WORKDIR, samples_per_class=16,
                                       examples=1000, batch_size=128)

@@ -74,7 +74,7 @@ def get_config(arg: str = "default"):
         # teacher temperature warm-up to 0.07 drifted to uniform outputs (entropy -> ln 256)
         # within 200 steps here, so the default stays at 0.04 (the reference's own default).
         c.model = dict(name="vit", variant="S/8", width=128, depth=4, num_heads=4, mlp_dim=512,
-                       drop_path=0.1, pool="mean", **reference_model)
+                       drop_path=0.1, pool="mean", stem="patch", **reference_model)
         c.evals = dict(
             knn=dict(type="knn", split="validation", examples=1000, train_split="train",
                      train_examples=2000, k=20, temperature=0.07),
