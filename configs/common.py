@@ -33,8 +33,26 @@ def base_config() -> ml_collections.ConfigDict:
         decay_all=False,               # True: every param decays, biases / norms too (one torch param group)
         clip_eps=0.0,                  # > 0: global clip factor max_norm / (norm + eps) (torch's clip_grad_norm_: 1e-6)
         warmup_mode="linear", warmup_init=0.0, decay_from="warmup_end",
-        schedule_steps_per_epoch=0, schedule_epoch_lag=0))
+        schedule_steps_per_epoch=0, schedule_epoch_lag=0,
+        # Parameter groups (fmjax/train/param_groups.py); regexes match the whole '/'-joined param
+        # path (re.fullmatch, as big_vision), e.g. 'backbone/.*'. Empty / None: no groups.
+        frozen=(),                     # e.g. ('backbone/.*',): zero update, no optimizer state, bit-identical
+        lr_mult=(),                    # e.g. (('head/.*', 10.0),): first matching pattern wins, default 1
+        wd_mult=(),                    # same for weight decay; only scales params the decay groups decay
+        # Layer-wise lr decay (BEiT / MAE): lr * decay**(num_layers + 1 - layer_id); decay=1.0 is off,
+        # num_layers None counts the ViT's blocks. E.g. --config.optimizer.llrd.decay=0.75
+        llrd=ml_collections.ConfigDict(dict(decay=1.0, num_layers=ml_collections.config_dict.placeholder(int)))))
     c.evals = ml_collections.ConfigDict()
+    # Initialise params from a pretrained checkpoint on a fresh start (fmjax/train/model_init.py):
+    # workdir=DIR [step=N] (an fmjax workdir), or torch=FILE (.safetensors/.bin) with format=
+    # hf_vit|hf_vit_mae|hf_dinov2|hf_clip|open_clip|diffusers_unet [hf_config=config.json];
+    # mapping {ckpt subtree: param subtree} (default {'params': ''}; CLI 'params/backbone:backbone');
+    # dont_load: regexes (fullmatch on 'a/b/kernel' paths) that keep their fresh init, e.g. ('head/.*',).
+    c.model_init = ml_collections.ConfigDict(dict(
+        workdir=ml_collections.config_dict.placeholder(str), step=ml_collections.config_dict.placeholder(int),
+        torch=ml_collections.config_dict.placeholder(str), format=ml_collections.config_dict.placeholder(str),
+        hf_config=ml_collections.config_dict.placeholder(str), mapping=ml_collections.config_dict.placeholder(object),
+        dont_load=()))
     return c
 
 

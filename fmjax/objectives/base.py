@@ -13,6 +13,7 @@ Optional hooks the trainer uses when present:
     project_params(params, step) -> params   # applied right after each update (e.g. clamps)
     update_mask(params, step) -> tree of bool  # False: the param is not updated (no decay either)
     text_features(params, extra, tokens) -> [B, D]  # text embedding for zero-shot / retrieval
+    after_model_init(params, extra) -> extra  # after config.model_init loaded params (default: unchanged)
 """
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ class Objective:
 
     def features(self, params, extra, images) -> jax.Array:
         raise NotImplementedError
+
+    def after_model_init(self, params, extra) -> Extra:
+        """The objective state for params that ``config.model_init`` partly replaced after
+        ``init`` (fresh starts only). Default: unchanged; objectives whose state starts as a
+        copy of the params (an EMA teacher, EMA weights) copy the loaded params."""
+        return extra
 
 
 def available() -> list[str]:

@@ -154,6 +154,9 @@ class DiffusionObjective(Objective):
         """A locked text tower is skipped by the optimizer."""
         return {k: jax.tree.map(lambda _: not (k == "text" and self.text_lock), v) for k, v in params.items()}
 
+    def after_model_init(self, params, extra):
+        return {**extra, "ema": params}  # the ema starts as the (loaded) params, as in init
+
     def after_update(self, params, extra, step):
         e = self.ema
         if e.get("mode", "diffusers") == "constant":

@@ -155,6 +155,9 @@ class DINOObjective(Objective):
                 head[k] = jnp.logical_not(frozen)
         return dict(mask, head=head)
 
+    def after_model_init(self, params, extra):
+        return {**extra, "teacher": params}  # the teacher starts as the (loaded) params, as in init
+
     def after_update(self, params, extra, step):
         """EMA: teacher <- m * teacher + (1 - m) * student (backbone and head)."""
         m = ema_momentum(step, self.momentum, self.total_steps)

@@ -17,6 +17,7 @@ from fmjax.data import pipeline, sources
 from fmjax.parallel import mesh as mesh_lib
 from fmjax.parallel import rules as rules_lib
 from fmjax.train import checkpoint as ckpt
+from fmjax.train import model_init as model_init_lib
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train import step as step_lib
@@ -83,6 +84,7 @@ def check_config(config, workdir: str, devices=None):
     """
     objective, mesh, rules = setup_lib.build(config, devices)
     validate.check(config, objective, mesh)
+    validate.check_model_init(config, workdir)
     evaluator = Evaluator(config, objective, mesh, rules, checked=True)  # validate.check ran check_evals
     source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
                                 config.data.get("data_dir"),
@@ -161,7 +163,11 @@ def _train(config, workdir: str, run: dict) -> dict:
         log(f"== data: {config.data.name} ({len(run['source'])} train examples), global batch "
             f"{config.batch_size}, mesh {dict(mesh.shape)}")
         if latest is None:
-            state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings)
+            load = None
+            if model_init_lib.is_set(config):  # fresh start only: a resume restores its checkpoint
+                load = lambda params, sh: model_init_lib.apply(config, params, sh, log=log)[0]  # noqa: E731
+            state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings,
+                                              load_params=load)
             start = 0
         else:
             log(f"== resuming from step {latest}")

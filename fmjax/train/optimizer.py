@@ -16,6 +16,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from fmjax.train import param_groups
+
 # Weight decay groups. Every ViT reference skips params with fewer than 2 dims and biases (whose
 # q/k/v parts are 2-D here, (heads, head_dim), where torch has one 1-D qkv bias); beyond that
 # ``config.optimizer.no_decay`` lists path regexes, per method:
@@ -226,9 +228,25 @@ def decay_mask(params, patterns=NO_DECAY_PATTERNS):
     return traverse_util.unflatten_dict(mask, sep="/")
 
 
+def _decays(patterns):
+    """``decays(path, param)``: the decay groups as a predicate (``patterns`` None: every param)."""
+    if patterns is None:
+        return lambda path, p: True
+    compiled = [re.compile(p) for p in tuple(ALWAYS_NO_DECAY) + tuple(patterns)]
+    return lambda path, p: p.ndim > 1 and not any(c.search(path) for c in compiled)
+
+
 def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
-    """Returns (optax transformation, lr schedule)."""
+    """Returns (optax transformation, lr schedule).
+
+    Parameter groups (``frozen``, ``lr_mult``, ``wd_mult``, ``llrd``; see
+    ``fmjax/train/param_groups.py``) are off by default; with all of them empty the
+    transformation is exactly the one without groups. With groups the update of a param is
+    ``-lr * mult * (direction + wd * wd_mult * p)``, ``mult`` = lr_mult x LLRD factor (torch's
+    per-group lr scales the decoupled decay too), and a frozen param's update is -0.0.
+    """
     schedule = make_schedule(opt, total_steps, global_batch)
+    groups = param_groups.parse(opt)
     name = opt.get("name", "adamw")
     wd = make_wd_schedule(opt, total_steps)
     patterns = opt.get("no_decay")
@@ -245,26 +263,6 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
     count = opt.get("adam_count", "global")
     if count not in ("global", "per_param"):
         raise ValueError(f"config.optimizer.adam_count={count!r}; valid: 'global', 'per_param'.")
-    b1, b2, eps = opt.get("b1", 0.9), opt.get("b2", 0.999), opt.get("eps", 1e-8)
-    if name == "adamw":
-        def adamw(learning_rate, weight_decay):
-            scale = scale_by_adam(b1, b2, eps, per_param_count=count == "per_param")
-            return optax.chain(scale, optax.add_decayed_weights(weight_decay, mask),
-                               optax.scale_by_learning_rate(learning_rate))
-        if callable(wd):  # a scheduled weight decay needs its value injected each step
-            tx = optax.inject_hyperparams(adamw)(learning_rate=schedule, weight_decay=wd)
-        else:
-            tx = adamw(schedule, wd)
-    elif name == "adam":
-        tx = optax.chain(scale_by_adam(b1, b2, eps, per_param_count=count == "per_param"),
-                         optax.scale_by_learning_rate(schedule))
-    elif name == "sgd":
-        if callable(wd):
-            raise ValueError("config.optimizer.weight_decay_end (a weight-decay schedule) needs name='adamw'.")
-        tx = optax.chain(optax.add_decayed_weights(wd, mask=mask),
-                         optax.sgd(schedule, momentum=opt.get("momentum", 0.9)))
-    else:
-        raise ValueError(f"Unknown optimizer {name!r}; valid: 'adamw', 'adam', 'sgd'.")
     clip = opt.get("clip_norm")
     mode = opt.get("clip_mode", "global")
     if mode not in ("global", "per_param"):
@@ -273,6 +271,7 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
     if clip_eps < 0 or (clip_eps and mode != "global"):
         raise ValueError(f"config.optimizer.clip_eps={clip_eps} needs clip_mode='global' and must be >= 0 "
                          "(clip_mode='per_param' has DINO's 1e-6 built in).")
+    clipper = None
     if clip:
         if mode == "per_param":
             clipper = clip_by_param_norm(float(clip), fuse_qkv=bool(opt.get("clip_fuse_qkv", False)))
@@ -280,6 +279,54 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
             clipper = clip_by_global_norm_eps(float(clip), clip_eps)
         else:
             clipper = optax.clip_by_global_norm(float(clip))
+    # Frozen params' gradients stay out of clipping (torch: no grad), so the clip goes inside.
+    inner_clip = clipper is not None and bool(groups.frozen)
+    b1, b2, eps = opt.get("b1", 0.9), opt.get("b2", 0.999), opt.get("eps", 1e-8)
+    adam = lambda: scale_by_adam(b1, b2, eps, per_param_count=count == "per_param")
+
+    def grouped(body, learning_rate):
+        """body (the gradient-side transformations, decay included) on the trained params,
+        then the per-param lr multipliers, the lr, and -0.0 for frozen params."""
+        train = optax.chain(*([clipper] if inner_clip else []), *body)
+        if groups.frozen:
+            train = param_groups.without_frozen(train, groups)
+        parts = [train, param_groups.scale_by_multipliers(groups),
+                 optax.scale_by_learning_rate(learning_rate)]
+        if groups.frozen:
+            parts.append(param_groups.keep_frozen(groups))
+        return optax.chain(*parts)
+
+    def decayed(weight_decay):
+        if groups.active:
+            return param_groups.add_decayed_weights(weight_decay, groups,
+                                                    _decays(None if mask is None else patterns))
+        return optax.add_decayed_weights(weight_decay, mask)
+
+    if name == "adamw":
+        def adamw(learning_rate, weight_decay):
+            if groups.active:
+                return grouped([adam(), decayed(weight_decay)], learning_rate)
+            return optax.chain(adam(), decayed(weight_decay), optax.scale_by_learning_rate(learning_rate))
+        if callable(wd):  # a scheduled weight decay needs its value injected each step
+            tx = optax.inject_hyperparams(adamw)(learning_rate=schedule, weight_decay=wd)
+        else:
+            tx = adamw(schedule, wd)
+    elif name == "adam":
+        if groups.active:
+            tx = grouped([adam()], schedule)
+        else:
+            tx = optax.chain(adam(), optax.scale_by_learning_rate(schedule))
+    elif name == "sgd":
+        if callable(wd):
+            raise ValueError("config.optimizer.weight_decay_end (a weight-decay schedule) needs name='adamw'.")
+        momentum = opt.get("momentum", 0.9)
+        if groups.active:  # optax.sgd = trace(momentum) then the lr
+            tx = grouped([decayed(wd), optax.trace(decay=momentum, nesterov=False)], schedule)
+        else:
+            tx = optax.chain(optax.add_decayed_weights(wd, mask=mask), optax.sgd(schedule, momentum=momentum))
+    else:
+        raise ValueError(f"Unknown optimizer {name!r}; valid: 'adamw', 'adam', 'sgd'.")
+    if clipper is not None and not inner_clip:
         tx = optax.chain(clipper, tx)
     return tx, schedule
 

@@ -65,13 +65,42 @@ def state_shardings(objective, tx, batch_spec, mesh: Mesh, rules, seed: int = 0)
     return abstract, shardings, boxed_params
 
 
-def create_state(objective, tx, batch_spec, mesh: Mesh, rules, seed: int, shardings=None):
-    """Initialises the TrainState directly into its shardings (computed if not given)."""
+def create_state(objective, tx, batch_spec, mesh: Mesh, rules, seed: int, shardings=None,
+                 load_params=None):
+    """Initialises the TrainState directly into its shardings (computed if not given).
+
+    ``load_params(params, param_shardings) -> params`` (``config.model_init``): applied to the
+    sharded fresh params after ``objective.init`` and before ``tx.init``, so the optimizer
+    state is built for the loaded params; ``objective.after_model_init`` then updates the
+    objective state (e.g. DINO's teacher starts as the loaded student). The fresh init of the
+    params it leaves alone equals the one without it.
+    """
     if shardings is None:
         _, shardings, _ = state_shardings(objective, tx, batch_spec, mesh, rules, seed)
-    init = _init_fn(objective, tx, batch_spec)
     # No ambient mesh here: flax's DenseGeneral initialises kernels flat and unboxing them
     # under a mesh would constrain a 2-D value with 3-D names. out_shardings places shards.
+    if load_params is None:
+        init = _init_fn(objective, tx, batch_spec)
+        with nn.logical_axis_rules(rules):
+            state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+        return state, shardings
+
+    def init_params(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        batch = jax.tree.map(lambda s: jnp.zeros(s.shape, jax.dtypes.canonicalize_dtype(s.dtype)), batch_spec)
+        params, extra = objective.init(init_rng, batch)
+        return nn.meta.unbox(params), nn.meta.unbox(extra), state_rng
+
+    def finish(params, extra, state_rng):
+        hook = getattr(objective, "after_model_init", None)
+        extra = hook(params, extra) if hook is not None else extra
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), extra=extra, rng=state_rng)
+
     with nn.logical_axis_rules(rules):
-        state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+        params, extra, state_rng = jax.jit(init_params, out_shardings=(
+            shardings.params, shardings.extra, shardings.rng))(jax.random.PRNGKey(seed))
+    params = load_params(params, shardings.params)
+    with nn.logical_axis_rules(rules):
+        state = jax.jit(finish, out_shardings=shardings)(params, extra, state_rng)
     return state, shardings

@@ -66,6 +66,18 @@ def check(config, objective, mesh, evals: bool = True) -> None:
         check_evals(config, objective, mesh)
 
 
+def check_model_init(config, workdir: str | None = None) -> None:
+    """``config.model_init`` names an existing workdir or a file of a known format (one-line
+    ConfigErrors, nothing read). Skipped when ``workdir`` already holds checkpoints: a resume
+    restores its own and never reads the source again."""
+    import os
+    ckpts = os.path.join(workdir, "checkpoints") if workdir else None
+    if ckpts and os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+        return
+    from fmjax.train import model_init
+    model_init.check(config)
+
+
 def evals_that_run(config) -> list[str]:
     """The entries of ``config.evals`` a training run reaches: at step 0 (``eval_at_start``)
     or every N > 0 steps. (An entry that never runs is only checked for its keys and values:
