@@ -336,3 +336,21 @@ class Evaluator:
     def run(self, state, step: int, writer) -> dict:
         """``{key: value}``, logged as ``eval/<name>_<key>`` (``eval/<name>`` for ``""``)."""
         raise NotImplementedError
+
+
+class SeededEvaluator(Evaluator):
+    """An eval type whose batches need an rng (``loss``, ``metrics``): the ``seed`` key
+    (default 1234); batch ``i`` uses ``fold_in(PRNGKey(seed), i)``."""
+
+    fields = ("seed",)
+
+    @classmethod
+    def check_options(cls, where, ev, config, objective):
+        if "seed" in ev:
+            check_int(where, "seed", ev["seed"], 0)
+
+    def seeded_batches(self):
+        """(batch, valid mask, rng) over the eval split, in order."""
+        rng = jax.random.PRNGKey(self.ev.get("seed", 1234))
+        for i, (batch, valid) in enumerate(self.batches()):
+            yield batch, valid, jax.random.fold_in(rng, i)

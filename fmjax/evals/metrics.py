@@ -9,26 +9,19 @@ from fmjax.evals import common, registry
 
 
 @registry.register("metrics")
-class MetricsEvaluator(common.Evaluator):
+class MetricsEvaluator(common.SeededEvaluator):
     """``eval/<name>_<metric>``: each of ``objective.eval_metrics(params, extra, batch, rng)``'s
     per-example values averaged over ``split`` (padding excluded); batch ``i`` uses the rng
     ``fold_in(PRNGKey(seed), i)`` (``seed``, default 1234)."""
 
-    fields = ("seed",)
     requires = {"eval_metrics": "eval_metrics"}
-
-    @classmethod
-    def check_options(cls, where, ev, config, objective):
-        if "seed" in ev:
-            common.check_int(where, "seed", ev["seed"], 0)
 
     def run(self, state, step, writer):
         fn = self.ctx.jit("eval_metrics")
         sums, count = {}, 0
-        rng = jax.random.PRNGKey(self.ev.get("seed", 1234))
         with self.ctx.scope():
-            for i, (batch, valid) in enumerate(self.batches()):
-                values = fn(state.params, state.extra, batch, jax.random.fold_in(rng, i))
+            for batch, valid, rng in self.seeded_batches():
+                values = fn(state.params, state.extra, batch, rng)
                 if jax.process_count() > 1:
                     values = multihost_utils.process_allgather(values, tiled=True)
                     valid = multihost_utils.process_allgather(valid, tiled=True)
