@@ -30,6 +30,15 @@ def normal_images(b: int = 2, size: int = 16, c: int = 3, seed: int = 0) -> jax.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_config(name: str, preset: str = "default"):
+    """``configs/<name>.py`` ``get_config(preset)`` (the repo's ``configs`` package put on
+    ``sys.path`` first, as the launchers do)."""
+    import importlib
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    return importlib.import_module(f"configs.{name}").get_config(preset)
+
+
 def cli_env(devices: int = 1, env=None) -> dict:
     """The environment ``run_cli`` gives a launcher: ``devices`` simulated CPU devices, the
     test session's persistent compilation cache, no FMJAX_TRACEBACK."""

@@ -14,6 +14,8 @@ _CACHE = os.environ.setdefault(
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from fmjax.testing import load_config  # noqa: E402
+
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -28,13 +30,6 @@ def shapes_data_dir(tmp_path_factory):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name: str, preset: str = "default"):
-    """``configs/<name>.py`` get_config(preset), importable from tests."""
-    import importlib
-    import sys
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
-    return importlib.import_module(f"configs.{name}").get_config(preset)
 
 
 @pytest.fixture

@@ -7,27 +7,18 @@ preset's ``model_init.mapping``), and the head (``dont_load``) trained. Without
 ``model_init.workdir`` the same preset runs from random init (the from-scratch baseline),
 and the CLI's ``--check_only`` accepts the preset with and without a workdir.
 """
-import importlib
-import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from fmjax.testing import load_config
 from fmjax.train import loop
 from fmjax.train import model_init as mi_lib
 from fmjax.train import restore
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
 ENCODER = ("patch_embed", "cls_token", "encoder")
-
-
-def load_config(name):
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
-    return importlib.import_module(f"configs.{name}").get_config("default")
 
 
 @pytest.fixture(scope="module")

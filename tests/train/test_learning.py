@@ -12,6 +12,7 @@ import pytest
 
 import jax
 
+from fmjax.testing import load_config
 from fmjax.train import loop
 
 ONE_DEVICE = jax.devices()[:1]
@@ -40,12 +41,7 @@ def _shorten(c, steps):
 @pytest.fixture(scope="module")
 def shape_classifier(tmp_path_factory, shapes_data_dir):
     """The shortened supervised default run: a learning gate and the diffusion scorer."""
-    import importlib
-    import sys
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    c = _shorten(importlib.import_module("configs.supervised").get_config("default"), 300)
+    c = _shorten(load_config("supervised"), 300)
     c.data.data_dir = shapes_data_dir
     workdir = str(tmp_path_factory.mktemp("classifier"))
     loop.train_and_evaluate(c, workdir, devices=ONE_DEVICE)

@@ -7,7 +7,6 @@ shape mismatch and a missing file / unknown format are one-line ConfigErrors, an
 ``ViTModel`` checkpoint (safetensors + config.json) loads through the interop converter,
 and the loop prints the table and applies model_init on a fresh start only.
 """
-import os
 
 import jax
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 
 from fmjax.errors import ConfigError
 from fmjax.models.vit import resize_pos_embed
+from fmjax.testing import load_config
 from fmjax.train import loop
 from fmjax.train import model_init as mi_lib
 from fmjax.train import setup as setup_lib
@@ -33,12 +33,7 @@ def _tiny_supervised(tiny_config, **kw):
 @pytest.fixture(scope="module")
 def sup_workdir(tmp_path_factory, shapes_data_dir):
     """A supervised ViT workdir trained for 2 steps (the checkpoint tests load from)."""
-    import importlib
-    import sys
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    c = importlib.import_module("configs.supervised").get_config("default")
+    c = load_config("supervised")
     c.data.data_dir = shapes_data_dir
     c.batch_size, c.log_every, c.eval_every, c.eval_at_start = 16, 1, 0, False
     c.optimizer.warmup_steps = 1
