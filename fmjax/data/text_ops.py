@@ -73,3 +73,21 @@ class swap_words(Transform):  # noqa: N801
         out[self.outkey] = text[:m.start()] + others[int(rng.integers(len(others)))] + text[m.end():]
         out[self.validkey] = np.int32(1)
         return out
+
+
+def check_vocab(config, vocab) -> None:
+    """The tokenizer of ``config.data.tokenize`` must yield ids below ``vocab`` (the text
+    tower's embedding rows): an out-of-range id would be silently clamped by the lookup.
+    One-line ``ConfigError``; for objectives' ``check``."""
+    from fmjax.errors import ConfigError
+    tok_cfg = config.data.get("tokenize")
+    if not tok_cfg or not vocab:
+        return
+    try:
+        tok = tokenize(**dict(tok_cfg)).tokenizer
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise ConfigError(f"config.data.tokenize: {e}") from None
+    if tok.vocab_size > int(vocab):
+        raise ConfigError(
+            f"tokenizer {tok!r} yields ids up to {tok.vocab_size - 1} but the text tower's vocab_size "
+            f"is {vocab}; set the model's vocab_size to {tok.vocab_size} (or the tokenizer's to {vocab}).")

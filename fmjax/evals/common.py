@@ -44,6 +44,7 @@ from fmjax.data import pipeline, sources
 from fmjax.data.transforms import parse_pp, tokenize
 from fmjax.errors import ConfigError, NonFiniteError
 from fmjax.parallel import mesh as mesh_lib
+from fmjax.objectives.base import supports
 
 COMMON_FIELDS = ("type", "every", "batch_size", "dataset", "data_dir", "split", "pp", "examples")
 TRAIN_FIELDS = ("train_split", "train_examples")
@@ -245,7 +246,7 @@ class Evaluator:
             raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {unknown} for "
                               f"type {cls.type_name!r}; valid: {sorted(valid)}.")
         for hook, what in cls.requires.items():
-            if not hasattr(objective, hook):
+            if not supports(objective, hook):
                 raise ConfigError(f"{where}: objective {config.objective.name!r} has no {what}.")
         if ev.get("every") is not None:
             check_int(where, "every", ev["every"], 0, " (0: not periodically)")

@@ -28,6 +28,7 @@ from fmjax.diffusion import process
 from fmjax.errors import ConfigError, NonFiniteError
 from fmjax.evals import common, registry
 from fmjax.parallel import mesh as mesh_lib
+from fmjax.objectives.base import supports
 
 # Keys of process.sample a caller may override (sampler, num_steps, eta, guidance_scale, ...).
 SAMPLER_KEYS = tuple(k for k in inspect.signature(process.sample).parameters
@@ -129,7 +130,7 @@ class Generator:
     """
 
     def __init__(self, objective, mesh, rules, batch_size: int, use_ema: bool = True, **overrides):
-        if not hasattr(objective, "generate"):
+        if not supports(objective, "generate"):
             raise ValueError(f"objective {objective.config.objective.name!r} cannot generate images.")
         self.objective, self.mesh, self.rules = objective, mesh, rules
         self.batch_size = padded_batch_size(batch_size, mesh)
@@ -196,7 +197,7 @@ class Classifier:
 
     def __init__(self, objective, mesh, rules, params, extra, pp_eval: str, batch_size: int,
                  num_classes: int):
-        if not hasattr(objective, "predict"):
+        if not supports(objective, "predict"):
             raise ValueError(f"objective {objective.config.objective.name!r} has no predict(); "
                              "train the classifier with the 'supervised' objective.")
         self.objective, self.mesh, self.rules = objective, mesh, rules
@@ -300,7 +301,7 @@ class GenerationEvaluator(common.Evaluator):
     @classmethod
     def check_options(cls, where, ev, config, objective):
         """A class-conditional generator and a matching classifier, before training."""
-        if not hasattr(objective, "generate") or getattr(objective, "conditioning", None) != "class":
+        if not supports(objective, "generate") or getattr(objective, "conditioning", None) != "class":
             raise ConfigError(f"{where}: type 'generation' needs a class-conditional "
                               f"diffusion objective, got {config.objective.name!r} "
                               f"(conditioning {getattr(objective, 'conditioning', None)!r}).")

@@ -12,6 +12,7 @@ import numpy as np
 
 from fmjax.evals import common, registry
 from fmjax.models import layers  # the one patch layout (MAE reference order)
+from fmjax.objectives.base import supports
 
 
 def to_uint8(x):
@@ -167,7 +168,7 @@ class ImagesEvaluator(common.Evaluator):
 
     def run(self, state, step, writer):
         objective = self.ctx.objective
-        if not hasattr(objective, "visualize"):
+        if not supports(objective, "visualize"):
             return {}
         n = self.examples if self.examples is not None else self.batch_size
         batch, _ = next(self.batches(examples=n))

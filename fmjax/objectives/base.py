@@ -7,13 +7,21 @@ The trainer only knows this protocol (see docs/design.md):
     after_update(params, extra, step) -> extra
     features(params, extra, images) -> [B, D] embedding for kNN / linear probe / retrieval
 
-Optional hooks the trainer uses when present:
+Hooks with a default on ``Objective`` (override as needed):
+    check(config) -> None                     # method-specific one-line ConfigErrors, before any read or compile
+    health(host_metrics) -> str | None        # a warning for the log at log steps (e.g. DINO's collapse)
+    after_model_init(params, extra) -> extra  # after config.model_init loaded params (default: unchanged)
+
+Optional capabilities, declared here as ``None`` (unsupported); an objective that has one
+defines the method, and callers ask ``supports(objective, name)``:
     visualize(params, extra, batch, rng) -> {name: uint8 HxWx3}   # pictures for DIR/images/
     eval_metrics(params, extra, batch, rng) -> {name: [B] per-example values}
     project_params(params, step) -> params   # applied right after each update (e.g. clamps)
     update_mask(params, step) -> tree of bool  # False: the param is not updated (no decay either)
     text_features(params, extra, tokens) -> [B, D]  # text embedding for zero-shot / retrieval
-    after_model_init(params, extra) -> extra  # after config.model_init loaded params (default: unchanged)
+    generate(params, extra, rng, ...) / predict(...)  # generative models (diffusion)
+Evaluators name the capabilities they need (``Evaluator.needs``), so a config that asks
+an objective for something it cannot do is refused before compiling.
 """
 from __future__ import annotations
 
@@ -49,11 +57,47 @@ class Objective:
     def features(self, params, extra, images) -> jax.Array:
         raise NotImplementedError
 
+    def check(self, config) -> None:
+        """Raises a one-line ``fmjax.errors.ConfigError`` for method-specific settings that
+        cannot work (runs in ``fmjax.train.validate.check``: before anything is read, written
+        or compiled). Default: nothing to check."""
+
+    def health(self, host_metrics: Mapping[str, float]) -> str | None:
+        """A warning line for the log, from the host-side metrics of a log step (e.g. a
+        collapsing teacher), or None. Default: None."""
+        return None
+
+    # Optional capabilities (see the module docstring): None means unsupported.
+    visualize = None
+    eval_metrics = None
+    project_params = None
+    update_mask = None
+    text_features = None
+    generate = None
+    predict = None
+
     def after_model_init(self, params, extra) -> Extra:
         """The objective state for params that ``config.model_init`` partly replaced after
         ``init`` (fresh starts only). Default: unchanged; objectives whose state starts as a
         copy of the params (an EMA teacher, EMA weights) copy the loaded params."""
         return extra
+
+
+OPTIONAL_HOOKS = ("visualize", "eval_metrics", "project_params", "update_mask", "text_features",
+                  "generate", "predict")
+
+
+def supports(objective, name: str) -> bool:
+    """Whether ``objective`` has the capability ``name``: a method, not the base class's
+    ``None`` (optional hooks) or ``NotImplementedError`` stub (``features``); works for
+    duck-typed objectives too."""
+    if not callable(getattr(objective, name, None)):
+        return False
+    stub = Objective.__dict__.get(name)
+    return not (callable(stub) and name in _STUBS and getattr(type(objective), name, None) is stub)
+
+
+_STUBS = ("init", "loss", "features")
 
 
 def available() -> list[str]:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fmjax.data import text_ops
 from fmjax.models.registry import build_model
 from fmjax.objectives.base import Objective
 
@@ -80,6 +81,9 @@ class CLIPObjective(Objective):
         # open_clip clamps the log-scale to [0, ln 100] after every step (train.py); big_vision's
         # SigLIP trainer does not clamp its temperature (released SigLIP models sit above 100).
         self.clamp_logit_scale = bool(config.objective.get("clamp_logit_scale", True))
+
+    def check(self, config):
+        text_ops.check_vocab(config, config.model.get("vocab_size"))
 
     def init(self, rng, batch):
         return self.model.init({"params": rng}, batch["image"], batch["tokens"])["params"], {}

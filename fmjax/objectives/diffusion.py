@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax.data import text_ops
 from fmjax.diffusion import process
 from fmjax.models.registry import build_model
 from fmjax.models.text import TextTransformer
@@ -97,6 +98,10 @@ class DiffusionObjective(Objective):
                             ("loss_weighting", process.LOSS_WEIGHTINGS)):
             if o.get(name, valid[0]) not in valid:
                 raise ValueError(f"config.objective.{name}={o.get(name)!r}; valid: {list(valid)}.")
+
+    def check(self, config):
+        if self.conditioning == "text":
+            text_ops.check_vocab(config, (config.objective.get("text") or {}).get("vocab_size"))
 
     # -- conditioning ------------------------------------------------------------------------
     def _cond(self, params, batch, drop=None):

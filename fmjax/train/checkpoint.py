@@ -62,10 +62,23 @@ def make_manager(workdir: str, keep: int = 3, keep_period: int | None = None,
     return ocp.CheckpointManager(path, options=options)
 
 
+# Config keys that only steer inference (sampling), not the saved state: evaluating or
+# sampling a checkpoint with another guidance scale or sampler is not a different run.
+INFERENCE_ONLY_KEYS = {"objective": ("sample",)}
+
+
 def fingerprint(config) -> dict[str, Any]:
     """The parts of a config that fix the shapes and meaning of the saved state."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {k: cfg.get(k) for k in ("model", "objective")}
+    return _strip_inference_only({k: cfg.get(k) for k in ("model", "objective")})
+
+
+def _strip_inference_only(fp: Mapping) -> dict:
+    out = dict(fp)
+    for part, keys in INFERENCE_ONLY_KEYS.items():
+        if isinstance(out.get(part), Mapping):
+            out[part] = {k: v for k, v in out[part].items() if k not in keys}
+    return out
 
 
 OPTIMIZER_STRUCTURE_KEYS = ("name", "clip_norm", "clip_mode", "weight_decay_end", "adam_count")
@@ -102,7 +115,8 @@ def check_meta(meta: dict, config, directory, abstract_state=None, parts=None) -
     """Raises a one-line ``IncompatibleCheckpointError`` if the checkpoint described by
     ``meta`` was written by another model / objective config, or (given the abstract state)
     holds a state of another structure, e.g. a resume with a different optimizer."""
-    saved, now = _normalise(meta.get("fingerprint", {})), _normalise(fingerprint(config))
+    saved = _normalise(_strip_inference_only(meta.get("fingerprint", {})))
+    now = _normalise(fingerprint(config))
     if saved != now:
         diffs = _diff(saved, now)
         raise IncompatibleCheckpointError(

@@ -210,7 +210,7 @@ def _train(config, workdir: str, run: dict) -> dict:
                     metrics["train/skipped_steps"] = float(guard.skipped)
                     writer.write(step, metrics)
                     log(progress.line(step, metrics))
-                    warning = objective.health(metrics) if hasattr(objective, "health") else None
+                    warning = objective.health(metrics) if callable(getattr(objective, "health", None)) else None
                     if warning:  # e.g. DINO's collapse monitors
                         log(f"   WARNING @{step}: {warning}")
                     final.update(metrics)

@@ -21,6 +21,7 @@ from fmjax.errors import ConfigError, NonFiniteError
 from fmjax.train.restore import load_checkpoint, load_classifier, load_workdir_config
 from fmjax.train.setup import build
 from fmjax.train.writer import log
+from fmjax.objectives.base import supports
 
 COLUMNS = 8  # images per row of a per-class / per-prompt grid
 
@@ -167,7 +168,7 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
                                                                 prompts)
     config = config or load_workdir_config(workdir)
     objective, mesh, _ = build(config, devices)
-    if not hasattr(objective, "generate"):
+    if not supports(objective, "generate"):
         raise ConfigError(f"{workdir} holds a {config.objective.name!r} model, which cannot generate "
                           "images; launch/sample.py needs a diffusion workdir.")
     try:

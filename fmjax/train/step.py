@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from fmjax.train.state import TrainState
+from fmjax.objectives.base import supports
 
 
 def _split_micro(batch, accum_steps: int):
@@ -80,11 +81,11 @@ def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1, nonfin
                 metrics = jax.tree.map(jnp.mean, metrics)
 
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            if hasattr(objective, "update_mask"):  # frozen params (LiT towers, warm-up freezes)
+            if supports(objective, "update_mask"):  # frozen params (LiT towers, warm-up freezes)
                 mask = objective.update_mask(state.params, state.step)
                 updates, opt_state = mask_update(tx, mask, updates, opt_state, state.opt_state)
             params = optax.apply_updates(state.params, updates)
-            if hasattr(objective, "project_params"):  # constraints, e.g. CLIP's logit-scale clamp
+            if supports(objective, "project_params"):  # constraints, e.g. CLIP's logit-scale clamp
                 params = objective.project_params(params, state.step)
             extra = objective.after_update(params, extra, state.step)
             grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)

@@ -43,7 +43,8 @@ def check(config, objective, mesh, evals: bool = True) -> None:
         raise ConfigError(
             f"image size {size} is not divisible by the patch size {patch}; "
             f"use an image size that is a multiple of {patch} (e.g. {size // patch * patch or patch}).")
-    _check_vocab(config)
+    if callable(getattr(objective, "check", None)):
+        objective.check(config)   # method-specific settings (e.g. the text tower's vocabulary)
     for key in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         if int(config.get(key, 1)) <= 0:
             raise ConfigError(f"{key} must be positive, got {config.get(key)}"
@@ -104,25 +105,6 @@ def check_evals(config, objective, mesh, data_for=None) -> None:
     for name in (evals_that_run(config) if data_for is None else data_for):
         if name in classes:
             classes[name].check_data(name, config.evals[name], config)
-
-
-def _check_vocab(config) -> None:
-    """The tokenizer's ids must fit the text tower's embedding table (an out-of-range id
-    would be silently clamped by the lookup)."""
-    tok_cfg = config.data.get("tokenize")
-    text = config.objective.get("text") or {}
-    vocab = config.model.get("vocab_size") or text.get("vocab_size")
-    if not tok_cfg or not vocab:
-        return
-    from fmjax.data.transforms import tokenize
-    try:
-        tok = tokenize(**dict(tok_cfg)).tokenizer
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise ConfigError(f"config.data.tokenize: {e}") from None
-    if tok.vocab_size > int(vocab):
-        raise ConfigError(
-            f"tokenizer {tok!r} yields ids up to {tok.vocab_size - 1} but the text tower's vocab_size "
-            f"is {vocab}; set the model's vocab_size to {tok.vocab_size} (or the tokenizer's to {vocab}).")
 
 
 def check_pipeline_matches(config, transform, spec) -> None:
