@@ -68,6 +68,9 @@ class CLIP(nn.Module):
     present, ``logit_bias``. ``loss='sigmoid'`` (SigLIP) initialises the scale
     to ln 10 and adds a bias initialised to -10; 'softmax' (CLIP) uses ln(1/0.07).
     """
+
+    capabilities = frozenset({"image_text"})   # fmjax.models.registry.CAPABILITIES
+
     width: int
     depth: int
     num_heads: int

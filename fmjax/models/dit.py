@@ -150,6 +150,14 @@ class DiT(nn.Module):
     Returns (B, H, W, out) in ``dtype``, out = (out_channels or C) * (2 if learn_sigma).
     Label dropout for CFG is the caller's job (pass ``y = num_classes``).
     """
+
+    # The backbone contract (fmjax.models.registry.CAPABILITIES); no annotation: not a field.
+    capabilities = frozenset({"denoiser", "class_conditional", "text_conditional"})
+
+    def capabilities_of(self) -> frozenset:
+        return frozenset({"denoiser"} | ({"class_conditional"} if self.num_classes > 0 else set())
+                         | ({"text_conditional"} if self.context_dim > 0 else set()))
+
     width: int
     depth: int
     num_heads: int

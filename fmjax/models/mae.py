@@ -66,6 +66,9 @@ class MAE(nn.Module):
     masking; when None it is drawn uniform [0, 1) from the 'mask' rng stream.
     ``encode(images)`` runs the encoder on all patches (no masking).
     """
+
+    capabilities = frozenset({"masked_autoencoder"})   # fmjax.models.registry.CAPABILITIES
+
     width: int
     depth: int
     num_heads: int

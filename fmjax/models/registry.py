@@ -1,30 +1,109 @@
-"""Model construction from ``config.model`` (``name``, ``variant`` and field overrides)."""
+"""Model construction from ``config.model`` (``name``, ``variant`` and field overrides), and
+the backbone contract objectives check.
+
+Models are found by name in a registry that imports a model's module only when it is used
+(``register_model`` adds one from anywhere; the built-ins are listed below by module path).
+Each model class declares the **capabilities** it offers (``CAPABILITIES``), and each
+objective states the ones it needs (``require``), so an objective never tests
+``config.model.name``: any backbone with the right capabilities serves it, and a mismatch is
+one line naming the models that would fit.
+"""
 from __future__ import annotations
 
-from typing import Any, Mapping
+import importlib
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax.numpy as jnp
 
-from fmjax.models.clip import CLIP, clip_kwargs
-from fmjax.models.dit import DiT, dit_kwargs
-from fmjax.models.mae import MAE
-from fmjax.models.unet import UNet, unet_kwargs
-from fmjax.models.vit import ViT, vit_kwargs
+# What a backbone can do, and the interface each capability promises.
+CAPABILITIES = {
+    "pooled": "__call__(images, train) -> {'pre_logits': [B, D], ...}: one vector per image",
+    "tokens": "__call__(images, train) -> {'patch_tokens': [B, N, D], ...}",
+    "classifier": "__call__(images, train) -> {'logits': [B, num_classes], 'pre_logits': ...} "
+                  "when built with num_classes > 0",
+    "any_resolution": "accepts images of another size than it was built for (e.g. DINO's local crops)",
+    "attention_maps": "method attention_maps(images) -> [B, heads, N] last-layer attention",
+    "masked_autoencoder": "__call__(images, train) -> {'loss', 'pred', 'mask', ...}; encode(images)",
+    "image_text": "encode_image(images), encode_text(tokens); __call__(images, tokens) -> embeddings",
+    "denoiser": "__call__(x_t, t, y=None, context=None, train) -> the noise / v / x0 prediction",
+    "class_conditional": "a denoiser taking class labels y (num_classes > 0; row num_classes is null)",
+    "text_conditional": "a denoiser taking a context sequence (context_dim > 0)",
+}
 
-MODELS = {"vit": ViT, "mae": MAE, "clip": CLIP, "unet": UNet, "dit": DiT}
-# How each model reads ``config.model.variant`` (e.g. 'B/16', 'XL/2', 'ddpm_cifar10').
-_VARIANTS = {"vit": vit_kwargs, "mae": vit_kwargs, "clip": clip_kwargs,
-             "unet": unet_kwargs, "dit": dit_kwargs}
+# name -> ("module:Class", "module:variant_kwargs function" or None). Imported on first use.
+_BUILTIN = {
+    "vit": ("fmjax.models.vit:ViT", "fmjax.models.vit:vit_kwargs"),
+    "mae": ("fmjax.models.mae:MAE", "fmjax.models.vit:vit_kwargs"),
+    "clip": ("fmjax.models.clip:CLIP", "fmjax.models.clip:clip_kwargs"),
+    "unet": ("fmjax.models.unet:UNet", "fmjax.models.unet:unet_kwargs"),
+    "dit": ("fmjax.models.dit:DiT", "fmjax.models.dit:dit_kwargs"),
+}
+_REGISTERED: dict[str, tuple[Any, Optional[Callable]]] = {}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _resolve(ref):
+    if not isinstance(ref, str):
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def register_model(name: str, variants: Optional[Callable] = None):
+    """Class decorator: ``@register_model('convnext', convnext_kwargs)`` makes
+    ``config.model.name='convnext'`` build it. ``variants(variant, **overrides) -> kwargs``
+    reads ``config.model.variant``. The class should set ``capabilities``."""
+    def wrap(cls):
+        if name in _BUILTIN or name in _REGISTERED:
+            raise ValueError(f"model {name!r} is already registered.")
+        _REGISTERED[name] = (cls, variants)
+        return cls
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_REGISTERED))
+
+
+def _entry(name):
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _BUILTIN:
+        cls, variants = _BUILTIN[name]
+        return _resolve(cls), _resolve(variants)
+    raise ValueError(f"Unknown model {name!r}; valid models: {available()}.")
+
+
+def model_class(name: str):
+    return _entry(name)[0]
+
+
+class _Models(Mapping):
+    """``MODELS[name]`` -> the model class (imported on access)."""
+
+    def __getitem__(self, name):
+        if name not in _BUILTIN and name not in _REGISTERED:
+            raise KeyError(name)
+        return model_class(name)
+
+    def __iter__(self):
+        return iter(available())
+
+    def __len__(self):
+        return len(available())
+
+
+MODELS = _Models()
 
 
 def model_kwargs(model_config: Mapping[str, Any]) -> dict:
     cfg = dict(model_config)
     name = cfg.pop("name", None)
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; valid models: {sorted(MODELS)}.")
+    _, variants = _entry(name)
     variant = cfg.pop("variant", None)
-    return _VARIANTS[name](variant, **cfg) if variant else cfg
+    if variant and variants is None:
+        raise ValueError(f"model {name!r} has no variants; drop config.model.variant={variant!r}.")
+    return variants(variant, **cfg) if variant else cfg
 
 
 def build_model(model_config: Mapping[str, Any], dtype: str = "float32", **extra):
@@ -33,4 +112,29 @@ def build_model(model_config: Mapping[str, Any], dtype: str = "float32", **extra
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; valid: {sorted(_DTYPES)}.")
     kwargs.update(extra)
-    return MODELS[model_config["name"]](dtype=_DTYPES[dtype], **kwargs)
+    return model_class(model_config["name"])(dtype=_DTYPES[dtype], **kwargs)
+
+
+def capabilities(model) -> frozenset:
+    """The capabilities of a built model (instance-dependent ones, e.g. ``classifier`` only
+    with ``num_classes > 0``, come from its ``capabilities_of``), or of a model name."""
+    if isinstance(model, str):
+        return frozenset(getattr(model_class(model), "capabilities", ()))
+    fn = getattr(type(model), "capabilities_of", None)
+    return frozenset(fn(model) if fn else getattr(model, "capabilities", ()))
+
+
+def require(model, needs: Iterable[str], who: str, name: Optional[str] = None) -> None:
+    """Raises a one-line ValueError if ``model`` (built, or a registered name: the class's
+    capabilities) lacks one of ``needs``, naming the registered models that declare them."""
+    needs = tuple(needs)
+    unknown = [n for n in needs if n not in CAPABILITIES]
+    if unknown:
+        raise ValueError(f"unknown capabilities {unknown}; valid: {sorted(CAPABILITIES)}.")
+    have = capabilities(model)
+    missing = [n for n in needs if n not in have]
+    if missing:
+        fits = [m for m in available() if set(needs) <= capabilities(m)]
+        label = name or (model if isinstance(model, str) else type(model).__name__)
+        raise ValueError(f"{who} needs a model with {missing} ({'; '.join(CAPABILITIES[n] for n in missing)}); "
+                         f"config.model.name={label!r} has {sorted(have)}; models that fit: {fits}.")

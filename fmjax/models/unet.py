@@ -364,6 +364,14 @@ class UNet(nn.Module):
     (size sample_size / 2**i) gets attention blocks when its size is listed. The layout is
     fixed at construction, so other input sizes run with the same levels attended.
     """
+
+    # The backbone contract (fmjax.models.registry.CAPABILITIES); no annotation: not a field.
+    capabilities = frozenset({"denoiser", "class_conditional", "text_conditional"})
+
+    def capabilities_of(self) -> frozenset:
+        return frozenset({"denoiser"} | ({"class_conditional"} if self.num_classes > 0 else set())
+                         | ({"text_conditional"} if self.context_dim > 0 else set()))
+
     channels: int = 128
     channel_mult: Tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 2

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from fmjax.data import text_ops
-from fmjax.models.registry import build_model
+from fmjax.models.registry import build_model, require
 from fmjax.objectives.base import Objective
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -68,9 +68,8 @@ class CLIPObjective(Objective):
     def __init__(self, config):
         super().__init__(config)
         self.model = build_model(config.model, config.get("dtype", "float32"))
-        if config.model.name != "clip":
-            raise ValueError(f"objective 'clip' needs config.model.name='clip', got {config.model.name!r}.")
-        self.patch_size = self.model.patch_size
+        require(self.model, ("image_text",), "objective 'clip'", config.model.name)
+        self.patch_size = getattr(self.model, "patch_size", None)
         self.lock = config.objective.get("lock", "")  # "", "image" or "text" (LiT)
         if self.lock not in ("", "image", "text"):
             raise ValueError(f"config.objective.lock={self.lock!r}; valid: '', 'image', 'text'.")

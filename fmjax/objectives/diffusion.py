@@ -23,7 +23,7 @@ import numpy as np
 
 from fmjax.data import text_ops
 from fmjax.diffusion import process
-from fmjax.models.registry import build_model
+from fmjax.models.registry import build_model, require
 from fmjax.models.text import TextTransformer
 from fmjax.objectives.base import Objective
 
@@ -63,12 +63,11 @@ class DiffusionObjective(Objective):
 
     def __init__(self, config):
         super().__init__(config)
-        if config.model.name not in ("unet", "dit"):
-            raise ValueError(f"objective 'diffusion' needs config.model.name 'unet' or 'dit', got {config.model.name!r}.")
         o = config.objective
         self.conditioning = o.get("conditioning", "class")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"config.objective.conditioning={self.conditioning!r}; valid: {list(CONDITIONINGS)}.")
+        require(config.model.name, ("denoiser",), "objective 'diffusion'")   # before building it
         extra_kw = {}
         if self.conditioning == "text":
             text = dict(o.get("text", {}))
@@ -78,6 +77,8 @@ class DiffusionObjective(Objective):
         self.num_classes = int(getattr(self.model, "num_classes", 0) or 0)
         if self.conditioning == "class" and self.num_classes <= 0:
             raise ValueError("conditioning='class' needs config.model.num_classes > 0 (or conditioning='none').")
+        if self.conditioning != "none":
+            require(self.model, (f"{self.conditioning}_conditional",), "objective 'diffusion'", config.model.name)
         self.batch_keys = {"class": ("image", "label"), "text": ("image", "tokens"),
                            "none": ("image",)}[self.conditioning]
         self.patch_size = getattr(self.model, "patch_size", None)

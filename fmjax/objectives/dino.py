@@ -23,7 +23,7 @@ import numpy as np
 from fmjax.data.transforms import NORMALIZE_PRESETS
 from fmjax.evals import attention as attention_lib
 from fmjax.models.dino_head import DINOHead
-from fmjax.models.registry import build_model
+from fmjax.models.registry import build_model, require
 from fmjax.objectives.base import Objective
 
 def teacher_temperature(step, warmup_temp: float, temp: float, warmup_steps: int, every: int = 1):
@@ -80,16 +80,17 @@ class DINOObjective(Objective):
 
     def __init__(self, config):
         super().__init__(config)
-        if config.model.name != "vit":
-            raise ValueError(f"objective 'dino' needs config.model.name='vit', got {config.model.name!r}.")
         o = config.objective
         self.backbone = build_model(config.model, config.get("dtype", "float32"))
+        # Local crops are smaller than global ones: the backbone must take any resolution.
+        require(self.backbone, ("pooled", "any_resolution") if o.get("num_local_crops", 0) else ("pooled",),
+                "objective 'dino'", config.model.name)
         self.head = DINOHead(
             out_dim=o.get("out_dim", 65536), hidden_dim=o.get("hidden_dim", 2048),
             bottleneck_dim=o.get("bottleneck_dim", 256), num_layers=o.get("head_layers", 3),
             norm_last_layer=o.get("norm_last_layer", True),
             dtype=self.backbone.dtype)
-        self.patch_size = self.backbone.patch_size
+        self.patch_size = getattr(self.backbone, "patch_size", None)
         self.num_local = int(o.get("num_local_crops", 0))
         if self.num_local == 0:
             self.batch_keys = ("global_crops",)

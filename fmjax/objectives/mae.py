@@ -13,7 +13,7 @@ import numpy as np
 
 from fmjax.data.transforms import NORMALIZE_PRESETS
 from fmjax.evals import images as image_lib
-from fmjax.models.registry import build_model
+from fmjax.models.registry import build_model, require
 from fmjax.objectives.base import Objective
 
 
@@ -61,9 +61,8 @@ class MAEObjective(Objective):
     def __init__(self, config):
         super().__init__(config)
         self.model = build_model(config.model, config.get("dtype", "float32"))
-        if config.model.name != "mae":
-            raise ValueError(f"objective 'mae' needs config.model.name='mae', got {config.model.name!r}.")
-        self.patch_size = self.model.patch_size
+        require(self.model, ("masked_autoencoder",), "objective 'mae'", config.model.name)
+        self.patch_size = getattr(self.model, "patch_size", None)
         self.feature = config.objective.get("feature", "mean")
         if self.feature not in FEATURES:
             raise ValueError(f"config.objective.feature={self.feature!r}; valid: {', '.join(FEATURES)}.")

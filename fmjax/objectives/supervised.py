@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fmjax.models.registry import build_model
+from fmjax.models.registry import build_model, require
 from fmjax.objectives.base import Objective
 
 
@@ -15,12 +15,11 @@ class SupervisedObjective(Objective):
     def __init__(self, config):
         super().__init__(config)
         self.model = build_model(config.model, config.get("dtype", "float32"))
-        if config.model.name != "vit":
-            raise ValueError(f"objective 'supervised' needs config.model.name='vit', got {config.model.name!r}.")
-        self.num_classes = int(config.model.num_classes)
+        self.num_classes = int(config.model.get("num_classes", 0))
         if self.num_classes <= 0:
             raise ValueError("objective 'supervised' needs config.model.num_classes > 0.")
-        self.patch_size = self.model.patch_size
+        require(self.model, ("classifier", "pooled"), "objective 'supervised'", config.model.name)
+        self.patch_size = getattr(self.model, "patch_size", None)
         self.label_smoothing = float(config.objective.get("label_smoothing", 0.0))
 
     def init(self, rng, batch):

@@ -66,3 +66,58 @@ def test_objective_check_runs_in_the_config_check(monkeypatch):
     config = load_config("mae")
     with pytest.raises(ConfigError, match="foo=2"):
         validate.check(config, Picky(config), mesh_lib.make_mesh(config.mesh), evals=False)
+
+
+# -- the backbone contract ---------------------------------------------------------------------
+
+def test_objectives_check_capabilities_not_model_names():
+    from fmjax.objectives.base import make_objective
+    from fmjax.testing import load_config
+    config = load_config("supervised")
+    config.model = dict(name="unet", channels=16, channel_mult=(1,), num_res_blocks=1,
+                        attention_resolutions=(), num_groups=8, sample_size=16, num_classes=3)
+    with pytest.raises(ValueError, match=r"objective 'supervised' needs a model with \['classifier', 'pooled'\].*"
+                                         r"config.model.name='unet' has \['class_conditional', 'denoiser'\]; "
+                                         r"models that fit: \['vit'\]"):
+        make_objective(config)
+    config = load_config("diffusion")
+    config.model = dict(name="mae", variant="S/16")
+    with pytest.raises(ValueError, match=r"needs a model with \['denoiser'\].*models that fit: \['dit', 'unet'\]"):
+        make_objective(config)
+
+
+def test_a_registered_backbone_serves_an_existing_objective():
+    """A new backbone (registered from outside fmjax.models, declaring 'classifier' and
+    'pooled') trains under the supervised objective with no edit to the objective."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from fmjax.models import registry
+    from fmjax.objectives.base import make_objective
+    from fmjax.testing import load_config
+
+    @registry.register_model("tiny_cnn_for_test")
+    class TinyCNN(nn.Module):
+        num_classes: int = 0
+        width: int = 8
+        dtype: jnp.dtype = jnp.float32
+        capabilities = frozenset({"pooled", "classifier"})
+
+        @nn.compact
+        def __call__(self, images, train=False):
+            x = nn.relu(nn.Conv(self.width, (3, 3), dtype=self.dtype)(images))
+            pooled = x.mean(axis=(1, 2))
+            return dict(pre_logits=pooled, logits=nn.Dense(self.num_classes)(pooled))
+
+    try:
+        config = load_config("supervised")
+        config.model = dict(name="tiny_cnn_for_test", num_classes=4, width=8)
+        obj = make_objective(config)
+        batch = dict(image=jnp.ones((2, 8, 8, 3)), label=jnp.array([0, 3]))
+        params, extra = obj.init(jax.random.PRNGKey(0), batch)
+        loss, (metrics, _) = obj.loss(params, extra, batch, jax.random.PRNGKey(1), 0)
+        assert jnp.isfinite(loss) and obj.features(params, extra, batch["image"]).shape == (2, 8)
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_model("vit")(TinyCNN)
+    finally:
+        registry._REGISTERED.pop("tiny_cnn_for_test", None)
