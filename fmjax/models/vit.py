@@ -1,7 +1,8 @@
 """Vision Transformer (ViT) backbone with optional class token, registers and head.
 
 Param tree: ``patch_embed/proj``, ``cls_token``, ``reg_tokens``, ``pos_embed``
-(learned only), ``encoder/block_{i}``, ``encoder/norm``, ``head``. The MAE
+(learned only), ``encoder/block_{i}``, ``encoder/norm`` (``fc_norm`` instead with
+``fc_norm=True``), ``head``. The MAE
 encoder (``fmjax.models.mae``) uses the same names, so its encoder params load
 straight into a ``ViT(pos_embed='sincos')`` for fine-tuning.
 """
@@ -112,10 +113,22 @@ class ViT(nn.Module):
     (B, width) pooled by ``pool`` ('cls' or 'mean' over patch tokens), and
     ``logits`` (B, num_classes) when ``num_classes > 0``.
 
+    ``fc_norm=True`` moves the final LayerNorm after the pooling, as timm's
+    ``global_pool='avg'`` (``fc_norm``) and MAE's fine-tuned models do: the encoder has
+    no final norm (``tokens`` / ``patch_tokens`` are the last block's output) and
+    ``pre_logits`` is ``fc_norm(pool(tokens))``.
+
     A learned ``pos_embed`` stored for another grid is resized to the input's grid
     by ``pos_interp`` / ``pos_interp_offset`` (see ``resize_pos_embed``).
     ``attention_maps`` gives the last block's class-token attention.
     """
+
+    # The backbone contract (fmjax.models.registry.CAPABILITIES); no annotation: not a field.
+    capabilities = frozenset({"pooled", "tokens", "classifier", "any_resolution", "attention_maps"})
+
+    def capabilities_of(self) -> frozenset:
+        return self.capabilities if self.num_classes > 0 else self.capabilities - {"classifier"}
+
     width: int
     depth: int
     num_heads: int
@@ -137,6 +150,7 @@ class ViT(nn.Module):
     pos_interp: str = "resize"  # 'resize' (jax.image.resize) or 'torch_bicubic'
     pos_interp_offset: float = 0.0  # 'torch_bicubic' only: DINO's interpolate_offset
     stem: str = "patch"  # 'patch' (linear patch embedding) or 'conv' (layers.ConvStem)
+    fc_norm: bool = False  # final norm after pooling (timm global_pool='avg', MAE fine-tuning)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -206,10 +220,13 @@ class ViT(nn.Module):
             depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             dropout=self.dropout, drop_path=self.drop_path, layernorm_eps=self.layernorm_eps,
             layerscale=self.layerscale, activation=self.activation,
-            attention_impl=self.attention_impl, remat=self.remat, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="encoder")(x, not train)
+            attention_impl=self.attention_impl, remat=self.remat, final_norm=not self.fc_norm,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(x, not train)
         patch_tokens = x[:, self.num_prefix_tokens:]
         pooled = x[:, 0] if self.pool == "cls" else patch_tokens.mean(axis=1)
+        if self.fc_norm:
+            pooled = layers.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype,
+                                       "fc_norm")(pooled)
         out = dict(tokens=x, patch_tokens=patch_tokens, pre_logits=pooled)
         if self.num_classes > 0:
             out["logits"] = nn.Dense(

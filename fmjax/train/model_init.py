@@ -8,7 +8,8 @@ Sources (exactly one):
 - ``torch=FILE`` with ``format=NAME``: a PyTorch state dict (``.safetensors``, or
   ``.bin`` / ``.pt`` / ``.pth`` read with ``torch.load(weights_only=True)``) converted by
   ``fmjax.interop`` (``FORMATS``). The converter's output is the subtree ``params``.
-  ``hf_config``: the HF ``config.json`` (default: ``config.json`` next to FILE).
+  ``hf_config``: the HF ``config.json`` (default: ``config.json`` next to FILE; not used by
+  ``open_clip`` and the timm formats, whose head counts come from ``config.model``).
 
 Options: ``mapping`` ``{checkpoint subtree: param subtree}`` ('/'-joined paths; default
 ``{'params': ''}``, i.e. the whole params; also a string ``'src:dst,src2:dst2'`` from the
@@ -35,7 +36,9 @@ import numpy as np
 
 from fmjax.errors import ConfigError
 
-FORMATS = ("hf_vit", "hf_vit_mae", "hf_dinov2", "hf_clip", "open_clip", "diffusers_unet")
+FORMATS = ("hf_vit", "hf_vit_mae", "hf_dinov2", "hf_clip", "open_clip", "diffusers_unet",
+           "timm_vit", "timm_mae")
+_NO_HF_CONFIG = ("open_clip", "timm_vit", "timm_mae")
 KEYS = ("workdir", "step", "torch", "format", "hf_config", "mapping", "dont_load")
 
 
@@ -110,7 +113,7 @@ def check(config) -> None:
     fmt = _get(mi, "format")
     if fmt not in FORMATS:
         raise ConfigError(f"config.model_init.format={fmt!r}; valid: {list(FORMATS)}.")
-    if fmt != "open_clip" and not os.path.isfile(_hf_config_path(mi)):
+    if fmt not in _NO_HF_CONFIG and not os.path.isfile(_hf_config_path(mi)):
         raise ConfigError(f"config.model_init: format {fmt!r} needs the checkpoint's config.json; "
                           f"{_hf_config_path(mi)} not found (set config.model_init.hf_config=PATH).")
 
@@ -149,15 +152,17 @@ def read_torch_state_dict(path: str) -> dict:
     return sd
 
 
-def _convert(mi) -> dict:
+def _convert(mi, model=None) -> dict:
     fmt, path = _get(mi, "format"), _get(mi, "torch")
     sd = read_torch_state_dict(path)
     cfg = None
-    if fmt != "open_clip":
+    if fmt not in _NO_HF_CONFIG:
         with open(_hf_config_path(mi)) as f:
             cfg = json.load(f)
-    from fmjax.interop import diffusers_unet, hf_clip, hf_dinov2, hf_vit
+    from fmjax.interop import diffusers_unet, hf_clip, hf_dinov2, hf_vit, timm_vit
     try:
+        if fmt in ("timm_vit", "timm_mae"):
+            return timm_vit.convert_for_model_init(sd, fmt, model)
         if fmt == "hf_vit":
             return hf_vit.convert_hf_vit(sd, cfg)
         if fmt == "hf_vit_mae":
@@ -174,7 +179,7 @@ def _convert(mi) -> dict:
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def read_source(mi) -> tuple[dict[str, np.ndarray], str]:
+def read_source(mi, model=None) -> tuple[dict[str, np.ndarray], str]:
     """``({'params/...' or 'extra/...': array}, description)`` of the configured source."""
     if _get(mi, "workdir"):
         from fmjax.train import restore
@@ -183,7 +188,7 @@ def read_source(mi) -> tuple[dict[str, np.ndarray], str]:
         tree = {"params": state.params, "extra": state.extra}
         flat = {k: _to_host(v) for k, v in flatten(tree).items()}
         return flat, f"workdir {_get(mi, 'workdir')} step {step}"
-    params = _convert(mi)
+    params = _convert(mi, model)
     flat = {k: np.asarray(v) for k, v in flatten({"params": params}).items() if v is not None}
     return flat, f"{_get(mi, 'format')} checkpoint {_get(mi, 'torch')}"
 
@@ -276,7 +281,7 @@ def apply(config, params, param_shardings, log=print):
     """``params`` (sharded jax arrays, as initialised) with the configured checkpoint's arrays
     put in, each placed with its param's sharding. Returns ``(params, status)``."""
     mi = config.model_init
-    source, what = read_source(mi)
+    source, what = read_source(mi, config.get("model"))
     flat = flatten(params)
     shapes = {k: tuple(v.shape) for k, v in flat.items()}
     model = config.get("model") or {}
