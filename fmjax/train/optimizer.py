@@ -324,8 +324,22 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
             tx = grouped([decayed(wd), optax.trace(decay=momentum, nesterov=False)], schedule)
         else:
             tx = optax.chain(optax.add_decayed_weights(wd, mask=mask), optax.sgd(schedule, momentum=momentum))
+    elif name == "lars":
+        # MAE's util/lars.py (main_linprobe.py): params with ndim > 1 get the weight decay and
+        # the trust ratio trust_coefficient * |p| / |g + wd p| (1 where either norm is 0);
+        # every param then gets momentum on the unscaled update, and only then the lr.
+        if callable(wd):
+            raise ValueError("config.optimizer.weight_decay_end (a weight-decay schedule) needs name='adamw'.")
+        momentum = float(opt.get("momentum", 0.9))
+        trust = float(opt.get("trust_coefficient", 0.001))
+        matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+        body = [optax.add_decayed_weights(wd, mask=matrices),
+                optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust), matrices),
+                optax.trace(decay=momentum, nesterov=False)]
+        tx = grouped(body, schedule) if groups.active else optax.chain(
+            *body, optax.scale_by_learning_rate(schedule))
     else:
-        raise ValueError(f"Unknown optimizer {name!r}; valid: 'adamw', 'adam', 'sgd'.")
+        raise ValueError(f"Unknown optimizer {name!r}; valid: 'adamw', 'adam', 'sgd', 'lars'.")
     if clipper is not None and not inner_clip:
         tx = optax.chain(clipper, tx)
     return tx, schedule
