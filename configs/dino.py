@@ -57,7 +57,7 @@ def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective = dict(
         name="dino", out_dim=65536, hidden_dim=2048, bottleneck_dim=256, head_layers=3,
-        norm_last_layer=True, student_temp=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07,
+        norm_last_layer=True, use_bn_in_head=False, student_temp=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07,
         warmup_teacher_temp_steps=0, teacher_temp_every=1, momentum_teacher=0.996, center_momentum=0.9,
         freeze_last_layer_steps=0, num_local_crops=10)
     c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=5e-4, b1=0.9, b2=0.999,

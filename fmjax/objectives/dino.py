@@ -89,6 +89,7 @@ class DINOObjective(Objective):
             out_dim=o.get("out_dim", 65536), hidden_dim=o.get("hidden_dim", 2048),
             bottleneck_dim=o.get("bottleneck_dim", 256), num_layers=o.get("head_layers", 3),
             norm_last_layer=o.get("norm_last_layer", True),
+            use_bn=bool(o.get("use_bn_in_head", False)),
             dtype=self.backbone.dtype)
         self.patch_size = getattr(self.backbone, "patch_size", None)
         self.num_local = int(o.get("num_local_crops", 0))

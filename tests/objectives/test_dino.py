@@ -230,3 +230,37 @@ def test_collapse_warnings(tiny_config):
     assert obj.health({"train/teacher_entropy": 0.5 * ln_k, "train/kl": 1.0}) is None
     assert "near 0" in obj.health({"train/teacher_entropy": 0.001, "train/kl": 0.001})
     assert "ln(out_dim)" in obj.health({"train/teacher_entropy": 0.999 * ln_k, "train/kl": 0.01})
+
+
+def test_head_with_batch_norm_matches_reference_use_bn():
+    """objective.use_bn_in_head: dino's vision_transformer.py DINOHead(use_bn=True) in
+    training mode (Linear -> BatchNorm1d -> GELU per hidden layer, then the bottleneck), here
+    transcribed in torch with the same weights."""
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+    from fmjax.models.dino_head import DINOHead
+
+    head = DINOHead(out_dim=16, hidden_dim=12, bottleneck_dim=8, num_layers=3, use_bn=True)
+    x = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
+    import flax
+    params = flax.linen.meta.unbox(head.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"])
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
+    out = np.asarray(head.apply({"params": params}, jnp.asarray(x)))
+
+    t = torch.tensor(x)
+    for i in range(3):
+        lin = torch.nn.Linear(*params[f"mlp_{i}"]["kernel"].shape)
+        lin.weight.data = torch.tensor(params[f"mlp_{i}"]["kernel"].T.copy())
+        lin.bias.data = torch.tensor(params[f"mlp_{i}"]["bias"])
+        t = lin(t)
+        if i < 2:
+            bn = torch.nn.BatchNorm1d(t.shape[1]).train()
+            bn.weight.data = torch.tensor(params[f"bn_{i}_scale"])
+            bn.bias.data = torch.tensor(params[f"bn_{i}_bias"])
+            t = torch.nn.functional.gelu(bn(t))
+    t = torch.nn.functional.normalize(t, dim=-1, p=2)
+    v = torch.tensor(params["last_layer_v"])
+    ref = (t @ (v / v.norm(dim=0, keepdim=True))).detach().numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
