@@ -109,6 +109,18 @@ def check_diffusion_sampling(ns, workdir):
     assert ns["results"]["ddim_vs_ddpm_change"] > 0
 
 
+def check_finetune(ns, workdir):
+    assert set(ns["pictures"]) == {"curves", "confusion"}
+    assert set(ns["results"]) == {"finetune_from_mae", "finetune_from_scratch"}
+    for name, (steps, values) in ns["curves"].items():
+        assert steps == [0, STEPS], (name, steps)   # eval at the start and at the end
+    assert ns["results"]["finetune_from_mae"] == ns["finals"]["from MAE"]["eval/val_accuracy"]
+    for m in ns["conf"].values():
+        assert m.shape == (8, 8) and m.sum() == 64
+    # the fine-tuned encoder started from the MAE run, the scratch one did not
+    assert ns["finals"]["from MAE"] is ns["final"]
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
 
 
@@ -116,7 +128,11 @@ def test_every_notebook_has_its_checks():
     assert sorted(_name(p) for p in NOTEBOOKS) == sorted(CHECKS)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
+SLOW_RUNS = ("finetune",)   # three trainings (pretrain + two fine-tunes): over a minute
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if _name(p) in SLOW_RUNS else p
+                                  for p in NOTEBOOKS], ids=_name)
 def test_notebook_runs(path, shapes_data_dir, tmp_path, monkeypatch):
     workdir = tmp_path / "wd"
     ns = _run(path, shapes_data_dir, workdir, monkeypatch)
