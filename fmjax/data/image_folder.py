@@ -15,7 +15,7 @@ An image that does not decode is a ``bad_examples.BadExampleError`` (a ``DataErr
 naming the file, raised when it is read (see ``bad_examples`` for skipping such files).
 
 Class indices are the sorted union of class folder names over all splits, so
-they agree between splits.
+they agree between splits. Named ``image_folder:<path>`` in ``fmjax.data.sources``.
 """
 import json
 import os
@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from fmjax.data.bad_examples import BadExampleError
+from fmjax.data.registry import SourceKind, register_source
 from fmjax.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -230,3 +231,29 @@ class ImageFolderSource:
 
     def __repr__(self):
         return f"ImageFolderSource({self.root!r}, split={self.split!r}, len={len(self)})"
+
+
+PREFIX = "image_folder:"
+
+
+@register_source("image_folder", forms=f"'{PREFIX}<path>'")
+class ImageFolderKind(SourceKind):
+    """``image_folder:<path>`` names; ``get`` takes ``captions_file``."""
+
+    @staticmethod
+    def root(name):
+        if not name.startswith(PREFIX):
+            raise ValueError(f"Unknown dataset name {name!r}: use '{PREFIX}/path/to/root'.")
+        path = name[len(PREFIX):]
+        if not path:
+            raise ValueError(f"Empty path in {name!r}: use '{PREFIX}/path/to/root'.")
+        return os.path.expanduser(path)
+
+    def check(self, name, split, data_dir):
+        check_image_folder(self.root(name), split)
+
+    def get(self, name, split, data_dir, **options):
+        return ImageFolderSource(self.root(name), split, **options)
+
+    def class_names(self, name, data_dir):
+        return folder_class_names(self.root(name)) or None

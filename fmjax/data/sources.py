@@ -7,7 +7,13 @@ Names:
                                            plain background; see fmjax.data.shapes).
   image_folder:<path>                      root/<split>/<class>/*.{png,jpg,jpeg}
   <tfds name>[/<config>][:<version>]       any prepared TFDS catalog dataset,
-                                           read with `tfds.data_source`.
+  tfds:<tfds name>...                      read with `tfds.data_source`.
+
+A name's kind is its head before the first ':' or '/' when that is a registered source kind
+(``fmjax.data.registry``: ``@register_source('coco')`` on a ``SourceKind`` adds ``coco``,
+``coco/<rest>`` and ``coco:<rest>`` names from any module; the built-in kinds' modules are
+imported on first use); any other name is a TFDS catalog name. An unknown name is a
+one-line ValueError naming the valid forms.
 
 Every source has `len()` and `__getitem__(i)` returning a dict of numpy values:
 `image` uint8 (H, W, 3) RGB, `label` int when the dataset has labels,
@@ -27,14 +33,22 @@ import shutil
 import numpy as np
 
 from fmjax.data import bad_examples
-from fmjax.data import image_folder as image_folder_lib
+from fmjax.data import registry
 from fmjax.data import shapes
+from fmjax.data.registry import SourceKind, register_source
 
 SHAPES_NAME = "fmjax_shapes"
 IMAGE_FOLDER_PREFIX = "image_folder:"
-VALID_FORMS = (f"'{SHAPES_NAME}', '{SHAPES_NAME}/<resolution>' or '{SHAPES_NAME}/simple_<resolution>' "
-               f"(resolution in {list(shapes.RESOLUTIONS)}), "
-               f"'{IMAGE_FOLDER_PREFIX}<path>', or a TFDS catalog name such as 'imagenet2012'")
+TFDS_PREFIX = "tfds:"
+
+
+def valid_forms():
+    """Every kind of dataset name, for errors."""
+    return registry.source_forms()
+
+
+def _unknown(name):
+    return ValueError(f"Unknown dataset name {name!r}: use {valid_forms()}.")
 
 
 def default_data_dir(data_dir=None):
@@ -185,7 +199,7 @@ def _catalog_builder(name, data_dir):
     try:
         return tfds.builder(name, data_dir=data_dir)
     except registered.DatasetNotFoundError:
-        raise ValueError(f"Unknown dataset name {name!r}: use {VALID_FORMS}.") from None
+        raise _unknown(name) from None
     except Exception as e:  # Some catalog builders import TensorFlow; read from files.
         try:
             return tfds.builder_from_directories([os.path.join(data_dir, name.split(":")[0])])
@@ -193,22 +207,85 @@ def _catalog_builder(name, data_dir):
             raise _not_prepared(name, data_dir) from e
 
 
-def _parse(name):
-    """Returns (kind, arg) for a name: ('shapes', config name such as '32' or 'simple_32'),
-    ('folder', path), ('tfds', name)."""
+def _no_options(name, options):
+    if options:
+        raise ValueError(f"Unexpected options {sorted(options)} for dataset {name!r}; "
+                         "only image folders take options.")
+
+
+@register_source(SHAPES_NAME)
+class ShapesKind(SourceKind):
+    """``fmjax_shapes[/<resolution>|/simple_<resolution>]``: prepared on first use."""
+
+    forms = (f"'{SHAPES_NAME}', '{SHAPES_NAME}/<resolution>' or '{SHAPES_NAME}/simple_<resolution>' "
+             f"(resolution in {list(shapes.RESOLUTIONS)})")
+
+    @staticmethod
+    def config(name):
+        config = _shapes_config(name)
+        if config is None:
+            raise _unknown(name)
+        return config
+
+    def check(self, name, split, data_dir):
+        self.config(name)
+        _check_split(split, shapes.SPLITS, name)
+
+    def get(self, name, split, data_dir, **options):
+        _no_options(name, options)
+        config = self.config(name)
+        _check_split(split, shapes.SPLITS, name)
+        return TfdsSource(f"{SHAPES_NAME}/{config}", split, data_dir)
+
+    def class_names(self, name, data_dir):
+        return list(shapes.CLASS_NAMES)
+
+
+@register_source("tfds")
+class TfdsKind(SourceKind):
+    """A prepared TFDS catalog dataset: ``<name>[/<config>][:<version>]``, or the same after
+    ``tfds:`` (to read a TFDS name that a registered kind would otherwise claim)."""
+
+    forms = f"'{TFDS_PREFIX}<tfds name>'"
+
+    @staticmethod
+    def catalog_name(name):
+        if name.startswith(TFDS_PREFIX):
+            name = name[len(TFDS_PREFIX):]
+        if not name or name == "tfds" or name.startswith("tfds/"):
+            raise _unknown(name)
+        return name
+
+    def check(self, name, split, data_dir):
+        name = self.catalog_name(name)
+        builder = _catalog_builder(name, data_dir)
+        if not builder.is_prepared():
+            raise _not_prepared(name, data_dir)
+        _check_split(split, set(builder.info.splits.keys()), name)
+
+    def get(self, name, split, data_dir, **options):
+        _no_options(name, options)
+        self.check(name, split, data_dir)
+        return TfdsSource(self.catalog_name(name), split, data_dir)
+
+    def class_names(self, name, data_dir):
+        names = getattr(_catalog_label(self.catalog_name(name), data_dir), "names", None)
+        return list(names) if names else None
+
+    def num_classes(self, name, data_dir):
+        return getattr(_catalog_label(self.catalog_name(name), data_dir), "num_classes", None)
+
+
+def _kind(name):
+    """The ``SourceKind`` of a dataset name (a registered kind, else TFDS)."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"Unknown dataset name {name!r}: use {VALID_FORMS}.")
-    if name.startswith(IMAGE_FOLDER_PREFIX):
-        path = name[len(IMAGE_FOLDER_PREFIX):]
-        if not path:
-            raise ValueError(f"Empty path in {name!r}: use '{IMAGE_FOLDER_PREFIX}/path/to/root'.")
-        return "folder", os.path.expanduser(path)
-    config = _shapes_config(name)
-    if config is not None:
-        return "shapes", config
-    if ":" in name and not name.split(":")[-1].replace(".", "").isdigit():
-        raise ValueError(f"Unknown dataset name {name!r}: use {VALID_FORMS}.")
-    return "tfds", name
+        raise _unknown(name)
+    kind = registry.source_kind_name(name)
+    if kind is None:
+        if ":" in name and not name.split(":")[-1].replace(".", "").isdigit():
+            raise _unknown(name)
+        kind = "tfds"
+    return registry.get_source_kind(kind)
 
 
 def check_source(name, split, data_dir=None):
@@ -218,17 +295,7 @@ def check_source(name, split, data_dir=None):
     ValueError (bad name or split) or FileNotFoundError (missing data) with a
     one-line message naming the fix.
     """
-    kind, arg = _parse(name)
-    data_dir = default_data_dir(data_dir)
-    if kind == "shapes":
-        _check_split(split, shapes.SPLITS, name)
-    elif kind == "folder":
-        image_folder_lib.check_image_folder(arg, split)
-    else:
-        builder = _catalog_builder(name, data_dir)
-        if not builder.is_prepared():
-            raise _not_prepared(name, data_dir)
-        _check_split(split, set(builder.info.splits.keys()), name)
+    _kind(name).check(name, split, default_data_dir(data_dir))
 
 
 def get_source(name, split, data_dir=None, skip_bad_examples=0, **kw):
@@ -237,23 +304,11 @@ def get_source(name, split, data_dir=None, skip_bad_examples=0, **kw):
     `skip_bad_examples` (config.data.skip_bad_examples): up to that many unreadable
     examples are replaced by the next readable one, each with a one-line warning
     (see `bad_examples.SkipBadExamples`); 0 makes the first one a `DataError`.
-    Extra keyword arguments go to `ImageFolderSource` for image folders (e.g.
-    `captions_file`); other sources take none.
+    Extra keyword arguments go to the source kind (e.g. `captions_file` for image
+    folders); the built-in TFDS and fmjax_shapes kinds take none.
     """
     max_bad = bad_examples.check_budget(skip_bad_examples)
-    kind, arg = _parse(name)
-    if kind == "folder":
-        source = image_folder_lib.ImageFolderSource(arg, split, **kw)
-    elif kw:
-        raise ValueError(f"Unexpected options {sorted(kw)} for dataset {name!r}; only image folders take options.")
-    else:
-        data_dir = default_data_dir(data_dir)
-        if kind == "shapes":
-            _check_split(split, shapes.SPLITS, name)
-            source = TfdsSource(f"{SHAPES_NAME}/{arg}", split, data_dir)
-        else:
-            check_source(name, split, data_dir)
-            source = TfdsSource(name, split, data_dir)
+    source = _kind(name).get(name, split, default_data_dir(data_dir), **kw)
     return bad_examples.skip_bad_examples(source, max_bad)
 
 
@@ -268,20 +323,9 @@ def _catalog_label(name, data_dir):
 
 def class_names(name, data_dir=None):
     """Class names of a dataset's `label`, or None where unknown."""
-    kind, arg = _parse(name)
-    if kind == "shapes":
-        return list(shapes.CLASS_NAMES)
-    if kind == "folder":
-        return image_folder_lib.folder_class_names(arg) or None
-    label = _catalog_label(name, data_dir)
-    names = getattr(label, "names", None)
-    return list(names) if names else None
+    return _kind(name).class_names(name, default_data_dir(data_dir))
 
 
 def num_classes(name, data_dir=None):
     """Number of classes of a dataset's `label`, or None where unknown."""
-    kind, _ = _parse(name)
-    if kind == "tfds":
-        return getattr(_catalog_label(name, data_dir), "num_classes", None)
-    names = class_names(name, data_dir)
-    return len(names) if names else None
+    return _kind(name).num_classes(name, default_data_dir(data_dir))

@@ -1,15 +1,17 @@
 """Caption ops for ``fmjax.data.transforms`` pipelines: ``tokenize`` and ``swap_words``.
 
-Registered with the image ops in ``transforms.OPS``, so pp strings name them the same way.
+Registered as pp ops (``fmjax.data.registry``), so pp strings name them as the image ops.
 """
 import re
 from typing import Optional, Sequence
 
 import numpy as np
 
+from fmjax.data.registry import register_op
 from fmjax.data.transform_base import Transform
 
 
+@register_op
 class tokenize(Transform):  # noqa: N801
     """Caption -> int32 token ids ``[context_length]`` (sot + tokens + eot, zero padded;
     captions longer than the context are truncated, eot kept last). ``tokenizer`` is a
@@ -31,6 +33,7 @@ class tokenize(Transform):  # noqa: N801
         return out
 
 
+@register_op
 class swap_words(Transform):  # noqa: N801
     """Hard-negative caption (NegCLIP, Yuksekgonul et al. 2023): one whole-word occurrence
     of a word from ``words`` (case-insensitive) in ``key`` is replaced by a different word of

@@ -6,22 +6,45 @@ depends only on the example and the rng, so pipelines are reproducible.
 Image ops read ``key`` (default ``'image'``, uint8 HWC) and write ``outkey``
 (default: same key), so several views of one image can be made
 (``random_resized_crop(96, outkey='local0')``). Pixel-level ops
-(``color_jitter``, ``grayscale``, ``gaussian_blur``, ``solarize``) expect
-uint8 images, so put them before ``normalize``.
+(``color_jitter``, ``grayscale``, ``gaussian_blur``, ``solarize``, ``randaugment``)
+expect uint8 images, so put them before ``normalize``.
 
 ``parse("random_resized_crop(64, scale=(0.2, 1.0))|flip_lr|normalize('imagenet')")``
 builds a :class:`Compose` from a string; arguments are Python literals read
-with ``ast.literal_eval`` (never ``eval``). The caption ops (``tokenize``,
-``swap_words``) live in ``fmjax.data.text_ops`` and are re-exported here.
+with ``ast.literal_eval`` (never ``eval``). Ops are found by name in
+``fmjax.data.registry`` (``@register_op`` adds one from any module; built-in modules
+are imported on first use): the caption ops (``tokenize``, ``swap_words``) live in
+``fmjax.data.text_ops`` (re-exported here), ``randaugment`` / ``random_erasing`` in
+``fmjax.data.autoaugment``.
+
+Joint augmentation (SAM, detection, grounding). A random op writes the parameters it
+drew into the example under the reserved prefix ``_aug/``: ``random_resized_crop``
+writes ``_aug/crop`` = int32 ``(top, left, h, w)`` in pixels of the image it cropped,
+``flip_lr`` writes ``_aug/flip`` = bool (``aug='name'`` renames the record to
+``_aug/name``, for several crops of one example). Geometric ops take ``keys=`` to apply
+the same parameters to several keys, each an image, mask, box or point key
+(``fmjax.data.geometry`` has the layouts: masks ``[..., H, W]`` resampled nearest, boxes
+``[..., 4]`` xyxy and points ``[..., 2]`` xy in pixels)::
+
+    random_resized_crop(64, keys=('image', 'masks', 'boxes'))|flip_lr(keys=('image', 'masks', 'boxes'))
+
+``apply_crop(size, keys=...)`` / ``apply_flip_lr(keys=...)`` replay a recorded crop /
+flip on keys the sampling op did not name, and any op may read ``_aug/*`` (e.g. a
+grounding op swapping 'left' and 'right' in a caption when ``_aug/flip`` is set).
+Without ``keys=`` every op draws and outputs exactly what it did before records existed.
+``_aug/*`` keys are dropped at the end of a pp string (``Compose``) and by ``keep(...)``,
+unless ``keep`` names them.
 """
 import ast
 import math
-from typing import Callable, Dict, Sequence, Tuple, Union
+from typing import Callable, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from fmjax.data.text_ops import swap_words, tokenize
+from fmjax.data import geometry
+from fmjax.data.registry import OPS, available_ops, get_op, has_op, register_op  # noqa: F401 (OPS re-exported)
+from fmjax.data.text_ops import swap_words, tokenize  # noqa: F401 (re-exported)
 from fmjax.errors import ConfigError
 from fmjax.data.transform_base import Example, Transform
 
@@ -33,6 +56,7 @@ NORMALIZE_PRESETS = {
              (0.26862954, 0.26130258, 0.27577711)),
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),   # to [-1, 1] (diffusion)
 }
+AUG_PREFIX = "_aug/"   # reserved: parameters random ops drew (see the module docstring)
 _INTERP = {
     "nearest": Image.NEAREST, "bilinear": Image.BILINEAR,
     "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
@@ -112,36 +136,82 @@ class RandomImageOp(ImageOp):
         return image
 
 
-class resize(ImageOp):  # noqa: N801 (op names are lowercase, as in the pp strings)
-    """Resizes like torchvision ``Resize``: an int sets the shorter side
-    (aspect ratio kept), an ``(h, w)`` pair sets the exact size."""
+class _Joint:
+    """Mixin of the geometric ops: ``keys=`` applies the op alike to several keys (images,
+    masks, boxes, points; see ``fmjax.data.geometry``), in place, in the pixel frame of
+    ``key``; without it the op reads ``key`` and writes ``outkey`` as every image op does."""
 
-    def __init__(self, size: Size, interpolation: str = "bicubic", key="image", outkey=None):
+    def _init_keys(self, keys, outkey):
+        if keys is not None and outkey not in (None, self.key):
+            raise ValueError(f"{type(self).__name__}: give keys= (applied in place) or outkey=, not both")
+        self.keys = None if keys is None else geometry.parse_keys(keys)
+
+    def _frame(self, example):
+        """(H, W) of the reference key ``self.key``."""
+        if self.key not in example:
+            raise KeyError(f"{type(self).__name__}: missing key {self.key!r}; example has {sorted(example)}")
+        kind = dict(self.keys or ()).get(self.key, "image")
+        hw = geometry.spatial_hw(np.asarray(example[self.key]), kind)
+        if hw is None:
+            raise ValueError(f"{type(self).__name__}: key={self.key!r} must be an image or mask (the pixel frame)")
+        if self.keys is not None:
+            geometry.check_frame(example, self.keys, hw, type(self).__name__)
+        return hw
+
+
+@register_op
+class resize(_Joint, ImageOp):  # noqa: N801 (op names are lowercase, as in the pp strings)
+    """Resizes like torchvision ``Resize``: an int sets the shorter side
+    (aspect ratio kept), an ``(h, w)`` pair sets the exact size. ``keys=``: resize
+    masks / boxes / points with the image."""
+
+    def __init__(self, size: Size, interpolation: str = "bicubic", key="image", outkey=None, *, keys=None):
         super().__init__(key, outkey)
         self.size = size
         self.interpolation = interpolation
         _resample(interpolation)
+        self._init_keys(keys, outkey)
 
     def apply(self, image, rng):
         h, w = image.shape[:2]
-        if isinstance(self.size, (int, np.integer)):
-            s = int(self.size)
-            th, tw = (s, max(1, int(s * w / h))) if h <= w else (max(1, int(s * h / w)), s)
-        else:
-            th, tw = _hw(self.size)
+        th, tw = geometry.resized_hw((h, w), self.size)
         if (th, tw) == (h, w):
             return image
         img = _to_pil(image).resize((tw, th), _resample(self.interpolation))
         return _from_pil(img, image)
 
+    def __call__(self, example, rng):
+        if self.keys is None:
+            return super().__call__(example, rng)
+        h, w = self._frame(example)
+        th, tw = geometry.resized_hw((h, w), self.size)
+        out = dict(example)
+        for k, kind in self.keys:
+            v = np.asarray(example[k])
+            if kind == "image":
+                out[k] = self.apply(v, rng)
+            elif (th, tw) != (h, w):
+                out[k] = geometry.crop_resize(v, kind, (0, 0, h, w), (th, tw))
+        return out
 
-class center_crop(ImageOp):  # noqa: N801
+
+@register_op
+class center_crop(_Joint, ImageOp):  # noqa: N801
     """Central crop to ``size`` (int or ``(h, w)``), zero-padding if the image
-    is smaller, as torchvision ``CenterCrop``."""
+    is smaller, as torchvision ``CenterCrop``. ``keys=``: crop masks / boxes / points too."""
 
-    def __init__(self, size: Size, key="image", outkey=None):
+    def __init__(self, size: Size, key="image", outkey=None, *, keys=None):
         super().__init__(key, outkey)
         self.size = size
+        self._init_keys(keys, outkey)
+
+    def _window(self, h, w):
+        """(top, left) of the crop in unpadded coordinates (negative where it pads)."""
+        th, tw = _hw(self.size)
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        top = int(round((h + ph - th) / 2.0)) - ph // 2
+        left = int(round((w + pw - tw) / 2.0)) - pw // 2
+        return top, left
 
     def apply(self, image, rng):
         th, tw = _hw(self.size)
@@ -155,20 +225,38 @@ class center_crop(ImageOp):  # noqa: N801
         left = int(round((w - tw) / 2.0))
         return image[top:top + th, left:left + tw]
 
+    def __call__(self, example, rng):
+        if self.keys is None:
+            return super().__call__(example, rng)
+        h, w = self._frame(example)
+        top, left = self._window(h, w)
+        th, tw = _hw(self.size)
+        out = dict(example)
+        for k, kind in self.keys:
+            v = np.asarray(example[k])
+            out[k] = self.apply(v, rng) if kind == "image" else geometry.window(v, kind, top, left, th, tw)
+        return out
 
-class random_resized_crop(ImageOp):  # noqa: N801
+
+@register_op
+class random_resized_crop(_Joint, ImageOp):  # noqa: N801
     """torchvision ``RandomResizedCrop``: up to 10 tries at a crop with area
     fraction in ``scale`` and log-uniform aspect ratio in ``ratio``, else the
-    central crop clipped to ``ratio``; then resize to ``size``."""
+    central crop clipped to ``ratio``; then resize to ``size``.
+
+    Records the crop as ``_aug/<aug>`` = int32 (top, left, h, w) in pixels of ``key``;
+    ``keys=`` crops those keys (images, masks, boxes, points) alike, in place."""
 
     def __init__(self, size: Size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                 interpolation: str = "bicubic", key="image", outkey=None):
+                 interpolation: str = "bicubic", key="image", outkey=None, *, keys=None, aug: str = "crop"):
         super().__init__(key, outkey)
         self.size = size
         self.scale = tuple(scale)
         self.ratio = tuple(ratio)
         self.interpolation = interpolation
         _resample(interpolation)
+        self._init_keys(keys, outkey)
+        self.aug = aug
 
     def get_params(self, height: int, width: int, rng: np.random.Generator):
         """Returns the crop box ``(top, left, h, w)``."""
@@ -192,24 +280,117 @@ class random_resized_crop(ImageOp):  # noqa: N801
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def apply(self, image, rng):
-        top, left, h, w = self.get_params(image.shape[0], image.shape[1], rng)
+    def crop(self, image, box):
+        """The crop ``box`` = (top, left, h, w) of ``image``, resized to ``size``."""
+        top, left, h, w = box
         th, tw = _hw(self.size)
         img = _to_pil(image).resize(
             (tw, th), _resample(self.interpolation), box=(left, top, left + w, top + h))
         return _from_pil(img, image)
 
+    def apply(self, image, rng):
+        return self.crop(image, self.get_params(image.shape[0], image.shape[1], rng))
 
-class flip_lr(RandomImageOp):  # noqa: N801
-    """Horizontal flip with probability ``p``."""
+    def __call__(self, example, rng):
+        h, w = self._frame(example)
+        box = self.get_params(h, w, rng)
+        out = dict(example)
+        out[AUG_PREFIX + self.aug] = np.asarray(box, np.int32)
+        for k, kind in self.keys or ((self.key, "image"),):
+            v = np.asarray(example[k])
+            v = self.crop(v, box) if kind == "image" else geometry.crop_resize(v, kind, box, _hw(self.size))
+            out[k if self.keys else self.outkey] = v
+        return out
 
-    def __init__(self, p: float = 0.5, key="image", outkey=None):
+
+@register_op
+class flip_lr(_Joint, RandomImageOp):  # noqa: N801
+    """Horizontal flip with probability ``p``. Records ``_aug/<aug>`` = bool (flipped);
+    ``keys=`` flips those keys (images, masks, boxes, points) alike, in place."""
+
+    def __init__(self, p: float = 0.5, key="image", outkey=None, *, keys=None, aug: str = "flip"):
         super().__init__(p, key, outkey)
+        self._init_keys(keys, outkey)
+        self.aug = aug
 
     def apply_always(self, image, rng):
         return np.ascontiguousarray(image[:, ::-1])
 
+    def __call__(self, example, rng):
+        h, w = self._frame(example)
+        flip = bool(rng.random() < self.p)
+        out = dict(example)
+        out[AUG_PREFIX + self.aug] = np.bool_(flip)
+        for k, kind in self.keys or ((self.key, "image"),):
+            v = np.asarray(example[k])
+            if flip:
+                v = self.apply_always(v, rng) if kind == "image" else geometry.flip_lr(v, kind, w)
+            out[k if self.keys else self.outkey] = v
+        return out
 
+
+def _record(example, aug: str, op: str):
+    key = AUG_PREFIX + aug
+    if key not in example:
+        raise KeyError(f"{op}: no {key!r} in the example; put the op that draws it before {op} "
+                       f"(keep(...) drops _aug/* keys it does not name)")
+    return example[key]
+
+
+@register_op
+class apply_crop(Transform):  # noqa: N801
+    """Replays the crop recorded as ``_aug/<aug>`` (by ``random_resized_crop``) on ``keys``,
+    resized to ``size``: e.g. ``random_resized_crop(64)|...|apply_crop(64, keys=('masks',))``."""
+
+    def __init__(self, size: Size, keys=("image",), interpolation: str = "bicubic", aug: str = "crop"):
+        self.size = size
+        self.keys = geometry.parse_keys(keys)
+        self.interpolation = interpolation
+        _resample(interpolation)
+        self.aug = aug
+
+    def __call__(self, example, rng):
+        box = tuple(int(v) for v in np.asarray(_record(example, self.aug, "apply_crop")))
+        th, tw = _hw(self.size)
+        out = dict(example)
+        for k, kind in self.keys:
+            v = np.asarray(example[k])
+            if kind == "image":
+                top, left, h, w = box
+                v = _from_pil(_to_pil(v).resize((tw, th), _resample(self.interpolation),
+                                                box=(left, top, left + w, top + h)), v)
+            else:
+                v = geometry.crop_resize(v, kind, box, (th, tw))
+            out[k] = v
+        return out
+
+
+@register_op
+class apply_flip_lr(Transform):  # noqa: N801
+    """Replays the flip recorded as ``_aug/<aug>`` (by ``flip_lr``) on ``keys``; the frame
+    width is that of the first image or mask of ``keys``, else of ``key``."""
+
+    def __init__(self, keys=("image",), key: str = "image", aug: str = "flip"):
+        self.keys = geometry.parse_keys(keys)
+        self.key = key
+        self.aug = aug
+
+    def __call__(self, example, rng):
+        if not bool(_record(example, self.aug, "apply_flip_lr")):
+            return dict(example)
+        frames = [(k, kind) for k, kind in self.keys if kind in ("image", "mask")] or [(self.key, "image")]
+        ref, kind = frames[0]
+        if ref not in example:
+            raise KeyError(f"apply_flip_lr: missing key {ref!r} (the frame); example has {sorted(example)}")
+        width = geometry.spatial_hw(np.asarray(example[ref]), kind)[1]
+        out = dict(example)
+        for k, kind in self.keys:
+            v = np.asarray(example[k])
+            out[k] = np.ascontiguousarray(v[:, ::-1]) if kind == "image" else geometry.flip_lr(v, kind, width)
+        return out
+
+
+@register_op
 class normalize(ImageOp):  # noqa: N801
     """uint8 -> float32 ``(x / 255 - mean) / std``; ``mean`` may be a preset
     name ('imagenet', 'clip')."""
@@ -231,8 +412,9 @@ class normalize(ImageOp):  # noqa: N801
         return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 
 
+@register_op
 class keep(Transform):  # noqa: N801
-    """Keeps only the given keys."""
+    """Keeps only the given keys (so ``_aug/*`` records go unless named)."""
 
     def __init__(self, *keys: str):
         self.keys = keys
@@ -244,6 +426,7 @@ class keep(Transform):  # noqa: N801
         return {k: example[k] for k in self.keys}
 
 
+@register_op
 class color_jitter(RandomImageOp):  # noqa: N801
     """torchvision ``ColorJitter`` (random order of brightness, contrast,
     saturation, hue), applied with probability ``p``."""
@@ -275,6 +458,7 @@ class color_jitter(RandomImageOp):  # noqa: N801
         return _from_pil(img, image)
 
 
+@register_op
 class grayscale(RandomImageOp):  # noqa: N801
     """With probability ``p``, replaces the image by its luma, keeping the
     channel count."""
@@ -288,6 +472,7 @@ class grayscale(RandomImageOp):  # noqa: N801
         return np.repeat(gray[..., None], channels, axis=-1) if channels else gray
 
 
+@register_op
 class gaussian_blur(RandomImageOp):  # noqa: N801
     """With probability ``p``, PIL Gaussian blur with radius ~ U(sigma)."""
 
@@ -300,6 +485,7 @@ class gaussian_blur(RandomImageOp):  # noqa: N801
         return _from_pil(_to_pil(image).filter(ImageFilter.GaussianBlur(radius=radius)), image)
 
 
+@register_op
 class solarize(RandomImageOp):  # noqa: N801
     """With probability ``p``, inverts pixels ``>= threshold``."""
 
@@ -312,22 +498,33 @@ class solarize(RandomImageOp):  # noqa: N801
         return np.where(image >= self.threshold, 255 - image, image).astype(image.dtype)
 
 
+def _is_aug(key) -> bool:
+    return isinstance(key, str) and key.startswith(AUG_PREFIX)
+
+
 class Compose(Transform):
-    """Applies transforms in order with the same rng; picklable."""
+    """Applies transforms in order with the same rng; picklable. Drops the ``_aug/*``
+    records at the end, except those a ``keep(...)`` of the pipeline names."""
 
     def __init__(self, transforms: Sequence[Callable], spec: str = None):
         self.transforms = list(transforms)
         self.spec = spec
+        self.kept_aug = frozenset(k for t in self.transforms if isinstance(t, keep)
+                                  for k in t.keys if str(k).startswith(AUG_PREFIX))
 
     def __call__(self, example, rng):
         for t in self.transforms:
             example = t(example, rng)
+        kept = getattr(self, "kept_aug", frozenset())
+        if isinstance(example, dict) and any(_is_aug(k) and k not in kept for k in example):
+            example = {k: v for k, v in example.items() if not _is_aug(k) or k in kept}
         return example
 
     def __repr__(self):
         return f"Compose({self.spec!r})" if self.spec is not None else f"Compose({self.transforms!r})"
 
 
+@register_op
 class multi_crop(Transform):  # noqa: N801
     """DINO's ``DataAugmentationDINO``: 2 global crops and ``num_local`` local crops of
     ``key``, stacked as ``global_crops`` [2, G, G, C] and ``local_crops`` [N, L, L, C]
@@ -377,13 +574,6 @@ class multi_crop(Transform):  # noqa: N801
         return out
 
 
-OPS: Dict[str, type] = {
-    cls.__name__: cls for cls in (
-        resize, center_crop, random_resized_crop, flip_lr, normalize, keep,
-        color_jitter, grayscale, gaussian_blur, solarize, tokenize, swap_words, multi_crop)
-}
-
-
 def _split_top_level(pp: str) -> list:
     """Splits on ``|`` outside brackets and string literals."""
     parts, depth, quote, cur = [], 0, None, []
@@ -424,10 +614,11 @@ def _parse_op(spec: str) -> Transform:
             raise ValueError(f"op {spec!r}: **kwargs are not supported")
     else:
         raise ValueError(f"cannot parse op {spec!r}: expected name or name(args)")
-    if name not in OPS:
-        raise ValueError(f"unknown op {name!r} in {spec!r}; valid ops: {', '.join(sorted(OPS))}")
+    if not has_op(name):
+        raise ValueError(f"unknown op {name!r} in {spec!r}; valid ops: {', '.join(available_ops())}")
+    op = get_op(name)
     try:
-        return OPS[name](*args, **kwargs)
+        return op(*args, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad arguments for op {spec!r}: {e}") from None
 
