@@ -53,7 +53,7 @@ from configs import common
 # open_clip's training step (tests/reference/test_clip_trajectory.py): weight decay on every
 # >=2-D param except the class token (open_clip's class_embedding is 1-D, fmjax's cls_token
 # [1, 1, D]), so token and position embeddings decay; warm-up lr = peak * (step + 1) / W.
-OPEN_CLIP_OPTIONS = dict(no_decay=(r"cls_token$",), warmup_mode="plus_one")
+OPEN_CLIP_OPTIONS = dict(wd_groups="open_clip", warmup_mode="plus_one")
 # big_vision's weight decay touches only kernels (wd_mults default ".*/kernel$").
 KERNELS_ONLY = (r"^(?!.*(^|/)kernel$)",)
 
@@ -68,7 +68,7 @@ def big_vision_optimizer(lr: float, wd: float, warmup_steps: int, clip_norm: flo
     with ``objective.clamp_logit_scale=False`` (big_vision does not clamp the temperature)."""
     return dict(name="adamw", lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd / lr,
                 warmup_steps=warmup_steps, warmup_mode="linear", decay="cosine", min_lr=0.0,
-                clip_norm=clip_norm, clip_mode="global", no_decay=KERNELS_ONLY)
+                clip_norm=clip_norm, clip_mode="global", wd_groups="big_vision")
 
 
 def _pp(size: int, scale, tok: str, keys: str, swap_words=()) -> str:

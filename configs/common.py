@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
         clip_mode="global", clip_fuse_qkv=False, adam_count="global",
         # Reference behaviours (see docs/design.md, "reference options"); these defaults are fmjax's.
         no_decay=None,                 # None: fmjax's NO_DECAY_PATTERNS; () decays every >= 2-D non-bias param
+        wd_groups="",                  # a reference's exclusions by name (optimizer.NO_DECAY_PRESETS: mae, dino, deit, open_clip, big_vision, ...); '' = no_decay
         decay_all=False,               # True: every param decays, biases / norms too (one torch param group)
         clip_eps=0.0,                  # > 0: global clip factor max_norm / (norm + eps) (torch's clip_grad_norm_: 1e-6)
         warmup_mode="linear", warmup_init=0.0, decay_from="warmup_end",

@@ -120,7 +120,7 @@ def get_config(arg: str = "default"):
             c.checkpoint_every = 500
             c.model = dict(name="unet", channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                            attention_resolutions=(8,), num_groups=8, dropout=0.0, sample_size=32,
-                           num_classes=_num_shape_classes())
+                           resnet_time_scale_shift="default", num_classes=_num_shape_classes())
             c.evals.generation = dict(type="generation", split="validation",
                                       classifier_workdir=CPU_CLASSIFIER_WORKDIR, samples_per_class=16,
                                       examples=1000, batch_size=128)

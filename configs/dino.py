@@ -29,7 +29,7 @@ Paper presets (Caron et al. 2021; needs `imagenet2012` in TFDS):
 
 Reference options (every preset): the training step is facebookresearch/dino's main_dino.py /
 utils.py, checked step by step over 27 steps by tests/reference/test_dino_trajectory.py:
-  optimizer.no_decay=()              get_params_groups decays cls_token and pos_embed (only biases
+  optimizer.wd_groups='dino'         get_params_groups decays cls_token and pos_embed (only biases
                                      and 1-D params are skipped); fmjax's own default skips both.
   optimizer.warmup_mode='linspace'   cosine_scheduler warms up with np.linspace(0, peak, W)
                                      (peak*s/(W-1)); fmjax's default is optax's peak*s/W.
@@ -64,7 +64,7 @@ def get_config(arg: str = "default"):
                             weight_decay=0.04, weight_decay_end=0.4, min_lr=1e-6,
                             clip_norm=3.0, clip_mode="per_param"))
     # The reference's training step (see the docstring, "Reference options"), on every preset.
-    c.optimizer.update(dict(no_decay=(), warmup_mode="linspace", adam_count="per_param",
+    c.optimizer.update(dict(wd_groups="dino", warmup_mode="linspace", adam_count="per_param",
                             clip_fuse_qkv=True))
     reference_model = dict(pos_interp="torch_bicubic", pos_interp_offset=0.1)
     if arg == "default":

@@ -35,7 +35,7 @@ util/lr_sched.py / models_mae.py; tests/reference/test_mae_trajectory.py runs it
 step beside fmjax's: loss at every step and params after 30 steps agree to 1e-5):
   - optimizer (every preset): AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.05 on every
     param of >= 2 dims except biases (timm 0.3.2 add_weight_decay with no skip list), so
-    cls_token and mask_token ([1, 1, D]) ARE decayed: `optimizer.no_decay = ()`. (Left unset,
+    cls_token and mask_token ([1, 1, D]) ARE decayed: `optimizer.wd_groups = 'mae'`. (Left unset,
     fmjax's broader NO_DECAY_PATTERNS would exclude them.) No gradient clipping. lr = blr *
     global batch / 256, linear warm-up from 0 (peak * step / warmup_steps, the reference's
     per-iteration adjust_learning_rate), half-cycle cosine to min_lr 0.
@@ -59,7 +59,7 @@ def get_config(arg: str = "default"):
     # The reference's AdamW (main_pretrain.py): betas (0.9, 0.95), wd 0.05 on every param of
     # >= 2 dims but biases (timm's add_weight_decay), cls_token and mask_token included; no clipping.
     c.optimizer.update(dict(name="adamw", lr_scaling="linear", b1=0.9, b2=0.95, weight_decay=0.05,
-                            min_lr=0.0, no_decay=(), clip_norm=0.0))
+                            min_lr=0.0, wd_groups="mae", clip_norm=0.0))
     if arg in ("default", "cpu"):
         c.total_steps = 2500
         c.batch_size = 128

@@ -12,7 +12,7 @@ Paper-style preset (DeiT-style recipe on ImageNet-1k; needs `imagenet2012` in TF
   create_scheduler), checked step by step by tests/reference/test_supervised_trajectory.py:
   - lr = 5e-4 * batch / 512 (blr 2.5e-4 with fmjax's batch / 256 scaling), AdamW betas
     (0.9, 0.999), eps 1e-8, weight decay 0.05, no clipping (DeiT's --clip-grad is None);
-  - optimizer.no_decay = pos_embed, cls_token, dist_token (timm's VisionTransformer
+  - optimizer.wd_groups = 'deit': pos_embed, cls_token, dist_token (timm's VisionTransformer
     no_weight_decay(); biases and < 2-D params never decay);
   - the lr is timm's CosineLRScheduler stepped per EPOCH: schedule_steps_per_epoch = one
     epoch (1281167 // 1024 steps, drop_last), warm-up 5 epochs from warmup_init 1e-6
@@ -20,8 +20,10 @@ Paper-style preset (DeiT-style recipe on ImageNet-1k; needs `imagenet2012` in TF
     warmup_prefix=False), min_lr 1e-5, and schedule_epoch_lag=1: DeiT calls
     lr_scheduler.step(epoch) at the end of epoch e, so epoch e trains with timm's value for
     e - 1 (epochs 0 and 1 both at 1e-6).
-  - Loss: LabelSmoothingCrossEntropy(0.1) (DeiT's criterion without mixup / cutmix, which
-    fmjax does not implement); DeiT's model EMA (eval only) is not kept.
+  - Loss: LabelSmoothingCrossEntropy(0.1), DeiT's criterion without mixup / cutmix (the
+    supervised objective has them since: objective.mixup_alpha / cutmix_alpha, timm's Mixup;
+    this preset leaves them off, as the trajectory test checks); DeiT's model EMA is
+    objective.ema_decay (off here).
   The fmjax defaults (default preset) stay per-step: linear warm-up from 0, cosine after the
   warm-up, fmjax's broader no_decay list (NO_DECAY_PATTERNS).
 """
@@ -30,7 +32,7 @@ from configs import common
 
 # facebookresearch/deit main.py + timm 0.3.2 (see the module docstring); the paper preset sets
 # these and schedule_steps_per_epoch to its epoch length.
-DEIT_OPTIONS = dict(no_decay=(r"pos_embed$", r"cls_token$", r"dist_token$"), warmup_init=1e-6,
+DEIT_OPTIONS = dict(wd_groups="deit", warmup_init=1e-6,
                     decay_from="start", schedule_epoch_lag=1)
 
 

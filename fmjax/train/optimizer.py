@@ -31,6 +31,40 @@ from fmjax.train import param_groups
 NO_DECAY_PATTERNS = (r"bias$", r"scale$", r"(^|/)pos_embed", r"cls", r"token", r"register",
                      r"(^|/)norm", r"ln_", r"logit_scale", r"logit_bias", r"gamma$")
 ALWAYS_NO_DECAY = (r"bias$",)
+# Named weight-decay groups: ``config.optimizer.wd_groups='<name>'`` is the reference's exact
+# exclusion list on top of the < 2-D / bias rule (tests/train/test_wd_presets.py checks each
+# against the reference's own predicate on real param names).
+NO_DECAY_PRESETS = {
+    "fmjax": NO_DECAY_PATTERNS,
+    # timm add_weight_decay(model, wd) as facebookresearch/mae main_pretrain.py calls it (no
+    # skip list): cls_token and mask_token ([1, 1, D]) decay.
+    "mae": (),
+    # facebookresearch/dino utils.get_params_groups: only biases and 1-D params are skipped.
+    "dino": (),
+    # timm VisionTransformer.no_weight_decay() = {pos_embed, cls_token, dist_token}, as DeiT's
+    # create_optimizer and MAE's main_finetune / lr_decay.param_groups_lrd use it.
+    "deit": (r"pos_embed$", r"cls_token$", r"dist_token$"),
+    "mae_finetune": (r"pos_embed$", r"cls_token$", r"dist_token$"),
+    # open_clip main.py: p.ndim < 2 or 'bn'/'ln'/'bias'/'logit_scale' in the name; its
+    # class_embedding is 1-D there, fmjax's cls_token [1, 1, D].
+    "open_clip": (r"cls_token$",),
+    # big_vision: weight decay only on kernels (wd_mults default '.*/kernel$').
+    "big_vision": (r"^(?!.*(^|/)kernel$)",),
+}
+
+
+def no_decay_patterns(no_decay, wd_groups: str = ""):
+    """The no-decay regexes of ``config.optimizer``: ``wd_groups`` (a preset name) or
+    ``no_decay`` (regexes; None: fmjax's default NO_DECAY_PATTERNS), not both."""
+    if wd_groups:
+        if wd_groups not in NO_DECAY_PRESETS:
+            raise ValueError(f"config.optimizer.wd_groups={wd_groups!r}; valid: {sorted(NO_DECAY_PRESETS)} "
+                             "(or leave it '' and list regexes in no_decay).")
+        if no_decay is not None:
+            raise ValueError(f"config.optimizer.wd_groups={wd_groups!r} and no_decay={tuple(no_decay)} are both "
+                             "set; use one (wd_groups names a reference's list, no_decay lists regexes).")
+        return NO_DECAY_PRESETS[wd_groups]
+    return NO_DECAY_PATTERNS if no_decay is None else tuple(no_decay)
 
 
 def peak_learning_rate(opt: Mapping[str, Any], global_batch: int) -> float:
@@ -250,6 +284,9 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
     name = opt.get("name", "adamw")
     wd = make_wd_schedule(opt, total_steps)
     patterns = opt.get("no_decay")
+    if opt.get("decay_all", False) and opt.get("wd_groups", ""):
+        raise ValueError("config.optimizer.decay_all=True decays every param; wd_groups="
+                         f"{opt.get('wd_groups')!r} contradicts it.")
     if opt.get("decay_all", False):
         # torch.optim.AdamW(model.parameters(), weight_decay=wd): one group, every param decays
         # (biases, norms, 1-D params too), as diffusers' train_unconditional.py.
@@ -258,7 +295,7 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
                              "contradicts it (leave no_decay None or ()).")
         mask = None
     else:
-        patterns = NO_DECAY_PATTERNS if patterns is None else tuple(patterns)
+        patterns = no_decay_patterns(patterns, opt.get("wd_groups", ""))
         mask = functools.partial(decay_mask, patterns=patterns)
     count = opt.get("adam_count", "global")
     if count not in ("global", "per_param"):

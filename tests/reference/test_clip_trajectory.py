@@ -507,7 +507,7 @@ def test_siglip_matches_big_vision_training():
 
 # Each reference option of fmjax, put back to its old default, must break the match.
 OLD_DEFAULTS = [
-    ("open_clip", {"optimizer.no_decay": None}),  # fmjax's NO_DECAY_PATTERNS
+    ("open_clip", {"optimizer.wd_groups": ""}),  # fmjax's NO_DECAY_PATTERNS
     ("open_clip", {"optimizer.warmup_mode": "linear"}),  # peak * s / W
     ("open_clip", {"model.patch_bias": True}),
     ("big_vision", {"objective.clamp_logit_scale": True}),

@@ -31,7 +31,7 @@ cosine weight decay 0.1 -> 0.5, EMA momentum 0.9 -> 1 and ``clip_grad=0.002``, w
 Both head variants run: ``norm_last_layer=False`` (ViT-S preset, trained weight_g) and True.
 fmjax runs the real jitted step (``make_train_step`` / ``make_optimizer`` / ``create_state``,
 as ``fmjax/train/loop.py`` builds them) on ``configs/dino.py``'s default preset shrunk to
-the sizes above; its reference options (``optimizer.no_decay=()``, ``warmup_mode='linspace'``,
+the sizes above; its reference options (``optimizer.wd_groups='dino'``, ``warmup_mode='linspace'``,
 ``adam_count='per_param'``, ``clip_mode='per_param'`` with ``clip_fuse_qkv``,
 ``model.pos_interp='torch_bicubic'`` with ``pos_interp_offset=0.1``) are NOT overridden here,
 so the test checks the preset; ``objective.teacher_temp_every`` is set to this run's epoch
@@ -552,14 +552,15 @@ def test_dino_trajectory_matches_reference(reference):
 
 # Each behaviour fmjax had before (or has by default), reverted one at a time.
 OLD_BEHAVIOURS = {
-    "no_decay default (cls_token, pos_embed not decayed)": {"optimizer.no_decay": None},
+    "no_decay default (cls_token, pos_embed not decayed)": {"optimizer.wd_groups": ""},
     "warmup_mode=linear (peak*s/W)": {"optimizer.warmup_mode": "linear"},
     "adam_count=global (shared Adam step count)": {"optimizer.adam_count": "global"},
     "clip_fuse_qkv=False (q, k, v clipped apart)": {"optimizer.clip_fuse_qkv": False},
     "pos_interp=resize (antialiased jax.image.resize)": {"model.pos_interp": "resize",
                                                          "model.pos_interp_offset": 0.0},
     "teacher_temp_every=1 (per-step temperature)": {"objective.teacher_temp_every": 1},
-    "last_layer_g not decayed (fmjax's 1-D g)": {"optimizer.no_decay": ("last_layer_g",)},
+    "last_layer_g not decayed (fmjax's 1-D g)": {"optimizer.wd_groups": "",
+                                                 "optimizer.no_decay": ("last_layer_g",)},
 }
 
 

@@ -611,10 +611,10 @@ def _check(config, ref, params, losses, lrs, ref_losses, ref_lrs, objective):
 
 def test_decay_groups_are_the_references(default_config):
     """add_weight_decay's groups (timm 0.3.2, as main_pretrain.py calls it) = fmjax's decay mask
-    with the config's ``optimizer.no_decay``: cls_token and mask_token [1, 1, D] decay, biases
+    with the config's ``optimizer.wd_groups='mae'``: cls_token and mask_token [1, 1, D] decay, biases
     and LayerNorms do not, the fixed sin-cos tables are no params on either side."""
     def patterns(opt):  # as make_optimizer reads them
-        return opt_lib.NO_DECAY_PATTERNS if opt.get("no_decay") is None else tuple(opt.no_decay)
+        return opt_lib.no_decay_patterns(opt.get("no_decay"), opt.get("wd_groups", ""))
 
     config = mae_config(default_config)
     for preset in ("default", "vit_b16_imagenet", "vit_l16_imagenet"):

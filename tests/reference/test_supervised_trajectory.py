@@ -544,14 +544,15 @@ def test_epoch_schedule_options_match_timm():
 
 def test_decay_groups_are_the_references(default_config):
     """create_optimizer's groups (add_weight_decay with no_weight_decay() = pos_embed,
-    cls_token) = fmjax's decay mask with the preset's ``optimizer.no_decay``; fmjax's old
+    cls_token) = fmjax's decay mask with the preset's ``optimizer.wd_groups='deit'``; fmjax's old
     default NO_DECAY_PATTERNS gives the same groups on this ViT."""
     ref = reference_model()
     groups = create_optimizer(deit_args(), ref).param_groups
     assert [g["weight_decay"] for g in groups] == [0.0, WD]
     decayed = {id(p) for p in groups[1]["params"]}
     want = _flat(to_fmjax({n: torch.full_like(p, float(id(p) in decayed)) for n, p in ref.named_parameters()}))
-    preset = default_config("supervised", "vit_b16_imagenet").optimizer.no_decay
+    o = default_config("supervised", "vit_b16_imagenet").optimizer
+    preset = opt_lib.no_decay_patterns(o.get("no_decay"), o.get("wd_groups", ""))
     for patterns in (tuple(preset), opt_lib.NO_DECAY_PATTERNS):
         mask = _flat(opt_lib.decay_mask(to_fmjax(ref.state_dict()), patterns=patterns))
         assert mask.keys() == want.keys()
@@ -577,7 +578,7 @@ def test_paper_preset_optimizer_is_the_references(default_config):
     assert not o.get("clip_norm") and o.decay == "cosine"
     assert (o.warmup_init, o.decay_from, o.schedule_epoch_lag) == (1e-6, "start", 1)
     assert o.schedule_steps_per_epoch == spe and o.warmup_steps == 5 * spe and c.total_steps == 300 * spe
-    assert tuple(o.no_decay) == (r"pos_embed$", r"cls_token$", r"dist_token$")
+    assert o.wd_groups == "deit" and opt_lib.NO_DECAY_PRESETS["deit"] == (r"pos_embed$", r"cls_token$", r"dist_token$")
     assert c.objective.label_smoothing == SMOOTHING and c.model.get("stem", "patch") == "patch"
     # The preset's schedule = DeiT's at three epochs' boundaries.
     f = opt_lib.make_schedule(o, c.total_steps, c.batch_size)

@@ -179,3 +179,34 @@ def test_clip_eps_is_torchs_clip_grad_norm():
     for bad in (dict(clip_mode="per_param", clip_eps=1e-6), dict(clip_eps=-1.0)):
         with pytest.raises(ValueError, match="clip_eps"):
             opt_lib.make_optimizer(dict(lr=0.1, clip_norm=1.0, **bad), 10, 8)
+
+
+def test_named_wd_groups():
+    """optimizer.wd_groups names a reference's exclusion list (the trajectory tests in
+    tests/reference/ check the presets that use them step by step)."""
+    params = {"cls_token": jnp.ones((1, 1, 8)), "pos_embed": jnp.ones((1, 5, 8)), "dist_token": jnp.ones((1, 1, 8)),
+              "mask_token": jnp.ones((1, 1, 8)), "w": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)},
+              "ln": {"scale": jnp.ones(8)}, "logit_scale": jnp.ones(())}
+    mask = lambda name: opt_lib.decay_mask(params, patterns=opt_lib.no_decay_patterns(None, name))
+    decayed = lambda m: sorted(k for k, v in m.items() if (v if isinstance(v, bool) else v.get("kernel", False)))
+    assert decayed(mask("mae")) == decayed(mask("dino")) == ["cls_token", "dist_token", "mask_token", "pos_embed", "w"]
+    assert decayed(mask("deit")) == decayed(mask("mae_finetune")) == ["mask_token", "w"]
+    assert decayed(mask("open_clip")) == ["dist_token", "mask_token", "pos_embed", "w"]
+    assert decayed(mask("big_vision")) == ["w"]
+    assert decayed(mask("fmjax")) == ["w"]
+    assert opt_lib.no_decay_patterns(None, "") == opt_lib.NO_DECAY_PATTERNS
+    assert opt_lib.no_decay_patterns(("x",), "") == ("x",)
+    with pytest.raises(ValueError, match=r"wd_groups='timm'; valid: \['big_vision', 'deit', 'dino'"):
+        opt_lib.no_decay_patterns(None, "timm")
+    with pytest.raises(ValueError, match="both set; use one"):
+        opt_lib.no_decay_patterns((), "mae")
+    with pytest.raises(ValueError, match="decay_all=True decays every param; wd_groups='mae'"):
+        opt_lib.make_optimizer(dict(lr=0.1, decay_all=True, wd_groups="mae"), 10, 8)
+
+
+@pytest.mark.parametrize("config,preset,want", [("mae", "default", "mae"), ("dino", "default", "dino"),
+                                                ("supervised", "vit_b16_imagenet", "deit")])
+def test_paper_presets_name_their_wd_groups(config, preset, want):
+    from fmjax.testing import load_config
+    c = load_config(config, preset)
+    assert c.optimizer.wd_groups == want and c.optimizer.no_decay is None
