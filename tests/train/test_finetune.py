@@ -89,3 +89,29 @@ def test_cli_check_only(mae_workdir, shapes_data_dir, tmp_path, with_workdir):
     proc = run_cli("train", *args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "== config OK" in proc.stdout
+
+
+def test_mae_paper_preset_loads_mae_encoder_into_fc_norm_vit(mae_workdir, shapes_data_dir, tmp_path, capsys):
+    """``finetune.py:mae_vit_b16_imagenet`` (shrunk to the tiny MAE encoder, on the shapes):
+    MAE's global pool (``pool='mean'``, ``fc_norm``) with mixup / CutMix on. Every MAE encoder
+    array loads but ``encoder/norm`` (unused, as MAE's fine-tuning drops it); fc_norm and the
+    head start fresh."""
+    c = load_config("finetune", "mae_vit_b16_imagenet")
+    assert c.objective.mixup_alpha == 0.8 and c.objective.cutmix_alpha == 1.0 and c.model.fc_norm
+    assert c.model_init.format == "timm_mae" and not mi_lib.is_set(c)
+    d = _tiny_finetune(shapes_data_dir, steps=1)   # the shapes data, pp and evals of the default
+    c.data, c.evals, c.dtype = d.data, d.evals, "float32"
+    c.total_steps, c.batch_size, c.checkpoint_every, c.log_every = 1, 16, 1, 1
+    c.eval_every, c.eval_at_start, c.optimizer.warmup_steps = 0, False, 1
+    c.model.update(dict(variant="Ti/8", num_classes=d.model.num_classes, **TINY))
+    c.model_init.workdir = mae_workdir
+    c.optimizer.frozen = tuple(f"{k}(/.*)?" for k in ENCODER)
+    loop.train_and_evaluate(c, str(tmp_path / "ft"))
+    out = capsys.readouterr()
+    assert "2 checkpoint arrays unused" in out.out + out.err   # encoder/norm/{scale,bias}
+    src, ft = _params(mae_workdir), _params(str(tmp_path / "ft"))
+    assert set(ft) - {k for k in src if k.split("/")[0] in ENCODER} == {
+        "fc_norm/scale", "fc_norm/bias", "head/kernel", "head/bias"}
+    for k in ft:
+        if k.split("/")[0] in ENCODER:
+            np.testing.assert_array_equal(ft[k], src[k], err_msg=k)
