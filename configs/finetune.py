@@ -121,6 +121,7 @@ def get_config(arg: str = "default"):
                                 weight_decay=0.05, warmup_steps=5 * epoch, min_lr=1e-6,
                                 clip_norm=0.0))
         c.optimizer.llrd.decay = 0.65
+        c.optimizer.wd_groups = "mae_finetune"   # timm no_weight_decay(): pos_embed, cls_token, dist_token
         c.objective.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, switch_prob=0.5,
                                 label_smoothing=0.1))
         c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="mean", fc_norm=True,
