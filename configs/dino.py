@@ -20,7 +20,20 @@ reached. Baseline (launch/eval.py --config=configs/dino.py --random_init_seeds=8
                                                                     4.24 at step 25, 5.33 at 275)
   the same + --config.model.stem=conv                               0.201 -> 0.173 (collapse
                                                                     warning at step 325)
-Untested: a lower lr with a longer warm-up and a slower teacher together, patch 4.
+Tried 2026-12-01, second session (kNN at step 0 -> later steps):
+  --config.objective.use_bn_in_head=True (the reference's --use_bn_in_head; no collapse any
+    more: teacher entropy 4.18 = 0.75 ln 256 at step 550, loss 5.42 -> 4.90)      0.173 -> 0.164
+                                                                                  (300) -> 0.173 (600)
+  simple_32, global_scale (0.5, 1), local_scale (0.25, 0.6) (local crops that hold the object),
+    strong colour jitter, 1200 steps, warm-up 100: loss stays near ln 256 (5.40 at 800)
+                                                                            0.207 -> 0.208 (400)
+                                                                                   -> 0.182 (800)
+  simple_32 + strong colour jitter + use_bn_in_head, 1500 steps: entropy falls (5.06 -> 4.74 by
+    step 275, loss 4.25 at 525), but the features move away from shape    0.207 -> 0.140 (500)
+  So the collapse is fixable (the BN head), but what DINO learns on these images in a CPU budget
+  is not the shape label (likely position / size / background, which the two global views
+  share). Untested: a lower lr with a longer warm-up and a slower teacher together, patch 4,
+  crops that move the object (translation) so that position is not shared between views.
 
 Paper presets (Caron et al. 2021; needs `imagenet2012` in TFDS):
     python launch/train.py --config=configs/dino.py:vit_s16_imagenet --workdir=DIR   # 100 epochs
