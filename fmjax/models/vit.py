@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.models import layers
+from fmjax.models import inject, layers
 
 Dtype = Any
 
@@ -241,9 +241,11 @@ class ViT(nn.Module):
         Row 0 (the class token) of softmax(q k^T / sqrt(head_dim)) of the last block,
         restricted to the patch tokens (class token and registers dropped; pass
         ``include_prefix=True`` for the full (B, heads, prefix + N) row, which sums to 1).
-        q and k are the block's own projections, captured from a deterministic forward
-        pass (any ``attention_impl``; run without remat), so params and ``__call__`` are
-        untouched. Call as ``model.apply(variables, images, method=ViT.attention_maps)``.
+        q, k and any logit bias / mask are what the block's attention attends with, captured
+        by an attention hook (``fmjax.models.inject``; so injected biases count) from a
+        deterministic forward pass (any ``attention_impl``; run without remat), so params
+        and ``__call__`` are untouched. Call as
+        ``model.apply(variables, images, method=ViT.attention_maps)``.
         """
         if not self.class_token:
             raise ValueError("attention_maps needs class_token=True (query index 0).")
@@ -252,19 +254,23 @@ class ViT(nn.Module):
         want = ("encoder", f"block_{self.depth - 1}", "attn")
         captured = {}
 
-        def grab(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            path = tuple(context.module.path)
-            if (context.method_name == "__call__" and path[:-1] == want
-                    and path[-1] in ("query", "key")):
-                captured[path[-1]] = out
-            return out
+        def grab(attn, inputs, call_next):
+            if tuple(attn.path) == want:
+                captured["inputs"] = inputs
+            return call_next(inputs)
 
         model = self.clone(parent=None, remat=False)
-        with nn.intercept_methods(grab):
+        with inject.hooks(attention=grab):
             model.apply(self.variables, images, train=False)
-        q, k = captured["query"], captured["key"]  # (B, L, heads, head_dim)
+        q, k, _, bias, mask = captured["inputs"]  # q, k: (B, L, heads, head_dim)
         logits = jnp.einsum("bhd,bthd->bht", q[:, 0].astype(jnp.float32),
                             k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-        probs = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1)
+        logits = logits * q.shape[-1] ** -0.5
+        full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # (B, heads, Q, T)
+        row0 = lambda a: jnp.broadcast_to(a, full)[:, :, 0]
+        if bias is not None:
+            logits = logits + row0(jnp.asarray(bias, jnp.float32))
+        if mask is not None:
+            logits = jnp.where(row0(mask), logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
         return probs if include_prefix else probs[..., self.num_prefix_tokens:]

@@ -1,0 +1,147 @@
+"""Core of fmjax's layers: sharding helpers, initialisers, the dense projection, norm and
+activations.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``)
+and activations are constrained on ``('batch', 'length', 'embed')`` so that
+``fmjax/parallel/rules.py`` can shard them; outside a mesh both are no-ops.
+Modules work equally on boxed (``nn.Partitioned``) and plain param trees.
+
+``DenseND`` is the one dense projection of the shared layers, and the injection point for
+dense hooks (``fmjax.models.inject``: LoRA, quantisation, ...).
+"""
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax.models import inject
+
+Dtype = Any
+ACT_AXES = ("batch", "length", "embed")
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]] = ACT_AXES) -> jax.Array:
+    """Logical sharding constraint on an activation (no-op without rules)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def part(init, axes: Sequence[Optional[str]]):
+    """Shorthand for ``nn.with_logical_partitioning(init, axes)``."""
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def flat_xavier_uniform(num_in_axes: int):
+    """Xavier-uniform on the kernel flattened to (prod(in dims), prod(out dims)).
+
+    This is what a PyTorch ``nn.Linear`` over the same flattened dims would use
+    (e.g. q/k/v kernels shaped (embed, heads, kv) behave like (embed, heads*kv)).
+    """
+    def init(key, shape, dtype=jnp.float32):
+        flat = (int(np.prod(shape[:num_in_axes])), int(np.prod(shape[num_in_axes:])))
+        return xavier_uniform(key, flat, dtype).reshape(shape)
+    return init
+
+
+class DenseND(nn.Module):
+    """``DenseGeneral`` over the last ``contract`` input dims, with the kernel created at its
+    full N-D shape (e.g. q/k/v (embed, heads, kv)); params ``kernel`` (in dims + features)
+    and ``bias`` (features), named by ``kernel_axes`` / ``bias_axes``.
+
+    flax's DenseGeneral initialises kernels flattened to 2-D and unboxes them under
+    the ambient mesh, which applies 3-D logical names to a 2-D value and fails; this
+    keeps the same param names and shapes, so checkpoints and converters are unchanged.
+    With ``contract=1`` and a 2-D kernel it is ``nn.Dense`` (same params, init and numbers).
+
+    ``__call__`` runs the active dense hooks (``fmjax.models.inject``) around ``project``;
+    with none it is ``project``. Hooks build on ``kernel_param`` / ``bias_param`` /
+    ``project(x, kernel=...)``.
+    """
+    features: Tuple[int, ...]
+    contract: int = 1
+    kernel_axes: Tuple[Optional[str], ...] = ()
+    bias_axes: Tuple[Optional[str], ...] = ()
+    use_bias: bool = True
+    kernel_init: Optional[Callable] = None  # None: flat_xavier_uniform(contract)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return inject.call_dense(self, x, self.project)
+
+    def in_shape(self, x: jax.Array) -> Tuple[int, ...]:
+        """The contracted (last ``contract``) dims of ``x``."""
+        return tuple(x.shape[-self.contract:])
+
+    def kernel_param(self, in_shape: Tuple[int, ...]) -> jax.Array:
+        """The ``kernel`` param, (in_shape + features), in ``param_dtype``."""
+        init = self.kernel_init or flat_xavier_uniform(self.contract)
+        return self.param("kernel", part(init, self.kernel_axes),
+                          tuple(in_shape) + tuple(self.features), self.param_dtype)
+
+    def bias_param(self) -> Optional[jax.Array]:
+        """The ``bias`` param (features), or None without ``use_bias``."""
+        if not self.use_bias:
+            return None
+        return self.param("bias", part(zeros, self.bias_axes), tuple(self.features),
+                          self.param_dtype)
+
+    def contract_with(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """``x``'s last ``contract`` dims times ``kernel``'s first ones, in ``dtype``."""
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        dims = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
+        return jax.lax.dot_general(x, kernel, (dims, ((), ())))
+
+    def project(self, x: jax.Array, kernel: Optional[jax.Array] = None) -> jax.Array:
+        """The plain projection ``x . kernel + bias``. A hook that passes ``kernel`` (e.g.
+        ``fake_quant(module.kernel_param(module.in_shape(x)))``) has created the stored
+        kernel itself (a param is created once), so ``project`` does not."""
+        if kernel is None:
+            kernel = self.kernel_param(self.in_shape(x))
+        y = self.contract_with(x, kernel)
+        bias = self.bias_param()
+        if bias is not None:
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(features: int, kernel_axes: Tuple[Optional[str], Optional[str]],
+          dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True,
+          kernel_init: Optional[Callable] = None) -> DenseND:
+    """A 2-D ``DenseND`` (``nn.Dense`` with logical axes): kernel (in, features) on
+    ``kernel_axes``, bias on ``kernel_axes[-1:]``; xavier-uniform kernel unless given."""
+    return DenseND((features,), contract=1, kernel_axes=tuple(kernel_axes),
+                   bias_axes=tuple(kernel_axes[-1:]), use_bias=use_bias,
+                   kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: Optional[str] = None):
+    """LayerNorm with ('norm',) partitioned scale/bias and a two-pass variance.
+
+    ``use_fast_variance=False`` matches PyTorch's E[(x-mean)^2] numerics.
+    """
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+        scale_init=part(ones, ("norm",)), bias_init=part(zeros, ("norm",)), name=name)
+
+
+def get_activation(name: str):
+    """Activation function by name: gelu (exact), gelu_tanh, quick_gelu, relu, silu."""
+    if name == "gelu":
+        return lambda x: nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return lambda x: nn.gelu(x, approximate=True)
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    if name == "relu":
+        return nn.relu
+    if name == "silu":
+        return nn.silu
+    raise ValueError(
+        f"Unknown activation {name!r}; valid: gelu, gelu_tanh, quick_gelu, relu, silu.")

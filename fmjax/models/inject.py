@@ -1,0 +1,107 @@
+"""The injection points of fmjax's transformer layers: wrap every dense projection or every
+attention without editing a model.
+
+Every dense projection of the shared layers (``core.DenseND``: attention ``query`` / ``key`` /
+``value`` / ``out``, MLP ``fc1`` / ``fc2``, patch embedding ``proj``) and the core of every
+``attention.MultiHeadAttention`` (q, k, v -> output) call the hooks active while the model is
+traced. A hook is a function ``hook(module, inputs, call_next)``, called inside the module's
+compact ``__call__``: it may create params on ``module`` (``module.param('lora_a', ...)``,
+stored beside the module's own, e.g. ``.../attn/query/lora_a``) or child modules, inspect
+``module.path`` / ``module.name`` to pick its targets, and continue with ``call_next(inputs)``
+(or not):
+
+- dense: ``inputs`` is the input array ``x``; ``call_next(x)`` runs the remaining hooks, then
+  the plain projection ``module.project(x)``. ``module.project(x, kernel=k)`` projects with a
+  replaced kernel (e.g. fake-quantised).
+- attention: ``inputs`` is an ``AttentionInputs(q, k, v, bias, mask)`` (q (B, Q, heads, d),
+  k / v (B, T, heads, d), additive logit ``bias`` and boolean ``mask`` broadcastable to
+  (B, heads, Q, T) or None); ``call_next(inputs._replace(bias=...))`` runs the rest.
+  ``additive_bias(fn)`` turns ``fn(module, q, k) -> bias`` into such a hook.
+
+Hooks are set with ``hooks(dense=..., attention=...)``, a context manager (and decorator) that
+is read when the model is traced, as ``nn.logical_axis_rules`` is: enter it around (or inside)
+the function given to ``jax.jit``, e.g. ``jax.jit(hooks(dense=h)(loss_fn))`` - a function
+traced outside it and reused from jit's cache keeps the hooks of its first trace. Nested
+contexts compose; the outermost hook runs first. With no hook active the layers run exactly
+as before (same params, same numbers).
+"""
+import contextlib
+import contextvars
+from typing import Any, Callable, NamedTuple, Optional, Tuple
+
+
+class AttentionInputs(NamedTuple):
+    """What an attention hook sees and passes on (``call_next(inputs._replace(...))``)."""
+    q: Any
+    k: Any
+    v: Any
+    bias: Any = None
+    mask: Any = None
+
+
+class _Active(NamedTuple):
+    dense: Tuple[Callable, ...] = ()
+    attention: Tuple[Callable, ...] = ()
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("fmjax_model_hooks", default=_Active())
+
+
+class hooks(contextlib.ContextDecorator):
+    """Run every ``DenseND`` through ``dense`` and every attention through ``attention``
+    while models are traced inside this block (see the module docstring). A context manager
+    (reusable, re-entrant) and a decorator: ``jax.jit(hooks(dense=h)(fn))``."""
+
+    def __init__(self, dense: Optional[Callable] = None, attention: Optional[Callable] = None):
+        for kind, hook in (("dense", dense), ("attention", attention)):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{kind} hook must be callable hook(module, inputs, call_next), "
+                                f"got {hook!r}.")
+        self.dense, self.attention = dense, attention
+        self._tokens = []
+
+    def __enter__(self):
+        cur = _ACTIVE.get()
+        self._tokens.append(_ACTIVE.set(_Active(
+            cur.dense + ((self.dense,) if self.dense is not None else ()),
+            cur.attention + ((self.attention,) if self.attention is not None else ()))))
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.reset(self._tokens.pop())
+        return False
+
+
+def active() -> _Active:
+    """The hooks active now: ``.dense`` and ``.attention`` tuples, outermost first."""
+    return _ACTIVE.get()
+
+
+def _chain(hook_list, module, inputs, final):
+    def run(i, inp):
+        if i == len(hook_list):
+            return final(inp)
+        return hook_list[i](module, inp, lambda nxt: run(i + 1, nxt))
+    return run(0, inputs)
+
+
+def call_dense(module, x, final: Callable):
+    """Run the active dense hooks around ``final(x)`` (the plain projection)."""
+    return _chain(_ACTIVE.get().dense, module, x, final)
+
+
+def call_attention(module, inputs: AttentionInputs, final: Callable):
+    """Run the active attention hooks around ``final(inputs)`` (the attention itself)."""
+    return _chain(_ACTIVE.get().attention, module, inputs, final)
+
+
+def additive_bias(fn: Callable) -> Callable:
+    """Attention hook adding ``fn(module, q, k)`` (broadcastable to (B, heads, Q, T), or None
+    to skip this attention) to the attention logits, before the mask and the softmax."""
+    def hook(module, inputs: AttentionInputs, call_next):
+        extra = fn(module, inputs.q, inputs.k)
+        if extra is None:
+            return call_next(inputs)
+        bias = extra if inputs.bias is None else inputs.bias + extra
+        return call_next(inputs._replace(bias=bias))
+    return hook
