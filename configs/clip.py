@@ -29,6 +29,22 @@ CPU recipe (issue 12: zero-shot >= 0.8), the default on the simple shapes for 16
   0.005). 20 min wall clock for the whole run, sharing the 2 cores with the test suite and
   another training.
 
+LiT (Zhai et al., 2022: locked-image text tuning), from a supervised run's ViT:
+    python launch/train.py --config=configs/supervised.py --workdir=SUPERVISED_WORKDIR
+    python launch/train.py --config=configs/clip.py:lit --workdir=DIR \
+        --config.model_init.workdir=SUPERVISED_WORKDIR
+  The default's data, text tower and evals; the image tower is the sub-config
+  config.model.image = configs/supervised.py's default ViT (read from that config: Ti/8 shape
+  overridden to width 128, depth 4, conv stem, mean pooling) with num_classes=0, locked
+  (objective.lock='image': it and image_proj get no update, so they end bit-identical to the
+  start) and loaded with model_init.mapping={'params': 'image'}. The supervised checkpoint's
+  head/kernel and head/bias map to no param: the load table counts them as unused (so no
+  dont_load). Images are normalised as the tower was trained ('imagenet', not 'clip').
+  Without --config.model_init.workdir (e.g. --check_only) the locked tower is RANDOM and the
+  objective prints a one-line warning; the run still starts (a locked random tower is a valid,
+  if poor, baseline). Not yet measured on the shapes (tests/models/test_clip_towers.py checks
+  the mechanics: the loaded tower ends bit-identical to the supervised run's params).
+
 Paper presets (need an image-text dataset: --config.data.name=image_folder:/path with a
 captions file, or a TFDS dataset with captions):
     python launch/train.py --config=configs/clip.py:vit_b16 --config.data.name=... --workdir=DIR
@@ -71,13 +87,13 @@ def big_vision_optimizer(lr: float, wd: float, warmup_steps: int, clip_norm: flo
                 clip_norm=clip_norm, clip_mode="global", wd_groups="big_vision")
 
 
-def _pp(size: int, scale, tok: str, keys: str, swap_words=()) -> str:
+def _pp(size: int, scale, tok: str, keys: str, swap_words=(), norm: str = "clip") -> str:
     crop = f"random_resized_crop({size}, scale={tuple(scale)})|" if scale else f"resize(({size}, {size}))|"
     if swap_words:  # NegCLIP hard negatives: a caption with one listed word swapped, tokenized
         neg_tok = tok[:-1] + ", key='neg_caption', outkey='neg_tokens')"
         tok = f"swap_words({tuple(swap_words)!r})|{tok}|{neg_tok}"
         keys += ", 'neg_tokens', 'neg_valid'"
-    return f"{crop}normalize('clip')|{tok}|keep({keys})"
+    return f"{crop}normalize({norm!r})|{tok}|keep({keys})"
 
 
 def get_config(arg: str = "default"):
@@ -87,7 +103,7 @@ def get_config(arg: str = "default"):
     c.objective.hard_negatives = False     # True: NegCLIP negatives from data.swap_words
     c.data.swap_words = ()                 # read once, here, to build pp_train
     c.data.normalization = "clip"
-    if arg in ("default", "cpu"):
+    if arg in ("default", "cpu", "lit"):
         c.total_steps = 800
         c.batch_size = 128
         c.log_every = 50
@@ -113,6 +129,19 @@ def get_config(arg: str = "default"):
             c.data.name = "fmjax_shapes/simple_32"
             c.total_steps = 1600
             c.eval_every = c.checkpoint_every = 400
+        if arg == "lit":  # LiT: configs/supervised.py's ViT as the locked image tower
+            sup = _supervised_config()
+            image = dict(sup.model)
+            image["num_classes"] = 0           # the classifier head has no place in the tower
+            c.model = dict(name="clip", embed_dim=128, text_width=128, text_depth=3, text_heads=4,
+                           text_mlp_dim=512, vocab_size=2048, context_length=32,
+                           activation="gelu", loss="softmax", image=image)
+            c.objective.lock = "image"
+            # The tower sees its training inputs' normalisation (supervised: 'imagenet').
+            c.data.normalization = sup.data.get("normalization", "imagenet")
+            # The supervised checkpoint's params -> the tower; its head/* map to no param and
+            # are counted as unused in the load table (no dont_load needed).
+            c.model_init.mapping = {"params": "image"}
     elif arg in ("vit_b16", "vit_b32", "vit_l14"):
         variant = {"vit_b16": "B/16", "vit_b32": "B/32", "vit_l14": "L/14"}[arg]
         c.total_steps = 32 * 400_000_000 // 32768  # 32 epochs of 400M pairs (~391k steps)
@@ -129,12 +158,18 @@ def get_config(arg: str = "default"):
         c.evals = dict()
         c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
     else:
-        raise ValueError(f"Unknown configs/clip.py preset {arg!r}; valid: default, cpu, vit_b16, vit_b32, vit_l14.")
+        raise ValueError(f"Unknown configs/clip.py preset {arg!r}; valid: default, cpu, lit, vit_b16, vit_b32, vit_l14.")
     tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
+    norm = c.data.normalization
     c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'",
-                          c.data.swap_words if c.objective.hard_negatives else ())
-    c.data.pp_eval = _pp(c.data.image_size, None, tok, "'image', 'label', 'tokens'")
+                          c.data.swap_words if c.objective.hard_negatives else (), norm)
+    c.data.pp_eval = _pp(c.data.image_size, None, tok, "'image', 'label', 'tokens'", norm=norm)
     return c
+
+
+def _supervised_config():
+    from configs import supervised
+    return supervised.get_config()
 
 
 def _shapes_classes():

@@ -238,6 +238,11 @@ def mae_plan(model, params, image_size: Optional[int] = None) -> Plan:
 
 def check_clip(model, fmt: str = "hf") -> None:
     """Config-only checks of a ``CLIP`` export to ``fmt`` ('hf' or 'open_clip')."""
+    towers = [k for k in ("image", "text") if getattr(model, k, None) is not None]
+    if towers:
+        raise ConfigError(f"a CLIP built from tower sub-configs (model.{' / model.'.join(towers)}) "
+                          "has no transformers / open_clip layout here; export needs the flat-key "
+                          "CLIP (a ViT image tower from model.width ... patch_size).")
     check_vit_options(model, "transformers / open_clip CLIP", "model.")
     if fmt == "hf":
         if model.loss == "sigmoid" or model.logit_bias_init is not None:

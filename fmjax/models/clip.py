@@ -14,16 +14,35 @@ gradient, so it never moves (tests/reference/test_clip_trajectory.py).
 The vision tower's fields are the flat ViT names (``width``, ``depth``,
 ``num_heads``, ``mlp_dim``, ``patch_size``) so ``registry.build_model(dict(
 name='clip', variant='B/16', ...))`` works; the text tower's are ``text_*``.
+
+Tower sub-configs (issue 13: composite models take sub-configs, as big_vision's
+``two_towers.py``):
+
+- ``image=dict(name='vit', variant='Ti/8', width=..., pool='mean', stem='conv', ...)``: the
+  image tower is any registered model with the ``'pooled'`` capability, built from this
+  dict exactly as ``config.model`` of that model would be (``fmjax.models.registry``; ``name``
+  defaults to ``'vit'``). It is complete in itself: only ``dtype`` / ``param_dtype`` come from
+  CLIP; the flat image keys (``width`` ... ``patch_size``, ``stem``, ``patch_bias``) must then
+  stay unset. Its params are still ``image/...``, so a checkpoint of that model loads into the
+  tower with ``config.model_init.mapping={'params': 'image'}`` (LiT, configs/clip.py:lit).
+  ``image_proj`` maps the tower's pooled width (read from its output at init) to ``embed_dim``.
+- ``text=dict(variant='B', depth=6, ...)``: ``TextTransformer`` fields (``variant`` one of
+  ``TEXT_PRESETS``) that replace the flat ``text_*`` / shared values; ``embed_dim`` stays CLIP's.
+
+Without sub-configs the model, its param tree and its outputs are exactly those of the flat
+keys (tests/models/test_clip_towers.py).
 """
+import dataclasses
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from fmjax.models import layers
-from fmjax.models.text import TEXT_PRESETS, TextTransformer
+from fmjax.models.text import TEXT_PRESETS, TextTransformer, text_kwargs
 from fmjax.models.vit import ViT, vit_kwargs
 
 Dtype = Any
@@ -45,10 +64,44 @@ def clip_kwargs(variant: str, **overrides) -> Dict[str, Any]:
             f"Unknown CLIP variant {variant!r}; valid: {', '.join(CLIP_PRESETS)}.")
     vision, text, embed_dim = CLIP_PRESETS[variant]
     t = TEXT_PRESETS[text]
-    kwargs = dict(vit_kwargs(vision), embed_dim=embed_dim, text_width=t["width"],
+    # An image sub-config replaces the flat vision keys (see the module docstring).
+    vision_kw = {} if overrides.get("image") is not None else vit_kwargs(vision)
+    kwargs = dict(vision_kw, embed_dim=embed_dim, text_width=t["width"],
                   text_depth=t["depth"], text_heads=t["num_heads"], text_mlp_dim=t["mlp_dim"])
     kwargs.update(overrides)
     return kwargs
+
+
+def _frozen(x, top: bool = True):
+    """A sub-config (dict, ml_collections ConfigDict, FrozenDict or, at the top, a tuple of
+    items) as a hashable FrozenDict (nested mappings too; lists become tuples): linen fields
+    must hash."""
+    if x is None:
+        return None
+    if top and isinstance(x, tuple) and all(isinstance(i, tuple) and len(i) == 2 for i in x):
+        x = dict(x)
+    if hasattr(x, "items") and hasattr(x, "keys"):
+        return FrozenDict({str(k): _frozen(v, False) for k, v in x.items()})
+    if isinstance(x, (list, tuple)):
+        return tuple(_frozen(v, False) for v in x)
+    return x
+
+
+def _plain(x):
+    """The inverse of ``_frozen`` for building a tower: plain nested dicts."""
+    if hasattr(x, "items") and hasattr(x, "keys"):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _fields(cls) -> set:
+    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
+def _shape_scaled_normal(key, shape, dtype=jnp.float32):
+    """normal(in_features ** -0.5) for a (in, out) kernel: ``nn.initializers.normal(width **
+    -0.5)`` without knowing the width up front (an image tower's pooled width)."""
+    return nn.initializers.normal(shape[0] ** -0.5)(key, shape, dtype)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -67,15 +120,17 @@ class CLIP(nn.Module):
     ``logits_per_image`` (B, B') = scale * image @ text.T (+ bias) and, when
     present, ``logit_bias``. ``loss='sigmoid'`` (SigLIP) initialises the scale
     to ln 10 and adds a bias initialised to -10; 'softmax' (CLIP) uses ln(1/0.07).
+
+    ``image`` / ``text``: tower sub-configs (see the module docstring); None: the flat keys.
     """
 
     capabilities = frozenset({"image_text"})   # fmjax.models.registry.CAPABILITIES
 
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    patch_size: int
+    width: Optional[int] = None       # the flat image tower (a ViT); unset with ``image``
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_dim: Optional[int] = None
+    patch_size: Optional[int] = None
     embed_dim: int = 512
     text_width: int = 512
     text_depth: int = 12
@@ -99,35 +154,127 @@ class CLIP(nn.Module):
     patch_bias: bool = True  # False: open_clip / OpenAI conv1 (bias=False); see _without_patch_bias
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    image: Optional[Mapping[str, Any]] = None  # image tower sub-config (registry model, 'pooled')
+    text: Optional[Mapping[str, Any]] = None   # text tower sub-config (TextTransformer fields)
 
-    def setup(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"Unknown CLIP loss {self.loss!r}; valid: {LOSSES}.")
-        common = dict(dropout=self.dropout, drop_path=self.drop_path,
-                      layernorm_eps=self.layernorm_eps, attention_impl=self.attention_impl,
-                      remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
-        vit = ViT
-        if not self.patch_bias:
-            if self.stem != "patch":
-                raise ValueError("patch_bias=False needs stem='patch' (the conv stem has its own "
-                                 "biases and norms).")
-            vit = nn.map_variables(ViT, "params", self._without_patch_bias,
-                                   init=self.is_initializing())
-        self.image = vit(  # class-token ViT with ln_pre, no head
-            width=self.width, depth=self.depth, num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim, patch_size=self.patch_size, activation=self.activation,
-            pool="cls", class_token=True, pos_embed="learned", pre_norm=True, num_classes=0,
-            stem=self.stem, **common)
-        self.image_proj = nn.Dense(
-            self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=layers.part(nn.initializers.normal(self.width ** -0.5),
-                                    ("embed", None)))
-        self.text = TextTransformer(
+    def __post_init__(self):
+        # Sub-configs arrive as dicts / ConfigDicts; linen fields must hash (clone, transforms).
+        for key in ("image", "text"):
+            object.__setattr__(self, key, _frozen(getattr(self, key)))
+        super().__post_init__()
+
+    def _common(self) -> Dict[str, Any]:
+        return dict(dropout=self.dropout, drop_path=self.drop_path,
+                    layernorm_eps=self.layernorm_eps, attention_impl=self.attention_impl,
+                    remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def image_tower(self):
+        """``(registry name, class, kwargs)`` of the image tower: a class-token ViT with ln_pre
+        from the flat keys, or the ``image`` sub-config's model. One-line ValueErrors."""
+        if self.image is None:
+            missing = [k for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size")
+                       if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"CLIP needs the image tower's {missing} (the flat ViT keys) or "
+                                 "an image tower sub-config config.model.image=dict(name=..., ...).")
+            kwargs = dict(width=self.width, depth=self.depth, num_heads=self.num_heads,
+                          mlp_dim=self.mlp_dim, patch_size=self.patch_size,
+                          activation=self.activation, pool="cls", class_token=True,
+                          pos_embed="learned", pre_norm=True, num_classes=0, stem=self.stem,
+                          **self._common())
+            return "vit", ViT, kwargs
+        from fmjax.models import registry
+        flat = [k for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size")
+                if getattr(self, k) is not None]
+        flat += [k for k, default in (("stem", "patch"), ("patch_bias", True))
+                 if getattr(self, k) != default]
+        if flat:
+            raise ValueError(f"CLIP: config.model.image sets the image tower; drop the flat image "
+                             f"keys {flat} (put them in config.model.image).")
+        cfg = _plain(self.image)
+        cfg.setdefault("name", "vit")
+        name = cfg["name"]
+        kwargs = registry.model_kwargs(cfg)
+        cls = registry.model_class(name)
+        fields = _fields(cls)
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise ValueError(f"config.model.image: model {name!r} has no field(s) {unknown}; "
+                             f"valid: {sorted(fields)}.")
+        bad = sorted({"dtype", "param_dtype"} & set(kwargs))
+        if bad:
+            raise ValueError(f"config.model.image sets {bad}: the towers take config.dtype "
+                             "(and CLIP's param_dtype); drop them from the sub-config.")
+        kwargs["dtype"] = self.dtype
+        if "param_dtype" in fields:
+            kwargs["param_dtype"] = self.param_dtype
+        return name, cls, kwargs
+
+    def text_tower(self) -> Dict[str, Any]:
+        """``TextTransformer`` kwargs: the flat ``text_*`` / shared keys, then the ``text``
+        sub-config's (``variant`` a ``TEXT_PRESETS`` name). One-line ValueErrors."""
+        kwargs = dict(
             vocab_size=self.vocab_size, context_length=self.context_length,
             width=self.text_width, depth=self.text_depth, num_heads=self.text_heads,
             mlp_dim=self.text_mlp_dim, embed_dim=self.embed_dim,
             activation=self.text_activation or self.activation, pool=self.text_pool,
-            eos_token_id=self.eos_token_id, **common)
+            eos_token_id=self.eos_token_id, **self._common())
+        if self.text is None:
+            return kwargs
+        cfg = _plain(self.text)
+        variant = cfg.pop("variant", None)
+        if variant:
+            cfg = text_kwargs(variant, **cfg)
+        fields = _fields(TextTransformer)
+        unknown = sorted(set(cfg) - fields)
+        if unknown:
+            raise ValueError(f"config.model.text takes TextTransformer fields (and variant: "
+                             f"{', '.join(TEXT_PRESETS)}); unknown {unknown}; valid: {sorted(fields)}.")
+        bad = sorted({"dtype", "param_dtype"} & set(cfg))
+        if bad:
+            raise ValueError(f"config.model.text sets {bad}: the towers take config.dtype "
+                             "(and CLIP's param_dtype); drop them from the sub-config.")
+        if cfg.get("embed_dim", self.embed_dim) != self.embed_dim:
+            raise ValueError(f"config.model.text.embed_dim={cfg['embed_dim']} differs from "
+                             f"config.model.embed_dim={self.embed_dim}; set only the latter.")
+        kwargs.update(cfg)
+        return kwargs
+
+    def check_towers(self):
+        """Both towers' configs and the image tower's 'pooled' capability (one-line
+        ValueErrors; the objective calls it at construction). Returns ``image_tower()``."""
+        name, cls, kwargs = self.image_tower()
+        if self.image is not None:
+            from fmjax.models import registry
+            registry.require(cls(**kwargs, parent=None), ("pooled",), "CLIP's image tower", name,
+                             key="config.model.image.name")
+        self.text_tower()
+        return name, cls, kwargs
+
+    @property
+    def image_patch_size(self) -> Optional[int]:
+        """The image tower's patch size (None for a tower without one)."""
+        if self.image is None:
+            return self.patch_size
+        return self.image_tower()[2].get("patch_size")
+
+    def setup(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"Unknown CLIP loss {self.loss!r}; valid: {LOSSES}.")
+        _, cls, kwargs = self.check_towers()
+        if not self.patch_bias:
+            if self.stem != "patch":
+                raise ValueError("patch_bias=False needs stem='patch' (the conv stem has its own "
+                                 "biases and norms).")
+            cls = nn.map_variables(ViT, "params", self._without_patch_bias,
+                                   init=self.is_initializing())
+        # Submodule names are explicit: the fields ``image`` / ``text`` hold the sub-configs,
+        # the param tree keeps ``image/...`` and ``text/...`` either way.
+        self.image_encoder = cls(**kwargs, name="image")
+        self.image_proj = nn.Dense(
+            self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=layers.part(_shape_scaled_normal, ("embed", None)))
+        self.text_encoder = TextTransformer(**self.text_tower(), name="text")
         sigmoid = self.loss == "sigmoid"
         scale = self.logit_scale_init
         if scale is None:
@@ -157,14 +304,14 @@ class CLIP(nn.Module):
     def encode_image(self, images: jax.Array, train: bool = False,
                      normalize: bool = True) -> jax.Array:
         """(B, H, W, C) images -> (B, embed_dim) embeddings (L2-normalised by default)."""
-        pooled = self.image(images, train=train)["pre_logits"]
+        pooled = self.image_encoder(images, train=train)["pre_logits"]
         emb = self.image_proj(pooled)
         return l2_normalize(emb) if normalize else emb
 
     def encode_text(self, tokens: jax.Array, train: bool = False,
                     normalize: bool = True) -> jax.Array:
         """(B, L) token ids -> (B, embed_dim) embeddings (L2-normalised by default)."""
-        emb = self.text(tokens, train=train)["embedding"]
+        emb = self.text_encoder(tokens, train=train)["embedding"]
         return l2_normalize(emb) if normalize else emb
 
     def __call__(self, images: jax.Array, tokens: jax.Array,

@@ -96,8 +96,18 @@ class _Models(Mapping):
 MODELS = _Models()
 
 
+def _plain(value):
+    """Nested ml_collections ConfigDicts (e.g. a composite model's tower sub-configs,
+    ``config.model.image``) as plain dicts."""
+    if hasattr(value, "items") and hasattr(value, "keys") and not isinstance(value, dict):
+        value = dict(value.items())
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def model_kwargs(model_config: Mapping[str, Any]) -> dict:
-    cfg = dict(model_config)
+    cfg = _plain(model_config)   # a fresh dict: the pops below leave the config alone
     name = cfg.pop("name", None)
     _, variants = _entry(name)
     variant = cfg.pop("variant", None)
@@ -124,9 +134,11 @@ def capabilities(model) -> frozenset:
     return frozenset(fn(model) if fn else getattr(model, "capabilities", ()))
 
 
-def require(model, needs: Iterable[str], who: str, name: Optional[str] = None) -> None:
+def require(model, needs: Iterable[str], who: str, name: Optional[str] = None,
+            key: str = "config.model.name") -> None:
     """Raises a one-line ValueError if ``model`` (built, or a registered name: the class's
-    capabilities) lacks one of ``needs``, naming the registered models that declare them."""
+    capabilities) lacks one of ``needs``, naming the registered models that declare them.
+    ``key``: the config key that chose the model (a composite model's tower names its own)."""
     needs = tuple(needs)
     unknown = [n for n in needs if n not in CAPABILITIES]
     if unknown:
@@ -137,4 +149,4 @@ def require(model, needs: Iterable[str], who: str, name: Optional[str] = None) -
         fits = [m for m in available() if set(needs) <= capabilities(m)]
         label = name or (model if isinstance(model, str) else type(model).__name__)
         raise ValueError(f"{who} needs a model with {missing} ({'; '.join(CAPABILITIES[n] for n in missing)}); "
-                         f"config.model.name={label!r} has {sorted(have)}; models that fit: {fits}.")
+                         f"{key}={label!r} has {sorted(have)}; models that fit: {fits}.")

@@ -15,6 +15,7 @@ model must tell the swapped word apart even when colour and position already pic
 from __future__ import annotations
 
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,12 @@ from fmjax.models.registry import build_model, require
 from fmjax.objectives.base import Objective
 
 MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def model_init_is_set(config) -> bool:
+    """``config.model_init`` names a source (fmjax.train.model_init.is_set, without the import)."""
+    mi = config.get("model_init")
+    return bool(mi) and bool(mi.get("workdir") or mi.get("torch"))
 
 
 def _similarity(image_embeds, text_embeds, logit_scale):
@@ -69,7 +76,10 @@ class CLIPObjective(Objective):
         super().__init__(config)
         self.model = build_model(config.model, config.get("dtype", "float32"))
         require(self.model, ("image_text",), "objective 'clip'", config.model.name)
-        self.patch_size = getattr(self.model, "patch_size", None)
+        if hasattr(self.model, "check_towers"):  # bad tower sub-configs: one line, before any compile
+            self.model.check_towers()
+        self.patch_size = getattr(self.model, "image_patch_size",   # None: no patch grid
+                                  getattr(self.model, "patch_size", None))
         self.lock = config.objective.get("lock", "")  # "", "image" or "text" (LiT)
         if self.lock not in ("", "image", "text"):
             raise ValueError(f"config.objective.lock={self.lock!r}; valid: '', 'image', 'text'.")
@@ -82,7 +92,12 @@ class CLIPObjective(Objective):
         self.clamp_logit_scale = bool(config.objective.get("clamp_logit_scale", True))
 
     def check(self, config):
-        text_ops.check_vocab(config, config.model.get("vocab_size"))
+        text = config.model.get("text") or {}
+        text_ops.check_vocab(config, text.get("vocab_size") or config.model.get("vocab_size"))
+        if self.lock and not model_init_is_set(config) and jax.process_index() == 0:
+            print(f"fmjax: warning: objective.lock={self.lock!r} with no config.model_init: the "
+                  f"locked {self.lock} tower stays at its random init (LiT loads it, e.g. "
+                  "--config.model_init.workdir=DIR).", file=sys.stderr, flush=True)
 
     def init(self, rng, batch):
         return self.model.init({"params": rng}, batch["image"], batch["tokens"])["params"], {}
