@@ -13,23 +13,22 @@ Default (bundled shapes, 32x32, class-conditional small DiT, CPU-sized):
   (conditional MSE 0.5-4% below the null class; no better samples) and cosine schedule +
   v-prediction + min-SNR-5 weighting (more object-like colour blobs; 0.145).
 
-CPU recipe (issue 12: generation accuracy >= 0.5) - reached, in ~40 min instead of 30:
+CPU recipe (issue 12: generation accuracy >= 0.5) - reached, in 33 min instead of 30:
     python launch/train.py --config=configs/supervised.py:simple --workdir=runs/classifier_simple_32
     python launch/train.py --config=configs/diffusion.py:cpu --workdir=/tmp/diff_cpu
   A small class-conditional U-Net (channels 32, mult (1, 2, 2), one res block per level,
   attention at 8x8, scale-shift (AdaGN) conditioning: resnet_time_scale_shift='scale_shift';
   ~1.2M params) on fmjax_shapes/simple_32 (the main object on a plain background), eps
   prediction with min-SNR-5 loss weighting (objective.loss_weighting='min_snr_gamma'), Adam
-  1e-3 cosine to 1e-4, batch 64, 2500 steps; scored by the generation eval (16 EMA samples per
+  1e-3 cosine to 1e-4, batch 64, 1800 steps; scored by the generation eval (16 EMA samples per
   class, 25 DDIM steps, guidance 5) with the classifier of configs/supervised.py:simple (0.945
-  on real simple_32 validation images). Measured 2026-12-01:
-    generation accuracy 0.141 (step 0) -> 0.445 (1250) -> 0.570 (2500)
-    per class at 2500: triangle 0.88, heart 0.75, square 0.75, ring 0.94, star 0.50,
-    cross 0.44, hexagon 0.31, circle 0.00 (circles come out as blobs the classifier calls
-    something else).
-  Solo the step runs at 1.14 steps/s on the 2 cores (a 200-step timing run), so 2500 steps
-  take ~37 min plus three ~1-min evals: over the 30-min budget. (The measured run shared the
-  CPU and took longer.)
+  on real simple_32 validation images). Measured 2026-12-01, alone on the 2-core CPU:
+    1800 steps (this preset): 0.141 (step 0) -> 0.328 (900) -> 0.547 (1800); 32.7 min wall
+      clock from start to final metrics (compile, 3 evals, ~1.0 steps/s); per class at 1800:
+      ring 1.00, heart 0.94, square 0.81, triangle 0.50, cross 0.44, hexagon 0.44, star 0.25,
+      circle 0.00 (circles come out as blobs the classifier calls something else).
+    2500 steps (--config.total_steps=2500 --config.eval_every=1250; shared CPU): 0.141 ->
+      0.445 (1250) -> 0.570 (2500); alone it would take ~40 min (1.14 steps/s).
   What made the difference, against the first version of this preset (additive time
   embedding, plain eps-MSE, guidance 2; 0.133 at step 1250, 0.250 at 2500): AdaGN, min-SNR-5
   and guidance 5 together, changed at once. The old run's checkpoint sampled with more
@@ -124,8 +123,8 @@ def get_config(arg: str = "default"):
         c.evals = dict(samples=dict(type="images", split="validation"))
         if arg == "cpu":  # the default on the simple shapes, longer, scored (see the docstring)
             c.data.name = "fmjax_shapes/simple_32"
-            c.total_steps = 2500
-            c.eval_every = 1250
+            c.total_steps = 1800
+            c.eval_every = 900
             c.checkpoint_every = 500
             # AdaGN (scale-shift conditioning, improved DDPM / ADM) + min-SNR-5 loss weighting
             # + guidance 5: 0.445 at step 1250 where the plain U-Net (additive time embedding,
