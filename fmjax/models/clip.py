@@ -111,6 +111,21 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return (x32 / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
+def _check_sub_config(key: str, kwargs, cls, unknown_msg: str):
+    """A tower sub-config's keys: the fields of ``cls`` only, and no dtype of its own (the
+    towers take config.dtype and CLIP's param_dtype). One-line ValueErrors naming ``key``.
+    Returns the field names."""
+    fields = _fields(cls)
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(f"{key}{unknown_msg} {unknown}; valid: {sorted(fields)}.")
+    bad = sorted({"dtype", "param_dtype"} & set(kwargs))
+    if bad:
+        raise ValueError(f"{key} sets {bad}: the towers take config.dtype "
+                         "(and CLIP's param_dtype); drop them from the sub-config.")
+    return fields
+
+
 class CLIP(nn.Module):
     """Two towers projected into a shared ``embed_dim`` space.
 
@@ -196,15 +211,8 @@ class CLIP(nn.Module):
         name = cfg["name"]
         kwargs = registry.model_kwargs(cfg)
         cls = registry.model_class(name)
-        fields = _fields(cls)
-        unknown = sorted(set(kwargs) - fields)
-        if unknown:
-            raise ValueError(f"config.model.image: model {name!r} has no field(s) {unknown}; "
-                             f"valid: {sorted(fields)}.")
-        bad = sorted({"dtype", "param_dtype"} & set(kwargs))
-        if bad:
-            raise ValueError(f"config.model.image sets {bad}: the towers take config.dtype "
-                             "(and CLIP's param_dtype); drop them from the sub-config.")
+        fields = _check_sub_config("config.model.image", kwargs, cls,
+                                   f": model {name!r} has no field(s)")
         kwargs["dtype"] = self.dtype
         if "param_dtype" in fields:
             kwargs["param_dtype"] = self.param_dtype
@@ -225,15 +233,8 @@ class CLIP(nn.Module):
         variant = cfg.pop("variant", None)
         if variant:
             cfg = text_kwargs(variant, **cfg)
-        fields = _fields(TextTransformer)
-        unknown = sorted(set(cfg) - fields)
-        if unknown:
-            raise ValueError(f"config.model.text takes TextTransformer fields (and variant: "
-                             f"{', '.join(TEXT_PRESETS)}); unknown {unknown}; valid: {sorted(fields)}.")
-        bad = sorted({"dtype", "param_dtype"} & set(cfg))
-        if bad:
-            raise ValueError(f"config.model.text sets {bad}: the towers take config.dtype "
-                             "(and CLIP's param_dtype); drop them from the sub-config.")
+        _check_sub_config("config.model.text", cfg, TextTransformer,
+                          f" takes TextTransformer fields (and variant: {', '.join(TEXT_PRESETS)}); unknown")
         if cfg.get("embed_dim", self.embed_dim) != self.embed_dim:
             raise ValueError(f"config.model.text.embed_dim={cfg['embed_dim']} differs from "
                              f"config.model.embed_dim={self.embed_dim}; set only the latter.")
