@@ -17,7 +17,8 @@ efb2a8062c206524e35e47d04501ed4f544c0ae8 (the repository's HEAD, 2022-04-20):
   ``forward_decoder``, ``forward_loss`` (norm_pix_loss with ``torch.var``'s unbiased variance);
   ``util/pos_embed.py`` ``get_2d_sincos_pos_embed``; the blocks are timm 0.3.2's (the version
   the repository's README pins): ``timm/models/vision_transformer.py`` ``Block`` /
-  ``Attention`` (one fused ``qkv`` Linear) / ``Mlp`` / ``PatchEmbed``, and
+  ``Attention`` (one fused ``qkv`` Linear) / ``Mlp`` / ``PatchEmbed`` (in timm032_blocks.py,
+  shared with the DeiT test), and
   ``timm/optim/optim_factory.py`` ``add_weight_decay`` (no decay for
   ``len(param.shape) == 1 or name.endswith(".bias") or name in skip_list``; frozen params,
   i.e. the fixed sin-cos ``pos_embed`` / ``decoder_pos_embed``, are left out).
@@ -56,6 +57,8 @@ mask_token), the paper presets' optimizer settings, and the initial distribution
 param under the presets' ``objective.param_init='reference'``.
 """
 import math
+import os
+import sys
 import types
 
 import flax
@@ -66,6 +69,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
+sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared blocks
+from timm032_blocks import Block, PatchEmbed  # noqa: E402  (timm 0.3.2)
 
 from fmjax.data import pipeline  # noqa: E402
 from fmjax.interop import hf_vit  # noqa: E402
@@ -115,70 +120,6 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
     pos = pos.reshape(-1)
     out = np.einsum('m,d->md', pos, omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
-class PatchEmbed(nn.Module):
-    """timm 0.3.2 PatchEmbed: a strided Conv2d, flattened to tokens."""
-
-    def __init__(self, img_size, patch_size, in_chans, embed_dim):
-        super().__init__()
-        self.patch_size = (patch_size, patch_size)
-        self.num_patches = (img_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Mlp(nn.Module):
-    """timm 0.3.2 Mlp (dropout 0)."""
-
-    def __init__(self, in_features, hidden_features):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Attention(nn.Module):
-    """timm 0.3.2 Attention: one fused qkv Linear (attention / projection dropout 0)."""
-
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None):
-        super().__init__()
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.scale = qk_scale or head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        attn = attn.softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj(x)
-
-
-class Block(nn.Module):
-    """timm 0.3.2 Block (drop_path 0)."""
-
-    def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, qk_scale=None,
-                 norm_layer=nn.LayerNorm):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
-        return x
 
 
 class MaskedAutoencoderViT(nn.Module):

@@ -23,7 +23,8 @@ The reference is a minimal PyTorch transcription of facebookresearch/deit at com
   epochs, warmup_t, warmup_lr_init, lr_min, ``warmup_prefix=False``: the cosine's clock
   starts at epoch 0, so the peak lr is never reached); ``models/vision_transformer.py``
   ``VisionTransformer`` / ``Block`` / ``Attention`` (one fused ``qkv``) / ``Mlp`` /
-  ``PatchEmbed`` as DeiT's ``models.py`` builds them (qkv_bias, LayerNorm eps 1e-6).
+  ``PatchEmbed`` as DeiT's ``models.py`` builds them (qkv_bias, LayerNorm eps 1e-6); the blocks
+  are in timm032_blocks.py, shared with the MAE test.
 
 The only changes to the reference: float32 (DeiT trains under ``torch.cuda.amp.autocast()``;
 the GradScaler only rescales); dropout / drop-path 0; no mixup / cutmix / augmentation (the
@@ -59,6 +60,8 @@ DeiT's list (both skip pos_embed, cls_token, biases and LayerNorms), which
 ``test_decay_groups_are_the_references`` checks for both.
 """
 import math
+import os
+import sys
 import types
 
 import jax
@@ -68,6 +71,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
+sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared blocks
+from timm032_blocks import Block, PatchEmbed  # noqa: E402  (timm 0.3.2)
 F = torch.nn.functional
 
 from fmjax.data import pipeline  # noqa: E402
@@ -90,60 +95,6 @@ PEAK_LR, WARMUP_LR, MIN_LR, WD, SMOOTHING = 1e-3, 1e-6, 1e-5, 0.05, 0.1
 # ----------------------------------------------------------------------------------------------
 # The reference: timm 0.3.2's VisionTransformer (as DeiT's models.py builds deit_*_patch16_224).
 # ----------------------------------------------------------------------------------------------
-
-class PatchEmbed(nn.Module):
-    def __init__(self, img_size, patch_size, in_chans, embed_dim):
-        super().__init__()
-        self.num_patches = (img_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Mlp(nn.Module):
-    def __init__(self, in_features, hidden_features):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None):
-        super().__init__()
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.scale = qk_scale or head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        attn = attn.softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj(x)
-
-
-class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, norm_layer=nn.LayerNorm):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
-        return x
-
 
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
