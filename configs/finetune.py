@@ -69,12 +69,54 @@ pre-training checkpoint or an fmjax MAE workdir (configs/mae.py:vit_b16_imagenet
   pos_embed (learned, initialised to the sin-cos table; here the fixed sin-cos table, which
   the 'timm_mae' converter checks and which an fmjax MAE workdir has no param for); float16
   autocast (bfloat16 here); per-GPU mixup pairing (here the whole global batch is reversed).
-  DINO ViT-S/16 and CLIP ViT-B/16 presets are not given: DINO publishes no fine-tuning
-  script (its eval_linear.py is a linear probe: configs/linear_probe.py), and FT-CLIP's recipe
-  (LightDXY/FT-CLIP scripts/bash_fine_Openai_CLIP_P16.sh: batch 2048, lr 6e-4, 50 epochs,
-  warm-up 10, layer decay 0.6, wd 0.05, no drop path, no mixup / cutmix, model EMA 0.9998,
-  CLIP mean / std) runs on their own CLIP-ViT fine-tuning model, whose head and pooling are
-  not checked against fmjax's ViT here.
+DINO's fine-tuning of ViT-B/16 (Caron et al. 2021, Appendix, 82.8 top-1 from the DINO
+checkpoint; the recipe is facebookresearch/dino issue #31, the first author's answer: "I've
+used the DeiT codebase for the finetuning ... exactly the same as in default DeiT training
+parameters. The base learning rate is 0.0005 ... batch size of 1024 ... an effective learning
+rate of 0.001", with the new linear layer initialised smaller), from the teacher of an fmjax
+DINO workdir (configs/dino.py:vit_b16_imagenet) or the released dino_vitbase16_pretrain.pth
+(DINO's vision_transformer.py uses timm's parameter names, so format 'timm_vit'):
+    python launch/train.py --config=configs/finetune.py:dino_vit_b16_imagenet --workdir=DIR \
+        --config.model_init.workdir=DINO_WORKDIR          # mapping extra/teacher/backbone (set)
+    python launch/train.py --config=configs/finetune.py:dino_vit_b16_imagenet --workdir=DIR \
+        --config.model_init.torch=dino_vitbase16_pretrain.pth \
+        "--config.model_init.mapping={'params': ''}"
+  - facebookresearch/deit main.py defaults (the optimizer and schedule of
+    configs/supervised.py:vit_b16_imagenet, checked by tests/reference/
+    test_supervised_trajectory.py): batch 1024, 300 epochs, lr 5e-4 * 1024 / 512 = 1e-3,
+    AdamW wd 0.05 (wd_groups 'deit'), timm's per-epoch cosine, warm-up 5 epochs from 1e-6,
+    min_lr 1e-5, no clipping; drop path 0.1; mixup 0.8, cutmix 1.0 (prob 1.0, switch 0.5),
+    label smoothing 0.1; rand-m9-mstd0.5-inc1 RandAugment, random erasing 0.25 ('pixel');
+    DeiT's model EMA 0.99996 (main.py --model-ema-decay; eval/val_ema_accuracy);
+  - the model: DINO's ViT-B/16 (class token, learned positions, final norm, pool 'cls').
+  Not reproduced: DeiT's repeated augmentation (--repeated-aug, 3 repeats per sampler; fmjax's
+  data pipeline has none); the head's "smaller" init (fmjax: zeros); float16 autocast.
+
+FT-CLIP's fine-tuning of CLIP ViT-B/16 (Dong et al. 2022, "CLIP Itself is a Strong
+Fine-tuner", 85.7 top-1; LightDXY/FT-CLIP at 3f9cefa: scripts/bash_fine_Openai_CLIP_P16.sh,
+run_class_finetuning.py, models/finetune_clip.py, optim_factory.py, utils.cosine_scheduler),
+from an fmjax CLIP workdir's image tower or an open_clip state dict of OpenAI's weights:
+    python launch/train.py --config=configs/finetune.py:clip_vit_b16_imagenet --workdir=DIR \
+        --config.model_init.workdir=CLIP_WORKDIR          # mapping params/image (set)
+    python launch/train.py --config=configs/finetune.py:clip_vit_b16_imagenet --workdir=DIR \
+        --config.model_init.torch=open_clip_vit_b16.bin --config.model_init.format=open_clip
+  - batch 2048 (256 x 8 GPUs), 50 epochs (625 steps each), lr 6e-4 (NOT scaled by batch),
+    per-step warm-up 10 epochs by linspace(0, lr) (warmup_mode 'linspace') then cosine to
+    min_lr 1e-6; AdamW (0.9, 0.999), eps 1e-8, wd 0.05 on >= 2-D weights except
+    positional_embedding / class_embedding (= wd_groups 'mae_finetune'); no clipping;
+    layer decay 0.6 (get_num_layer_for_vit: class / positional embedding, conv1, ln_pre at
+    layer 0 -> 0.6**13, block i -> 0.6**(12 - i), fc_norm / head 1: fmjax's llrd with
+    pre_norm at layer 0); conv1 FROZEN (VisualTransformer.train(): freeze_conv1, so
+    optimizer.frozen = patch_embed); drop path 0; no mixup / cutmix; label smoothing 0.1
+    (LabelSmoothingCrossEntropy); model EMA 0.9998 (timm ModelEma; eval/val_ema_accuracy);
+  - data: timm create_transform, random_resized_crop(224, (0.08, 1)) bicubic, flip,
+    rand-m9-mstd0.5-inc1, CLIP mean / std (--clip_mean_and_std), random erasing 0.25
+    ('pixel'); eval crop_pct 1.0: resize 224, center crop 224;
+  - the model: CLIP's visual tower without ln_post / proj (class token, learned positions,
+    ln_pre = pre_norm, QuickGELU, LayerNorm eps 1e-5) and a new head on
+    fc_norm(x[:, 1:]).mean(1): ViT(pool='mean', fc_norm='tokens').
+  Not reproduced: the head's init trunc_normal(0.02) * 0.001 (fmjax: zeros); DeepSpeed fp16
+  (bfloat16 here); conv1's zero bias (CLIP has none; the loaded tower has a zero, frozen one).
 """
 from configs import common
 
@@ -126,13 +168,7 @@ def get_config(arg: str = "default"):
                                 label_smoothing=0.1))
         c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="mean", fc_norm=True,
                        pos_embed="sincos", drop_path=0.1, attention_impl="xla", remat=False)
-        c.dtype = "bfloat16"
-        c.sharding = "fsdp"
-        c.log_every = 100
-        c.eval_every = 5 * epoch
-        c.checkpoint_every = 2000
-        c.keep_period = 10 * epoch
-        c.evals = dict(val=dict(type="metrics", split="validation"))
+        _imagenet_run(c, epoch)
         # The released mae_pretrain_vit_base.pth (--config.model_init.torch=FILE) or an fmjax MAE
         # workdir (--config.model_init.workdir=DIR, which ignores format): both give
         # params/{patch_embed, cls_token, encoder}; encoder/norm stays unused (fc_norm instead).
@@ -140,9 +176,61 @@ def get_config(arg: str = "default"):
         c.model_init.mapping = {"params/patch_embed": "patch_embed", "params/cls_token": "cls_token",
                                 "params/encoder": "encoder"}
         c.model_init.dont_load = ("head/.*",)
+    elif arg == "dino_vit_b16_imagenet":
+        from configs.supervised import DEIT_OPTIONS
+        epoch = 1281167 // 1024                       # 1251 steps (drop_last)
+        common.imagenet_data(c, 224, scale=(0.08, 1.0))
+        c.data.pp_train = ("random_resized_crop(224, scale=(0.08, 1.0))|flip_lr|randaugment(2, 9)|"
+                           "normalize('imagenet')|random_erasing(0.25)|keep('image', 'label')")
+        c.batch_size = 1024
+        c.total_steps = 300 * epoch
+        c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=5e-4 * 256 / 512,
+                                weight_decay=0.05, warmup_steps=5 * epoch, min_lr=1e-5,
+                                clip_norm=0.0, **DEIT_OPTIONS, schedule_steps_per_epoch=epoch))
+        c.objective.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, switch_prob=0.5,
+                                label_smoothing=0.1, ema_decay=0.99996))
+        c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="cls", drop_path=0.1,
+                       attention_impl="xla", remat=False)
+        _imagenet_run(c, epoch)
+        c.model_init.format = "timm_vit"
+        c.model_init.mapping = {"extra/teacher/backbone": ""}   # an fmjax DINO workdir's teacher
+        c.model_init.dont_load = ("head/.*",)
+    elif arg == "clip_vit_b16_imagenet":
+        epoch = 1281167 // 2048                       # 625 steps
+        common.imagenet_data(c, 224, scale=(0.08, 1.0))
+        c.data.pp_train = ("random_resized_crop(224, scale=(0.08, 1.0))|flip_lr|randaugment(2, 9)|"
+                           "normalize('clip')|random_erasing(0.25)|keep('image', 'label')")
+        c.data.pp_eval = "resize(224)|center_crop(224)|normalize('clip')|keep('image', 'label')"
+        c.batch_size = 2048
+        c.total_steps = 50 * epoch
+        c.optimizer.update(dict(name="adamw", lr=6e-4, b1=0.9, b2=0.999, weight_decay=0.05,
+                                warmup_steps=10 * epoch, warmup_mode="linspace", min_lr=1e-6,
+                                clip_norm=0.0, wd_groups="mae_finetune",
+                                frozen=("patch_embed/.*",)))
+        c.optimizer.llrd.decay = 0.6
+        c.objective.update(dict(label_smoothing=0.1, ema_decay=0.9998))
+        c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="mean", fc_norm="tokens",
+                       class_token=True, pos_embed="learned", pre_norm=True, activation="quick_gelu",
+                       layernorm_eps=1e-5, drop_path=0.0, attention_impl="xla", remat=False)
+        _imagenet_run(c, epoch)
+        c.model_init.format = "open_clip"
+        c.model_init.mapping = {"params/image": ""}             # CLIP's image tower
+        c.model_init.dont_load = ("head/.*", "fc_norm/.*")
     else:
-        raise ValueError(f"Unknown configs/finetune.py preset {arg!r}; valid: default, mae_vit_b16_imagenet.")
+        raise ValueError(f"Unknown configs/finetune.py preset {arg!r}; valid: default, "
+                         "mae_vit_b16_imagenet, dino_vit_b16_imagenet, clip_vit_b16_imagenet.")
     return c
+
+
+def _imagenet_run(c, epoch: int):
+    """Logging, evals and checkpoints of the ImageNet fine-tuning presets."""
+    c.dtype = "bfloat16"
+    c.sharding = "fsdp"
+    c.log_every = 100
+    c.eval_every = 5 * epoch
+    c.checkpoint_every = 2000
+    c.keep_period = 10 * epoch
+    c.evals = dict(val=dict(type="metrics", split="validation"))
 
 
 def _num_shape_classes() -> int:

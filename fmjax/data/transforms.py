@@ -535,15 +535,24 @@ class multi_crop(Transform):  # noqa: N801
     global 1 / global 2 / locals and global 2 is solarised with p 0.2. The blur radius is the
     reference's U(0.1, 2.0) pixels at 224px global crops and shrinks in proportion below that
     (``blur_sigma`` overrides it): a 2-pixel blur erases the shapes of a 32px image.
+
+    ``rot90=True`` (not in the reference; off by default) turns each view, right after its
+    crop, by k * 90 degrees with k ~ U{0, 1, 2, 3}: for images whose label does not change
+    under rotation (configs/dino.py:cpu's shapes), it stops the views from sharing the
+    object's position and the background's orientation. It needs square crops.
     """
 
     def __init__(self, global_size: Size = 224, local_size: Size = 96, num_local: int = 10,
                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), normalization="imagenet",
                  jitter=(0.4, 0.4, 0.2, 0.1), grayscale_p: float = 0.2, blur_sigma=None,
-                 key: str = "image"):
+                 rot90: bool = False, key: str = "image"):
         self.key, self.num_local = key, int(num_local)
         if self.num_local < 0:
             raise ValueError(f"multi_crop: num_local must be >= 0, got {num_local}")
+        self.rot90 = bool(rot90)
+        if self.rot90 and any(_hw(s)[0] != _hw(s)[1] for s in (global_size, local_size)):
+            raise ValueError(f"multi_crop: rot90=True needs square crops, got global_size="
+                             f"{global_size}, local_size={local_size}")
         if blur_sigma is None:
             f = min(1.0, _hw(global_size)[0] / 224)
             blur_sigma = (0.1 * f, 2.0 * f)
@@ -556,9 +565,10 @@ class multi_crop(Transform):  # noqa: N801
         self.crop_global = random_resized_crop(global_size, scale=global_scale)
         self.crop_local = random_resized_crop(local_size, scale=local_scale)
 
-    @staticmethod
-    def _view(image, crop, ops, rng):
+    def _view(self, image, crop, ops, rng):
         x = crop.apply(image, rng)
+        if getattr(self, "rot90", False):
+            x = np.ascontiguousarray(np.rot90(x, int(rng.integers(4)), axes=(0, 1)))
         for op in ops:
             x = op.apply(x, rng)
         return x

@@ -116,7 +116,8 @@ class ViT(nn.Module):
     ``fc_norm=True`` moves the final LayerNorm after the pooling, as timm's
     ``global_pool='avg'`` (``fc_norm``) and MAE's fine-tuned models do: the encoder has
     no final norm (``tokens`` / ``patch_tokens`` are the last block's output) and
-    ``pre_logits`` is ``fc_norm(pool(tokens))``.
+    ``pre_logits`` is ``fc_norm(pool(tokens))``. ``fc_norm='tokens'`` normalises each patch
+    token before the mean instead (FT-CLIP's fine-tuning model: ``fc_norm(x[:, 1:]).mean(1)``).
 
     A learned ``pos_embed`` stored for another grid is resized to the input's grid
     by ``pos_interp`` / ``pos_interp_offset`` (see ``resize_pos_embed``).
@@ -150,7 +151,9 @@ class ViT(nn.Module):
     pos_interp: str = "resize"  # 'resize' (jax.image.resize) or 'torch_bicubic'
     pos_interp_offset: float = 0.0  # 'torch_bicubic' only: DINO's interpolate_offset
     stem: str = "patch"  # 'patch' (linear patch embedding) or 'conv' (layers.ConvStem)
-    fc_norm: bool = False  # final norm after pooling (timm global_pool='avg', MAE fine-tuning)
+    # True: final norm after pooling (timm global_pool='avg', MAE fine-tuning); 'tokens': on each
+    # token before pooling (FT-CLIP's fc_norm(x[:, 1:]).mean(1)); both drop the encoder's norm.
+    fc_norm: Any = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -165,6 +168,8 @@ class ViT(nn.Module):
             raise ValueError(f"Unknown stem {self.stem!r}; valid: 'patch', 'conv'.")
         if self.pos_interp not in POS_INTERPS:
             raise ValueError(f"Unknown pos_interp {self.pos_interp!r}; valid: {POS_INTERPS}.")
+        if self.fc_norm not in (False, True, "tokens"):
+            raise ValueError(f"Unknown fc_norm {self.fc_norm!r}; valid: False, True, 'tokens'.")
 
     def _embed(self, images: jax.Array) -> jax.Array:
         """Patch-embed, add positions, prepend class token and registers: (B, P + N, D)."""
@@ -223,10 +228,14 @@ class ViT(nn.Module):
             attention_impl=self.attention_impl, remat=self.remat, final_norm=not self.fc_norm,
             dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(x, not train)
         patch_tokens = x[:, self.num_prefix_tokens:]
-        pooled = x[:, 0] if self.pool == "cls" else patch_tokens.mean(axis=1)
-        if self.fc_norm:
-            pooled = layers.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype,
-                                       "fc_norm")(pooled)
+        fc_norm = (layers.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "fc_norm")
+                   if self.fc_norm else None)
+        if self.pool == "cls":
+            pooled = x[:, 0]
+        else:
+            pooled = (fc_norm(patch_tokens) if self.fc_norm == "tokens" else patch_tokens).mean(axis=1)
+        if fc_norm is not None and not (self.fc_norm == "tokens" and self.pool == "mean"):
+            pooled = fc_norm(pooled)
         out = dict(tokens=x, patch_tokens=patch_tokens, pre_logits=pooled)
         if self.num_classes > 0:
             out["logits"] = nn.Dense(

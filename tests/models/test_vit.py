@@ -213,3 +213,29 @@ def test_sharded_jit_with_logical_rules():
     assert fc1.sharding.spec == PartitionSpec(None, "model")
     ref = model.apply(nn.meta.unbox(jax.device_get(variables)), x)
     np.testing.assert_allclose(out["logits"], ref["logits"], atol=1e-5)
+
+
+def test_fc_norm_tokens_is_ft_clips_pooling():
+    """fc_norm='tokens': LayerNorm on each patch token, then the mean (FT-CLIP's
+    models/finetune_clip.py: ``self.head(self.fc_norm(x[:, 1:, :]).mean(1))``); fc_norm=True
+    normalises the mean instead. Neither has the encoder's final norm."""
+    images = _images()
+    m_tok = ViT(**TINY, pool="mean", fc_norm="tokens", num_classes=3)
+    variables = m_tok.init(jax.random.PRNGKey(0), images)
+    p = variables["params"]
+    assert "norm" not in p["encoder"] and set(p["fc_norm"]) == {"scale", "bias"}
+    p = jax.tree_util.tree_map(lambda x: x, nn.unbox(p))
+    rng = np.random.default_rng(0)
+    p["fc_norm"] = {"scale": jnp.asarray(rng.normal(1, 0.3, 32), jnp.float32),
+                    "bias": jnp.asarray(rng.normal(0, 0.3, 32), jnp.float32)}
+    p["head"]["kernel"] = jnp.asarray(rng.normal(0, 0.1, (32, 3)), jnp.float32)
+    out = m_tok.apply({"params": p}, images)
+    t = np.asarray(out["patch_tokens"], np.float64)
+    ln = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + 1e-6)
+    ln = ln * np.asarray(p["fc_norm"]["scale"]) + np.asarray(p["fc_norm"]["bias"])
+    np.testing.assert_allclose(out["pre_logits"], ln.mean(1), rtol=1e-4, atol=1e-5)
+    # fc_norm=True (after the mean) differs for the same params.
+    out_after = ViT(**TINY, pool="mean", fc_norm=True, num_classes=3).apply({"params": p}, images)
+    assert np.abs(np.asarray(out_after["pre_logits"]) - ln.mean(1)).max() > 1e-2
+    with pytest.raises(ValueError, match="Unknown fc_norm 'token'"):
+        ViT(**TINY, fc_norm="token").init(jax.random.PRNGKey(0), images)

@@ -150,6 +150,28 @@ def test_multi_crop_views_and_determinism():
     assert not np.allclose(a["local_crops"], c["local_crops"])
 
 
+
+def test_multi_crop_rot90():
+    """rot90=True turns each view by k * 90 degrees: a bright block in the top-left corner
+    shows up in the bottom half of some global views; without it (flips only) never."""
+    img = np.full((40, 40, 3), 100, np.uint8)
+    img[:10, :10] = 255
+
+    def bottom_half_seen(spec):
+        op = transforms.parse(spec)
+        seen = []
+        for seed in range(40):
+            v = op({"image": img}, np.random.default_rng(seed))["global_crops"][0]
+            dev = np.abs(v - np.median(v, axis=(0, 1))).mean(-1)
+            seen.append(np.unravel_index(np.argmax(dev), dev.shape)[0] >= 16)
+        return any(seen)
+
+    common = "multi_crop(32, 16, 1, global_scale=(1.0, 1.0)"
+    assert not bottom_half_seen(common + ")")
+    assert bottom_half_seen(common + ", rot90=True)")
+    with pytest.raises(ValueError, match="rot90=True needs square crops"):
+        transforms.parse("multi_crop((32, 24), 16, 1, rot90=True)")
+
 # -- the objective inside the trainer ----------------------------------------------------------
 
 def _dino_config(tiny_config, **kw):

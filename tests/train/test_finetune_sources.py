@@ -70,19 +70,29 @@ def test_from_a_supervised_workdir(tiny_config, shapes_data_dir, tmp_path, tmp_p
 
 def test_from_a_dino_workdir_teacher(tiny_config, shapes_data_dir, tmp_path, tmp_path_factory):
     c, wd = _source("dino", tiny_config, tmp_path_factory)
-    ft = _finetune(shapes_data_dir, c.model, tmp_path, workdir=wd,
-                   mapping={"extra/teacher/backbone": ""})
+    mapping = load_config("finetune", "dino_vit_b16_imagenet").model_init.mapping   # the preset's
+    assert dict(mapping) == {"extra/teacher/backbone": ""}
+    ft = _finetune(shapes_data_dir, c.model, tmp_path, workdir=wd, mapping=dict(mapping))
     _assert_loaded(ft, _tree(wd, "extra/teacher/backbone"))
 
 
 def test_from_a_clip_workdir_image_tower(tiny_config, shapes_data_dir, tmp_path, tmp_path_factory):
+    """FT-CLIP's model (configs/finetune.py:clip_vit_b16_imagenet: pool 'mean' over
+    fc_norm'd tokens, no final norm) at the tiny CLIP's sizes, loaded with the preset's
+    mapping and dont_load."""
     c, wd = _source("clip", tiny_config, tmp_path_factory)
-    m = c.model
-    model = dict(name="vit", width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-                 patch_size=m.patch_size, activation=m.get("activation", "gelu"), pool="cls",
-                 class_token=True, pos_embed="learned", pre_norm=True, stem=m.get("stem", "patch"))
-    ft = _finetune(shapes_data_dir, model, tmp_path, workdir=wd, mapping={"params/image": ""})
-    _assert_loaded(ft, _tree(wd, "params/image"))
+    m, preset = c.model, load_config("finetune", "clip_vit_b16_imagenet")
+    model = dict(preset.model.to_dict(), width=m.width, depth=m.depth, num_heads=m.num_heads,
+                 mlp_dim=m.mlp_dim, patch_size=m.patch_size, activation=m.get("activation", "gelu"),
+                 stem=m.get("stem", "patch"))
+    model.pop("variant")
+    assert model["fc_norm"] == "tokens" and model["pool"] == "mean" and model["pre_norm"]
+    ft = _finetune(shapes_data_dir, model, tmp_path, workdir=wd,
+                   mapping=dict(preset.model_init.mapping), dont_load=preset.model_init.dont_load)
+    src = _tree(wd, "params/image")
+    _assert_loaded(ft, src)
+    assert "encoder/norm/scale" in src and "encoder/norm/scale" not in ft
+    np.testing.assert_array_equal(ft["fc_norm/scale"], 1.0)   # new (and frozen here)
 
 
 def test_from_a_converted_hf_vit(shapes_data_dir, tmp_path):
