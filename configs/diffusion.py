@@ -29,6 +29,11 @@ CPU recipe (issue 12: generation accuracy >= 0.5) - reached, in 33 min instead o
       circle 0.00 (circles come out as blobs the classifier calls something else).
     2500 steps (--config.total_steps=2500 --config.eval_every=1250; shared CPU): 0.141 ->
       0.445 (1250) -> 0.570 (2500); alone it would take ~40 min (1.14 steps/s).
+    1500 steps (--config.total_steps=1500 --config.eval_every=750 --config.checkpoint_every=750;
+      alone, measured second session on a slower day of the same machine, 0.74-0.83 steps/s):
+      0.141 -> 0.281 (750) -> 0.406 (1500) in 35.5 min. So fewer steps do not reach 0.5, and
+      the machine's own speed varies by ~25% between days: the 30-minute budget is not met
+      reliably (32.7 min on the faster day).
   What made the difference, against the first version of this preset (additive time
   embedding, plain eps-MSE, guidance 2; 0.133 at step 1250, 0.250 at 2500): AdaGN, min-SNR-5
   and guidance 5 together, changed at once. The old run's checkpoint sampled with more
