@@ -101,6 +101,7 @@ def get_config(arg: str = "default"):
     c.objective.name = "clip"
     c.objective.lock = ""
     c.objective.hard_negatives = False     # True: NegCLIP negatives from data.swap_words
+    c.objective.loss_impl = "gathered"     # 'ring': flat-memory chunked loss (objectives/clip.py)
     c.data.swap_words = ()                 # read once, here, to build pp_train
     c.data.normalization = "clip"
     if arg in ("default", "cpu", "lit"):

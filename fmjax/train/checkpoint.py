@@ -62,9 +62,10 @@ def make_manager(workdir: str, keep: int = 3, keep_period: int | None = None,
     return ocp.CheckpointManager(path, options=options)
 
 
-# Config keys that only steer inference (sampling), not the saved state: evaluating or
-# sampling a checkpoint with another guidance scale or sampler is not a different run.
-INFERENCE_ONLY_KEYS = {"objective": ("sample",)}
+# Config keys that only steer inference (sampling) or how a value is computed, not the saved
+# state: evaluating or sampling a checkpoint with another guidance scale or sampler, or
+# resuming CLIP with the ring instead of the gathered loss (same values), is not another run.
+INFERENCE_ONLY_KEYS = {"objective": ("sample", "loss_impl")}
 
 
 def fingerprint(config) -> dict[str, Any]:

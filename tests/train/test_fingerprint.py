@@ -41,3 +41,16 @@ def test_training_settings_still_refuse(key, value, expect):
     changed[part][name] = value
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match=expect):
         checkpoint.check_meta(meta, changed, "/wd")
+
+
+def test_clip_loss_impl_may_change_on_resume():
+    """'gathered' and 'ring' compute the same loss: a CLIP run may resume with either, and a
+    checkpoint saved before the key existed loads with it set."""
+    def clip(**objective):
+        return ml_collections.ConfigDict(dict(model=dict(name="clip", width=32),
+                                              objective=dict(name="clip", **objective)))
+    meta = dict(fingerprint=checkpoint.fingerprint(clip(loss_impl="gathered")))
+    checkpoint.check_meta(meta, clip(loss_impl="ring"), "/wd")
+    checkpoint.check_meta(dict(fingerprint=clip().to_dict()), clip(loss_impl="ring"), "/wd")
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="objective.lock"):
+        checkpoint.check_meta(meta, clip(loss_impl="ring", lock="image"), "/wd")
