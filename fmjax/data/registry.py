@@ -29,6 +29,7 @@ _BUILTIN_OPS = {
         "apply_crop", "apply_flip_lr")},
     **{name: "fmjax.data.text_ops" for name in ("tokenize", "swap_words")},
     **{name: "fmjax.data.autoaugment" for name in ("randaugment", "random_erasing")},
+    "silhouette": "fmjax.data.shape_ops",
 }
 _OPS: dict[str, Callable] = {}
 

@@ -194,3 +194,21 @@ def test_interrupted_preparation_is_redone(tmp_path, monkeypatch):
     source = sources.get_source(f"fmjax_shapes/{RES}", "train", data_dir=data_dir)
     assert len(source) == 20
     np.testing.assert_array_equal(source[19]["image"], real(19, "train", RES)["image"])
+
+
+def test_silhouette_op_is_the_main_objects_mask():
+    """pp op `silhouette`: the main object's visible mask, white on black, RGB uint8; the
+    label's shape, nothing of its colour or background. Bad inputs: one-line errors."""
+    from fmjax.data import transforms
+    ex = shapes.generate_example(3, "validation", 32, variant="simple")
+    out = transforms.parse("silhouette")(ex, None)
+    img = out["image"]
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert set(np.unique(img)) == {0, 255}
+    np.testing.assert_array_equal(img[..., 0] == 255, ex["masks"][0] > 0)
+    assert (img[..., 0] == 255).sum() > 10
+    assert out["label"] == ex["label"] and "image" in ex and ex["image"] is not img
+    with pytest.raises(ValueError, match="silhouette: the example has no 'masks'"):
+        transforms.parse("silhouette")({"image": img}, None)
+    with pytest.raises(ValueError, match="silhouette: index 5 needs masks"):
+        transforms.parse("silhouette(5)")(ex, None)
