@@ -25,8 +25,9 @@ from typing import Any, Callable, Mapping, Optional
 _BUILTIN_OPS = {
     **{name: "fmjax.data.transforms" for name in (
         "resize", "center_crop", "random_resized_crop", "flip_lr", "normalize", "keep",
-        "color_jitter", "grayscale", "gaussian_blur", "solarize", "multi_crop",
         "apply_crop", "apply_flip_lr")},
+    **{name: "fmjax.data.color_ops" for name in (
+        "color_jitter", "grayscale", "gaussian_blur", "solarize", "multi_crop")},
     **{name: "fmjax.data.text_ops" for name in ("tokenize", "swap_words")},
     **{name: "fmjax.data.autoaugment" for name in ("randaugment", "random_erasing")},
     "silhouette": "fmjax.data.shape_ops",

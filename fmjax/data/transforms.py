@@ -15,7 +15,8 @@ with ``ast.literal_eval`` (never ``eval``). Ops are found by name in
 ``fmjax.data.registry`` (``@register_op`` adds one from any module; built-in modules
 are imported on first use): the caption ops (``tokenize``, ``swap_words``) live in
 ``fmjax.data.text_ops`` (re-exported here), ``randaugment`` / ``random_erasing`` in
-``fmjax.data.autoaugment``.
+``fmjax.data.autoaugment``, the photometric ops (``color_jitter``, ``grayscale``,
+``gaussian_blur``, ``solarize``) and DINO's ``multi_crop`` in ``fmjax.data.color_ops``.
 
 Joint augmentation (SAM, detection, grounding). A random op writes the parameters it
 drew into the example under the reserved prefix ``_aug/``: ``random_resized_crop``
@@ -40,7 +41,7 @@ import math
 from typing import Callable, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 
 from fmjax.data import geometry
 from fmjax.data.registry import OPS, available_ops, get_op, has_op, register_op  # noqa: F401 (OPS re-exported)
@@ -426,78 +427,6 @@ class keep(Transform):  # noqa: N801
         return {k: example[k] for k in self.keys}
 
 
-@register_op
-class color_jitter(RandomImageOp):  # noqa: N801
-    """torchvision ``ColorJitter`` (random order of brightness, contrast,
-    saturation, hue), applied with probability ``p``."""
-
-    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p: float = 0.8,
-                 key="image", outkey=None):
-        super().__init__(p, key, outkey)
-        self.brightness, self.contrast = float(brightness), float(contrast)
-        self.saturation, self.hue = float(saturation), float(hue)
-
-    def apply_always(self, image, rng):
-        img = _to_pil(image)
-        rgb = img.mode == "RGB"
-        for i in rng.permutation(4):
-            if i == 0 and self.brightness > 0:
-                f = rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness)
-                img = ImageEnhance.Brightness(img).enhance(f)
-            elif i == 1 and self.contrast > 0:
-                f = rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast)
-                img = ImageEnhance.Contrast(img).enhance(f)
-            elif i == 2 and self.saturation > 0 and rgb:
-                f = rng.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation)
-                img = ImageEnhance.Color(img).enhance(f)
-            elif i == 3 and self.hue > 0 and rgb:
-                f = rng.uniform(-self.hue, self.hue)
-                h, s, v = img.convert("HSV").split()
-                np_h = np.asarray(h, np.uint8) + np.uint8(int(f * 255) % 256)
-                img = Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
-        return _from_pil(img, image)
-
-
-@register_op
-class grayscale(RandomImageOp):  # noqa: N801
-    """With probability ``p``, replaces the image by its luma, keeping the
-    channel count."""
-
-    def __init__(self, p: float = 0.2, key="image", outkey=None):
-        super().__init__(p, key, outkey)
-
-    def apply_always(self, image, rng):
-        gray = np.asarray(_to_pil(image).convert("L"))
-        channels = image.shape[-1] if image.ndim == 3 else 0
-        return np.repeat(gray[..., None], channels, axis=-1) if channels else gray
-
-
-@register_op
-class gaussian_blur(RandomImageOp):  # noqa: N801
-    """With probability ``p``, PIL Gaussian blur with radius ~ U(sigma)."""
-
-    def __init__(self, p: float = 0.5, sigma=(0.1, 2.0), key="image", outkey=None):
-        super().__init__(p, key, outkey)
-        self.sigma = tuple(sigma)
-
-    def apply_always(self, image, rng):
-        radius = rng.uniform(self.sigma[0], self.sigma[1])
-        return _from_pil(_to_pil(image).filter(ImageFilter.GaussianBlur(radius=radius)), image)
-
-
-@register_op
-class solarize(RandomImageOp):  # noqa: N801
-    """With probability ``p``, inverts pixels ``>= threshold``."""
-
-    def __init__(self, p: float = 0.2, threshold: int = 128, key="image", outkey=None):
-        super().__init__(p, key, outkey)
-        self.threshold = int(threshold)
-
-    def apply_always(self, image, rng):
-        image = _check_uint8(image)
-        return np.where(image >= self.threshold, 255 - image, image).astype(image.dtype)
-
-
 def _is_aug(key) -> bool:
     return isinstance(key, str) and key.startswith(AUG_PREFIX)
 
@@ -522,66 +451,6 @@ class Compose(Transform):
 
     def __repr__(self):
         return f"Compose({self.spec!r})" if self.spec is not None else f"Compose({self.transforms!r})"
-
-
-@register_op
-class multi_crop(Transform):  # noqa: N801
-    """DINO's ``DataAugmentationDINO``: 2 global crops and ``num_local`` local crops of
-    ``key``, stacked as ``global_crops`` [2, G, G, C] and ``local_crops`` [N, L, L, C]
-    (float32, normalised), so a batch holds one array per resolution.
-
-    Every crop: random resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1)
-    with p 0.8, grayscale p 0.2, Gaussian blur; the blur probability is 1.0 / 0.1 / 0.5 for
-    global 1 / global 2 / locals and global 2 is solarised with p 0.2. The blur radius is the
-    reference's U(0.1, 2.0) pixels at 224px global crops and shrinks in proportion below that
-    (``blur_sigma`` overrides it): a 2-pixel blur erases the shapes of a 32px image.
-
-    ``rot90=True`` (not in the reference; off by default) turns each view, right after its
-    crop, by k * 90 degrees with k ~ U{0, 1, 2, 3}: for images whose label does not change
-    under rotation (configs/dino.py:cpu's shapes), it stops the views from sharing the
-    object's position and the background's orientation. It needs square crops.
-    """
-
-    def __init__(self, global_size: Size = 224, local_size: Size = 96, num_local: int = 10,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), normalization="imagenet",
-                 jitter=(0.4, 0.4, 0.2, 0.1), grayscale_p: float = 0.2, blur_sigma=None,
-                 rot90: bool = False, key: str = "image"):
-        self.key, self.num_local = key, int(num_local)
-        if self.num_local < 0:
-            raise ValueError(f"multi_crop: num_local must be >= 0, got {num_local}")
-        self.rot90 = bool(rot90)
-        if self.rot90 and any(_hw(s)[0] != _hw(s)[1] for s in (global_size, local_size)):
-            raise ValueError(f"multi_crop: rot90=True needs square crops, got global_size="
-                             f"{global_size}, local_size={local_size}")
-        if blur_sigma is None:
-            f = min(1.0, _hw(global_size)[0] / 224)
-            blur_sigma = (0.1 * f, 2.0 * f)
-        jit = lambda: [flip_lr(0.5), color_jitter(*jitter, p=0.8), grayscale(grayscale_p)]
-        norm = normalize(normalization)
-        blur = lambda p: gaussian_blur(p, sigma=blur_sigma)
-        self.global1 = jit() + [blur(1.0), norm]
-        self.global2 = jit() + [blur(0.1), solarize(0.2), norm]
-        self.local = jit() + [blur(0.5), norm]
-        self.crop_global = random_resized_crop(global_size, scale=global_scale)
-        self.crop_local = random_resized_crop(local_size, scale=local_scale)
-
-    def _view(self, image, crop, ops, rng):
-        x = crop.apply(image, rng)
-        if getattr(self, "rot90", False):
-            x = np.ascontiguousarray(np.rot90(x, int(rng.integers(4)), axes=(0, 1)))
-        for op in ops:
-            x = op.apply(x, rng)
-        return x
-
-    def __call__(self, example, rng):
-        image = np.asarray(example[self.key])
-        out = dict(example)
-        out["global_crops"] = np.stack([self._view(image, self.crop_global, self.global1, rng),
-                                        self._view(image, self.crop_global, self.global2, rng)])
-        if self.num_local:
-            out["local_crops"] = np.stack([self._view(image, self.crop_local, self.local, rng)
-                                           for _ in range(self.num_local)])
-        return out
 
 
 def _split_top_level(pp: str) -> list:

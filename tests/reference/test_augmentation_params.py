@@ -30,6 +30,7 @@ import sys
 import numpy as np
 import pytest
 
+from fmjax.data import color_ops
 from fmjax.data import transforms as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,7 +73,7 @@ def _dino_multi_crop():
     import importlib
     c = importlib.import_module("configs.dino").get_config("vit_s16_imagenet")
     comp = T.parse(c.data.pp_train)
-    mc = [t for t in comp.transforms if isinstance(t, T.multi_crop)]
+    mc = [t for t in comp.transforms if isinstance(t, color_ops.multi_crop)]
     assert len(mc) == 1, c.data.pp_train
     return mc[0]
 
