@@ -155,7 +155,8 @@ def get_config(arg: str = "default"):
         c.data.worker_count = 16
         c.data.tokenize = dict(context_length=77, tokenizer="clip_bpe", bpe_path="bpe_simple_vocab_16e6.txt.gz")
         c.model = dict(name="clip", variant=variant, activation="quick_gelu", loss="softmax",
-                       attention_impl="xla", remat=False, patch_bias=False)  # open_clip's conv1
+                       attention_impl="xla", remat="none", scan_layers=False,
+                       patch_bias=False)  # open_clip's conv1
         c.evals = dict()
         c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
     else:

@@ -167,7 +167,8 @@ def get_config(arg: str = "default"):
         c.objective.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, switch_prob=0.5,
                                 label_smoothing=0.1))
         c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="mean", fc_norm=True,
-                       pos_embed="sincos", drop_path=0.1, attention_impl="xla", remat=False)
+                       pos_embed="sincos", drop_path=0.1, attention_impl="xla", remat="none",
+                       scan_layers=False)
         _imagenet_run(c, epoch)
         # The released mae_pretrain_vit_base.pth (--config.model_init.torch=FILE) or an fmjax MAE
         # workdir (--config.model_init.workdir=DIR, which ignores format): both give
@@ -190,7 +191,7 @@ def get_config(arg: str = "default"):
         c.objective.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, switch_prob=0.5,
                                 label_smoothing=0.1, ema_decay=0.99996))
         c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="cls", drop_path=0.1,
-                       attention_impl="xla", remat=False)
+                       attention_impl="xla", remat="none", scan_layers=False)
         _imagenet_run(c, epoch)
         c.model_init.format = "timm_vit"
         c.model_init.mapping = {"extra/teacher/backbone": ""}   # an fmjax DINO workdir's teacher
@@ -211,7 +212,8 @@ def get_config(arg: str = "default"):
         c.objective.update(dict(label_smoothing=0.1, ema_decay=0.9998))
         c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="mean", fc_norm="tokens",
                        class_token=True, pos_embed="learned", pre_norm=True, activation="quick_gelu",
-                       layernorm_eps=1e-5, drop_path=0.0, attention_impl="xla", remat=False)
+                       layernorm_eps=1e-5, drop_path=0.0, attention_impl="xla", remat="none",
+                       scan_layers=False)
         _imagenet_run(c, epoch)
         c.model_init.format = "open_clip"
         c.model_init.mapping = {"params/image": ""}             # CLIP's image tower

@@ -95,7 +95,7 @@ def get_config(arg: str = "default"):
         c.sharding = "fsdp"
         c.model = dict(name="mae", variant=variant, decoder_width=512, decoder_depth=8,
                        decoder_heads=16, mask_ratio=0.75, norm_pix_loss=True,
-                       attention_impl="xla", remat=False)
+                       attention_impl="xla", remat="none", scan_layers=False)
         c.objective.param_init = "reference"  # fused-qkv xavier, torch's Conv2d patch bias
         c.evals = dict(images=dict(type="images", split="validation", every=c.eval_every))
     else:

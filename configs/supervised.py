@@ -71,7 +71,7 @@ def get_config(arg: str = "default"):
                                 weight_decay=0.05, warmup_steps=5 * epoch, min_lr=1e-5,
                                 clip_norm=0.0, **DEIT_OPTIONS, schedule_steps_per_epoch=epoch))
         c.model = dict(name="vit", variant="B/16", num_classes=1000, pool="cls", drop_path=0.1,
-                       attention_impl="xla", remat=False)
+                       attention_impl="xla", remat="none", scan_layers=False)
         c.evals = dict(val=dict(type="metrics", split="validation", every=5000))
         c.eval_every = 5000
         c.checkpoint_every = 2000

@@ -14,8 +14,10 @@
 Plus ``fmjax_export.json``: the source (``metadata``), the reference class and the notes.
 
 The weights are mapped by inverting the import converters (``fmjax.interop.invert``), so an
-export re-imports to the same params bit for bit. An fmjax option without a reference
-equivalent is a ``ConfigError`` naming it, raised before anything is written. ``out`` must
+export re-imports to the same params bit for bit. A scanned model's stacked params
+(``scan_layers=True``) are unstacked first (``fmjax.models.scan.unstack_layers``). An fmjax
+option without a reference equivalent is a ``ConfigError`` naming it, raised before anything
+is written. ``out`` must
 not exist or be an empty directory (never overwritten); it is written under a temporary name
 and renamed when complete, so a failure leaves nothing behind.
 """
@@ -117,8 +119,10 @@ def check_out(out: str) -> str:
 def plan(model, params, fmt: str, image_size: Optional[int] = None):
     """The ``export_hf.Plan`` for ``model`` in ``fmt`` (see ``export_hf``)."""
     from fmjax.interop.invert import to_numpy_tree
+    from fmjax.models.scan import unstack_layers
     check_model(model, fmt)
-    return _table("plan")[(model_name(model), fmt)](model, to_numpy_tree(params), image_size)
+    params = unstack_layers(to_numpy_tree(params))  # a scanned model's params, unrolled
+    return _table("plan")[(model_name(model), fmt)](model, params, image_size)
 
 
 def _torch_model(p):

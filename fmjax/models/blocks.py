@@ -1,12 +1,13 @@
 """Transformer blocks: MLP, stochastic depth, layer scale, the pre-norm ``Block`` and the
-``Encoder`` stack."""
-from typing import Optional
+``Encoder`` stack (unrolled or scanned over layers, see ``fmjax.models.scan``)."""
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax.models import scan as scan_lib
 from fmjax.models.attention import MultiHeadAttention
 from fmjax.models.core import Dtype, constrain, dense, get_activation, layer_norm, part
 
@@ -38,14 +39,22 @@ class DropPath(nn.Module):
     rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Zero ``x`` for a random subset of samples and rescale the rest."""
-        if deterministic or self.rate == 0.0:
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 rate: Optional[jax.Array] = None) -> jax.Array:
+        """Zero ``x`` for a random subset of samples and rescale the rest. ``rate``: a per-call
+        rate (a traced scalar, e.g. the layer's rate under ``nn.scan``) instead of the field's."""
+        if deterministic:
             return x
-        keep = 1.0 - self.rate
+        if rate is None:
+            if self.rate == 0.0:
+                return x
+            keep = scale = 1.0 - self.rate
+        else:
+            keep = 1.0 - jnp.asarray(rate, jnp.float32)
+            scale = keep.astype(x.dtype)
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+        return jnp.where(mask, x / scale, jnp.zeros_like(x))
 
 
 class LayerScale(nn.Module):
@@ -77,9 +86,16 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True,
-                 mask: Optional[jax.Array] = None, bias: Optional[jax.Array] = None) -> jax.Array:
+                 mask: Optional[jax.Array] = None, bias: Optional[jax.Array] = None,
+                 drop_path_rate: Optional[jax.Array] = None) -> jax.Array:
         """Apply the block to (B, L, D) tokens; ``mask`` and ``bias`` (additive attention
-        logit bias) as in MultiHeadAttention."""
+        logit bias) as in MultiHeadAttention. ``drop_path_rate``: a per-call stochastic-depth
+        rate (a traced scalar) replacing the ``drop_path`` field (as ``ScanBlock`` passes it)."""
+        return self._forward(x, deterministic, mask, bias, drop_path_rate)
+
+    def _forward(self, x, deterministic, mask, bias, drop_path_rate):
+        """The block's computation (called from the compact ``__call__`` of this class or of
+        ``ScanBlock``, so both create the same submodules and params)."""
         x = constrain(x)
         h = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm1")(x)
         h = MultiHeadAttention(
@@ -90,22 +106,41 @@ class Block(nn.Module):
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         if self.layerscale is not None:
             h = LayerScale(self.layerscale, self.param_dtype, name="ls1")(h)
-        x = x + DropPath(self.drop_path)(h, deterministic=deterministic)
+        x = x + DropPath(self.drop_path)(h, deterministic, drop_path_rate)
         h = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm2")(x)
         h = Mlp(self.mlp_dim, activation=self.activation, dropout=self.dropout,
                 dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
                     h, deterministic=deterministic)
         if self.layerscale is not None:
             h = LayerScale(self.layerscale, self.param_dtype, name="ls2")(h)
-        x = x + DropPath(self.drop_path)(h, deterministic=deterministic)
+        x = x + DropPath(self.drop_path)(h, deterministic, drop_path_rate)
         return constrain(x)
+
+
+class ScanBlock(Block):
+    """``Block`` as an ``nn.scan`` body: ``(x, drop_path_rate, deterministic, mask, bias) ->
+    (x, None)``, the same params as ``Block``. ``drop_path_rate`` is the layer's slice of the
+    scanned rates (None: the ``drop_path`` field)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, drop_path_rate: Optional[jax.Array] = None,
+                 deterministic: bool = True, mask: Optional[jax.Array] = None,
+                 bias: Optional[jax.Array] = None):
+        return self._forward(x, deterministic, mask, bias, drop_path_rate), None
 
 
 class Encoder(nn.Module):
     """A stack of ``Block``s (``block_0`` ...) followed by a final LayerNorm ``norm``.
 
     ``drop_path`` rises linearly from 0 to the given rate over depth (as in timm).
-    ``remat`` recomputes each block's activations in the backward pass.
+    ``remat`` recomputes each block's activations in the backward pass: ``False`` / ``True`` or
+    a policy name, ``'none'``, ``'full'``, ``'dots_saveable'``,
+    ``'dots_with_no_batch_dims_saveable'``, ``'offload'`` (``fmjax.models.scan``).
+    ``scan_layers``: one ``nn.scan`` over a ``ScanBlock`` instead of ``depth`` blocks; the params
+    are ``block_stack/...`` with a leading (depth,) axis named ``'layers'`` (convert with
+    ``fmjax.models.scan.stack_layers`` / ``unstack_layers``). The per-layer drop-path rates are
+    the same (scanned in), but the dropout masks are drawn from per-layer split rngs, so they
+    differ from the unrolled model's.
     """
     depth: int
     num_heads: int
@@ -116,7 +151,8 @@ class Encoder(nn.Module):
     layerscale: Optional[float] = None
     activation: str = "gelu"
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
+    scan_layers: bool = False
     final_norm: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -129,15 +165,25 @@ class Encoder(nn.Module):
         e.g. causal for a text tower) and ``bias`` (additive logit bias, e.g. BEiT's shared
         relative positions) go to every block's attention. ``return_prenorm``:
         return ``(output, last block's output before the final norm)``."""
-        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
-        for i in range(self.depth):
-            x = block_cls(
-                num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
-                drop_path=float(rates[i]), layernorm_eps=self.layernorm_eps,
-                layerscale=self.layerscale, activation=self.activation,
-                attention_impl=self.attention_impl, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"block_{i}")(x, deterministic, mask, bias)
+        kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
+                      layernorm_eps=self.layernorm_eps, layerscale=self.layerscale,
+                      activation=self.activation, attention_impl=self.attention_impl,
+                      dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.scan_layers and self.depth:
+            # (x, rate) scanned; deterministic, mask, bias the same for every layer. Without
+            # drop_path no rate goes in, so no 'dropout' rng is drawn for it (as unrolled).
+            stack = scan_lib.stack_module(
+                ScanBlock, self.depth, self.remat, static_argnums=(3,),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast))
+            xs = jnp.asarray(rates, jnp.float32) if self.drop_path else None
+            x, _ = stack(drop_path=float(self.drop_path), **kwargs,
+                         name="block" + scan_lib.STACK_SUFFIX)(x, xs, deterministic, mask, bias)
+        else:
+            block_cls = scan_lib.remat_module(Block, self.remat, static_argnums=(2,))
+            for i in range(self.depth):
+                x = block_cls(drop_path=float(rates[i]), **kwargs,
+                              name=f"block_{i}")(x, deterministic, mask, bias)
         prenorm = x
         if self.final_norm:
             x = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)

@@ -137,6 +137,8 @@ class CLIP(nn.Module):
     to ln 10 and adds a bias initialised to -10; 'softmax' (CLIP) uses ln(1/0.07).
 
     ``image`` / ``text``: tower sub-configs (see the module docstring); None: the flat keys.
+    ``remat`` (``False`` / ``True`` or a policy name) and ``scan_layers`` go to the flat image
+    tower and to the text tower (a sub-config sets its own), as in ``fmjax.models.vit.ViT``.
     """
 
     capabilities = frozenset({"image_text"})   # fmjax.models.registry.CAPABILITIES
@@ -164,7 +166,8 @@ class CLIP(nn.Module):
     dropout: float = 0.0
     drop_path: float = 0.0
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
+    scan_layers: bool = False
     stem: str = "patch"  # image tower's patch embedding: 'patch' or 'conv' (ViT.stem)
     patch_bias: bool = True  # False: open_clip / OpenAI conv1 (bias=False); see _without_patch_bias
     dtype: Dtype = jnp.float32
@@ -181,7 +184,8 @@ class CLIP(nn.Module):
     def _common(self) -> Dict[str, Any]:
         return dict(dropout=self.dropout, drop_path=self.drop_path,
                     layernorm_eps=self.layernorm_eps, attention_impl=self.attention_impl,
-                    remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
+                    remat=self.remat, scan_layers=self.scan_layers, dtype=self.dtype,
+                    param_dtype=self.param_dtype)
 
     def image_tower(self):
         """``(registry name, class, kwargs)`` of the image tower: a class-token ViT with ln_pre

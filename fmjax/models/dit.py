@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.models import layers
+from fmjax.models import scan as scan_lib
 from fmjax.models.unet import (FREQ_PRECISIONS, TimestepEmbedding, batch_timesteps,  # noqa: F401
                                timestep_embedding, timestep_freqs_f32)
 
@@ -99,6 +100,9 @@ class DiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         """(B, L, D) tokens, (B, D) conditioning -> (B, L, D)."""
+        return self._forward(x, c)
+
+    def _forward(self, x: jax.Array, c: jax.Array) -> jax.Array:
         x = layers.constrain(x)
         d = x.shape[-1]
         mod = _zero_dense(6 * d, ("embed", "mlp"), self.dtype, self.param_dtype,
@@ -115,6 +119,14 @@ class DiTBlock(nn.Module):
         h = layers.Mlp(self.mlp_dim, activation="gelu_tanh", dtype=self.dtype,
                        param_dtype=self.param_dtype, name="mlp")(h)
         return layers.constrain(x + gate_mlp[:, None] * h)
+
+
+class DiTScanBlock(DiTBlock):
+    """``DiTBlock`` as an ``nn.scan`` body: ``(x, c) -> (x, None)``, the same params."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array):
+        return self._forward(x, c), None
 
 
 class FinalLayer(nn.Module):
@@ -149,6 +161,12 @@ class DiT(nn.Module):
       train: unused (DiT has no dropout); kept for the common signature.
     Returns (B, H, W, out) in ``dtype``, out = (out_channels or C) * (2 if learn_sigma).
     Label dropout for CFG is the caller's job (pass ``y = num_classes``).
+
+    ``remat``: ``False`` / ``True`` or a policy name (``'none'``, ``'full'``, ``'dots_saveable'``,
+    ``'dots_with_no_batch_dims_saveable'``, ``'offload'``; ``fmjax.models.scan``).
+    ``scan_layers=True``: one ``nn.scan`` over the blocks, params ``blocks_stack/...`` with a
+    leading (depth,) axis (logical ``'layers'``) instead of ``blocks_{i}/...``;
+    ``fmjax.models.scan.stack_layers`` / ``unstack_layers`` convert.
     """
 
     # The backbone contract (fmjax.models.registry.CAPABILITIES); no annotation: not a field.
@@ -178,7 +196,8 @@ class DiT(nn.Module):
     label_init_std: float = 0.02  # reference DiT's label table init
     layernorm_eps: float = 1e-6
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -233,11 +252,16 @@ class DiT(nn.Module):
         pos = layers.get_2d_sincos_pos_embed(self.width, grid)
         tokens = layers.constrain(tokens + jnp.asarray(pos, self.dtype)[None])
         c = self._conditioning(t, y, context, b)
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-        for i in range(self.depth):
-            tokens = block_cls(self.num_heads, self.mlp_dim, self.layernorm_eps,
-                               self.attention_impl, self.dtype, self.param_dtype,
-                               name=f"blocks_{i}")(tokens, c)
+        block_args = (self.num_heads, self.mlp_dim, self.layernorm_eps, self.attention_impl,
+                      self.dtype, self.param_dtype)
+        if self.scan_layers and self.depth:
+            stack = scan_lib.stack_module(DiTScanBlock, self.depth, self.remat,
+                                          in_axes=(nn.broadcast,))
+            tokens, _ = stack(*block_args, name="blocks" + scan_lib.STACK_SUFFIX)(tokens, c)
+        else:
+            block_cls = scan_lib.remat_module(DiTBlock, self.remat)
+            for i in range(self.depth):
+                tokens = block_cls(*block_args, name=f"blocks_{i}")(tokens, c)
         out = (self.out_channels or c_in) * (2 if self.learn_sigma else 1)
         tokens = FinalLayer(p * p * out, self.layernorm_eps, self.dtype, self.param_dtype,
                             name="final_layer")(tokens, c)

@@ -24,6 +24,11 @@ the function given to ``jax.jit``, e.g. ``jax.jit(hooks(dense=h)(loss_fn))`` - a
 traced outside it and reused from jit's cache keeps the hooks of its first trace. Nested
 contexts compose; the outermost hook runs first. With no hook active the layers run exactly
 as before (same params, same numbers).
+
+Under ``scan_layers=True`` (``fmjax.models.scan``) a hook runs once, inside the scan body, for
+all layers: ``module.path`` reads ``.../block_stack/...`` (no layer index), params it creates
+get the leading layer axis (one per layer), and values it captures are tracers of the scan
+body (``ViT.attention_maps`` therefore runs the unrolled model).
 """
 import contextlib
 import contextvars

@@ -65,6 +65,10 @@ class MAE(nn.Module):
     ids_restore (B, L), latent (B, 1 + kept, width)). ``noise`` (B, L) fixes the
     masking; when None it is drawn uniform [0, 1) from the 'mask' rng stream.
     ``encode(images)`` runs the encoder on all patches (no masking).
+
+    ``remat`` (``False`` / ``True`` or a policy name) and ``scan_layers`` apply to the encoder
+    and the decoder alike: scanned, their params are ``encoder/block_stack/...`` and
+    ``decoder/block_stack/...`` with a leading layer axis (see ``fmjax.models.vit.ViT``).
     """
 
     capabilities = frozenset({"masked_autoencoder"})   # fmjax.models.registry.CAPABILITIES
@@ -85,7 +89,8 @@ class MAE(nn.Module):
     layernorm_eps: float = 1e-6
     activation: str = "gelu"
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -98,7 +103,7 @@ class MAE(nn.Module):
                                     (1, 1, self.width), self.param_dtype)
         common = dict(layernorm_eps=self.layernorm_eps, activation=self.activation,
                       attention_impl=self.attention_impl, remat=self.remat,
-                      dtype=self.dtype, param_dtype=self.param_dtype)
+                      scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = layers.Encoder(depth=self.depth, num_heads=self.num_heads,
                                       mlp_dim=self.mlp_dim, drop_path=self.drop_path, **common)
         self.decoder_embed = nn.Dense(

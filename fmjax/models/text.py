@@ -67,6 +67,8 @@ class TextTransformer(nn.Module):
     (B, width) at the end-of-text position (see ``pool_positions``) and
     ``embedding`` (B, embed_dim) = pooled @ proj (not normalised).
     ``activation``: 'quick_gelu' for OpenAI CLIP weights, 'gelu' for most others.
+    ``remat`` (``False`` / ``True`` or a policy name) and ``scan_layers`` (params
+    ``encoder/block_stack/...`` with a leading layer axis) as in ``fmjax.models.vit.ViT``.
     """
     vocab_size: int = 49408
     context_length: int = 77
@@ -83,7 +85,8 @@ class TextTransformer(nn.Module):
     dropout: float = 0.0
     drop_path: float = 0.0
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -110,7 +113,8 @@ class TextTransformer(nn.Module):
             depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             dropout=self.dropout, drop_path=self.drop_path, layernorm_eps=self.layernorm_eps,
             activation=self.activation, attention_impl=self.attention_impl, remat=self.remat,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(x, not train, mask)
+            scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="encoder")(x, not train, mask)
         idx = pool_positions(tokens, self.pool, self.eos_token_id)
         pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
         embedding = nn.Dense(

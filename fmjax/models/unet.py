@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.models import layers
+from fmjax.models import scan as scan_lib
 
 Dtype = Any
 ACT_AXES = ("batch", None, None, "act_embed")
@@ -246,18 +247,18 @@ class _Level(nn.Module):
     time_scale_shift: str = "default"
     head_dim: Optional[int] = None
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: Any = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def _resnet(self, j: int):
-        cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+        cls = scan_lib.remat_module(ResnetBlock, self.remat, static_argnums=(3,))
         return cls(self.out_channels, self.num_groups, self.eps, self.dropout,
                    self.time_scale_shift, dtype=self.dtype, param_dtype=self.param_dtype,
                    name=f"resnets_{j}")
 
     def _attention(self, j: int):
-        cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        cls = scan_lib.remat_module(AttentionBlock, self.remat)
         return cls(self.head_dim, self.num_groups, self.eps, attention_impl=self.attention_impl,
                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{j}")
 
@@ -319,15 +320,15 @@ class MidBlock(nn.Module):
     output_scale_factor: float = 1.0
     head_dim: Optional[int] = None
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: Any = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, deterministic: bool = True) -> jax.Array:
         """(B, h, w, channels) -> same shape."""
-        res_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
-        attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        res_cls = scan_lib.remat_module(ResnetBlock, self.remat, static_argnums=(3,))
+        attn_cls = scan_lib.remat_module(AttentionBlock, self.remat)
 
         def resnet(j):
             return res_cls(self.channels, self.num_groups, self.eps, self.dropout,
@@ -363,6 +364,11 @@ class UNet(nn.Module):
     ``attention_resolutions`` are feature-map sizes relative to ``sample_size``: level i
     (size sample_size / 2**i) gets attention blocks when its size is listed. The layout is
     fixed at construction, so other input sizes run with the same levels attended.
+
+    ``remat``: ``False`` / ``True`` or a policy name (``'none'``, ``'full'``, ``'dots_saveable'``,
+    ``'dots_with_no_batch_dims_saveable'``, ``'offload'``; ``fmjax.models.scan``), applied to
+    every resnet and attention block. ``scan_layers`` is refused: the levels' blocks differ in
+    channels, and a level holds only ``num_res_blocks`` (2-3) of them.
     """
 
     # The backbone contract (fmjax.models.registry.CAPABILITIES); no annotation: not a field.
@@ -394,7 +400,8 @@ class UNet(nn.Module):
     out_channels: Optional[int] = None
     learn_sigma: bool = False
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
+    scan_layers: bool = False  # not supported: a one-line ValueError when True
     # Timestep frequencies: 'float64' (default, correctly rounded) or 'float32' (the exponent
     # rounded as diffusers' get_timestep_embedding does in float32 torch); see timestep_embedding.
     freq_precision: str = "float64"
@@ -419,6 +426,9 @@ class UNet(nn.Module):
         return tuple(s in tuple(self.attention_resolutions) for s in sizes)
 
     def _check(self, x: jax.Array, y, context):
+        if self.scan_layers:
+            raise ValueError("UNet does not support scan_layers=True (its blocks differ per "
+                             "level); use a DiT, or scan_layers=False.")
         if self.resnet_time_scale_shift not in TIME_SCALE_SHIFTS:
             raise ValueError(f"Unknown resnet_time_scale_shift {self.resnet_time_scale_shift!r};"
                              f" valid: {TIME_SCALE_SHIFTS}.")

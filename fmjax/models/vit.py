@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.models import inject, layers
+from fmjax.models import scan as scan_lib
 
 Dtype = Any
 
@@ -122,6 +123,13 @@ class ViT(nn.Module):
     A learned ``pos_embed`` stored for another grid is resized to the input's grid
     by ``pos_interp`` / ``pos_interp_offset`` (see ``resize_pos_embed``).
     ``attention_maps`` gives the last block's class-token attention.
+
+    ``remat``: ``False`` / ``True`` or a policy name (``'none'``, ``'full'``,
+    ``'dots_saveable'``, ``'dots_with_no_batch_dims_saveable'``, ``'offload'``; see
+    ``fmjax.models.scan``). ``scan_layers=True`` runs the encoder as one ``nn.scan`` over its
+    blocks: params ``encoder/block_stack/...`` with a leading (depth,) axis (logical ``'layers'``)
+    instead of ``encoder/block_{i}/...``; ``fmjax.models.scan.stack_layers`` /
+    ``unstack_layers`` convert, and ``config.model_init`` loads either layout into either.
     """
 
     # The backbone contract (fmjax.models.registry.CAPABILITIES); no annotation: not a field.
@@ -145,7 +153,8 @@ class ViT(nn.Module):
     layerscale: Optional[float] = None
     num_registers: int = 0
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
+    scan_layers: bool = False
     activation: str = "gelu"
     pre_norm: bool = False  # LayerNorm after embedding (OpenAI CLIP's ln_pre)
     pos_interp: str = "resize"  # 'resize' (jax.image.resize) or 'torch_bicubic'
@@ -225,8 +234,9 @@ class ViT(nn.Module):
             depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             dropout=self.dropout, drop_path=self.drop_path, layernorm_eps=self.layernorm_eps,
             layerscale=self.layerscale, activation=self.activation,
-            attention_impl=self.attention_impl, remat=self.remat, final_norm=not self.fc_norm,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(x, not train)
+            attention_impl=self.attention_impl, remat=self.remat, scan_layers=self.scan_layers,
+            final_norm=not self.fc_norm, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="encoder")(x, not train)
         patch_tokens = x[:, self.num_prefix_tokens:]
         fc_norm = (layers.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "fc_norm")
                    if self.fc_norm else None)
@@ -252,8 +262,9 @@ class ViT(nn.Module):
         ``include_prefix=True`` for the full (B, heads, prefix + N) row, which sums to 1).
         q, k and any logit bias / mask are what the block's attention attends with, captured
         by an attention hook (``fmjax.models.inject``; so injected biases count) from a
-        deterministic forward pass (any ``attention_impl``; run without remat), so params
-        and ``__call__`` are untouched. Call as
+        deterministic forward pass (any ``attention_impl``; run without remat, and unrolled:
+        a scanned model's params are unstacked for it), so params and ``__call__`` are
+        untouched. Call as
         ``model.apply(variables, images, method=ViT.attention_maps)``.
         """
         if not self.class_token:
@@ -268,9 +279,12 @@ class ViT(nn.Module):
                 captured["inputs"] = inputs
             return call_next(inputs)
 
-        model = self.clone(parent=None, remat=False)
+        model = self.clone(parent=None, remat=False, scan_layers=False)
+        variables = self.variables
+        if self.scan_layers:  # a hook inside nn.scan sees tracers: capture from the unrolled model
+            variables = scan_lib.unstack_layers(variables)
         with inject.hooks(attention=grab):
-            model.apply(self.variables, images, train=False)
+            model.apply(variables, images, train=False)
         q, k, _, bias, mask = captured["inputs"]  # q, k: (B, L, heads, head_dim)
         logits = jnp.einsum("bhd,bthd->bht", q[:, 0].astype(jnp.float32),
                             k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)

@@ -4,7 +4,9 @@ Models annotate params with logical names (``embed``, ``mlp``, ``heads``, ...;
 conv kernels (kh, kw, ``conv_in``, ``conv_out``))
 and activations with (``batch``, ``length``, ``embed``). A preset chooses which
 mesh axes each logical name is split over. Axes whose size does not divide
-the mesh axis are left replicated (see ``param_shardings``).
+the mesh axis are left replicated (see ``param_shardings``). The leading axis of a scanned
+model's stacked params (``scan_layers=True``, ``fmjax.models.scan``) is ``layers``, replicated in
+every preset: each device holds all layers of its shard, as unrolled.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ _ACTIVATIONS = (
     ("batch", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
+    ("layers", None),  # stacked params' layer axis (nn.scan over blocks)
 )
 
 RULES = {

@@ -64,8 +64,13 @@ def make_manager(workdir: str, keep: int = 3, keep_period: int | None = None,
 
 # Config keys that only steer inference (sampling) or how a value is computed, not the saved
 # state: evaluating or sampling a checkpoint with another guidance scale or sampler, or
-# resuming CLIP with the ring instead of the gathered loss (same values), is not another run.
-INFERENCE_ONLY_KEYS = {"objective": ("sample", "loss_impl")}
+# resuming CLIP with the ring instead of the gathered loss (same values), or with another
+# remat policy (same values, other memory; fmjax.models.scan), is not another run.
+INFERENCE_ONLY_KEYS = {"objective": ("sample", "loss_impl"), "model": ("remat",)}
+# Keys whose default is what checkpoints written before the key existed did: a fingerprint
+# with the default equals one without the key (``scan_layers=True`` stores stacked params: a
+# resume with the other layout is refused).
+DEFAULT_KEYS = {"model": {"scan_layers": False}}
 
 
 def fingerprint(config) -> dict[str, Any]:
@@ -79,6 +84,10 @@ def _strip_inference_only(fp: Mapping) -> dict:
     for part, keys in INFERENCE_ONLY_KEYS.items():
         if isinstance(out.get(part), Mapping):
             out[part] = {k: v for k, v in out[part].items() if k not in keys}
+    for part, defaults in DEFAULT_KEYS.items():
+        if isinstance(out.get(part), Mapping):
+            out[part] = {k: v for k, v in out[part].items()
+                         if not (k in defaults and v == defaults[k] and type(v) is type(defaults[k]))}
     return out
 
 

@@ -19,6 +19,13 @@ resized with ``fmjax.models.vit.resize_pos_embed`` (``config.model.pos_interp``)
 shape mismatch is a one-line ``ConfigError`` naming the path and both shapes (list the
 param in ``dont_load`` to re-initialise it, e.g. a classifier ``head/.*``).
 
+Layouts: sources and targets may be unrolled (``encoder/block_{i}/...``) or scanned
+(``scan_layers=True``: ``encoder/block_stack/...`` with a leading layer axis;
+``fmjax.models.scan``). Both sides are read in the unrolled (canonical) layout: a scanned
+source is unstacked, and a scanned target's stacked params are planned per layer, so
+``mapping``, ``dont_load`` (e.g. ``'encoder/block_1/.*'``) and the table use ``block_{i}``
+paths either way; a stacked param takes its loaded layers and keeps the fresh init of the rest.
+
 Applied once, on a fresh start only (a resume restores its own checkpoint), after
 ``objective.init`` and before the optimizer state is built; loaded arrays are placed with
 the params' shardings. A table of loaded / re-initialised / missing counts per top-level
@@ -35,6 +42,7 @@ import jax
 import numpy as np
 
 from fmjax.errors import ConfigError
+from fmjax.models import scan as scan_lib
 
 FORMATS = ("hf_vit", "hf_vit_mae", "hf_dinov2", "hf_clip", "open_clip", "diffusers_unet",
            "timm_vit", "timm_mae")
@@ -262,6 +270,20 @@ def plan(target_shapes: dict[str, tuple], source: dict[str, np.ndarray], mi, pos
     return loads, status, len(set(mapped) - used)
 
 
+def unrolled_shapes(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """``{path: shape}`` of a param tree in the unrolled layout: a stacked param
+    ``.../block_stack/...`` of shape (L, ...) becomes L params ``.../block_{i}/...``."""
+    out = {}
+    for path, shape in shapes.items():
+        split = scan_lib.split_stacked_path(path)
+        if split is None:
+            out[path] = tuple(shape)
+        else:
+            for i in range(shape[0]):
+                out[f"{split[0]}{i}{split[1]}"] = tuple(shape[1:])
+    return out
+
+
 def table(status: dict[str, str], unused: int, what: str) -> str:
     rows = {}
     for path, s in status.items():
@@ -282,8 +304,9 @@ def apply(config, params, param_shardings, log=print):
     put in, each placed with its param's sharding. Returns ``(params, status)``."""
     mi = config.model_init
     source, what = read_source(mi, config.get("model"))
+    source = scan_lib.unstack_flat(source)  # a scanned source in the canonical layout
     flat = flatten(params)
-    shapes = {k: tuple(v.shape) for k, v in flat.items()}
+    shapes = unrolled_shapes({k: tuple(v.shape) for k, v in flat.items()})
     model = config.get("model") or {}
     loads, status, unused = plan(shapes, source, mi, model.get("pos_interp", "resize"),
                                  float(model.get("pos_interp_offset", 0.0)))
@@ -292,8 +315,21 @@ def apply(config, params, param_shardings, log=print):
     keys = list(flat)
     new = []
     for key, leaf in zip(keys, leaves):
-        if key in loads:
-            value = np.asarray(loads[key], dtype=leaf.dtype)
+        split = scan_lib.split_stacked_path(key)
+        value = None
+        if split is None:
+            if key in loads:
+                value = np.asarray(loads[key], dtype=leaf.dtype)
+        else:  # a stacked param: its loaded layers, the fresh init elsewhere
+            head, tail = split
+            layers = [loads.get(f"{head}{i}{tail}") for i in range(leaf.shape[0])]
+            if any(v is not None for v in layers):
+                value = (np.empty(leaf.shape, leaf.dtype) if all(v is not None for v in layers)
+                         else np.array(_to_host(leaf), dtype=leaf.dtype))
+                for i, v in enumerate(layers):
+                    if v is not None:
+                        value[i] = np.asarray(v, dtype=leaf.dtype)
+        if value is not None:
             sh = shard_flat[key]
             leaf = jax.make_array_from_callback(value.shape, sh, lambda idx, v=value: v[idx])
         new.append(leaf)

@@ -18,6 +18,8 @@ have no leading '/'. (``optimizer.no_decay`` keeps its own ``re.search`` rule.)
   transformer blocks (None: counted from the param tree, the largest ``block_<i>`` + 1; MAE's
   code calls ``num_layers + 1`` "num_layers") and ``layer_id`` from ``layer_id``: embeddings 0,
   block i i + 1, everything else (final norm, head) num_layers + 1. It multiplies ``lr_mult``.
+  A scanned encoder's stacked params (``block_stack/...``, leading layer axis; see
+  ``fmjax.models.scan``) get one multiplier per layer along that axis, the same numbers.
 - ``wd_mult``: ``(pattern, multiplier)`` pairs, first match wins, default 1, multipliers >= 0.
   Precedence: the decay groups decide first (params with < 2 dims, biases and ``no_decay``
   matches never decay, unless ``decay_all=True``); ``wd_mult`` then scales the decay of the
@@ -33,6 +35,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fmjax.errors import ConfigError
@@ -45,6 +48,7 @@ GROUP_KEYS = ("frozen", "lr_mult", "wd_mult", "llrd")
 EMBED_LAYER = re.compile(r"(^|.*/)(cls_token|pos_embed|reg_tokens|mask_token|dist_token)$"
                          r"|(^|.*/)(patch_embed|pre_norm)/.*")
 BLOCK_LAYER = re.compile(r"(^|.*/)block_(\d+)/.*")
+STACK_LAYER = re.compile(r"(^|.*/)block_stack/.*")  # scan_layers: (depth, ...) stacked blocks
 
 
 def path_str(key_path) -> str:
@@ -156,9 +160,11 @@ def layer_id(path: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def count_blocks(all_paths) -> int:
+def count_blocks(all_paths, stacked_lengths=()) -> int:
+    """The number of transformer blocks: the largest ``block_<i>`` + 1, or a scanned stack's
+    length (``stacked_lengths``), whichever is larger."""
     ids = [int(m.group(2)) for p in all_paths if (m := BLOCK_LAYER.fullmatch(p))]
-    return max(ids) + 1 if ids else 0
+    return max([max(ids) + 1 if ids else 0, *stacked_lengths])
 
 
 def llrd_mult(path: str, decay: float, num_layers: int) -> float:
@@ -176,15 +182,19 @@ def check_matches(groups: Groups, all_paths) -> None:
                               f"the whole '/'-joined path, e.g. {example}).")
 
 
-def lr_multipliers(groups: Groups, params) -> dict[str, float]:
+def lr_multipliers(groups: Groups, params) -> dict[str, Any]:
     """{path: lr multiplier} for every param of ``params`` (the whole tree: LLRD counts its
-    blocks): lr_mult's first match times the LLRD factor."""
-    all_paths = paths(params)
+    blocks): lr_mult's first match times the LLRD factor. With LLRD, a stacked param
+    (``block_stack/...``) gets a numpy vector, one multiplier per layer (its leading axis)."""
+    flat = [(path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    all_paths = [p for p, _ in flat]
     out = {p: first_match(p, groups.lr_mult) for p in all_paths}
     if groups.llrd:
         decay, n = groups.llrd
-        n = count_blocks(all_paths) if n is None else n
-        out = {p: m * llrd_mult(p, decay, n) for p, m in out.items()}
+        stacked = {p: x.shape[0] for p, x in flat if STACK_LAYER.fullmatch(p) and x.ndim}
+        n = count_blocks(all_paths, stacked.values()) if n is None else n
+        out = {p: (m * np.array([decay ** (n - i) for i in range(stacked[p])]) if p in stacked
+                   else m * llrd_mult(p, decay, n)) for p, m in out.items()}
     return out
 
 
@@ -237,6 +247,8 @@ def scale_by_multipliers(groups: Groups) -> optax.GradientTransformation:
 
         def scale(kp, u):
             m = mults[path_str(kp)]
+            if isinstance(m, np.ndarray):  # per layer of a stacked param (leading axis)
+                return u * jnp.asarray(m, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
             return u if m == 1.0 else u * jnp.asarray(m, u.dtype)
         return jax.tree_util.tree_map_with_path(scale, updates), state
     return optax.GradientTransformation(init, update)
