@@ -220,11 +220,24 @@ class _QuietFailedReads:
             self._saved = None
         return self
 
+    def _wait_until_quiet(self, quiet_s: float = 0.5, max_s: float = 10.0):
+        """Until the captured output has not grown for ``quiet_s`` (at most ``max_s``): a fixed
+        0.5 s was not always enough on a loaded machine (a late traceback leaked in CI)."""
+        start = last_change = time.monotonic()
+        size = -1
+        while time.monotonic() - start < max_s:
+            now_size = os.fstat(self._tmp.fileno()).st_size
+            if now_size != size:
+                size, last_change = now_size, time.monotonic()
+            elif time.monotonic() - last_change >= quiet_s:
+                return
+            time.sleep(0.05)
+
     def __exit__(self, exc_type, *exc):
         if self._saved is None:
             return
         if self.failed or exc_type is not None:
-            time.sleep(0.5)  # let the abandoned reads finish and print into the void
+            self._wait_until_quiet()  # let the abandoned reads finish and print into the void
             # Their futures are garbage-collected later, when asyncio logs "Task exception was
             # never retrieved" with the same traceback: already reported, so keep it quiet.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
