@@ -14,13 +14,9 @@ import pytest
 
 from fmjax.errors import ConfigError
 from fmjax.models.vit import resize_pos_embed
-from fmjax.testing import load_config
+from fmjax.testing import checkpoint_params, initial_state, load_config
 from fmjax.train import loop
 from fmjax.train import model_init as mi_lib
-from fmjax.train import setup as setup_lib
-from fmjax.train import state as state_lib
-from fmjax.train import optimizer as opt_lib
-from fmjax.train import restore
 
 
 def _tiny_supervised(tiny_config, **kw):
@@ -45,34 +41,15 @@ def sup_workdir(tmp_path_factory, shapes_data_dir):
     return wd
 
 
-def _create(config, devices=None):
-    """The TrainState a fresh run of ``config`` starts from (model_init applied), and logs."""
-    objective, mesh, rules = setup_lib.build(config, devices)
-    spec = restore.train_batch_spec(config, objective)
-    tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
-    _, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
-    lines = []
-    load = (lambda p, sh: mi_lib.apply(config, p, sh, log=lines.append)[0]) \
-        if mi_lib.is_set(config) else None
-    state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings,
-                                      load_params=load)
-    return state, "\n".join(lines)
-
-
-def _source_params(workdir):
-    _, _, _, _, state, _ = restore.load_checkpoint(workdir)
-    return jax.tree.map(np.asarray, state.params)
-
-
 def test_workdir_into_dino_backbone_sharded(sup_workdir, tiny_config):
     c = tiny_config("dino")
     c.mesh = dict(data=4, fsdp=2, tensor=1)  # params sharded over fsdp: loaded arrays must follow
     c.model_init.workdir = sup_workdir
     c.model_init.mapping = {"params": "backbone"}
     c.model_init.dont_load = ("backbone/encoder/block_1/.*",)
-    fresh, _ = _create(tiny_config("dino", **{"mesh": dict(data=4, fsdp=2, tensor=1)}))
-    state, text = _create(c)
-    src = _source_params(sup_workdir)
+    fresh, _ = initial_state(tiny_config("dino", **{"mesh": dict(data=4, fsdp=2, tensor=1)}))
+    state, text = initial_state(c)
+    src = checkpoint_params(sup_workdir)
     got = jax.tree.map(np.asarray, state.params)
     np.testing.assert_array_equal(got["backbone"]["encoder"]["block_0"]["attn"]["query"]["kernel"],
                                   src["encoder"]["block_0"]["attn"]["query"]["kernel"])
@@ -142,7 +119,7 @@ def test_hf_vit_safetensors(tiny_config, tmp_path):
     c.model_init.torch = str(tmp_path / "hf" / "model.safetensors")
     c.model_init.format = "hf_vit"
     c.model_init.dont_load = ("head/.*",)
-    state, text = _create(c, jax.devices()[:1])
+    state, text = initial_state(c, jax.devices()[:1])
     from fmjax.interop.hf_vit import convert_hf_vit, load_safetensors
     ref = convert_hf_vit(load_safetensors(c.model_init.torch), cfg)
     got = jax.tree.map(np.asarray, state.params)

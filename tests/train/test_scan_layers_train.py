@@ -17,13 +17,8 @@ import numpy as np
 import pytest
 
 from fmjax.models import scan
-from fmjax.testing import load_config
+from fmjax.testing import checkpoint_params, initial_state, load_config
 from fmjax.train import loop
-from fmjax.train import model_init as mi_lib
-from fmjax.train import optimizer as opt_lib
-from fmjax.train import restore
-from fmjax.train import setup as setup_lib
-from fmjax.train import state as state_lib
 from fmjax.train.checkpoint import IncompatibleCheckpointError
 
 MESH = dict(data=4, fsdp=2, tensor=1)
@@ -48,37 +43,18 @@ def sup_workdir(tmp_path_factory, shapes_data_dir):
     return wd
 
 
-def _create(config, devices=None):
-    """The TrainState a fresh run of ``config`` starts from (model_init applied), and logs."""
-    objective, mesh, rules = setup_lib.build(config, devices)
-    spec = restore.train_batch_spec(config, objective)
-    tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
-    _, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
-    lines = []
-    load = (lambda p, sh: mi_lib.apply(config, p, sh, log=lines.append)[0]) \
-        if mi_lib.is_set(config) else None
-    state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings,
-                                      load_params=load)
-    return state, "\n".join(lines)
-
-
-def _params(workdir):
-    _, _, _, _, state, _ = restore.load_checkpoint(workdir)
-    return jax.tree.map(np.asarray, state.params)
-
-
 def _assert_trees_equal(a, b):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_unrolled_workdir_into_scanned_model_sharded(sup_workdir, shapes_data_dir):
-    src = _params(sup_workdir)
+    src = checkpoint_params(sup_workdir)
     assert "block_2" in src["encoder"]
     c = _sup_config(shapes_data_dir, scan_layers=True)
     c.mesh = MESH
     c.model_init.workdir = sup_workdir
-    state, text = _create(c)
+    state, text = initial_state(c)
     kernel = state.params["encoder"]["block_stack"]["mlp"]["fc1"]["kernel"]
     assert kernel.shape == (3, 32, 64) and kernel.sharding.spec[:2] == (None, "fsdp")
     _assert_trees_equal(jax.tree.map(np.asarray, state.params), scan.stack_layers(src))
@@ -88,8 +64,8 @@ def test_unrolled_workdir_into_scanned_model_sharded(sup_workdir, shapes_data_di
     c.model_init.dont_load = ("encoder/block_1/.*",)
     fresh_config = _sup_config(shapes_data_dir, scan_layers=True)
     fresh_config.mesh = MESH
-    fresh, _ = _create(fresh_config)
-    state, text = _create(c)
+    fresh, _ = initial_state(fresh_config)
+    state, text = initial_state(c)
     got = jax.tree.map(np.asarray, state.params["encoder"]["block_stack"])
     init = jax.tree.map(np.asarray, fresh.params["encoder"]["block_stack"])
     want = scan.stack_layers(src)["encoder"]["block_stack"]
@@ -113,7 +89,7 @@ def test_hf_vit_checkpoint_into_scanned_model(shapes_data_dir, tmp_path):
     c.model_init.torch = str(tmp_path / "hf" / "model.safetensors")
     c.model_init.format = "hf_vit"
     c.model_init.dont_load = ("head/.*",)
-    state, text = _create(c, jax.devices()[:1])
+    state, text = initial_state(c, jax.devices()[:1])
     from fmjax.interop.hf_vit import convert_hf_vit, load_safetensors
     ref = scan.stack_layers(convert_hf_vit(load_safetensors(c.model_init.torch), cfg))
     got = jax.tree.map(np.asarray, state.params)
@@ -133,7 +109,7 @@ def test_scanned_mae_trains_sharded_and_refuses_an_unrolled_resume(tiny_config, 
     with open(os.path.join(wd, "metrics.jsonl")) as f:
         losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
     assert len(losses) == 3 and all(np.isfinite(losses)), losses
-    params = _params(wd)
+    params = checkpoint_params(wd)
     assert params["encoder"]["block_stack"]["attn"]["query"]["kernel"].shape == (3, 32, 2, 16)
     assert params["decoder"]["block_stack"]["mlp"]["fc2"]["bias"].shape == (2, 32)
     # the three layers were initialised independently and all moved
@@ -151,7 +127,7 @@ def test_scanned_mae_trains_sharded_and_refuses_an_unrolled_resume(tiny_config, 
 
     # ... but config.model_init loads the scanned workdir into the unrolled model, bit for bit
     unrolled.model_init.workdir = wd
-    state, text = _create(unrolled)
+    state, text = initial_state(unrolled)
     _assert_trees_equal(jax.tree.map(np.asarray, state.params), scan.unstack_layers(params))
     assert "0 missing" in text and "0 checkpoint arrays unused" in text, text
 
