@@ -155,8 +155,7 @@ def get_config(arg: str = "default"):
         common.imagenet_data(c, 224, scale=(0.08, 1.0))
         # timm create_transform as MAE's util/datasets.py calls it: RandAugment
         # rand-m9-mstd0.5-inc1 on the uint8 crop, random erasing (0.25, 'pixel') after normalize.
-        c.data.pp_train = ("random_resized_crop(224, scale=(0.08, 1.0))|flip_lr|randaugment(2, 9)|"
-                           "normalize('imagenet')|random_erasing(0.25)|keep('image', 'label')")
+        c.data.pp_train = _timm_train_pp("imagenet")
         c.batch_size = 1024
         c.total_steps = 100 * epoch
         c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=5e-4, b1=0.9, b2=0.999,
@@ -181,8 +180,7 @@ def get_config(arg: str = "default"):
         from configs.supervised import DEIT_OPTIONS
         epoch = 1281167 // 1024                       # 1251 steps (drop_last)
         common.imagenet_data(c, 224, scale=(0.08, 1.0))
-        c.data.pp_train = ("random_resized_crop(224, scale=(0.08, 1.0))|flip_lr|randaugment(2, 9)|"
-                           "normalize('imagenet')|random_erasing(0.25)|keep('image', 'label')")
+        c.data.pp_train = _timm_train_pp("imagenet")
         c.batch_size = 1024
         c.total_steps = 300 * epoch
         c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=5e-4 * 256 / 512,
@@ -199,8 +197,7 @@ def get_config(arg: str = "default"):
     elif arg == "clip_vit_b16_imagenet":
         epoch = 1281167 // 2048                       # 625 steps
         common.imagenet_data(c, 224, scale=(0.08, 1.0))
-        c.data.pp_train = ("random_resized_crop(224, scale=(0.08, 1.0))|flip_lr|randaugment(2, 9)|"
-                           "normalize('clip')|random_erasing(0.25)|keep('image', 'label')")
+        c.data.pp_train = _timm_train_pp("clip")
         c.data.pp_eval = "resize(224)|center_crop(224)|normalize('clip')|keep('image', 'label')"
         c.batch_size = 2048
         c.total_steps = 50 * epoch
@@ -222,6 +219,14 @@ def get_config(arg: str = "default"):
         raise ValueError(f"Unknown configs/finetune.py preset {arg!r}; valid: default, "
                          "mae_vit_b16_imagenet, dino_vit_b16_imagenet, clip_vit_b16_imagenet.")
     return c
+
+
+def _timm_train_pp(normalization: str) -> str:
+    """timm create_transform's training pp at 224 (MAE / DeiT / FT-CLIP fine-tuning): random
+    resized crop (0.08, 1), flip, rand-m9-mstd0.5-inc1 on the uint8 crop, normalize, random
+    erasing 0.25 ('pixel')."""
+    return ("random_resized_crop(224, scale=(0.08, 1.0))|flip_lr|randaugment(2, 9)|"
+            f"normalize('{normalization}')|random_erasing(0.25)|keep('image', 'label')")
 
 
 def _imagenet_run(c, epoch: int):
