@@ -27,6 +27,10 @@ setup(
         "dev": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "diffusers>=0.30"],
         # The notebooks draw with matplotlib when it is there (else plain PIL images).
         "notebooks": ["matplotlib"],
+        # Ahead-of-time compilation for TPU topologies on any host (launch/compile.py): the
+        # libtpu that jax 0.10.2 pins. Kept out of 'dev': on a CPU-only machine an installed libtpu
+        # makes every jax start-up probe for a TPU VM (and warn) unless JAX_PLATFORMS=cpu.
+        "aot": ["libtpu==0.0.42.*"],
         # Preparing TFDS catalog datasets (imagenet2012, ...) needs TensorFlow.
         "tf": ["tensorflow-cpu"],
     },

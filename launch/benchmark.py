@@ -36,10 +36,6 @@ flags.DEFINE_integer("peak_matmul_n", 0, "Size n of the n x n matmul that measur
                      "(0: 8192 on GPU / TPU, 1024 on CPU).")
 FLAGS = flags.FLAGS
 
-# The synthetic example's caption names shape classes, so swap_words (CLIP hard negatives) finds one.
-SYNTHETIC_CAPTION = "a small red circle left of a large blue square."
-
-
 def measured_peak_tflops(dtype, n: int = 8192, reps: int = 10) -> float:
     """Dense matmul TFLOP/s per device: the practical peak that MFU is reported against."""
     import jax
@@ -52,54 +48,6 @@ def measured_peak_tflops(dtype, n: int = 8192, reps: int = 10) -> float:
         out = f(a)
     out.block_until_ready()
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
-
-
-def _flops(stage) -> float:
-    try:
-        cost = stage.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return 0.0
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)) if cost else 0.0
-
-
-def _layer_flops(tokens: int, width: int, mlp: int) -> float:
-    """Forward FLOPs of one pre-norm transformer block (matmuls only; 2 FLOPs per MAC)."""
-    return 2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width
-
-
-def analytic_train_flops_per_item(model, image_size: int) -> float:
-    """Forward + backward (3x forward) model FLOPs per example for ViT / MAE, the usual
-    MFU convention (no rematerialisation counted)."""
-    p = model.patch_size
-    patches = (image_size // p) ** 2
-    embed = 2 * patches * p * p * 3 * model.width
-    if hasattr(model, "mask_ratio"):  # MAE: encoder on the kept patches, decoder on all
-        kept = 1 + int(patches * (1 - model.mask_ratio))
-        dec_mlp = model.decoder_mlp_dim or 4 * model.decoder_width
-        fwd = (embed + model.depth * _layer_flops(kept, model.width, model.mlp_dim)
-               + 2 * kept * model.width * model.decoder_width
-               + model.decoder_depth * _layer_flops(patches + 1, model.decoder_width, dec_mlp)
-               + 2 * patches * model.decoder_width * p * p * 3)
-    else:
-        tokens = patches + int(model.class_token) + model.num_registers
-        fwd = embed + model.depth * _layer_flops(tokens, model.width, model.mlp_dim)
-        fwd += 2 * model.width * max(model.num_classes, 0)
-    return 3.0 * fwd
-
-
-def analytic_model(objective, spec):
-    """(model, image size) when the analytic count applies (a ViT with a linear patch stem,
-    or an MAE, on square ``image`` batches), else None: XLA's count is used instead."""
-    from fmjax.models.mae import MAE
-    from fmjax.models.vit import ViT
-    model = getattr(objective, "model", None)
-    image = spec.get("image")
-    if image is None or len(image.shape) != 4 or image.shape[1] != image.shape[2]:
-        return None
-    if isinstance(model, MAE) or (isinstance(model, ViT) and model.stem == "patch"):
-        return model, int(image.shape[1])
-    return None
 
 
 # -- Flags and config checks (before jax is imported: each failure is one line, exit 2). ----
@@ -133,25 +81,11 @@ def _check_config(config, objective, mesh) -> None:
 
 
 # -- Batch spec: from the real first example when the data is here, else a synthetic one. ---
-def synthetic_example(config) -> dict:
-    """What a source gives (``image`` uint8 HxWx3, ``label``, ``caption``), at the dataset's
-    resolution for fmjax_shapes, else at ``config.data.image_size`` (every pp_train crops or
-    resizes from that)."""
-    import numpy as np
-    from fmjax.data import sources
-    try:
-        size = sources._shapes_resolution(config.data.name)  # noqa: SLF001
-    except (ValueError, AttributeError):
-        size = None
-    size = size or int(config.data.get("image_size") or 224)
-    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    return {"image": image, "label": 0, "caption": SYNTHETIC_CAPTION}
-
-
 def first_example(config):
     """(example, where it came from): the first training example when the dataset is
     available here (fmjax_shapes only if already prepared: the benchmark never prepares
     data), else ``synthetic_example``, with a warning naming the reason."""
+    from fmjax.aot.spec import synthetic_example
     from fmjax.data import shapes, sources
     name, split = config.data.name, config.data.get("train_split", "train")
     data_dir = config.data.get("data_dir")
@@ -173,23 +107,21 @@ def first_example(config):
 
 def batch_spec(config, objective, global_batch):
     """(spec {key: ShapeDtypeStruct of the global batch}, one transformed example, origin)."""
-    import numpy as np
-    from fmjax.data.transforms import parse_pp
-    from fmjax.train.setup import batch_spec as _batch_spec
-    transform = parse_pp(config.data.pp_train, "config.data.pp_train")
+    from fmjax.aot import spec as spec_lib
     raw, origin = first_example(config)
     try:
-        spec = _batch_spec([raw], transform, objective.batch_keys, global_batch)
+        spec, example = spec_lib.batch_spec(config, objective, global_batch, example=raw)
     except ConfigError as e:
         if origin != "synthetic":
             raise
         raise ConfigError(f"{e} (the benchmark ran it on a synthetic example with keys "
                           f"{sorted(raw)}, as dataset {config.data.name!r} is not available here)") from None
+    from fmjax.data.transforms import parse_pp
     from fmjax.train import validate
     check_pipeline = getattr(validate, "check_pipeline_matches", None)
     if check_pipeline is not None:  # overrides that pp_train does not see, as launch/train.py checks
-        check_pipeline(config, transform, spec)
-    return spec, transform(raw, np.random.default_rng(0)), origin
+        check_pipeline(config, parse_pp(config.data.pp_train, "config.data.pp_train"), spec)
+    return spec, example, origin
 
 
 def synthetic_batch(spec, example, mesh, seed: int = 0):
@@ -218,6 +150,7 @@ def run() -> dict:
     import jax
     import jax.numpy as jnp
 
+    from fmjax.aot import flops as flops_lib
     from fmjax.parallel import mesh as mesh_lib
     from fmjax.train import optimizer as opt_lib, state as state_lib, step as step_lib
     from fmjax.train.setup import build
@@ -248,7 +181,7 @@ def run() -> dict:
     n_dev = jax.device_count()
     # XLA's count of the program as written (before fusion / rematerialisation), divided over
     # the devices; the compiled module's own count can miss fused kernels.
-    xla_flops = _flops(lowered) / n_dev or _flops(compiled)
+    xla_flops = flops_lib.xla_flops(lowered) / n_dev or flops_lib.xla_flops(compiled)
     metrics = None
     for _ in range(FLAGS.warmup):
         state, metrics = compiled(state, batch)
@@ -262,9 +195,9 @@ def run() -> dict:
     platform = jax.devices()[0].platform
     peak_n = FLAGS.peak_matmul_n or (1024 if platform == "cpu" else 8192)
     peak = measured_peak_tflops(jnp.bfloat16 if config.get("dtype") == "bfloat16" else jnp.float32, peak_n)
-    analytic = analytic_model(objective, spec)
+    analytic = flops_lib.analytic_model(objective, spec)
     if analytic is not None:
-        model_flops = analytic_train_flops_per_item(*analytic) * bs / n_dev
+        model_flops = flops_lib.analytic_train_flops_per_item(*analytic) * bs / n_dev
     else:
         model_flops = xla_flops
     model_tflops = model_flops / dt / 1e12
