@@ -7,7 +7,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 128            # global, over all processes
-    c.grad_accum_steps = 1
+    c.grad_accum_steps = 1        # micro-batches per step; CLIP/DINO keep the full-batch loss (fmjax/train/step.py)
     c.log_every = 50
     c.eval_every = 500
     c.eval_at_start = True

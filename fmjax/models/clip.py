@@ -319,18 +319,24 @@ class CLIP(nn.Module):
         emb = self.text_encoder(tokens, train=train)["embedding"]
         return l2_normalize(emb) if normalize else emb
 
+    def logit_terms(self):
+        """``(logit_scale, logit_bias)`` as the loss takes them, float32 scalars: exp(param)
+        (unclamped) and the bias param, or None without one."""
+        bias = None if self.logit_bias is None else self.logit_bias.astype(jnp.float32)
+        return jnp.exp(self.logit_scale.astype(jnp.float32)), bias
+
     def __call__(self, images: jax.Array, tokens: jax.Array,
                  train: bool = False) -> Dict[str, jax.Array]:
         """Embed both modalities; see the class docstring for the outputs."""
         image_embeds = self.encode_image(images, train)
         text_embeds = self.encode_text(tokens, train)
-        scale = jnp.exp(self.logit_scale.astype(jnp.float32))
+        scale, bias = self.logit_terms()
         logits = scale * jnp.einsum("id,td->it", image_embeds.astype(jnp.float32),
                                     text_embeds.astype(jnp.float32))
         out = dict(image_embeds=image_embeds, text_embeds=text_embeds, logit_scale=scale)
-        if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias.astype(jnp.float32)
-            logits = logits + out["logit_bias"]
+        if bias is not None:
+            out["logit_bias"] = bias
+            logits = logits + bias
         out["logits_per_image"] = logits
         return out
 

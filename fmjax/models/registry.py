@@ -24,7 +24,8 @@ CAPABILITIES = {
     "any_resolution": "accepts images of another size than it was built for (e.g. DINO's local crops)",
     "attention_maps": "method attention_maps(images) -> [B, heads, N] last-layer attention",
     "masked_autoencoder": "__call__(images, train) -> {'loss', 'pred', 'mask', ...}; encode(images)",
-    "image_text": "encode_image(images), encode_text(tokens); __call__(images, tokens) -> embeddings",
+    "image_text": "encode_image(images), encode_text(tokens); logit_terms() -> (scale, bias or "
+                  "None); __call__(images, tokens) -> embeddings",
     "denoiser": "__call__(x_t, t, y=None, context=None, train) -> the noise / v / x0 prediction",
     "class_conditional": "a denoiser taking class labels y (num_classes > 0; row num_classes is null)",
     "text_conditional": "a denoiser taking a context sequence (context_dim > 0)",

@@ -20,8 +20,21 @@ defines the method, and callers ask ``supports(objective, name)``:
     update_mask(params, step) -> tree of bool  # False: the param is not updated (no decay either)
     text_features(params, extra, tokens) -> [B, D]  # text embedding for zero-shot / retrieval
     generate(params, extra, rng, ...) / predict(...)  # generative models (diffusion)
+    embed(params, extra, batch, rng, step) -> tree of [B, ...] arrays          # both together:
+    loss_from_embeddings(params, extra, embeds, batch, rng, step) -> loss(...)'s output
+        # ``loss`` split in two at the per-example outputs (CLIP's embeddings, DINO's head
+        # outputs), so that ``config.grad_accum_steps`` keeps the full batch's loss
+        # (fmjax.train.step.cached_embedding_loss_and_grad; ``couples_examples`` below)
 Evaluators name the capabilities they need (``Evaluator.needs``), so a config that asks
 an objective for something it cannot do is refused before compiling.
+
+Gradient accumulation (``config.grad_accum_steps`` = K > 1) sums the gradients of K
+micro-batch losses, which is the full batch's gradient only when the loss is a mean of
+per-example terms (MAE, supervised, diffusion). An objective whose loss couples the
+examples of a batch (contrastive negatives, batch statistics) says why in
+``couples_examples``; it then accumulates exactly through ``embed`` +
+``loss_from_embeddings`` (the loss runs once on the full batch of cached embeddings), or the
+config check refuses K > 1 (``grad_accum_problem``).
 """
 from __future__ import annotations
 
@@ -41,6 +54,12 @@ class Objective:
 
     #: Batch keys the objective reads; the data pipeline keeps only these.
     batch_keys: tuple[str, ...] = ("image",)
+
+    #: Why the loss couples the examples of a batch (so the summed gradients of micro-batch
+    #: losses are not the full batch's), or "" when it is a mean of per-example terms. See
+    #: the module docstring: non-empty needs ``embed`` + ``loss_from_embeddings`` for
+    #: ``config.grad_accum_steps > 1``.
+    couples_examples: str = ""
 
     def __init__(self, config):
         self.config = config
@@ -75,6 +94,8 @@ class Objective:
     text_features = None
     generate = None
     predict = None
+    embed = None
+    loss_from_embeddings = None
 
     def after_model_init(self, params, extra) -> Extra:
         """The objective state for params that ``config.model_init`` partly replaced after
@@ -84,7 +105,7 @@ class Objective:
 
 
 OPTIONAL_HOOKS = ("visualize", "eval_metrics", "project_params", "update_mask", "text_features",
-                  "generate", "predict")
+                  "generate", "predict", "embed", "loss_from_embeddings")
 
 
 def supports(objective, name: str) -> bool:
@@ -98,6 +119,20 @@ def supports(objective, name: str) -> bool:
 
 
 _STUBS = ("init", "loss", "features")
+
+
+def grad_accum_problem(objective, accum_steps: int, name: str = "") -> str:
+    """Empty when ``accum_steps`` micro-batches give ``objective`` the full batch's gradient
+    (K = 1; a per-example loss; or the ``embed`` + ``loss_from_embeddings`` hooks), else why
+    not, in one line (the config check's ConfigError); ``name``: the objective's, for it."""
+    why = getattr(objective, "couples_examples", "")
+    if accum_steps <= 1 or not why or (supports(objective, "embed")
+                                        and supports(objective, "loss_from_embeddings")):
+        return ""
+    who = f"objective {name!r}" if name else "this objective"
+    return (f"grad_accum_steps={accum_steps}: the loss of {who} couples the examples of a batch "
+            f"({why}), so summed micro-batch gradients are not the full batch's; use "
+            "grad_accum_steps=1 (a smaller batch_size, or model.remat, to save memory).")
 
 
 def available() -> list[str]:

@@ -31,6 +31,15 @@ model must tell the swapped word apart even when colour and position already pic
     while it traces the step); with no mesh, or one device on the batch axes, it runs the
     whole batch as one chunk. tests/objectives/test_clip_ring_loss.py checks it against
     'gathered' on 8 simulated devices (values, gradients, metrics, a train step).
+
+``config.grad_accum_steps`` K > 1 keeps the full batch of negatives (open_clip's
+``accum_freq``): ``loss`` is ``loss_from_embeddings(embed(...))``, and the trainer embeds the K
+micro-batches without gradients, runs the loss once on the cached full-batch embeddings, then
+re-embeds each micro-batch with gradients and pulls its slice of the embedding gradient back
+(``fmjax.train.step.cached_embedding_loss_and_grad``). Loss, accuracies and gradients (logit
+scale and bias included, counted once) equal the unaccumulated step's; activation memory is one
+micro-batch's, plus the [B, embed_dim] embeddings and their gradient; each micro-batch runs the
+towers' forward twice. Either ``loss_impl``; tests/objectives/test_clip_grad_accum.py.
 """
 from __future__ import annotations
 
@@ -109,6 +118,8 @@ def ring_sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, neg_em
 
 class CLIPObjective(Objective):
     batch_keys = ("image", "tokens")
+    # Exact with config.grad_accum_steps > 1 through embed + loss_from_embeddings (fmjax.train.step).
+    couples_examples = "the other examples of the batch are each example's contrastive negatives"
 
     def __init__(self, config):
         super().__init__(config)
@@ -146,31 +157,47 @@ class CLIPObjective(Objective):
         return self.model.init({"params": rng}, batch["image"], batch["tokens"])["params"], {}
 
     def loss(self, params, extra, batch, rng, step):
+        return self.loss_from_embeddings(params, extra, self.embed(params, extra, batch, rng, step),
+                                         batch, rng, step)
+
+    def embed(self, params, extra, batch, rng, step):
+        """The per-example half of ``loss``: ``{'image', 'text'}`` embeddings [B, embed_dim]
+        (and ``'neg'``, the hard negatives'), the locked tower's without gradient. With
+        ``config.grad_accum_steps`` > 1 the trainer caches them for every micro-batch and
+        ``loss_from_embeddings`` sees the whole batch's: every example keeps the full batch
+        of negatives (open_clip's ``accum_freq``; fmjax.train.step)."""
         out = self.model.apply({"params": params}, batch["image"], batch["tokens"], train=True,
                                rngs={"dropout": rng})
-        img, txt = out["image_embeds"], out["text_embeds"]
+        emb = {"image": out["image_embeds"], "text": out["text_embeds"]}
+        if self.hard_negatives:
+            emb["neg"] = self.model.apply(
+                {"params": params}, batch["neg_tokens"], train=True, method=self.model.encode_text,
+                rngs={"dropout": jax.random.fold_in(rng, 1)})
+        if self.lock == "image":  # no backward through the locked tower (its update is masked too)
+            emb["image"] = jax.lax.stop_gradient(emb["image"])
+        elif self.lock == "text":
+            emb = dict(emb, **{k: jax.lax.stop_gradient(v) for k, v in emb.items() if k != "image"})
+        return emb
+
+    def loss_from_embeddings(self, params, extra, emb, batch, rng, step):
+        """The contrastive loss of ``embed``'s embeddings (the whole batch's), with the logit
+        scale and bias from ``params``: ``(loss, (metrics, extra))``."""
+        scale, bias = self.model.apply({"params": params}, method=self.model.logit_terms)
+        img, txt = emb["image"], emb["text"]
         neg = {}
         if self.hard_negatives:
-            neg = dict(neg_valid=batch["neg_valid"], neg_embeds=self.model.apply(
-                {"params": params}, batch["neg_tokens"], train=True, method=self.model.encode_text,
-                rngs={"dropout": jax.random.fold_in(rng, 1)}))
-        if self.lock == "image":  # no backward through the locked tower (its update is masked too)
-            img = jax.lax.stop_gradient(img)
-        elif self.lock == "text":
-            txt = jax.lax.stop_gradient(txt)
-            neg = jax.tree.map(jax.lax.stop_gradient, neg)
+            neg = dict(neg_valid=batch["neg_valid"], neg_embeds=emb["neg"])
         sigmoid = self.model.loss == "sigmoid"
-        metrics = {"logit_scale": out["logit_scale"]}
+        metrics = {"logit_scale": scale}
         if self.loss_impl == "ring":  # no [B, B] logits: the metrics come from the ring
             fn = ring_sigmoid_loss if sigmoid else ring_softmax_clip_loss
-            loss, acc = fn(img, txt, out["logit_scale"], *([out["logit_bias"]] if sigmoid else []),
-                           **neg)
+            loss, acc = fn(img, txt, scale, *([bias] if sigmoid else []), **neg)
             metrics.update(acc)
             return loss, (metrics, extra)
         if sigmoid:
-            loss, logits = sigmoid_loss(img, txt, out["logit_scale"], out["logit_bias"], **neg)
+            loss, logits = sigmoid_loss(img, txt, scale, bias, **neg)
         else:
-            loss, logits = softmax_clip_loss(img, txt, out["logit_scale"], **neg)
+            loss, logits = softmax_clip_loss(img, txt, scale, **neg)
         labels = jnp.arange(logits.shape[0])
         metrics.update(i2t_acc=(logits.argmax(1) == labels).mean(),
                        t2i_acc=(logits.argmax(0) == labels).mean())

@@ -11,6 +11,12 @@ Batches hold ``global_crops`` [B, 2, G, G, C] and ``local_crops`` [B, N, L, L, C
 monitors are computed on the global batch inside the jit-sharded step, so the center is
 the mean over every device's teacher outputs (tests/objectives/test_dino.py checks 8
 devices against 1, and the formulas against a NumPy transcription of the reference).
+``config.grad_accum_steps`` K > 1: the center and the loss couple the batch's examples, so the
+trainer caches the head outputs of the K micro-batches (``embed``: student [B, V, out_dim],
+teacher [B, 2, out_dim]) and runs ``loss_from_embeddings`` once on the full batch
+(fmjax.train.step.cached_embedding_loss_and_grad): loss, center update and gradients as without
+accumulation, for the cost of those outputs and their gradient in memory. A BatchNorm head
+(``use_bn_in_head``) would use micro-batch statistics: refused (``check``).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.data.transforms import NORMALIZE_PRESETS
+from fmjax.errors import ConfigError
 from fmjax.evals import attention as attention_lib
 from fmjax.models.dino_head import DINOHead
 from fmjax.models.registry import build_model, require
@@ -77,6 +84,9 @@ def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp, cent
 
 class DINOObjective(Objective):
     batch_keys = ("global_crops", "local_crops")
+    # Exact with config.grad_accum_steps > 1 through embed + loss_from_embeddings (fmjax.train.step),
+    # unless the head has BatchNorm (``check``).
+    couples_examples = "the teacher outputs are centred by the batch mean"
 
     def __init__(self, config):
         super().__init__(config)
@@ -134,18 +144,38 @@ class DINOObjective(Objective):
                 "momentum": ema_momentum(step, self.momentum, self.total_steps)}
 
     def loss(self, params, extra, batch, rng, step):
+        return self.loss_from_embeddings(params, extra, self.embed(params, extra, batch, rng, step),
+                                         batch, rng, step)
+
+    def embed(self, params, extra, batch, rng, step):
+        """The per-example half of ``loss``: head outputs ``{'student': [B, V, K], 'teacher':
+        [B, 2, K]}``. With ``config.grad_accum_steps`` > 1 the trainer caches them for every
+        micro-batch, so the loss, its center and the center's update see the whole batch
+        (fmjax.train.step.cached_embedding_loss_and_grad), as without accumulation."""
         g_rng, l_rng = jax.random.split(rng)
         student = [self._forward(params, batch["global_crops"], True, g_rng)]
         if self.num_local:
             student.append(self._forward(params, batch["local_crops"], True, l_rng))
-        student = jnp.concatenate(student, axis=1)
         teacher = self._forward(extra["teacher"], batch["global_crops"], False)
+        return {"student": jnp.concatenate(student, axis=1),
+                "teacher": jax.lax.stop_gradient(teacher)}
+
+    def loss_from_embeddings(self, params, extra, emb, batch, rng, step):
         sched = self.schedules(step)
-        loss, center, monitors = dino_loss(student, teacher, extra["center"], self.student_temp,
-                                           sched["teacher_temp"], self.center_momentum)
+        loss, center, monitors = dino_loss(emb["student"], emb["teacher"], extra["center"],
+                                           self.student_temp, sched["teacher_temp"],
+                                           self.center_momentum)
         extra = dict(extra, center=center)
         metrics = dict(monitors, teacher_temp=sched["teacher_temp"], momentum=sched["momentum"])
         return loss, (metrics, extra)
+
+    def check(self, config):
+        accum = int(config.get("grad_accum_steps", 1))
+        if accum > 1 and self.head.use_bn:
+            raise ConfigError(
+                f"grad_accum_steps={accum} with config.objective.use_bn_in_head=True: the head's "
+                "BatchNorm would normalise each micro-batch by its own statistics, not the full "
+                "batch's; use grad_accum_steps=1 or use_bn_in_head=False (the DINO default).")
 
     def update_mask(self, params, step):
         """The head's last layer is frozen (skipped by the optimizer) for the first steps."""

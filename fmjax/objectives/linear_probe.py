@@ -29,6 +29,8 @@ _PROBE_PATH = "backbone/encoder/block_0/kernel"   # a param path that `frozen` m
 
 class LinearProbeObjective(Objective):
     batch_keys = ("image", "label")
+    # Exact with config.grad_accum_steps > 1 through embed + loss_from_embeddings (fmjax.train.step).
+    couples_examples = "the batch norm before the head uses the batch's statistics"
 
     def __init__(self, config):
         super().__init__(config)
@@ -73,7 +75,16 @@ class LinearProbeObjective(Objective):
         return feats @ params["head"]["kernel"] + params["head"]["bias"]
 
     def loss(self, params, extra, batch, rng, step):
-        feats = self._pooled(params["backbone"], batch["image"])
+        return self.loss_from_embeddings(params, extra, self.embed(params, extra, batch, rng, step),
+                                         batch, rng, step)
+
+    def embed(self, params, extra, batch, rng, step):
+        """The frozen backbone's features [B, D]: with ``config.grad_accum_steps`` > 1 the
+        trainer caches them for every micro-batch, so the batch norm's statistics (and its
+        running ones) are the full batch's (fmjax.train.step), as without accumulation."""
+        return self._pooled(params["backbone"], batch["image"])
+
+    def loss_from_embeddings(self, params, extra, feats, batch, rng, step):
         mean, var = feats.mean(0), feats.var(0)
         logits = self._head(params, feats, mean, var)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()

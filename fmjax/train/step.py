@@ -1,4 +1,11 @@
-"""The jit-sharded train step, with gradient accumulation by scan over micro-batches."""
+"""The jit-sharded train step, with gradient accumulation by scan over micro-batches.
+
+``accum_steps`` K > 1: an objective whose loss is a mean of per-example terms sums the
+gradients of its K micro-batch losses (plain accumulation). One whose loss couples the
+examples (CLIP's negatives, DINO's center: ``Objective.couples_examples``) must have the
+``embed`` / ``loss_from_embeddings`` hooks, and ``cached_embedding_loss_and_grad`` keeps
+its loss on the full batch; without them the config check refuses K > 1.
+"""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -7,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from fmjax.train.state import TrainState
-from fmjax.objectives.base import supports
+from fmjax.objectives.base import grad_accum_problem, supports
 
 
 def _split_micro(batch, accum_steps: int):
@@ -20,6 +27,60 @@ def _split_micro(batch, accum_steps: int):
         x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
         return jnp.moveaxis(x, 1, 0)
     return jax.tree.map(split, batch)
+
+
+def _merge_micro(tree):
+    """The inverse of ``_split_micro``: [accum, B/accum, ...] -> [B, ...] in the batch's order."""
+    def merge(x):
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+    return jax.tree.map(merge, tree)
+
+
+def cached_embedding_loss_and_grad(objective, params, extra, batch, rng, step, accum_steps: int):
+    """``(loss, metrics, extra, grads)`` of the FULL batch's loss, in ``accum_steps`` micro-
+    batches of activation memory: open_clip's ``accum_freq`` scheme (the GradCache of Gao et
+    al., 2021), for objectives with ``embed`` + ``loss_from_embeddings``.
+
+    1. Without gradients, ``embed`` every micro-batch; the embeddings are merged back into
+       the batch's order (one [B, ...] tree, held with its gradient: CLIP's [B, embed_dim]
+       are small next to the activations, DINO's [B, views, out_dim] less so).
+    2. ``loss_from_embeddings`` on the full batch, once: loss, metrics and new ``extra`` as
+       the unaccumulated step computes them; its gradient w.r.t. the params it reads itself
+       (CLIP's logit scale and bias) and w.r.t. every embedding.
+    3. For each micro-batch, ``embed`` again with gradients and pull its slice of the
+       embedding gradient back through it (``jax.vjp``); the sum over micro-batches plus
+       step 2's direct part is exactly the full batch's gradient (the chain rule).
+
+    open_clip recomputes the full-batch loss once per micro-batch with that micro-batch's
+    fresh features spliced into the cached ones and backpropagates it; as the spliced
+    features equal the cached ones, its per-micro-batch feature gradients are the ones of
+    step 2, which is therefore computed once (one loss pass instead of K). The loss's own
+    params get their gradient once, where open_clip's repeated backward adds the logit
+    scale's K times. Micro-batch i's ``embed`` draws ``fold_in(rng, i)`` in both passes
+    (dropout, drop path), so the recomputed embeddings are the cached ones and the
+    gradient is exact; they are not the draws of the unaccumulated step (same distribution).
+    ``embed`` sees the step's ``extra`` (read only); ``loss_from_embeddings`` returns the new one.
+    """
+    micro = _split_micro(batch, accum_steps)
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum_steps))
+
+    def embed(p, mb, key):
+        return objective.embed(p, extra, mb, key, step)
+
+    cached = jax.lax.map(lambda xs: embed(params, *xs), (micro, keys))
+    cached = jax.lax.stop_gradient(_merge_micro(cached))
+    grad_fn = jax.value_and_grad(objective.loss_from_embeddings, argnums=(0, 2), has_aux=True)
+    (loss, (metrics, extra_out)), (grads, embed_grads) = grad_fn(
+        params, extra, cached, batch, rng, step)
+
+    def body(grads_sum, xs):
+        mb, key, cotangent = xs
+        _, pull = jax.vjp(lambda p: embed(p, mb, key), params)
+        return jax.tree.map(jnp.add, grads_sum, pull(cotangent)[0]), None
+
+    grads, _ = jax.lax.scan(body, grads, (micro, keys, _split_micro(embed_grads, accum_steps)))
+    return loss, metrics, extra_out, grads
 
 
 def mask_update(tx, mask, updates, new_opt_state, old_opt_state):
@@ -50,6 +111,11 @@ def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1, nonfin
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"config.nonfinite={nonfinite!r}; valid: {list(NONFINITE_POLICIES)}.")
+    problem = grad_accum_problem(objective, accum_steps)  # the config check refuses it first
+    if problem:
+        raise ValueError(problem)
+    cached = (accum_steps > 1 and supports(objective, "embed")
+              and supports(objective, "loss_from_embeddings"))
 
     def loss_and_grad(params, extra, batch, rng, step):
         grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
@@ -62,7 +128,10 @@ def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1, nonfin
             if accum_steps == 1:
                 loss, metrics, extra, grads = loss_and_grad(
                     state.params, state.extra, batch, rng, state.step)
-            else:
+            elif cached:  # the full batch's loss from cached embeddings (CLIP, DINO)
+                loss, metrics, extra, grads = cached_embedding_loss_and_grad(
+                    objective, state.params, state.extra, batch, rng, state.step, accum_steps)
+            else:  # per-example losses: the mean of the micro-batch gradients
                 micro = _split_micro(batch, accum_steps)
 
                 def body(carry, xs):

@@ -10,6 +10,7 @@ import jax
 from fmjax.data import sources
 from fmjax.data.transforms import parse_pp
 from fmjax.evals import registry
+from fmjax.objectives.base import grad_accum_problem
 from fmjax.parallel import mesh as mesh_lib
 
 from fmjax.errors import ConfigError  # noqa: F401  (re-exported: fmjax.train.validate.ConfigError)
@@ -35,6 +36,9 @@ def check(config, objective, mesh, evals: bool = True) -> None:
         raise ConfigError(
             f"batch_size={bs} must split into grad_accum_steps={accum} micro-batches that are each "
             f"divisible by the data-parallel size {dp}; pick batch_size a multiple of {accum * dp}.")
+    problem = grad_accum_problem(objective, accum, config.objective.get("name", ""))
+    if problem:  # a loss that couples examples, without the hooks that keep it whole
+        raise ConfigError(problem)
     if config.get("dtype", "float32") not in DTYPES:
         raise ConfigError(f"dtype={config.dtype!r} is not supported; valid: {list(DTYPES)}.")
     patch = getattr(objective, "patch_size", None)

@@ -42,16 +42,20 @@ def test_supports_duck_typed_objectives():
 def test_every_registered_objective_declares_its_capabilities():
     """The shipped objectives, by capability (what evaluators ask for)."""
     import importlib
-    want = {"mae": {"visualize"}, "dino": {"visualize", "update_mask"},
-            "clip": {"text_features", "update_mask", "project_params"},
+    accum = {"embed", "loss_from_embeddings"}  # losses that couple examples (grad accumulation)
+    want = {"mae": {"visualize"}, "dino": {"visualize", "update_mask"} | accum,
+            "clip": {"text_features", "update_mask", "project_params"} | accum,
             "supervised": {"eval_metrics", "predict"},
-            "diffusion": {"generate", "visualize", "update_mask"}}
+            "diffusion": {"generate", "visualize", "update_mask"},
+            "linear_probe": {"eval_metrics", "predict"} | accum}
     for name, hooks in want.items():
         cls = [v for v in vars(importlib.import_module(f"fmjax.objectives.{name}")).values()
                if isinstance(v, type) and issubclass(v, Objective) and v is not Objective][0]
         obj = object.__new__(cls)
         have = {h for h in base.OPTIONAL_HOOKS if supports(obj, h)}
         assert have == hooks, (name, have)
+        # A loss that couples examples says so, and has the hooks that keep it whole.
+        assert bool(cls.couples_examples) == bool(hooks & accum), name
 
 
 def test_objective_check_runs_in_the_config_check(monkeypatch):
