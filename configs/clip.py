@@ -58,6 +58,22 @@ captions file, or a TFDS dataset with captions):
   embeddings undecayed: --config.optimizer.no_decay="('cls_token$', 'pos_embed$')".
   The default preset keeps fmjax's own choices (optimizer.NO_DECAY_PATTERNS, warm-up peak * s / W).
 
+Scaling presets (docs/scaling.md; check the fit first with launch/compile.py):
+  siglip_b16: SigLIP B/16 from scratch as in Zhai et al. 2023: sigmoid loss, global batch 32768,
+    big_vision's optimizer (Adam b2 0.95, lr 1e-3, wd 1e-4 in big_vision's units, clip 1.0),
+    no temperature clamp, 64 text tokens, 9B examples. Differs from the paper: the CLIP BPE
+    tokenizer (the paper: a 32k SentencePiece vocabulary, which fmjax does not ship).
+  vit_g14: CLIP ViT-g/14 (open_clip's ViT-g-14 shape: 1.0B image + 0.35B text params) at global
+    batch 65,536 with the ring contrastive loss, FSDP over half the chips (data 2 x fsdp N/2: 128
+    divides the width 1408, 256 does not), scan over layers, full remat and 4 micro-batches whose
+    loss keeps every negative (cached-embedding accumulation). Optimizer as vit_l14 (open_clip's),
+    13k warm-up steps, 12B samples; a scaling preset, not a published recipe.
+      python launch/compile.py --config=configs/clip.py:vit_g14 --topology=v5e-256
+    Measured 2026-12-02 (libtpu 0.0.42 AOT on the 2-core CPU, 202 s to compile): fits, 5.60 GiB
+    per chip of 16 (params 44 MiB, Adam 88 MiB, batch 147 MiB, compiler temp 5.30 GiB); roofline
+    3.0 s per step, MFU at most 75%. Tried first: fsdp over all 256 chips, no micro-batches: the
+    TPU compiler refused it (29 GiB of temp; most kernels stayed replicated as 256 divides no width).
+
 SigLIP as big_vision trains it (loss='sigmoid', t = 10 and b = -10 at init, no clamp of t):
   --config.model.loss=sigmoid --config.objective.clamp_logit_scale=False, and the optimizer from
   big_vision_optimizer(lr, wd, warmup_steps, clip_norm) below (big_vision's weight decay is in
@@ -159,8 +175,36 @@ def get_config(arg: str = "default"):
                        patch_bias=False)  # open_clip's conv1
         c.evals = dict()
         c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
+    elif arg in ("siglip_b16", "vit_g14"):
+        c.dtype = "bfloat16"
+        c.data.name = "image_folder:/path/to/image_text"
+        c.data.image_size = 224
+        c.data.worker_count = 16
+        c.data.tokenize = dict(context_length=64 if arg == "siglip_b16" else 77, tokenizer="clip_bpe",
+                               bpe_path="bpe_simple_vocab_16e6.txt.gz")
+        c.evals = dict()
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
+        if arg == "siglip_b16":  # SigLIP B/16 from scratch (Zhai et al. 2023), big_vision style
+            c.batch_size = 32768
+            c.total_steps = 9_000_000_000 // 32768  # 9B examples seen (~275k steps)
+            c.optimizer.update(big_vision_optimizer(lr=1e-3, wd=1e-4, warmup_steps=10_000,
+                                                    clip_norm=1.0, b2=0.95))
+            c.objective.clamp_logit_scale = False
+            c.model = dict(name="clip", variant="B/16", loss="sigmoid", activation="gelu",
+                           attention_impl="xla", remat="none", scan_layers=False)
+        else:  # CLIP ViT-g/14 at global batch 65,536: the scaling headline of docs/scaling.md
+            c.batch_size = 65536
+            c.total_steps = 12_000_000_000 // 65536  # 12B samples seen, as LAION's g/14 (~183k steps)
+            c.optimizer.update(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
+                                    warmup_steps=13_000, clip_norm=0.0, **OPEN_CLIP_OPTIONS))
+            c.objective.loss_impl = "ring"  # O(B_local^2) logits per ring step, not O(B_local x B)
+            c.mesh = dict(data=2, fsdp=-1, tensor=1)  # fsdp 128 on 256 chips: it divides width 1408
+            c.grad_accum_steps = 4  # micro-batches of 64 per chip; the loss keeps all 65,536 negatives
+            c.model = dict(name="clip", variant="g/14", activation="gelu", loss="softmax",
+                           attention_impl="xla", remat="full", scan_layers=True, patch_bias=False)
     else:
-        raise ValueError(f"Unknown configs/clip.py preset {arg!r}; valid: default, cpu, lit, vit_b16, vit_b32, vit_l14.")
+        raise ValueError(f"Unknown configs/clip.py preset {arg!r}; "
+                         "valid: default, cpu, lit, vit_b16, vit_b32, vit_l14, siglip_b16, vit_g14.")
     tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
     norm = c.data.normalization
     c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'",

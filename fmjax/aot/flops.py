@@ -65,6 +65,20 @@ def analytic_model(objective, spec):
     return None
 
 
+def clip_train_flops_per_item(model, image_size: int, context_length: int, texts: int = 1,
+                              batch: int = 0) -> float:
+    """CLIP with a flat ViT image tower: image tower + ``texts`` text-tower passes (2 with
+    hard negatives) + projections, and the [B, B] logits' share per pair; x3 fwd + bwd."""
+    patches = (image_size // model.patch_size) ** 2
+    image = (2 * patches * model.patch_size ** 2 * 3 * model.width
+             + model.depth * _layer_flops(patches + 1, model.width, model.mlp_dim)
+             + 2 * model.width * model.embed_dim)
+    text = (model.text_depth * _layer_flops(context_length, model.text_width, model.text_mlp_dim)
+            + 2 * model.text_width * model.embed_dim)
+    logits = 2 * batch * texts * model.embed_dim
+    return 3.0 * (image + texts * text + logits)
+
+
 def model_flops_per_chip(objective, spec, lowered, num_devices: int):
     """(FLOPs per step per chip, source): analytic when it applies, else XLA's count of the
     program as written (before fusion and remat) divided over the devices."""
@@ -72,4 +86,11 @@ def model_flops_per_chip(objective, spec, lowered, num_devices: int):
     batch = next(iter(spec.values())).shape[0]
     if analytic is not None:
         return analytic_train_flops_per_item(*analytic) * batch / num_devices, "analytic"
+    from fmjax.models.clip import CLIP
+    model, image, tokens = getattr(objective, "model", None), spec.get("image"), spec.get("tokens")
+    if (isinstance(model, CLIP) and model.image is None and model.text is None and model.width
+            and image is not None and tokens is not None and image.shape[1] == image.shape[2]):
+        per_item = clip_train_flops_per_item(model, int(image.shape[1]), int(tokens.shape[1]),
+                                             1 + int("neg_tokens" in spec), batch)
+        return per_item * batch / num_devices, "analytic"
     return xla_flops(lowered) / num_devices, "xla"

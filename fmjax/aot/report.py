@@ -150,7 +150,10 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
     # XLA's cost analysis counts a while loop's body once, so a scanned layer stack is
     # undercounted: the roofline takes the larger of XLA's count and the model FLOPs times
     # what the remat policy recomputes (full: the forward again, 4/3 of fwd + bwd).
-    estimate = model_flops * REMAT_FLOPS_FACTOR.get(remat, 1.0)
+    factor = REMAT_FLOPS_FACTOR.get(remat, 1.0)
+    if int(config.get("grad_accum_steps", 1)) > 1 and getattr(objective, "embed", None):
+        factor += 1.0 / 3.0  # cached-embedding accumulation runs each forward once more, without gradients
+    estimate = model_flops * factor
     step_flops = max(hw_flops, estimate) if compiled else math.nan
     roofline = chips_lib.roofline_seconds(step_flops, hw_bytes, chip) if chip and compiled else math.nan
     report = dict(
