@@ -65,14 +65,14 @@ Scaling presets (docs/scaling.md; check the fit first with launch/compile.py):
     tokenizer (the paper: a 32k SentencePiece vocabulary, which fmjax does not ship).
   vit_g14: CLIP ViT-g/14 (open_clip's ViT-g-14 shape: 1.0B image + 0.35B text params) at global
     batch 65,536 with the ring contrastive loss, FSDP over half the chips (data 2 x fsdp N/2: 128
-    divides the width 1408, 256 does not), scan over layers, full remat and 4 micro-batches whose
+    divides the width 1408, 256 does not), scan over layers, full remat and 2 micro-batches whose
     loss keeps every negative (cached-embedding accumulation). Optimizer as vit_l14 (open_clip's),
     13k warm-up steps, 12B samples; a scaling preset, not a published recipe.
       python launch/compile.py --config=configs/clip.py:vit_g14 --topology=v5e-256
-    Measured 2026-12-02 (libtpu 0.0.42 AOT on the 2-core CPU, 202 s to compile): fits, 5.60 GiB
-    per chip of 16 (params 44 MiB, Adam 88 MiB, batch 147 MiB, compiler temp 5.30 GiB); roofline
-    3.0 s per step, MFU at most 75%. Tried first: fsdp over all 256 chips, no micro-batches: the
-    TPU compiler refused it (29 GiB of temp; most kernels stayed replicated as 256 divides no width).
+    Measured 2026-12-02 (libtpu 0.0.42 AOT on the 2-core CPU; docs/scaling.md): fits, 10.6 GiB
+    per chip of 16 (params 44 MiB, Adam 88 MiB, batch 147 MiB, compiler temp 10.3 GiB); roofline
+    3.8 s per step, MFU at most 60%. 4 micro-batches: 5.6 GiB. Not fitting: no remat (100 GiB of
+    temp), dots_saveable (33.7 GiB), full remat without micro-batches (17.6 GiB per chip).
 
 SigLIP as big_vision trains it (loss='sigmoid', t = 10 and b = -10 at init, no clamp of t):
   --config.model.loss=sigmoid --config.objective.clamp_logit_scale=False, and the optimizer from
@@ -199,7 +199,7 @@ def get_config(arg: str = "default"):
                                     warmup_steps=13_000, clip_norm=0.0, **OPEN_CLIP_OPTIONS))
             c.objective.loss_impl = "ring"  # O(B_local^2) logits per ring step, not O(B_local x B)
             c.mesh = dict(data=2, fsdp=-1, tensor=1)  # fsdp 128 on 256 chips: it divides width 1408
-            c.grad_accum_steps = 4  # micro-batches of 64 per chip; the loss keeps all 65,536 negatives
+            c.grad_accum_steps = 2  # micro-batches of 128 per chip; the loss keeps all 65,536 negatives
             c.model = dict(name="clip", variant="g/14", activation="gelu", loss="softmax",
                            attention_impl="xla", remat="full", scan_layers=True, patch_bias=False)
     else:
