@@ -23,8 +23,8 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        # Tests and the PyTorch parity references (CPU torch wheel).
-        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "diffusers>=0.30"],
+        # Tests (pytest-xdist: the suite runs on 2 workers) and the PyTorch parity references (CPU torch wheel).
+        "dev": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=4.45", "diffusers>=0.30"],
         # The notebooks draw with matplotlib when it is there (else plain PIL images).
         "notebooks": ["matplotlib"],
         # Ahead-of-time compilation for TPU topologies on any host (launch/compile.py): the
