@@ -164,7 +164,7 @@ def get_config(arg: str = "default"):
         c.eval_every = 20_000
         c.checkpoint_every = 5000
         c.keep_period = 100_000
-        c.model = dict(name="unet", variant="ddpm_cifar10")
+        c.model = dict(name="unet", variant="ddpm_cifar10", remat="none")  # the U-Net has no scan
         c.evals = dict(samples=dict(type="images", split="test", every=20_000))
     elif arg == "dit_b2_imagenet256":
         common.imagenet_data(c, 32)
@@ -180,7 +180,8 @@ def get_config(arg: str = "default"):
         c.objective.schedule_precision = "float64"
         c.objective.ema.mode = "constant"
         c.objective.sample.update(dict(sampler="ddpm", num_steps=250, guidance_scale=1.5))
-        c.model = dict(name="dit", variant="B/2", num_classes=1000, freq_precision="float32")
+        c.model = dict(name="dit", variant="B/2", num_classes=1000, freq_precision="float32",
+                       remat="none", scan_layers=False)
         c.log_every = 100
         c.eval_every = 20_000
         c.checkpoint_every = 5000

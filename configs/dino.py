@@ -156,7 +156,7 @@ def get_config(arg: str = "default"):
             freeze_last_layer_steps=steps_per_epoch))
         c.optimizer.update(dict(warmup_steps=10 * steps_per_epoch))
         c.model = dict(name="vit", variant="S/16" if small else "B/16", drop_path=0.1, pool="cls",
-                       attention_impl="xla", remat=False, **reference_model)
+                       attention_impl="xla", remat="none", scan_layers=False, **reference_model)
         c.dtype = "bfloat16"
         c.log_every = 100
         c.eval_every = 10 * steps_per_epoch

@@ -99,6 +99,9 @@ def quiet_libtpu_env(target: Target) -> dict:
     Set before jax is imported; only in a process that compiles and never runs on a TPU."""
     accel = {"v5e": "v5litepod", "v6e": "v6e"}.get(target.chip.name, target.chip.name)
     return {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_ID": "0",
+            # No TPU is opened, so several compiles may load libtpu at once (else the second
+            # one fails on /tmp/libtpu_lockfile).
+            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
             "TPU_WORKER_HOSTNAMES": "localhost",
             "TPU_ACCELERATOR_TYPE": f"{accel}-{target.num_chips * target.chip.cores_per_chip}"}
 

@@ -66,8 +66,9 @@ def _cell_text(cell) -> str:
     gib = r["compiler"]["total"] / 2 ** 30
     mfu = r.get("mfu_at_roofline")
     step = r.get("roofline_s")
-    perf = (f"; {step:.2f} s/step, MFU {100 * mfu:.0f}%" if isinstance(step, (int, float)) and
-            isinstance(mfu, (int, float)) and not math.isnan(step) else "")
+    ok = isinstance(step, (int, float)) and isinstance(mfu, (int, float)) and not math.isnan(step)
+    when = f"{step:.2f} s" if ok and step >= 1 else f"{1000 * step:.0f} ms" if ok else ""
+    perf = f"; {when}/step, MFU &le; {100 * mfu:.0f}%" if ok else ""
     return f"{mesh}, {last['name']}: {gib:.1f} GiB{perf}"
 
 
