@@ -60,7 +60,7 @@ def _cell_text(cell) -> str:
     if not cell["fits"]:
         if last["exit"] == 1:
             return "does not fit with full remat and 32 micro-batches"
-        return f"error: {last['message'][:120]}"
+        return "not run: " + last["message"].replace("fmjax: error: ", "")[:120]
     r = last["report"]
     mesh = f"data {r['mesh']['data']} x fsdp {r['mesh']['fsdp']}"
     gib = r["compiler"]["total"] / 2 ** 30
