@@ -175,8 +175,10 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
                    compiled_per_chip=hw_flops, bytes_accessed_per_chip=hw_bytes,
                    roofline_per_chip=step_flops),
         roofline_s=roofline,
+        # No model FLOP count (XLA's count of a TPU lowering can be 0; no analytic formula for
+        # this model yet): no MFU, and the roofline rests on the compiled count alone.
         mfu_at_roofline=(model_flops / (roofline * chip.peak_bf16_tflops * 1e12)
-                         if chip and roofline and roofline > 0 else math.nan),
+                         if chip and roofline and roofline > 0 and model_flops > 0 else math.nan),
         compile_s=compile_s, note=note)
     if oom is not None:
         report["hbm_per_chip"] = report["hbm_per_chip"] or oom.get("available")
@@ -295,8 +297,10 @@ def format_report(report: dict, title: str) -> str:
                     + f", roofline {f['roofline_per_chip']:.3g}; bytes accessed "
                     f"{f['bytes_accessed_per_chip']:.3g}" if c else ""))
     if report["platform"] == "tpu" and c:
+        mfu = report["mfu_at_roofline"]
         lines.append(f"roofline step time {report['roofline_s']:.3g} s, MFU at the roofline "
-                     f"{100 * report['mfu_at_roofline']:.0f}% (peak and bandwidth: fmjax/aot/chips.py)")
+                     + (f"{100 * mfu:.0f}%" if not math.isnan(mfu) else "n/a (no model FLOP count)")
+                     + " (peak and bandwidth: fmjax/aot/chips.py)")
     lines.append(f"compile time {report['compile_s']:.1f} s")
     if "eval" in report:
         e = report["eval"]

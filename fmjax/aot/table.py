@@ -66,9 +66,12 @@ def _cell_text(cell) -> str:
     gib = r["compiler"]["total"] / 2 ** 30
     mfu = r.get("mfu_at_roofline")
     step = r.get("roofline_s")
-    ok = isinstance(step, (int, float)) and isinstance(mfu, (int, float)) and not math.isnan(step)
+    ok = isinstance(step, (int, float)) and not math.isnan(step)
     when = f"{step:.2f} s" if ok and step >= 1 else f"{1000 * step:.0f} ms" if ok else ""
-    perf = f"; {when}/step, MFU &le; {100 * mfu:.0f}%" if ok else ""
+    if isinstance(mfu, (int, float)) and not math.isnan(mfu) and mfu > 0:
+        perf = f"; {when}/step, MFU &le; {100 * mfu:.0f}%" if ok else ""
+    else:  # no model FLOP count: the step time rests on XLA's count (a scanned loop once)
+        perf = f"; &ge; {when}/step, MFU n/a" if ok else ""
     return f"{mesh}, {last['name']}: {gib:.1f} GiB{perf}"
 
 
@@ -85,7 +88,7 @@ def render(results: dict) -> str:
         "The mesh is FSDP over the most chips that divide the model width, data parallel over the "
         "rest; scan over layers where the model has it. Memory is XLA's per-chip total (arguments + "
         "outputs - donated + temp). Step time is a roofline bound (compute or HBM, whichever is "
-        "longer; no communication), so MFU is an upper bound. One command reproduces a cell, e.g. "
+        "longer; no communication), so MFU is an upper bound. Model FLOPs are analytic for MAE, ViT and CLIP; '&ge; t, MFU n/a' marks models without a formula yet (DINO, DiT, U-Net), whose bound rests on XLA's count, which counts a scanned layer loop once. One command reproduces a cell, e.g. "
         "`python launch/compile.py --config=configs/clip.py:vit_g14 --topology=v5e-256 "
         "--config.mesh.data=2 --config.mesh.fsdp=128 --config.grad_accum_steps=4`.",
         "",
