@@ -69,17 +69,6 @@ def check_flags() -> None:
             raise ConfigError(f"--out={FLAGS.out!r}: the folder {folder} is not writable.")
 
 
-def _check_config(config, objective, mesh) -> None:
-    """``validate.check`` without its dataset and eval checks: the benchmark needs no data (it
-    falls back to a synthetic example), so the config is checked as if it named the bundled
-    data, and it runs no evals."""
-    from fmjax.data import sources
-    from fmjax.train import validate
-    checked = config.copy_and_resolve_references()
-    checked.data.name, checked.data.train_split = sources.SHAPES_NAME, "train"
-    validate.check(checked, objective, mesh, evals=False)
-
-
 # -- Batch spec: from the real first example when the data is here, else a synthetic one. ---
 def first_example(config):
     """(example, where it came from): the first training example when the dataset is
@@ -160,7 +149,8 @@ def run() -> dict:
         objective, mesh, rules = build(config)
     except TypeError as e:  # a model field the chosen model does not take
         raise ConfigError(f"config.model: {e}") from None
-    _check_config(config, objective, mesh)
+    from fmjax.aot.spec import check_without_data
+    check_without_data(config, objective, mesh)
     bs = int(config.batch_size)
     spec, example, origin = batch_spec(config, objective, bs)
     try:

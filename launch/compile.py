@@ -64,7 +64,6 @@ def _target():
 
 def run(target) -> dict:
     from fmjax.aot import report as report_lib
-    from fmjax.cli import config_path
 
     def log(msg):
         print(f"fmjax: compile: {msg}", file=sys.stderr, flush=True)

@@ -8,23 +8,19 @@ cuDNN custom calls.
 from __future__ import annotations
 
 
-def xla_flops(stage) -> float:
-    """``stage.cost_analysis()['flops']`` of a lowered or compiled jax stage, 0.0 if unknown."""
+def xla_cost(stage) -> dict:
+    """``stage.cost_analysis()`` of a lowered or compiled jax stage as a dict ({} if unknown)."""
     try:
         cost = stage.cost_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it
-        return 0.0
+        return {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)) if cost else 0.0
+    return dict(cost or {})
 
 
-def xla_bytes_accessed(stage) -> float:
-    try:
-        cost = stage.cost_analysis()
-    except Exception:  # noqa: BLE001
-        return 0.0
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("bytes accessed", 0.0)) if cost else 0.0
+def xla_flops(stage) -> float:
+    """XLA's FLOP count of a lowered or compiled jax stage, 0.0 if unknown."""
+    return float(xla_cost(stage).get("flops", 0.0))
 
 
 def _layer_flops(tokens: int, width: int, mlp: int) -> float:

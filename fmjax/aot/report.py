@@ -86,15 +86,6 @@ def _parse_oom(message: str):
                 available=grab(r"available HBM \(([\d.]+)([KMGT])") or grab(r"of ([\d.]+)([KMGT]) hbm"))
 
 
-def _check(config, objective, mesh):
-    """``validate.check`` without the dataset and evals (nothing is read from disk)."""
-    from fmjax.data import sources
-    from fmjax.train import validate
-    checked = config.copy_and_resolve_references()
-    checked.data.name, checked.data.train_split = sources.SHAPES_NAME, "train"
-    validate.check(checked, objective, mesh, evals=False)
-
-
 def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log=None) -> dict:
     """Compiles ``config``'s train step (and loss forward) for ``target``; see the module doc."""
     from fmjax.parallel import mesh as mesh_lib
@@ -113,7 +104,7 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
         objective, mesh, rules = build(config, devices)
     except TypeError as e:  # a model field the chosen model does not take
         raise ConfigError(f"config.model: {e}") from None
-    _check(config, objective, mesh)
+    spec_lib.check_without_data(config, objective, mesh)
     bs = int(config.batch_size)
     spec, _ = spec_lib.batch_spec(config, objective, bs)
     try:
@@ -143,8 +134,9 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
         f"the compiler ran out of memory after {compile_s:.1f} s: {oom['message']}")
 
     model_flops, flops_source = flops_lib.model_flops_per_chip(objective, spec, lowered, n)
-    hw_flops = flops_lib.xla_flops(compiled) if compiled else math.nan
-    hw_bytes = flops_lib.xla_bytes_accessed(compiled) if compiled else math.nan
+    cost = flops_lib.xla_cost(compiled) if compiled else {}
+    hw_flops = float(cost.get("flops", 0.0)) if compiled else math.nan
+    hw_bytes = float(cost.get("bytes accessed", 0.0)) if compiled else math.nan
     chip = target.chip
     remat = config.model.get("remat", "none") or "none"
     # XLA's cost analysis counts a while loop's body once, so a scanned layer stack is

@@ -64,3 +64,13 @@ def batch_spec(config, objective, global_batch: int | None = None, example=None)
     spec = _batch_spec([raw], transform, objective.batch_keys,
                        int(config.batch_size if global_batch is None else global_batch))
     return spec, transform(raw, np.random.default_rng(0))
+
+
+def check_without_data(config, objective, mesh) -> None:
+    """``validate.check`` as if ``config`` named the bundled data, and without its evals: every
+    config check that needs no dataset (the benchmark and AOT compilation read none)."""
+    from fmjax.data import sources
+    from fmjax.train import validate
+    checked = config.copy_and_resolve_references()
+    checked.data.name, checked.data.train_split = sources.SHAPES_NAME, "train"
+    validate.check(checked, objective, mesh, evals=False)
