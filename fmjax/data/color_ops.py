@@ -141,3 +141,51 @@ class multi_crop(Transform):  # noqa: N801
             out["local_crops"] = np.stack([self._view(image, self.crop_local, self.local, rng)
                                            for _ in range(self.num_local)])
         return out
+
+
+# The two-view recipes of the contrastive / BYOL family: per view, (colour jitter
+# (brightness, contrast, saturation, hue) at ``strength`` 1, its probability, grayscale p,
+# Gaussian blur p, solarize p). Each view: random resized crop (bicubic), flip 0.5, then these.
+TWO_VIEW_RECIPES = {
+    # BYOL (deepmind-research/byol augmentations.py) = MoCo v3 (main_moco.py augmentation1/2):
+    # blur 1.0 / 0.1, solarize 0 / 0.2, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2.
+    "byol": (((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 1.0, 0.0),
+             ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.1, 0.2)),
+    # SimCLR (google-research/simclr data_util.py): colour distortion of strength s, jitter
+    # (0.8 s, 0.8 s, 0.8 s, 0.2 s) p 0.8, grayscale 0.2, blur 0.5 on both views (ImageNet), no solarize.
+    "simclr": (((0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.5, 0.0),
+               ((0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.5, 0.0)),
+}
+
+
+@register_op
+class two_views(multi_crop):  # noqa: N801
+    """Two augmented views of ``key`` for SimCLR / MoCo / BYOL, stacked as ``global_crops``
+    [2, S, S, C] (float32, normalised): the batch layout of ``multi_crop`` without local crops,
+    so the objectives and the picture writer share it.
+
+    ``recipe``: ``'byol'`` (= MoCo v3's asymmetric pair) or ``'simclr'`` (``TWO_VIEW_RECIPES``);
+    ``strength``: SimCLR's colour-distortion strength s (scales the jitter of either recipe);
+    ``scale``: the crop's area range (0.08, 1) in every reference; ``blur_sigma`` as
+    ``multi_crop`` (U(0.1, 2.0) px at 224 px, in proportion below); ``rot90`` as ``multi_crop``
+    (not in the references: for the rotation-invariant bundled shapes).
+    """
+
+    def __init__(self, size: Size = 224, recipe: str = "byol", strength: float = 1.0,
+                 scale=(0.08, 1.0), normalization="imagenet", blur_sigma=None, rot90: bool = False,
+                 key: str = "image"):
+        if recipe not in TWO_VIEW_RECIPES:
+            raise ValueError(f"two_views: recipe={recipe!r}; valid: {sorted(TWO_VIEW_RECIPES)}")
+        super().__init__(size, size, 0, global_scale=scale, normalization=normalization,
+                         blur_sigma=blur_sigma, rot90=rot90, key=key)
+        if blur_sigma is None:
+            f = min(1.0, _hw(size)[0] / 224)
+            blur_sigma = (0.1 * f, 2.0 * f)
+        norm = normalize(normalization)
+        views = []
+        for jitter, jitter_p, gray_p, blur_p, sol_p in TWO_VIEW_RECIPES[recipe]:
+            ops = [flip_lr(0.5), color_jitter(*(strength * j for j in jitter), p=jitter_p),
+                   grayscale(gray_p), gaussian_blur(blur_p, sigma=blur_sigma)]
+            views.append(ops + ([solarize(sol_p)] if sol_p else []) + [norm])
+        self.global1, self.global2 = views
+        self.recipe, self.strength = recipe, float(strength)

@@ -27,7 +27,7 @@ _BUILTIN_OPS = {
         "resize", "center_crop", "random_resized_crop", "flip_lr", "normalize", "keep",
         "apply_crop", "apply_flip_lr")},
     **{name: "fmjax.data.color_ops" for name in (
-        "color_jitter", "grayscale", "gaussian_blur", "solarize", "multi_crop")},
+        "color_jitter", "grayscale", "gaussian_blur", "solarize", "multi_crop", "two_views")},
     **{name: "fmjax.data.text_ops" for name in ("tokenize", "swap_words")},
     **{name: "fmjax.data.autoaugment" for name in ("randaugment", "random_erasing")},
     "silhouette": "fmjax.data.shape_ops",

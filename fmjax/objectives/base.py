@@ -137,7 +137,7 @@ def grad_accum_problem(objective, accum_steps: int, name: str = "") -> str:
 
 def available() -> list[str]:
     import fmjax.objectives as pkg
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in ("base",))
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "base" and not m.name.startswith("_"))
 
 
 def make_objective(config) -> Objective:

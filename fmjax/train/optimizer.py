@@ -364,19 +364,47 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
     elif name == "lars":
         # MAE's util/lars.py (main_linprobe.py): params with ndim > 1 get the weight decay and
         # the trust ratio trust_coefficient * |p| / |g + wd p| (1 where either norm is 0);
-        # every param then gets momentum on the unscaled update, and only then the lr.
+        # every param then gets momentum on the unscaled update, and only then the lr (BYOL's
+        # optimizers.py lars orders it the same way).
+        # ``lars_exclude`` (regexes, re.search on the '/'-joined path, on top of the ndim <= 1 and
+        # 'bias' rule of the decay groups; None: the ndim <= 1 rule alone, as MAE) names the
+        # params that get neither decay nor trust ratio: SimCLR's
+        # exclude_from_weight_decay=['batch_normalization', 'bias'] (and the same list for
+        # the layer adaptation), BYOL's bias/batchnorm filter.
+        # ``lars_lr_in_momentum=True``: google-research/simclr lars_optimizer.py, whose momentum
+        # accumulates lr * trust * g (v = m v + lr_t trust g; p -= v): it differs from the
+        # above whenever the lr changes (warm-up, cosine).
         if callable(wd):
             raise ValueError("config.optimizer.weight_decay_end (a weight-decay schedule) needs name='adamw'.")
         momentum = float(opt.get("momentum", 0.9))
         trust = float(opt.get("trust_coefficient", 0.001))
-        matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-        body = [optax.add_decayed_weights(wd, mask=matrices),
-                optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust), matrices),
-                optax.trace(decay=momentum, nesterov=False)]
+        exclude = opt.get("lars_exclude")
+        if exclude is None:
+            adapted = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+        else:
+            adapted = functools.partial(decay_mask, patterns=tuple(exclude))
+        body = [optax.add_decayed_weights(wd, mask=adapted),
+                optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust), adapted)]
+        if opt.get("lars_lr_in_momentum", False):
+            if groups.active:
+                raise ValueError("config.optimizer.lars_lr_in_momentum=True (SimCLR's LARS) does not take "
+                                 "parameter groups (frozen / lr_mult / wd_mult / llrd); drop one of them.")
+            tx = optax.chain(*body, optax.scale_by_learning_rate(schedule),
+                             optax.trace(decay=momentum, nesterov=False))
+        else:
+            body.append(optax.trace(decay=momentum, nesterov=False))
+            tx = grouped(body, schedule) if groups.active else optax.chain(
+                *body, optax.scale_by_learning_rate(schedule))
+    elif name == "lamb":
+        # LAMB (You et al. 2020) as optax.lamb: Adam direction, decoupled decay on the decay
+        # groups, then the trust ratio |p| / |update| per param, then the lr.
+        if callable(wd):
+            raise ValueError("config.optimizer.weight_decay_end (a weight-decay schedule) needs name='adamw'.")
+        body = [adam(), decayed(wd), optax.scale_by_trust_ratio()]
         tx = grouped(body, schedule) if groups.active else optax.chain(
             *body, optax.scale_by_learning_rate(schedule))
     else:
-        raise ValueError(f"Unknown optimizer {name!r}; valid: 'adamw', 'adam', 'sgd', 'lars'.")
+        raise ValueError(f"Unknown optimizer {name!r}; valid: 'adamw', 'adam', 'sgd', 'lars', 'lamb'.")
     if clipper is not None and not inner_clip:
         tx = optax.chain(clipper, tx)
     return tx, schedule

@@ -44,8 +44,8 @@ def test_adamw_decays_only_masked_params_and_clips():
 
 
 def test_unknown_optimizer_and_scaling():
-    with pytest.raises(ValueError, match="Unknown optimizer 'lamb'"):
-        opt_lib.make_optimizer(dict(name="lamb", lr=1.0), 10, 8)
+    with pytest.raises(ValueError, match="Unknown optimizer 'lion'"):
+        opt_lib.make_optimizer(dict(name="lion", lr=1.0), 10, 8)
     with pytest.raises(ValueError, match="lr_scaling"):
         opt_lib.make_schedule(dict(lr_scaling="sqrt", lr=1.0), 10, 8)
 
