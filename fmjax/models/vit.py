@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.models import inject, layers
+from fmjax.models import inject, layers, relpos
 from fmjax.models import scan as scan_lib
 
 Dtype = Any
@@ -105,6 +105,11 @@ def resize_pos_embed(pos: jax.Array, old_grid: Tuple[int, int], new_grid: Tuple[
     return jnp.concatenate([prefix, grid.reshape(1, -1, d)], axis=1)
 
 
+# 'learned', 'sincos' (MAE's fixed table), 'none' (no absolute positions: BEiT / SimMIM's
+# use_abs_pos_emb=False, with ``rel_pos_bias``).
+POS_EMBEDS = ("learned", "sincos", "none")
+
+
 class ViT(nn.Module):
     """Vision Transformer.
 
@@ -163,6 +168,9 @@ class ViT(nn.Module):
     # True: final norm after pooling (timm global_pool='avg', MAE fine-tuning); 'tokens': on each
     # token before pooling (FT-CLIP's fc_norm(x[:, 1:]).mean(1)); both drop the encoder's norm.
     fc_norm: Any = False
+    # BEiT / SimMIM relative position bias (fmjax.models.relpos): 'none', 'shared' (one table,
+    # ``rel_pos_bias_table``) or 'per_layer' (``encoder/block_i/attn/rel_pos_bias_table``).
+    rel_pos_bias: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -171,12 +179,17 @@ class ViT(nn.Module):
             raise ValueError(f"Unknown pool {self.pool!r}; valid: 'cls', 'mean'.")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool='cls' needs class_token=True; use pool='mean'.")
-        if self.pos_embed not in ("learned", "sincos"):
-            raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; valid: 'learned', 'sincos'.")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; valid: {POS_EMBEDS}.")
         if self.stem not in ("patch", "conv"):
             raise ValueError(f"Unknown stem {self.stem!r}; valid: 'patch', 'conv'.")
         if self.pos_interp not in POS_INTERPS:
             raise ValueError(f"Unknown pos_interp {self.pos_interp!r}; valid: {POS_INTERPS}.")
+        if self.rel_pos_bias not in relpos.MODES:
+            raise ValueError(f"Unknown rel_pos_bias {self.rel_pos_bias!r}; valid: {relpos.MODES}.")
+        if self.rel_pos_bias != "none" and (not self.class_token or self.num_registers):
+            raise ValueError("rel_pos_bias needs class_token=True and num_registers=0 (BEiT's table has "
+                             "rows for one class token).")
         if self.fc_norm not in (False, True, "tokens"):
             raise ValueError(f"Unknown fc_norm {self.fc_norm!r}; valid: False, True, 'tokens'.")
 
@@ -198,6 +211,8 @@ class ViT(nn.Module):
         if self.pos_embed == "sincos":
             pos = layers.get_2d_sincos_pos_embed(self.width, grid, cls_token=self.class_token)
             x = x + jnp.asarray(pos, x.dtype)[None]
+        elif self.pos_embed == "none":  # BEiT / SimMIM with a relative position bias only (use_abs_pos_emb=False)
+            pass
         else:
             shape = (1, n_cls + grid[0] * grid[1], self.width)
             if self.has_variable("params", "pos_embed"):  # trained at another resolution?
@@ -230,13 +245,21 @@ class ViT(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         if self.pre_norm:
             x = layers.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "pre_norm")(x)
-        x = layers.Encoder(
+        encoder = layers.Encoder(
             depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             dropout=self.dropout, drop_path=self.drop_path, layernorm_eps=self.layernorm_eps,
             layerscale=self.layerscale, activation=self.activation,
             attention_impl=self.attention_impl, remat=self.remat, scan_layers=self.scan_layers,
             final_norm=not self.fc_norm, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="encoder")(x, not train)
+            name="encoder")
+        if self.rel_pos_bias == "none":
+            x = encoder(x, not train)
+        else:
+            grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+            table = (relpos.make_table(self, grid, self.num_heads, self.param_dtype)
+                     if self.rel_pos_bias == "shared" else None)
+            with relpos.hook(grid, self.num_heads, table, self.param_dtype):
+                x = encoder(x, not train)
         patch_tokens = x[:, self.num_prefix_tokens:]
         fc_norm = (layers.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "fc_norm")
                    if self.fc_norm else None)
