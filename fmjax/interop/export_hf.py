@@ -79,6 +79,11 @@ def check_vit_options(model, what: str, prefix: str = "") -> None:
         raise ConfigError(f"{prefix}stem={model.stem!r} (a convolutional stem) has no {what} "
                           "equivalent: the reference embeds patches with one conv; train with "
                           f"{prefix}stem='patch' to export.")
+    if getattr(model, "rel_pos_bias", "none") != "none" or getattr(model, "pos_embed", "learned") == "none":
+        raise ConfigError(f"{prefix}rel_pos_bias={getattr(model, 'rel_pos_bias', 'none')!r} / pos_embed="
+                          f"{getattr(model, 'pos_embed', '')!r} (BEiT-style positions) has no {what} "
+                          "equivalent here; export with format 'fmjax' or train with the ViT's "
+                          "absolute position embedding.")
 
 
 def check_vit(model) -> None:

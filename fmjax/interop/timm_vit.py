@@ -239,13 +239,15 @@ def vit_kwargs_from_timm(state_dict: Mapping[str, Any], num_heads: Optional[int]
 
 
 def convert_timm_vit(state_dict: Mapping[str, Any], num_heads: Optional[int] = None, *,
-                     head_dist: str = "error", no_embed_class: Optional[bool] = None) -> Params:
+                     head_dist: str = "error", no_embed_class: Optional[bool] = None,
+                     abs_pos_embed: bool = True) -> Params:
     """timm ``VisionTransformer`` / DeiT / MAE-fine-tuned state dict -> ``ViT`` params.
 
     Build the model with ``ViT(**vit_kwargs_from_timm(state_dict))``. ``head_dist``: what
     to do with DeiT's distillation head ('error', 'drop', 'keep'; see the module doc).
     ``no_embed_class``: whether ``pos_embed`` covers the patches only (DeiT III, timm's
-    ``no_embed_class=True``); by default read off its row count.
+    ``no_embed_class=True``); by default read off its row count. ``abs_pos_embed=False``: the
+    model has no ``pos_embed`` (BEiT / SimMIM, ``fmjax.interop.beit``; ``ViT(pos_embed='none')``).
     """
     if head_dist not in HEAD_DIST:
         raise ValueError(f"head_dist={head_dist!r}; valid: {HEAD_DIST}.")
@@ -264,7 +266,7 @@ def convert_timm_vit(state_dict: Mapping[str, Any], num_heads: Optional[int] = N
     params: Params = {"patch_embed": _patch_embed(r, "norm_pre.weight" in sd)}
     cls = r("cls_token") if has_cls else None
     extra = r(extra_key) if extra_key else None
-    pos = r("pos_embed")
+    pos = r("pos_embed") if abs_pos_embed else None
     n_cls, n_extra = int(has_cls), (0 if extra is None else extra.shape[1])
     if pos is not None:
         if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width:

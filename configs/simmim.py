@@ -1,0 +1,103 @@
+"""SimMIM: masked image modelling with a linear decoder and an L1 loss on the masked pixels.
+
+Default (bundled shapes, 32 px, a small ViT with patch 4 - 64 tokens, all of them encoded -
+masked in 8-px squares, 60% of them; CPU-sized):
+    python launch/train.py --config=configs/simmim.py --workdir=/tmp/simmim
+  MEASURED: see the end of this docstring (filled in from the run).
+
+Paper preset (Xie et al. 2022, ViT-B/16, 800 epochs on ImageNet-1k; needs `imagenet2012` in TFDS):
+    python launch/train.py --config=configs/simmim.py:vit_b16_imagenet --workdir=DIR
+  microsoft/SimMIM configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml:
+  224 px, mask patch 32, ratio 0.6, batch 2048, AdamW (0.9, 0.999) lr 1e-4 x batch / 512
+  (= blr 5e-5 per 256), warm-up 10 epochs from 5e-7 x batch / 512, multistep decay x0.1 at
+  epoch 700, weight decay 0.05, clip 5.0, drop path 0.1, layer scale 0.1, a shared relative
+  position bias and no absolute one. Expected (paper, Table 1): 83.8 top-1 after fine-tuning.
+
+Reference options (every preset): the training step is SimMIM's main_simmim.py, checked by
+tests/reference/test_simmim_trajectory.py:
+  optimizer.wd_groups='simmim_vit'   build_pretrain_optimizer: 1-D params and biases skip decay,
+                                     plus ViT.no_weight_decay() = {pos_embed, cls_token}; the
+                                     mask_token ([1, 1, D]) and the relative position tables
+                                     (2-D) DECAY (only the Swin encoder adds mask_token to the skip list).
+  optimizer.warmup_init              timm's warmup_lr_init (5e-7 x batch / 512 in the paper).
+  optimizer.decay='multistep', milestones, gamma
+                                     MultiStepLRScheduler: lr x gamma^(number of milestones <= t).
+  optimizer.schedule_steps_per_epoch=1, schedule_epoch_lag=1
+                                     lr_scheduler.step_update(t) runs AFTER optimizer.step(), so
+                                     step t uses the schedule's value at t - 1 (steps 0 and 1 both
+                                     use warmup_lr_init).
+  optimizer.frozen=('.*/attn/key/bias',)
+                                     BEiT's attention has q and v biases only: fmjax's key bias
+                                     stays 0 (its gradient is rounding noise, which Adam would
+                                     turn into lr-sized steps), and stays out of the clip norm.
+  optimizer.clip_norm=5.0, clip_eps=1e-6
+                                     torch.nn.utils.clip_grad_norm_ (max_norm / (norm + 1e-6)).
+"""
+from configs import common
+
+IMAGENET_TRAIN = 1281167
+
+
+def get_config(arg: str = "default"):
+    c = common.base_config()
+    c.objective = dict(name="simmim", mask_patch_size=32, mask_ratio=0.6)
+    c.optimizer.update(dict(name="adamw", lr_scaling="linear", b1=0.9, b2=0.999, eps=1e-8,
+                            weight_decay=0.05, wd_groups="simmim_vit", clip_norm=5.0, clip_eps=1e-6,
+                            decay="multistep", milestones=(), gamma=0.1,
+                            schedule_steps_per_epoch=1, schedule_epoch_lag=1,
+                            frozen=(r".*/attn/key/bias",)))
+    if arg in ("default", "cpu"):
+        c.total_steps = 2000
+        c.batch_size = 64
+        c.log_every = 100
+        c.eval_every = 1000
+        c.checkpoint_every = 500
+        c.data.name = "fmjax_shapes/32"
+        c.data.image_size = 32
+        c.objective.update(dict(mask_patch_size=8, mask_ratio=0.6))
+        # blr 1e-3 per 256 (SimMIM's 1e-4 per 512 is for ViT-B at batch 2048), warm-up from 0,
+        # decay x0.1 for the last 20% (the paper's 700 / 800).
+        c.optimizer.update(dict(blr=1e-3, warmup_steps=100, warmup_init=0.0, milestones=(1600,)))
+        c.model = dict(name="vit", variant="Ti/4", width=128, depth=4, num_heads=4, mlp_dim=512,
+                       patch_size=4, pool="mean", drop_path=0.0, layerscale=0.1,
+                       pos_embed="none", rel_pos_bias="shared")
+        c.data.pp_train = ("random_resized_crop(32, scale=(0.67, 1.0))|flip_lr|normalize('imagenet')|"
+                           "simmim_mask(32, 8, 4, 0.6)|keep('image', 'mask')")
+        c.data.pp_eval = "normalize('imagenet')|keep('image', 'label')"
+        ex, tr = 1000, 2000
+        c.evals = dict(
+            val_loss=dict(type="loss", split="validation", examples=ex),
+            probe=dict(type="linear_probe", split="validation", examples=ex, train_split="train",
+                       train_examples=tr),
+            knn=dict(type="knn", split="validation", examples=ex, train_split="train", train_examples=tr),
+            images=dict(type="images", split="validation"),
+        )
+        if arg == "cpu":
+            c.total_steps = 8000
+            c.eval_every = 2000
+            c.checkpoint_every = 2000
+            c.optimizer.milestones = (6400,)
+    elif arg == "vit_b16_imagenet":
+        c.batch_size = 2048
+        steps_per_epoch = IMAGENET_TRAIN // c.batch_size
+        c.total_steps = 800 * steps_per_epoch
+        common.imagenet_data(c, 224)
+        c.data.pp_train = ("random_resized_crop(224, scale=(0.67, 1.0))|flip_lr|normalize('imagenet')|"
+                           "simmim_mask(224, 32, 16, 0.6)|keep('image', 'mask')")
+        c.objective.update(dict(mask_patch_size=32, mask_ratio=0.6))
+        # lr = 1e-4 * batch / 512 = blr 5e-5 per 256; warmup_lr 5e-7 * batch / 512.
+        c.optimizer.update(dict(blr=5e-5, warmup_steps=10 * steps_per_epoch,
+                                warmup_init=5e-7 * c.batch_size / 512,
+                                milestones=(700 * steps_per_epoch,)))
+        c.model = dict(name="vit", variant="B/16", pool="mean", drop_path=0.1, layerscale=0.1,
+                       pos_embed="none", rel_pos_bias="shared", attention_impl="xla",
+                       remat="none", scan_layers=False)
+        c.dtype = "bfloat16"
+        c.log_every = 100
+        c.eval_every = 10 * steps_per_epoch
+        c.checkpoint_every = 2000
+        c.keep_period = 50 * steps_per_epoch
+        c.evals = dict(images=dict(type="images", split="validation", every=c.eval_every))
+    else:
+        raise ValueError(f"Unknown configs/simmim.py preset {arg!r}; valid: default, cpu, vit_b16_imagenet.")
+    return c

@@ -1,0 +1,166 @@
+"""SimMIM (Xie et al., 2022): a simple framework for masked image modelling.
+
+microsoft/SimMIM ``models/simmim.py`` (commit d3e29bcac950b83edc34ca33fe4404f38309052c):
+the encoder sees EVERY patch, the masked ones replaced by a learned ``mask_token`` right after
+the patch embedding (before the class token and the position embedding); a one-layer linear
+decoder (a 1x1 conv to ``stride^2 * 3`` channels and a pixel shuffle: here a Dense per patch
+token to ``p * p * 3`` and an unpatchify in the same (c, i, j) channel order) predicts the
+pixels of the (normalised) image; the loss is L1 on the masked pixels only,
+``sum(|x - x_rec| * mask) / (sum(mask) + 1e-5) / C`` over the whole (global) batch.
+
+The mask is drawn per example in the data pipeline, as SimMIM's loader does
+(``simmim_mask`` pp op: its ``MaskGenerator``, masking ``ceil(0.6 T)`` of the 32-px mask
+patches), and arrives as ``batch['mask']`` [B, h, w] at the model's patch grid. A batch
+without one (the ``loss`` evaluator on validation images) gets the same distribution drawn
+in the step from its rng (``objective.mask_patch_size`` / ``mask_ratio``).
+
+Params: ``backbone`` (any ViT-like backbone with a ``patch_embed/proj`` dense projection and
+``tokens`` output), ``mask_token`` [1, 1, D] and ``decoder`` (Dense D -> p*p*C). The mask token
+is put in by an injection hook on ``patch_embed/proj`` (``fmjax.models.inject``), so the
+backbone is the plain ViT: ``features`` (kNN / linear probe, and fine-tuning through
+``config.model_init`` mapping ``params/backbone``) is the unmasked backbone.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax.data.transforms import NORMALIZE_PRESETS
+from fmjax.errors import ConfigError
+from fmjax.evals import images as image_lib
+from fmjax.models import inject, layers
+from fmjax.models.registry import build_model, require
+from fmjax.objectives.base import Objective
+
+
+def draw_masks(rng, batch: int, grid: tuple, mask_patch_size: int, patch_size: int, ratio: float):
+    """[batch, h, w] int32 masks with SimMIM's MaskGenerator distribution, in the step."""
+    scale = mask_patch_size // patch_size
+    rh, rw = grid[0] // scale, grid[1] // scale
+    count = int(math.ceil(rh * rw * ratio))
+    noise = jax.random.uniform(rng, (batch, rh * rw))
+    ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+    mask = (ranks < count).astype(jnp.int32).reshape(batch, rh, rw)
+    return jnp.repeat(jnp.repeat(mask, scale, axis=1), scale, axis=2)
+
+
+def masked_l1(images, recon, mask, patch_size: int):
+    """SimMIM's loss: L1 over the masked pixels, per channel. images / recon [B, H, W, C] and
+    mask [B, h, w] at the patch grid."""
+    pix = jnp.repeat(jnp.repeat(mask.astype(jnp.float32), patch_size, axis=1), patch_size, axis=2)[..., None]
+    l1 = jnp.abs(images.astype(jnp.float32) - recon.astype(jnp.float32))
+    return jnp.sum(l1 * pix) / (jnp.sum(pix) + 1e-5) / images.shape[-1]
+
+
+def unpatchify(tokens, grid, patch_size: int, channels: int):
+    """[B, h*w, C*p*p] in PixelShuffle's (c, i, j) channel order -> [B, h*p, w*p, C]."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, grid[0], grid[1], channels, patch_size, patch_size)
+    return jnp.transpose(x, (0, 1, 4, 2, 5, 3)).reshape(b, grid[0] * patch_size, grid[1] * patch_size, channels)
+
+
+class SimMIMObjective(Objective):
+    batch_keys = ("image", "mask")
+
+    def __init__(self, config):
+        super().__init__(config)
+        o = config.objective
+        self.backbone = build_model(config.model, config.get("dtype", "float32"))
+        require(self.backbone, ("tokens", "pooled"), "objective 'simmim'", config.model.name)
+        self.patch_size = int(getattr(self.backbone, "patch_size", 0) or 0)
+        self.width = int(getattr(self.backbone, "width", 0) or 0)
+        self.num_prefix = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        self.mask_patch_size = int(o.get("mask_patch_size", 32))
+        self.mask_ratio = float(o.get("mask_ratio", 0.6))
+        self.channels = int(config.data.get("channels", 3))
+        self.norm = config.data.get("normalization", "imagenet")
+        self.decoder = nn.Dense(self.channels * self.patch_size ** 2, dtype=self.backbone.dtype,
+                                kernel_init=layers.part(nn.initializers.truncated_normal(0.02), ("embed", "patch")),
+                                bias_init=layers.part(nn.initializers.zeros, ("patch",)))
+
+    def check(self, config):
+        if not self.patch_size or not self.width:
+            raise ConfigError(f"objective 'simmim' needs a patch backbone with patch_size and width; "
+                              f"config.model.name={config.model.name!r} has none.")
+        if self.mask_patch_size % self.patch_size:
+            raise ConfigError(f"config.objective.mask_patch_size={self.mask_patch_size} must be a multiple of "
+                              f"the model's patch_size={self.patch_size} (SimMIM masks whole model patches).")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"config.objective.mask_ratio={self.mask_ratio} must be in (0, 1).")
+        size = int(config.data.get("image_size", 0) or 0)
+        if size and size % self.mask_patch_size:
+            raise ConfigError(f"config.data.image_size={size} must be a multiple of objective.mask_patch_size="
+                              f"{self.mask_patch_size}.")
+
+    # -- model ------------------------------------------------------------------------------
+    def _mask_hook(self, mask, mask_token):
+        """Dense hook on the backbone's patch embedding: x * (1 - w) + mask_token * w."""
+        w = mask.reshape(mask.shape[0], -1, 1)
+
+        def put_mask_tokens(module, x, call_next):
+            out = call_next(x)
+            if tuple(module.path[-2:]) != ("patch_embed", "proj"):
+                return out
+            ww = w.astype(out.dtype)
+            return out * (1 - ww) + mask_token.astype(out.dtype) * ww
+        return inject.hooks(dense=put_mask_tokens)
+
+    def reconstruct(self, params, images, mask, train=False, rng=None):
+        """(reconstruction [B, H, W, C], patch-level prediction [B, N, p*p*C])."""
+        grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+        rngs = {"dropout": rng} if rng is not None else {}
+        with self._mask_hook(mask, params["mask_token"]):
+            tokens = self.backbone.apply({"params": params["backbone"]}, images, train=train,
+                                         rngs=rngs)["tokens"][:, self.num_prefix:]
+        pred = self.decoder.apply({"params": params["decoder"]}, tokens)
+        return unpatchify(pred, grid, self.patch_size, self.channels), pred
+
+    def init(self, rng, batch):
+        b_rng, t_rng, d_rng = jax.random.split(rng, 3)
+        images = batch["image"]
+        backbone = self.backbone.init({"params": b_rng}, images)["params"]
+        # The reference: trunc_normal_(std=0.02, a=-0.02, b=0.02) (SimMIM's own _trunc_normal_).
+        mask_token = layers.part(lambda k, s, d=jnp.float32: 0.02 * jax.random.truncated_normal(k, -1.0, 1.0, s, d),
+                                 (None, None, "embed"))(t_rng, (1, 1, self.width))
+        tokens = jnp.zeros((images.shape[0], 1, self.width), self.backbone.dtype)
+        decoder = self.decoder.init({"params": d_rng}, tokens)["params"]
+        return {"backbone": backbone, "mask_token": mask_token, "decoder": decoder}, {}
+
+    def _mask(self, batch, rng):
+        images = batch["image"]
+        if "mask" in batch:
+            return batch["mask"]
+        grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+        return draw_masks(rng, images.shape[0], grid, self.mask_patch_size, self.patch_size, self.mask_ratio)
+
+    def loss(self, params, extra, batch, rng, step):
+        mask_rng, drop_rng = jax.random.split(rng)
+        mask = self._mask(batch, mask_rng)
+        recon, _ = self.reconstruct(params, batch["image"], mask, train=True, rng=drop_rng)
+        loss = masked_l1(batch["image"], recon, mask, self.patch_size)
+        return loss, ({"mask_ratio": mask.astype(jnp.float32).mean()}, extra)
+
+    def features(self, params, extra, images):
+        return self.backbone.apply({"params": params["backbone"]}, images)["pre_logits"]
+
+    def visualize(self, params, extra, batch, rng):
+        images = batch["image"]
+        mask = self._mask(batch, rng)
+        _, pred = self.reconstruct(params, images, mask)
+        b, n = pred.shape[:2]
+        # mae_reconstruction_grid reads patches in patchify's (i, j, c) order.
+        p, c = self.patch_size, self.channels
+        pred = pred.reshape(b, n, c, p, p).transpose(0, 1, 3, 4, 2).reshape(b, n, -1)
+        mean, std = NORMALIZE_PRESETS[self.norm]
+        grid = image_lib.mae_reconstruction_grid(
+            np.asarray(images), np.asarray(pred), np.asarray(mask.reshape(b, -1)), p, mean, std,
+            n=8, norm_pix=False)
+        return {"reconstruction": grid}
+
+
+def make(config) -> SimMIMObjective:
+    return SimMIMObjective(config)
