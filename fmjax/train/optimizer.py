@@ -2,11 +2,13 @@
 
 The recipe follows the MAE / DINO / CLIP references: linear warmup from 0 to the
 peak lr, cosine decay to ``min_lr``; the peak lr is either ``lr`` or, when
-``lr_scaling == 'linear'``, ``blr * global_batch / 256``.
+``lr_scaling == 'linear'``, ``blr * global_batch / 256`` (``'sqrt'``: ``blr * sqrt(global_batch)``,
+SimCLR's ``--learning_rate_scaling=sqrt``).
 """
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Any, Mapping, NamedTuple
 
@@ -48,6 +50,9 @@ NO_DECAY_PRESETS = {
     # open_clip main.py: p.ndim < 2 or 'bn'/'ln'/'bias'/'logit_scale' in the name; its
     # class_embedding is 1-D there, fmjax's cls_token [1, 1, D].
     "open_clip": (r"cls_token$",),
+    # microsoft/SimMIM build_pretrain_optimizer with its VisionTransformer.no_weight_decay() =
+    # {pos_embed, cls_token}: mask_token and the relative position tables decay.
+    "simmim_vit": (r"(^|/)pos_embed$", r"(^|/)cls_token$"),
     # big_vision: weight decay only on kernels (wd_mults default '.*/kernel$').
     "big_vision": (r"^(?!.*(^|/)kernel$)",),
 }
@@ -71,9 +76,11 @@ def peak_learning_rate(opt: Mapping[str, Any], global_batch: int) -> float:
     scaling = opt.get("lr_scaling", "none")
     if scaling == "linear":
         return float(opt["blr"]) * global_batch / 256
+    if scaling == "sqrt":  # google-research/simclr WarmUpAndCosineDecay: base_lr * sqrt(batch)
+        return float(opt["blr"]) * math.sqrt(global_batch)
     if scaling in ("none", None):
         return float(opt["lr"])
-    raise ValueError(f"config.optimizer.lr_scaling={scaling!r}; valid: 'none', 'linear'.")
+    raise ValueError(f"config.optimizer.lr_scaling={scaling!r}; valid: 'none', 'linear', 'sqrt'.")
 
 
 def make_schedule(opt: Mapping[str, Any], total_steps: int, global_batch: int):
@@ -133,8 +140,17 @@ def _make_step_schedule(opt: Mapping[str, Any], total_steps: int, global_batch: 
         after = optax.constant_schedule(peak)
     elif decay == "linear":
         after = optax.linear_schedule(peak, min_lr, max(total_steps - warmup, 1))
+    elif decay == "multistep":
+        # timm-style MultiStepLRScheduler (SimMIM): peak * gamma^(number of milestones <= step);
+        # milestones count from the run's start (join_schedules hands ``step - warmup``).
+        milestones = sorted(int(m) for m in (opt.get("milestones") or ()))
+        gamma = float(opt.get("gamma", 0.1))
+        if any(m < warmup for m in milestones):
+            raise ValueError(f"config.optimizer.milestones={tuple(milestones)} must be >= warmup_steps={warmup}.")
+        ms = jnp.asarray(milestones or [total_steps + 1], jnp.int32)
+        after = lambda s: peak * gamma ** jnp.sum(jnp.asarray(s + warmup) >= ms).astype(jnp.float32)
     else:
-        raise ValueError(f"config.optimizer.decay={decay!r}; valid: 'cosine', 'linear', 'constant'.")
+        raise ValueError(f"config.optimizer.decay={decay!r}; valid: 'cosine', 'linear', 'constant', 'multistep'.")
     if warmup <= 0:
         return after
     mode = opt.get("warmup_mode", "linear")
@@ -367,7 +383,7 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
         # every param then gets momentum on the unscaled update, and only then the lr (BYOL's
         # optimizers.py lars orders it the same way).
         # ``lars_exclude`` (regexes, re.search on the '/'-joined path, on top of the ndim <= 1 and
-        # 'bias' rule of the decay groups; None: the ndim <= 1 rule alone, as MAE) names the
+        # 'bias' rule of the decay groups; None: that rule alone, as MAE) names the
         # params that get neither decay nor trust ratio: SimCLR's
         # exclude_from_weight_decay=['batch_normalization', 'bias'] (and the same list for
         # the layer adaptation), BYOL's bias/batchnorm filter.
@@ -378,11 +394,13 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
             raise ValueError("config.optimizer.weight_decay_end (a weight-decay schedule) needs name='adamw'.")
         momentum = float(opt.get("momentum", 0.9))
         trust = float(opt.get("trust_coefficient", 0.001))
+        # Either way a param whose path ends in 'bias' is excluded: fmjax stores the q/k/v biases
+        # 2-D (heads, head_dim) where torch has one 1-D qkv bias, which the ndim rule alone
+        # would decay and adapt.
         exclude = opt.get("lars_exclude")
-        if exclude is None:
-            adapted = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-        else:
-            adapted = functools.partial(decay_mask, patterns=tuple(exclude))
+        patterns = () if exclude is None else tuple(exclude)
+        adapted = lambda params: (decay_mask(params, patterns) if isinstance(params, Mapping)
+                                  else jax.tree.map(lambda p: p.ndim > 1, params))
         body = [optax.add_decayed_weights(wd, mask=adapted),
                 optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust), adapted)]
         if opt.get("lars_lr_in_momentum", False):
