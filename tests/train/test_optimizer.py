@@ -47,7 +47,7 @@ def test_unknown_optimizer_and_scaling():
     with pytest.raises(ValueError, match="Unknown optimizer 'lion'"):
         opt_lib.make_optimizer(dict(name="lion", lr=1.0), 10, 8)
     with pytest.raises(ValueError, match="lr_scaling"):
-        opt_lib.make_schedule(dict(lr_scaling="sqrt", lr=1.0), 10, 8)
+        opt_lib.make_schedule(dict(lr_scaling="cuberoot", lr=1.0), 10, 8)
 
 
 # -- Reference options (issue 12): decay groups, DINO's warm-up, fused-qkv clipping, per-param Adam count.
