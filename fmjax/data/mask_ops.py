@@ -42,3 +42,68 @@ class simmim_mask(Transform):  # noqa: N801
         out = dict(example)
         out[self.outkey] = self.draw(rng)
         return out
+
+
+@register_op
+class beit_mask(Transform):  # noqa: N801
+    """BEiT's blockwise masking (microsoft/unilm ``beit/masking_generator.py``
+    ``MaskingGenerator``): rectangles of ``min_num_patches``..``max_num_patches`` patches with
+    a log-uniform aspect ratio in [min_aspect, 1 / min_aspect] are added until
+    ``num_masking_patches`` patches are masked (each rectangle may only add up to what is
+    left; 10 attempts per rectangle; the mask stops short when none fits). Writes ``outkey``
+    (default ``mask``): int32 [input_size]^2, 1 = masked. Draws from the pipeline's
+    ``np.random.Generator`` where the reference uses Python's ``random``."""
+
+    def __init__(self, input_size=14, num_masking_patches: int = 75, min_num_patches: int = 16,
+                 max_num_patches=None, min_aspect: float = 0.3, max_aspect=None, outkey: str = "mask"):
+        if not isinstance(input_size, (tuple, list)):
+            input_size = (input_size,) * 2
+        self.height, self.width = int(input_size[0]), int(input_size[1])
+        self.num_masking_patches = int(num_masking_patches)
+        if not 0 < self.num_masking_patches <= self.height * self.width:
+            raise ValueError(f"beit_mask: num_masking_patches={num_masking_patches} must be in "
+                             f"(0, {self.height * self.width}].")
+        self.min_num_patches = int(min_num_patches)
+        self.max_num_patches = self.num_masking_patches if max_num_patches is None else int(max_num_patches)
+        if min_aspect <= 0:
+            raise ValueError(f"beit_mask: min_aspect={min_aspect} must be > 0.")
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
+        self.outkey = outkey
+
+    def _mask(self, mask, max_mask_patches, rng):
+        delta = 0
+        for _ in range(10):
+            # random.uniform(a, b) = a + (b - a) * random(), b < a allowed (numpy's uniform refuses it)
+            target_area = self.min_num_patches + (max_mask_patches - self.min_num_patches) * rng.random()
+            lo, hi = self.log_aspect_ratio
+            aspect_ratio = math.exp(lo + (hi - lo) * rng.random())
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < self.width and h < self.height:
+                top = int(rng.integers(0, self.height - h + 1))     # random.randint: inclusive
+                left = int(rng.integers(0, self.width - w + 1))
+                num_masked = mask[top: top + h, left: left + w].sum()
+                if 0 < h * w - num_masked <= max_mask_patches:
+                    block = mask[top: top + h, left: left + w]
+                    delta += int((block == 0).sum())
+                    block[...] = 1
+                if delta > 0:
+                    break
+        return delta
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        mask = np.zeros((self.height, self.width), np.int32)
+        count = 0
+        while count < self.num_masking_patches:
+            left = min(self.num_masking_patches - count, self.max_num_patches)
+            delta = self._mask(mask, left, rng)
+            if delta == 0:
+                break
+            count += delta
+        return mask
+
+    def __call__(self, example, rng):
+        out = dict(example)
+        out[self.outkey] = self.draw(rng)
+        return out

@@ -31,7 +31,7 @@ _BUILTIN_OPS = {
     **{name: "fmjax.data.text_ops" for name in ("tokenize", "swap_words")},
     **{name: "fmjax.data.autoaugment" for name in ("randaugment", "random_erasing")},
     "silhouette": "fmjax.data.shape_ops",
-    "simmim_mask": "fmjax.data.mask_ops",
+    **{name: "fmjax.data.mask_ops" for name in ("simmim_mask", "beit_mask")},
 }
 _OPS: dict[str, Callable] = {}
 

@@ -16,7 +16,7 @@ in the step from its rng (``objective.mask_patch_size`` / ``mask_ratio``).
 
 Params: ``backbone`` (any ViT-like backbone with a ``patch_embed/proj`` dense projection and
 ``tokens`` output), ``mask_token`` [1, 1, D] and ``decoder`` (Dense D -> p*p*C). The mask token
-is put in by an injection hook on ``patch_embed/proj`` (``fmjax.models.inject``), so the
+is put in by an injection hook on ``patch_embed/proj`` (``fmjax.objectives._mim``), so the
 backbone is the plain ViT: ``features`` (kNN / linear probe, and fine-tuning through
 ``config.model_init`` mapping ``params/backbone``) is the unmasked backbone.
 """
@@ -32,8 +32,9 @@ import numpy as np
 from fmjax.data.transforms import NORMALIZE_PRESETS
 from fmjax.errors import ConfigError
 from fmjax.evals import images as image_lib
-from fmjax.models import inject, layers
+from fmjax.models import layers
 from fmjax.models.registry import build_model, require
+from fmjax.objectives._mim import init_mask_token, mask_token_hook
 from fmjax.objectives.base import Objective
 
 
@@ -97,23 +98,11 @@ class SimMIMObjective(Objective):
                               f"{self.mask_patch_size}.")
 
     # -- model ------------------------------------------------------------------------------
-    def _mask_hook(self, mask, mask_token):
-        """Dense hook on the backbone's patch embedding: x * (1 - w) + mask_token * w."""
-        w = mask.reshape(mask.shape[0], -1, 1)
-
-        def put_mask_tokens(module, x, call_next):
-            out = call_next(x)
-            if tuple(module.path[-2:]) != ("patch_embed", "proj"):
-                return out
-            ww = w.astype(out.dtype)
-            return out * (1 - ww) + mask_token.astype(out.dtype) * ww
-        return inject.hooks(dense=put_mask_tokens)
-
     def reconstruct(self, params, images, mask, train=False, rng=None):
         """(reconstruction [B, H, W, C], patch-level prediction [B, N, p*p*C])."""
         grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
         rngs = {"dropout": rng} if rng is not None else {}
-        with self._mask_hook(mask, params["mask_token"]):
+        with mask_token_hook(mask, params["mask_token"]):
             tokens = self.backbone.apply({"params": params["backbone"]}, images, train=train,
                                          rngs=rngs)["tokens"][:, self.num_prefix:]
         pred = self.decoder.apply({"params": params["decoder"]}, tokens)
@@ -123,9 +112,7 @@ class SimMIMObjective(Objective):
         b_rng, t_rng, d_rng = jax.random.split(rng, 3)
         images = batch["image"]
         backbone = self.backbone.init({"params": b_rng}, images)["params"]
-        # The reference: trunc_normal_(std=0.02, a=-0.02, b=0.02) (SimMIM's own _trunc_normal_).
-        mask_token = layers.part(lambda k, s, d=jnp.float32: 0.02 * jax.random.truncated_normal(k, -1.0, 1.0, s, d),
-                                 (None, None, "embed"))(t_rng, (1, 1, self.width))
+        mask_token = init_mask_token(t_rng, self.width)
         tokens = jnp.zeros((images.shape[0], 1, self.width), self.backbone.dtype)
         decoder = self.decoder.init({"params": d_rng}, tokens)["params"]
         return {"backbone": backbone, "mask_token": mask_token, "decoder": decoder}, {}
