@@ -53,6 +53,9 @@ NO_DECAY_PRESETS = {
     # microsoft/SimMIM build_pretrain_optimizer with its VisionTransformer.no_weight_decay() =
     # {pos_embed, cls_token}: mask_token and the relative position tables decay.
     "simmim_vit": (r"(^|/)pos_embed$", r"(^|/)cls_token$"),
+    # microsoft/unilm beit optim_factory.get_parameter_groups with no_weight_decay() =
+    # {pos_embed, cls_token}: the same groups.
+    "beit": (r"(^|/)pos_embed$", r"(^|/)cls_token$"),
     # big_vision: weight decay only on kernels (wd_mults default '.*/kernel$').
     "big_vision": (r"^(?!.*(^|/)kernel$)",),
 }
