@@ -99,10 +99,12 @@ class BEiTObjective(Objective):
             raise ConfigError(f"config.objective.tokenizer_resize={self.resize!r}; valid: {RESIZE}.")
         if self.precomputed:
             return
-        if not self.tokenizer_spec:
-            raise ConfigError("config.objective.tokenizer is not set: give a dVAE, e.g. "
-                              "tokenizer=dict(workdir='/path/to/dvae_workdir') (train one with configs/dvae.py), "
-                              "dict(torch='encoder.pt') (OpenAI's dVAE) or dict(init='random', seed=0).")
+        spec = dict(self.tokenizer_spec or {})
+        if not any(spec.get(k) for k in ("workdir", "torch", "init")):
+            raise ConfigError("config.objective.tokenizer names no dVAE: train a dVAE tokenizer first "
+                              "(python launch/train.py --config=configs/dvae.py:cpu --workdir=DIR) and pass "
+                              "--config.objective.tokenizer.workdir=DIR, or give OpenAI's encoder "
+                              "(tokenizer.torch=FILE) or a random one (tokenizer.init='random').")
         module, _ = self.tokenizer
         vocab = int(getattr(module, "vocab_size", 0))
         if vocab != self.vocab_size:

@@ -128,7 +128,7 @@ def test_1_every_preset_passes_the_config_check_from_the_cli(name, preset, shape
     else:
         line = assert_one_line_error(proc)
         assert any(t in line for t in ("not prepared", "tfds build", "image_folder", "not found",
-                                       "train a classifier first")), line
+                                       "train a classifier first", "train a dVAE tokenizer first")), line
     assert not wd.exists()
 
 
