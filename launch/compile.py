@@ -15,6 +15,8 @@ Exit codes: 0 it fits; 1 it does not fit (one line naming the largest items and 
 that would help); 2 bad input (one line).
 """
 import json
+import math
+import numbers
 import os
 import re
 import sys
@@ -75,7 +77,7 @@ def run(target) -> dict:
     report["config"] = FLAGS["config"].config_filename
     print(report_lib.format_report(report, report["config"]), flush=True)
     if FLAGS.out:
-        clean = json.loads(json.dumps(report, default=str).replace("NaN", "null"))
+        clean = _json_safe(report)
         with open(os.path.abspath(os.path.expanduser(FLAGS.out)), "w") as f:
             json.dump(clean, f, indent=1)
     try:
@@ -87,6 +89,26 @@ def run(target) -> dict:
     print(f"fits: {report_lib.size_str(total)} per chip"
           + (f" of {report_lib.size_str(hbm)} ({100 * total / hbm:.0f}%)" if hbm else ""))
     return report
+
+
+def _json_safe(x):
+    """The report as strict JSON: non-finite floats become null (a string 'NaN' stays a
+    string), and anything else json cannot write becomes its str()."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        return x
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, float) or hasattr(x, "__float__"):
+        try:
+            f = float(x)
+        except (TypeError, ValueError):
+            return str(x)
+        return f if math.isfinite(f) else None
+    return str(x)
 
 
 def main(argv):
