@@ -3,7 +3,13 @@
 Default (bundled shapes, 32 px, a small ViT with patch 4 - 64 tokens, all of them encoded -
 masked in 8-px squares, 60% of them; CPU-sized):
     python launch/train.py --config=configs/simmim.py --workdir=/tmp/simmim
-  MEASURED: see the end of this docstring (filled in from the run).
+  Measured 2026-12-02, partial (the 2-core machine ran three other trainings the whole session,
+  so the full run and its time are still to be measured alone): loss (masked L1 on normalised
+  pixels) 0.54 (step 10) -> 0.36 (100) -> 0.34 (200) at ~0.5 steps/s shared; validation loss
+  0.569 -> 0.436 after 30 steps; reconstructions in DIR/images/. A step costs about a DINO
+  default step (65 tokens x 64 images), i.e. ~4 steps/s alone: 2000 steps ~ 8 min + evals.
+  The CPU learning gate (linear probe >= best of 8 random encoders + 0.03, the `cpu` preset,
+  8000 steps) is NOT measured yet.
 
 Paper preset (Xie et al. 2022, ViT-B/16, 800 epochs on ImageNet-1k; needs `imagenet2012` in TFDS):
     python launch/train.py --config=configs/simmim.py:vit_b16_imagenet --workdir=DIR

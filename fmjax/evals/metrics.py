@@ -12,7 +12,9 @@ from fmjax.evals import common, registry
 class MetricsEvaluator(common.SeededEvaluator):
     """``eval/<name>_<metric>``: each of ``objective.eval_metrics(params, extra, batch, rng)``'s
     per-example values averaged over ``split`` (padding excluded); batch ``i`` uses the rng
-    ``fold_in(PRNGKey(seed), i)`` (``seed``, default 1234)."""
+    ``fold_in(PRNGKey(seed), i)`` (``seed``, default 1234). An objective's
+    ``eval_metric_ratios = {name: (numerator, denominator)}`` adds ``eval/<name>_<name>``, the
+    ratio of those two split means (e.g. the dVAE's reconstruction over its baseline MSE)."""
 
     requires = {"eval_metrics": "eval_metrics"}
 
@@ -28,4 +30,8 @@ class MetricsEvaluator(common.SeededEvaluator):
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + float(np.asarray(v)[valid].sum())
                 count += int(valid.sum())
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        for k, (num, den) in (getattr(self.ctx.objective, "eval_metric_ratios", None) or {}).items():
+            if num in out and den in out and out[den] > 0:
+                out[k] = out[num] / out[den]
+        return out

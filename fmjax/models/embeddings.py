@@ -110,16 +110,35 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.nda
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: Union[int, Tuple[int, int]],
-                            cls_token: bool = False) -> np.ndarray:
+                            cls_token: bool = False, layout: str = "mae") -> np.ndarray:
     """Fixed 2-D sin-cos position embedding, exactly as facebookresearch/mae.
 
     Returns float32 (h*w [+1], embed_dim), with a zero row first if ``cls_token``.
     As in the reference, ``np.meshgrid(grid_w, grid_h)`` puts the column index in
     grid[0], so the layout is [sin(col) | cos(col) | sin(row) | cos(row)].
+
+    ``layout='moco_v3'``: facebookresearch/moco-v3 ``vits.py``
+    ``build_2d_sincos_position_embedding``, whose ``torch.meshgrid(grid_w, grid_h)`` ('ij'
+    indexing) flattens the grid w-major: token t (row-major patches) gets
+    [sin(t // h) | cos(t // h) | sin(t % h) | cos(t % h)], i.e. [row | col] on a square grid,
+    the MAE table with its halves swapped (same frequencies, computed in float32 as torch).
     """
     if embed_dim % 4:
         raise ValueError(f"embed_dim must be divisible by 4, got {embed_dim}.")
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+    if layout == "moco_v3":
+        pos_dim = embed_dim // 4
+        omega = 1.0 / np.float32(10000.0) ** (np.arange(pos_dim, dtype=np.float32) / np.float32(pos_dim))
+        m_w, m_h = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32),
+                               indexing="ij")  # torch.meshgrid's default
+        out_w = np.einsum("m,d->md", m_w.reshape(-1), omega).astype(np.float32)
+        out_h = np.einsum("m,d->md", m_h.reshape(-1), omega).astype(np.float32)
+        pos = np.concatenate([np.sin(out_w), np.cos(out_w), np.sin(out_h), np.cos(out_h)], axis=1)
+        if cls_token:
+            pos = np.concatenate([np.zeros([1, embed_dim], np.float32), pos], axis=0)
+        return pos.astype(np.float32)
+    if layout != "mae":
+        raise ValueError(f"layout={layout!r}; valid: 'mae', 'moco_v3'.")
     grid_h = np.arange(gh, dtype=np.float32)
     grid_w = np.arange(gw, dtype=np.float32)
     grid = np.meshgrid(grid_w, grid_h)  # here w goes first

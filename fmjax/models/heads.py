@@ -11,7 +11,7 @@ and ReLU; optionally a BatchNorm after the last one):
   -> BN -> ReLU; last Linear(bias=False) -> BN(affine=False) when ``last_bn``:
   ``hidden_bias=False, last_bn='plain'`` (projector) or ``'none'`` (predictor).
 - BYOL (deepmind-research/byol ``networks.py`` MLP): Linear (bias) -> BN -> ReLU -> Linear
-  (bias): ``hidden_bias=True, last_bias=True, last_bn='none'``.
+  (``with_bias=False``): ``hidden_bias=True, last_bias=False, last_bn='none'``.
 
 BatchNorm always uses the statistics of the batch it is given (biased variance, eps 1e-5, as
 torch / haiku / TF in training mode; the references never use running statistics for these
@@ -43,7 +43,8 @@ class MLPHead(nn.Module):
     last_bias: bool = False
     last_bn: str = "none"  # 'none' | 'affine' | 'scale' (no centre: SimCLR) | 'plain' (no affine: MoCo v3)
     bn_eps: float = 1e-5
-    kernel_init: str = "lecun_normal"  # or 'xavier_uniform', 'torch_linear' (kaiming_uniform(a=sqrt 5))
+    # or 'xavier_uniform', 'torch_linear' (kaiming_uniform(a=sqrt 5)), 'normal_0.01' (SimCLR)
+    kernel_init: str = "lecun_normal"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -97,8 +98,10 @@ def _init(name: str):
         return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
     if name == "truncated_normal":
         return nn.initializers.truncated_normal(0.02)
+    if name == "normal_0.01":  # SimCLR's LinearLayer: tf.keras RandomNormal(stddev=0.01)
+        return nn.initializers.normal(0.01)
     raise ValueError(f"MLPHead.kernel_init={name!r}; valid: lecun_normal, xavier_uniform, "
-                     "torch_linear, truncated_normal.")
+                     "torch_linear, truncated_normal, normal_0.01.")
 
 
 def _bias_init(name: str, fan_in: int):

@@ -29,6 +29,9 @@ CAPABILITIES = {
     "denoiser": "__call__(x_t, t, y=None, context=None, train) -> the noise / v / x0 prediction",
     "class_conditional": "a denoiser taking class labels y (num_classes > 0; row num_classes is null)",
     "text_conditional": "a denoiser taking a context sequence (context_dim > 0)",
+    "tokenizer": "a discrete image tokenizer: tokens(images01) -> [B, h, w] int32 codes in "
+                 "[0, vocab_size) (images in [0, 1], sides a multiple of `downsample`); "
+                 "encode(images01) -> [B, h, w, vocab_size] logits; decode(z) -> pixels",
 }
 
 # name -> ("module:Class", "module:variant_kwargs function" or None). Imported on first use.
@@ -38,6 +41,7 @@ _BUILTIN = {
     "clip": ("fmjax.models.clip:CLIP", "fmjax.models.clip:clip_kwargs"),
     "unet": ("fmjax.models.unet:UNet", "fmjax.models.unet:unet_kwargs"),
     "dit": ("fmjax.models.dit:DiT", "fmjax.models.dit:dit_kwargs"),
+    "dvae": ("fmjax.models.dvae:DVAE", "fmjax.models.dvae:dvae_kwargs"),
 }
 _REGISTERED: dict[str, tuple[Any, Optional[Callable]]] = {}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -107,7 +107,9 @@ def resize_pos_embed(pos: jax.Array, old_grid: Tuple[int, int], new_grid: Tuple[
 
 # 'learned', 'sincos' (MAE's fixed table), 'none' (no absolute positions: BEiT / SimMIM's
 # use_abs_pos_emb=False, with ``rel_pos_bias``).
-POS_EMBEDS = ("learned", "sincos", "none")
+POS_EMBEDS = ("learned", "sincos", "none", "sincos_moco")
+# 'sincos_moco': MoCo v3's fixed table (vits.py; MAE's with its row and column halves swapped:
+# fmjax.models.embeddings.get_2d_sincos_pos_embed(layout='moco_v3')).
 
 
 class ViT(nn.Module):
@@ -208,8 +210,9 @@ class ViT(nn.Module):
                              (1, 1, self.width), self.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x],
                                 axis=1)
-        if self.pos_embed == "sincos":
-            pos = layers.get_2d_sincos_pos_embed(self.width, grid, cls_token=self.class_token)
+        if self.pos_embed in ("sincos", "sincos_moco"):
+            pos = layers.get_2d_sincos_pos_embed(self.width, grid, cls_token=self.class_token,
+                                                 layout="mae" if self.pos_embed == "sincos" else "moco_v3")
             x = x + jnp.asarray(pos, x.dtype)[None]
         elif self.pos_embed == "none":  # BEiT / SimMIM with a relative position bias only (use_abs_pos_emb=False)
             pass

@@ -64,6 +64,9 @@ class BEiTObjective(Objective):
         self.norm = config.data.get("normalization", "imagenet")
         self.resize = o.get("tokenizer_resize", "lanczos3")
         self.image_size = int(config.data.get("image_size", 224))
+        # The tokenizer's input size (BEiT's second_input_size: 112 px for 224 px / patch 16 with
+        # DALL-E's 8x dVAE); default the image size.
+        self.tokenizer_size = int(o.get("tokenizer_image_size", None) or self.image_size)
         self.tokenizer_spec = o.get("tokenizer", None)
         self._tokenizer = None
         self.vocab_size = int(o.get("vocab_size", 8192))
@@ -83,13 +86,11 @@ class BEiTObjective(Objective):
         """(module, params) of the frozen dVAE, loaded on first use."""
         if self._tokenizer is None:
             from fmjax.models import dvae
-            grid = self.image_size // max(self.patch_size, 1)
-            self._tokenizer = dvae.load_tokenizer(self.tokenizer_spec, grid)
+            try:
+                self._tokenizer = dvae.load_tokenizer(self.tokenizer_spec, self.tokenizer_size)
+            except ValueError as e:
+                raise ConfigError(f"config.objective.tokenizer: {e}") from None
         return self._tokenizer
-
-    def _tokenizer_input_size(self):
-        module, _ = self.tokenizer
-        return (self.image_size // self.patch_size) * int(module.downsample)
 
     def check(self, config):
         if not self.patch_size or not self.width:
@@ -106,6 +107,12 @@ class BEiTObjective(Objective):
                               "--config.objective.tokenizer.workdir=DIR, or give OpenAI's encoder "
                               "(tokenizer.torch=FILE) or a random one (tokenizer.init='random').")
         module, _ = self.tokenizer
+        grid = self.image_size // self.patch_size
+        if self.tokenizer_size // module.downsample != grid:
+            raise ConfigError(f"the tokenizer reads {self.tokenizer_size} px images into "
+                              f"{self.tokenizer_size // module.downsample}x{self.tokenizer_size // module.downsample} "
+                              f"codes but the backbone's patch grid is {grid}x{grid}: set "
+                              f"config.objective.tokenizer_image_size={grid * module.downsample}.")
         vocab = int(getattr(module, "vocab_size", 0))
         if vocab != self.vocab_size:
             raise ConfigError(f"config.objective.vocab_size={self.vocab_size} but the tokenizer has {vocab} codes; "
@@ -122,7 +129,7 @@ class BEiTObjective(Objective):
         else:
             mean, std = NORMALIZE_PRESETS[self.norm]
             x = batch["image"].astype(jnp.float32) * jnp.asarray(std) + jnp.asarray(mean)
-            s = self._tokenizer_input_size()
+            s = self.tokenizer_size
             if x.shape[1:3] != (s, s):
                 x = jax.image.resize(x, (x.shape[0], s, s, x.shape[-1]), method=self.resize)
             x = jnp.clip(x, 0.0, 1.0)

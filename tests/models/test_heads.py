@@ -22,8 +22,8 @@ def _bn(x, scale=None, bias=None, eps=1e-5):
       "fc_2/kernel", "bn_2_scale"}),
     (dict(hidden_bias=False, last_bn="plain", num_layers=3),              # MoCo v3 projector
      {"fc_0/kernel", "bn_0_scale", "bn_0_bias", "fc_1/kernel", "bn_1_scale", "bn_1_bias", "fc_2/kernel"}),
-    (dict(hidden_bias=True, last_bias=True, last_bn="none", num_layers=2),  # BYOL
-     {"fc_0/kernel", "fc_0/bias", "bn_0_scale", "bn_0_bias", "fc_1/kernel", "fc_1/bias"}),
+    (dict(hidden_bias=True, last_bias=False, last_bn="none", num_layers=2),  # BYOL
+     {"fc_0/kernel", "fc_0/bias", "bn_0_scale", "bn_0_bias", "fc_1/kernel"}),
 ])
 def test_head_matches_numpy(kw, names):
     head = MLPHead(hidden_dim=12, out_dim=5, **kw)

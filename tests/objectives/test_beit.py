@@ -101,7 +101,7 @@ def test_single_block_aspect_ratios_match_the_reference():
     single = lambda m: np.mean(m.sum((1, 2)) == m.any(2).sum(1) * m.any(1).sum(1))
     assert single(masks) > 0.5 and abs(single(masks) - single(ref_masks)) < 0.03  # mostly one rectangle
     # (Rarely all 10 attempts fail and a mask stays empty: 2 in 3000 of the reference's here.)
-    logr = lambda m: np.log(m.any(2).sum(1) / m.any(1).sum(1))[m.sum((1, 2)) > 0]
+    logr = lambda m: np.log(m.any(2).sum(1)[m.sum((1, 2)) > 0] / m.any(1).sum(1)[m.sum((1, 2)) > 0])
     assert abs(np.mean(logr(masks))) < 0.08
     np.testing.assert_allclose(np.quantile(logr(masks), [0.1, 0.25, 0.5, 0.75, 0.9]),
                                np.quantile(logr(ref_masks), [0.1, 0.25, 0.5, 0.75, 0.9]), atol=0.12)
@@ -129,3 +129,56 @@ def test_masked_token_loss_matches_torch_cross_entropy():
     np.testing.assert_allclose(float(acc), ref_acc, rtol=1e-6)
     g = jax.grad(lambda x: beit_lib.masked_token_loss(x, jnp.asarray(labels), jnp.asarray(mask))[0])(jnp.asarray(logits))
     assert np.all(np.asarray(g)[mask == 0] == 0)
+
+
+def _tiny(tiny_config, **kw):
+    return tiny_config("beit", **kw)
+
+
+def test_tokens_are_the_tokenizers_on_the_unnormalised_image(tiny_config):
+    """In the step the targets are DVAE.tokens of the image mapped back to [0, 1]."""
+    from fmjax.data.transforms import NORMALIZE_PRESETS
+    from fmjax.models.dvae import DVAE
+    from fmjax.objectives.base import make_objective
+    obj = make_objective(_tiny(tiny_config))
+    module, tok_params = obj.tokenizer
+    rng = np.random.default_rng(0)
+    img01 = rng.random((2, 32, 32, 3)).astype(np.float32)
+    mean, std = NORMALIZE_PRESETS["imagenet"]
+    images = (img01 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    got = obj.tokens({"tokenizer": tok_params}, {"image": jnp.asarray(images)})
+    want = module.apply({"params": tok_params}, jnp.asarray(img01), method=DVAE.tokens)
+    assert got.shape == (2, 64) and got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want).reshape(2, -1))
+    # precomputed tokens win over the tokenizer
+    vt = rng.integers(0, 512, size=(2, 8, 8)).astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(obj.tokens({}, {"image": images, "visual_tokens": vt})),
+                                  vt.reshape(2, -1))
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"objective.tokenizer": {"workdir": None}}, "train a dVAE tokenizer first"),
+    ({"objective.tokenizer_image_size": 64}, "tokenizer_image_size=32"),
+    ({"objective.vocab_size": 100}, "vocab_size=100 but the tokenizer has 512"),
+    ({"objective.tokenizer_resize": "area"}, "tokenizer_resize"),
+])
+def test_config_errors(tiny_config, override, match):
+    from fmjax.errors import ConfigError
+    from fmjax.objectives.base import make_objective
+    config = _tiny(tiny_config, **override)
+    with pytest.raises(ConfigError, match=match):
+        make_objective(config).check(config)
+
+
+def test_trains_with_a_random_tokenizer_and_keeps_it_frozen(tiny_config, tmp_path):
+    from fmjax.train import loop
+    from fmjax.train.restore import load_checkpoint
+    config = _tiny(tiny_config)
+    config.total_steps = 4
+    final = loop.train_and_evaluate(config, str(tmp_path / "wd"))
+    assert np.isfinite(final["train/loss"]) and 0 < final["train/mask_ratio"] < 1
+    from fmjax.objectives.base import make_objective
+    _, tok0 = make_objective(config).tokenizer
+    state = load_checkpoint(str(tmp_path / "wd"))[4]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 jax.device_get(state.extra["tokenizer"]), tok0)

@@ -37,6 +37,10 @@ METHODS = {
         "--config.objective.out_dim=64", "--config.objective.hidden_dim=32",
         "--config.objective.bottleneck_dim=16"), "real", "xla",
         {"global_crops": [8, 2, 32, 32, 3], "local_crops": [8, 4, 16, 16, 3]}),
+    "moco": ("configs/moco.py", TINY_VIT + (
+        "--config.objective.dim=16", "--config.objective.mlp_dim=32"), "real", "xla",
+        {"global_crops": [8, 2, 32, 32, 3]}),
+    "simclr": ("configs/simclr.py", TINY_VIT, "real", "xla", {"global_crops": [8, 2, 32, 32, 3]}),
     "diffusion": ("configs/diffusion.py:text", TINY_VIT + (
         "--config.objective.text.width=32", "--config.objective.text.depth=1",
         "--config.objective.text.num_heads=2", "--config.objective.text.mlp_dim=64"), "synthetic",

@@ -103,7 +103,7 @@ def _snapshot(directory):
 
 # -- (a) -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mae", "dino", "simmim"])
+@pytest.mark.parametrize("name", ["mae", "dino", "simmim", "beit"])
 def test_interrupted_and_resumed_equals_uninterrupted(name, tiny_config, tmp_path, monkeypatch):
     """For DINO this covers the teacher and center (``extra``) and its step schedules."""
     n = 3
