@@ -2,7 +2,12 @@
 
 Default (bundled coloured shapes, 2 x 32px SimCLR views, a small ViT, CPU-sized):
     python launch/train.py --config=configs/simclr.py --workdir=/tmp/simclr
-  MEASURED_DEFAULT
+  Measured 2026-12-02 (600 steps; the 2-core CPU SHARED with 2-3 other jobs, 0.4-2.9 steps/s,
+  ~20 min wall; alone ~3 steps/s, i.e. ~4 min plus evals): NT-Xent 16.2 (step 25) -> 10.7
+  (600); the views grid in DIR/images/images_views_*.png. On the coloured shapes the kNN on
+  the shape label moves 0.173 (step 0) -> 0.249 (300) -> 0.214 (600) (chance 0.125): as
+  DINO's default, the views share colour and background; the `cpu` preset is the recipe that
+  learns the shape.
 
 CPU recipe that learns (silhouettes of the simple shapes, rot90 views, 3000 steps):
     python launch/train.py --config=configs/simclr.py:cpu --workdir=/tmp/simclr_cpu
