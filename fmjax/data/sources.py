@@ -27,6 +27,7 @@ naming it; ``get_source(..., skip_bad_examples=N)`` skips up to N of them instea
 """
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 
@@ -36,6 +37,18 @@ from fmjax.data import bad_examples
 from fmjax.data import registry
 from fmjax.data import shapes
 from fmjax.data.registry import SourceKind, register_source
+
+
+class _DropOpenCVAdvice(logging.Filter):
+    """TFDS logs "OpenCV is not installed ... recommend" the first time a data thread decodes an
+    image with PIL. PIL is the decoder we ship with, and the line, printed from a prefetch thread at
+    a random moment, would land between a launcher's progress output and its one-line error."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("OpenCV is not installed")
+
+
+logging.getLogger("absl").addFilter(_DropOpenCVAdvice())
 
 SHAPES_NAME = "fmjax_shapes"
 IMAGE_FOLDER_PREFIX = "image_folder:"

@@ -252,15 +252,18 @@ class DVAEObjective(Objective):
 
     def visualize(self, params, extra, batch, rng):
         """Rows: the images, their reconstruction from the hard tokens, the patch-mean
-        baseline, and the token map (a fixed random colour per code)."""
+        baseline, and the token map (a fixed random colour per code); images under 64 px are
+        drawn enlarged."""
         x = jnp.asarray(batch["image"][:8], jnp.float32)
         recon, codes = self.reconstruct_hard(self._eval_params(params, extra), x)
         d = self.model.downsample
         base = patch_mean_baseline(x, d)
         colours = _code_colours(self.model.vocab_size)[np.asarray(codes)]
         colours = np.repeat(np.repeat(colours, d, axis=1), d, axis=2)
+        rows = [np.asarray(x), np.asarray(recon), np.asarray(base), colours]
+        up = max(1, 64 // x.shape[1])   # small images drawn at >= 64 px (nearest neighbour)
         return {"reconstruction": image_lib.image_grid(
-            [np.asarray(x), np.asarray(recon), np.asarray(base), colours])}
+            [np.repeat(np.repeat(r, up, axis=1), up, axis=2) for r in rows])}
 
 
 def make(config) -> DVAEObjective:
