@@ -54,6 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
         torch=ml_collections.config_dict.placeholder(str), format=ml_collections.config_dict.placeholder(str),
         hf_config=ml_collections.config_dict.placeholder(str), mapping=ml_collections.config_dict.placeholder(object),
         dont_load=()))
+    # An adapter applied from outside the model (fmjax/adapt): name='lora' trains rank-`rank`
+    # LoRA pairs on the dense layers whose path matches `targets` (re.search), plus the params
+    # matching a `train` regex (fullmatch, e.g. ('head/.*',)); every other param is frozen.
+    # alpha unset: 2 x rank. '' : no adapter.
+    c.adapter = ml_collections.ConfigDict(dict(
+        name="", rank=8, alpha=ml_collections.config_dict.placeholder(float),
+        targets=r"attn/(query|value)$", train=(), dropout=0.0))
     return c
 
 

@@ -141,9 +141,11 @@ def available() -> list[str]:
 
 
 def make_objective(config) -> Objective:
-    """Imports ``fmjax.objectives.<config.objective.name>`` and calls its ``make(config)``."""
+    """Imports ``fmjax.objectives.<config.objective.name>`` and calls its ``make(config)``;
+    wrapped by ``config.adapter``'s adapter when one is set (``fmjax.adapt``)."""
     name = config.objective.name
     if name not in available():
         raise ValueError(f"Unknown objective {name!r}; valid objectives: {available()}.")
     module = importlib.import_module(f"fmjax.objectives.{name}")
-    return module.make(config)
+    from fmjax import adapt
+    return adapt.wrap(module.make(config), config)

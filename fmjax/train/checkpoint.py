@@ -76,7 +76,11 @@ DEFAULT_KEYS = {"model": {"scan_layers": False}}
 def fingerprint(config) -> dict[str, Any]:
     """The parts of a config that fix the shapes and meaning of the saved state."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return _strip_inference_only({k: cfg.get(k) for k in ("model", "objective")})
+    fp = {k: cfg.get(k) for k in ("model", "objective")}
+    adapter = cfg.get("adapter")
+    if isinstance(adapter, Mapping) and adapter.get("name"):  # no adapter: as before the key existed
+        fp["adapter"] = {k: v for k, v in adapter.items() if k != "dropout"}
+    return _strip_inference_only(fp)
 
 
 def _strip_inference_only(fp: Mapping) -> dict:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from fmjax import adapt
+from fmjax.adapt import lora as adapt_lora
 from fmjax.errors import ConfigError
 from fmjax.interop import export as export_lib
 from fmjax.train import workdir as workdir_lib
@@ -75,6 +77,9 @@ def export_workdir(workdir: str, fmt: str, out: str, step: int | None = None,
 
     config, objective, _, _, state, step = load_checkpoint(workdir, config, step, devices)
     params, which = select_weights(config.objective.name, state, weights)
+    adapter = adapt.spec(config)
+    if adapter is not None:  # LoRA folded into the kernels: the exported model is the plain one
+        params, which = adapt_lora.merge(params, adapter["alpha"], adapter["rank"]), f"{which} + merged LoRA"
     image_size = config.data.get("image_size")
     metadata = dict(source=dict(workdir=workdir, step=int(step), weights=which,
                                 objective=config.objective.name,

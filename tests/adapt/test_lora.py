@@ -1,0 +1,154 @@
+"""LoRA from outside the model (fmjax.adapt): the merged forward pass equals the unmerged one,
+rank 0 / alpha 0 is the base model bit for bit, the parameter count is the formula, and a
+training run moves only the adapter (and the listed head) while the base stays bit-identical."""
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fmjax import adapt
+from fmjax.adapt import lora
+from fmjax.errors import ConfigError
+from fmjax.models import inject
+from fmjax.models.vit import ViT
+from fmjax.objectives.base import make_objective, supports
+from fmjax.train import loop
+
+TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=8, num_classes=5)
+
+
+def _flat(tree):
+    return {"/".join(str(k.key) for k in p): v
+            for p, v in jax.tree_util.tree_flatten_with_path(nn.unbox(tree))[0]}
+
+
+def _images(b=3):
+    return jax.random.normal(jax.random.PRNGKey(1), (b, 32, 32, 3))
+
+
+def _adapted(model, rank, alpha, targets, x):
+    with inject.hooks(dense=lora.lora_hook(rank, alpha, targets)):
+        params = nn.unbox(model.init(jax.random.PRNGKey(0), x))
+    return params
+
+
+def _randomise_b(params, seed=3):
+    """lora_b starts at zero (the model is unchanged at init); give it values to test merging."""
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 64))
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return node
+        return {k: (0.1 * jax.random.normal(next(keys), v.shape) if k == "lora_b" else walk(v))
+                for k, v in node.items()}
+    return walk(params)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_merged_forward_equals_unmerged(scan):
+    model = ViT(**TINY, scan_layers=scan)
+    x = _images()
+    targets = r"attn/(query|value)$|mlp/fc1$"
+    params = _randomise_b(_adapted(model, 4, 8.0, targets, x))
+    with inject.hooks(dense=lora.lora_hook(4, 8.0, targets)):
+        unmerged = model.apply(params, x)["pre_logits"]
+    merged_params = lora.merge(params, 8.0, 4)
+    assert not any(k.endswith(("lora_a", "lora_b")) for k in _flat(merged_params))
+    merged = model.apply(merged_params, x)["pre_logits"]  # the plain model, no hook
+    # float32: 1e-6 of the output's scale (the two sum W x + s A B x in different orders).
+    err = float(jnp.max(jnp.abs(merged - unmerged)))
+    assert err <= 1e-6 * float(jnp.max(jnp.abs(unmerged))), err
+    plain = model.apply(lora.merge(_adapted(model, 4, 8.0, targets, x), 8.0, 4), x)["pre_logits"]
+    assert float(jnp.max(jnp.abs(merged - plain))) > 1e-3  # the adapter changed the function
+
+
+@pytest.mark.parametrize("rank, alpha", [(0, 16.0), (4, 0.0)])
+def test_rank_0_or_alpha_0_is_the_base_model(rank, alpha):
+    model = ViT(**TINY)
+    x = _images()
+    base = nn.unbox(model.init(jax.random.PRNGKey(0), x))
+    params = _randomise_b(_adapted(model, rank, alpha, r"attn/(query|value)$", x))
+    if rank == 0:
+        assert _flat(params).keys() == _flat(base).keys()
+    with inject.hooks(dense=lora.lora_hook(rank, alpha, r"attn/(query|value)$")):
+        y = model.apply(params, x)["pre_logits"]
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(model.apply(base, x)["pre_logits"]))
+
+
+def test_param_count_is_the_formula():
+    model = ViT(**TINY)
+    x = _images()
+    rank, d, heads = 4, TINY["width"], TINY["num_heads"]
+    params = _adapted(model, rank, 8.0, r"attn/(query|value)$|mlp/fc2$", x)
+    flat = _flat(params)
+    # query / value: (D) -> (heads, D / heads); fc2: (mlp) -> (D); per layer.
+    shapes = [((d,), (heads, d // heads))] * 2 + [((TINY["mlp_dim"],), (d,))]
+    assert lora.count(params) == TINY["depth"] * lora.expected_count(shapes, rank)
+    assert flat["params/encoder/block_0/attn/query/lora_a"].shape == (d, rank)
+    assert flat["params/encoder/block_0/attn/query/lora_b"].shape == (rank, heads, d // heads)
+    assert flat["params/encoder/block_1/mlp/fc2/lora_a"].shape == (TINY["mlp_dim"], rank)
+    assert "params/encoder/block_0/attn/key/lora_a" not in flat
+    # PEFT's init: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0.
+    a = np.asarray(flat["params/encoder/block_0/attn/query/lora_a"])
+    assert np.abs(a).max() <= 1 / math.sqrt(d) and np.abs(a).max() > 0.5 / math.sqrt(d)
+    assert not np.any(np.asarray(flat["params/encoder/block_0/attn/query/lora_b"]))
+
+
+@pytest.mark.parametrize("adapter, message", [
+    (dict(name="qlora"), "config.adapter.name='qlora'; valid: ['lora']"),
+    (dict(name="lora", dropout=0.1), "LoRA dropout is not implemented yet"),
+    (dict(name="lora", rank=-1), "config.adapter.rank=-1"),
+    (dict(name="lora", targets="attn/(query"), "config.adapter.targets='attn/(query' is not a regex"),
+    (dict(name="lora", ranks=4), "unknown keys ['ranks']"),
+])
+def test_bad_adapter_configs_are_one_line(default_config, adapter, message):
+    c = default_config("supervised")
+    c.adapter = adapter
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        make_objective(c)
+
+
+def test_no_adapter_is_the_plain_objective(default_config):
+    c = default_config("supervised")
+    obj = make_objective(c)
+    assert not isinstance(obj, adapt.AdaptedObjective)
+    c.adapter.name = "lora"
+    wrapped = make_objective(c)
+    assert isinstance(wrapped, adapt.AdaptedObjective)
+    for name in ("features", "visualize", "eval_metrics", "update_mask", "generate", "text_features"):
+        assert supports(wrapped, name) == (supports(obj, name) or name == "update_mask"), name
+
+
+def _restore(wd, step):
+    return jax.device_get(ocp.StandardCheckpointer().restore(
+        os.path.join(wd, "checkpoints", str(step), "state")))
+
+
+def test_training_moves_only_the_adapter_and_head(default_config, tmp_path, capsys):
+    """A short supervised run with LoRA (rank 4 on q / v) and a trainable head: the base params
+    of the step-3 and step-6 checkpoints are bit-identical, the LoRA B matrices and the head moved, the
+    banner counts the trainable params, and eval / features run with the adapter."""
+    c = default_config("supervised")
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 6, 3, 6, 3
+    c.keep_checkpoints = 5
+    c.batch_size = 16
+    c.adapter.update(dict(name="lora", rank=4, train=("head/.*",)))
+    c.evals = dict(val=dict(type="metrics", split="validation", examples=64))
+    out = loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    assert out["step"] == 6
+    log = capsys.readouterr().out + capsys.readouterr().err
+    assert "trainable: lora adapter" in log
+    first, last = _flat(_restore(str(tmp_path), 3)["params"]), _flat(_restore(str(tmp_path), 6)["params"])
+    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
+    assert moved, "nothing trained"
+    for k in moved:
+        assert k.endswith(("lora_a", "lora_b")) or k.startswith("head/"), f"frozen base param moved: {k}"
+    assert any(k.endswith("lora_b") for k in moved) and any(k.startswith("head/") for k in moved)
+    d, rank = c.model.width, 4
+    n_lora = sum(math.prod(v.shape) for k, v in last.items() if k.endswith(("lora_a", "lora_b")))
+    assert n_lora == c.model.depth * 2 * rank * (d + d)
