@@ -103,12 +103,16 @@ def _snapshot(directory):
 
 # -- (a) -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mae", "dino", "simmim", "beit"])
+@pytest.mark.parametrize("name", ["mae", "dino", "simmim", "beit", "mae+lora"])
 def test_interrupted_and_resumed_equals_uninterrupted(name, tiny_config, tmp_path, monkeypatch):
-    """For DINO this covers the teacher and center (``extra``) and its step schedules."""
+    """For DINO this covers the teacher and center (``extra``) and its step schedules;
+    'mae+lora': LoRA adapters (fmjax.adapt) on a frozen MAE, restored exactly."""
     n = 3
+    name, _, adapter = name.partition("+")
     # Periodic checkpoints at 4: the stop at 3 is saved only because it was asked to stop.
     config = tiny_config(name, total_steps=2 * n, checkpoint_every=4)
+    if adapter:
+        config.adapter.update(dict(name=adapter, rank=2, train=("decoder_pred/.*",)))
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
 
     _train_interrupted(monkeypatch, config, resumed, n)
