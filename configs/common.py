@@ -55,12 +55,14 @@ def base_config() -> ml_collections.ConfigDict:
         hf_config=ml_collections.config_dict.placeholder(str), mapping=ml_collections.config_dict.placeholder(object),
         dont_load=()))
     # An adapter applied from outside the model (fmjax/adapt): name='lora' trains rank-`rank`
-    # LoRA pairs on the dense layers whose path matches `targets` (re.search), plus the params
-    # matching a `train` regex (fullmatch, e.g. ('head/.*',)); every other param is frozen.
-    # alpha unset: 2 x rank. '' : no adapter.
+    # LoRA pairs (alpha unset: 2 x rank), name='houlsby' bottleneck adapters (`kind` serial |
+    # parallel, `scale` for parallel), on the dense layers whose path matches `targets`
+    # (re.search; '' = the adapter's default: lora 'attn/(query|value)$', houlsby
+    # 'attn/out$|mlp/fc2$'), plus the params matching a `train` regex (fullmatch, e.g.
+    # ('head/.*',)); every other param is frozen. name='': no adapter.
     c.adapter = ml_collections.ConfigDict(dict(
-        name="", rank=8, alpha=ml_collections.config_dict.placeholder(float),
-        targets=r"attn/(query|value)$", train=(), dropout=0.0))
+        name="", rank=8, alpha=ml_collections.config_dict.placeholder(float), bottleneck=64,
+        kind="serial", scale=1.0, targets="", train=(), dropout=0.0))
     return c
 
 

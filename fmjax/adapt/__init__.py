@@ -1,7 +1,7 @@
 """Adapters applied from outside the model, selected by ``config.adapter``.
 
 ``config.adapter = dict(name='lora', rank=8, alpha=16.0, targets='attn/(query|value)$',
-train=('head/.*',), dropout=0.0)`` wraps the objective (``fmjax.objectives.base.make_objective``)
+train=('head/.*',))`` (or ``name='houlsby', bottleneck=64, kind='serial'``) wraps the objective (``fmjax.objectives.base.make_objective``)
 in an ``AdaptedObjective``: every method of the objective runs inside the adapter's
 ``inject.hooks`` context, so the adapter params are created by ``init`` beside the modules
 they adapt (``.../attn/query/lora_a``) and used by the loss, the evaluators, the pictures and
@@ -12,10 +12,12 @@ e.g. a new classifier head), are updated: the rest is frozen through the objecti
 params stay bit-identical. The base weights come from ``config.model_init`` (a workdir or a
 converted checkpoint) as for any fine-tuning.
 
-Adapters: ``lora`` (``fmjax.adapt.lora``). ``name=''`` (or no ``config.adapter``): none.
+Adapters: ``lora`` (``fmjax.adapt.lora``; mergeable into the kernels for export) and
+``houlsby`` (``fmjax.adapt.houlsby``: serial or parallel bottleneck adapters; export refuses
+them, the plain model has no place for them). ``name=''`` (or no ``config.adapter``): none.
 
-Not yet here (issue 18): Houlsby adapters, prefix and prompt tuning, LoRA dropout, and
-checkpoints holding the adapter params alone (they hold every param today).
+Not yet here (issue 18): prefix and prompt tuning, adapter dropout, and checkpoints holding
+the adapter params alone (they hold every param today).
 """
 from __future__ import annotations
 
@@ -26,13 +28,18 @@ import re
 import flax.linen as nn
 import jax
 
+from fmjax.adapt import houlsby as houlsby_lib
 from fmjax.adapt import lora as lora_lib
 from fmjax.errors import ConfigError
 from fmjax.models import inject
 
-ADAPTERS = ("lora",)
-KEYS = {"lora": ("name", "rank", "alpha", "targets", "train", "dropout")}
-DEFAULT_TARGETS = r"attn/(query|value)$"
+ADAPTERS = ("lora", "houlsby")
+KEYS = {"lora": ("name", "rank", "alpha", "targets", "train", "dropout"),
+        "houlsby": ("name", "bottleneck", "kind", "scale", "targets", "train", "dropout")}
+DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "houlsby": r"attn/out$|mlp/fc2$"}
+ADAPTER_PARAMS = lora_lib.LORA_PARAMS + houlsby_lib.PARAMS
+# config.adapter keys that only the other adapter reads (base_config lists every key).
+_SHARED_DEFAULTS = dict(rank=8, alpha=None, bottleneck=64, kind="serial", scale=1.0)
 
 
 def _get(a, key, default):
@@ -49,14 +56,15 @@ def spec(config) -> dict | None:
         return None
     if name not in ADAPTERS:
         raise ConfigError(f"config.adapter.name={name!r}; valid: {list(ADAPTERS)} (or '' for none).")
-    unknown = sorted(set(a.keys()) - set(KEYS[name]))
+    known = set().union(*KEYS.values())
+    unknown = sorted(set(a.keys()) - known)
     if unknown:
         raise ConfigError(f"config.adapter has unknown keys {unknown} for {name!r}; valid: {list(KEYS[name])}.")
-    rank, alpha = _get(a, "rank", 8), _get(a, "alpha", None)
-    if not isinstance(rank, int) or rank < 0:
-        raise ConfigError(f"config.adapter.rank={rank!r} must be an int >= 0 (0: no LoRA params).")
-    alpha = float(2 * rank if alpha is None else alpha)
-    targets = _get(a, "targets", DEFAULT_TARGETS)
+    for k in sorted(set(a.keys()) - set(KEYS[name])):  # another adapter's key, left at its default
+        if a.get(k) is not None and a.get(k) != _SHARED_DEFAULTS.get(k):
+            raise ConfigError(f"config.adapter.{k}={a.get(k)!r} is not an option of the {name!r} adapter; "
+                              f"its options: {list(KEYS[name])}.")
+    targets = _get(a, "targets", "") or DEFAULT_TARGETS[name]
     train = _get(a, "train", ())
     train = (train,) if isinstance(train, str) else tuple(train)
     for what, pats in (("targets", (targets,)), ("train", train)):
@@ -67,8 +75,28 @@ def spec(config) -> dict | None:
                 raise ConfigError(f"config.adapter.{what}={p!r} is not a regex ({e}).") from None
     dropout = float(_get(a, "dropout", 0.0))
     if dropout != 0.0:
-        raise ConfigError(f"config.adapter.dropout={dropout}: LoRA dropout is not implemented yet; use 0.")
-    return dict(name=name, rank=rank, alpha=alpha, targets=targets, train=train)
+        raise ConfigError(f"config.adapter.dropout={dropout}: adapter dropout is not implemented yet; use 0.")
+    if name == "lora":
+        rank, alpha = _get(a, "rank", 8), _get(a, "alpha", None)
+        if not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"config.adapter.rank={rank!r} must be an int >= 0 (0: no LoRA params).")
+        alpha = float(2 * rank if alpha is None else alpha)
+        return dict(name=name, rank=rank, alpha=alpha, targets=targets, train=train)
+    bottleneck, kind = _get(a, "bottleneck", 64), _get(a, "kind", "serial")
+    if not isinstance(bottleneck, int) or bottleneck < 0:
+        raise ConfigError(f"config.adapter.bottleneck={bottleneck!r} must be an int >= 0.")
+    if kind not in houlsby_lib.KINDS:
+        raise ConfigError(f"config.adapter.kind={kind!r}; valid: {list(houlsby_lib.KINDS)}.")
+    return dict(name=name, bottleneck=bottleneck, kind=kind, scale=float(_get(a, "scale", 1.0)),
+                targets=targets, train=train)
+
+
+def hook(adapter: dict):
+    """The dense hook of a checked adapter spec."""
+    if adapter["name"] == "lora":
+        return lora_lib.lora_hook(adapter["rank"], adapter["alpha"], adapter["targets"])
+    return houlsby_lib.adapter_hook(adapter["bottleneck"], adapter["targets"], adapter["kind"],
+                                    adapter["scale"])
 
 
 def trainable_mask(params, adapter: dict):
@@ -77,7 +105,7 @@ def trainable_mask(params, adapter: dict):
 
     def keep(path, _):
         keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        if keys and keys[-1] in lora_lib.LORA_PARAMS:
+        if keys and keys[-1] in ADAPTER_PARAMS:
             return True
         name = "/".join(keys)
         return any(p.fullmatch(name) for p in train)
@@ -90,8 +118,7 @@ class AdaptedObjective:
 
     def __init__(self, inner, adapter: dict):
         self._inner, self.adapter = inner, adapter
-        self._hooks = inject.hooks(dense=lora_lib.lora_hook(adapter["rank"], adapter["alpha"],
-                                                            adapter["targets"]))
+        self._hooks = inject.hooks(dense=hook(adapter))
 
     def _wrap(self, fn):
         def call(*args, **kwargs):

@@ -72,12 +72,15 @@ def export_workdir(workdir: str, fmt: str, out: str, step: int | None = None,
     out = export_lib.check_out(out)
     config = config or load_workdir_config(workdir)
     export_lib.check_format(config.model.get("name"), fmt, workdir)
+    adapter = adapt.spec(config)
+    if adapter is not None and adapter["name"] != "lora":
+        raise ConfigError(f"{workdir} trains a {adapter['name']!r} adapter, which the exported "
+                          f"{fmt!r} model has no place for; only LoRA merges into the kernels.")
     objective, _, _ = build(config, devices)
     export_lib.check_model(export_model(objective), fmt, workdir)
 
     config, objective, _, _, state, step = load_checkpoint(workdir, config, step, devices)
     params, which = select_weights(config.objective.name, state, weights)
-    adapter = adapt.spec(config)
     if adapter is not None:  # LoRA folded into the kernels: the exported model is the plain one
         params, which = adapt_lora.merge(params, adapter["alpha"], adapter["rank"]), f"{which} + merged LoRA"
     image_size = config.data.get("image_size")

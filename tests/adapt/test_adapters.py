@@ -1,6 +1,8 @@
-"""LoRA from outside the model (fmjax.adapt): the merged forward pass equals the unmerged one,
-rank 0 / alpha 0 is the base model bit for bit, the parameter count is the formula, and a
-training run moves only the adapter (and the listed head) while the base stays bit-identical."""
+"""Adapters from outside the model (fmjax.adapt). LoRA: the merged forward pass equals the
+unmerged one, rank 0 / alpha 0 is the base model bit for bit, the parameter count is the
+formula, and a training run moves only the adapter (and the listed head) while the base stays
+bit-identical. Houlsby (serial / parallel): identity at init, the count formula, training, and
+export refusing it."""
 import math
 import os
 
@@ -100,8 +102,8 @@ def test_param_count_is_the_formula():
 
 
 @pytest.mark.parametrize("adapter, message", [
-    (dict(name="qlora"), "config.adapter.name='qlora'; valid: ['lora']"),
-    (dict(name="lora", dropout=0.1), "LoRA dropout is not implemented yet"),
+    (dict(name="qlora"), "config.adapter.name='qlora'; valid: ['lora', 'houlsby']"),
+    (dict(name="lora", dropout=0.1), "adapter dropout is not implemented yet"),
     (dict(name="lora", rank=-1), "config.adapter.rank=-1"),
     (dict(name="lora", targets="attn/(query"), "config.adapter.targets='attn/(query' is not a regex"),
     (dict(name="lora", ranks=4), "unknown keys ['ranks']"),
@@ -152,3 +154,55 @@ def test_training_moves_only_the_adapter_and_head(default_config, tmp_path, caps
     d, rank = c.model.width, 4
     n_lora = sum(math.prod(v.shape) for k, v in last.items() if k.endswith(("lora_a", "lora_b")))
     assert n_lora == c.model.depth * 2 * rank * (d + d)
+
+
+# -- Houlsby bottleneck adapters (fmjax.adapt.houlsby) ------------------------------------------
+
+@pytest.mark.parametrize("kind", ["serial", "parallel"])
+def test_houlsby_starts_as_the_base_model_and_counts_like_the_formula(kind):
+    from fmjax.adapt import houlsby
+    model = ViT(**TINY)
+    x = _images()
+    base = nn.unbox(model.init(jax.random.PRNGKey(0), x))
+    hook = houlsby.adapter_hook(8, r"attn/out$|mlp/fc2$", kind)
+    with inject.hooks(dense=hook):
+        params = nn.unbox(model.init(jax.random.PRNGKey(0), x))
+        y = model.apply(params, x)["pre_logits"]
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(model.apply(base, x)["pre_logits"]))
+    flat = _flat(params)
+    n = sum(math.prod(v.shape) for k, v in flat.items() if k.split("/")[-1] in houlsby.PARAMS)
+    d, mlp = TINY["width"], TINY["mlp_dim"]
+    # attn/out: (heads, head_dim) -> D; fc2: mlp -> D.
+    assert n == TINY["depth"] * houlsby.expected_count([(d, d), (mlp, d)], 8, kind)
+    assert flat["params/encoder/block_0/mlp/fc2/adapter_down_kernel"].shape == ((d if kind == "serial" else mlp), 8)
+    # A non-zero up-projection changes the function: the adapter is on the forward path.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: (v + 0.1 * jax.random.normal(jax.random.PRNGKey(5), v.shape)
+                      if str(p[-1].key) == "adapter_up_kernel" else v), params)
+    with inject.hooks(dense=hook):
+        y2 = model.apply(params, x)["pre_logits"]
+    assert float(jnp.max(jnp.abs(y2 - y))) > 1e-3
+
+
+def test_houlsby_trains_only_the_adapters_and_export_refuses_it(default_config, tmp_path):
+    from fmjax.train import export as export_train
+    c = default_config("supervised")
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 0, 2
+    c.eval_at_start = False
+    c.keep_checkpoints = 5
+    c.batch_size = 16
+    c.adapter.update(dict(name="houlsby", bottleneck=4))
+    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
+    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
+    assert moved and all(k.split("/")[-1].startswith("adapter_") for k in moved), moved
+    with pytest.raises(ConfigError, match="'houlsby' adapter, which the exported"):
+        export_train.export_workdir(str(tmp_path), "hf", str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_option_of_the_other_adapter_is_refused(default_config):
+    c = default_config("supervised")
+    c.adapter.update(dict(name="lora", bottleneck=16))
+    with pytest.raises(ConfigError, match="config.adapter.bottleneck=16 is not an option of the 'lora' adapter"):
+        make_objective(c)
