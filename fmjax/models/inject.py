@@ -77,6 +77,23 @@ class hooks(contextlib.ContextDecorator):
         return False
 
 
+class suspended(contextlib.ContextDecorator):
+    """No hook is active inside this block, whatever the enclosing ``hooks`` contexts set:
+    for a second model traced inside a hooked function that must run plain (a frozen
+    distillation teacher under the student's LoRA hooks)."""
+
+    def __init__(self):
+        self._tokens = []
+
+    def __enter__(self):
+        self._tokens.append(_ACTIVE.set(_Active()))
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.reset(self._tokens.pop())
+        return False
+
+
 def active() -> _Active:
     """The hooks active now: ``.dense`` and ``.attention`` tuples, outermost first."""
     return _ACTIVE.get()

@@ -1,0 +1,48 @@
+"""Knowledge distillation of a small ViT from a trained classifier (fmjax/objectives/distill.py).
+
+Default (bundled shapes, 32x32 -> 8 shape classes): a 2-layer, 64-wide ViT with a linear patch
+stem learns from the supervised default's teacher (4 layers, 128 wide, conv stem):
+    python launch/train.py --config=configs/supervised.py --workdir=/tmp/sup
+    python launch/train.py --config=configs/distill.py --workdir=/tmp/kd \\
+        --config.objective.teacher.workdir=/tmp/sup
+  and the same student without the teacher (same code path, kd='none'):
+    python launch/train.py --config=configs/distill.py --workdir=/tmp/kd_none \\
+        --config.objective.kd=none
+  Measured: see the docstring's 'Measured' lines below (filled in from runs).
+
+The loss is DeiT's DistillationLoss on the class head (kd='hard': alpha 0.5, CE against the
+teacher's argmax; kd='soft': temperature T, KL summed over classes / (batch x classes) x T^2);
+the teacher runs on the same (augmented) images in inference mode and is kept in
+extra['teacher'] (checkpointed; a resume never re-reads the teacher workdir).
+"""
+import ml_collections
+
+from configs import common
+from configs.supervised import _num_shape_classes
+
+
+def get_config(arg: str = "default"):
+    c = common.base_config()
+    c.objective = dict(name="distill", kd="hard", alpha=0.5, temperature=1.0, kd_norm="deit",
+                       feature_kd="cosine", feature_weight=0.0, label_smoothing=0.1,
+                       teacher=dict(workdir=ml_collections.config_dict.placeholder(str),
+                                    step=ml_collections.config_dict.placeholder(int)))
+    if arg == "default":
+        c.total_steps = 600
+        c.batch_size = 128
+        c.log_every = 50
+        c.eval_every = 300
+        c.checkpoint_every = 300
+        c.optimizer.update(dict(name="adamw", lr=2e-3, b1=0.9, b2=0.999, weight_decay=0.05,
+                                warmup_steps=50, clip_norm=1.0))
+        c.data.name = "fmjax_shapes/32"
+        c.data.image_size = 32
+        c.data.pp_train = ("random_resized_crop(32, scale=(0.5, 1.0))|flip_lr|normalize('imagenet')|"
+                           "keep('image', 'label')")
+        c.data.pp_eval = "normalize('imagenet')|keep('image', 'label')"
+        c.model = dict(name="vit", variant="Ti/8", width=64, depth=2, num_heads=2, mlp_dim=256,
+                       num_classes=_num_shape_classes(), pool="mean", stem="patch")
+        c.evals = dict(val=dict(type="metrics", split="validation"))
+    else:
+        raise ValueError(f"Unknown configs/distill.py preset {arg!r}; valid: default.")
+    return c
