@@ -4,6 +4,9 @@ Random-feature baseline: ``python launch/eval.py --config=configs/mae.py --rando
 [--evals=probe,knn] --out=FILE.json`` evaluates 8 freshly initialised models with the config's
 evals and writes ``{"seeds": [...], "<metric>": [per-seed values], "summary": {...}}``.
 
+``--quantize=int8`` (or ``int8_w8a8``) runs the evals again with every dense projection
+quantized (``fmjax/adapt/quant.py``) and reports each metric's change and the bytes saved.
+
 Uses the config saved in ``DIR/config.json`` (override keys with ``--config.KEY=VALUE`` by
 passing ``--config=configs/<name>.py`` instead) and runs its ``config.evals`` (e.g. zero-shot,
 retrieval, kNN, linear probe) on the latest checkpoint; results are appended to
@@ -24,6 +27,9 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_list("evals", None, "Names in config.evals to run (default: all).")
 flags.DEFINE_integer("random_init_seeds", None, "Evaluate this many randomly initialised models of "
                      "--config instead of a checkpoint (the random-feature baseline).")
+flags.DEFINE_enum("quantize", None, ["int8", "int8_w8a8"], "Also run the evals with every dense "
+                  "projection quantized (int8 weights; int8_w8a8: weights and activations) and "
+                  "report each metric's change and the bytes saved.")
 flags.DEFINE_string("out", None, "With --random_init_seeds: write the per-seed results to this JSON file.")
 FLAGS = flags.FLAGS
 
@@ -41,7 +47,8 @@ def main(argv):
             return evaluate_random_inits(config, FLAGS.random_init_seeds, FLAGS.evals, FLAGS.out)
         run_with_clean_errors(baseline)
     else:
-        run_with_clean_errors(evaluate_checkpoint, FLAGS.workdir, FLAGS.config, FLAGS.step, FLAGS.evals)
+        run_with_clean_errors(evaluate_checkpoint, FLAGS.workdir, FLAGS.config, FLAGS.step, FLAGS.evals,
+                              FLAGS.quantize)
 
 
 def _check_flags():
@@ -53,6 +60,8 @@ def _check_flags():
                   "initialisations, e.g. --random_init_seeds=8.")
         if FLAGS.step is not None:
             _fail("--step names a checkpoint; --random_init_seeds evaluates fresh models: give one of them.")
+        if FLAGS.quantize:
+            _fail("--quantize evaluates a trained checkpoint (--workdir); drop it with --random_init_seeds.")
         if not FLAGS["config"].present and not FLAGS.workdir:
             _fail("--random_init_seeds needs --config=configs/<name>.py (or a --workdir whose config to use).")
         if FLAGS.out and not os.path.isdir(os.path.dirname(os.path.abspath(os.path.expanduser(FLAGS.out)))):

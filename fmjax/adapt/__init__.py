@@ -112,13 +112,14 @@ def trainable_mask(params, adapter: dict):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-class AdaptedObjective:
-    """An objective whose every method runs with the adapter's hooks active, and whose
-    ``update_mask`` freezes every non-adapter param (see the module docstring)."""
+class HookedObjective:
+    """An objective whose every method runs with ``dense_hook`` active (an ``inject.hooks``
+    context entered around each call, so every trace inside sees it); ``supports()`` sees
+    exactly the inner objective's capabilities."""
 
-    def __init__(self, inner, adapter: dict):
-        self._inner, self.adapter = inner, adapter
-        self._hooks = inject.hooks(dense=hook(adapter))
+    def __init__(self, inner, dense_hook):
+        self._inner = inner
+        self._hooks = inject.hooks(dense=dense_hook)
 
     def _wrap(self, fn):
         def call(*args, **kwargs):
@@ -135,6 +136,15 @@ class AdaptedObjective:
             return None
         attr = getattr(inner, name)
         return self._wrap(attr) if inspect.ismethod(attr) else attr
+
+
+class AdaptedObjective(HookedObjective):
+    """An objective whose every method runs with the adapter's hooks active, and whose
+    ``update_mask`` freezes every non-adapter param (see the module docstring)."""
+
+    def __init__(self, inner, adapter: dict):
+        super().__init__(inner, hook(adapter))
+        self.adapter = adapter
 
     def update_mask(self, params, step):
         mask = trainable_mask(params, self.adapter)

@@ -23,9 +23,17 @@ from fmjax.train.validate import ConfigError
 from fmjax.train.writer import MetricWriter, log
 
 
-def evaluate_checkpoint(workdir: str, config=None, step: int | None = None, evals=None) -> dict:
+def evaluate_checkpoint(workdir: str, config=None, step: int | None = None, evals=None,
+                        quantize: str | None = None) -> dict:
     """Restores ``workdir``'s checkpoint (latest or ``step``) and runs ``config.evals``
-    (or the named subset ``evals``); writes the metrics to metrics.jsonl and returns them."""
+    (or the named subset ``evals``); writes the metrics to metrics.jsonl and returns them.
+
+    ``quantize`` ('int8' | 'int8_w8a8', ``fmjax.adapt.quant``): the evals run a second time
+    with every dense projection quantized; those metrics are written as ``<mode>/eval/...``
+    and the log shows each metric's change and the dense-kernel bytes int8 storage saves."""
+    from fmjax.adapt import quant
+    if quantize is not None and quantize not in quant.MODES:
+        raise ConfigError(f"--quantize={quantize!r}; valid: {', '.join(quant.MODES)}.")
     workdir = workdir_lib.resolve(workdir)
     config = config or load_workdir_config(workdir)
     names = list(evals or config.evals.keys())
@@ -36,6 +44,22 @@ def evaluate_checkpoint(workdir: str, config=None, step: int | None = None, eval
     log(f"== evaluating {workdir} at step {step}: {names}")
     writer = MetricWriter(workdir, config.total_steps)
     metrics = Evaluator(config, objective, mesh, rules, data_for=names).run(names, state, writer, step)
+    if quantize:
+        seen: dict = {}
+        qobj = quant.quantized(objective, quantize, seen)
+        qnames = [n for n in names if config.evals[n].get("type") != "images"]  # pictures: float only
+        qmetrics = Evaluator(config, qobj, mesh, rules, data_for=qnames).run(qnames, state, None, step)
+        before, after = quant.weight_bytes(state.params, seen)
+        log(f"== {quantize}: {len(seen)} dense projections quantized; their kernels "
+            f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB as int8 + scales "
+            f"({1 - after / max(before, 1):.0%} saved)")
+        for k in sorted(metrics):
+            if k in qmetrics:
+                log(f"   {k}: {metrics[k]:.4f} -> {quantize} {qmetrics[k]:.4f} "
+                    f"({qmetrics[k] - metrics[k]:+.4f})")
+        metrics.update({f"{quantize}/{k}": v for k, v in qmetrics.items()})
+        metrics[f"{quantize}/kernel_bytes"] = float(before)
+        metrics[f"{quantize}/int8_kernel_bytes"] = float(after)
     writer.write(step, metrics)
     writer.close()
     for k, v in sorted(metrics.items()):
