@@ -56,13 +56,13 @@ def base_config() -> ml_collections.ConfigDict:
         dont_load=()))
     # An adapter applied from outside the model (fmjax/adapt): name='lora' trains rank-`rank`
     # LoRA pairs (alpha unset: 2 x rank), name='houlsby' bottleneck adapters (`kind` serial |
-    # parallel, `scale` for parallel), on the dense layers whose path matches `targets`
-    # (re.search; '' = the adapter's default: lora 'attn/(query|value)$', houlsby
-    # 'attn/out$|mlp/fc2$'), plus the params matching a `train` regex (fullmatch, e.g.
+    # parallel, `scale` for parallel), name='prefix' `length` learned key/value prefixes, on
+    # the layers whose path matches `targets` (re.search; '' = the adapter's default: lora
+    # 'attn/(query|value)$', houlsby 'attn/out$|mlp/fc2$', prefix 'attn$'), plus the params matching a `train` regex (fullmatch, e.g.
     # ('head/.*',)); every other param is frozen. name='': no adapter.
     c.adapter = ml_collections.ConfigDict(dict(
         name="", rank=8, alpha=ml_collections.config_dict.placeholder(float), bottleneck=64,
-        kind="serial", scale=1.0, targets="", train=(), dropout=0.0))
+        kind="serial", scale=1.0, length=10, targets="", train=(), dropout=0.0))
     return c
 
 

@@ -12,11 +12,12 @@ e.g. a new classifier head), are updated: the rest is frozen through the objecti
 params stay bit-identical. The base weights come from ``config.model_init`` (a workdir or a
 converted checkpoint) as for any fine-tuning.
 
-Adapters: ``lora`` (``fmjax.adapt.lora``; mergeable into the kernels for export) and
-``houlsby`` (``fmjax.adapt.houlsby``: serial or parallel bottleneck adapters; export refuses
-them, the plain model has no place for them). ``name=''`` (or no ``config.adapter``): none.
+Adapters: ``lora`` (``fmjax.adapt.lora``; mergeable into the kernels for export),
+``houlsby`` (``fmjax.adapt.houlsby``: serial or parallel bottleneck adapters) and ``prefix``
+(``fmjax.adapt.prefix``: learned key / value prefixes per attention, through the attention
+hook); export refuses the last two (the plain model has no place for them). ``name=''`` (or no ``config.adapter``): none.
 
-Not yet here (issue 18): prefix and prompt tuning, adapter dropout, and checkpoints holding
+Not yet here (issue 18): prompt tuning (VPT; it needs a token injection point), adapter dropout, and checkpoints holding
 the adapter params alone (they hold every param today).
 """
 from __future__ import annotations
@@ -30,16 +31,18 @@ import jax
 
 from fmjax.adapt import houlsby as houlsby_lib
 from fmjax.adapt import lora as lora_lib
+from fmjax.adapt import prefix as prefix_lib
 from fmjax.errors import ConfigError
 from fmjax.models import inject
 
-ADAPTERS = ("lora", "houlsby")
+ADAPTERS = ("lora", "houlsby", "prefix")
 KEYS = {"lora": ("name", "rank", "alpha", "targets", "train", "dropout"),
-        "houlsby": ("name", "bottleneck", "kind", "scale", "targets", "train", "dropout")}
-DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "houlsby": r"attn/out$|mlp/fc2$"}
-ADAPTER_PARAMS = lora_lib.LORA_PARAMS + houlsby_lib.PARAMS
+        "houlsby": ("name", "bottleneck", "kind", "scale", "targets", "train", "dropout"),
+        "prefix": ("name", "length", "targets", "train", "dropout")}
+DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "houlsby": r"attn/out$|mlp/fc2$", "prefix": r"attn$"}
+ADAPTER_PARAMS = lora_lib.LORA_PARAMS + houlsby_lib.PARAMS + prefix_lib.PARAMS
 # config.adapter keys that only the other adapter reads (base_config lists every key).
-_SHARED_DEFAULTS = dict(rank=8, alpha=None, bottleneck=64, kind="serial", scale=1.0)
+_SHARED_DEFAULTS = dict(rank=8, alpha=None, bottleneck=64, kind="serial", scale=1.0, length=10)
 
 
 def _get(a, key, default):
@@ -82,6 +85,11 @@ def spec(config) -> dict | None:
             raise ConfigError(f"config.adapter.rank={rank!r} must be an int >= 0 (0: no LoRA params).")
         alpha = float(2 * rank if alpha is None else alpha)
         return dict(name=name, rank=rank, alpha=alpha, targets=targets, train=train)
+    if name == "prefix":
+        length = _get(a, "length", 10)
+        if not isinstance(length, int) or length < 0:
+            raise ConfigError(f"config.adapter.length={length!r} must be an int >= 0 (0: no prefix).")
+        return dict(name=name, length=length, targets=targets, train=train)
     bottleneck, kind = _get(a, "bottleneck", 64), _get(a, "kind", "serial")
     if not isinstance(bottleneck, int) or bottleneck < 0:
         raise ConfigError(f"config.adapter.bottleneck={bottleneck!r} must be an int >= 0.")
@@ -91,12 +99,14 @@ def spec(config) -> dict | None:
                 targets=targets, train=train)
 
 
-def hook(adapter: dict):
-    """The dense hook of a checked adapter spec."""
+def hooks(adapter: dict) -> dict:
+    """The ``inject.hooks`` keyword arguments (dense= / attention=) of a checked adapter spec."""
     if adapter["name"] == "lora":
-        return lora_lib.lora_hook(adapter["rank"], adapter["alpha"], adapter["targets"])
-    return houlsby_lib.adapter_hook(adapter["bottleneck"], adapter["targets"], adapter["kind"],
-                                    adapter["scale"])
+        return dict(dense=lora_lib.lora_hook(adapter["rank"], adapter["alpha"], adapter["targets"]))
+    if adapter["name"] == "prefix":
+        return dict(attention=prefix_lib.prefix_hook(adapter["length"], adapter["targets"]))
+    return dict(dense=houlsby_lib.adapter_hook(adapter["bottleneck"], adapter["targets"],
+                                               adapter["kind"], adapter["scale"]))
 
 
 def trainable_mask(params, adapter: dict):
@@ -113,13 +123,13 @@ def trainable_mask(params, adapter: dict):
 
 
 class HookedObjective:
-    """An objective whose every method runs with ``dense_hook`` active (an ``inject.hooks``
+    """An objective whose every method runs with ``dense_hook`` / ``attention_hook`` active (an ``inject.hooks``
     context entered around each call, so every trace inside sees it); ``supports()`` sees
     exactly the inner objective's capabilities."""
 
-    def __init__(self, inner, dense_hook):
+    def __init__(self, inner, dense_hook=None, attention_hook=None):
         self._inner = inner
-        self._hooks = inject.hooks(dense=dense_hook)
+        self._hooks = inject.hooks(dense=dense_hook, attention=attention_hook)
 
     def _wrap(self, fn):
         def call(*args, **kwargs):
@@ -143,7 +153,8 @@ class AdaptedObjective(HookedObjective):
     ``update_mask`` freezes every non-adapter param (see the module docstring)."""
 
     def __init__(self, inner, adapter: dict):
-        super().__init__(inner, hook(adapter))
+        h = hooks(adapter)
+        super().__init__(inner, h.get("dense"), h.get("attention"))
         self.adapter = adapter
 
     def update_mask(self, params, step):

@@ -2,7 +2,8 @@
 unmerged one, rank 0 / alpha 0 is the base model bit for bit, the parameter count is the
 formula, and a training run moves only the adapter (and the listed head) while the base stays
 bit-identical. Houlsby (serial / parallel): identity at init, the count formula, training, and
-export refusing it."""
+export refusing it. Prefix tuning: one attention against a written-out reference, the count
+formula, training only the prefixes. int8: the quantizer's grid and launch/eval.py --quantize."""
 import math
 import os
 
@@ -248,3 +249,70 @@ def test_eval_quantize_reports_the_delta_and_bytes(default_config, tmp_path):
     assert 0.25 < ratio < 0.3, ratio
     proc = run_cli("eval", f"--workdir={tmp_path}", "--quantize=int4")
     assert proc.returncode == 2 and "quantize" in proc.stderr
+
+
+# -- prefix tuning (fmjax.adapt.prefix) ---------------------------------------------------------
+
+def _reference_attention_with_prefix(q, k, v, pk, pv):
+    """softmax(q [pk; k]^T / sqrt(d)) [pv; v], written out in numpy."""
+    b = q.shape[0]
+    k = np.concatenate([np.broadcast_to(pk, (b,) + pk.shape), k], 1)
+    v = np.concatenate([np.broadcast_to(pv, (b,) + pv.shape), v], 1)
+    logits = np.einsum("bqhd,bthd->bhqt", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqt,bthd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_prefix_attends_to_learned_keys_and_counts_like_the_formula(scan):
+    from fmjax.adapt import prefix
+    from fmjax.models.attention import MultiHeadAttention
+    model = ViT(**TINY, scan_layers=scan)
+    x = _images()
+    with inject.hooks(attention=prefix.prefix_hook(3, r"attn$")):
+        params = nn.unbox(model.init(jax.random.PRNGKey(0), x))
+        y = model.apply(params, x)["pre_logits"]
+    flat = _flat(params)
+    n = sum(math.prod(v.shape) for k, v in flat.items() if k.split("/")[-1] in prefix.PARAMS)
+    heads, hd = TINY["num_heads"], TINY["width"] // TINY["num_heads"]
+    assert n == prefix.expected_count(TINY["depth"], 3, heads, hd)
+    plain = model.apply(_drop(params, prefix.PARAMS), x)["pre_logits"]
+    assert float(jnp.max(jnp.abs(plain - y))) > 1e-4  # the prefixes change the function
+    with inject.hooks(attention=prefix.prefix_hook(0, r"attn$")):
+        same = model.apply(_drop(params, prefix.PARAMS), x)["pre_logits"]
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(plain))
+    # One attention module against the written-out reference.
+    attn = MultiHeadAttention(num_heads=2)
+    xs = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 8))
+    with inject.hooks(attention=prefix.prefix_hook(4, r".*")):
+        p = nn.unbox(attn.init(jax.random.PRNGKey(4), xs))
+        out = attn.apply(p, xs)
+    pp = p["params"]
+    proj = lambda name, inp: np.einsum("btd,dhk->bthk", inp, pp[name]["kernel"]) + pp[name]["bias"]
+    xs_np = np.asarray(xs)
+    ref = _reference_attention_with_prefix(proj("query", xs_np), proj("key", xs_np), proj("value", xs_np),
+                                           np.asarray(pp["prefix_key"]), np.asarray(pp["prefix_value"]))
+    ref = np.einsum("bqhk,hkd->bqd", ref, pp["out"]["kernel"]) + pp["out"]["bias"]
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+
+
+def _drop(params, names):
+    def walk(node):
+        if not isinstance(node, dict):
+            return node
+        return {k: walk(v) for k, v in node.items() if k not in names}
+    return walk(params)
+
+
+def test_prefix_trains_only_the_prefixes(default_config, tmp_path):
+    c = default_config("supervised")
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 0, 2
+    c.eval_at_start = False
+    c.keep_checkpoints = 5
+    c.batch_size = 16
+    c.adapter.update(dict(name="prefix", length=4))
+    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
+    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
+    assert moved and all(k.split("/")[-1].startswith("prefix_") for k in moved), moved
