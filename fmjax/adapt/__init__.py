@@ -166,11 +166,12 @@ class AdaptedObjective(HookedObjective):
             mask = jax.tree.map(lambda a, b: a & b, mask, inner)
         return mask
 
-    def trainable_count(self, params) -> int:
-        """Parameters the adapter trains (the banner's 'trainable')."""
+    def trainable_count(self, params, nbytes: bool = False) -> int:
+        """Parameters the adapter trains (the banner's 'trainable'), or their bytes."""
         params = nn.unbox(params)
-        return sum(math.prod(x.shape) for x, m in zip(jax.tree.leaves(params),
-                                                      jax.tree.leaves(trainable_mask(params, self.adapter))) if m)
+        return sum(math.prod(x.shape) * (x.dtype.itemsize if nbytes else 1)
+                   for x, m in zip(jax.tree.leaves(params),
+                                   jax.tree.leaves(trainable_mask(params, self.adapter))) if m)
 
 
 def wrap(objective, config):

@@ -98,8 +98,10 @@ def check_config(config, workdir: str, devices=None):
         raise validate.ConfigError(str(e)) from None
     abstract, shardings, boxed = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
-    trainable = (objective.trainable_count(abstract.params) if hasattr(objective, "trainable_count")
-                 else n_params)
+    param_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract.params))
+    trainable, trainable_bytes = ((objective.trainable_count(abstract.params),
+                                   objective.trainable_count(abstract.params, nbytes=True))
+                                  if hasattr(objective, "trainable_count") else (n_params, param_bytes))
     frac = rules_lib.replicated_fraction(shardings.params, boxed)
     if mesh.shape["fsdp"] > 1 and frac > config.get("max_replicated_fraction", 0.5):
         raise validate.ConfigError(
@@ -108,7 +110,8 @@ def check_config(config, workdir: str, devices=None):
     validate.check_workdir(workdir, create=False)
     return dict(objective=objective, mesh=mesh, rules=rules, evaluator=evaluator, source=source,
                 transform=transform, spec=spec, tx=tx, schedule=schedule, abstract=abstract,
-                shardings=shardings, n_params=n_params, trainable=trainable, replicated=frac)
+                shardings=shardings, n_params=n_params, trainable=trainable, param_bytes=param_bytes,
+                trainable_bytes=trainable_bytes, replicated=frac)
 
 
 def train_and_evaluate(config, workdir: str, devices=None, check_only: bool = False) -> dict:
@@ -126,7 +129,8 @@ def train_and_evaluate(config, workdir: str, devices=None, check_only: bool = Fa
     run = check_config(config, workdir, devices)
     mesh = run["mesh"]
     trainable = "" if run["trainable"] == run["n_params"] else (
-        f" ({run['trainable'] / 1e6:.3f}M = {run['trainable'] / run['n_params']:.2%} trainable: "
+        f" ({run['trainable'] / 1e6:.3f}M = {run['trainable'] / run['n_params']:.2%} trainable, "
+        f"{run['trainable_bytes'] / 2**20:.2f} of {run['param_bytes'] / 2**20:.2f} MiB: "
         f"{config.adapter.name} adapter)")
     log(f"== model: {run['n_params'] / 1e6:.2f}M params{trainable}; {run['replicated']:.0%} of large-param bytes "
         f"replicated (sharding preset {config.get('sharding', 'fsdp')!r}); batch "
