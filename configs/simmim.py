@@ -79,10 +79,10 @@ def get_config(arg: str = "default"):
             images=dict(type="images", split="validation"),
         )
         if arg == "cpu":
-            c.total_steps = 8000
-            c.eval_every = 2000
-            c.checkpoint_every = 2000
-            c.optimizer.milestones = (6400,)
+            c.total_steps = 4000
+            c.eval_every = 1000
+            c.checkpoint_every = 1000
+            c.optimizer.milestones = (3200,)
     elif arg == "vit_b16_imagenet":
         c.batch_size = 2048
         steps_per_epoch = IMAGENET_TRAIN // c.batch_size
