@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
         dont_load=()))
     # An adapter applied from outside the model (fmjax/adapt): name='lora' trains rank-`rank`
     # LoRA pairs (alpha unset: 2 x rank), name='houlsby' bottleneck adapters (`kind` serial |
-    # parallel, `scale` for parallel), name='prefix' `length` learned key/value prefixes, on
+    # parallel, `scale` for parallel), name='prefix' `length` learned key/value prefixes,
+    # name='prompt' `length` VPT-shallow prompt tokens (ViT register tokens), on
     # the layers whose path matches `targets` (re.search; '' = the adapter's default: lora
     # 'attn/(query|value)$', houlsby 'attn/out$|mlp/fc2$', prefix 'attn$'), plus the params matching a `train` regex (fullmatch, e.g.
     # ('head/.*',)); every other param is frozen. name='': no adapter.

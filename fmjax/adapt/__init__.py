@@ -17,7 +17,11 @@ Adapters: ``lora`` (``fmjax.adapt.lora``; mergeable into the kernels for export)
 (``fmjax.adapt.prefix``: learned key / value prefixes per attention, through the attention
 hook); export refuses the last two (the plain model has no place for them). ``name=''`` (or no ``config.adapter``): none.
 
-Not yet here (issue 18): prompt tuning (VPT; it needs a token injection point), adapter dropout, and checkpoints holding
+``prompt`` is VPT-shallow: ``length`` prompt tokens in a ViT (its register tokens, see
+``prepare_config``), trained alone.
+
+Not yet here (issue 18): VPT-deep and text soft prompts (they need a token injection point
+inside the encoder), adapter dropout, and checkpoints holding
 the adapter params alone (they hold every param today).
 """
 from __future__ import annotations
@@ -35,14 +39,17 @@ from fmjax.adapt import prefix as prefix_lib
 from fmjax.errors import ConfigError
 from fmjax.models import inject
 
-ADAPTERS = ("lora", "houlsby", "prefix")
+ADAPTERS = ("lora", "houlsby", "prefix", "prompt")
 KEYS = {"lora": ("name", "rank", "alpha", "targets", "train", "dropout"),
         "houlsby": ("name", "bottleneck", "kind", "scale", "targets", "train", "dropout"),
-        "prefix": ("name", "length", "targets", "train", "dropout")}
-DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "houlsby": r"attn/out$|mlp/fc2$", "prefix": r"attn$"}
+        "prefix": ("name", "length", "targets", "train", "dropout"),
+        "prompt": ("name", "length", "train", "dropout")}
+DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "houlsby": r"attn/out$|mlp/fc2$", "prefix": r"attn$",
+                   "prompt": ""}
+PROMPT_PARAM = "reg_tokens"  # VPT-shallow prompts are the ViT's register tokens
 ADAPTER_PARAMS = lora_lib.LORA_PARAMS + houlsby_lib.PARAMS + prefix_lib.PARAMS
 # config.adapter keys that only the other adapter reads (base_config lists every key).
-_SHARED_DEFAULTS = dict(rank=8, alpha=None, bottleneck=64, kind="serial", scale=1.0, length=10)
+_SHARED_DEFAULTS = dict(rank=8, alpha=None, bottleneck=64, kind="serial", scale=1.0, length=10, targets="")
 
 
 def _get(a, key, default):
@@ -85,10 +92,10 @@ def spec(config) -> dict | None:
             raise ConfigError(f"config.adapter.rank={rank!r} must be an int >= 0 (0: no LoRA params).")
         alpha = float(2 * rank if alpha is None else alpha)
         return dict(name=name, rank=rank, alpha=alpha, targets=targets, train=train)
-    if name == "prefix":
+    if name in ("prefix", "prompt"):
         length = _get(a, "length", 10)
         if not isinstance(length, int) or length < 0:
-            raise ConfigError(f"config.adapter.length={length!r} must be an int >= 0 (0: no prefix).")
+            raise ConfigError(f"config.adapter.length={length!r} must be an int >= 0 (0: none).")
         return dict(name=name, length=length, targets=targets, train=train)
     bottleneck, kind = _get(a, "bottleneck", 64), _get(a, "kind", "serial")
     if not isinstance(bottleneck, int) or bottleneck < 0:
@@ -105,6 +112,8 @@ def hooks(adapter: dict) -> dict:
         return dict(dense=lora_lib.lora_hook(adapter["rank"], adapter["alpha"], adapter["targets"]))
     if adapter["name"] == "prefix":
         return dict(attention=prefix_lib.prefix_hook(adapter["length"], adapter["targets"]))
+    if adapter["name"] == "prompt":
+        return {}  # the prompts are model tokens (prepare_config), not a hook
     return dict(dense=houlsby_lib.adapter_hook(adapter["bottleneck"], adapter["targets"],
                                                adapter["kind"], adapter["scale"]))
 
@@ -115,7 +124,7 @@ def trainable_mask(params, adapter: dict):
 
     def keep(path, _):
         keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        if keys and keys[-1] in ADAPTER_PARAMS:
+        if keys and (keys[-1] in ADAPTER_PARAMS or (adapter["name"] == "prompt" and keys[-1] == PROMPT_PARAM)):
             return True
         name = "/".join(keys)
         return any(p.fullmatch(name) for p in train)
@@ -172,6 +181,36 @@ class AdaptedObjective(HookedObjective):
         return sum(math.prod(x.shape) * (x.dtype.itemsize if nbytes else 1)
                    for x, m in zip(jax.tree.leaves(params),
                                    jax.tree.leaves(trainable_mask(params, self.adapter))) if m)
+
+
+def prepare_config(config):
+    """The config the objective is built from: ``config`` itself, or for ``prompt`` (VPT-shallow,
+    Jia et al. 2022) a copy whose ViT has ``length`` more register tokens. Registers are
+    exactly VPT-shallow's prompts: learned tokens inserted after the class token, with no
+    position embedding, through every block, and dropped before pooling; the adapter trains
+    them alone (a pretrained model's own registers, if any, train too)."""
+    a = spec(config)
+    if a is None or a["name"] != "prompt" or a["length"] == 0:
+        return config
+    from fmjax.models.registry import model_class
+    name = config.model.get("name")
+    fields = getattr(model_class(name), "__dataclass_fields__", {})
+    if "num_registers" not in fields:
+        raise ConfigError(f"config.adapter.name='prompt' (VPT-shallow) inserts prompt tokens into a ViT; "
+                          f"model {name!r} has no register tokens to hold them.")
+    import copy
+    config = copy.deepcopy(config)
+    with config.unlocked() if hasattr(config, "unlocked") else _nullcontext():
+        config.model.num_registers = int(config.model.get("num_registers", 0) or 0) + a["length"]
+    return config
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def wrap(objective, config):

@@ -148,4 +148,4 @@ def make_objective(config) -> Objective:
         raise ValueError(f"Unknown objective {name!r}; valid objectives: {available()}.")
     module = importlib.import_module(f"fmjax.objectives.{name}")
     from fmjax import adapt
-    return adapt.wrap(module.make(config), config)
+    return adapt.wrap(module.make(adapt.prepare_config(config)), config)

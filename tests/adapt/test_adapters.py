@@ -103,7 +103,7 @@ def test_param_count_is_the_formula():
 
 
 @pytest.mark.parametrize("adapter, message", [
-    (dict(name="qlora"), "config.adapter.name='qlora'; valid: ['lora', 'houlsby']"),
+    (dict(name="qlora"), "config.adapter.name='qlora'; valid: ['lora', 'houlsby', 'prefix', 'prompt']"),
     (dict(name="lora", dropout=0.1), "adapter dropout is not implemented yet"),
     (dict(name="lora", rank=-1), "config.adapter.rank=-1"),
     (dict(name="lora", targets="attn/(query"), "config.adapter.targets='attn/(query' is not a regex"),
@@ -316,3 +316,22 @@ def test_prefix_trains_only_the_prefixes(default_config, tmp_path):
     first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
     moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
     assert moved and all(k.split("/")[-1].startswith("prefix_") for k in moved), moved
+
+
+# -- VPT-shallow prompt tuning (config.adapter.name='prompt') -----------------------------------
+
+def test_prompt_tuning_trains_only_the_prompt_tokens(default_config, tmp_path):
+    c = default_config("supervised")
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 0, 2
+    c.eval_at_start = False
+    c.keep_checkpoints = 5
+    c.batch_size = 16
+    c.adapter.update(dict(name="prompt", length=3, train=("head/.*",)))
+    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
+    assert first["reg_tokens"].shape == (1, 3, c.model.width)
+    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
+    assert "reg_tokens" in moved and moved <= {"reg_tokens", "head/kernel", "head/bias"}, moved
+    c.model.name = "mae"
+    with pytest.raises(ConfigError, match="model 'mae' has no register tokens"):
+        make_objective(c)
