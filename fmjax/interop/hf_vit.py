@@ -219,6 +219,39 @@ def convert_hf_vit(state_dict: Mapping[str, Any], hf_config) -> Params:
     return params
 
 
+def deit_kwargs_from_hf_config(cfg) -> Dict[str, Any]:
+    """``DeiTConfig`` -> kwargs for ``ViT(distill_token=True)`` (DeiT's class + distillation
+    tokens; ``num_classes`` from ``num_labels`` for the image-classification architectures)."""
+    kw = vit_kwargs_from_hf_config(cfg)
+    kw["distill_token"] = True
+    return kw
+
+
+def convert_hf_deit(state_dict: Mapping[str, Any], hf_config) -> Params:
+    """``DeiTModel`` / ``DeiTForImageClassificationWithTeacher`` state dict -> ``ViT(distill_token=
+    True)`` params: ``embeddings.distillation_token`` -> ``dist_token``, ``cls_classifier`` ->
+    ``head``, ``distillation_classifier`` -> ``head_dist``; the pooler is ignored.
+    (``DeiTForImageClassification``'s single ``classifier`` on the class token maps to ``head``
+    and has no distillation head: build that model with ``num_classes=0`` and read
+    ``dist_pre_logits``, or convert the with-teacher model.)"""
+    sd = _normalize(state_dict, "deit.")
+    r = _Reader(sd, "HF DeiT")
+    params = {
+        "patch_embed": _patch_embed(r, "embeddings.patch_embeddings.projection"),
+        "cls_token": r("embeddings.cls_token"),
+        "dist_token": r("embeddings.distillation_token"),
+        "pos_embed": r("embeddings.position_embeddings"),
+        "encoder": _encoder(r, hf_config),
+    }
+    if "cls_classifier.weight" in sd:
+        params["head"] = _linear(r, "cls_classifier")
+        params["head_dist"] = _linear(r, "distillation_classifier")
+    elif "classifier.weight" in sd:
+        params["head"] = _linear(r, "classifier")
+    r.finish(ignore=(r"pooler\.dense\.(weight|bias)", r"embeddings\.mask_token"))
+    return params
+
+
 def _check_sincos(buffer: Optional[np.ndarray], dim: int, grid: int, name: str,
                   atol: float) -> None:
     if buffer is None:

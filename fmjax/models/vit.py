@@ -121,6 +121,11 @@ class ViT(nn.Module):
     (B, width) pooled by ``pool`` ('cls' or 'mean' over patch tokens), and
     ``logits`` (B, num_classes) when ``num_classes > 0``.
 
+    ``distill_token=True`` is DeiT (Touvron et al. 2021): a learned ``dist_token`` after the
+    class token (positions ``pos_embed`` rows 0 / 1 for class / distillation token), a second
+    head ``head_dist`` on its output; ``cls_logits`` / ``dist_logits`` are the two heads and
+    ``logits`` their mean (DeiT's inference output), ``dist_pre_logits`` the token's features.
+
     ``fc_norm=True`` moves the final LayerNorm after the pooling, as timm's
     ``global_pool='avg'`` (``fc_norm``) and MAE's fine-tuned models do: the encoder has
     no final norm (``tokens`` / ``patch_tokens`` are the last block's output) and
@@ -173,6 +178,7 @@ class ViT(nn.Module):
     # BEiT / SimMIM relative position bias (fmjax.models.relpos): 'none', 'shared' (one table,
     # ``rel_pos_bias_table``) or 'per_layer' (``encoder/block_i/attn/rel_pos_bias_table``).
     rel_pos_bias: str = "none"
+    distill_token: bool = False  # DeiT's distillation token and head_dist (see the docstring)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -194,6 +200,10 @@ class ViT(nn.Module):
                              "rows for one class token).")
         if self.fc_norm not in (False, True, "tokens"):
             raise ValueError(f"Unknown fc_norm {self.fc_norm!r}; valid: False, True, 'tokens'.")
+        if self.distill_token and (self.pool != "cls" or self.fc_norm or self.pos_embed != "learned"
+                                   or self.rel_pos_bias != "none"):
+            raise ValueError("distill_token=True (DeiT) needs pool='cls', fc_norm=False, "
+                             "pos_embed='learned' and no rel_pos_bias.")
 
     def _embed(self, images: jax.Array) -> jax.Array:
         """Patch-embed, add positions, prepend class token and registers: (B, P + N, D)."""
@@ -210,6 +220,13 @@ class ViT(nn.Module):
                              (1, 1, self.width), self.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x],
                                 axis=1)
+        if self.distill_token:
+            dist = self.param("dist_token", layers.part(nn.initializers.normal(0.02),
+                                                        (None, None, "embed")),
+                              (1, 1, self.width), self.param_dtype)
+            x = jnp.concatenate([x[:, :1], jnp.broadcast_to(dist.astype(x.dtype), (b, 1, self.width)),
+                                 x[:, 1:]], axis=1)
+            n_cls += 1
         if self.pos_embed in ("sincos", "sincos_moco"):
             pos = layers.get_2d_sincos_pos_embed(self.width, grid, cls_token=self.class_token,
                                                  layout="mae" if self.pos_embed == "sincos" else "moco_v3")
@@ -239,7 +256,7 @@ class ViT(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         """Class token plus registers, which precede the patch tokens."""
-        return int(self.class_token) + self.num_registers
+        return int(self.class_token) + int(self.distill_token) + self.num_registers
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
@@ -273,11 +290,17 @@ class ViT(nn.Module):
         if fc_norm is not None and not (self.fc_norm == "tokens" and self.pool == "mean"):
             pooled = fc_norm(pooled)
         out = dict(tokens=x, patch_tokens=patch_tokens, pre_logits=pooled)
+        if self.distill_token:
+            out["dist_pre_logits"] = x[:, 1]
         if self.num_classes > 0:
-            out["logits"] = nn.Dense(
-                self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+            head = lambda name: nn.Dense(  # noqa: E731
+                self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
                 kernel_init=layers.part(nn.initializers.zeros, ("embed", "classes")),
-                bias_init=layers.part(nn.initializers.zeros, ("classes",)))(pooled)
+                bias_init=layers.part(nn.initializers.zeros, ("classes",)))
+            out["logits"] = head("head")(pooled)
+            if self.distill_token:
+                out["cls_logits"], out["dist_logits"] = out["logits"], head("head_dist")(x[:, 1])
+                out["logits"] = (out["cls_logits"] + out["dist_logits"]) / 2
         return out
 
     def attention_maps(self, images: jax.Array, include_prefix: bool = False) -> jax.Array:

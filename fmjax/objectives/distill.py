@@ -16,6 +16,10 @@ The loss is facebookresearch/deit ``losses.py`` ``DistillationLoss`` on the clas
   outputs_kd.numel()``); Hinton et al. 2015 divide by the batch only: ``kd_norm='batch'``.
 - ``kd='hard'``: ``(1 - alpha) CE(student, targets) + alpha CE(student, argmax teacher)``
   (DeiT's hard-label distillation; DeiT uses alpha 0.5).
+- A student with DeiT's distillation token (``model.distill_token=True``) takes the
+  supervised term on its class head (``cls_logits``) and the distillation term on its
+  distillation head (``dist_logits``), as DeiT's ``DistillationLoss`` receives
+  ``(outputs, outputs_kd)``; evaluation uses the mean of the two heads (``logits``).
 - ``kd='none'``: the plain supervised loss (the student baseline with the same code path).
 - ``feature_weight`` > 0 adds feature distillation on the pooled ``pre_logits``
   (``feature_kd='cosine'``: 1 - cos; ``'mse'``: mean squared error); the student and teacher
@@ -158,6 +162,10 @@ class DistillObjective(SupervisedObjective):
                                           self.label_smoothing)
         out = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
         logits = out["logits"].astype(jnp.float32)
+        if "dist_logits" in out:  # DeiT: the class head learns the labels, the dist head the teacher
+            logits, kd_logits = out["cls_logits"].astype(jnp.float32), out["dist_logits"].astype(jnp.float32)
+        else:
+            kd_logits = logits
         base = optax.softmax_cross_entropy(logits, targets).mean()
         metrics.update(accuracy=(logits.argmax(-1) == batch["label"]).mean(), base_loss=base)
         if self.teacher_model is None:
@@ -166,12 +174,12 @@ class DistillObjective(SupervisedObjective):
         t_logits = t_out["logits"]
         if self.kd == "soft":
             T = self.temperature
-            log_s, log_t = jax.nn.log_softmax(logits / T), jax.nn.log_softmax(t_logits / T)
+            log_s, log_t = jax.nn.log_softmax(kd_logits / T), jax.nn.log_softmax(t_logits / T)
             kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s))
-            denom = logits.size if self.kd_norm == "deit" else logits.shape[0]
+            denom = kd_logits.size if self.kd_norm == "deit" else kd_logits.shape[0]
             kd = kl * T * T / denom
         elif self.kd == "hard":
-            kd = optax.softmax_cross_entropy_with_integer_labels(logits, t_logits.argmax(-1)).mean()
+            kd = optax.softmax_cross_entropy_with_integer_labels(kd_logits, t_logits.argmax(-1)).mean()
         else:
             kd = jnp.zeros(())
         loss = base if self.kd == "none" else (1 - self.alpha) * base + self.alpha * kd
@@ -185,7 +193,7 @@ class DistillObjective(SupervisedObjective):
             loss = loss + self.feature_weight * feat
             metrics["feature_loss"] = feat
         metrics.update(kd_loss=kd, teacher_accuracy=(t_logits.argmax(-1) == batch["label"]).mean(),
-                       agreement=(logits.argmax(-1) == t_logits.argmax(-1)).mean())
+                       agreement=(kd_logits.argmax(-1) == t_logits.argmax(-1)).mean())
         return loss, (metrics, extra)
 
 

@@ -134,3 +134,29 @@ def test_baseline_needs_no_teacher_and_errors_are_one_line(tiny_config, teacher_
     c.model.width = 48
     with pytest.raises(ConfigError, match="student width 48 != teacher width 32"):
         make_objective(c)
+
+
+def test_deit_student_splits_the_heads(tiny_config, teacher_dir):
+    """With DeiT's distillation token the labels train the class head and the teacher the
+    distillation head (DeiT's DistillationLoss on (outputs, outputs_kd))."""
+    c = _student(tiny_config, teacher_dir)
+    c.model.update(dict(distill_token=True, pool="cls"))
+    c.objective.update(dict(kd="hard", alpha=0.5))
+    obj = make_objective(c)
+    rng = jax.random.PRNGKey(0)
+    images = jax.random.normal(rng, (8, 32, 32, 3))
+    labels = jnp.arange(8) % obj.num_classes
+    params, extra = obj.init(rng, {"image": images, "label": labels})
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: v + 0.3 * jax.random.normal(jax.random.PRNGKey(7), v.shape)
+        if "head" in jax.tree_util.keystr(p) else v, params)
+    assert "head_dist" in params and "dist_token" in params
+    loss, _ = obj.loss(params, extra, {"image": images, "label": labels}, rng, 0)
+    out = obj.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+    t = obj.teacher_model.apply({"params": extra["teacher"]}, images)["logits"]
+    s_cls, s_dist = np.asarray(out["cls_logits"], np.float64), np.asarray(out["dist_logits"], np.float64)
+    smooth = c.objective.label_smoothing
+    onehot = np.eye(obj.num_classes)[np.asarray(labels)] * (1 - smooth) + smooth / obj.num_classes
+    base = -(onehot * _np_log_softmax(s_cls)).sum(-1).mean()
+    kd = -_np_log_softmax(s_dist)[np.arange(8), np.asarray(t).argmax(1)].mean()
+    np.testing.assert_allclose(float(loss), 0.5 * base + 0.5 * kd, rtol=1e-5)
