@@ -40,7 +40,7 @@ def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective.name = "supervised"
     c.objective.label_smoothing = 0.1
-    if arg in ("default", "simple"):
+    if arg in ("default", "simple", "convnext", "deit"):
         c.total_steps = 1500
         c.batch_size = 128
         c.log_every = 50
@@ -61,6 +61,11 @@ def get_config(arg: str = "default"):
         c.evals = dict(val=dict(type="metrics", split="validation"))
         if arg == "simple":  # the classifier that scores configs/diffusion.py:cpu's samples
             c.data.name = "fmjax_shapes/simple_32"
+        if arg == "convnext":  # ConvNeXt (V1): 4x4 stem, three stages 32 -> 64 -> 128 (8, 4, 2 px grids)
+            c.model = dict(name="convnext", depths=(2, 2, 2), dims=(32, 64, 128), drop_path=0.1,
+                           num_classes=_num_shape_classes())
+        if arg == "deit":  # DeiT: the default ViT with the distillation token (both heads learn the labels)
+            c.model.update(dict(distill_token=True, pool="cls"))
     elif arg == "vit_b16_imagenet":
         common.imagenet_data(c, 224, scale=(0.08, 1.0))
         c.batch_size = 1024
@@ -76,7 +81,7 @@ def get_config(arg: str = "default"):
         c.eval_every = 5000
         c.checkpoint_every = 2000
     else:
-        raise ValueError(f"Unknown configs/supervised.py preset {arg!r}; valid: default, simple, vit_b16_imagenet.")
+        raise ValueError(f"Unknown configs/supervised.py preset {arg!r}; valid: default, simple, convnext, deit, vit_b16_imagenet.")
     return c
 
 

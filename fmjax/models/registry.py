@@ -42,6 +42,7 @@ _BUILTIN = {
     "unet": ("fmjax.models.unet:UNet", "fmjax.models.unet:unet_kwargs"),
     "dit": ("fmjax.models.dit:DiT", "fmjax.models.dit:dit_kwargs"),
     "dvae": ("fmjax.models.dvae:DVAE", "fmjax.models.dvae:dvae_kwargs"),
+    "convnext": ("fmjax.models.convnext:ConvNeXt", "fmjax.models.convnext:convnext_kwargs"),
 }
 _REGISTERED: dict[str, tuple[Any, Optional[Callable]]] = {}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -44,7 +44,7 @@ import numpy as np
 from fmjax.errors import ConfigError
 from fmjax.models import scan as scan_lib
 
-FORMATS = ("hf_vit", "hf_deit", "hf_vit_mae", "hf_dinov2", "hf_clip", "open_clip", "diffusers_unet",
+FORMATS = ("hf_vit", "hf_deit", "hf_convnext", "hf_vit_mae", "hf_dinov2", "hf_clip", "open_clip", "diffusers_unet",
            "timm_vit", "timm_mae")
 _NO_HF_CONFIG = ("open_clip", "timm_vit", "timm_mae")
 KEYS = ("workdir", "step", "torch", "format", "hf_config", "mapping", "dont_load")
@@ -167,12 +167,14 @@ def _convert(mi, model=None) -> dict:
     if fmt not in _NO_HF_CONFIG:
         with open(_hf_config_path(mi)) as f:
             cfg = json.load(f)
-    from fmjax.interop import diffusers_unet, hf_clip, hf_dinov2, hf_vit, timm_vit
+    from fmjax.interop import diffusers_unet, hf_clip, hf_convnext, hf_dinov2, hf_vit, timm_vit
     try:
         if fmt in ("timm_vit", "timm_mae"):
             return timm_vit.convert_for_model_init(sd, fmt, model)
         if fmt == "hf_vit":
             return hf_vit.convert_hf_vit(sd, cfg)
+        if fmt == "hf_convnext":
+            return hf_convnext.convert_hf_convnext(sd, cfg)
         if fmt == "hf_deit":
             return hf_vit.convert_hf_deit(sd, cfg)
         if fmt == "hf_vit_mae":

@@ -1,0 +1,164 @@
+"""ConvNeXt (Liu et al. 2022) and ConvNeXt V2's global response normalisation (Woo et al. 2023).
+
+Layout (channels last, NHWC; param names):
+
+- stem: ``stem`` 4x4 stride-4 conv to ``dims[0]``, then ``stem_norm`` LayerNorm;
+- stage i > 0 starts with ``downsample_{i}_norm`` (LayerNorm) and ``downsample_{i}_conv``
+  (2x2 stride 2) to ``dims[i]``;
+- ``stage_{i}_block_{j}``: depthwise 7x7 ``dwconv`` -> ``norm`` (LayerNorm over channels) ->
+  ``fc1`` (C -> 4C, a ``DenseND``: LoRA / quantisation hooks reach it, e.g. LoRA targets
+  ``'fc[12]$'``) -> GELU -> ``grn`` (V2 only) -> ``fc2`` (4C -> C) -> layer scale ``gamma``
+  (V1, ``layer_scale_init`` > 0) -> stochastic depth -> residual;
+- head: global average pool -> ``head_norm`` LayerNorm -> ``head`` Linear when
+  ``num_classes > 0``.
+
+Outputs: ``pre_logits`` (B, dims[-1]) (the normed pooled features), ``patch_tokens`` (B, h w,
+dims[-1]) (the last stage's feature map, flattened), ``feature_maps`` (one (B, h, w, C) per
+stage), ``logits`` with a head. Stochastic depth rises linearly from 0 to ``drop_path``
+over all blocks, as the reference. Any input size whose sides divide by 32 works.
+
+Variants (``variant``): ``T`` (3, 3, 9, 3) x (96, 192, 384, 768), ``S`` (3, 3, 27, 3), ``B``
+(3, 3, 27, 3) x (128 ... 1024), ``L`` (3, 3, 27, 3) x (192 ... 1536); ``grn=True`` with
+``layer_scale_init=0`` is V2. ``fmjax.interop.hf_convnext`` converts transformers'
+``ConvNextModel`` / ``ConvNextV2Model`` (and their image classifiers).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fmjax.models import core
+from fmjax.models.blocks import DropPath
+
+Dtype = Any
+
+VARIANTS = {
+    "T": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
+    "S": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
+    "B": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    "L": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
+}
+
+
+def convnext_kwargs(variant: str = "", **overrides) -> Dict[str, Any]:
+    if variant and variant not in VARIANTS:
+        raise ValueError(f"Unknown ConvNeXt variant {variant!r}; valid: {sorted(VARIANTS)}.")
+    kw = dict(VARIANTS.get(variant, {}))
+    kw.update(overrides)
+    return kw
+
+
+def _conv_init():
+    return nn.initializers.truncated_normal(0.02)
+
+
+class GRN(nn.Module):
+    """ConvNeXt V2 global response normalisation over (H, W), per channel."""
+    eps: float = 1e-6
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        gamma = self.param("gamma", core.part(core.zeros, ("mlp",)), (c,), self.param_dtype)
+        beta = self.param("beta", core.part(core.zeros, ("mlp",)), (c,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        gx = jnp.sqrt(jnp.sum(jnp.square(xf), axis=(1, 2), keepdims=True))
+        nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + self.eps)
+        return (gamma * (xf * nx) + beta + xf).astype(x.dtype)
+
+
+class ConvNeXtBlock(nn.Module):
+    dim: int
+    drop_path: float = 0.0
+    layer_scale_init: float = 1e-6
+    grn: bool = False
+    layernorm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        shortcut = x
+        x = nn.Conv(self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv",
+                    kernel_init=core.part(_conv_init(), (None, None, None, "embed")),
+                    bias_init=core.part(core.zeros, ("embed",)))(x)
+        x = core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
+        dense = lambda f, axes, name: core.DenseND(  # noqa: E731
+            (f,), kernel_axes=axes, bias_axes=axes[-1:], dtype=self.dtype,
+            param_dtype=self.param_dtype, kernel_init=_conv_init(), name=name)
+        x = dense(4 * self.dim, ("embed", "mlp"), "fc1")(x)
+        x = jax.nn.gelu(x, approximate=False)
+        if self.grn:
+            x = GRN(param_dtype=self.param_dtype, name="grn")(x)
+        x = dense(self.dim, ("mlp", "embed"), "fc2")(x)
+        if self.layer_scale_init > 0:
+            gamma = self.param("gamma", core.part(nn.initializers.constant(self.layer_scale_init), ("embed",)),
+                               (self.dim,), self.param_dtype)
+            x = x * gamma.astype(x.dtype)
+        x = DropPath(self.drop_path)(x, deterministic)
+        return shortcut + x
+
+
+class ConvNeXt(nn.Module):
+    """See the module docstring."""
+
+    capabilities = frozenset({"pooled", "tokens", "classifier", "any_resolution"})
+
+    def capabilities_of(self) -> frozenset:
+        return self.capabilities if self.num_classes > 0 else self.capabilities - {"classifier"}
+
+    depths: Sequence[int] = (3, 3, 9, 3)
+    dims: Sequence[int] = (96, 192, 384, 768)
+    num_classes: int = 0
+    drop_path: float = 0.0
+    layer_scale_init: float = 1e-6
+    grn: bool = False
+    layernorm_eps: float = 1e-6
+    head_norm_eps: float = 1e-6
+    patch_size: int = 4  # the stem's stride (the first stage's grid is H / 4)
+    remat: Any = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def width(self) -> int:
+        return int(self.dims[-1])
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
+        if len(self.depths) != len(self.dims):
+            raise ValueError(f"ConvNeXt depths {tuple(self.depths)} and dims {tuple(self.dims)} differ in length.")
+        x = images.astype(self.dtype)
+        norm = lambda name: core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
+        conv = lambda f, k, name: nn.Conv(  # noqa: E731
+            f, (k, k), strides=(k, k), padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+            name=name, kernel_init=core.part(_conv_init(), (None, None, None, "embed")),
+            bias_init=core.part(core.zeros, ("embed",)))
+        x = norm("stem_norm")(conv(self.dims[0], self.patch_size, "stem")(x))
+        total = sum(self.depths)
+        rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
+        block_cls = nn.remat(ConvNeXtBlock, static_argnums=(2,)) if self.remat else ConvNeXtBlock
+        maps, k = [], 0
+        for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
+            if i > 0:
+                x = conv(dim, 2, f"downsample_{i}_conv")(norm(f"downsample_{i}_norm")(x))
+            for j in range(depth):
+                x = block_cls(dim, rates[k], self.layer_scale_init, self.grn, self.layernorm_eps,
+                              self.dtype, self.param_dtype, name=f"stage_{i}_block_{j}")(x, not train)
+                k += 1
+            maps.append(x)
+        b, h, w, c = x.shape
+        pooled = core.layer_norm(self.head_norm_eps, self.dtype, self.param_dtype, "head_norm")(
+            x.mean(axis=(1, 2)))
+        out = dict(pre_logits=pooled, patch_tokens=x.reshape(b, h * w, c), feature_maps=maps)
+        if self.num_classes > 0:
+            out["logits"] = nn.Dense(
+                self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+                kernel_init=core.part(_conv_init(), ("embed", "classes")),
+                bias_init=core.part(core.zeros, ("classes",)))(pooled)
+        return out
