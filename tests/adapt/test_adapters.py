@@ -226,6 +226,7 @@ def test_fake_quant_is_per_channel_symmetric_int8():
     assert float(jnp.max(jnp.abs(xq - x) / sx)) <= 0.5 + 1e-4
 
 
+@pytest.mark.slow
 def test_eval_quantize_reports_the_delta_and_bytes(default_config, tmp_path):
     """A short supervised run evaluated with --quantize=int8: accuracy within a point of the
     float model's, every dense kernel counted, ~4x fewer bytes."""

@@ -2,12 +2,14 @@
 shortened), LoRA reaches its pointwise layers through the dense hook, and a DINO backbone
 accepts it (pooled features at any resolution)."""
 import jax
+import pytest
 import numpy as np
 
 from fmjax.objectives.base import make_objective
 from fmjax.train import loop
 
 
+@pytest.mark.slow
 def test_supervised_convnext_trains_with_lora_on_its_mlps(default_config, tmp_path):
     c = default_config("supervised", "convnext")
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 3, 1, 0, 3

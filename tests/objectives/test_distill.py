@@ -80,6 +80,7 @@ def test_loss_matches_deit(kd, alpha, tau, tiny_config, teacher_dir):
     assert 0 <= float(metrics["agreement"]) <= 1
 
 
+@pytest.mark.slow
 def test_trains_with_a_frozen_teacher_and_resumes_exactly(tiny_config, teacher_dir, tmp_path, monkeypatch):
     c = _student(tiny_config, teacher_dir, total_steps=4, checkpoint_every=2)
     c.keep_checkpoints = 5
