@@ -42,7 +42,7 @@ import optax
 from fmjax.errors import ConfigError
 from fmjax.models import inject
 from fmjax.models.registry import build_model, require
-from fmjax.objectives.supervised import SupervisedObjective, apply_mix, sample_mix
+from fmjax.objectives.supervised import SupervisedObjective
 
 KD = ("soft", "hard", "none")
 FEATURE_KD = ("cosine", "mse")
@@ -149,17 +149,7 @@ class DistillObjective(SupervisedObjective):
         return jax.tree.map(lambda v: v.astype(jnp.float32), out)
 
     def loss(self, params, extra, batch, rng, step):
-        images, metrics = batch["image"], {}
-        if self.mixing:
-            rng, mix_rng = jax.random.split(rng)
-            draws = sample_mix(mix_rng, self.mixup_alpha, self.cutmix_alpha, self.mix_prob,
-                               self.switch_prob, images.shape[1:3])
-            images, targets, lam = apply_mix(images, batch["label"], *draws, self.num_classes,
-                                             self.label_smoothing)
-            metrics["mix_lam"] = lam
-        else:
-            targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], self.num_classes),
-                                          self.label_smoothing)
+        images, targets, metrics, rng = self.inputs_and_targets(batch, rng)
         out = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
         logits = out["logits"].astype(jnp.float32)
         if "dist_logits" in out:  # DeiT: the class head learns the labels, the dist head the teacher

@@ -173,7 +173,9 @@ class SupervisedObjective(Objective):
             return extra
         return dict(extra, ema=ema_update(extra["ema"], params, self.ema_decay))
 
-    def loss(self, params, extra, batch, rng, step):
+    def inputs_and_targets(self, batch, rng):
+        """(images, soft targets, metrics, dropout rng) of a training step: mixup / CutMix
+        when on (their draws split off ``rng``), else the label-smoothed one-hot labels."""
         images, metrics = batch["image"], {}
         if self.mixing:
             rng, mix_rng = jax.random.split(rng)
@@ -182,11 +184,15 @@ class SupervisedObjective(Objective):
             images, targets, lam = apply_mix(images, batch["label"], *draws, self.num_classes,
                                              self.label_smoothing)
             metrics["mix_lam"] = lam
-        out = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-        logits = out["logits"].astype(jnp.float32)
-        if not self.mixing:
+        else:
             targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], self.num_classes),
                                           self.label_smoothing)
+        return images, targets, metrics, rng
+
+    def loss(self, params, extra, batch, rng, step):
+        images, targets, metrics, rng = self.inputs_and_targets(batch, rng)
+        out = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        logits = out["logits"].astype(jnp.float32)
         loss = optax.softmax_cross_entropy(logits, targets).mean()
         metrics["accuracy"] = (logits.argmax(-1) == batch["label"]).mean()
         return loss, (metrics, extra)
