@@ -93,6 +93,9 @@ def evaluate_random_inits(config, num_seeds: int, evals=None, out: str | None = 
         if not os.path.isdir(os.path.dirname(out)):
             raise ConfigError(f"--out={out}: folder {os.path.dirname(out)} does not exist.")
     objective, mesh, rules = build(config, devices)
+    # The objective's own checks, as training runs them: one-line errors, and host-side loads
+    # (BEiT's tokenizer) happen here, not inside the jitted init.
+    objective.check(config)
     spec = train_batch_spec(config, objective)
     tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
     evaluator = Evaluator(config, objective, mesh, rules, data_for=names)

@@ -347,3 +347,20 @@ def test_default_learns(tmp_path, shapes_data_dir):
     assert end < 0.5 * start
     assert train[-1]["train/nll"] < train[0]["train/nll"] - 0.1
     assert os.listdir(os.path.join(tmp_path, "images"))
+
+
+def test_beit_random_init_baseline_loads_the_tokenizer_workdir(tiny_workdir, shapes_data_dir):
+    """launch/eval.py --random_init_seeds on BEiT with a trained tokenizer: the tokenizer is
+    read on the host by the objective's check, not inside the jitted init (it failed there)."""
+    from fmjax.testing import load_config
+    from fmjax.train import eval_only
+    c = load_config("beit")
+    c.data.data_dir = shapes_data_dir
+    c.batch_size = 8
+    c.model.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
+    c.objective.update(dict(vocab_size=32))
+    c.objective.tokenizer = dict(workdir=tiny_workdir)
+    c.evals = dict(knn=dict(type="knn", split="validation", examples=64, train_split="train",
+                            train_examples=64))
+    out = eval_only.evaluate_random_inits(c, 1, devices=ONE_DEVICE)
+    assert len(out["eval/knn_top1"]) == 1
