@@ -149,11 +149,13 @@ class HookedObjective:
         return call
 
     def __getattr__(self, name):
-        from fmjax.objectives.base import OPTIONAL_HOOKS, _STUBS, supports
         inner = self.__dict__["_inner"]
-        if name in OPTIONAL_HOOKS + _STUBS and not supports(inner, name):
-            return None
         attr = getattr(inner, name)
+        # An unsupported capability stays unsupported: None (optional hooks) or the base class's
+        # NotImplementedError stub (marked ``is_stub`` by fmjax.objectives.base), which
+        # ``supports()`` must not see as a method of the wrapper.
+        if attr is None or getattr(getattr(type(inner), name, None), "is_stub", False):
+            return None
         return self._wrap(attr) if inspect.ismethod(attr) else attr
 
 
@@ -168,8 +170,7 @@ class AdaptedObjective(HookedObjective):
 
     def update_mask(self, params, step):
         mask = trainable_mask(params, self.adapter)
-        from fmjax.objectives.base import supports
-        if supports(self._inner, "update_mask"):
+        if callable(getattr(self._inner, "update_mask", None)):
             with self._hooks:
                 inner = self._inner.update_mask(params, step)
             mask = jax.tree.map(lambda a, b: a & b, mask, inner)
