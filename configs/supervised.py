@@ -13,7 +13,7 @@ minutes on the 2-core CPU):
   `convnext`: ConvNeXt V1, stages (2, 2, 2) x (32, 64, 128), drop path 0.1. Measured
   2026-12-02 (1500 steps, 6.4 min alone): eval/val_accuracy 0.126 -> 0.358 (500) -> 0.540
   (1000) -> 0.576 (1500): the 0.85 gate is NOT reached (the recipe is the ViT's; a 4x4 stem on
-  32 px leaves an 8x8 grid, and the lr / depth are untuned). `deit`: `deit`: the
+  32 px leaves an 8x8 grid, and the lr / depth are untuned). `deit`: the
   default ViT with DeiT's distillation token and class-token pooling (trained on labels alone
   here; configs/distill.py trains it from a teacher).
 
