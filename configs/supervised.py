@@ -15,7 +15,7 @@ minutes on the 2-core CPU):
   (1000) -> 0.576 (1500): the 0.85 gate is NOT reached (the recipe is the ViT's; a 4x4 stem on
   32 px leaves an 8x8 grid, and the lr / depth are untuned). `deit`: the
   default ViT with DeiT's distillation token and class-token pooling (trained on labels alone
-  here; configs/distill.py trains it from a teacher).
+  here; configs/distill.py trains it from a teacher; not measured yet).
 
 ConvNeXt-T paper preset (`convnext_t_imagenet`; expected 82.1% top-1, Liu et al. 2022 Table 1;
 the recipe is in the preset's comment).
