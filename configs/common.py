@@ -18,6 +18,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.sharding = "fsdp"           # logical-axis rules preset: dp | fsdp | fsdp_tensor
     c.dtype = "float32"           # compute dtype; params stay float32
+    # Observability (fmjax/train/observe.py): trace steps start+1..start+num to DIR/profile;
+    # the peak TFLOP/s per chip that MFU is logged against (0: datasheet table, else measured);
+    # the persistent XLA compilation cache of launch/train.py ('' = off).
+    c.profile = (0, 0)
+    c.peak_tflops = 0.0
+    c.compile_cache_dir = "~/.cache/fmjax/jax_cache"
     c.model = ml_collections.ConfigDict()
     c.objective = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict(dict(

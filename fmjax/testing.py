@@ -99,3 +99,44 @@ def assert_one_line_error(proc, *texts: str, code: int = 2) -> str:
     for text in texts:
         assert text in errors[0], errors[0]
     return errors[0]
+
+
+def launch_processes(script: str, per_process_args, devices_per_process: int = 4, log_dir: str = "/tmp",
+                     env=None):
+    """Starts ``launch/<script>.py`` once per entry of ``per_process_args`` (a list of arg
+    lists), as the processes of one jax.distributed job on 127.0.0.1. Returns
+    ``(popens, log paths)``; each process writes stdout and stderr to its log."""
+    import portpicker
+    port = portpicker.pick_unused_port()
+    n = len(per_process_args)
+    procs, logs = [], []
+    for i, args in enumerate(per_process_args):
+        full_env = cli_env(devices_per_process, dict(
+            env or {}, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
+            JAX_PROCESS_ID=str(i)))
+        log = os.path.join(log_dir, f"process_{i}.log")
+        logs.append(log)
+        with open(log, "w") as f:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "launch", f"{script}.py"), *args],
+                                          cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT))
+    return procs, logs
+
+
+def wait_processes(procs, logs, timeout: float) -> list[int]:
+    """Waits for every process (killing all of them after ``timeout`` s); returns exit codes."""
+    import time
+    deadline = time.time() + timeout
+    try:
+        while any(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs]
+
+
+def read_log(path: str) -> str:
+    with open(path) as f:
+        return f.read()

@@ -29,6 +29,8 @@ def main(argv):
     from fmjax.train.errors import run_with_clean_errors
     from fmjax.train.loop import train_and_evaluate
     config = FLAGS.config
+    from fmjax.train.observe import enable_compile_cache
+    enable_compile_cache(config)  # re-runs and resumes load the compiled step
     from fmjax.cli import config_path
     workdir = FLAGS.workdir or os.path.join(
         "workdirs", os.path.splitext(os.path.basename(config_path(FLAGS["config"].config_filename)))[0])

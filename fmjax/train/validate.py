@@ -12,6 +12,7 @@ from fmjax.data.transforms import parse_pp
 from fmjax.evals import registry
 from fmjax.objectives.base import grad_accum_problem
 from fmjax.parallel import mesh as mesh_lib
+from fmjax.train import observe
 
 from fmjax.errors import ConfigError  # noqa: F401  (re-exported: fmjax.train.validate.ConfigError)
 
@@ -39,6 +40,13 @@ def check(config, objective, mesh, evals: bool = True) -> None:
     problem = grad_accum_problem(objective, accum, config.objective.get("name", ""))
     if problem:  # a loss that couples examples, without the hooks that keep it whole
         raise ConfigError(problem)
+    try:
+        observe.check_profile(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if float(config.get("peak_tflops", 0) or 0) < 0:
+        raise ConfigError(f"peak_tflops must be >= 0 (0: the datasheet table or a measured matmul), "
+                          f"got {config.peak_tflops}.")
     if config.get("dtype", "float32") not in DTYPES:
         raise ConfigError(f"dtype={config.dtype!r} is not supported; valid: {list(DTYPES)}.")
     patch = getattr(objective, "patch_size", None)

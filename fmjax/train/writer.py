@@ -96,24 +96,33 @@ class MetricWriter:
 class Progress:
     """Measures steps/s and items/s between log points and prints a one-line status."""
 
-    def __init__(self, total_steps: int, global_batch: int, start_step: int):
+    def __init__(self, total_steps: int, global_batch: int, start_step: int, clock=None):
         self.total_steps, self.global_batch = total_steps, global_batch
         self._t, self._step = time.perf_counter(), start_step
+        self.clock = clock  # fmjax.train.observe.StepClock: data wait / compute, TFLOP/s, MFU
 
     def rates(self, step: int) -> dict:
         now = time.perf_counter()
         dt, ds = now - self._t, step - self._step
         self._t, self._step = now, step
         sps = ds / dt if dt > 0 and ds > 0 else 0.0
-        return {"train/steps_per_s": sps, "train/items_per_s": sps * self.global_batch}
+        out = {"train/steps_per_s": sps, "train/items_per_s": sps * self.global_batch}
+        if self.clock is not None:
+            out.update(self.clock.metrics(ds, dt))
+        return out
 
     def line(self, step: int, metrics: dict) -> str:
         sps = metrics.get("train/steps_per_s", 0.0)
         eta = (self.total_steps - step) / sps if sps > 0 else float("nan")
         eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        extra = ""
+        if "train/data_wait_frac" in metrics:
+            extra += f" data {metrics['train/data_wait_frac']:.0%}"
+        if "train/mfu" in metrics:
+            extra += f" MFU {metrics['train/mfu']:.1%}"
         return (f"[step {step}/{self.total_steps}] loss {metrics.get('train/loss', float('nan')):.4f} "
                 f"lr {metrics.get('train/lr', 0.0):.2e} {sps:.2f} steps/s "
-                f"{metrics.get('train/items_per_s', 0.0):.1f} items/s ETA {eta_s}")
+                f"{metrics.get('train/items_per_s', 0.0):.1f} items/s{extra} ETA {eta_s}")
 
 
 def log(msg: str):

@@ -1,0 +1,113 @@
+"""Several hosts (2 processes on 127.0.0.1, 4 CPU devices each): the pre-flight checks stop a
+mismatched job with one line naming the host, and a SIGTERM to one host makes every host
+save the same step, exit 0, and resume exactly (jax's preemption service; no per-step barrier).
+"""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from fmjax import testing
+from fmjax.train import preflight
+
+FLAGS = {
+    "batch_size": 16, "log_every": 1, "eval_every": 0, "eval_at_start": False,
+    "mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1,
+    "model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.mlp_dim": 64,
+    "model.decoder_width": 32, "model.decoder_depth": 1, "model.decoder_heads": 2,
+    "optimizer.name": "sgd", "optimizer.lr": 0.5, "optimizer.lr_scaling": "none",
+    "optimizer.warmup_steps": 0, "optimizer.decay": "constant",
+}
+
+
+def _args(workdir, data_dir, **extra):
+    flags = dict(FLAGS, **extra)
+    return ["--config=configs/mae.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"] + [
+        f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def _rows(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip().endswith("}")]
+
+
+def test_compare_names_the_host():
+    base = dict(host="a", process=0, code="c", fingerprint="f", config="x", platform="cpu",
+                local_devices=4, devices=8, workdir="/w")
+    assert preflight.compare(base, [base, dict(base, process=1, host="b")]) is None
+    line = preflight.compare(base, [base, dict(base, process=1, host="b", local_devices=2)])
+    assert line.startswith("pre-flight: process 1 (host b) has local device count 2, process 0 (host a) has 4")
+    line = preflight.compare(base, [base, dict(base, process=1, host="b"), dict(base, process=2, host="c", code="d")])
+    assert "process 2 (host c) has code version 'd'" in line and "\n" not in line
+
+
+def test_code_version_is_stable():
+    assert preflight.code_version() == preflight.code_version()
+    assert "+" in preflight.code_version()
+
+
+def test_mismatched_config_stops_every_host(shapes_data_dir, tmp_path):
+    from fmjax.data import sources
+    sources.get_source("fmjax_shapes/32", "train", shapes_data_dir)  # prepared before the children start
+    workdir = str(tmp_path / "wd")
+    procs, logs = testing.launch_processes("train", [
+        _args(workdir, shapes_data_dir, total_steps=2),
+        _args(workdir, shapes_data_dir, total_steps=2, **{"model.depth": 3})], log_dir=str(tmp_path))
+    codes = testing.wait_processes(procs, logs, timeout=240)
+    for i, log in enumerate(logs):
+        text = testing.read_log(log)
+        assert codes[i] == 2, f"process {i} exit {codes[i]}:\n{text[-3000:]}"
+        last = text.strip().splitlines()[-1]
+        assert last.startswith("fmjax: error: pre-flight: process 1 (host "), text[-3000:]
+        assert "model/objective config" in last and "same --config" in last, last
+        assert "Traceback" not in text
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # nothing compiled or saved
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_saves_the_same_step_everywhere(shapes_data_dir, tmp_path):
+    from fmjax.data import sources
+    sources.get_source("fmjax_shapes/32", "train", shapes_data_dir)
+    workdir = str(tmp_path / "wd")
+    procs, logs = testing.launch_processes("train", [
+        _args(workdir, shapes_data_dir, total_steps=2000, checkpoint_every=5000)] * 2,
+        log_dir=str(tmp_path))
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(r["step"] >= 5 for r in _rows(workdir)):
+        assert all(p.poll() is None for p in procs), testing.read_log(logs[0])[-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # only host 1 is preempted
+    codes = testing.wait_processes(procs, logs, timeout=120)
+    out0 = testing.read_log(logs[0])
+    assert codes == [0, 0], out0[-3000:] + testing.read_log(logs[1])[-3000:]
+    saved = [int(line.split("saved step ")[1].split(";")[0]) for line in out0.splitlines()
+             if "SIGTERM: saved step" in line]
+    assert len(saved) == 1 and 5 <= saved[0] < 2000, out0[-3000:]
+    step = saved[0]
+    ckpt_dir = os.path.join(workdir, "checkpoints", str(step))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(os.path.join(ckpt_dir, "data")))
+    assert max(r["step"] for r in _rows(workdir)) == step
+
+    # Resume for 3 more steps; an uninterrupted run of the same steps logs the same losses.
+    os.makedirs(tmp_path / "b")
+    procs, logs = testing.launch_processes("train", [
+        _args(workdir, shapes_data_dir, total_steps=step + 3, checkpoint_every=5000)] * 2,
+        log_dir=str(tmp_path / "b"))
+    assert testing.wait_processes(procs, logs, timeout=240) == [0, 0], testing.read_log(logs[0])[-3000:]
+    assert f"resuming from step {step}" in testing.read_log(logs[0])
+    straight = str(tmp_path / "straight")
+    os.makedirs(tmp_path / "c")
+    procs, logs = testing.launch_processes("train", [
+        _args(straight, shapes_data_dir, total_steps=step + 3, checkpoint_every=5000)] * 2,
+        log_dir=str(tmp_path / "c"))
+    assert testing.wait_processes(procs, logs, timeout=240) == [0, 0], testing.read_log(logs[0])[-3000:]
+    resumed = {r["step"]: r["train/loss"] for r in _rows(workdir) if "train/loss" in r}
+    reference = {r["step"]: r["train/loss"] for r in _rows(straight) if "train/loss" in r}
+    assert sorted(resumed) == list(range(1, step + 4))
+    for s in range(1, step + 4):
+        assert resumed[s] == pytest.approx(reference[s], rel=1e-5, abs=1e-6), s
