@@ -15,7 +15,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3        # keep the last N ...
     c.keep_period = 0             # ... plus every M-th step (0: none)
     c.nonfinite = "stop"          # a NaN/inf loss or gradient: 'stop' (nothing non-finite is saved) | 'skip_step'
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1,   # sizes inside one slice (ICI)
+                  dcn_data=1, dcn_fsdp=1)      # multi-slice: slices spanned by data / fsdp (DCN)
     c.sharding = "fsdp"           # logical-axis rules preset: dp | fsdp | fsdp_tensor
     c.dtype = "float32"           # compute dtype; params stay float32
     # Observability (fmjax/train/observe.py): trace steps start+1..start+num to DIR/profile;

@@ -18,14 +18,36 @@ from jax.sharding import Mesh
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch dimension is split over both data-parallel axes.
 BATCH_AXES = ("data", "fsdp")
+# Multi-slice (several TPU slices over the data-centre network): how many slices each
+# data-parallel axis spans. ``config.mesh.data/fsdp/tensor`` are then sizes inside one slice
+# (ICI) and the mesh axis is their product: data = dcn_data x data, fsdp = dcn_fsdp x fsdp.
+DCN_AXES = {"dcn_data": "data", "dcn_fsdp": "fsdp"}
+
+
+def dcn_shape(mesh_config: Mapping[str, int]) -> tuple[int, ...]:
+    """The across-slice factor of each mesh axis (all 1: one slice)."""
+    sizes = {axis: 1 for axis in MESH_AXES}
+    for key, axis in DCN_AXES.items():
+        value = mesh_config.get(key, 1)
+        value = 1 if value is None else int(value)
+        if value < 1:
+            raise ValueError(f"config.mesh.{key} must be a positive number of slices, got {value}.")
+        sizes[axis] = value
+    return tuple(sizes[axis] for axis in MESH_AXES)
 
 
 def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Fills a single ``-1`` axis with the remaining devices and validates the product."""
-    unknown = set(mesh_config) - set(MESH_AXES)
+    """Fills a single ``-1`` axis with the remaining devices and validates the product
+    (of one slice's devices when ``dcn_*`` spread the mesh over several slices)."""
+    unknown = set(mesh_config) - set(MESH_AXES) - set(DCN_AXES)
     if unknown:
         raise ValueError(
-            f"config.mesh has unknown axes {sorted(unknown)}; valid axes are {list(MESH_AXES)}.")
+            f"config.mesh has unknown axes {sorted(unknown)}; valid axes are {list(MESH_AXES) + list(DCN_AXES)}.")
+    slices = math.prod(dcn_shape(mesh_config))
+    if num_devices % slices:
+        raise ValueError(f"config.mesh spans {slices} slices (dcn_data x dcn_fsdp) but {num_devices} devices "
+                         "do not split evenly over them.")
+    num_devices //= slices
     sizes = {axis: int(mesh_config.get(axis, 1)) for axis in MESH_AXES}
     free = [axis for axis, size in sizes.items() if size == -1]
     if len(free) > 1:
@@ -46,16 +68,51 @@ def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict
     return sizes
 
 
-def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
-    """Builds the (data, fsdp, tensor) mesh over ``devices`` (default: all)."""
+def _slice_grid(shape, devices):
+    try:
+        return mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        return np.asarray(devices).reshape(shape)
+
+
+def slice_index(device) -> int:
+    """The slice a device belongs to (TPU multi-slice: ``device.slice_index``; else 0)."""
+    return int(getattr(device, "slice_index", 0) or 0)
+
+
+def hybrid_grid(ici_shape, dcn, devices, slice_of=slice_index) -> np.ndarray:
+    """Devices laid out like ``mesh_utils.create_hybrid_device_mesh``: one ICI grid per slice
+    (``slice_of(device)``, sorted), slices tiled along each axis by its ``dcn`` factor, so an
+    axis's DCN part is its outer index and only data-parallel collectives cross slices."""
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(slice_of(d), []).append(d)
+    need = math.prod(dcn)
+    if len(groups) != need or len({len(g) for g in groups.values()}) != 1:
+        raise ValueError(
+            f"config.mesh spans {need} slices (dcn_data x dcn_fsdp) but the devices are in {len(groups)} "
+            f"slice(s) of sizes {sorted(len(g) for g in groups.values())}; set --config.mesh.dcn_data to the "
+            "number of slices (e.g. --num_slices of the pod).")
+    per = [_slice_grid(ici_shape, groups[k]) for k in sorted(groups)]
+    arr = np.empty(tuple(dcn) + tuple(ici_shape), dtype=object)
+    for i, grid in enumerate(per):
+        arr[np.unravel_index(i, dcn)] = grid
+    nd = len(ici_shape)
+    order = [j for i in range(nd) for j in (i, nd + i)]  # (dcn_0, ici_0, dcn_1, ici_1, ...)
+    return arr.transpose(order).reshape([a * b for a, b in zip(dcn, ici_shape)])
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices=None, slice_of=None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh over ``devices`` (default: all); with
+    ``dcn_data`` / ``dcn_fsdp`` > 1, a multi-slice mesh (``hybrid_grid``; ``slice_of`` lets
+    tests assign simulated devices to slices)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(mesh_config, len(devices))
     shape = tuple(sizes[axis] for axis in MESH_AXES)
-    try:
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+    dcn = dcn_shape(mesh_config)
+    if math.prod(dcn) > 1:
+        return Mesh(hybrid_grid(shape, dcn, devices, slice_of or slice_index), MESH_AXES)
+    return Mesh(_slice_grid(shape, devices), MESH_AXES)
 
 
 def batch_parallelism(mesh: Mesh) -> int:
