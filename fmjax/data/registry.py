@@ -143,6 +143,8 @@ _BUILTIN_SOURCES = {
     "fmjax_shapes": "fmjax.data.sources",
     "image_folder": "fmjax.data.image_folder",
     "tfds": "fmjax.data.sources",
+    "array_record": "fmjax.data.records",
+    "wds": "fmjax.data.wds",
 }
 _SOURCES: dict[str, SourceKind] = {}
 _SOURCE_ORIGIN: dict[str, tuple] = {}   # kind -> (module, qualname) of what registered it

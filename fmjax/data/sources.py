@@ -6,6 +6,10 @@ Names:
   fmjax_shapes/simple_<resolution>         its simple variant (main object only,
                                            plain background; see fmjax.data.shapes).
   image_folder:<path>                      root/<split>/<class>/*.{png,jpg,jpeg}
+  array_record:<dir or glob>               ArrayRecord shards of FMJ1 records
+                                           (fmjax.data.records; launch/make_shards.py)
+  wds:<dir or glob>                        webdataset-style tars of image + caption
+                                           (fmjax.data.wds)
   <tfds name>[/<config>][:<version>]       any prepared TFDS catalog dataset,
   tfds:<tfds name>...                      read with `tfds.data_source`.
 
