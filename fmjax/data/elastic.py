@@ -244,19 +244,33 @@ def process_count_error(directory, saved_count: int, process_count: int) -> Conf
 
 def check_restore(directory, iterator, process_index: Optional[int] = None,
                   process_count: Optional[int] = None) -> None:
-    """Raises the one-line ConfigError when ``iterator`` cannot be restored from the data item
-    ``directory`` (``<checkpoint step>/data``) on this process count: a per-process iterator
-    whose state was saved by another number of processes, or a global-order state that is
-    incomplete. No-op when the state can be restored (or when there is none)."""
+    """Raises a one-line ConfigError when ``iterator`` cannot continue from the data item
+    ``directory`` (``<checkpoint step>/data``): a per-process iterator whose state was saved by
+    another number of processes, a state of the other data order, a global-order state with
+    another batch size / dataset / seed, or an incomplete set of state files. No-op when the
+    state can be restored (or when there is none). Cheap: lists the folder, reads one file."""
     pi, pc = _process_of(iterator)
     pi = pi if process_index is None else int(process_index)
     pc = pc if process_count is None else int(process_count)
     saved = saved_process_files(directory)
-    if not saved or pi in saved.get(pc, {}):
+    if not saved:
         return
-    if not isinstance(iterator, GlobalOrderIterator):
-        raise process_count_error(directory, max(saved, key=lambda c: len(saved[c])), pc)
-    _global_state_file(directory, saved)
+    path = saved.get(pc, {}).get(pi)
+    if path is None:
+        if not isinstance(iterator, GlobalOrderIterator):
+            raise process_count_error(directory, max(saved, key=lambda c: len(saved[c])), pc)
+        path = _global_state_file(directory, saved)
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # unreadable: the restore itself reports it
+    if isinstance(iterator, GlobalOrderIterator):
+        check_state(state, iterator._info)  # pylint: disable=protected-access
+    elif isinstance(state, Mapping) and state.get(ORDER_KEY) == ORDER:
+        raise ConfigError(
+            f"the data iterator state in {directory} was saved by the global data order "
+            "(config.data.order='global') and this run uses the per-process order: resume with "
+            "config.data.order='global', or use a new --workdir.")
 
 
 def _global_state_file(directory, saved: dict):
@@ -291,13 +305,13 @@ class DataStateHandler:
         directory = epath.Path(directory)
         pi, pc = _process_of(item)
         own = directory / f"process_{pi}-of-{pc}.json"
+        check_restore(directory, item, pi, pc)  # the one-line errors, before anything is set
         if own.exists():
             path = own
-        else:
+        else:  # saved on another process count, and check_restore found that restorable
             saved = saved_process_files(directory)
             if not saved:
                 raise FileNotFoundError(f"no data iterator state (process_*-of-*.json) in {directory}.")
-            check_restore(directory, item, pi, pc)
             path = _global_state_file(directory, saved)
         text = path.read_text()
         item.set_state(json.loads(text) if isinstance(item, grain.DatasetIterator) else text.encode())

@@ -177,10 +177,17 @@ def test_per_process_order_refuses_another_process_count(shards, tmp_path):
         elastic.DataStateHandler().restore(data, args=elastic.restore_args(plain))
     # Same count: no error, and the state is restored.
     elastic.check_restore(data, plain, process_index=1, process_count=2)
-    # A global-order iterator cannot continue a per-process state either.
+    # A global-order iterator cannot continue a per-process state, nor the other way round;
+    # check_restore says so before anything is restored.
     glob = elastic.make_global_train_iterator(src, global_batch_size=4, transform=None, seed=0)
     with pytest.raises(ConfigError, match="written by the per-process data order"):
+        elastic.check_restore(data, glob, process_index=0, process_count=2)
+    with pytest.raises(ConfigError, match="written by the per-process data order"):
         elastic.DataStateHandler().restore(data, args=elastic.restore_args(glob))
+    _take(glob, 2)
+    (data / "process_0-of-1.json").write_text(json.dumps(glob.get_state()))
+    with pytest.raises(ConfigError, match="saved by the global data order .* uses the per-process order"):
+        elastic.check_restore(data, plain)
 
 
 def test_global_state_checks(shards, tmp_path):
@@ -191,6 +198,12 @@ def test_global_state_checks(shards, tmp_path):
     other = elastic.make_global_train_iterator(src, global_batch_size=8, transform=None, seed=1)
     with pytest.raises(ConfigError, match=r"global_batch_size 4 -> 8; seed 0 -> 1"):
         other.set_state(state)
+    saved = epath.Path(tmp_path / "saved")
+    saved.mkdir()
+    (saved / "process_0-of-1.json").write_text(json.dumps(state))
+    elastic.check_restore(saved, it)
+    with pytest.raises(ConfigError, match=r"does not match this run \(global_batch_size 4 -> 8"):
+        elastic.check_restore(saved, other)  # before anything is restored
     with pytest.raises(ConfigError, match="next_batch=-1"):
         it.set_state(dict(state, next_batch=-1))
     # An incomplete set of state files (a process's file lost) is refused, not guessed.
