@@ -140,3 +140,59 @@ def wait_processes(procs, logs, timeout: float) -> list[int]:
 def read_log(path: str) -> str:
     with open(path) as f:
         return f.read()
+
+
+def install_fake_gcs(root: str) -> None:
+    """Makes ``gs://bucket/path`` a local-emulated bucket under ``root`` for this process:
+    etils.epath (through fsspec's ``gcs`` protocol) and Orbax's TensorStore payloads (its GCS
+    kvstore spec) both land in ``root/bucket/path``. Nothing contacts the network, and any
+    code that handles a ``gs://`` path with plain ``os``/``open`` fails (no such local file)."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+    from etils.epath import backend as epath_backend
+    from orbax.checkpoint._src.path import gcs_utils
+
+    root = os.path.abspath(root)
+    os.makedirs(root, exist_ok=True)
+
+    def to_local(path: str) -> str:
+        path = str(path)
+        if not path.startswith("gs://"):
+            return path
+        rest = path[len("gs://"):]
+        if ("/" + rest + "/").startswith(root + "/"):  # a local path that a caller prefixed with gs://
+            return "/" + rest
+        return os.path.join(root, rest)
+
+    class FakeGCS(LocalFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            if isinstance(path, (list, tuple)):
+                return [cls._strip_protocol(p) for p in path]
+            return LocalFileSystem._strip_protocol(to_local(path))
+
+        def unstrip_protocol(self, name):
+            name = str(name)
+            return "gs://" + os.path.relpath(name, root) if name.startswith(root + os.sep) else name
+
+    fsspec.register_implementation("gs", FakeGCS, clobber=True)
+    fsspec.register_implementation("gcs", FakeGCS, clobber=True)
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+    def kvstore(path):
+        return {"driver": "file", "path": to_local(path)}
+    gcs_utils.get_kvstore_for_gcs = kvstore
+    gcs_utils.is_hierarchical_namespace_enabled = lambda path: False  # asks the GCS API
+
+
+def run_with_fake_gcs(root: str, script: str, *args: str) -> list[str]:
+    """The command line that runs ``launch/<script>.py args`` with ``install_fake_gcs(root)``."""
+    code = ("import sys, runpy; from fmjax.testing import install_fake_gcs; "
+            f"install_fake_gcs({root!r}); sys.argv = {[os.path.join(REPO, 'launch', script + '.py'), *args]!r}; "
+            f"runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", code]

@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fmjax.data import pipeline
+from fmjax.train import files
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -55,7 +56,7 @@ def structure(abstract_state) -> dict[str, str]:
 
 def make_manager(workdir: str, keep: int = 3, keep_period: int | None = None,
                  async_save: bool = True) -> ocp.CheckpointManager:
-    path = os.path.join(os.path.abspath(workdir), "checkpoints")
+    path = files.join(files.resolve(workdir), "checkpoints")  # Orbax reads and writes gs:// itself
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period, create=True,
         enable_async_checkpointing=async_save)
@@ -261,7 +262,7 @@ class _QuietFailedReads:
 def _first_readable(manager, config, abstract_state, shardings, data_iter, steps, with_opt_state,
                     parts, bad):
     for s in steps:
-        folder = os.path.join(str(manager.directory), str(s))
+        folder = files.join(str(manager.directory), str(s))
         try:
             meta = read_meta(manager, s)
         except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
@@ -279,14 +280,14 @@ def _first_readable(manager, config, abstract_state, shardings, data_iter, steps
 
 def _move_aside(folder: str, dest_root: str) -> str:
     """Moves an unreadable step folder to ``dest_root/<step>[-k]`` (process 0); returns the path."""
-    name = os.path.basename(folder.rstrip("/"))
-    dest = os.path.join(dest_root, name)
+    name = folder.rstrip("/").rsplit("/", 1)[-1]
+    dest = files.join(dest_root, name)
     k = 1
-    while os.path.exists(dest):
-        dest, k = os.path.join(dest_root, f"{name}-{k}"), k + 1
+    while files.exists(dest):
+        dest, k = files.join(dest_root, f"{name}-{k}"), k + 1
     if jax.process_index() == 0:
-        os.makedirs(dest_root, exist_ok=True)
-        os.replace(folder, dest)
+        files.makedirs(dest_root)
+        files.move(folder, dest)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("fmjax_move_unreadable_checkpoint")
@@ -318,7 +319,7 @@ def restore(manager, step: int, abstract_state, shardings, data_iter, with_opt_s
 
 
 def _has_item(manager, step, name) -> bool:
-    return os.path.isdir(os.path.join(str(manager.directory), str(step), name))
+    return files.isdir(files.join(str(manager.directory), str(step), name))
 
 
 def _normalise(tree: Mapping) -> Any:

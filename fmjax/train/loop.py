@@ -18,7 +18,7 @@ from fmjax.parallel import mesh as mesh_lib
 from fmjax.parallel import rules as rules_lib
 from fmjax.train import checkpoint as ckpt
 from fmjax.train import model_init as model_init_lib
-from fmjax.train import observe, preflight
+from fmjax.train import files, observe, preflight
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train import step as step_lib
@@ -186,7 +186,7 @@ def _train(config, workdir: str, run: dict) -> dict:
             example_shapes={k: v.shape[1:] for k, v in spec.items()})
         latest, state = ckpt.restore_latest(
             manager, config, run["abstract"], shardings, data_iter,
-            move_unreadable_to=os.path.join(workdir, "unreadable_checkpoints"))
+            move_unreadable_to=files.join(workdir, "unreadable_checkpoints"))
         if latest is not None and latest >= config.total_steps:
             log(f"== already at step {latest} (total_steps {config.total_steps}): nothing to do; "
                 "the workdir is left as it was")
@@ -269,6 +269,7 @@ def _train(config, workdir: str, run: dict) -> dict:
                         final.update(ev)
                 if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
                     guard.check_now(step)  # never save a non-finite state
+                    writer.flush()  # a bucket workdir: the metrics up to this step are there too
                     ckpt.save(manager, step, state, data_iter, config, force=stop, spec=spec)
                 if stop:
                     manager.wait_until_finished()
@@ -281,11 +282,9 @@ def _train(config, workdir: str, run: dict) -> dict:
         manager.wait_until_finished()
         final["step"] = step
         if jax.process_index() == 0:
-            tmp = os.path.join(workdir, "final_metrics.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                           for k, v in final.items()}, f, indent=1)
-            os.replace(tmp, os.path.join(workdir, "final_metrics.json"))
+            files.write_text(files.join(workdir, "final_metrics.json"), json.dumps(
+                {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in final.items()},
+                indent=1))
         return final
     finally:
         # Any exit (an error, Ctrl-C, a NaN): finish the saves already started, so the last
@@ -387,10 +386,8 @@ class _FiniteGuard:
 
 
 def _read_final(workdir: str, step: int) -> dict:
-    path = os.path.join(workdir, "final_metrics.json")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(files.read_text(files.join(workdir, "final_metrics.json")))
     except (OSError, ValueError):
         return {"step": step}
 

@@ -18,6 +18,7 @@ import time
 import jax
 
 from fmjax.aot import chips as chips_lib
+from fmjax.train import files
 
 # Dense bf16 peak TFLOP/s per chip (vendor datasheets, without sparsity), keyed by a
 # substring of jax's ``device_kind``.
@@ -125,7 +126,7 @@ class Profiler:
 
     def __init__(self, config, workdir: str):
         self.start, self.num = check_profile(config)
-        self.dir = os.path.join(workdir, "profile")
+        self.dir = files.join(workdir, "profile")  # jax.profiler writes gs:// itself
         self.active = False
 
     def before_step(self, step: int):

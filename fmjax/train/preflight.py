@@ -23,6 +23,7 @@ import uuid
 import jax
 
 from fmjax.errors import ConfigError
+from fmjax.train import files
 
 TIMEOUT_MS = 300_000  # hosts start minutes apart on a pod (pip install, data preparation)
 
@@ -32,9 +33,9 @@ def code_version() -> str:
     """A hash of every ``fmjax/**/*.py`` file (uncommitted edits count), plus the git commit."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha1()
-    for dirpath, dirnames, files in sorted(os.walk(root)):
+    for dirpath, dirnames, names in sorted(os.walk(root)):
         dirnames.sort()
-        for f in sorted(files):
+        for f in sorted(names):
             if f.endswith(".py"):
                 path = os.path.join(dirpath, f)
                 h.update(os.path.relpath(path, root).encode())
@@ -113,19 +114,15 @@ def check_shared_workdir(workdir: str) -> None:
     client = _client()
     if jax.process_index() == 0:
         token = f".preflight-{uuid.uuid4().hex[:12]}"
-        with open(os.path.join(workdir, token), "w") as f:
-            f.write(socket.gethostname())
+        files.write_text(files.join(workdir, token), socket.gethostname())
         client.key_value_set("fmjax/preflight/token", token)
     token = client.blocking_key_value_get("fmjax/preflight/token", TIMEOUT_MS)
-    seen = os.path.exists(os.path.join(workdir, token))
+    seen = files.exists(files.join(workdir, token))
     client.key_value_set(f"fmjax/preflight/seen/{jax.process_index()}", "1" if seen else "0")
     verdicts = [client.blocking_key_value_get(f"fmjax/preflight/seen/{p}", TIMEOUT_MS)
                 for p in range(jax.process_count())]
     if jax.process_index() == 0:
-        try:
-            os.remove(os.path.join(workdir, token))
-        except OSError:
-            pass
+        files.remove(files.join(workdir, token))
     missing = [p for p, v in enumerate(verdicts) if v != "1"]
     if missing:
         hosts = json.loads(client.blocking_key_value_get(f"fmjax/preflight/{missing[0]}", TIMEOUT_MS))["host"]

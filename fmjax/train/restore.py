@@ -7,7 +7,6 @@ workdir) and notebooks use it; it imports neither ``loop`` nor ``evaluate``.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -19,16 +18,16 @@ from fmjax.evals import generation as gen_lib
 from fmjax.train import checkpoint as ckpt
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
+from fmjax.train import files
 from fmjax.train import workdir as workdir_lib
 from fmjax.train.setup import batch_spec, build
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir_lib.resolve(workdir), "config.json")
-    if not os.path.exists(path):
+    path = files.join(workdir_lib.resolve(workdir), "config.json")
+    if not files.exists(path):
         raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by launch/train.py.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(files.read_text(path)))
 
 
 def train_batch_spec(config, objective):
@@ -66,7 +65,7 @@ def load_checkpoint(workdir: str, config=None, step: int | None = None, devices=
     workdir = workdir_lib.resolve(workdir)
     config = config or load_workdir_config(workdir)
     objective, mesh, rules = build(config, devices)
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # the manager would create it
+    if not files.isdir(files.join(workdir, "checkpoints")):  # the manager would create it
         raise ConfigError(f"no checkpoint in {workdir}/checkpoints; available: [] "
                           "(train first with launch/train.py --workdir=...).")
     manager = ckpt.make_manager(workdir, async_save=False)

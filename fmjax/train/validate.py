@@ -165,6 +165,18 @@ def check_workdir(workdir: str, create: bool) -> None:
     probed with a temporary file. A bad one is a one-line ConfigError."""
     import os
     import tempfile
+    from fmjax.train import files
+    if files.is_remote(workdir):  # a bucket: create and probe with one small object
+        if create:
+            probe = files.join(workdir, ".fmjax_write_probe")
+            try:
+                files.makedirs(workdir)
+                files.write_text(probe, "probe")
+                files.remove(probe)
+            except Exception as e:  # noqa: BLE001 - any backend's failure is the user's path
+                raise ConfigError(f"cannot write to --workdir={workdir}: {type(e).__name__}: {e}; check the "
+                                  "bucket name and credentials, or pick another path.") from None
+        return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory "
                           "(new or written by launch/train.py).")

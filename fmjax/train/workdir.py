@@ -15,11 +15,13 @@ import os
 import socket
 
 from fmjax.errors import WorkdirBusyError
+from fmjax.train import files
 
 
 def resolve(workdir: str) -> str:
-    """``~`` expanded, absolute (``--workdir=~/x`` is ``$HOME/x``, not ``./~/x``)."""
-    return os.path.abspath(os.path.expanduser(str(workdir)))
+    """``~`` expanded, absolute (``--workdir=~/x`` is ``$HOME/x``, not ``./~/x``); a bucket
+    URL (``gs://b/wd``) as given."""
+    return files.resolve(workdir)
 
 
 class WorkdirLock:
@@ -27,7 +29,7 @@ class WorkdirLock:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.path = os.path.join(workdir, ".lock")
-        self.enabled = enabled
+        self.enabled = enabled and not files.is_remote(workdir)  # a bucket has no locks
         self._fd = None
 
     def __enter__(self):
@@ -64,22 +66,15 @@ def write_config(workdir: str, config, step: int) -> None:
     """Writes ``DIR/config.json`` atomically (temporary file, then rename). A different
     existing config (e.g. a resume with more steps) moves to
     ``DIR/config_history/config_step<step>_<time>.json`` first."""
-    path = os.path.join(workdir, "config.json")
+    path = files.join(workdir, "config.json")
     text = config.to_json_best_effort(indent=2, sort_keys=True) if hasattr(config, "to_json_best_effort") \
         else json.dumps(config, indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
+    if files.exists(path):
+        old = files.read_text(path)
         if old == text:
             return
-        hist = os.path.join(workdir, "config_history")
-        os.makedirs(hist, exist_ok=True)
+        hist = files.join(workdir, "config_history")
+        files.makedirs(hist)
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-        with open(os.path.join(hist, f"config_step{step}_{stamp}.json"), "w") as f:
-            f.write(old)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        files.write_text(files.join(hist, f"config_step{step}_{stamp}.json"), old)
+    files.write_text(path, text)

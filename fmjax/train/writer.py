@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
 import numpy as np
+
+from fmjax.train import files
 
 
 def truncate_metrics(workdir: str, after_step: int) -> int:
@@ -20,41 +21,46 @@ def truncate_metrics(workdir: str, after_step: int) -> int:
 
     Rows that are not valid JSON (a line cut by a kill) are dropped the same way.
     """
-    path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
+    path = files.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not files.exists(path):
         return 0
     keep, drop = [], []
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                ok = int(json.loads(line)["step"]) <= after_step
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            (keep if ok else drop).append(line if line.endswith("\n") else line + "\n")
+    for line in files.read_text(path).splitlines(True):
+        if not line.strip():
+            continue
+        try:
+            ok = int(json.loads(line)["step"]) <= after_step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        (keep if ok else drop).append(line if line.endswith("\n") else line + "\n")
     if drop:
-        with open(os.path.join(workdir, "metrics_discarded.jsonl"), "a") as f:
-            f.writelines(drop)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        discarded = files.AppendFile(files.join(workdir, "metrics_discarded.jsonl"))
+        discarded.write("".join(drop))
+        discarded.close()
+        files.write_text(path, "".join(keep))
     return len(drop)
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None):
+    """``metrics.jsonl`` and TensorBoard events in the workdir (a bucket too: the events are
+    staged locally and copied up every ``flush_secs`` and at ``close``)."""
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None, flush_secs: float = 30.0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
         self.workdir = workdir
-        self._tb = None
+        self.flush_secs = flush_secs
+        self._tb = self._stage = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            files.makedirs(workdir)
+            self._jsonl = files.AppendFile(files.join(workdir, "metrics.jsonl"), flush_secs)
+            if files.is_remote(workdir):
+                self._stage = files.LocalStage(workdir, prefix="fmjax_tb_")
+            self._synced = time.monotonic()
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+                self._tb = SummaryWriter(logdir=self._stage.local if self._stage else workdir,
+                                         flush_secs=flush_secs)
             except ImportError:  # pragma: no cover - tensorboardX is a hard dependency
                 self._tb = None
 
@@ -68,20 +74,37 @@ class MetricWriter:
                 v = float(v)
                 row[k] = v if math.isfinite(v) else None  # NaN / inf: JSON null (NaN is not JSON)
         self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
-        self._jsonl.flush()
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and v is not None:
                     self._tb.add_scalar(k, v, int(step))
+        self._maybe_sync()
+
+    def _maybe_sync(self, force: bool = False):
+        if self._stage is not None and (force or time.monotonic() - self._synced >= self.flush_secs):
+            if self._tb is not None:
+                self._tb.flush()
+            self._stage.sync()
+            self._synced = time.monotonic()
+
+    def flush(self):
+        """Everything written so far reaches the workdir (called before each checkpoint)."""
+        if self.enabled:
+            self._jsonl.flush()
+            self._maybe_sync(force=True)
 
     def write_image(self, step: int, name: str, image: np.ndarray):
         """Writes ``DIR/images/<name>_<step>.png`` and a TensorBoard image."""
         if not self.enabled:
             return None
+        import io
         from PIL import Image
-        path = os.path.join(self.workdir, "images", f"{name}_{int(step):07d}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(np.asarray(image, np.uint8)).save(path)
+        folder = files.join(self.workdir, "images")
+        path = files.join(folder, f"{name}_{int(step):07d}.png")
+        files.makedirs(folder)
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+        files.write_bytes(path, buf.getvalue())
         if self._tb is not None:
             self._tb.add_image(name, np.asarray(image, np.uint8), int(step), dataformats="HWC")
         return path
@@ -91,6 +114,8 @@ class MetricWriter:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+            if self._stage is not None:
+                self._stage.close()
 
 
 class Progress:

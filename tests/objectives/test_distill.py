@@ -89,7 +89,7 @@ def test_trains_with_a_frozen_teacher_and_resumes_exactly(tiny_config, teacher_d
     class StopAfter(loop._Preemption):
         calls = 0
 
-        def sync(self):
+        def sync(self, step=None):
             StopAfter.calls += 1
             return StopAfter.calls >= 2
     with monkeypatch.context() as m:

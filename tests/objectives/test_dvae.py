@@ -238,7 +238,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(shapes_data_dir, tmp_path,
     class StopAfter(loop._Preemption):
         calls = 0
 
-        def sync(self):
+        def sync(self, step=None):
             StopAfter.calls += 1
             return StopAfter.calls >= n
 

@@ -324,7 +324,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_config, tmp_path, mon
     class StopAfter(loop._Preemption):
         calls = 0
 
-        def sync(self):
+        def sync(self, step=None):
             StopAfter.calls += 1
             return StopAfter.calls >= n
 

@@ -47,7 +47,7 @@ def _stop_after(n):
     class StopAfter(loop._Preemption):
         calls = 0
 
-        def sync(self):
+        def sync(self, step=None):
             StopAfter.calls += 1
             return StopAfter.calls >= n
     return StopAfter
