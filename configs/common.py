@@ -30,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="fmjax_shapes/64", data_dir=ml_collections.config_dict.placeholder(str), train_split="train", image_size=64,
         normalization="imagenet", worker_count=0, pp_train="", pp_eval="",
-        skip_bad_examples=0))  # up to N unreadable examples skipped with a warning (0: stop at the first)
+        skip_bad_examples=0,   # up to N unreadable examples skipped with a warning (0: stop at the first)
+        order="per_process"))  # 'global': one shuffled stream, resumable on any process count (fmjax/data/elastic.py)
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, blr=0.0, lr_scaling="none", b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=0.05, warmup_steps=100, min_lr=0.0, decay="cosine", clip_norm=0.0,

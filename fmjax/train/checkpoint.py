@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
-from fmjax.data import pipeline
+from fmjax.data import elastic, pipeline
 from fmjax.train import files
 
 
@@ -118,7 +118,8 @@ def save(manager, step: int, state, data_iter, config, force: bool = False, spec
                 versions=dict(jax=jax.__version__))
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if data_iter is not None:
-        items["data"] = pipeline.grain_save_args(data_iter)
+        items["data"] = (elastic.save_args(data_iter) if isinstance(data_iter, elastic.GlobalOrderIterator)
+                         else pipeline.grain_save_args(data_iter))
     return manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
 
@@ -269,6 +270,8 @@ def _first_readable(manager, config, abstract_state, shardings, data_iter, steps
             bad.append((s, folder, e))
             continue
         check_meta(meta, config, manager.directory, abstract_state, parts)
+        if data_iter is not None:  # another process count / data order: one line, not "unreadable"
+            elastic.check_restore(files.join(folder, "data"), data_iter)
         try:
             state = restore(manager, s, abstract_state, shardings, data_iter, with_opt_state)
         except Exception as e:  # noqa: BLE001
@@ -313,7 +316,8 @@ def restore(manager, step: int, abstract_state, shardings, data_iter, with_opt_s
         return dataclasses.replace(target, opt_state=None, **restored["state"])
     items = dict(state=ocp.args.StandardRestore(target))
     if data_iter is not None and _has_item(manager, step, "data"):
-        items["data"] = pipeline.grain_restore_args(data_iter)
+        items["data"] = (elastic.restore_args(data_iter) if isinstance(data_iter, elastic.GlobalOrderIterator)
+                         else pipeline.grain_restore_args(data_iter))
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 

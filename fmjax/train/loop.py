@@ -13,7 +13,7 @@ import signal
 import jax
 import numpy as np
 
-from fmjax.data import pipeline, sources
+from fmjax.data import elastic, pipeline, sources
 from fmjax.parallel import mesh as mesh_lib
 from fmjax.parallel import rules as rules_lib
 from fmjax.train import checkpoint as ckpt
@@ -180,8 +180,8 @@ def _train(config, workdir: str, run: dict) -> dict:
     writer = data_iter = profiler = None
     try:
         # -- 2. Data, and the latest readable checkpoint (or a fresh state). ------------------
-        data_iter = pipeline.make_train_iterator(
-            run["source"], global_batch_size=config.batch_size, transform=run["transform"],
+        data_iter = elastic.make_train_iterator(
+            run["source"], order=config.data.get("order", "per_process"), global_batch_size=config.batch_size, transform=run["transform"],
             seed=config.seed, worker_count=config.data.get("worker_count", 0),
             example_shapes={k: v.shape[1:] for k, v in spec.items()})
         latest, state = ckpt.restore_latest(
