@@ -120,26 +120,39 @@ def batch_parallelism(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+def _on_cloud_tpu_vm() -> bool:
+    """TPU chips on this host's PCI bus (what jax's own Cloud TPU set-up checks; read before
+    any backend starts, as ``jax.distributed.initialize`` must come first)."""
+    try:
+        from jax._src import hardware_utils
+        chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    except Exception:  # noqa: BLE001 - a jax without the helper, an unreadable /sys
+        return False
+    return chips > 0
+
+
 def maybe_initialize_distributed() -> bool:
     """Calls ``jax.distributed.initialize()`` when running as one of many processes.
 
-    Recognised: a TPU pod (``TPU_WORKER_HOSTNAMES`` with several hosts), SLURM with
-    more than one task, or the explicit coordinator variables
-    ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID``.
-    Returns whether it initialised.
+    Recognised, in order: ``FMJAX_DISTRIBUTED=0`` (never) / ``=1`` (always, with jax's own
+    cluster detection); the explicit coordinator variables ``JAX_COORDINATOR_ADDRESS`` +
+    ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID``; SLURM with more than one task; a GKE TPU
+    slice (``TPU_WORKER_HOSTNAMES`` with several hosts); a Cloud TPU VM (jax's GCE detection
+    reads the worker number and peers from the metadata server; one host initialises as a
+    1-process job, which also starts the preemption service). Returns whether it initialised.
     """
     env = os.environ
+    forced = env.get("FMJAX_DISTRIBUTED", "")
+    if forced == "0":
+        return False
     if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
         jax.distributed.initialize(
             coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(env["JAX_NUM_PROCESSES"]),
             process_id=int(env.get("JAX_PROCESS_ID", "0")))
         return True
-    if int(env.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
-        return True
-    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-    if len([h for h in hosts.split(",") if h]) > 1:
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if forced == "1" or int(env.get("SLURM_NTASKS", "1")) > 1 or len(hosts) > 1 or _on_cloud_tpu_vm():
         jax.distributed.initialize()
         return True
     return False
