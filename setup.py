@@ -35,9 +35,12 @@ setup(
         "tf": ["tensorflow-cpu"],
         # Cloud TPU VMs (launch/tpu_pod.sh, launch/gke/Dockerfile): jax 0.10.2 with its TPU extra,
         # which pins libtpu==0.0.42.* (listed too, the same pin as 'aot'). jax 0.10.2 needs Python >= 3.11.
-        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.*"],
+        # gcsfs + google-cloud-storage: gs:// workdirs and data (etils.epath reads gs:// through
+        # fsspec's gcsfs; Orbax asks the GCS API about the bucket before writing checkpoints there).
+        "gcs": ["gcsfs", "google-cloud-storage"],
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.*", "gcsfs", "google-cloud-storage"],
         # NVIDIA GPUs (launch/slurm.sbatch): jax 0.10.2 with the CUDA 12 plugin and the CUDA / cuDNN
         # / NCCL libraries from pip (jax[cuda12] = jaxlib 0.10.2 + jax-cuda12-plugin[with-cuda] 0.10.2).
-        "cuda": ["jax[cuda12]==0.10.2"],
+        "cuda": ["jax[cuda12]==0.10.2", "gcsfs", "google-cloud-storage"],
     },
 )
