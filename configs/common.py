@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile = (0, 0)
     c.peak_tflops = 0.0
     c.compile_cache_dir = "~/.cache/fmjax/jax_cache"
+    c.writers = ("jsonl", "tensorboard")  # + 'wandb' (pip install wandb; WANDB_MODE=offline works offline)
+    c.wandb_project = "fmjax"
     c.model = ml_collections.ConfigDict()
     c.objective = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict(dict(

@@ -227,7 +227,8 @@ def _train(config, workdir: str, run: dict) -> dict:
         profiler = observe.Profiler(config, workdir)
 
         # -- 4. Train. -------------------------------------------------------------------------------
-        writer = MetricWriter(workdir, config.total_steps)
+        writer = MetricWriter(workdir, config.total_steps, writers=config.get("writers", ("jsonl", "tensorboard")),
+                              run_config=config)
         progress = Progress(config.total_steps, config.batch_size, start, clock=clock)
         guard = _FiniteGuard(policy, manager, workdir)
         final: dict = {}

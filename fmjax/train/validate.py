@@ -13,6 +13,7 @@ from fmjax.evals import registry
 from fmjax.objectives.base import grad_accum_problem
 from fmjax.parallel import mesh as mesh_lib
 from fmjax.train import observe
+from fmjax.train.writer import check_writers
 
 from fmjax.errors import ConfigError  # noqa: F401  (re-exported: fmjax.train.validate.ConfigError)
 
@@ -42,6 +43,10 @@ def check(config, objective, mesh, evals: bool = True) -> None:
         raise ConfigError(problem)
     try:
         observe.check_profile(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        check_writers(config.get("writers", ("jsonl", "tensorboard")))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if float(config.get("peak_tflops", 0) or 0) < 0:

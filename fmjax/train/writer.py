@@ -41,28 +41,57 @@ def truncate_metrics(workdir: str, after_step: int) -> int:
     return len(drop)
 
 
-class MetricWriter:
-    """``metrics.jsonl`` and TensorBoard events in the workdir (a bucket too: the events are
-    staged locally and copied up every ``flush_secs`` and at ``close``)."""
+WRITERS = ("jsonl", "tensorboard", "wandb")
 
-    def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None, flush_secs: float = 30.0):
+
+def check_writers(writers) -> tuple:
+    """``config.writers`` as a tuple; ValueError naming the fix for unknown names or a missing
+    package. ``jsonl`` is always written (resume and evals read ``metrics.jsonl``)."""
+    if isinstance(writers, str):
+        writers = tuple(w.strip() for w in writers.split(",") if w.strip())
+    writers = tuple(writers or ())
+    unknown = [w for w in writers if w not in WRITERS]
+    if unknown:
+        raise ValueError(f"config.writers has unknown writer(s) {unknown}; valid: {list(WRITERS)}, "
+                         "e.g. --config.writers=\"('jsonl', 'tensorboard', 'wandb')\".")
+    if "wandb" in writers:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("config.writers includes 'wandb' but the wandb package is not installed: "
+                             "pip install wandb (set WANDB_MODE=offline to log without an account), "
+                             "or drop 'wandb' from config.writers.")
+    return writers
+
+
+class MetricWriter:
+    """``metrics.jsonl`` (always), TensorBoard events and Weights & Biases (``writers``) for a
+    workdir, a bucket too (TensorBoard's events are staged locally and copied up every
+    ``flush_secs`` and at ``close``; W&B keeps its local files in a temporary folder then).
+
+    W&B: the run id is derived from the workdir, so a resume continues the same W&B run;
+    ``WANDB_MODE=offline`` logs without an account (tests do); the project is
+    ``config.wandb_project`` (default 'fmjax')."""
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None, flush_secs: float = 30.0,
+                 writers=("jsonl", "tensorboard"), run_config=None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
         self.workdir = workdir
         self.flush_secs = flush_secs
-        self._tb = self._stage = None
+        self.writers = check_writers(writers)
+        self._tb = self._stage = self._wandb = None
         if self.enabled:
             files.makedirs(workdir)
             self._jsonl = files.AppendFile(files.join(workdir, "metrics.jsonl"), flush_secs)
-            if files.is_remote(workdir):
-                self._stage = files.LocalStage(workdir, prefix="fmjax_tb_")
             self._synced = time.monotonic()
-            try:
+            if "tensorboard" in self.writers:
+                if files.is_remote(workdir):
+                    self._stage = files.LocalStage(workdir, prefix="fmjax_tb_")
                 from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(logdir=self._stage.local if self._stage else workdir,
                                          flush_secs=flush_secs)
-            except ImportError:  # pragma: no cover - tensorboardX is a hard dependency
-                self._tb = None
+            if "wandb" in self.writers:
+                self._wandb = _start_wandb(workdir, run_config)
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -78,6 +107,8 @@ class MetricWriter:
             for k, v in row.items():
                 if k != "step" and v is not None:
                     self._tb.add_scalar(k, v, int(step))
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=int(step))
         self._maybe_sync()
 
     def _maybe_sync(self, force: bool = False):
@@ -107,6 +138,9 @@ class MetricWriter:
         files.write_bytes(path, buf.getvalue())
         if self._tb is not None:
             self._tb.add_image(name, np.asarray(image, np.uint8), int(step), dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+            self._wandb.log({f"images/{name}": wandb.Image(np.asarray(image, np.uint8))}, step=int(step))
         return path
 
     def close(self):
@@ -116,6 +150,8 @@ class MetricWriter:
                 self._tb.close()
             if self._stage is not None:
                 self._stage.close()
+            if self._wandb is not None:
+                self._wandb.finish()
 
 
 class Progress:
@@ -150,6 +186,39 @@ class Progress:
                 f"{metrics.get('train/items_per_s', 0.0):.1f} items/s{extra} ETA {eta_s}")
 
 
+def _start_wandb(workdir: str, run_config):
+    import hashlib
+    import tempfile
+    import wandb
+    cfg = run_config.to_dict() if hasattr(run_config, "to_dict") else dict(run_config or {})
+    project = cfg.get("wandb_project") or "fmjax"
+    local = tempfile.mkdtemp(prefix="fmjax_wandb_") if files.is_remote(workdir) else workdir
+    run_id = "fmjax-" + hashlib.sha1(workdir.encode()).hexdigest()[:12]  # a resume continues the run
+    return wandb.init(project=project, name=workdir.rstrip("/").rsplit("/", 1)[-1], id=run_id, resume="allow",
+                      dir=local, config=json.loads(json.dumps(cfg, default=str)))
+
+
+_HOST_LOGGER = None
+
+
+def _host_logger():
+    """A python logger under absl's handler: on a pod every host's lines carry absl's prefix
+    (level, time, pid, file:line) plus ``[process i/n host]``, so they can be filtered."""
+    global _HOST_LOGGER
+    if _HOST_LOGGER is None:
+        import logging
+        import socket
+        _HOST_LOGGER = logging.LoggerAdapter(logging.getLogger("fmjax"), {})
+        _HOST_LOGGER.logger.setLevel(logging.INFO)
+        _HOST_LOGGER.prefix = f"[process {jax.process_index()}/{jax.process_count()} {socket.gethostname()}] "
+    return _HOST_LOGGER
+
+
 def log(msg: str):
+    """The progress output: stdout of process 0; on several processes every host also logs the
+    line through absl logging (stderr) with its process and host name."""
     if jax.process_index() == 0:
         print(msg, flush=True, file=sys.stdout)
+    if jax.process_count() > 1:
+        logger = _host_logger()
+        logger.info(logger.prefix + msg)

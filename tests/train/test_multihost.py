@@ -66,6 +66,7 @@ def test_mismatched_config_stops_every_host(shapes_data_dir, tmp_path):
         assert last.startswith("fmjax: error: pre-flight: process 1 (host "), text[-3000:]
         assert "model/objective config" in last and "same --config" in last, last
         assert "Traceback" not in text
+        assert f"[process {i}/2 " in text and "] == fmjax: mae" in text  # every host logs, prefixed
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # nothing compiled or saved
 
 
