@@ -32,6 +32,10 @@ CAPABILITIES = {
     "tokenizer": "a discrete image tokenizer: tokens(images01) -> [B, h, w] int32 codes in "
                  "[0, vocab_size) (images in [0, 1], sides a multiple of `downsample`); "
                  "encode(images01) -> [B, h, w, vocab_size] logits; decode(z) -> pixels",
+    "promptable_masks": "SAM-style: encode_image(images) -> [B, h, w, C]; predict(embeddings, points, "
+                        "labels, boxes, masks) -> (mask logits [B, P, M, 4h, 4w], iou [B, P, M])",
+    "causal_lm": "__call__(tokens [B, T], train, context=None, context_mask=None) -> {'logits': "
+                 "[B, T, vocab], ...}, causal; decode=True keeps a KV cache (fmjax.models.generate)",
 }
 
 # name -> ("module:Class", "module:variant_kwargs function" or None). Imported on first use.
@@ -43,6 +47,8 @@ _BUILTIN = {
     "dit": ("fmjax.models.dit:DiT", "fmjax.models.dit:dit_kwargs"),
     "dvae": ("fmjax.models.dvae:DVAE", "fmjax.models.dvae:dvae_kwargs"),
     "convnext": ("fmjax.models.convnext:ConvNeXt", "fmjax.models.convnext:convnext_kwargs"),
+    "sam": ("fmjax.models.sam:SAM", "fmjax.models.sam:sam_kwargs"),
+    "decoder": ("fmjax.models.decoder:Decoder", "fmjax.models.decoder:decoder_kwargs"),
 }
 _REGISTERED: dict[str, tuple[Any, Optional[Callable]]] = {}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -45,7 +45,8 @@ from fmjax.errors import ConfigError
 from fmjax.models import scan as scan_lib
 
 FORMATS = ("hf_vit", "hf_deit", "hf_convnext", "hf_vit_mae", "hf_dinov2", "hf_clip", "open_clip", "diffusers_unet",
-           "timm_vit", "timm_mae")
+           "timm_vit", "timm_mae", "hf_gpt2")
+FORMATS += ("hf_sam",)  # fmjax.interop.hf_sam (transformers SamModel)
 _NO_HF_CONFIG = ("open_clip", "timm_vit", "timm_mae")
 KEYS = ("workdir", "step", "torch", "format", "hf_config", "mapping", "dont_load")
 
@@ -185,6 +186,12 @@ def _convert(mi, model=None) -> dict:
             return hf_clip.convert_hf_clip(sd, cfg)
         if fmt == "open_clip":
             return hf_clip.convert_open_clip(sd)
+        if fmt == "hf_gpt2":
+            from fmjax.interop import hf_gpt2
+            return hf_gpt2.convert_hf_gpt2(sd, cfg)
+        if fmt == "hf_sam":
+            from fmjax.interop import hf_sam
+            return hf_sam.convert_hf_sam(sd, cfg)
         return diffusers_unet.convert_diffusers_unet(sd, cfg)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"config.model_init: {path} is not a {fmt} checkpoint: "

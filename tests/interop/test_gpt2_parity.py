@@ -1,0 +1,147 @@
+"""fmjax.models.decoder.Decoder against transformers' GPT2LMHeadModel with random weights,
+converted by fmjax.interop.hf_gpt2: logits, the LM loss and its gradients (float32); cached
+step-by-step decoding equals the full forward; greedy generation equals HF's
+``generate(do_sample=False)``; cross-attention (``add_cross_attention``) logits; and the
+``model_init`` format ``hf_gpt2``."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from fmjax.interop import hf_gpt2  # noqa: E402
+from fmjax.models import generate  # noqa: E402
+from fmjax.models.decoder import Decoder  # noqa: E402
+from fmjax.models.registry import build_model, capabilities  # noqa: E402
+
+VOCAB, POSITIONS, EOS = 97, 32, 96
+
+
+def _hf(cross=False):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB,
+                                  n_positions=POSITIONS, bos_token_id=EOS, eos_token_id=EOS,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  add_cross_attention=cross)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:  # norms away from their identity init
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.02 * torch.randn_like(p))
+    return cfg, model.eval()
+
+
+def _tokens(b=2, t=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB - 1, (b, t), generator=g)
+
+
+def _setup(cross=False):
+    cfg, model = _hf(cross)
+    params = hf_gpt2.convert_hf_gpt2(model.state_dict(), cfg)
+    fm = Decoder(**hf_gpt2.decoder_kwargs_from_hf_config(cfg))
+    return cfg, model, fm, params
+
+
+def test_logits_loss_and_gradient_parity():
+    cfg, model, fm, params = _setup()
+    ids = _tokens()
+    model.zero_grad()
+    out_t = model(input_ids=ids, labels=ids)
+    out_t.loss.backward()
+    x = jnp.asarray(ids.numpy())
+
+    def loss_fn(p):
+        logits = fm.apply({"params": p}, x)["logits"]
+        logp = jax.nn.log_softmax(logits[:, :-1], -1)
+        return -jnp.take_along_axis(logp, x[:, 1:, None], -1).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    np.testing.assert_allclose(np.asarray(logits), out_t.logits.detach().numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(float(loss), out_t.loss.item(), atol=1e-5, rtol=1e-6)
+    # wte gets gradient from the input embedding and the tied output projection
+    tw = model.transformer
+    np.testing.assert_allclose(np.asarray(grads["token_embed"]["embedding"]),
+                               tw.wte.weight.grad.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(grads["pos_embed"]), tw.wpe.weight.grad.numpy(),
+                               atol=1e-6, rtol=0)
+    c_attn = tw.h[1].attn.c_attn.weight.grad.numpy()          # (D, 3D): q | k | v
+    np.testing.assert_allclose(np.asarray(grads["block_1"]["attn"]["key"]["kernel"]).reshape(64, 64),
+                               c_attn[:, 64:128], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(grads["block_0"]["mlp"]["fc2"]["kernel"]),
+                               tw.h[0].mlp.c_proj.weight.grad.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(grads["norm"]["scale"]), tw.ln_f.weight.grad.numpy(),
+                               atol=1e-6, rtol=0)
+
+
+def test_cached_decoding_equals_full_forward():
+    _, _, fm, params = _setup()
+    x = jnp.asarray(_tokens(t=10).numpy())
+    full = fm.apply({"params": params}, x)["logits"]
+    dec = fm.clone(decode=True)
+    cache = generate.init_cache(fm, 2, 10)
+    got = []
+    out, mut = dec.apply({"params": params, "cache": cache}, x[:, :4], mutable=["cache"])
+    got.append(out["logits"])               # a 4-token prefill, then one token per step
+    for i in range(4, 10):
+        out, mut = dec.apply({"params": params, **mut}, x[:, i:i + 1], mutable=["cache"])
+        got.append(out["logits"])
+    assert int(mut["cache"]["cache_index"]) == 10
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(got, 1)), np.asarray(full), atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_equals_hf_generate():
+    _, model, fm, params = _setup()
+    prompt = _tokens(b=3, t=5, seed=3)
+    with torch.no_grad():
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                             do_sample=False, pad_token_id=EOS, eos_token_id=EOS).numpy()
+    got = np.asarray(generate.sample(fm, params, prompt.numpy(), 12, greedy=True,
+                                     eos_token_id=EOS))
+    assert got.shape == (3, 17)
+    np.testing.assert_array_equal(got[:, :ref.shape[1]], ref)
+    assert (got[:, ref.shape[1]:] == EOS).all()   # HF stops when every row is done; we pad
+
+
+def test_cross_attention_parity():
+    cfg, model, fm, params = _setup(cross=True)
+    assert fm.cross_attention_every == 1
+    ids = _tokens(t=8)
+    g = torch.Generator().manual_seed(5)
+    enc = torch.randn(2, 6, 64, generator=g)
+    enc_mask = torch.ones(2, 6, dtype=torch.long)
+    enc_mask[1, 4:] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, encoder_hidden_states=enc, encoder_attention_mask=enc_mask).logits
+    out = fm.apply({"params": params}, jnp.asarray(ids.numpy()), context=jnp.asarray(enc.numpy()),
+                   context_mask=jnp.asarray(enc_mask.numpy()) > 0)["logits"]
+    np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=1e-5, rtol=0)
+
+
+def test_registry_and_model_init_format(tmp_path):
+    cfg, model, _, params = _setup()
+    fm = build_model(dict(name="decoder", **hf_gpt2.decoder_kwargs_from_hf_config(cfg)))
+    assert "causal_lm" in capabilities(fm) and isinstance(fm, Decoder)
+    from fmjax.train import model_init
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    flat, _ = model_init.read_source(dict(torch=str(tmp_path / "pytorch_model.bin"), format="hf_gpt2"))
+    want = model_init.flatten(params, "params")
+    assert set(flat) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(flat[k]), want[k])
+
+
+def test_converter_rejects_a_wrong_state_dict():
+    cfg, model, _, _ = _setup()
+    sd = dict(model.state_dict())
+    sd.pop("transformer.h.0.ln_1.weight")
+    sd["transformer.h.0.extra"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="h.0.ln_1.weight.*h.0.extra"):
+        hf_gpt2.convert_hf_gpt2(sd, cfg)
