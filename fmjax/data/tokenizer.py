@@ -24,14 +24,23 @@ file/line context.
   buckets: pad 0, words 1..vocab_size-3, sot vocab_size-2, eot vocab_size-1.
   No files and one token per word (a small text tower learns words much faster
   than from bytes); distinct words may share a bucket (rare for small
-  vocabularies), and ``decode`` can only show bucket ids.
+  vocabularies). ``decode`` needs a ``vocabulary`` (a list of words, or
+  ``"shapes"``: every word of the fmjax_shapes captions) to map buckets back to
+  words (ValueError if two of its words share a bucket); ids outside it decode
+  as ``<id>``. With the vocabulary, ``decode(encode(c)) == c.lower()`` for
+  captions whose punctuation follows a word without a space (the shapes captions).
 * :class:`ClipBpeTokenizer` (``"clip_bpe"``): OpenAI CLIP's SimpleTokenizer
   byte-pair encoding read from ``bpe_simple_vocab_16e6.txt.gz``; ids match
   OpenAI's ``SimpleTokenizer`` and transformers' ``CLIPTokenizer`` for the same
   vocabulary (49408 for the default file). Padding uses 0 like open_clip
   (id 0 is also the token ``"!"``; rows are delimited by ``eot``).
+* :class:`Gpt2BpeTokenizer` (``"gpt2_bpe"``): GPT-2's byte-level BPE from a
+  user's ``vocab.json`` + ``merges.txt`` (``bpe_path``: their directory; nothing
+  is downloaded). Ids match transformers' ``GPT2Tokenizer`` for the same files;
+  no cleaning or lowercasing, so ``decode(encode(text)) == text``. sot and eot
+  are both ``<|endoftext|>``; padding uses 0 (recognized only after eot).
 
-Both are picklable (grain worker processes).
+All are picklable (grain worker processes).
 """
 import functools
 import gzip
@@ -51,11 +60,12 @@ SOT_TEXT = "<|startoftext|>"
 EOT_TEXT = "<|endoftext|>"
 BPE_URL = ("https://github.com/openai/CLIP/raw/main/clip/"
            "bpe_simple_vocab_16e6.txt.gz")
-TOKENIZER_NAMES = ("bytes", "words", "clip_bpe")
+TOKENIZER_NAMES = ("bytes", "words", "clip_bpe", "gpt2_bpe")
 _CLIP_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
                  r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 _CACHE_LIMIT = 100_000
 _WORD_PATTERN = re.compile(r"[^\W_]+|[^\w\s]")
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 @functools.lru_cache()
@@ -187,25 +197,67 @@ class ByteTokenizer(Tokenizer):
         return f"ByteTokenizer(lowercase={self.lowercase})"
 
 
-class WordHashTokenizer(Tokenizer):
-    """Hashed word tokenizer needing no files (see the module docstring)."""
+def shapes_vocabulary() -> Tuple[str, ...]:
+    """Every word and punctuation mark of the fmjax_shapes captions and zero-shot prompts
+    (sorted), for ``WordHashTokenizer(vocabulary=...)``."""
+    from fmjax.data import shapes  # lazy: imports tensorflow_datasets
+    words = set(shapes.CLASS_NAMES + shapes.COLOR_NAMES + shapes.SIZE_NAMES)
+    for text in (shapes.CAPTION_TEMPLATES + shapes.ZERO_SHOT_TEMPLATES
+                 + tuple(shapes._WHERE) + tuple(shapes._NUMBER_WORDS.values())):
+        words |= set(_WORD_PATTERN.findall(re.sub(r"{\w*}", " ", text).lower()))
+    # _relation's phrases and _a_an's article
+    words |= {"on", "the", "left", "right", "of", "above", "below", "an"}
+    return tuple(sorted(words))
 
-    def __init__(self, vocab_size: int = 4096):
+
+class WordHashTokenizer(Tokenizer):
+    """Hashed word tokenizer needing no files (see the module docstring).
+
+    ``vocabulary``: None, ``"shapes"`` (``shapes_vocabulary()``) or a sequence of words; it only
+    serves ``decode`` (ids do not depend on it)."""
+
+    def __init__(self, vocab_size: int = 4096, vocabulary=None):
         if int(vocab_size) < 4:
             raise ValueError(f"WordHashTokenizer needs vocab_size >= 4, got {vocab_size}")
         self.vocab_size = int(vocab_size)
         self.sot_token_id = self.vocab_size - 2
         self.eot_token_id = self.vocab_size - 1
+        if isinstance(vocabulary, str):
+            if vocabulary != "shapes":
+                raise ValueError(f"vocabulary={vocabulary!r}: use 'shapes' or a list of words.")
+            vocabulary = shapes_vocabulary()
+        self.vocabulary = None if vocabulary is None else tuple(vocabulary)
+        self._words: Dict[int, str] = {}
+        for word in self.vocabulary or ():
+            word = unicodedata.normalize("NFC", str(word)).lower()
+            i = self._hash(word)
+            if self._words.get(i, word) != word:
+                raise ValueError(
+                    f"vocabulary words {self._words[i]!r} and {word!r} share bucket {i} of "
+                    f"vocab_size={self.vocab_size}; decode could not tell them apart. "
+                    "Pick another vocab_size.")
+            self._words[i] = word
+
+    def _hash(self, word: str) -> int:
+        return 1 + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - 3)
 
     def _encode(self, text: str) -> List[int]:
         words = _WORD_PATTERN.findall(unicodedata.normalize("NFC", text).lower())
-        return [1 + zlib.crc32(w.encode("utf-8")) % (self.vocab_size - 3) for w in words]
+        return [self._hash(w) for w in words]
 
     def _decode(self, ids: List[int]) -> str:
-        return " ".join(f"<{i}>" for i in ids)
+        out = []
+        for i in ids:
+            word = self._words.get(i, f"<{i}>")
+            if out and _WORD_PATTERN.fullmatch(word) and not word[0].isalnum():
+                out[-1] += word          # punctuation follows its word without a space
+            else:
+                out.append(word)
+        return " ".join(out)
 
     def __repr__(self) -> str:
-        return f"WordHashTokenizer(vocab_size={self.vocab_size})"
+        n = None if self.vocabulary is None else len(self.vocabulary)
+        return f"WordHashTokenizer(vocab_size={self.vocab_size}, vocabulary_words={n})"
 
 
 def read_bpe_merges(bpe_path: str, max_merges: Optional[int] = DEFAULT_NUM_MERGES
@@ -251,6 +303,38 @@ def _read_merges(path: str, max_merges: Optional[int], mtime_ns: int, size: int
 def _get_pairs(word: Tuple[str, ...]) -> set:
     """Adjacent symbol pairs of ``word``."""
     return set(zip(word[:-1], word[1:]))
+
+
+def _merge(word: Tuple[str, ...], bpe_ranks: Dict[Tuple[str, str], int]) -> Tuple[str, ...]:
+    """Applies the BPE merges to the symbols of ``word``, lowest rank first (OpenAI's loop,
+    shared by CLIP's and GPT-2's tokenizers)."""
+    pairs = _get_pairs(word)
+    while pairs:
+        bigram = min(pairs, key=lambda p: bpe_ranks.get(p, float("inf")))
+        if bigram not in bpe_ranks:
+            break
+        first, second = bigram
+        new_word = []
+        i = 0
+        while i < len(word):
+            try:
+                j = word.index(first, i)
+            except ValueError:
+                new_word.extend(word[i:])
+                break
+            new_word.extend(word[i:j])
+            i = j
+            if word[i] == first and i < len(word) - 1 and word[i + 1] == second:
+                new_word.append(first + second)
+                i += 2
+            else:
+                new_word.append(word[i])
+                i += 1
+        word = tuple(new_word)
+        if len(word) == 1:
+            break
+        pairs = _get_pairs(word)
+    return word
 
 
 class ClipBpeTokenizer(Tokenizer):
@@ -304,35 +388,9 @@ class ClipBpeTokenizer(Tokenizer):
         if token in self.cache:
             return self.cache[token]
         word = tuple(token[:-1]) + (token[-1] + "</w>",)
-        pairs = _get_pairs(word)
-        if not pairs:
+        if not _get_pairs(word):
             return token + "</w>"
-        while True:
-            bigram = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if bigram not in self.bpe_ranks:
-                break
-            first, second = bigram
-            new_word = []
-            i = 0
-            while i < len(word):
-                try:
-                    j = word.index(first, i)
-                except ValueError:
-                    new_word.extend(word[i:])
-                    break
-                new_word.extend(word[i:j])
-                i = j
-                if word[i] == first and i < len(word) - 1 and word[i + 1] == second:
-                    new_word.append(first + second)
-                    i += 2
-                else:
-                    new_word.append(word[i])
-                    i += 1
-            word = tuple(new_word)
-            if len(word) == 1:
-                break
-            pairs = _get_pairs(word)
-        out = " ".join(word)
+        out = " ".join(_merge(word, self.bpe_ranks))
         if len(self.cache) >= _CACHE_LIMIT:
             self.cache = {SOT_TEXT: SOT_TEXT, EOT_TEXT: EOT_TEXT}
         self.cache[token] = out
@@ -360,10 +418,102 @@ class ClipBpeTokenizer(Tokenizer):
         return f"ClipBpeTokenizer({self.bpe_path!r}, vocab_size={self.vocab_size})"
 
 
+class Gpt2BpeTokenizer(Tokenizer):
+    """GPT-2's byte-level BPE (transformers' ``GPT2Tokenizer``) from a user's files.
+
+    Args:
+        vocab_file: ``vocab.json``, {token: id} (byte-unicode tokens, with ``<|endoftext|>``).
+        merges_file: ``merges.txt``, one ``"a b"`` merge per line, rank = line order; a
+            ``#version`` header line and blank lines are skipped.
+        eos_token: the sot / eot token (GPT-2 uses one for both).
+    """
+
+    def __init__(self, vocab_file: str, merges_file: str, eos_token: str = EOT_TEXT):
+        import json
+        for path in (vocab_file, merges_file):
+            if not os.path.isfile(os.fspath(path)):
+                raise FileNotFoundError(
+                    f"GPT-2 BPE file not found: {os.fspath(path)!r}; the 'gpt2_bpe' tokenizer needs "
+                    "vocab.json and merges.txt (set config.data.tokenize.bpe_path to their directory).")
+        self.vocab_file, self.merges_file = os.fspath(vocab_file), os.fspath(merges_file)
+        with open(self.vocab_file, encoding="utf-8") as f:
+            encoder = json.load(f)
+        with open(self.merges_file, encoding="utf-8") as f:
+            lines = [ln for ln in f.read().split("\n") if ln.strip() and not ln.startswith("#version")]
+        merges = []
+        for n, line in enumerate(lines, start=1):
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{self.merges_file}: expected a merge 'a b', got {line!r}")
+            merges.append((parts[0], parts[1]))
+        if eos_token not in encoder:
+            raise ValueError(f"{self.vocab_file} has no {eos_token!r} token.")
+        self.eos_token = eos_token
+        self._build(encoder, merges)
+
+    def _build(self, encoder: Dict[str, int], merges: List[Tuple[str, str]]) -> None:
+        import regex
+        self.encoder, self.merges = dict(encoder), list(merges)
+        self.decoder = {v: k for k, v in self.encoder.items()}
+        self.bpe_ranks = dict(zip(self.merges, range(len(self.merges))))
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        self.vocab_size = max(self.encoder.values()) + 1
+        self.sot_token_id = self.eot_token_id = self.encoder[self.eos_token]
+        self.cache: Dict[str, str] = {}
+        self.pat = regex.compile(_GPT2_PATTERN)
+
+    def __getstate__(self) -> dict:
+        return {"vocab_file": self.vocab_file, "merges_file": self.merges_file,
+                "eos_token": self.eos_token, "encoder": self.encoder, "merges": self.merges}
+
+    def __setstate__(self, state: dict) -> None:
+        self.vocab_file, self.merges_file = state["vocab_file"], state["merges_file"]
+        self.eos_token = state["eos_token"]
+        self._build(state["encoder"], state["merges"])
+
+    def bpe(self, token: str) -> str:
+        """Space-separated BPE symbols of one pre-token (byte-unicode text)."""
+        if token not in self.cache:
+            if len(self.cache) >= _CACHE_LIMIT:
+                self.cache = {}
+            self.cache[token] = " ".join(_merge(tuple(token), self.bpe_ranks))
+        return self.cache[token]
+
+    def _encode(self, text: str) -> List[int]:
+        ids = []
+        for token in self.pat.findall(text):
+            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            for piece in self.bpe(token).split(" "):
+                if piece not in self.encoder:
+                    raise ValueError(f"BPE piece {piece!r} is not in {self.vocab_file}.")
+                ids.append(self.encoder[piece])
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``: a leading sot (= eot) is dropped, then stops at the first eot."""
+        ids = np.asarray(list(ids)).reshape(-1).tolist()
+        if ids and ids[0] == self.sot_token_id:
+            ids = ids[1:]
+        return super().decode(ids)
+
+    def _is_pad(self, i: int) -> bool:
+        return False  # 0 is a real token ("!"); padding is only recognized after eot
+
+    def _decode(self, ids: List[int]) -> str:
+        text = "".join(self.decoder[i] for i in ids)
+        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return f"Gpt2BpeTokenizer({self.vocab_file!r}, vocab_size={self.vocab_size})"
+
+
 def get_tokenizer(name: str = "bytes", bpe_path: Optional[str] = None,
                   vocab_size: Optional[int] = None, **kwargs) -> Tokenizer:
     """Tokenizer by name: ``'bytes'`` (default, no files), ``'words'`` (no files; its
-    ``vocab_size``, default 4096) or ``'clip_bpe'``.
+    ``vocab_size``, default 4096; ``vocabulary='shapes'`` to decode), ``'clip_bpe'`` or
+    ``'gpt2_bpe'`` (``bpe_path``: the directory of ``vocab.json`` + ``merges.txt``, or the
+    ``vocab_file`` / ``merges_file`` keywords).
 
     ``'clip_bpe'`` needs ``bpe_path`` (config key ``config.data.tokenize.bpe_path``).
     ``vocab_size`` is read by ``'words'`` only (the others have a fixed vocabulary). Extra
@@ -380,4 +530,13 @@ def get_tokenizer(name: str = "bytes", bpe_path: Optional[str] = None,
                 "config.data.tokenize.bpe_path to bpe_simple_vocab_16e6.txt.gz "
                 f"(from {BPE_URL}), or use the 'bytes' tokenizer.")
         return ClipBpeTokenizer(bpe_path, **kwargs)
+    if name == "gpt2_bpe":
+        vocab_file, merges_file = kwargs.pop("vocab_file", None), kwargs.pop("merges_file", None)
+        if bpe_path:
+            vocab_file = vocab_file or os.path.join(os.fspath(bpe_path), "vocab.json")
+            merges_file = merges_file or os.path.join(os.fspath(bpe_path), "merges.txt")
+        if not (vocab_file and merges_file):
+            raise ValueError("tokenizer 'gpt2_bpe' needs GPT-2's vocab.json and merges.txt: set "
+                             "config.data.tokenize.bpe_path to their directory.")
+        return Gpt2BpeTokenizer(vocab_file, merges_file, **kwargs)
     raise ValueError(f"unknown tokenizer {name!r}; valid names: {', '.join(TOKENIZER_NAMES)}")
