@@ -1,6 +1,7 @@
 """fmjax.models.sam: output shapes for every prompt kind, window partition / unpartition with
 padding, relative-position tables, the registry entry, dense hooks reaching SAM's
-projections (gradients: tests/interop/test_sam_parity.py), and the paper presets' param counts by ``jax.eval_shape`` (no allocation)."""
+projections, and the paper presets' param counts by ``jax.eval_shape`` (no allocation).
+Numerical parity and gradients: tests/interop/test_sam_parity.py."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

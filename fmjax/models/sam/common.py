@@ -11,7 +11,7 @@ SAM as to the ViT.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax

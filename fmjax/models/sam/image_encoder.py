@@ -5,6 +5,10 @@ a learned absolute position embedding, and a conv neck to ``out_chans`` (256) ch
 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (both convs without bias).
 
 NHWC throughout: ``SamImageEncoder(images (B, S, S, 3)) -> (B, S/16, S/16, out_chans)``.
+Other input sizes than ``image_size`` run (the position embedding is resized bicubically, the
+global blocks' relative-position tables linearly as in SAM's ``get_rel_pos``), but only
+``image_size`` is what SAM / transformers run and what the parity tests cover; ``SAM``'s prompt
+encoder assumes the ``image_size`` grid.
 Matches ``segment_anything.modeling.ImageEncoderViT`` and transformers' ``SamVisionEncoder``
 (``fmjax.interop.hf_sam``; ``tests/interop/test_sam_parity.py``).
 """

@@ -20,10 +20,8 @@ the final one PyTorch's default 1e-5; the original code uses 1e-5 throughout).
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from fmjax.models.blocks import Mlp
