@@ -1,7 +1,7 @@
 """fmjax.models.decoder.Decoder against transformers' GPT2LMHeadModel with random weights,
 converted by fmjax.interop.hf_gpt2: logits, the LM loss and its gradients (float32); cached
 step-by-step decoding equals the full forward; greedy generation equals HF's
-``generate(do_sample=False)``; cross-attention (``add_cross_attention``) logits; and the
+``generate(do_sample=False)`` and its beam search; cross-attention (``add_cross_attention``) logits; and the
 ``model_init`` format ``hf_gpt2``."""
 import json
 
@@ -107,6 +107,23 @@ def test_greedy_generation_equals_hf_generate():
     assert got.shape == (3, 17)
     np.testing.assert_array_equal(got[:, :ref.shape[1]], ref)
     assert (got[:, ref.shape[1]:] == EOS).all()   # HF stops when every row is done; we pad
+
+
+def test_beam_search_equals_hf_beam_search():
+    """While no hypothesis ends (HF keeps finished ones in a separate pool, fmjax lets them
+    compete for the beams: see generate.beam_search), both are the same beam search, and the
+    scores are the same sum log p / new tokens ** length_penalty."""
+    _, model, fm, params = _setup()
+    prompt = _tokens(b=3, t=5, seed=3)
+    with torch.no_grad():
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                             num_beams=4, do_sample=False, pad_token_id=EOS, eos_token_id=EOS,
+                             length_penalty=1.0, output_scores=True, return_dict_in_generate=True)
+    seqs = ref.sequences.numpy()
+    assert not (seqs[:, 5:] == EOS).any()
+    got, scores = generate.beam_search(fm, params, prompt.numpy(), 8, num_beams=4, eos_token_id=EOS)
+    np.testing.assert_array_equal(np.asarray(got[:, 0]), seqs)
+    np.testing.assert_allclose(np.asarray(scores[:, 0]), ref.sequences_scores.numpy(), atol=1e-5)
 
 
 def test_cross_attention_parity():

@@ -11,6 +11,8 @@ from fmjax.models import generate
 from fmjax.models import scan as scan_lib
 from fmjax.models.decoder import Decoder, apply_rotary, decoder_kwargs
 from fmjax.models.registry import build_model
+from fmjax.parallel.mesh import make_mesh
+from fmjax.parallel.rules import get_rules, param_shardings
 
 KW = dict(vocab_size=41, max_length=24, width=32, depth=2, num_heads=4, mlp_dim=64)
 TOK = jnp.asarray(np.random.default_rng(0).integers(0, 41, (2, 9)), jnp.int32)
@@ -173,3 +175,33 @@ def test_eos_padding_and_filters():
         generate.sample(m, params, prompt, 30, greedy=True)
     with pytest.raises(ValueError, match="rng"):
         generate.sample(m, params, prompt, 3)
+
+
+def test_logical_axes_and_sharded_forward_and_decoding():
+    m = Decoder(**{**KW, "vocab_size": 48}, scan_layers=True, cross_attention_every=1)
+    tok = TOK % 48
+    boxed = jax.eval_shape(m.init, jax.random.PRNGKey(0), tok, context=CTX)["params"]
+    specs = nn.get_partition_spec(boxed)
+    P = jax.sharding.PartitionSpec
+    assert specs["token_embed"]["embedding"] == P("vocab", "embed")
+    assert specs["block_stack"]["attn"]["query"]["kernel"] == P("layers", "embed", "heads", "kv")
+    assert specs["block_stack"]["cross_attn"]["out"]["kernel"] == P("layers", "heads", "kv", "embed")
+    assert specs["block_stack"]["mlp"]["fc1"]["kernel"] == P("layers", "embed", "mlp")
+    params = _init(m, tok, context=CTX)
+    want = m.apply({"params": params}, tok, context=CTX)["logits"]
+    want_gen = generate.sample(m, params, tok[:, :3], 5, greedy=True, context=CTX)
+    mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
+    rules = get_rules("fsdp_tensor")
+    placed = jax.device_put(params, param_shardings(boxed, mesh, rules))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        got = jax.jit(lambda p: m.apply({"params": p}, tok, context=CTX)["logits"])(placed)
+        got_gen = generate.sample(m, placed, tok[:, :3], 5, greedy=True, context=CTX)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got_gen), np.asarray(want_gen))
+    assert _is_greedy_with(m, params, want_gen, 3, CTX)
+
+
+def _is_greedy_with(m, params, tokens, prompt_length, context):
+    logits = m.apply({"params": params}, tokens, context=context)["logits"]
+    picks = np.asarray(jnp.argmax(logits[:, prompt_length - 1:-1], -1))
+    return np.array_equal(picks, np.asarray(tokens[:, prompt_length:]))
