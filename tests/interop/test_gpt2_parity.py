@@ -2,7 +2,7 @@
 converted by fmjax.interop.hf_gpt2: logits, the LM loss and its gradients (float32); cached
 step-by-step decoding equals the full forward; greedy generation equals HF's
 ``generate(do_sample=False)`` and its beam search; cross-attention (``add_cross_attention``) logits; and the
-``model_init`` format ``hf_gpt2``."""
+``model_init`` format ``hf_gpt2``; rotary positions against transformers' Llama rotary."""
 import json
 
 import jax
@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from fmjax.interop import hf_gpt2  # noqa: E402
 from fmjax.models import generate  # noqa: E402
-from fmjax.models.decoder import Decoder  # noqa: E402
+from fmjax.models import scan as scan_lib  # noqa: E402
+from fmjax.models.decoder import Decoder, apply_rotary  # noqa: E402
 from fmjax.models.registry import build_model, capabilities  # noqa: E402
 
 VOCAB, POSITIONS, EOS = 97, 32, 96
@@ -65,6 +66,8 @@ def test_logits_loss_and_gradient_parity():
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     np.testing.assert_allclose(np.asarray(logits), out_t.logits.detach().numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(float(loss), out_t.loss.item(), atol=1e-5, rtol=1e-6)
+    scanned = fm.clone(scan_layers=True).apply({"params": scan_lib.stack_layers(params)}, x)["logits"]
+    np.testing.assert_allclose(np.asarray(scanned), out_t.logits.detach().numpy(), atol=1e-5, rtol=0)
     # wte gets gradient from the input embedding and the tied output projection
     tw = model.transformer
     np.testing.assert_allclose(np.asarray(grads["token_embed"]["embedding"]),
@@ -162,3 +165,19 @@ def test_converter_rejects_a_wrong_state_dict():
     sd["transformer.h.0.extra"] = torch.zeros(1)
     with pytest.raises(KeyError, match="h.0.ln_1.weight.*h.0.extra"):
         hf_gpt2.convert_hf_gpt2(sd, cfg)
+
+
+def test_rotary_equals_transformers_llama_rotary():
+    """``position='rotary'`` uses the rotate-half layout of transformers' Llama / GPT-NeoX."""
+    from transformers.models.llama import modeling_llama as llama
+    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=10000.0,
+                                   max_position_embeddings=32)
+    rope = llama.LlamaRotaryEmbedding(cfg)
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 4, 9, 16, generator=g), torch.randn(2, 4, 9, 16, generator=g)  # B H L D
+    pos = torch.arange(3, 12)[None].expand(2, -1)
+    cos, sin = rope(q, pos)
+    q_ref, k_ref = llama.apply_rotary_pos_emb(q, k, cos, sin)
+    for x, ref in ((q, q_ref), (k, k_ref)):
+        got = apply_rotary(jnp.asarray(x.permute(0, 2, 1, 3).numpy()), jnp.arange(3, 12))
+        np.testing.assert_allclose(np.asarray(got), ref.permute(0, 2, 1, 3).numpy(), atol=1e-5)
