@@ -102,10 +102,11 @@ def assert_one_line_error(proc, *texts: str, code: int = 2) -> str:
 
 
 def launch_processes(script: str, per_process_args, devices_per_process: int = 4, log_dir: str = "/tmp",
-                     env=None):
+                     env=None, fake_gcs_root: str | None = None):
     """Starts ``launch/<script>.py`` once per entry of ``per_process_args`` (a list of arg
     lists), as the processes of one jax.distributed job on 127.0.0.1. Returns
-    ``(popens, log paths)``; each process writes stdout and stderr to its log."""
+    ``(popens, log paths)``; each process writes stdout and stderr to its log.
+    ``fake_gcs_root``: every process sees ``gs://`` as that folder (``install_fake_gcs``)."""
     import portpicker
     port = portpicker.pick_unused_port()
     n = len(per_process_args)
@@ -117,8 +118,9 @@ def launch_processes(script: str, per_process_args, devices_per_process: int = 4
         log = os.path.join(log_dir, f"process_{i}.log")
         logs.append(log)
         with open(log, "w") as f:  # the child keeps its own copy of the descriptor
-            procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "launch", f"{script}.py"), *args],
-                                          cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT))
+            cmd = (run_with_fake_gcs(fake_gcs_root, script, *args) if fake_gcs_root
+                   else [sys.executable, os.path.join(REPO, "launch", f"{script}.py"), *args])
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT))
     return procs, logs
 
 

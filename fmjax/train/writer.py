@@ -215,10 +215,11 @@ def _host_logger():
 
 
 def log(msg: str):
-    """The progress output: stdout of process 0; on several processes every host also logs the
-    line through absl logging (stderr) with its process and host name."""
-    if jax.process_index() == 0:
-        print(msg, flush=True, file=sys.stdout)
+    """The progress output: stdout on one process; on several, every host logs the line through
+    absl logging (stderr: level, time, pid, file:line) prefixed with its process and host name,
+    so each pod worker's log has it once and the hosts' logs can be merged and filtered."""
     if jax.process_count() > 1:
         logger = _host_logger()
         logger.info(logger.prefix + msg)
+    elif jax.process_index() == 0:
+        print(msg, flush=True, file=sys.stdout)

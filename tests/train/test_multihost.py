@@ -86,10 +86,10 @@ def test_sigterm_on_one_host_saves_the_same_step_everywhere(shapes_data_dir, tmp
     codes = testing.wait_processes(procs, logs, timeout=120)
     out0 = testing.read_log(logs[0])
     assert codes == [0, 0], out0[-3000:] + testing.read_log(logs[1])[-3000:]
-    saved = [int(line.split("saved step ")[1].split(";")[0]) for line in out0.splitlines()
-             if "SIGTERM: saved step" in line]
-    assert len(saved) == 1 and 5 <= saved[0] < 2000, out0[-3000:]
-    step = saved[0]
+    saved = [[int(line.split("saved step ")[1].split(";")[0]) for line in testing.read_log(log).splitlines()
+              if "SIGTERM: saved step" in line] for log in logs]  # every host logs its own line
+    assert len(saved[0]) == 1 and saved[0] == saved[1] and 5 <= saved[0][0] < 2000, (saved, out0[-3000:])
+    step = saved[0][0]
     ckpt_dir = os.path.join(workdir, "checkpoints", str(step))
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(os.path.join(ckpt_dir, "data")))
     assert max(r["step"] for r in _rows(workdir)) == step
@@ -154,3 +154,25 @@ def test_global_order_resumes_on_another_process_count(tiny_config, shapes_data_
         assert resumed["step"] == 5 and sorted(got) == [1, 2, 3, 4, 5]
         for s in range(1, 6):
             assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), (s, got, want)
+
+
+def test_two_processes_train_in_a_bucket(shapes_data_dir, tmp_path):
+    """2 processes, one gs:// workdir (local-emulated: fmjax.testing.install_fake_gcs in each):
+    both write their shards of the checkpoints, process 0 the logs; a re-run resumes."""
+    from fmjax.data import sources
+    sources.get_source("fmjax_shapes/32", "train", shapes_data_dir)
+    root = tmp_path / "bucket_root"
+    for total, logs_dir in ((2, "a"), (3, "b")):
+        os.makedirs(tmp_path / logs_dir)
+        procs, logs = testing.launch_processes(
+            "train", [_args("gs://fmjax-test/mh", shapes_data_dir, total_steps=total, checkpoint_every=1)] * 2,
+            log_dir=str(tmp_path / logs_dir), fake_gcs_root=str(root))
+        assert testing.wait_processes(procs, logs, timeout=240) == [0, 0], testing.read_log(logs[0])[-3000:]
+    out = testing.read_log(logs[0])
+    assert "workdir gs://fmjax-test/mh" in out and "resuming from step 2" in out, out[-3000:]
+    local = root / "fmjax-test" / "mh"
+    assert sorted(os.listdir(local / "checkpoints")) == ["1", "2", "3"]
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(local / "checkpoints" / "3" / "data"))
+    rows = _rows(str(local))
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+    assert not os.path.exists(os.path.join(testing.REPO, "gs:"))
