@@ -38,16 +38,8 @@ FLAGS = flags.FLAGS
 
 def measured_peak_tflops(dtype, n: int = 8192, reps: int = 10) -> float:
     """Dense matmul TFLOP/s per device: the practical peak that MFU is reported against."""
-    import jax
-    import jax.numpy as jnp
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+    from fmjax.train.observe import measured_peak_tflops as measure
+    return measure(dtype, n, reps)
 
 
 # -- Flags and config checks (before jax is imported: each failure is one line, exit 2). ----

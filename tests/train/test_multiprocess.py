@@ -10,15 +10,14 @@ Losses per step and the saved params must agree.
 """
 import json
 import os
-import subprocess
-import sys
+import pathlib
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import portpicker
 
+from fmjax import testing
 from fmjax.data import pipeline, sources, transforms
 from fmjax.objectives.base import make_objective
 from fmjax.parallel.mesh import batch_sharding, make_mesh
@@ -28,7 +27,6 @@ from fmjax.train import optimizer as opt_lib
 from fmjax.train.state import create_state, mesh_context
 from fmjax.train.step import jit_train_step, make_train_step
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 3
 # tiny_config('mae') as flags, plus SGD at a constant lr (the update is linear in the
 # gradient, so params compare tightly; Adam amplifies float noise in zero gradients).
@@ -44,24 +42,10 @@ OVERRIDES = {
 
 
 def _launch(workdir, data_dir, tmp_path):
-    port = portpicker.pick_unused_port()
     flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-    cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config=configs/mae.py",
-           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"] + flags
-    procs, logs = [], []
-    for i in range(2):
-        env = dict(os.environ)
-        env.update(
-            XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-            JAX_COMPILATION_CACHE_DIR=os.environ["FMJAX_TEST_JAX_CACHE"],
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-        log = tmp_path / f"process_{i}.log"
-        logs.append(log)
-        with open(log, "w") as f:  # the child keeps its own copy of the descriptor
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
-    return procs, logs
+    args = ["--config=configs/mae.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"] + flags
+    procs, logs = testing.launch_processes("train", [args, args], devices_per_process=4, log_dir=str(tmp_path))
+    return procs, [pathlib.Path(log) for log in logs]
 
 
 def _wait(procs, logs, timeout):
