@@ -18,9 +18,10 @@ Param tree (unrolled, canonical; ``fmjax.interop.hf_gpt2`` writes it):
 **KV cache.** A flax ``'cache'`` collection, as flax's own decoders: build the model with
 ``decode=True`` and apply with ``mutable=['cache']``. Every self-attention holds
 ``cached_key`` / ``cached_value`` (batch, max_length, heads, kv) and the decoder a scalar
-``cache_index`` (the number of tokens already written). A decode call may feed any number
-``T >= 1`` of tokens (a whole prompt to prefill, then one at a time); their positions are
-``cache_index + arange(T)`` and query i attends to keys ``<= cache_index + i``.
+``cache_index`` (the number of tokens already written), ``key_mask`` (batch, max_length; False
+at padding tokens) and ``positions`` (batch,; each row's next position). A decode call may feed
+any number ``T >= 1`` of tokens (a whole prompt to prefill, then one at a time); they are
+written at ``cache_index`` and query i attends to the non-padding keys ``<= cache_index + i``.
 ``fmjax.models.generate.init_cache`` makes an all-zero cache of a given length without running
 the model (``jax.eval_shape``). Cross-attention keys/values are recomputed from ``context`` at
 every step (not cached). With ``scan_layers`` the cache arrays get the leading layer axis too.
@@ -90,7 +91,10 @@ class CausalSelfAttention(MultiHeadAttention):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool = True,
-                 cache_index: Optional[jax.Array] = None) -> jax.Array:
+                 cache_index: Optional[jax.Array] = None,
+                 key_mask: Optional[jax.Array] = None) -> jax.Array:
+        """``key_mask``: optional (B, keys) bool, False = a padding key no query attends to
+        (keys = T, or the cache length when decoding)."""
         b, t, embed = x.shape
         if embed % self.num_heads:
             raise ValueError(f"Width {embed} is not divisible by num_heads={self.num_heads}.")
@@ -128,6 +132,8 @@ class CausalSelfAttention(MultiHeadAttention):
                 k, v = ck.value, cv.value
                 kpos = jnp.arange(max_len)
                 mask = (idx + qpos[:, None] >= kpos[None, :])[None, None]   # (1, 1, T, max_len)
+        if key_mask is not None:
+            mask = mask & jnp.asarray(key_mask, bool)[:, None, None, :]
         out = inject.call_attention(self, inject.AttentionInputs(q, k, v, None, mask),
                                     lambda inputs: self.attend(inputs, deterministic))
         out = nn.with_logical_constraint(out, HEAD_AXES)
@@ -155,17 +161,19 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, positions=None, cache_index=None,
-                 context=None, context_mask=None):
-        return self._forward(x, deterministic, positions, cache_index, context, context_mask)
+                 context=None, context_mask=None, key_mask=None):
+        return self._forward(x, deterministic, positions, cache_index, context, context_mask,
+                             key_mask)
 
-    def _forward(self, x, deterministic, positions, cache_index, context, context_mask):
+    def _forward(self, x, deterministic, positions, cache_index, context, context_mask,
+                 key_mask=None):
         x = constrain(x)
         h = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm1")(x)
         h = CausalSelfAttention(
             self.num_heads, attention_dropout=self.attention_dropout,
             attention_impl=self.attention_impl, rotary=self.rotary, rotary_base=self.rotary_base,
             decode=self.decode, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="attn")(h, positions, deterministic, cache_index)
+            name="attn")(h, positions, deterministic, cache_index, key_mask)
         x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
         if self.cross_attention:
             if context is None:
@@ -189,18 +197,24 @@ class ScanDecoderBlock(DecoderBlock):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, positions=None, cache_index=None,
-                 context=None, context_mask=None):
-        return self._forward(x, deterministic, positions, cache_index, context, context_mask), None
+                 context=None, context_mask=None, key_mask=None):
+        return self._forward(x, deterministic, positions, cache_index, context, context_mask,
+                             key_mask), None
 
 
 class Decoder(nn.Module):
     """GPT-2 style causal language model.
 
-    ``__call__(tokens (B, T) int, train=False, context=None, context_mask=None)`` returns a
+    ``__call__(tokens (B, T) int, train=False, context=None, context_mask=None,
+    attention_mask=None)`` returns a
     dict: ``logits`` (B, T, vocab) (float32), ``tokens`` (B, T, width) after the final norm.
     ``context`` (B, S, D'): the encoder sequence the cross-attention blocks attend to
     (``cross_attention_every=k``: blocks k-1, 2k-1, ... have one; 0: none), ``context_mask``
-    (B, S) bool, True = a real (not padding) context token.
+    (B, S) bool, True = a real (not padding) context token. ``attention_mask`` (B, T) bool:
+    False marks padding tokens (e.g. left-padded prompts): no token attends to them and the
+    positions count real tokens only (``cumsum(mask) - 1``, as transformers' GPT-2 generate);
+    when decoding, the cache keeps the mask of every written token (``key_mask``) and each
+    row's next position (``positions``). The outputs at padding tokens are meaningless.
     ``position``: 'learned' (GPT-2's ``wpe``) or 'rotary' (on q and k of every self-attention).
     ``decode=True``: the KV cache of the module docstring (apply with ``mutable=['cache']``).
     ``remat`` / ``scan_layers`` as in ``fmjax.models.blocks.Encoder``.
@@ -235,7 +249,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False, context: Optional[jax.Array] = None,
-                 context_mask: Optional[jax.Array] = None):
+                 context_mask: Optional[jax.Array] = None,
+                 attention_mask: Optional[jax.Array] = None):
         if self.position not in POSITIONS:
             raise ValueError(f"Unknown position {self.position!r}; valid: {POSITIONS}.")
         b, t = tokens.shape
@@ -245,20 +260,31 @@ class Decoder(nn.Module):
                          embedding_init=part(nn.initializers.normal(0.02), ("vocab", "embed")))
         x = embed(tokens)
         cache_index = None
-        start = jnp.zeros((), jnp.int32)
+        real = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+        key_mask = real
+        positions = jnp.arange(t)
+        if real is not None:
+            positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)          # (B, T)
         if self.decode:
             initialized = self.has_variable("cache", "cache_index")
             index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            keys = self.variable("cache", "key_mask", lambda: jnp.ones((b, t), bool))
+            nxt = self.variable("cache", "positions", lambda: jnp.zeros((b,), jnp.int32))
             if initialized:
-                cache_index = start = index.value
+                cache_index = index.value
+                cur = jnp.ones((b, t), bool) if real is None else real
+                keys.value = jax.lax.dynamic_update_slice(keys.value, cur, (0, cache_index))
+                key_mask = keys.value
+                positions = nxt.value[:, None] + jnp.maximum(jnp.cumsum(cur, axis=1) - 1, 0)
+                nxt.value = nxt.value + cur.sum(axis=1).astype(jnp.int32)
                 index.value = index.value + t
         elif t > self.max_length:
             raise ValueError(f"Text length {t} exceeds max_length={self.max_length}.")
-        positions = start + jnp.arange(t)
         if self.position == "learned":
             pos = self.param("pos_embed", part(nn.initializers.normal(0.01), (None, "embed")),
                              (self.max_length, self.width), self.param_dtype)
-            x = x + jnp.take(pos, positions, axis=0).astype(self.dtype)[None]
+            pe = jnp.take(pos, positions, axis=0).astype(self.dtype)
+            x = x + (pe[None] if pe.ndim == 2 else pe)
         x = constrain(x)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
@@ -272,15 +298,16 @@ class Decoder(nn.Module):
                 raise ValueError("scan_layers needs identical blocks: cross_attention_every 0 or 1, "
                                  f"got {self.cross_attention_every}.")
             stack = scan_lib.stack_module(ScanDecoderBlock, self.depth, self.remat,
-                                          static_argnums=(2,), in_axes=(nn.broadcast,) * 5)
+                                          static_argnums=(2,), in_axes=(nn.broadcast,) * 6)
             x, _ = stack(cross_attention=self.cross_attention_every == 1, **kwargs,
                          name="block" + scan_lib.STACK_SUFFIX)(
-                             x, deterministic, positions, cache_index, context, context_mask)
+                             x, deterministic, positions, cache_index, context, context_mask,
+                             key_mask)
         else:
             block_cls = scan_lib.remat_module(DecoderBlock, self.remat, static_argnums=(2,))
             for i in range(self.depth):
                 x = block_cls(cross_attention=self._has_cross(i), **kwargs, name=f"block_{i}")(
-                    x, deterministic, positions, cache_index, context, context_mask)
+                    x, deterministic, positions, cache_index, context, context_mask, key_mask)
         x = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
         x = constrain(x)
         if self.tie_embeddings:

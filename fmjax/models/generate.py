@@ -4,7 +4,9 @@ temperature / top-k / top-p sampling, and beam search.
 Everything is one ``jax.jit``-compiled function per (model, shapes, options): the prompt is
 prefilled in one cached call, then a ``lax.fori_loop`` feeds one token per step through the
 ``'cache'`` collection. Sampling is a pure function of the PRNG key (the same key gives the
-same tokens). Prompts are (B, P) and all rows have the same length P (no left padding).
+same tokens). Prompts are (B, P); rows of different lengths are left-padded, with
+``attention_mask`` (B, P) False at the padding (positions then count real tokens only, as in
+transformers' ``generate``).
 
     tokens = generate.sample(model, params, prompt, max_new_tokens=20, rng=key,
                              temperature=0.8, top_k=40, top_p=0.95, eos_token_id=eot)
@@ -70,22 +72,23 @@ def _check(model, prompt, max_new_tokens):
 
 
 def _step_fn(model, params, context, context_mask):
-    def step(cache, tokens):
+    def step(cache, tokens, attention_mask=None):
         out, mut = model.apply({"params": params, "cache": cache}, tokens, context=context,
-                               context_mask=context_mask, mutable=["cache"])
+                               context_mask=context_mask, attention_mask=attention_mask,
+                               mutable=["cache"])
         return out["logits"][:, -1], mut["cache"]
     return step
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k", "top_p",
                                              "eos_token_id", "pad_token_id"))
-def _sample(model, params, prompt, rng, context, context_mask, temperature, *,
+def _sample(model, params, prompt, rng, context, context_mask, attention_mask, temperature, *,
             max_new_tokens, greedy, top_k, top_p, eos_token_id, pad_token_id):
     b, p = prompt.shape
     total = p + max_new_tokens
     step = _step_fn(model, params, context, context_mask)
     cache = init_cache(model, b, total, context, context_mask)
-    logits, cache = step(cache, prompt)
+    logits, cache = step(cache, prompt, attention_mask)
     tokens = jnp.concatenate([prompt, jnp.full((b, max_new_tokens), pad_token_id, prompt.dtype)], 1)
 
     def body(i, carry):
@@ -113,11 +116,12 @@ def _sample(model, params, prompt, rng, context, context_mask, temperature, *,
 def sample(model, params, prompt, max_new_tokens: int, rng: Optional[jax.Array] = None, *,
            greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-           context=None, context_mask=None) -> jax.Array:
+           context=None, context_mask=None, attention_mask=None) -> jax.Array:
     """Greedy (``greedy=True``, no rng needed) or ancestral sampling from
     softmax(logits / temperature) restricted by ``top_k`` / ``top_p`` (see ``filter_logits``).
     Returns int32 (B, P + max_new_tokens): the prompt, then the new tokens (``pad_token_id``
-    after a row's ``eos_token_id``). ``context`` / ``context_mask``: the cross-attention input."""
+    after a row's ``eos_token_id``). ``context`` / ``context_mask``: the cross-attention input;
+    ``attention_mask`` (B, P): False at the left padding of shorter prompts."""
     prompt = jnp.asarray(prompt, jnp.int32)
     _check(model, prompt, max_new_tokens)
     if not greedy:
@@ -128,7 +132,8 @@ def sample(model, params, prompt, max_new_tokens: int, rng: Optional[jax.Array] 
     if rng is None:
         rng = jax.random.PRNGKey(0)
     pad = eos_token_id if pad_token_id is None else pad_token_id
-    return _sample(model.clone(decode=True), params, prompt, rng, context, context_mask,
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+    return _sample(model.clone(decode=True), params, prompt, rng, context, context_mask, mask,
                    jnp.float32(temperature), max_new_tokens=int(max_new_tokens),
                    greedy=bool(greedy), top_k=int(top_k), top_p=float(top_p),
                    eos_token_id=eos_token_id,
@@ -137,7 +142,9 @@ def sample(model, params, prompt, max_new_tokens: int, rng: Optional[jax.Array] 
 
 def _gather_beams(tree, beam_idx, batch, num_beams):
     """Reorder every (..., B*K, ...) cache array (batch axis = ndim - 4: (B*K, L, heads, kv),
-    with a leading layer axis when scanned) by ``beam_idx`` (B, K); scalars unchanged."""
+    with a leading layer axis when scanned) by ``beam_idx`` (B, K). The decoder's ``key_mask``
+    and ``positions`` are the same for the K beams of a row (the prompt's padding, then only
+    real tokens), so they, like ``cache_index``, need no reordering."""
     flat_idx = (beam_idx + jnp.arange(batch)[:, None] * num_beams).reshape(-1)
 
     def take(x):
@@ -149,15 +156,15 @@ def _gather_beams(tree, beam_idx, batch, num_beams):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "num_beams",
                                              "eos_token_id", "pad_token_id"))
-def _beam(model, params, prompt, context, context_mask, length_penalty, *, max_new_tokens,
-          num_beams, eos_token_id, pad_token_id):
+def _beam(model, params, prompt, context, context_mask, attention_mask, length_penalty, *,
+          max_new_tokens, num_beams, eos_token_id, pad_token_id):
     b, p = prompt.shape
     k = num_beams
     total = p + max_new_tokens
     rep = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
     step = _step_fn(model, params, rep(context), rep(context_mask))
     cache = init_cache(model, b * k, total, rep(context), rep(context_mask))
-    logits, cache = step(cache, rep(prompt))
+    logits, cache = step(cache, rep(prompt), rep(attention_mask))
     tokens = jnp.concatenate([prompt, jnp.full((b, max_new_tokens), pad_token_id, prompt.dtype)], 1)
     tokens = jnp.repeat(tokens[:, None], k, axis=1)                         # (B, K, total)
     scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1))  # one live beam
@@ -197,7 +204,8 @@ def _beam(model, params, prompt, context, context_mask, length_penalty, *, max_n
 
 def beam_search(model, params, prompt, max_new_tokens: int, num_beams: int = 4, *,
                 length_penalty: float = 1.0, eos_token_id: Optional[int] = None,
-                pad_token_id: Optional[int] = None, context=None, context_mask=None):
+                pad_token_id: Optional[int] = None, context=None, context_mask=None,
+                attention_mask=None):
     """Beam search keeping ``num_beams`` hypotheses per row; a hypothesis that emits
     ``eos_token_id`` is finished (continues with pad at no cost, its length frozen). Hypotheses
     are ranked by sum log p / length ** ``length_penalty`` (length = new tokens incl. eos).
@@ -209,7 +217,8 @@ def beam_search(model, params, prompt, max_new_tokens: int, num_beams: int = 4, 
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
     pad = eos_token_id if pad_token_id is None else pad_token_id
-    return _beam(model.clone(decode=True), params, prompt, context, context_mask,
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+    return _beam(model.clone(decode=True), params, prompt, context, context_mask, mask,
                  jnp.float32(length_penalty), max_new_tokens=int(max_new_tokens),
                  num_beams=int(num_beams), eos_token_id=eos_token_id,
                  pad_token_id=int(pad if pad is not None else 0))

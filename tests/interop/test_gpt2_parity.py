@@ -112,6 +112,30 @@ def test_greedy_generation_equals_hf_generate():
     assert (got[:, ref.shape[1]:] == EOS).all()   # HF stops when every row is done; we pad
 
 
+def test_left_padded_prompts_equal_hf():
+    """A batch of prompts of different lengths, left-padded with an attention mask: the logits
+    at real tokens and greedy generation equal transformers' (which counts positions over the
+    real tokens in ``generate``; the forward is given the same position_ids)."""
+    _, model, fm, params = _setup()
+    prompt = _tokens(b=3, t=6, seed=4)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    prompt = prompt.masked_fill(mask == 0, EOS)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref_logits = model(input_ids=prompt, attention_mask=mask, position_ids=position_ids).logits
+        ref = model.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             pad_token_id=EOS, eos_token_id=EOS).numpy()
+    real = mask.numpy() > 0
+    out = fm.apply({"params": params}, jnp.asarray(prompt.numpy()), attention_mask=real)["logits"]
+    np.testing.assert_allclose(np.asarray(out)[real], ref_logits.numpy()[real], atol=1e-5, rtol=0)
+    got = np.asarray(generate.sample(fm, params, prompt.numpy(), 8, greedy=True,
+                                     eos_token_id=EOS, attention_mask=real))
+    np.testing.assert_array_equal(got[:, :ref.shape[1]], ref)
+    assert (got[:, ref.shape[1]:] == EOS).all()
+
+
 def test_beam_search_equals_hf_beam_search():
     """While no hypothesis ends (HF keeps finished ones in a separate pool, fmjax lets them
     compete for the beams: see generate.beam_search), both are the same beam search, and the

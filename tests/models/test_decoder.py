@@ -205,3 +205,24 @@ def _is_greedy_with(m, params, tokens, prompt_length, context):
     logits = m.apply({"params": params}, tokens, context=context)["logits"]
     picks = np.asarray(jnp.argmax(logits[:, prompt_length - 1:-1], -1))
     return np.array_equal(picks, np.asarray(tokens[:, prompt_length:]))
+
+
+def test_left_padding_changes_nothing():
+    """A prompt left-padded with an attention mask gives the unpadded prompt's logits at its
+    real tokens, the same greedy continuation and the same beams (rotary, scanned; learned
+    positions: tests/interop/test_gpt2_parity.py against transformers)."""
+    m = Decoder(**KW, position="rotary", scan_layers=True)
+    params = _init(m)
+    short = TOK[1:, :4]
+    padded = jnp.concatenate([jnp.full((1, 3), 7, jnp.int32), short], 1)
+    mask = jnp.array([[False] * 3 + [True] * 4])
+    a = m.apply({"params": params}, short)["logits"]
+    b = m.apply({"params": params}, padded, attention_mask=mask)["logits"][:, 3:]
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    ga = generate.sample(m, params, short, 6, greedy=True)
+    gb = generate.sample(m, params, padded, 6, greedy=True, attention_mask=mask)
+    np.testing.assert_array_equal(np.asarray(ga[:, 4:]), np.asarray(gb[:, 7:]))
+    ba, sa = generate.beam_search(m, params, short, 4, num_beams=3)
+    bb, sb = generate.beam_search(m, params, padded, 4, num_beams=3, attention_mask=mask)
+    np.testing.assert_array_equal(np.asarray(ba[..., 4:]), np.asarray(bb[..., 7:]))
+    np.testing.assert_allclose(np.asarray(sa), np.asarray(sb), atol=1e-5)
