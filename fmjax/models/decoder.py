@@ -17,14 +17,18 @@ Param tree (unrolled, canonical; ``fmjax.interop.hf_gpt2`` writes it):
 
 **KV cache.** A flax ``'cache'`` collection, as flax's own decoders: build the model with
 ``decode=True`` and apply with ``mutable=['cache']``. Every self-attention holds
-``cached_key`` / ``cached_value`` (batch, max_length, heads, kv) and the decoder a scalar
-``cache_index`` (the number of tokens already written), ``key_mask`` (batch, max_length; False
-at padding tokens) and ``positions`` (batch,; each row's next position). A decode call may feed
+``cached_key`` / ``cached_value`` (batch, cache_length, heads, kv) and the decoder a scalar
+``cache_index`` (the number of tokens already written), ``key_mask`` (batch, cache_length;
+False at padding tokens and unwritten slots) and ``positions`` (batch,; each row's next position). A decode call may feed
 any number ``T >= 1`` of tokens (a whole prompt to prefill, then one at a time); they are
 written at ``cache_index`` and query i attends to the non-padding keys ``<= cache_index + i``.
 ``fmjax.models.generate.init_cache`` makes an all-zero cache of a given length without running
 the model (``jax.eval_shape``). Cross-attention keys/values are recomputed from ``context`` at
 every step (not cached). With ``scan_layers`` the cache arrays get the leading layer axis too.
+
+``dropout`` acts on the embeddings, after each residual branch and (``fmjax.models.blocks.Mlp``)
+after the MLP's activation, where GPT-2 has none; ``attention_dropout`` on the attention
+probabilities. Eval-mode numbers (the parity tests) do not depend on it.
 """
 from typing import Any, Optional
 
