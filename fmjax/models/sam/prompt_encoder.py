@@ -7,7 +7,8 @@
   centres) -> positional encoding + a learned type embedding: label 1 (foreground)
   ``point_embed[1]``, 0 (background) ``point_embed[0]``, -1 (not a point; also the pad point
   appended when no box is given) ``not_a_point_embed`` instead of the encoding, -10 (padding,
-  HF's convention) zeros.
+  HF's convention) zeros; 2 / 3 a box's corners given as points (exactly ``_embed_boxes``'s
+  tokens, so box and point prompts can share one static layout: the ``sam`` objective).
 - boxes (x1, y1, x2, y2) -> two corner tokens, + ``point_embed[2]`` / ``point_embed[3]``.
 - masks (B, 4h, 4w) logits -> conv 2x2/2, LayerNorm2d, GELU, conv 2x2/2, LayerNorm2d, GELU,
   1x1 conv -> (B, h, w, D) (``mask_downscaling``); without a mask ``no_mask_embed`` everywhere.
@@ -107,6 +108,8 @@ class SamPromptEncoder(nn.Module):
         emb = jnp.where(lab == -1, self.not_a_point_embed[0], emb)
         emb = jnp.where(lab == -10, 0.0, emb)
         emb = jnp.where(lab == 0, emb + self.point_embed[0], emb)
+        emb = jnp.where(lab == 2, emb + self.point_embed[2], emb)  # a box's top-left corner as a point
+        emb = jnp.where(lab == 3, emb + self.point_embed[3], emb)  # ... and its bottom-right corner
         return jnp.where(lab == 1, emb + self.point_embed[1], emb)
 
     def _embed_boxes(self, boxes):

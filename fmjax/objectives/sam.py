@@ -1,0 +1,240 @@
+"""SAM's promptable-segmentation training with simulated interaction (Kirillov et al., 2023,
+section 3 and appendix A "Training algorithm").
+
+Per image the image encoder runs once; every instance of the image (``masks`` (B, K, H, W),
+``num_objects``) becomes one prompt row whose decoder runs ``1 + correction_rounds`` times:
+
+- round 0: with probability ``box_prob`` a box (the mask's bounds, each coordinate moved by
+  N(0, (``box_noise`` x side)^2), capped at ``box_noise_max`` px), else one foreground point
+  drawn uniformly from the mask; three masks (``multimask_output``) and the loss of the best
+  one (min over the three, as the paper backpropagates only the lowest loss);
+- rounds 1..N: one new point drawn uniformly from the error region of the previous prediction
+  (a positive point if it lands in a false negative, a negative one in a false positive), the
+  points so far, and the previous round's low-res mask logits (no gradient) as the mask
+  prompt; one mask.
+
+The loss of a prediction is ``focal_weight`` x focal (alpha 0.25, gamma 2) + ``dice_weight``
+x dice on the mask logits upsampled to the image (the paper's 20:1), plus ``iou_weight`` x the
+MSE between the IoU head and each output mask's IoU with the ground truth. Rounds are
+averaged; rows of absent or fully occluded instances are masked out.
+
+Prompts share one static layout so box and point rows batch together: ``1 + rounds + 1``
+point slots; a box is given as its two corners with labels 2 / 3 (the prompt encoder embeds
+them exactly as box tokens), unused slots are padding (-10). Point rows therefore carry the
+padding tokens a box row uses for its second corner (HF's batched-prompt convention), and box
+rows the not-a-point pad token the prompt encoder appends (the original appends it for point
+prompts only).
+
+``eval_metrics``: per image, the mean IoU over its instances with one box (no noise), one
+point (the most confident of the three masks, as SAM's ambiguity rule), and one point plus two
+corrections (``miou_3pt``); each a separate forward with its own draws.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fmjax.models.registry import build_model, require
+from fmjax.objectives.base import Objective
+
+PAD, BOX_TL, BOX_BR = -10, 2, 3
+
+
+def focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
+    """Sigmoid focal loss averaged over the last two (pixel) axes."""
+    p = jax.nn.sigmoid(logits)
+    ce = jnp.logaddexp(0.0, logits) - logits * targets  # binary cross-entropy with logits
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(axis=(-2, -1))
+
+
+def dice_loss(logits, targets, eps: float = 1.0):
+    p = jax.nn.sigmoid(logits)
+    num = 2 * (p * targets).sum(axis=(-2, -1)) + eps
+    return 1 - num / (p.sum(axis=(-2, -1)) + targets.sum(axis=(-2, -1)) + eps)
+
+
+def mask_iou(pred, gt):
+    """IoU of boolean masks over the last two axes (1 when both are empty)."""
+    inter = (pred & gt).sum(axis=(-2, -1))
+    union = (pred | gt).sum(axis=(-2, -1))
+    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+
+
+def sample_pixel(rng, region):
+    """(R, H, W) bool -> (xy (R, 2) float pixel coords, found (R,) bool): uniform over the
+    region (Gumbel-max over its pixels)."""
+    r, h, w = region.shape
+    scores = jax.random.uniform(rng, (r, h * w)) + 2.0 * region.reshape(r, -1)
+    idx = jnp.argmax(scores, axis=-1)
+    xy = jnp.stack([idx % w, idx // w], axis=-1).astype(jnp.float32)
+    return xy, region.reshape(r, -1).any(-1)
+
+
+def mask_box(gt):
+    """(R, H, W) bool -> (R, 4) x0, y0, x1, y1 (inclusive pixel bounds; zeros when empty)."""
+    h, w = gt.shape[-2:]
+    ys, xs = jnp.arange(h), jnp.arange(w)
+    rows, cols = gt.any(-1), gt.any(-2)
+    big = max(h, w) + 1
+    y0 = jnp.min(jnp.where(rows, ys, big), -1)
+    y1 = jnp.max(jnp.where(rows, ys, -1), -1)
+    x0 = jnp.min(jnp.where(cols, xs, big), -1)
+    x1 = jnp.max(jnp.where(cols, xs, -1), -1)
+    box = jnp.stack([x0, y0, x1, y1], -1).astype(jnp.float32)
+    return jnp.where(gt.any((-2, -1))[:, None], box, 0.0)
+
+
+def jitter_box(rng, box, frac: float, max_px: float, size: int):
+    side = jnp.stack([box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]] * 2, -1) + 1
+    noise = jnp.clip(jax.random.normal(rng, box.shape) * frac * side, -max_px, max_px)
+    out = jnp.clip(box + noise, 0, size - 1)
+    x0, x1 = jnp.minimum(out[:, 0], out[:, 2]), jnp.maximum(out[:, 0], out[:, 2])
+    y0, y1 = jnp.minimum(out[:, 1], out[:, 3]), jnp.maximum(out[:, 1], out[:, 3])
+    return jnp.stack([x0, y0, x1, y1], -1)
+
+
+class SAMObjective(Objective):
+    batch_keys = ("image", "masks", "num_objects")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = build_model(config.model, config.get("dtype", "float32"))
+        require(self.model, ("promptable_masks",), "objective 'sam'", config.model.name)
+        o = config.objective
+        self.rounds = int(o.get("correction_rounds", 2))
+        self.box_prob = float(o.get("box_prob", 0.5))
+        self.box_noise = float(o.get("box_noise", 0.1))
+        self.box_noise_max = float(o.get("box_noise_max", 20.0))
+        self.focal_weight = float(o.get("focal_weight", 20.0))
+        self.dice_weight = float(o.get("dice_weight", 1.0))
+        self.iou_weight = float(o.get("iou_weight", 1.0))
+        self.patch_size = self.model.patch_size
+
+    def check(self, config):
+        from fmjax.errors import ConfigError
+        size = config.data.get("image_size")
+        if size and size != self.model.image_size:
+            raise ConfigError(f"config.data.image_size={size} but the SAM model takes {self.model.image_size} px "
+                              f"images; set --config.model.image_size={size} (or resize the data).")
+        if self.rounds < 0 or not 0 <= self.box_prob <= 1:
+            raise ConfigError("config.objective.correction_rounds must be >= 0 and box_prob in [0, 1].")
+
+    def init(self, rng, batch):
+        return self.model.init({"params": rng}, *self.model.init_inputs(1))["params"], {}
+
+    # -- the interactive rounds ------------------------------------------------------------------
+    def _rows(self, batch):
+        """(R = B*K ground-truth masks (R, H, W) bool, valid (R,), image index (R,))."""
+        masks = batch["masks"]
+        b, k = masks.shape[:2]
+        gt = masks.reshape((b * k,) + masks.shape[2:]) > 0
+        present = (jnp.arange(k)[None, :] < batch["num_objects"].reshape(b, 1)).reshape(-1)
+        return gt, present & gt.any((-2, -1)), jnp.repeat(jnp.arange(b), k)
+
+    def _first_prompt(self, rng, gt, use_box, box_noise: bool = True):
+        """Points (R, S, 2) and labels (R, S) of round 0 in the static layout of S slots."""
+        r = gt.shape[0]
+        slots = 2 + self.rounds
+        k_pt, k_box = jax.random.split(rng)
+        point, _ = sample_pixel(k_pt, gt)
+        box = mask_box(gt)
+        if box_noise:
+            box = jitter_box(k_box, box, self.box_noise, self.box_noise_max, gt.shape[-1])
+        pts = jnp.zeros((r, slots, 2), jnp.float32)
+        labels = jnp.full((r, slots), PAD, jnp.int32)
+        box_pts = pts.at[:, 0].set(box[:, :2]).at[:, 1].set(box[:, 2:])
+        box_lab = labels.at[:, 0].set(BOX_TL).at[:, 1].set(BOX_BR)
+        pt_pts, pt_lab = pts.at[:, 0].set(point), labels.at[:, 0].set(1)
+        ub = use_box[:, None]
+        return jnp.where(ub[..., None], box_pts, pt_pts), jnp.where(ub, box_lab, pt_lab)
+
+    def _predict(self, params, emb, points, labels, prev, multimask):
+        out = self.model.apply({"params": params}, emb, points[:, None], labels[:, None], None, prev,
+                               multimask, method=self.model.predict)
+        logits, iou = out
+        return logits[:, 0], iou[:, 0]   # (R, M, 4h, 4w), (R, M)
+
+    def _upsample(self, logits, hw):
+        return jax.image.resize(logits, logits.shape[:-2] + tuple(hw), "bilinear")
+
+    def _losses(self, logits, iou_pred, gt):
+        """Per row and output mask: (mask loss, iou mse, actual iou) at full resolution."""
+        up = self._upsample(logits.astype(jnp.float32), gt.shape[-2:])
+        target = gt[:, None].astype(jnp.float32)
+        mask_loss = self.focal_weight * focal_loss(up, target) + self.dice_weight * dice_loss(up, target)
+        actual = jax.lax.stop_gradient(mask_iou(up > 0, gt[:, None]))
+        return mask_loss, (iou_pred.astype(jnp.float32) - actual) ** 2, actual, up
+
+    def _interact(self, params, images, gt, image_of_row, rng, use_box, box_noise=True, train=True,
+                  rounds=None):
+        """Runs round 0 and the correction rounds; returns per-round (loss (R,), iou (R,))."""
+        rounds = self.rounds if rounds is None else rounds
+        emb = self.model.apply({"params": params}, images, method=self.model.encode_image)[image_of_row]
+        rng, k0 = jax.random.split(rng)
+        points, labels = self._first_prompt(k0, gt, use_box, box_noise)
+        prev, results = None, []
+        for rnd in range(rounds + 1):
+            multimask = rnd == 0
+            logits, iou_pred = self._predict(params, emb, points, labels, prev, multimask)
+            mask_loss, iou_mse, actual, up = self._losses(logits, iou_pred, gt)
+            if train or not multimask:
+                best = jnp.argmin(mask_loss, -1)          # the paper: backprop the lowest loss
+            else:
+                best = jnp.argmax(iou_pred, -1)           # inference: the most confident mask
+            pick = lambda x: jnp.take_along_axis(x, best[:, None], 1)[:, 0]  # noqa: E731
+            results.append((pick(mask_loss) + self.iou_weight * iou_mse.mean(-1), pick(actual)))
+            if rnd == rounds:
+                break
+            # the next point from the error region of this round's chosen mask
+            pred = jax.lax.stop_gradient(jnp.take_along_axis(
+                up, best[:, None, None, None], 1)[:, 0] > 0)
+            fn, fp = gt & ~pred, pred & ~gt
+            rng, k = jax.random.split(rng)
+            xy, found = sample_pixel(k, fn | fp)
+            xi, yi = xy[:, 0].astype(jnp.int32), xy[:, 1].astype(jnp.int32)
+            positive = fn[jnp.arange(gt.shape[0]), yi, xi]
+            slot = 1 + rnd + 1   # after a box's two corners, or the first point's slot and a pad
+            points = points.at[:, slot].set(xy)
+            labels = labels.at[:, slot].set(jnp.where(found, positive.astype(jnp.int32), PAD))
+            prev = jax.lax.stop_gradient(jnp.take_along_axis(
+                logits, best[:, None, None, None], 1)[:, 0])
+        return results
+
+    def loss(self, params, extra, batch, rng, step):
+        gt, valid, rows = self._rows(batch)
+        k_box, k_rest = jax.random.split(rng)
+        use_box = jax.random.uniform(k_box, valid.shape) < self.box_prob
+        results = self._interact(params, batch["image"], gt, rows, k_rest, use_box)
+        w = valid.astype(jnp.float32)
+        n = jnp.maximum(w.sum(), 1.0)
+        losses = jnp.stack([(l_ * w).sum() / n for l_, _ in results])
+        ious = [(i * w).sum() / n for _, i in results]
+        metrics = {"miou_round0": ious[0], f"miou_round{len(ious) - 1}": ious[-1],
+                   "loss_round0": losses[0], "instances": w.sum()}
+        return losses.mean(), (metrics, extra)
+
+    def eval_metrics(self, params, extra, batch, rng):
+        gt, valid, rows = self._rows(batch)
+        b = batch["image"].shape[0]
+        w = valid.astype(jnp.float32).reshape(b, -1)
+        per_image = lambda iou: (iou.reshape(b, -1) * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)  # noqa: E731
+        k1, k2 = jax.random.split(rng)
+        box = self._interact(params, batch["image"], gt, rows, k1, jnp.ones(valid.shape, bool),
+                             box_noise=False, train=False, rounds=0)
+        pts = self._interact(params, batch["image"], gt, rows, k2, jnp.zeros(valid.shape, bool), train=False,
+                             rounds=min(2, self.rounds))
+        out = {"miou_box": per_image(box[0][1]), "miou_1pt": per_image(pts[0][1])}
+        if len(pts) == 3:
+            out["miou_3pt"] = per_image(pts[2][1])
+        return out
+
+    def features(self, params, extra, images):
+        emb = self.model.apply({"params": params}, images, method=self.model.encode_image)
+        return emb.mean(axis=(1, 2))
+
+
+def make(config) -> SAMObjective:
+    return SAMObjective(config)

@@ -1,0 +1,104 @@
+"""The ``sam`` objective: its losses, prompt sampling, the box-as-corner-points layout, a few
+training steps and the mIoU evals (the CPU learning number is in configs/sam.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax.objectives import sam as sam_lib
+from fmjax.testing import load_config
+
+
+def test_focal_and_dice_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    target = (rng.uniform(size=(2, 1, 8, 8)) > 0.5).astype(np.float32)
+    p = 1 / (1 + np.exp(-logits))
+    ce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
+    p_t = p * target + (1 - p) * (1 - target)
+    focal = ((0.25 * target + 0.75 * (1 - target)) * ce * (1 - p_t) ** 2).mean((-2, -1))
+    dice = 1 - (2 * (p * target).sum((-2, -1)) + 1) / (p.sum((-2, -1)) + target.sum((-2, -1)) + 1)
+    np.testing.assert_allclose(sam_lib.focal_loss(jnp.asarray(logits), jnp.asarray(target)), focal, rtol=1e-5)
+    np.testing.assert_allclose(sam_lib.dice_loss(jnp.asarray(logits), jnp.asarray(target)), dice, rtol=1e-5)
+
+
+def test_box_and_point_sampling():
+    gt = np.zeros((3, 16, 16), bool)
+    gt[0, 2:5, 3:9] = True
+    gt[1, 10, 12] = True
+    box = np.asarray(sam_lib.mask_box(jnp.asarray(gt)))
+    np.testing.assert_array_equal(box, [[3, 2, 8, 4], [12, 10, 12, 10], [0, 0, 0, 0]])
+    for seed in range(5):
+        xy, found = sam_lib.sample_pixel(jax.random.PRNGKey(seed), jnp.asarray(gt))
+        xy = np.asarray(xy).astype(int)
+        assert list(np.asarray(found)) == [True, True, False]
+        assert gt[0, xy[0, 1], xy[0, 0]] and tuple(xy[1]) == (12, 10)
+    jit = np.asarray(sam_lib.jitter_box(jax.random.PRNGKey(0), jnp.asarray(box[:2]), 0.1, 2.0, 16))
+    assert np.abs(jit - box[:2]).max() <= 2.0 + 1e-6 and (jit[:, 2] >= jit[:, 0]).all()
+    assert np.asarray(sam_lib.mask_iou(jnp.asarray(gt[:1]), jnp.asarray(gt[:1]))) == 1.0
+
+
+def _config():
+    c = load_config("sam")
+    c.model.update(dict(width=32, depth=2, num_heads=2, global_attn_indexes=(1,), prompt_dim=32,
+                        decoder_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32))
+    return c
+
+
+def test_box_corners_as_points_are_box_tokens():
+    from fmjax.models.registry import build_model
+    model = build_model(_config().model)
+    params = model.init(jax.random.PRNGKey(0), *model.init_inputs(1))["params"]
+    box = jnp.array([[[3.0, 5.0, 40.0, 30.0]]])
+    pe = lambda *a, **k: model.apply({"params": params}, *a, method=lambda m, *x, **kw: m.prompt_encoder(*x, **kw), **k)  # noqa: E731
+    as_box, _ = pe(None, None, box)
+    as_points, _ = pe(box.reshape(1, 1, 2, 2), jnp.array([[[2, 3]]]))
+    np.testing.assert_allclose(as_points[:, :, :2], as_box, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 3, 64, 64), np.uint8)
+    for b in range(4):
+        for k in range(3):
+            y, x = rng.integers(4, 40, 2)
+            masks[b, k, y:y + 16, x:x + 20] = 1
+    return dict(image=jnp.asarray(rng.normal(size=(4, 64, 64, 3)).astype(np.float32)),
+                masks=jnp.asarray(masks), num_objects=jnp.array([3, 2, 1, 3], jnp.int32))
+
+
+def test_training_steps_lower_the_loss_and_evals_are_per_image(batch):
+    import optax
+    from fmjax.objectives.base import make_objective
+    objective = make_objective(_config())
+    params, extra = objective.init(jax.random.PRNGKey(0), batch)
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, rng):
+        (loss, (metrics, _)), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+            params, extra, batch, rng, 0)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss, metrics
+
+    losses = []
+    for i in range(30):
+        params, opt, loss, metrics = step(params, opt, jax.random.PRNGKey(i))
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    assert float(metrics["instances"]) == 9.0  # 3 + 2 + 1 + 3 present instances
+    ev = jax.jit(objective.eval_metrics)(params, extra, batch, jax.random.PRNGKey(0))
+    assert set(ev) == {"miou_box", "miou_1pt", "miou_3pt"}
+    for v in ev.values():
+        assert v.shape == (4,) and (np.asarray(v) >= 0).all() and (np.asarray(v) <= 1).all()
+
+
+def test_image_size_must_match_the_model(tmp_path):
+    from fmjax.errors import ConfigError
+    from fmjax.objectives.base import make_objective
+    c = _config()
+    c.data.image_size = 32
+    with pytest.raises(ConfigError, match="SAM model takes 64 px"):
+        make_objective(c).check(c)
