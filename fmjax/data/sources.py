@@ -70,7 +70,9 @@ def _unknown(name):
 
 def default_data_dir(data_dir=None):
     """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (absolute)."""
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    data_dir = str(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+    if "://" in data_dir:  # a bucket (gs://...): TFDS reads it through etils.epath
+        return data_dir.rstrip("/")
     return os.path.abspath(os.path.expanduser(data_dir))
 
 

@@ -249,13 +249,15 @@ class Classifier:
 def check_classifier_workdir(workdir: str, num_classes: int) -> dict:
     """The classifier workdir's saved config (a dict); ValueError if it is missing or its
     number of classes differs from ``num_classes`` (the generator's)."""
-    path = os.path.join(os.path.abspath(workdir), "config.json")
-    if not os.path.exists(path):
+    from etils import epath
+    if "://" not in str(workdir):
+        workdir = os.path.abspath(os.path.expanduser(workdir))
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(
-            f"classifier_workdir {os.path.abspath(workdir)} has no config.json: train a classifier "
+            f"classifier_workdir {workdir} has no config.json: train a classifier "
             "first (python launch/train.py --config=configs/supervised.py --workdir=DIR).")
-    with open(path) as f:
-        config = json.load(f)
+    config = json.loads(path.read_text())
     theirs = int((config.get("model") or {}).get("num_classes") or 0)
     if theirs != int(num_classes):
         raise ValueError(

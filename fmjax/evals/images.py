@@ -78,6 +78,15 @@ def save_png(path, array):
     array = to_uint8(array)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
+    if "://" in str(path):  # a bucket: through etils.epath
+        import io
+        from etils import epath
+        target = epath.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        target.write_bytes(buf.getvalue())
+        return
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     Image.fromarray(array).save(path, format="PNG")

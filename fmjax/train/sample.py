@@ -9,7 +9,6 @@ samples are also scored by that classifier (the project's conditional-generation
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
@@ -18,6 +17,7 @@ from fmjax.data import sources, transforms
 from fmjax.evals import generation as gen_lib
 from fmjax.evals.images import image_grid, save_png
 from fmjax.errors import ConfigError, NonFiniteError
+from fmjax.train import files
 from fmjax.train.restore import load_checkpoint, load_classifier, load_workdir_config
 from fmjax.train.setup import build
 from fmjax.train.writer import log
@@ -126,8 +126,8 @@ def check_conditions(workdir: str, objective, ids, prompts) -> None:
 
 def _steps(workdir: str) -> list:
     """The checkpoint steps in ``workdir``/checkpoints (folder names)."""
-    path = os.path.join(workdir, "checkpoints")
-    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+    path = files.join(workdir, "checkpoints")
+    return sorted(int(d) for d in files.listdir(path) if d.isdigit())
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -158,7 +158,7 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
     only ``DIR/config.json``); a NaN or infinite sample is a ``NonFiniteError`` naming the
     step, raised before any PNG is written.
     """
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = files.resolve(workdir)
     # -- Every check runs before the checkpoint is restored or anything compiled. -------------
     overrides = gen_lib.sampler_overrides(sampler)
     unknown = sorted(set(k for k, v in sampler.items() if v is not None) - set(overrides))
@@ -184,7 +184,7 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
             gen_lib.check_classifier_workdir(classifier_workdir, objective.num_classes)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    outdir = os.path.abspath(os.path.expanduser(outdir or os.path.join(workdir, "samples")))
+    outdir = files.resolve(outdir or files.join(workdir, "samples"))
     if objective.conditioning == "text":
         prompt_list = prompt_list or _default_prompts(config)
 
@@ -220,12 +220,12 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
     if groups:
         per_group = images.reshape((len(groups), num_per_class) + images.shape[1:])
         for (name, _), pics in zip(groups, per_group):
-            paths.append(os.path.join(outdir, f"{name}.png"))
+            paths.append(files.join(outdir, f"{name}.png"))
             _save(paths[-1], image_grid(_rows(pics)))
-        paths.append(os.path.join(outdir, f"{all_name}.png"))
+        paths.append(files.join(outdir, f"{all_name}.png"))
         _save(paths[-1], image_grid(list(per_group)))
     else:
-        paths.append(os.path.join(outdir, f"{all_name}.png"))
+        paths.append(files.join(outdir, f"{all_name}.png"))
         _save(paths[-1], image_grid(_rows(images, num_per_class)))
     for p in paths:
         log(p)
@@ -239,7 +239,7 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
         split = config.data.get("eval_split", "validation")
         real = sources.get_source(config.data.name, split, config.data.get("data_dir"))
         metrics["classifier_real_accuracy"] = classifier.accuracy(real)
-        log(f"== generation accuracy (classifier {os.path.abspath(classifier_workdir)}): "
+        log(f"== generation accuracy (classifier {files.resolve(classifier_workdir)}): "
             f"{metrics['accuracy']:.4f} on samples, {metrics['classifier_real_accuracy']:.4f} on real "
             f"{split} images")
         for k, v in sorted(metrics.items()):

@@ -79,3 +79,15 @@ def test_train_and_resume_in_a_bucket(bucket, tiny_config, tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
     assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_bucket_data_dir_is_kept():
+    from fmjax.data import sources
+    assert sources.default_data_dir("gs://b/tfds/") == "gs://b/tfds"
+
+
+def test_png_into_a_bucket(bucket):
+    import numpy as np
+    from fmjax.evals.images import save_png
+    save_png("gs://b/samples/x.png", np.zeros((4, 4, 3), np.uint8))
+    assert (bucket / "b" / "samples" / "x.png").read_bytes()[:4] == b"\x89PNG"
