@@ -5,8 +5,9 @@ Per image the image encoder runs once; every instance of the image (``masks`` (B
 ``num_objects``) becomes one prompt row whose decoder runs ``1 + correction_rounds`` times:
 
 - round 0: with probability ``box_prob`` a box (the mask's bounds, each coordinate moved by
-  N(0, (``box_noise`` x side)^2), capped at ``box_noise_max`` px), else one foreground point
-  drawn uniformly from the mask; three masks (``multimask_output``) and the loss of the best
+  N(0, (``box_noise`` x side)^2), capped at ``box_noise_max`` px) and one mask (the fourth
+  output token: the paper predicts three masks only for an ambiguous prompt, a single point),
+  else one foreground point drawn uniformly from the mask, three masks and the loss of the best
   one (min over the three, as the paper backpropagates only the lowest loss);
 - rounds 1..N: one new point drawn uniformly from the error region of the previous prediction
   (a positive point if it lands in a false negative, a negative one in a false positive), the
@@ -26,8 +27,9 @@ rows the not-a-point pad token the prompt encoder appends (the original appends 
 prompts only).
 
 ``eval_metrics``: per image, the mean IoU over its instances with one box (no noise), one
-point (the most confident of the three masks, as SAM's ambiguity rule), and one point plus two
-corrections (``miou_3pt``); each a separate forward with its own draws.
+point (the most confident of the three masks by the IoU head, as SAM's ambiguity rule;
+``miou_1pt_oracle``: the best of the three), and one point plus two corrections
+(``miou_3pt``); each a separate forward with its own draws.
 """
 from __future__ import annotations
 
@@ -176,21 +178,30 @@ class SAMObjective(Objective):
         rng, k0 = jax.random.split(rng)
         points, labels = self._first_prompt(k0, gt, use_box, box_noise)
         prev, results = None, []
+        ambiguous = ~use_box  # one point: three masks (the paper); a box or several points: one
+        take = lambda x, i: jnp.take_along_axis(x, i.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]  # noqa: E731
         for rnd in range(rounds + 1):
-            multimask = rnd == 0
-            logits, iou_pred = self._predict(params, emb, points, labels, prev, multimask)
+            logits, iou_pred = self._predict(params, emb, points, labels, prev, False)
             mask_loss, iou_mse, actual, up = self._losses(logits, iou_pred, gt)
-            if train or not multimask:
-                best = jnp.argmin(mask_loss, -1)          # the paper: backprop the lowest loss
-            else:
-                best = jnp.argmax(iou_pred, -1)           # inference: the most confident mask
-            pick = lambda x: jnp.take_along_axis(x, best[:, None], 1)[:, 0]  # noqa: E731
-            results.append((pick(mask_loss) + self.iou_weight * iou_mse.mean(-1), pick(actual)))
+            loss, iou, oracle = mask_loss[:, 0] + self.iou_weight * iou_mse[:, 0], actual[:, 0], actual[:, 0]
+            logits, up = logits[:, 0], up[:, 0]
+            if rnd == 0:
+                m_logits, m_iou_pred = self._predict(params, emb, points, labels, prev, True)
+                m_loss, m_mse, m_actual, m_up = self._losses(m_logits, m_iou_pred, gt)
+                # training backpropagates the lowest of the three losses; inference takes the
+                # mask the IoU head is most confident of
+                best = jnp.argmin(m_loss, -1) if train else jnp.argmax(m_iou_pred, -1)
+                a = ambiguous
+                loss = jnp.where(a, take(m_loss, best) + self.iou_weight * m_mse.mean(-1), loss)
+                iou = jnp.where(a, take(m_actual, best), iou)
+                oracle = jnp.where(a, m_actual.max(-1), oracle)
+                logits = jnp.where(a[:, None, None], take(m_logits, best), logits)
+                up = jnp.where(a[:, None, None], take(m_up, best), up)
+            results.append((loss, iou, oracle))
             if rnd == rounds:
                 break
-            # the next point from the error region of this round's chosen mask
-            pred = jax.lax.stop_gradient(jnp.take_along_axis(
-                up, best[:, None, None, None], 1)[:, 0] > 0)
+            # the next point from the error region of this round's mask
+            pred = jax.lax.stop_gradient(up > 0)
             fn, fp = gt & ~pred, pred & ~gt
             rng, k = jax.random.split(rng)
             xy, found = sample_pixel(k, fn | fp)
@@ -199,8 +210,8 @@ class SAMObjective(Objective):
             slot = 1 + rnd + 1   # after a box's two corners, or the first point's slot and a pad
             points = points.at[:, slot].set(xy)
             labels = labels.at[:, slot].set(jnp.where(found, positive.astype(jnp.int32), PAD))
-            prev = jax.lax.stop_gradient(jnp.take_along_axis(
-                logits, best[:, None, None, None], 1)[:, 0])
+            ambiguous = jnp.zeros_like(ambiguous)
+            prev = jax.lax.stop_gradient(logits)
         return results
 
     def loss(self, params, extra, batch, rng, step):
@@ -210,8 +221,8 @@ class SAMObjective(Objective):
         results = self._interact(params, batch["image"], gt, rows, k_rest, use_box)
         w = valid.astype(jnp.float32)
         n = jnp.maximum(w.sum(), 1.0)
-        losses = jnp.stack([(l_ * w).sum() / n for l_, _ in results])
-        ious = [(i * w).sum() / n for _, i in results]
+        losses = jnp.stack([(r[0] * w).sum() / n for r in results])
+        ious = [(r[1] * w).sum() / n for r in results]
         metrics = {"miou_round0": ious[0], f"miou_round{len(ious) - 1}": ious[-1],
                    "loss_round0": losses[0], "instances": w.sum()}
         return losses.mean(), (metrics, extra)
@@ -226,7 +237,8 @@ class SAMObjective(Objective):
                              box_noise=False, train=False, rounds=0)
         pts = self._interact(params, batch["image"], gt, rows, k2, jnp.zeros(valid.shape, bool), train=False,
                              rounds=min(2, self.rounds))
-        out = {"miou_box": per_image(box[0][1]), "miou_1pt": per_image(pts[0][1])}
+        out = {"miou_box": per_image(box[0][1]), "miou_1pt": per_image(pts[0][1]),
+               "miou_1pt_oracle": per_image(pts[0][2])}
         if len(pts) == 3:
             out["miou_3pt"] = per_image(pts[2][1])
         return out

@@ -90,7 +90,7 @@ def test_training_steps_lower_the_loss_and_evals_are_per_image(batch):
     assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
     assert float(metrics["instances"]) == 9.0  # 3 + 2 + 1 + 3 present instances
     ev = jax.jit(objective.eval_metrics)(params, extra, batch, jax.random.PRNGKey(0))
-    assert set(ev) == {"miou_box", "miou_1pt", "miou_3pt"}
+    assert set(ev) == {"miou_box", "miou_1pt", "miou_1pt_oracle", "miou_3pt"}
     for v in ev.values():
         assert v.shape == (4,) and (np.asarray(v) >= 0).all() and (np.asarray(v) <= 1).all()
 
