@@ -256,8 +256,9 @@ class WordHashTokenizer(Tokenizer):
         return " ".join(out)
 
     def __repr__(self) -> str:
-        n = None if self.vocabulary is None else len(self.vocabulary)
-        return f"WordHashTokenizer(vocab_size={self.vocab_size}, vocabulary_words={n})"
+        if self.vocabulary is None:
+            return f"WordHashTokenizer(vocab_size={self.vocab_size})"
+        return f"WordHashTokenizer(vocab_size={self.vocab_size}, vocabulary_words={len(self.vocabulary)})"
 
 
 def read_bpe_merges(bpe_path: str, max_merges: Optional[int] = DEFAULT_NUM_MERGES

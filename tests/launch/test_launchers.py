@@ -386,8 +386,10 @@ def _extras():
 
 def test_setup_extras():
     extras = _extras()
-    assert extras["tpu"] == ["jax[tpu]==0.10.2", "libtpu==0.0.42.*"]
-    assert extras["cuda"] == ["jax[cuda12]==0.10.2"]
+    gcs = ["gcsfs", "google-cloud-storage"]  # gs:// workdirs and data
+    assert extras["tpu"] == ["jax[tpu]==0.10.2", "libtpu==0.0.42.*"] + gcs
+    assert extras["cuda"] == ["jax[cuda12]==0.10.2"] + gcs
+    assert extras["gcs"] == gcs
     assert extras["aot"] == ["libtpu==0.0.42.*"]  # the same libtpu as [tpu]
     assert {"dev", "notebooks", "aot", "tf"} <= set(extras)
 
