@@ -128,32 +128,25 @@ def _config_from_flags(tiny_config, **extra):
 @pytest.mark.slow
 def test_global_order_resumes_on_another_process_count(tiny_config, shapes_data_dir, tmp_path):
     """2 processes train 3 steps (config.data.order='global'); 1 process continues to 5: the
-    same losses as 1 process for all 5 steps. The per-process order refuses the same resume
-    in one line."""
+    same losses as 1 process for all 5 steps. (The per-process order's one-line refusal of
+    such a resume: tests/data/test_elastic_resume.py.)"""
     from fmjax.train.loop import train_and_evaluate
     from fmjax.data import sources
     sources.get_source("fmjax_shapes/32", "train", shapes_data_dir)
-    for order in ("global", "per_process"):
-        workdir = str(tmp_path / order)
-        os.makedirs(tmp_path / f"logs_{order}")
-        procs, logs = testing.launch_processes("train", [
-            _args(workdir, shapes_data_dir, total_steps=3, checkpoint_every=3, **{"data.order": order})] * 2,
-            log_dir=str(tmp_path / f"logs_{order}"))
-        assert testing.wait_processes(procs, logs, timeout=240) == [0, 0], testing.read_log(logs[0])[-3000:]
-        config = _config_from_flags(tiny_config, total_steps=5, checkpoint_every=5, **{"data.order": order})
-        if order == "per_process":
-            from fmjax.errors import ConfigError
-            with pytest.raises(ConfigError, match="saved by 2 process.*resume on 2 process"):
-                train_and_evaluate(config, workdir)
-            continue
-        resumed = train_and_evaluate(config, workdir)
-        straight_dir = str(tmp_path / "straight")
-        train_and_evaluate(config, straight_dir)
-        got = {r["step"]: r["train/loss"] for r in _rows(workdir) if "train/loss" in r}
-        want = {r["step"]: r["train/loss"] for r in _rows(straight_dir) if "train/loss" in r}
-        assert resumed["step"] == 5 and sorted(got) == [1, 2, 3, 4, 5]
-        for s in range(1, 6):
-            assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), (s, got, want)
+    workdir = str(tmp_path / "global")
+    procs, logs = testing.launch_processes("train", [
+        _args(workdir, shapes_data_dir, total_steps=3, checkpoint_every=3, **{"data.order": "global"})] * 2,
+        log_dir=str(tmp_path))
+    assert testing.wait_processes(procs, logs, timeout=240) == [0, 0], testing.read_log(logs[0])[-3000:]
+    config = _config_from_flags(tiny_config, total_steps=5, checkpoint_every=5, **{"data.order": "global"})
+    resumed = train_and_evaluate(config, workdir)
+    straight_dir = str(tmp_path / "straight")
+    train_and_evaluate(config, straight_dir)
+    got = {r["step"]: r["train/loss"] for r in _rows(workdir) if "train/loss" in r}
+    want = {r["step"]: r["train/loss"] for r in _rows(straight_dir) if "train/loss" in r}
+    assert resumed["step"] == 5 and sorted(got) == [1, 2, 3, 4, 5]
+    for s in range(1, 6):
+        assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), (s, got, want)
 
 
 def test_two_processes_train_in_a_bucket(shapes_data_dir, tmp_path):
