@@ -144,11 +144,13 @@ def read_log(path: str) -> str:
         return f.read()
 
 
-def install_fake_gcs(root: str) -> None:
+def install_fake_gcs(root: str):
     """Makes ``gs://bucket/path`` a local-emulated bucket under ``root`` for this process:
     etils.epath (through fsspec's ``gcs`` protocol) and Orbax's TensorStore payloads (its GCS
     kvstore spec) both land in ``root/bucket/path``. Nothing contacts the network, and any
-    code that handles a ``gs://`` path with plain ``os``/``open`` fails (no such local file)."""
+    code that handles a ``gs://`` path with plain ``os``/``open`` fails (no such local file).
+    Returns a function that undoes it (tests in one process)."""
+    import importlib
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
     from etils.epath import backend as epath_backend
@@ -182,6 +184,18 @@ def install_fake_gcs(root: str) -> None:
             name = str(name)
             return "gs://" + os.path.relpath(name, root) if name.startswith(root + os.sep) else name
 
+    registry = importlib.import_module("fsspec.registry")._registry
+    saved = ({p: registry.get(p) for p in ("gs", "gcs")}, gcs_utils.get_kvstore_for_gcs,
+             gcs_utils.is_hierarchical_namespace_enabled)
+
+    def undo():
+        for proto, cls in saved[0].items():
+            registry.pop(proto, None)
+            if cls is not None:
+                registry[proto] = cls
+        gcs_utils.get_kvstore_for_gcs, gcs_utils.is_hierarchical_namespace_enabled = saved[1:]
+        epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
     fsspec.register_implementation("gs", FakeGCS, clobber=True)
     fsspec.register_implementation("gcs", FakeGCS, clobber=True)
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
@@ -190,6 +204,7 @@ def install_fake_gcs(root: str) -> None:
         return {"driver": "file", "path": to_local(path)}
     gcs_utils.get_kvstore_for_gcs = kvstore
     gcs_utils.is_hierarchical_namespace_enabled = lambda path: False  # asks the GCS API
+    return undo
 
 
 def run_with_fake_gcs(root: str, script: str, *args: str) -> list[str]:

@@ -181,13 +181,17 @@ class SAMObjective(Objective):
         ambiguous = ~use_box  # one point: three masks (the paper); a box or several points: one
         take = lambda x, i: jnp.take_along_axis(x, i.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]  # noqa: E731
         for rnd in range(rounds + 1):
-            logits, iou_pred = self._predict(params, emb, points, labels, prev, False)
+            # round 0 needs the single mask and the three from one decoder pass (all four tokens)
+            logits, iou_pred = self._predict(params, emb, points, labels, prev, None if rnd == 0 else False)
             mask_loss, iou_mse, actual, up = self._losses(logits, iou_pred, gt)
+            if rnd == 0:
+                m_logits, m_iou_pred, m_loss, m_mse, m_actual, m_up = (
+                    x[:, 1:] for x in (logits, iou_pred, mask_loss, iou_mse, actual, up))
+                logits, mask_loss, iou_mse, actual, up = (
+                    x[:, :1] for x in (logits, mask_loss, iou_mse, actual, up))
             loss, iou, oracle = mask_loss[:, 0] + self.iou_weight * iou_mse[:, 0], actual[:, 0], actual[:, 0]
             logits, up = logits[:, 0], up[:, 0]
             if rnd == 0:
-                m_logits, m_iou_pred = self._predict(params, emb, points, labels, prev, True)
-                m_loss, m_mse, m_actual, m_up = self._losses(m_logits, m_iou_pred, gt)
                 # training backpropagates the lowest of the three losses; inference takes the
                 # mask the IoU head is most confident of
                 best = jnp.argmin(m_loss, -1) if train else jnp.argmax(m_iou_pred, -1)

@@ -92,12 +92,10 @@ class _Preemption:
         from jax.experimental import multihost_utils
         if self._service is not None:
             stop = multihost_utils.reached_preemption_sync_point(step)
-            if stop and self.signum is None:
-                self.signum = signal.SIGTERM
-            return stop
-        flags = multihost_utils.process_allgather(np.array(self.requested, np.int32))
-        stop = bool(np.asarray(flags).any())
-        if stop and self.signum is None:
+        else:
+            flags = multihost_utils.process_allgather(np.array(self.requested, np.int32))
+            stop = bool(np.asarray(flags).any())
+        if stop and self.signum is None:  # another host was signalled
             self.signum = signal.SIGTERM
         return stop
 

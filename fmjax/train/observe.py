@@ -12,7 +12,6 @@ a dense matmul measured once at start-up, in which case the log says ``measured`
 """
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -160,7 +159,6 @@ def enable_compile_cache(config) -> str:
     path = str(config.get("compile_cache_dir", "") or "")
     if not path:
         return ""
-    if "://" not in path:
-        path = os.path.abspath(os.path.expanduser(path))
+    path = files.resolve(path)
     jax.config.update("jax_compilation_cache_dir", path)  # entries: compiles over 1 s (jax's default)
     return path

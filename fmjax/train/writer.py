@@ -4,6 +4,7 @@ Only process 0 writes. Metric names are flat, e.g. ``train/loss``, ``eval/knn_to
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -198,20 +199,15 @@ def _start_wandb(workdir: str, run_config):
                       dir=local, config=json.loads(json.dumps(cfg, default=str)))
 
 
-_HOST_LOGGER = None
-
-
+@functools.lru_cache(maxsize=1)
 def _host_logger():
-    """A python logger under absl's handler: on a pod every host's lines carry absl's prefix
-    (level, time, pid, file:line) plus ``[process i/n host]``, so they can be filtered."""
-    global _HOST_LOGGER
-    if _HOST_LOGGER is None:
-        import logging
-        import socket
-        _HOST_LOGGER = logging.LoggerAdapter(logging.getLogger("fmjax"), {})
-        _HOST_LOGGER.logger.setLevel(logging.INFO)
-        _HOST_LOGGER.prefix = f"[process {jax.process_index()}/{jax.process_count()} {socket.gethostname()}] "
-    return _HOST_LOGGER
+    """(a python logger under absl's handler, ``[process i/n host] ``): on a pod every host's
+    lines carry absl's prefix (level, time, pid, file:line) and this one, so they can be filtered."""
+    import logging
+    import socket
+    logger = logging.getLogger("fmjax")
+    logger.setLevel(logging.INFO)
+    return logger, f"[process {jax.process_index()}/{jax.process_count()} {socket.gethostname()}] "
 
 
 def log(msg: str):
@@ -219,7 +215,7 @@ def log(msg: str):
     absl logging (stderr: level, time, pid, file:line) prefixed with its process and host name,
     so each pod worker's log has it once and the hosts' logs can be merged and filtered."""
     if jax.process_count() > 1:
-        logger = _host_logger()
-        logger.info(logger.prefix + msg)
+        logger, prefix = _host_logger()
+        logger.info(prefix + msg)
     elif jax.process_index() == 0:
         print(msg, flush=True, file=sys.stdout)

@@ -16,22 +16,11 @@ from fmjax.train import workdir as workdir_lib
 
 @pytest.fixture
 def bucket(tmp_path, monkeypatch):
-    import importlib
-    from etils.epath import backend as epath_backend
-    from orbax.checkpoint._src.path import gcs_utils
-    registry = importlib.import_module("fsspec.registry")._registry
-    saved = ({p: registry.get(p) for p in ("gs", "gcs")}, gcs_utils.get_kvstore_for_gcs,
-             gcs_utils.is_hierarchical_namespace_enabled)
     root = tmp_path / "bucket_root"
-    testing.install_fake_gcs(str(root))
+    undo = testing.install_fake_gcs(str(root))
     monkeypatch.chdir(tmp_path)  # a stray local 'gs:' folder would appear here
     yield root
-    for proto, cls in saved[0].items():
-        registry.pop(proto, None)
-        if cls is not None:
-            registry[proto] = cls
-    gcs_utils.get_kvstore_for_gcs, gcs_utils.is_hierarchical_namespace_enabled = saved[1:]
-    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    undo()
 
 
 def test_resolve_keeps_urls_and_expands_home(monkeypatch, tmp_path):

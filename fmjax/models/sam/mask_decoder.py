@@ -13,7 +13,8 @@ then an upscaling path and hypernetwork MLPs that turn each mask token into a ma
   GELU: masks are 4x the embedding grid (256x256 for a 1024 input);
 - a 3-layer hypernetwork MLP per mask token (D -> D -> D -> D/8): mask m = its output . the
   upscaled map; an IoU head MLP on the IoU token predicts each mask's IoU;
-- ``multimask_output``: masks 1..3 (the ambiguity-aware outputs) else mask 0 only.
+- ``multimask_output``: masks 1..3 (the ambiguity-aware outputs) else mask 0 only; None:
+  all four (mask 0 first), for a caller that needs both from one pass.
 
 Matches transformers' ``SamMaskDecoder`` (its block LayerNorms use ``layer_norm_eps`` 1e-6,
 the final one PyTorch's default 1e-5; the original code uses 1e-5 throughout).
@@ -148,5 +149,5 @@ class SamMaskDecoder(nn.Module):
         masks = masks.reshape(b, p, num_mask_tokens, 4 * h, 4 * w)
         iou_pred = FeedForward(self.iou_head_hidden_dim, num_mask_tokens, self.iou_head_depth,
                                name="iou_prediction_head", **kw)(iou_token_out).reshape(b, p, -1)
-        sl = slice(1, None) if multimask_output else slice(0, 1)
+        sl = slice(None) if multimask_output is None else slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, :, sl], iou_pred[:, :, sl]
