@@ -329,11 +329,11 @@ def test_load_tokenizer_random_and_errors(tmp_path):
 @pytest.mark.slow
 def test_default_learns(tmp_path, shapes_data_dir):
     """A shortened default run: the hard-token reconstruction MSE falls well below its
-    initial value and the NLL falls."""
-    steps = 300
+    initial value and the NLL falls (200 steps: measured 8.45 -> 3.30 on 2026-12-02)."""
+    steps = 200
     c = load_config("dvae")
     c.data.data_dir = shapes_data_dir
-    c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = steps, steps, steps, 50
+    c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = steps, steps, steps, 10
     c.objective.kl_warmup_steps = 30
     c.evals.recon.examples = 500
     del c.evals["val_loss"]

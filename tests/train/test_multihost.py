@@ -1,6 +1,6 @@
 """Several hosts (2 processes on 127.0.0.1, 4 CPU devices each): the pre-flight checks stop a
 mismatched job with one line naming the host, and a SIGTERM to one host makes every host
-save the same step, exit 0, and resume exactly (jax's preemption service; no per-step barrier).
+save the same step, exit 0, and resume exactly (jax's preemption service; no per-step barrier), in a gs:// workdir too.
 """
 import json
 import os
@@ -72,12 +72,18 @@ def test_mismatched_config_stops_every_host(shapes_data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_on_one_host_saves_the_same_step_everywhere(shapes_data_dir, tmp_path):
+    """In one gs:// workdir (local-emulated: fmjax.testing.install_fake_gcs in each process):
+    both hosts write their shards of the checkpoint, process 0 the logs; a SIGTERM to host 1
+    makes both save the same step; a re-run resumes and logs the losses of an uninterrupted run."""
     from fmjax.data import sources
     sources.get_source("fmjax_shapes/32", "train", shapes_data_dir)
-    workdir = str(tmp_path / "wd")
+    root = tmp_path / "bucket_root"
+    bucket = "gs://fmjax-test/mh"
+    workdir = str(root / "fmjax-test" / "mh")  # where the fake bucket keeps it
+    os.makedirs(tmp_path / "a")
     procs, logs = testing.launch_processes("train", [
-        _args(workdir, shapes_data_dir, total_steps=2000, checkpoint_every=5000)] * 2,
-        log_dir=str(tmp_path))
+        _args(bucket, shapes_data_dir, total_steps=2000, checkpoint_every=5000)] * 2,
+        log_dir=str(tmp_path / "a"), fake_gcs_root=str(root))
     deadline = time.time() + 240
     while time.time() < deadline and not any(r["step"] >= 5 for r in _rows(workdir)):
         assert all(p.poll() is None for p in procs), testing.read_log(logs[0])[-3000:]
@@ -86,6 +92,7 @@ def test_sigterm_on_one_host_saves_the_same_step_everywhere(shapes_data_dir, tmp
     codes = testing.wait_processes(procs, logs, timeout=120)
     out0 = testing.read_log(logs[0])
     assert codes == [0, 0], out0[-3000:] + testing.read_log(logs[1])[-3000:]
+    assert f"workdir {bucket}" in out0, out0[-3000:]
     saved = [[int(line.split("saved step ")[1].split(";")[0]) for line in testing.read_log(log).splitlines()
               if "SIGTERM: saved step" in line] for log in logs]  # every host logs its own line
     assert len(saved[0]) == 1 and saved[0] == saved[1] and 5 <= saved[0][0] < 2000, (saved, out0[-3000:])
@@ -97,10 +104,11 @@ def test_sigterm_on_one_host_saves_the_same_step_everywhere(shapes_data_dir, tmp
     # Resume for 3 more steps; an uninterrupted run of the same steps logs the same losses.
     os.makedirs(tmp_path / "b")
     procs, logs = testing.launch_processes("train", [
-        _args(workdir, shapes_data_dir, total_steps=step + 3, checkpoint_every=5000)] * 2,
-        log_dir=str(tmp_path / "b"))
+        _args(bucket, shapes_data_dir, total_steps=step + 3, checkpoint_every=5000)] * 2,
+        log_dir=str(tmp_path / "b"), fake_gcs_root=str(root))
     assert testing.wait_processes(procs, logs, timeout=240) == [0, 0], testing.read_log(logs[0])[-3000:]
     assert f"resuming from step {step}" in testing.read_log(logs[0])
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == sorted([str(step), str(step + 3)])
     straight = str(tmp_path / "straight")
     os.makedirs(tmp_path / "c")
     procs, logs = testing.launch_processes("train", [
@@ -112,6 +120,7 @@ def test_sigterm_on_one_host_saves_the_same_step_everywhere(shapes_data_dir, tmp
     assert sorted(resumed) == list(range(1, step + 4))
     for s in range(1, step + 4):
         assert resumed[s] == pytest.approx(reference[s], rel=1e-5, abs=1e-6), s
+    assert not os.path.exists(os.path.join(testing.REPO, "gs:"))
 
 
 def _config_from_flags(tiny_config, **extra):
@@ -147,25 +156,3 @@ def test_global_order_resumes_on_another_process_count(tiny_config, shapes_data_
     assert resumed["step"] == 5 and sorted(got) == [1, 2, 3, 4, 5]
     for s in range(1, 6):
         assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), (s, got, want)
-
-
-def test_two_processes_train_in_a_bucket(shapes_data_dir, tmp_path):
-    """2 processes, one gs:// workdir (local-emulated: fmjax.testing.install_fake_gcs in each):
-    both write their shards of the checkpoints, process 0 the logs; a re-run resumes."""
-    from fmjax.data import sources
-    sources.get_source("fmjax_shapes/32", "train", shapes_data_dir)
-    root = tmp_path / "bucket_root"
-    for total, logs_dir in ((2, "a"), (3, "b")):
-        os.makedirs(tmp_path / logs_dir)
-        procs, logs = testing.launch_processes(
-            "train", [_args("gs://fmjax-test/mh", shapes_data_dir, total_steps=total, checkpoint_every=1)] * 2,
-            log_dir=str(tmp_path / logs_dir), fake_gcs_root=str(root))
-        assert testing.wait_processes(procs, logs, timeout=240) == [0, 0], testing.read_log(logs[0])[-3000:]
-    out = testing.read_log(logs[0])
-    assert "workdir gs://fmjax-test/mh" in out and "resuming from step 2" in out, out[-3000:]
-    local = root / "fmjax-test" / "mh"
-    assert sorted(os.listdir(local / "checkpoints")) == ["1", "2", "3"]
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(local / "checkpoints" / "3" / "data"))
-    rows = _rows(str(local))
-    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
-    assert not os.path.exists(os.path.join(testing.REPO, "gs:"))
