@@ -34,6 +34,8 @@ CAPABILITIES = {
                  "encode(images01) -> [B, h, w, vocab_size] logits; decode(z) -> pixels",
     "promptable_masks": "SAM-style: encode_image(images) -> [B, h, w, C]; predict(embeddings, points, "
                         "labels, boxes, masks) -> (mask logits [B, P, M, 4h, 4w], iou [B, P, M])",
+    "captioning": "image_tokens(images) -> [B, S, D]; caption_logits_from(image_tokens, tokens) -> "
+                  "[B, L, vocab] next-token logits (CoCa)",
     "causal_lm": "__call__(tokens [B, T], train, context=None, context_mask=None) -> {'logits': "
                  "[B, T, vocab], ...}, causal; decode=True keeps a KV cache (fmjax.models.generate)",
 }
@@ -43,6 +45,7 @@ _BUILTIN = {
     "vit": ("fmjax.models.vit:ViT", "fmjax.models.vit:vit_kwargs"),
     "mae": ("fmjax.models.mae:MAE", "fmjax.models.vit:vit_kwargs"),
     "clip": ("fmjax.models.clip:CLIP", "fmjax.models.clip:clip_kwargs"),
+    "coca": ("fmjax.models.coca:CoCa", "fmjax.models.coca:coca_kwargs"),
     "unet": ("fmjax.models.unet:UNet", "fmjax.models.unet:unet_kwargs"),
     "dit": ("fmjax.models.dit:DiT", "fmjax.models.dit:dit_kwargs"),
     "dvae": ("fmjax.models.dvae:DVAE", "fmjax.models.dvae:dvae_kwargs"),

@@ -4,6 +4,15 @@ Param tree: ``token_embed/embedding`` (vocab, width), ``pos_embed``
 (context_length, width), ``encoder/block_{i}`` (``layers.Block``, same names
 as the ViT encoder), ``encoder/norm`` (CLIP's ``ln_final``) and ``proj/kernel``
 (width, embed_dim; no bias, CLIP's ``text_projection``).
+
+``embed_cls=True`` is CoCa's unimodal text decoder (open_clip ``TextTransformer(embed_cls=True)``):
+a learned ``cls_embed`` (width,) is appended after the tokens (``pos_embed`` has
+``context_length + 1`` rows), the ``pooled`` output is the final norm of that last position,
+``tokens`` are the positions before it *without* the final norm (what open_clip hands the
+multimodal decoder), and keys equal to ``pad_id`` are masked besides the causal mask.
+``legacy_cls_mask=True`` is open_clip's default mask (``correct_cls_mask=False``: the key
+validity row is ``[cls valid, text != pad]``, shifted by one against the sequence; its released
+CoCa weights were trained so); False masks exactly the padding keys.
 """
 from typing import Any, Dict, Optional
 
@@ -82,6 +91,9 @@ class TextTransformer(nn.Module):
     pool: str = "argmax"
     eos_token_id: Optional[int] = None
     causal: bool = True
+    embed_cls: bool = False          # CoCa: a learned class embedding appended (module docstring)
+    pad_id: Optional[int] = None     # with embed_cls: keys equal to it are masked
+    legacy_cls_mask: bool = False    # open_clip's shifted key mask (module docstring)
     dropout: float = 0.0
     drop_path: float = 0.0
     attention_impl: str = "xla"
@@ -104,19 +116,33 @@ class TextTransformer(nn.Module):
                      param_dtype=self.param_dtype, name="token_embed",
                      embedding_init=layers.part(nn.initializers.normal(0.02),
                                                 ("vocab", "embed")))(tokens)
+        n_pos = self.context_length + int(self.embed_cls)
         pos = self.param("pos_embed", layers.part(nn.initializers.normal(0.01), (None, "embed")),
-                         (self.context_length, self.width), self.param_dtype)
-        x = layers.constrain(x + pos[:length].astype(self.dtype)[None])
+                         (n_pos, self.width), self.param_dtype)
+        mask = causal_mask(length + int(self.embed_cls)) if self.causal else None
+        if self.embed_cls:
+            cls = self.param("cls_embed", layers.part(nn.initializers.normal(0.01), ("embed",)),
+                             (self.width,), self.param_dtype)
+            x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width))], 1)
+            if self.pad_id is not None:
+                valid = tokens != self.pad_id
+                ones = jnp.ones((b, 1), bool)
+                valid = jnp.concatenate([ones, valid] if self.legacy_cls_mask else [valid, ones], 1)
+                keys = valid[:, None, None, :]
+                mask = keys if mask is None else mask & keys
+        x = layers.constrain(x + pos[:x.shape[1]].astype(self.dtype)[None])
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        mask = causal_mask(length) if self.causal else None
-        x = layers.Encoder(
+        x, prenorm = layers.Encoder(
             depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             dropout=self.dropout, drop_path=self.drop_path, layernorm_eps=self.layernorm_eps,
             activation=self.activation, attention_impl=self.attention_impl, remat=self.remat,
             scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="encoder")(x, not train, mask)
-        idx = pool_positions(tokens, self.pool, self.eos_token_id)
-        pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+            name="encoder")(x, not train, mask, return_prenorm=True)
+        if self.embed_cls:  # open_clip: ln_final on the appended class position only
+            pooled, x = x[:, -1], prenorm[:, :-1]
+        else:
+            idx = pool_positions(tokens, self.pool, self.eos_token_id)
+            pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
         embedding = nn.Dense(
             self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             name="proj", kernel_init=layers.part(nn.initializers.normal(self.width ** -0.5),

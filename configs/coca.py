@@ -1,0 +1,78 @@
+"""CoCa: contrastive captioners (Yu et al., 2022): CLIP's contrastive loss plus captioning.
+
+Default (the simple shapes, 32x32 images, the 'words' tokenizer, CPU-sized):
+    python launch/train.py --config=configs/coca.py --workdir=/tmp/coca
+  fmjax.models.coca.CoCa (open_clip's layout: a ViT, an attentional pooler whose first query is
+  the contrastive embedding and whose other 16 are the image tokens, a unimodal text decoder
+  with an appended class token, a 2-layer multimodal decoder) and fmjax.objectives.coca
+  (contrastive + 2 x caption loss). Logs eval/zero_shot_top1 (8 shape classes, chance 0.125),
+  retrieval recall@K, and the captioning eval: CIDEr-D / BLEU-4 of greedy captions of the
+  validation images against their captions, beside the nearest-neighbour baseline (each image
+  gets the caption of its nearest training image by the contrastive embedding).
+  Not yet measured.
+
+Paper presets (need an image-text dataset and CLIP's BPE file):
+    python launch/train.py --config=configs/coca.py:vit_b32 --config.data.name=... --workdir=DIR
+  open_clip's coca_ViT-B-32 shape (ViT-B/32, text and multimodal width 512, 12 + 12 layers, 256
+  pooler queries, 76 text tokens) with open_clip's CLIP recipe (AdamW lr 5e-4, betas (0.9,
+  0.98), eps 1e-6, wd 0.2, 10k warm-up, cosine) and the paper's loss weights (1 and 2).
+  ``model.legacy_cls_mask=True`` there: open_clip's (shifted) text padding mask, as its released
+  CoCa weights were trained (fmjax.models.text).
+"""
+from configs import common
+from configs.clip import OPEN_CLIP_OPTIONS, _pp, _shapes_templates
+
+
+def get_config(arg: str = "default"):
+    c = common.base_config()
+    c.objective.name = "coca"
+    c.objective.lock = ""
+    c.objective.hard_negatives = False
+    c.objective.loss_impl = "gathered"
+    c.objective.contrastive_weight = 1.0   # the paper's lambda_Con
+    c.objective.caption_weight = 2.0       # the paper's lambda_Cap
+    c.data.normalization = "clip"
+    if arg == "default":
+        c.total_steps = 1200
+        c.batch_size = 128
+        c.log_every = 50
+        c.eval_every = 400
+        c.checkpoint_every = 400
+        c.optimizer.update(dict(name="adamw", lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+                                warmup_steps=100, clip_norm=1.0))
+        c.data.name = "fmjax_shapes/simple_32"
+        c.data.image_size = 32
+        c.data.tokenize = dict(context_length=32, tokenizer="words", vocab_size=2048)
+        c.model = dict(name="coca", width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8,
+                       embed_dim=128, text_width=128, text_depth=3, text_heads=4, text_mlp_dim=512,
+                       vocab_size=2048, context_length=32, activation="gelu", loss="softmax",
+                       stem="conv", num_queries=17, pooler_heads=4, decoder_depth=2,
+                       decoder_heads=4, decoder_mlp_dim=512, pad_id=0)
+        zs = dict(type="zero_shot", split="validation", templates=_shapes_templates())
+        c.evals = dict(
+            zero_shot=zs,
+            retrieval=dict(type="retrieval", split="validation"),
+            captioning=dict(type="captioning", split="validation", examples=500,
+                            train_split="train", train_examples=5000))
+    elif arg == "vit_b32":
+        c.total_steps = 32 * 400_000_000 // 32768
+        c.batch_size = 32768
+        c.dtype = "bfloat16"
+        c.optimizer.update(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
+                                warmup_steps=10_000, clip_norm=0.0, **OPEN_CLIP_OPTIONS))
+        c.data.name = "image_folder:/path/to/image_text"
+        c.data.image_size = 224
+        c.data.worker_count = 16
+        c.data.tokenize = dict(context_length=76, tokenizer="clip_bpe",
+                               bpe_path="bpe_simple_vocab_16e6.txt.gz")
+        c.model = dict(name="coca", variant="B/32", loss="softmax", patch_bias=False,
+                       legacy_cls_mask=True)
+        c.evals = dict()
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
+    else:
+        raise ValueError(f"Unknown configs/coca.py preset {arg!r}; valid: default, vit_b32.")
+    tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
+    norm = c.data.normalization
+    c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'", norm=norm)
+    c.data.pp_eval = _pp(c.data.image_size, None, tok, "'image', 'label', 'tokens'", norm=norm)
+    return c
