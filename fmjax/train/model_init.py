@@ -42,12 +42,9 @@ import jax
 import numpy as np
 
 from fmjax.errors import ConfigError
+from fmjax.interop.formats import FORMATS, needs_hf_config  # the format table
 from fmjax.models import scan as scan_lib
 
-FORMATS = ("hf_vit", "hf_deit", "hf_convnext", "hf_vit_mae", "hf_dinov2", "hf_clip", "open_clip", "diffusers_unet",
-           "timm_vit", "timm_mae", "hf_gpt2")
-FORMATS += ("hf_sam",)  # fmjax.interop.hf_sam (transformers SamModel)
-_NO_HF_CONFIG = ("open_clip", "timm_vit", "timm_mae")
 KEYS = ("workdir", "step", "torch", "format", "hf_config", "mapping", "dont_load")
 
 
@@ -122,7 +119,7 @@ def check(config) -> None:
     fmt = _get(mi, "format")
     if fmt not in FORMATS:
         raise ConfigError(f"config.model_init.format={fmt!r}; valid: {list(FORMATS)}.")
-    if fmt not in _NO_HF_CONFIG and not os.path.isfile(_hf_config_path(mi)):
+    if needs_hf_config(fmt) and not os.path.isfile(_hf_config_path(mi)):
         raise ConfigError(f"config.model_init: format {fmt!r} needs the checkpoint's config.json; "
                           f"{_hf_config_path(mi)} not found (set config.model_init.hf_config=PATH).")
 
@@ -165,34 +162,12 @@ def _convert(mi, model=None) -> dict:
     fmt, path = _get(mi, "format"), _get(mi, "torch")
     sd = read_torch_state_dict(path)
     cfg = None
-    if fmt not in _NO_HF_CONFIG:
+    if needs_hf_config(fmt):
         with open(_hf_config_path(mi)) as f:
             cfg = json.load(f)
-    from fmjax.interop import diffusers_unet, hf_clip, hf_convnext, hf_dinov2, hf_vit, timm_vit
+    from fmjax.interop import formats
     try:
-        if fmt in ("timm_vit", "timm_mae"):
-            return timm_vit.convert_for_model_init(sd, fmt, model)
-        if fmt == "hf_vit":
-            return hf_vit.convert_hf_vit(sd, cfg)
-        if fmt == "hf_convnext":
-            return hf_convnext.convert_hf_convnext(sd, cfg)
-        if fmt == "hf_deit":
-            return hf_vit.convert_hf_deit(sd, cfg)
-        if fmt == "hf_vit_mae":
-            return hf_vit.convert_hf_vit_mae(sd, cfg)
-        if fmt == "hf_dinov2":
-            return hf_dinov2.convert_hf_dinov2(sd, cfg)
-        if fmt == "hf_clip":
-            return hf_clip.convert_hf_clip(sd, cfg)
-        if fmt == "open_clip":
-            return hf_clip.convert_open_clip(sd)
-        if fmt == "hf_gpt2":
-            from fmjax.interop import hf_gpt2
-            return hf_gpt2.convert_hf_gpt2(sd, cfg)
-        if fmt == "hf_sam":
-            from fmjax.interop import hf_sam
-            return hf_sam.convert_hf_sam(sd, cfg)
-        return diffusers_unet.convert_diffusers_unet(sd, cfg)
+        return formats.convert(fmt, sd, hf_config=cfg, model_config=model)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"config.model_init: {path} is not a {fmt} checkpoint: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -305,3 +305,17 @@ def test_greedy_caption_hook_follows_the_logits():
     seq = jnp.concatenate([jnp.full((4, 1), sot, jnp.int32), caps], 1)
     logits = objective.model.apply({"params": params}, image, seq)["caption_logits"]
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, :-1], -1)), np.asarray(caps))
+
+
+def test_model_init_format_reads_open_clip_coca(tmp_path):
+    """``config.model_init.format='open_clip_coca'``: a saved open_clip CoCa state dict loads
+    into the params the converter gives, with the head counts from ``config.model``."""
+    from fmjax.train import model_init
+    model, objective, params = _setup(True)
+    torch.save(model.state_dict(), tmp_path / "coca.bin")
+    flat, _ = model_init.read_source(dict(torch=str(tmp_path / "coca.bin"), format="open_clip_coca"),
+                                     objective.config.model)
+    want = model_init.flatten(jax.tree.map(np.asarray, params), "params")
+    assert set(flat) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(flat[k]), want[k])
