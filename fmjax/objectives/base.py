@@ -19,6 +19,7 @@ defines the method, and callers ask ``supports(objective, name)``:
     project_params(params, step) -> params   # applied right after each update (e.g. clamps)
     update_mask(params, step) -> tree of bool  # False: the param is not updated (no decay either)
     text_features(params, extra, tokens) -> [B, D]  # text embedding for zero-shot / retrieval
+    caption(params, extra, images) -> [B, L] int token ids  # generated captions (the 'captioning' eval)
     generate(params, extra, rng, ...) / predict(...)  # generative models (diffusion)
     embed(params, extra, batch, rng, step) -> tree of [B, ...] arrays          # both together:
     loss_from_embeddings(params, extra, embeds, batch, rng, step) -> loss(...)'s output
@@ -92,6 +93,7 @@ class Objective:
     project_params = None
     update_mask = None
     text_features = None
+    caption = None
     generate = None
     predict = None
     embed = None
@@ -105,7 +107,7 @@ class Objective:
 
 
 OPTIONAL_HOOKS = ("visualize", "eval_metrics", "project_params", "update_mask", "text_features",
-                  "generate", "predict", "embed", "loss_from_embeddings")
+                  "caption", "generate", "predict", "embed", "loss_from_embeddings")
 
 
 def supports(objective, name: str) -> bool:
