@@ -14,7 +14,7 @@ registry (``fmjax/evals/registry.py``) finds for its type. Every entry brings it
   split          the evaluated split (default ``validation``)
   pp             eval pipeline (default ``config.data.pp_eval``)
   examples       first N examples of ``split`` (default / 0: all)
-  train_split    kNN, linear probe, few-shot: the split the classifier is fitted on
+  train_split    kNN, linear probe, few-shot, captioning: the split fitted on (or searched)
                  (default ``train``)
   train_examples first N examples of ``train_split`` (default / 0: all)
 
