@@ -1,7 +1,7 @@
 """Byte-pair encoders: OpenAI CLIP's ``SimpleTokenizer`` (:class:`ClipBpeTokenizer`,
 ``'clip_bpe'``) and GPT-2's byte-level BPE (:class:`Gpt2BpeTokenizer`, ``'gpt2_bpe'``).
-The interface, the other tokenizers and ``get_tokenizer`` are ``fmjax.data.tokenizer``'s
-(which re-exports these); see its docstring for the id layouts.
+The interface is ``fmjax.data.tokenizer_base``'s; ``fmjax.data.tokenizer`` (the other
+tokenizers and ``get_tokenizer``) re-exports these; see its docstring for the id layouts.
 """
 import functools
 import gzip
@@ -10,7 +10,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from fmjax.data.tokenizer import (_CACHE_LIMIT, _CLIP_PATTERN, _GPT2_PATTERN, BPE_URL,
+from fmjax.data.tokenizer_base import (_CACHE_LIMIT, _CLIP_PATTERN, _GPT2_PATTERN, BPE_URL,
                                   DEFAULT_NUM_MERGES, EOT_TEXT, SOT_TEXT, Tokenizer, basic_clean,
                                   bytes_to_unicode, whitespace_clean)
 
