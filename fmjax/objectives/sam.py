@@ -251,6 +251,13 @@ class SAMObjective(Objective):
         emb = self.model.apply({"params": params}, images, method=self.model.encode_image)
         return emb.mean(axis=(1, 2))
 
+    def sam_model(self):
+        """``(model, params_of, point_slots)`` for prompting outside training (AMG, the
+        ``amg_recall`` eval, ``launch/segment.py``): the SAM module, ``params_of(params,
+        extra)`` -> its params, and the number of point slots of the training layout (pad a
+        prompt with label -10 points up to it, as training does)."""
+        return self.model, (lambda params, extra: params), 2 + self.rounds
+
 
 def make(config) -> SAMObjective:
     return SAMObjective(config)
