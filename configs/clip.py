@@ -45,6 +45,16 @@ LiT (Zhai et al., 2022: locked-image text tuning), from a supervised run's ViT:
   if poor, baseline). Not yet measured on the shapes (tests/models/test_clip_towers.py checks
   the mechanics: the loaded tower ends bit-identical to the supervised run's params).
 
+ALIGN (Jia et al., 2021) shape on the CLIP objective, CPU-sized:
+    python launch/train.py --config=configs/clip.py:align --workdir=/tmp/align
+  A convolutional image tower (config.model.image: ConvNeXt stages (2, 2, 2) x (32, 64, 128);
+  ALIGN used EfficientNet, which fmjax does not have yet) and a BERT-style text tower
+  (config.model.text: bidirectional, causal=False, padding keys masked with pad_id=0, pooled
+  at the first token as BERT's [CLS]), the softmax contrastive loss with the temperature
+  learned from ALIGN's 1/0.05 (logit_scale_init = ln 20; fmjax learns its log, ALIGN the
+  temperature itself). The default's 800 steps on fmjax_shapes/simple_32, no hard negatives.
+  ALIGN_RESULT
+
 Paper presets (need an image-text dataset: --config.data.name=image_folder:/path with a
 captions file, or a TFDS dataset with captions):
     python launch/train.py --config=configs/clip.py:vit_b16 --config.data.name=... --workdir=DIR
@@ -80,6 +90,8 @@ SigLIP as big_vision trains it (loss='sigmoid', t = 10 and b = -10 at init, no c
   its own units: scaled by the schedule but not by the lr, kernels only), which the reference
   test checks against big_vision's SigLIP trainer step.
 """
+import math
+
 from configs import common
 
 # open_clip's training step (tests/reference/test_clip_trajectory.py): weight decay on every
@@ -120,7 +132,7 @@ def get_config(arg: str = "default"):
     c.objective.loss_impl = "gathered"     # 'ring': flat-memory chunked loss (objectives/clip.py)
     c.data.swap_words = ()                 # read once, here, to build pp_train
     c.data.normalization = "clip"
-    if arg in ("default", "cpu", "lit"):
+    if arg in ("default", "cpu", "lit", "align"):
         c.total_steps = 800
         c.batch_size = 128
         c.log_every = 50
@@ -146,6 +158,15 @@ def get_config(arg: str = "default"):
             c.data.name = "fmjax_shapes/simple_32"
             c.total_steps = 1600
             c.eval_every = c.checkpoint_every = 400
+        if arg == "align":  # ALIGN's shape (see the docstring), on the simple shapes
+            c.data.name = "fmjax_shapes/simple_32"
+            c.objective.hard_negatives = False
+            c.data.swap_words = ()
+            c.model = dict(name="clip", embed_dim=128, vocab_size=2048, context_length=32,
+                           activation="gelu", loss="softmax", logit_scale_init=math.log(1 / 0.05),
+                           image=dict(name="convnext", depths=(2, 2, 2), dims=(32, 64, 128)),
+                           text=dict(width=128, depth=3, num_heads=4, mlp_dim=512, causal=False,
+                                     pool="first", pad_id=0))
         if arg == "lit":  # LiT: configs/supervised.py's ViT as the locked image tower
             sup = _supervised_config()
             image = dict(sup.model)
@@ -204,7 +225,7 @@ def get_config(arg: str = "default"):
                            attention_impl="xla", remat="full", scan_layers=True, patch_bias=False)
     else:
         raise ValueError(f"Unknown configs/clip.py preset {arg!r}; "
-                         "valid: default, cpu, lit, vit_b16, vit_b32, vit_l14, siglip_b16, vit_g14.")
+                         "valid: default, cpu, lit, align, vit_b16, vit_b32, vit_l14, siglip_b16, vit_g14.")
     tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
     norm = c.data.normalization
     c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'",

@@ -8,8 +8,20 @@ Default (the simple shapes, 32x32 images, the 'words' tokenizer, CPU-sized):
   (contrastive + 2 x caption loss). Logs eval/zero_shot_top1 (8 shape classes, chance 0.125),
   retrieval recall@K, and the captioning eval: CIDEr-D / BLEU-4 of greedy captions of the
   validation images against their captions, beside the nearest-neighbour baseline (each image
-  gets the caption of its nearest training image by the contrastive embedding).
-  Not yet measured.
+  gets the caption of its nearest training image by the contrastive embedding). 600 steps.
+  DEFAULT_RESULT
+
+CPU recipe (issue 20: zero-shot >= 0.7 and captions whose CIDEr beats the nearest-neighbour
+baseline), the default for 1200 steps:
+    python launch/train.py --config=configs/coca.py:cpu --workdir=/tmp/coca_cpu
+  Measured 2026-12-02 on the 2-core CPU (19 min wall, sharing the cores with tests):
+  eval/zero_shot_top1 0.121 (step 0) -> 0.459 / 0.635 / 0.713 / 0.708 at steps 300 / 600 /
+  900 / 1200; CIDEr-D of the greedy captions 0.00 -> 2.81 / 3.78 / 4.36 / 4.49 against the
+  nearest-neighbour baseline's 1.09 -> 2.82 / 3.60 / 3.60 / 3.68 (BLEU-4 0.331 vs 0.323);
+  retrieval recall@5 i2t 0.508, t2i 0.412 (chance 0.005). Captions at step 1200 (the
+  captioning_examples picture): "a small red heart.", "a photo of a large purple hexagon.",
+  "a picture showing a large pink ring." The model names colour, size and shape; the
+  references' templates and positions are drawn at random, which bounds CIDEr-D far below 10.
 
 Paper presets (need an image-text dataset and CLIP's BPE file):
     python launch/train.py --config=configs/coca.py:vit_b32 --config.data.name=... --workdir=DIR
@@ -32,12 +44,12 @@ def get_config(arg: str = "default"):
     c.objective.contrastive_weight = 1.0   # the paper's lambda_Con
     c.objective.caption_weight = 2.0       # the paper's lambda_Cap
     c.data.normalization = "clip"
-    if arg == "default":
-        c.total_steps = 1200
+    if arg in ("default", "cpu"):
+        c.total_steps = 600 if arg == "default" else 1200
         c.batch_size = 128
         c.log_every = 50
-        c.eval_every = 400
-        c.checkpoint_every = 400
+        c.eval_every = 300
+        c.checkpoint_every = 300
         c.optimizer.update(dict(name="adamw", lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
                                 warmup_steps=100, clip_norm=1.0))
         c.data.name = "fmjax_shapes/simple_32"
@@ -70,7 +82,7 @@ def get_config(arg: str = "default"):
         c.evals = dict()
         c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
     else:
-        raise ValueError(f"Unknown configs/coca.py preset {arg!r}; valid: default, vit_b32.")
+        raise ValueError(f"Unknown configs/coca.py preset {arg!r}; valid: default, cpu, vit_b32.")
     tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
     norm = c.data.normalization
     c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'", norm=norm)

@@ -9,8 +9,11 @@ as the ViT encoder), ``encoder/norm`` (CLIP's ``ln_final``) and ``proj/kernel``
 a learned ``cls_embed`` (width,) is appended after the tokens (``pos_embed`` has
 ``context_length + 1`` rows), the ``pooled`` output is the final norm of that last position,
 ``tokens`` are the positions before it *without* the final norm (what open_clip hands the
-multimodal decoder), and keys equal to ``pad_id`` are masked besides the causal mask.
-``legacy_cls_mask=True`` is open_clip's default mask (``correct_cls_mask=False``: the key
+multimodal decoder).
+
+``pad_id``: keys equal to it are masked (besides the causal mask); BERT-style bidirectional
+towers (``causal=False``, ALIGN) need it so that words do not attend to the padding. With
+``embed_cls``, ``legacy_cls_mask=True`` is open_clip's default mask (``correct_cls_mask=False``: the key
 validity row is ``[cls valid, text != pad]``, shifted by one against the sequence; its released
 CoCa weights were trained so); False masks exactly the padding keys.
 """
@@ -31,7 +34,7 @@ TEXT_PRESETS: Dict[str, Dict[str, int]] = {
     "L": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),    # CLIP ViT-L/14
     "H": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),   # open_clip ViT-H/14, g/14
 }
-TEXT_POOLS = ("argmax", "eos")
+TEXT_POOLS = ("argmax", "eos", "first")
 
 
 def text_kwargs(variant: str, **overrides) -> Dict[str, Any]:
@@ -58,9 +61,12 @@ def pool_positions(tokens: jax.Array, pool: str, eos_token_id: Optional[int]) ->
     'argmax': the highest id (OpenAI's EOT 49407 is the largest id in the vocabulary;
     HF's legacy ``eos_token_id == 2`` path). 'eos': the first position equal to
     ``eos_token_id`` (so padding with the EOT id is fine); rows without it pool index 0.
+    'first': position 0 (BERT's [CLS]; here the start token), for bidirectional towers.
     """
     if pool == "argmax":
         return jnp.argmax(tokens, axis=-1)
+    if pool == "first":
+        return jnp.zeros(tokens.shape[:1], jnp.int32)
     if pool == "eos":
         if eos_token_id is None:
             raise ValueError("pool='eos' needs eos_token_id; set it or use pool='argmax'.")
@@ -92,7 +98,7 @@ class TextTransformer(nn.Module):
     eos_token_id: Optional[int] = None
     causal: bool = True
     embed_cls: bool = False          # CoCa: a learned class embedding appended (module docstring)
-    pad_id: Optional[int] = None     # with embed_cls: keys equal to it are masked
+    pad_id: Optional[int] = None     # keys equal to it are masked (module docstring)
     legacy_cls_mask: bool = False    # open_clip's shifted key mask (module docstring)
     dropout: float = 0.0
     drop_path: float = 0.0
@@ -124,12 +130,13 @@ class TextTransformer(nn.Module):
             cls = self.param("cls_embed", layers.part(nn.initializers.normal(0.01), ("embed",)),
                              (self.width,), self.param_dtype)
             x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width))], 1)
-            if self.pad_id is not None:
-                valid = tokens != self.pad_id
+        if self.pad_id is not None:
+            valid = tokens != self.pad_id
+            if self.embed_cls:
                 ones = jnp.ones((b, 1), bool)
                 valid = jnp.concatenate([ones, valid] if self.legacy_cls_mask else [valid, ones], 1)
-                keys = valid[:, None, None, :]
-                mask = keys if mask is None else mask & keys
+            keys = valid[:, None, None, :]
+            mask = keys if mask is None else mask & keys
         x = layers.constrain(x + pos[:x.shape[1]].astype(self.dtype)[None])
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x, prenorm = layers.Encoder(

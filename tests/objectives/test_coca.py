@@ -83,6 +83,7 @@ def test_short_run_learns_and_captions(default_config, tmp_path):
         c.model[k.split(".")[1]] = v
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 120, 20, 120, 120
     c.optimizer.warmup_steps = 12
+    c.eval_at_start = False
     c.evals = dict(captioning=dict(c.evals.captioning, examples=64, train_examples=256, show=4))
     loop.train_and_evaluate(c, str(tmp_path), devices=ONE_DEVICE)
     rows = _rows(tmp_path)
