@@ -98,7 +98,7 @@ def test_errors(text_model):
     model, variables, _ = text_model
     with pytest.raises(ValueError, match="pool='eos' needs eos_token_id"):
         model.clone(pool="eos").apply(variables, _tokens())
-    with pytest.raises(ValueError, match="valid: \\('argmax', 'eos'\\)"):
+    with pytest.raises(ValueError, match="valid: \\('argmax', 'eos', 'first'\\)"):
         model.clone(pool="cls").apply(variables, _tokens())
     with pytest.raises(ValueError, match="exceeds context_length=12"):
         model.apply(variables, _tokens(length=13))
@@ -156,3 +156,22 @@ def test_clip_registry_and_bad_loss():
         CLIP(**TINY_CLIP, loss="hinge").init(
             jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), _tokens())
     assert math.isclose(clip_kwargs("B/16")["embed_dim"], 512)
+
+
+def test_bidirectional_tower_with_pad_mask_and_first_token_pooling():
+    """ALIGN's BERT-style tower (causal=False, pad_id=0, pool='first'): position 0 sees later
+    words, the padding changes nothing (its keys are masked), the pooled vector is position 0."""
+    model = TextTransformer(**TINY, causal=False, pad_id=0, pool="first")
+    tokens = _tokens()
+    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+    out = model.apply({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(out["pooled"]), np.asarray(out["tokens"][:, 0]), rtol=1e-6)
+    later = tokens.at[0, 2].set(7 if int(tokens[0, 2]) != 7 else 8)   # a later word changes position 0
+    assert np.abs(np.asarray(model.apply({"params": params}, later)["pooled"][0] - out["pooled"][0])).max() > 1e-4
+    longer = jnp.concatenate([tokens, jnp.zeros((3, 2), tokens.dtype)], 1)  # more padding
+    again = model.apply({"params": params}, longer)
+    np.testing.assert_allclose(np.asarray(again["embedding"]), np.asarray(out["embedding"]), rtol=1e-5, atol=1e-6)
+    unmasked = TextTransformer(**TINY, causal=False, pool="first")  # without pad_id the padding leaks in
+    a = unmasked.apply({"params": params}, tokens)["embedding"]
+    b = unmasked.apply({"params": params}, longer)["embedding"]
+    assert np.abs(np.asarray(a - b)).max() > 1e-4
