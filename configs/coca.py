@@ -9,7 +9,9 @@ Default (the simple shapes, 32x32 images, the 'words' tokenizer, CPU-sized):
   retrieval recall@K, and the captioning eval: CIDEr-D / BLEU-4 of greedy captions of the
   validation images against their captions, beside the nearest-neighbour baseline (each image
   gets the caption of its nearest training image by the contrastive embedding). 600 steps.
-  DEFAULT_RESULT
+  Measured 2026-12-02 (2-core CPU, 10 min wall sharing the cores with tests): zero-shot
+  0.121 -> 0.457 (step 300) -> 0.557 (step 600); CIDEr-D 2.93 -> 3.66 against the
+  nearest-neighbour baseline's 3.09 -> 3.22 (BLEU-4 0.273 vs 0.292); recall@5 0.402 / 0.350.
 
 CPU recipe (issue 20: zero-shot >= 0.7 and captions whose CIDEr beats the nearest-neighbour
 baseline), the default for 1200 steps:
