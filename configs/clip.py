@@ -53,7 +53,10 @@ ALIGN (Jia et al., 2021) shape on the CLIP objective, CPU-sized:
   at the first token as BERT's [CLS]), the softmax contrastive loss with the temperature
   learned from ALIGN's 1/0.05 (logit_scale_init = ln 20; fmjax learns its log, ALIGN the
   temperature itself). The default's 800 steps on fmjax_shapes/simple_32, no hard negatives.
-  ALIGN_RESULT
+  Measured 2026-12-02 (2-core CPU, 6 min): zero-shot 0.130 (step 0) -> 0.290 (400) -> 0.367
+  (800), held-out combinations 0.144 -> 0.432; recall@5 i2t 0.456, t2i 0.418 (chance 0.005).
+  Below the ViT default on the same data (configs/clip.py:cpu reaches 0.812 at step 800): the
+  small ConvNeXt tower is the bottleneck here (8 px -> 2 px grids).
 
 Paper presets (need an image-text dataset: --config.data.name=image_folder:/path with a
 captions file, or a TFDS dataset with captions):
