@@ -53,6 +53,21 @@ def checkpoint_params(workdir: str):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def stop_after(n: int):
+    """A stand-in for the training loop's preemption handler (``fmjax.train.loop._Preemption``)
+    that asks to stop after ``n`` steps, as a SIGTERM would; use with
+    ``monkeypatch.setattr(loop, "_Preemption", stop_after(n))``."""
+    from fmjax.train import loop
+
+    class StopAfter(loop._Preemption):  # pylint: disable=protected-access
+        calls = 0
+
+        def sync(self, step=None):
+            StopAfter.calls += 1
+            return StopAfter.calls >= n
+    return StopAfter
+
+
 def load_config(name: str, preset: str = "default"):
     """``configs/<name>.py`` ``get_config(preset)`` (the repo's ``configs`` package put on
     ``sys.path`` first, as the launchers do)."""

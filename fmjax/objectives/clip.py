@@ -168,15 +168,21 @@ class CLIPObjective(Objective):
         of negatives (open_clip's ``accum_freq``; fmjax.train.step)."""
         out = self.model.apply({"params": params}, batch["image"], batch["tokens"], train=True,
                                rngs={"dropout": rng})
+        emb = self.embeddings_of(params, out, batch, rng)
+        if self.lock == "image":  # no backward through the locked tower (its update is masked too)
+            emb["image"] = jax.lax.stop_gradient(emb["image"])
+        elif self.lock == "text":
+            emb = dict(emb, **{k: jax.lax.stop_gradient(v) for k, v in emb.items() if k != "image"})
+        return emb
+
+    def embeddings_of(self, params, out, batch, rng):
+        """``{'image', 'text'}`` from the model's outputs ``out``, plus ``'neg'``: the hard
+        negatives' text embeddings (a second text-tower pass) when ``hard_negatives``."""
         emb = {"image": out["image_embeds"], "text": out["text_embeds"]}
         if self.hard_negatives:
             emb["neg"] = self.model.apply(
                 {"params": params}, batch["neg_tokens"], train=True, method=self.model.encode_text,
                 rngs={"dropout": jax.random.fold_in(rng, 1)})
-        if self.lock == "image":  # no backward through the locked tower (its update is masked too)
-            emb["image"] = jax.lax.stop_gradient(emb["image"])
-        elif self.lock == "text":
-            emb = dict(emb, **{k: jax.lax.stop_gradient(v) for k, v in emb.items() if k != "image"})
         return emb
 
     def loss_from_embeddings(self, params, extra, emb, batch, rng, step):

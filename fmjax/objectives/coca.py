@@ -75,11 +75,7 @@ class CoCaObjective(CLIPObjective):
     def loss(self, params, extra, batch, rng, step):
         out = self.model.apply({"params": params}, batch["image"], batch["tokens"], train=True,
                                rngs={"dropout": rng})
-        emb = {"image": out["image_embeds"], "text": out["text_embeds"]}
-        if self.hard_negatives:
-            emb["neg"] = self.model.apply(
-                {"params": params}, batch["neg_tokens"], train=True, method=self.model.encode_text,
-                rngs={"dropout": jax.random.fold_in(rng, 1)})
+        emb = self.embeddings_of(params, out, batch, rng)
         closs, (metrics, extra) = CLIPObjective.loss_from_embeddings(
             self, params, extra, emb, batch, rng, step)
         cap, acc = caption_loss(out["caption_logits"], batch["tokens"], self.pad_id)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fmjax import testing
 from fmjax.errors import ConfigError
 from fmjax.models.registry import build_model, capabilities
 from fmjax.objectives import coca
@@ -107,15 +108,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_config, tmp_path, mon
     c.total_steps, c.checkpoint_every = 2 * n, 4
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
 
-    class StopAfter(loop._Preemption):
-        calls = 0
-
-        def sync(self, step=None):
-            StopAfter.calls += 1
-            return StopAfter.calls >= n
-
     with monkeypatch.context() as m:
-        m.setattr(loop, "_Preemption", StopAfter)
+        m.setattr(loop, "_Preemption", testing.stop_after(n))
         assert loop.train_and_evaluate(c, resumed, devices=ONE_DEVICE)["step"] == n
     loop.train_and_evaluate(c, resumed, devices=ONE_DEVICE)
     loop.train_and_evaluate(c, straight, devices=ONE_DEVICE)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fmjax import testing
+
 from fmjax.data import pipeline
 from fmjax.errors import ConfigError
 from fmjax.models.layers import get_2d_sincos_pos_embed
@@ -388,13 +390,7 @@ def test_paper_presets_carry_the_reference_hyper_parameters(preset, width):
 # -- resume ------------------------------------------------------------------------------------
 
 def _stop_after(n):
-    class StopAfter(loop._Preemption):
-        calls = 0
-
-        def sync(self, step=None):
-            StopAfter.calls += 1
-            return StopAfter.calls >= n
-    return StopAfter
+    return testing.stop_after(n)
 
 
 def _saved_state(workdir, step):

@@ -37,17 +37,14 @@ pytest.importorskip("transformers")  # the shared CLIP trajectory helpers import
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import open_clip_coca_model as oc  # noqa: E402
-from test_clip_trajectory import _compare, _open_clip_cosine_lr  # noqa: E402
+import test_clip_trajectory as clip_t  # noqa: E402
+from test_clip_trajectory import _compare, _fmjax_run, _open_clip_cosine_lr  # noqa: E402
 from fmjax.interop import open_clip_coca  # noqa: E402
-from fmjax.objectives.base import make_objective  # noqa: E402
-from fmjax.parallel import mesh as mesh_lib  # noqa: E402
-from fmjax.parallel import rules as rules_lib  # noqa: E402
-from fmjax.train import optimizer as opt_lib  # noqa: E402
-from fmjax.train import state as state_lib  # noqa: E402
-from fmjax.train import step as step_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(HERE))
 STEPS, BATCH = 30, 8
+# The CLIP test's jitted-step runner is shared: its batch spec is these shapes.
+assert (clip_t.STEPS, clip_t.BATCH, clip_t.IMAGE, clip_t.CONTEXT) == (STEPS, BATCH, oc.IMAGE, oc.CTX)
 LR, WD, WARMUP, LOGIT_SCALE = 2e-3, 0.2, 8, 4.7
 
 
@@ -95,32 +92,6 @@ def _config(sd):
     c.data.tokenize = dict(context_length=oc.CTX, tokenizer="words", vocab_size=oc.VOCAB)
     c.optimizer.update(lr=LR, weight_decay=WD, warmup_steps=WARMUP)
     return c
-
-
-def _fmjax_run(c, params, images, tokens):
-    objective = make_objective(c)
-    tx, schedule = opt_lib.make_optimizer(c.optimizer, c.total_steps, c.batch_size)
-    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    rules = rules_lib.get_rules(c.sharding)
-    spec = {"image": jax.ShapeDtypeStruct((BATCH, oc.IMAGE, oc.IMAGE, 3), jnp.float32),
-            "tokens": jax.ShapeDtypeStruct((BATCH, oc.CTX), jnp.int32)}
-    state, shardings = state_lib.create_state(objective, tx, spec, mesh, rules, c.seed)
-    assert jax.tree.structure(state.params) == jax.tree.structure(params)
-    params = jax.device_put(params, shardings.params)
-    state = state.replace(params=params,
-                          opt_state=jax.device_put(tx.init(params), shardings.opt_state))
-    step_fn = step_lib.make_train_step(objective, tx, schedule, rules)
-    batch_sh = mesh_lib.batch_sharding(mesh)
-    jitted = step_lib.jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sh, spec))
-    losses, scales = [], []
-    with state_lib.mesh_context(mesh):
-        for s in range(STEPS):
-            batch = {"image": jnp.asarray(images[s].transpose(0, 2, 3, 1)),
-                     "tokens": jnp.asarray(tokens[s], jnp.int32)}
-            state, metrics = jitted(state, batch)
-            losses.append(float(metrics["loss"]))
-            scales.append(float(state.params["logit_scale"]))
-    return np.array(losses), np.array(scales), jax.device_get(state.params)
 
 
 def _open_clip_train(model, images, tokens, dtype):

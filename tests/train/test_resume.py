@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from fmjax import testing
+
 from fmjax.data import sources, transforms
 from fmjax.objectives.base import make_objective
 from fmjax.parallel.mesh import make_mesh
@@ -43,14 +45,7 @@ TINY_MAE_FLAGS = [
 
 
 def _stop_after(n):
-    """A stand-in for the loop's SIGTERM handler that asks to stop after ``n`` steps."""
-    class StopAfter(loop._Preemption):
-        calls = 0
-
-        def sync(self, step=None):
-            StopAfter.calls += 1
-            return StopAfter.calls >= n
-    return StopAfter
+    return testing.stop_after(n)
 
 
 def _train_interrupted(monkeypatch, config, workdir, n):
