@@ -64,7 +64,7 @@ def test_losses_outputs_and_gradients_match_open_clip(correct_cls_mask):
     (clip_t + cap_t).backward()
 
     batch = dict(image=jnp.asarray(images.permute(0, 2, 3, 1).numpy()), tokens=jnp.asarray(text.numpy()))
-    fm = objective.model.apply({"params": params}, batch["image"], batch["tokens"])
+    fm = jax.jit(objective.model.apply)({"params": params}, batch["image"], batch["tokens"])
     for ours, theirs in (("image_embeds", "image_features"), ("text_embeds", "text_features"),
                          ("caption_logits", "logits")):
         np.testing.assert_allclose(np.asarray(fm[ours]), out[theirs].detach().numpy(),
@@ -72,7 +72,7 @@ def test_losses_outputs_and_gradients_match_open_clip(correct_cls_mask):
 
     def loss(p):
         return objective.loss(p, {}, batch, jax.random.PRNGKey(0), 0)
-    (total, (metrics, _)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (total, (metrics, _)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     np.testing.assert_allclose(float(metrics["contrastive_loss"]), clip_t.item(), rtol=1e-5)
     np.testing.assert_allclose(2.0 * float(metrics["caption_loss"]), cap_t.item(), rtol=1e-5)
     np.testing.assert_allclose(float(total), (clip_t + cap_t).item(), rtol=1e-5)
@@ -100,8 +100,8 @@ def test_masks_differ_where_open_clip_shifts_them():
     _, correct, _ = _setup(True)
     images, text = _batch()
     batch = (jnp.asarray(images.permute(0, 2, 3, 1).numpy()), jnp.asarray(text.numpy()))
-    a = legacy.model.apply({"params": params}, *batch)
-    b = correct.model.apply({"params": params}, *batch)
+    a = jax.jit(legacy.model.apply)({"params": params}, *batch)
+    b = jax.jit(correct.model.apply)({"params": params}, *batch)
     assert np.abs(np.asarray(a["text_embeds"]) - np.asarray(b["text_embeds"])).max() > 1e-3
 
 
@@ -116,7 +116,7 @@ def test_greedy_caption_hook_follows_the_logits():
     from fmjax.objectives.lm import LMObjective
     sot = LMObjective._tokenizer(objective.config).sot_token_id
     seq = jnp.concatenate([jnp.full((4, 1), sot, jnp.int32), caps], 1)
-    logits = objective.model.apply({"params": params}, image, seq)["caption_logits"]
+    logits = jax.jit(objective.model.apply)({"params": params}, image, seq)["caption_logits"]
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, :-1], -1)), np.asarray(caps))
 
 

@@ -354,17 +354,17 @@ def test_default_learns(default_config, tmp_path):
     """A shortened default run on one device: the NT-Xent loss falls well below its start and
     the contrastive accuracy rises far above chance (1 / B); the views pictures are written."""
     c = default_config("simclr")
-    steps = 150
+    steps = 100
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = steps, 25, steps, steps
-    c.optimizer.warmup_steps = 15
+    c.optimizer.warmup_steps = 10
     c.evals = dict(images=c.evals.images)
     loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     rows = [r for r in _metric_rows(str(tmp_path)).values()]
     first, last = rows[0], rows[-1]
     print(f"SimCLR loss {first['train/loss']:.3f} -> {last['train/loss']:.3f}, contrast_acc "
           f"{first['train/contrast_acc']:.3f} -> {last['train/contrast_acc']:.3f}")
-    assert last["train/loss"] < first["train/loss"] - 1.0
-    # One step's accuracy is noisy (0.070 and 0.094 seen at step 150 on the same code); five
+    assert last["train/loss"] < first["train/loss"] - 1.0   # measured 12.10 -> 10.82 at 100 steps
+    # One step's accuracy is noisy (0.070 and 0.094 seen at step 150, 0.070 at 100); five
     # times chance is far from what a collapsed or untrained encoder gives.
     assert last["train/contrast_acc"] > 5.0 / c.batch_size
     assert any(n.startswith("images_views") for n in os.listdir(os.path.join(tmp_path, "images")))
