@@ -55,7 +55,7 @@ def test_forward_and_gradient_parity(v2):
     def loss_fn(p):
         z = fm.apply({"params": p}, x)["logits"]
         return jnp.mean(jax.nn.logsumexp(z, -1) - z[jnp.arange(2), jnp.asarray(labels.numpy())])
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     np.testing.assert_allclose(float(loss), float(loss_t.detach()), rtol=1e-5)
     grads_t = hf_convnext.convert_hf_convnext({k: v.grad for k, v in model.named_parameters()}, cfg)
     flat_t = dict(jax.tree_util.tree_flatten_with_path(grads_t)[0])

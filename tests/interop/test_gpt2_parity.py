@@ -63,7 +63,7 @@ def test_logits_loss_and_gradient_parity():
         logp = jax.nn.log_softmax(logits[:, :-1], -1)
         return -jnp.take_along_axis(logp, x[:, 1:, None], -1).mean(), logits
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     np.testing.assert_allclose(np.asarray(logits), out_t.logits.detach().numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(float(loss), out_t.loss.item(), atol=1e-5, rtol=1e-6)
     scanned = fm.clone(scan_layers=True).apply({"params": scan_lib.stack_layers(params)}, x)["logits"]

@@ -129,7 +129,7 @@ def test_gradient_parity(setup):
 
     x = jnp.asarray(images.permute(0, 2, 3, 1).numpy())
     nz = jnp.asarray(noise.numpy())
-    grads = jax.grad(lambda p: fm.apply({"params": p}, x, noise=nz)["loss"])(params)
+    grads = jax.jit(jax.grad(lambda p: fm.apply({"params": p}, x, noise=nz)["loss"]))(params)
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref))
     flat = jax.tree_util.tree_leaves_with_path(grads)
     assert len(flat) == len(flat_ref) and len(flat) > 40

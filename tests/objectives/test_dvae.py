@@ -165,7 +165,7 @@ def test_loss_is_the_scaled_elbo(shapes_data_dir):
     np.testing.assert_allclose(float(loss), ref, rtol=1e-4)
     np.testing.assert_allclose(float(metrics["temperature"]), tau, rtol=1e-6)
     np.testing.assert_allclose(float(metrics["kl_weight"]), beta, rtol=1e-5)
-    grads = jax.grad(lambda p: obj.loss(p, extra, {"image": x}, rng, step)[0])(params)
+    grads = jax.jit(jax.grad(lambda p: obj.loss(p, extra, {"image": x}, rng, step)[0]))(params)
     assert float(jnp.abs(grads["encoder"]["input"]["w"]).max()) > 0
 
 
