@@ -118,6 +118,19 @@ def big_vision_optimizer(lr: float, wd: float, warmup_steps: int, clip_norm: flo
                 clip_norm=clip_norm, clip_mode="global", wd_groups="big_vision")
 
 
+def shapes_recipe(c) -> None:
+    """What the CPU presets of the image-text methods on the 32x32 shapes share (CLIP's
+    default and the ones built on it, configs/coca.py): batch 128, AdamW lr 2e-3 (betas 0.9 /
+    0.98, eps 1e-6, wd 0.1, 100 warm-up steps, clip 1.0), the 'words' tokenizer (2048
+    buckets, 32 tokens), 32-px images, a log line every 50 steps."""
+    c.batch_size = 128
+    c.log_every = 50
+    c.optimizer.update(dict(name="adamw", lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+                            warmup_steps=100, clip_norm=1.0))
+    c.data.image_size = 32
+    c.data.tokenize = dict(context_length=32, tokenizer="words", vocab_size=2048)
+
+
 def _pp(size: int, scale, tok: str, keys: str, swap_words=(), norm: str = "clip") -> str:
     crop = f"random_resized_crop({size}, scale={tuple(scale)})|" if scale else f"resize(({size}, {size}))|"
     if swap_words:  # NegCLIP hard negatives: a caption with one listed word swapped, tokenized
@@ -136,16 +149,11 @@ def get_config(arg: str = "default"):
     c.data.swap_words = ()                 # read once, here, to build pp_train
     c.data.normalization = "clip"
     if arg in ("default", "cpu", "lit", "align"):
+        shapes_recipe(c)
         c.total_steps = 800
-        c.batch_size = 128
-        c.log_every = 50
         c.eval_every = 400
         c.checkpoint_every = 400
-        c.optimizer.update(dict(name="adamw", lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
-                                warmup_steps=100, clip_norm=1.0))
         c.data.name = "fmjax_shapes/32"
-        c.data.image_size = 32
-        c.data.tokenize = dict(context_length=32, tokenizer="words", vocab_size=2048)
         c.objective.hard_negatives = True
         c.data.swap_words = _shapes_classes()
         c.model = dict(name="clip", width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8,

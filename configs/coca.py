@@ -34,7 +34,7 @@ Paper presets (need an image-text dataset and CLIP's BPE file):
   CoCa weights were trained (fmjax.models.text).
 """
 from configs import common
-from configs.clip import OPEN_CLIP_OPTIONS, _pp, _shapes_templates
+from configs.clip import OPEN_CLIP_OPTIONS, _pp, _shapes_templates, shapes_recipe
 
 
 def get_config(arg: str = "default"):
@@ -47,16 +47,11 @@ def get_config(arg: str = "default"):
     c.objective.caption_weight = 2.0       # the paper's lambda_Cap
     c.data.normalization = "clip"
     if arg in ("default", "cpu"):
+        shapes_recipe(c)  # CLIP's default optimizer, tokenizer and image size
         c.total_steps = 600 if arg == "default" else 1200
-        c.batch_size = 128
-        c.log_every = 50
         c.eval_every = 300
         c.checkpoint_every = 300
-        c.optimizer.update(dict(name="adamw", lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
-                                warmup_steps=100, clip_norm=1.0))
         c.data.name = "fmjax_shapes/simple_32"
-        c.data.image_size = 32
-        c.data.tokenize = dict(context_length=32, tokenizer="words", vocab_size=2048)
         c.model = dict(name="coca", width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8,
                        embed_dim=128, text_width=128, text_depth=3, text_heads=4, text_mlp_dim=512,
                        vocab_size=2048, context_length=32, activation="gelu", loss="softmax",

@@ -141,13 +141,8 @@ def convert_open_clip_coca(state_dict: StateDict, num_heads: Optional[int] = Non
 def convert_for_model_init(state_dict: StateDict, model_config=None) -> Params:
     """``config.model_init.format='open_clip_coca'``: the head counts from ``config.model``
     (its ``variant`` preset and fields), else width / 64 and 8 pooler heads."""
-    kwargs: Dict[str, Any] = {}
-    if model_config:
-        try:
-            from fmjax.models.registry import model_kwargs
-            kwargs = model_kwargs(model_config)
-        except (ValueError, TypeError, KeyError):
-            kwargs = {}
+    from fmjax.models.registry import model_fields
+    kwargs = model_fields(model_config)
     return convert_open_clip_coca(state_dict, num_heads=kwargs.get("num_heads"),
                                   text_heads=kwargs.get("text_heads"),
                                   decoder_heads=kwargs.get("decoder_heads"),

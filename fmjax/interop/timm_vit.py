@@ -383,13 +383,8 @@ def convert_for_model_init(state_dict: Mapping[str, Any], fmt: str,
     """``config.model_init`` formats 'timm_vit' / 'timm_mae'. Head counts come from
     ``config.model`` (``num_heads``, ``decoder_heads``) when it names them, else the
     defaults above; DeiT's ``head_dist`` is kept, so the load table counts it as unused."""
-    kwargs: Dict[str, Any] = {}
-    if model_config:
-        try:
-            from fmjax.models.registry import model_kwargs
-            kwargs = model_kwargs(model_config)
-        except (ValueError, TypeError, KeyError):
-            kwargs = {}
+    from fmjax.models.registry import model_fields
+    kwargs = model_fields(model_config)
     if fmt == "timm_mae":
         return convert_timm_mae(state_dict, kwargs.get("num_heads"), kwargs.get("decoder_heads"))
     if fmt != "timm_vit":

@@ -329,8 +329,12 @@ class CLIP(nn.Module):
     def __call__(self, images: jax.Array, tokens: jax.Array,
                  train: bool = False) -> Dict[str, jax.Array]:
         """Embed both modalities; see the class docstring for the outputs."""
-        image_embeds = self.encode_image(images, train)
-        text_embeds = self.encode_text(tokens, train)
+        return self.pair_outputs(self.encode_image(images, train), self.encode_text(tokens, train))
+
+    def pair_outputs(self, image_embeds: jax.Array, text_embeds: jax.Array) -> Dict[str, jax.Array]:
+        """``__call__``'s outputs from the normalised embeddings: the embeddings,
+        ``logit_scale``, ``logits_per_image`` (scale * image @ text.T + bias) and
+        ``logit_bias`` when the model has one."""
         scale, bias = self.logit_terms()
         logits = scale * jnp.einsum("id,td->it", image_embeds.astype(jnp.float32),
                                     text_embeds.astype(jnp.float32))

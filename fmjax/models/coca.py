@@ -213,15 +213,7 @@ class CoCa(CLIP):
                  train: bool = False) -> Dict[str, jax.Array]:
         image_emb, image_tokens = self._image(images, train)
         text = self.text_encoder(tokens, train=train)
-        image_embeds, text_embeds = l2_normalize(image_emb), l2_normalize(text["embedding"])
-        scale, bias = self.logit_terms()
-        logits = scale * jnp.einsum("id,td->it", image_embeds.astype(jnp.float32),
-                                    text_embeds.astype(jnp.float32))
-        out = dict(image_embeds=image_embeds, text_embeds=text_embeds, logit_scale=scale,
-                   caption_logits=self.decoder(text["tokens"], image_tokens, train))
-        if bias is not None:
-            out["logit_bias"] = bias
-            logits = logits + bias
-        out["logits_per_image"] = logits
+        out = self.pair_outputs(l2_normalize(image_emb), l2_normalize(text["embedding"]))
+        out["caption_logits"] = self.decoder(text["tokens"], image_tokens, train)
         return out
 

@@ -131,6 +131,17 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict:
     return variants(variant, **cfg) if variant else cfg
 
 
+def model_fields(model_config: Optional[Mapping[str, Any]]) -> dict:
+    """``model_kwargs(model_config)``, or {} when there is no config or it cannot be resolved
+    (a checkpoint converter then falls back to its own defaults, e.g. for head counts)."""
+    if not model_config:
+        return {}
+    try:
+        return model_kwargs(model_config)
+    except (ValueError, TypeError, KeyError):
+        return {}
+
+
 def build_model(model_config: Mapping[str, Any], dtype: str = "float32", **extra):
     """``dict(name='mae', variant='S/16', decoder_depth=4)`` -> ``MAE(...)``."""
     kwargs = model_kwargs(model_config)
