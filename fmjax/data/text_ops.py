@@ -78,6 +78,18 @@ class swap_words(Transform):  # noqa: N801
         return out
 
 
+def tokenizer_vocab_size(config):
+    """The vocabulary size of ``config.data.tokenize``'s tokenizer, or None without one (or when
+    it cannot be built: ``check_vocab`` reports that)."""
+    tok_cfg = config.data.get("tokenize")
+    if not tok_cfg:
+        return None
+    try:
+        return int(tokenize(**dict(tok_cfg)).tokenizer.vocab_size)
+    except (ValueError, FileNotFoundError, OSError):
+        return None
+
+
 def check_vocab(config, vocab) -> None:
     """The tokenizer of ``config.data.tokenize`` must yield ids below ``vocab`` (the text
     tower's embedding rows): an out-of-range id would be silently clamped by the lookup.

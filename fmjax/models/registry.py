@@ -36,6 +36,8 @@ CAPABILITIES = {
                         "labels, boxes, masks) -> (mask logits [B, P, M, 4h, 4w], iou [B, P, M])",
     "captioning": "image_tokens(images) -> [B, S, D]; caption_logits_from(image_tokens, tokens) -> "
                   "[B, L, vocab] next-token logits (CoCa)",
+    "image_text_matching": "match_probability(images, tokens) -> [B] P(image i matches caption i) "
+                           "(BLIP's ITM head)",
     "causal_lm": "__call__(tokens [B, T], train, context=None, context_mask=None) -> {'logits': "
                  "[B, T, vocab], ...}, causal; decode=True keeps a KV cache (fmjax.models.generate)",
 }
@@ -46,6 +48,7 @@ _BUILTIN = {
     "mae": ("fmjax.models.mae:MAE", "fmjax.models.vit:vit_kwargs"),
     "clip": ("fmjax.models.clip:CLIP", "fmjax.models.clip:clip_kwargs"),
     "coca": ("fmjax.models.coca:CoCa", "fmjax.models.coca:coca_kwargs"),
+    "blip": ("fmjax.models.blip:BLIP", "fmjax.models.blip:blip_kwargs"),
     "unet": ("fmjax.models.unet:UNet", "fmjax.models.unet:unet_kwargs"),
     "dit": ("fmjax.models.dit:DiT", "fmjax.models.dit:dit_kwargs"),
     "dvae": ("fmjax.models.dvae:DVAE", "fmjax.models.dvae:dvae_kwargs"),

@@ -20,6 +20,7 @@ defines the method, and callers ask ``supports(objective, name)``:
     update_mask(params, step) -> tree of bool  # False: the param is not updated (no decay either)
     text_features(params, extra, tokens) -> [B, D]  # text embedding for zero-shot / retrieval
     caption(params, extra, images) -> [B, L] int token ids  # generated captions (the 'captioning' eval)
+    match_scores(params, extra, images, tokens) -> [B] P(image i matches caption i)  # the 'itm' eval
     generate(params, extra, rng, ...) / predict(...)  # generative models (diffusion)
     embed(params, extra, batch, rng, step) -> tree of [B, ...] arrays          # both together:
     loss_from_embeddings(params, extra, embeds, batch, rng, step) -> loss(...)'s output
@@ -94,6 +95,7 @@ class Objective:
     update_mask = None
     text_features = None
     caption = None
+    match_scores = None
     generate = None
     predict = None
     embed = None
@@ -107,7 +109,7 @@ class Objective:
 
 
 OPTIONAL_HOOKS = ("visualize", "eval_metrics", "project_params", "update_mask", "text_features",
-                  "caption", "generate", "predict", "embed", "loss_from_embeddings")
+                  "caption", "match_scores", "generate", "predict", "embed", "loss_from_embeddings")
 
 
 def supports(objective, name: str) -> bool:

@@ -45,6 +45,26 @@ def caption_loss(logits: jax.Array, tokens: jax.Array, pad_id: int):
     return (nll * mask).sum() / n, acc
 
 
+def greedy_captions(model, config, params, images):
+    """Greedy captions of ``images`` by a 'captioning' model (``image_tokens`` +
+    ``caption_logits_from``): (B, L - 1) int32 ids after the start token, L =
+    ``config.data.tokenize.context_length``; rows run on past their end-of-text token (decoders
+    stop there). Each step reruns the decoder on the whole (B, L) buffer (causal, so the positions
+    after t do not change the logits at t): no KV cache."""
+    tok = LMObjective._tokenizer(config)  # pylint: disable=protected-access
+    length = int(config.data.tokenize.context_length)
+    variables = {"params": params}
+    image_tokens = model.apply(variables, images, method=model.image_tokens)
+    buf = jnp.zeros((images.shape[0], length), jnp.int32).at[:, 0].set(tok.sot_token_id)
+
+    def step(t, buf):
+        logits = model.apply(variables, image_tokens, buf, method=model.caption_logits_from)
+        nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False), -1)
+        return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(jnp.int32), t + 1, 1)
+
+    return jax.lax.fori_loop(0, length - 1, step, buf)[:, 1:]
+
+
 class CoCaObjective(CLIPObjective):
     # CLIP's split for exact accumulation does not cover the caption decoder.
     embed = None
@@ -84,21 +104,8 @@ class CoCaObjective(CLIPObjective):
         return self.contrastive_weight * closs + self.caption_weight * cap, (metrics, extra)
 
     def caption(self, params, extra, images):
-        """Greedy captions of ``images``: (B, L - 1) int32 ids after the start token (the
-        module docstring); rows run on past their end-of-text token (decoders stop there)."""
-        tok = LMObjective._tokenizer(self.config)  # pylint: disable=protected-access
-        length = int(self.config.data.tokenize.context_length)
-        variables = {"params": params}
-        image_tokens = self.model.apply(variables, images, method=self.model.image_tokens)
-        buf = jnp.zeros((images.shape[0], length), jnp.int32).at[:, 0].set(tok.sot_token_id)
-
-        def step(t, buf):
-            logits = self.model.apply(variables, image_tokens, buf,
-                                      method=self.model.caption_logits_from)
-            nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False), -1)
-            return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(jnp.int32), t + 1, 1)
-
-        return jax.lax.fori_loop(0, length - 1, step, buf)[:, 1:]
+        """Greedy captions of ``images`` (``greedy_captions``)."""
+        return greedy_captions(self.model, self.config, params, images)
 
 
 def make(config) -> CoCaObjective:
