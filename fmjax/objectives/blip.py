@@ -1,7 +1,7 @@
 """BLIP pre-training (Li et al., 2022): ITC + ITM + LM on one image encoder and one MED.
 
 Reference: salesforce/BLIP ``models/blip_pretrain.py`` ``BLIP_Pretrain.forward`` and
-``pretrain.py`` ``train`` (commit 056a169). Checked step by step by
+``pretrain.py`` ``train`` (commit 056a169437371659074aa2732649d5de3bffb4a8). Checked step by step by
 tests/reference/test_blip_trajectory.py. ``loss = loss_ita + loss_itm + loss_lm``:
 
 * **ITC with a momentum encoder and queues.** The momentum model (``extra['momentum']``: an EMA,
@@ -107,8 +107,10 @@ def negative_weights(sim):
 
 def sample_negatives(rng, weights):
     """One index per row of ``weights`` [B, B] drawn with probability proportional to it
-    (``torch.multinomial(weights[b], 1)``)."""
-    return jax.random.categorical(rng, jnp.log(weights), axis=-1)
+    (``torch.multinomial(weights[b], 1)``), by the Gumbel-max trick:
+    ``argmax(log(weights) + gumbel(rng, (B, B)), 1)`` (zero weights are never drawn)."""
+    noise = jax.random.gumbel(rng, weights.shape, jnp.float32)
+    return jnp.argmax(jnp.log(weights) + noise, axis=-1)
 
 
 def smoothed_lm_loss(logits, tokens, pad_id: int, smoothing: float):
