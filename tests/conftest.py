@@ -47,6 +47,11 @@ def tiny_config(shapes_data_dir):
                            attention_resolutions=(16,), num_groups=4, dropout=0.1,
                            num_classes=c.model.num_classes, sample_size=32)
             c.objective.sample.update(dict(num_steps=2))
+        elif name == "blip":  # the image tower is a sub-config
+            c.model.image.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
+            c.model.update(dict(text_width=32, text_depth=1, text_heads=2, text_mlp_dim=64,
+                                embed_dim=16))
+            c.objective.queue_size = 2 * c.batch_size
         else:
             c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
         if name == "mae":

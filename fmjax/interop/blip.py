@@ -164,3 +164,13 @@ def momentum_state(state_dict: Mapping[str, Any], num_heads: Optional[int] = Non
     r.finish(ignore=(r"text_encoder_m\..*crossattention\..*", r".*position_ids", r"idx_queue",
                      r"ptr_queue"))
     return out
+
+
+def convert_for_model_init(state_dict: Mapping[str, Any], model_config=None) -> Params:
+    """``config.model_init.format='blip'``: the params, with the head counts from
+    ``config.model`` (``image.num_heads``, else timm's by width; ``text_heads``, else 12)."""
+    from fmjax.models.registry import model_fields
+    fields = model_fields(model_config)
+    image = dict(fields.get("image") or {})
+    return convert_blip(state_dict, num_heads=image.get("num_heads"),
+                        text_heads=int(fields.get("text_heads", 12)))

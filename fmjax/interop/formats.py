@@ -25,6 +25,7 @@ FORMATS: dict[str, tuple[str, bool]] = {
     "hf_gpt2": ("hf_gpt2:convert_hf_gpt2", True),
     "hf_sam": ("hf_sam:convert_hf_sam", True),
     "open_clip_coca": ("open_clip_coca:convert_for_model_init", False),
+    "blip": ("blip:convert_for_model_init", False),
 }
 
 
