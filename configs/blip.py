@@ -28,7 +28,7 @@ CLIP's BPE and sets the vocabulary to 49408 + 2):
   steps per epoch). Published (BLIP 14M, ViT-B/16): COCO TR@1 80.6, IR@1 63.1 (fine-tuned).
 """
 from configs import common
-from configs.clip import _pp, _shapes_templates, shapes_recipe
+from configs.clip import _shapes_templates, caption_pipelines, shapes_recipe
 
 
 def get_config(arg: str = "default"):
@@ -84,8 +84,5 @@ def get_config(arg: str = "default"):
         c.log_every, c.eval_every, c.checkpoint_every = 50, 5000, 2000
     else:
         raise ValueError(f"Unknown configs/blip.py preset {arg!r}; valid: default, cpu, base.")
-    tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
-    norm = c.data.normalization
-    c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'", norm=norm)
-    c.data.pp_eval = _pp(c.data.image_size, None, tok, "'image', 'label', 'tokens'", norm=norm)
+    caption_pipelines(c)
     return c

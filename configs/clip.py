@@ -131,6 +131,16 @@ def shapes_recipe(c) -> None:
     c.data.tokenize = dict(context_length=32, tokenizer="words", vocab_size=2048)
 
 
+def caption_pipelines(c) -> None:
+    """``data.pp_train`` (random resized crop, scale 0.9-1) and ``data.pp_eval`` (with the
+    label) of an image-caption config from its ``data.tokenize`` / ``image_size`` /
+    ``normalization`` (configs/coca.py, configs/blip.py)."""
+    tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
+    norm = c.data.normalization
+    c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'", norm=norm)
+    c.data.pp_eval = _pp(c.data.image_size, None, tok, "'image', 'label', 'tokens'", norm=norm)
+
+
 def _pp(size: int, scale, tok: str, keys: str, swap_words=(), norm: str = "clip") -> str:
     crop = f"random_resized_crop({size}, scale={tuple(scale)})|" if scale else f"resize(({size}, {size}))|"
     if swap_words:  # NegCLIP hard negatives: a caption with one listed word swapped, tokenized

@@ -34,7 +34,7 @@ Paper presets (need an image-text dataset and CLIP's BPE file):
   CoCa weights were trained (fmjax.models.text).
 """
 from configs import common
-from configs.clip import OPEN_CLIP_OPTIONS, _pp, _shapes_templates, shapes_recipe
+from configs.clip import OPEN_CLIP_OPTIONS, _shapes_templates, caption_pipelines, shapes_recipe
 
 
 def get_config(arg: str = "default"):
@@ -80,8 +80,5 @@ def get_config(arg: str = "default"):
         c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
     else:
         raise ValueError(f"Unknown configs/coca.py preset {arg!r}; valid: default, cpu, vit_b32.")
-    tok = "tokenize({})".format(", ".join(f"{k}={v!r}" for k, v in c.data.tokenize.items()))
-    norm = c.data.normalization
-    c.data.pp_train = _pp(c.data.image_size, (0.9, 1.0), tok, "'image', 'tokens'", norm=norm)
-    c.data.pp_eval = _pp(c.data.image_size, None, tok, "'image', 'label', 'tokens'", norm=norm)
+    caption_pipelines(c)
     return c

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from fmjax.models import layers
 from fmjax.models.attention import MultiHeadAttention
-from fmjax.models.clip import _check_sub_config, _frozen, _plain, l2_normalize
+from fmjax.models.clip import _frozen, l2_normalize, tower_from_sub_config
 from fmjax.models.core import get_activation, layer_norm
 from fmjax.models.text import causal_mask
 
@@ -263,18 +263,7 @@ class BLIP(nn.Module):
         if self.image is None:
             raise ValueError("BLIP needs its image tower: config.model.image=dict(name='vit', "
                              "variant=..., pool='cls', ...) (or model.variant='base').")
-        from fmjax.models import registry
-        cfg = _plain(self.image)
-        cfg.setdefault("name", "vit")
-        name = cfg["name"]
-        kwargs = registry.model_kwargs(cfg)
-        cls = registry.model_class(name)
-        fields = _check_sub_config("config.model.image", kwargs, cls,
-                                   f": model {name!r} has no field(s)")
-        kwargs["dtype"] = self.dtype
-        if "param_dtype" in fields:
-            kwargs["param_dtype"] = self.param_dtype
-        return name, cls, kwargs
+        return tower_from_sub_config(self.image, self.dtype, self.param_dtype)
 
     def check_towers(self):
         name, cls, kwargs = self.image_tower()

@@ -112,6 +112,23 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return (x32 / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
+def tower_from_sub_config(sub_config, dtype, param_dtype, key: str = "config.model.image"):
+    """``(registry name, class, kwargs)`` of a composite model's tower sub-config (a registered
+    model's ``config.model``; ``name`` defaults to 'vit'), with the composite's ``dtype`` /
+    ``param_dtype``. One-line ValueErrors naming ``key``."""
+    from fmjax.models import registry
+    cfg = _plain(sub_config)
+    cfg.setdefault("name", "vit")
+    name = cfg["name"]
+    kwargs = registry.model_kwargs(cfg)
+    cls = registry.model_class(name)
+    fields = _check_sub_config(key, kwargs, cls, f": model {name!r} has no field(s)")
+    kwargs["dtype"] = dtype
+    if "param_dtype" in fields:
+        kwargs["param_dtype"] = param_dtype
+    return name, cls, kwargs
+
+
 def _check_sub_config(key: str, kwargs, cls, unknown_msg: str):
     """A tower sub-config's keys: the fields of ``cls`` only, and no dtype of its own (the
     towers take config.dtype and CLIP's param_dtype). One-line ValueErrors naming ``key``.
@@ -203,7 +220,6 @@ class CLIP(nn.Module):
                           pos_embed="learned", pre_norm=True, num_classes=0, stem=self.stem,
                           **self._common())
             return "vit", ViT, kwargs
-        from fmjax.models import registry
         flat = [k for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size")
                 if getattr(self, k) is not None]
         flat += [k for k, default in (("stem", "patch"), ("patch_bias", True))
@@ -211,17 +227,7 @@ class CLIP(nn.Module):
         if flat:
             raise ValueError(f"CLIP: config.model.image sets the image tower; drop the flat image "
                              f"keys {flat} (put them in config.model.image).")
-        cfg = _plain(self.image)
-        cfg.setdefault("name", "vit")
-        name = cfg["name"]
-        kwargs = registry.model_kwargs(cfg)
-        cls = registry.model_class(name)
-        fields = _check_sub_config("config.model.image", kwargs, cls,
-                                   f": model {name!r} has no field(s)")
-        kwargs["dtype"] = self.dtype
-        if "param_dtype" in fields:
-            kwargs["param_dtype"] = self.param_dtype
-        return name, cls, kwargs
+        return tower_from_sub_config(self.image, self.dtype, self.param_dtype)
 
     def text_tower(self) -> Dict[str, Any]:
         """``TextTransformer`` kwargs: the flat ``text_*`` / shared keys, then the ``text``

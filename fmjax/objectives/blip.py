@@ -45,7 +45,6 @@ import jax.numpy as jnp
 
 from fmjax.data import text_ops
 from fmjax.errors import ConfigError
-from fmjax.models.blip import MODES  # noqa: F401  (the MED's modes, for readers)
 from fmjax.models.clip import l2_normalize
 from fmjax.models.registry import build_model, require
 from fmjax.objectives.base import Objective

@@ -135,7 +135,7 @@ def test_objective_hooks_queue_and_momentum(tiny_config):
     assert extra["image_queue"].shape == (32, 16) and "dec_attn" not in str(
         jax.tree_util.tree_structure(extra["momentum"]))
     params = dict(params, vision_proj=jax.tree.map(lambda x: x + 1.0, params["vision_proj"]))
-    loss, (metrics, new) = obj.loss(params, extra, batch, jax.random.PRNGKey(1), 0)
+    loss, (metrics, new) = jax.jit(obj.loss)(params, extra, batch, jax.random.PRNGKey(1), 0)
     assert np.isfinite(float(loss))
     np.testing.assert_allclose(float(loss), float(metrics["ita_loss"] + metrics["itm_loss"]
                                                   + metrics["lm_loss"]), rtol=1e-6)
