@@ -13,7 +13,9 @@ one negative pair (image i, caption j), j from the same global batch with a diff
 
 ``eval/<name>_acc``: the accuracy over the positive and the random-negative pairs at P(match) >
 0.5 (chance 0.5; issue 20's BLIP gate is >= 0.8), ``_pos_acc`` / ``_neg_acc`` the two halves,
-``_hard_acc`` the same with the hard negatives (``_hard_neg_acc`` their half). Examples whose
+``_hard_acc`` the same with the hard negatives (``_hard_neg_acc`` their half), ``_rank_acc`` /
+``_hard_rank_acc`` how often the positive pair scores above its negative (no threshold: the
+ITM head trains on one positive per two negatives, so its P(match) sits low). Examples whose
 batch holds no different-label example are skipped.
 """
 from __future__ import annotations
@@ -76,4 +78,6 @@ class ITMEvaluator(common.Evaluator):
         neg_acc = float(np.mean(scores[:, 1] <= 0.5))
         hard_neg_acc = float(np.mean(scores[:, 2] <= 0.5))
         return {"acc": (pos_acc + neg_acc) / 2, "pos_acc": pos_acc, "neg_acc": neg_acc,
-                "hard_acc": (pos_acc + hard_neg_acc) / 2, "hard_neg_acc": hard_neg_acc}
+                "hard_acc": (pos_acc + hard_neg_acc) / 2, "hard_neg_acc": hard_neg_acc,
+                "rank_acc": float(np.mean(scores[:, 0] > scores[:, 1])),
+                "hard_rank_acc": float(np.mean(scores[:, 0] > scores[:, 2]))}
