@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from fmjax.errors import ConfigError
 from fmjax.evals import common, registry
 
 
@@ -64,6 +65,11 @@ class ITMEvaluator(common.Evaluator):
         outs = []
         with self.ctx.scope():
             for batch, valid in self.batches():
+                missing = [k for k in ("image", "tokens", "label") if k not in batch]
+                if missing:
+                    raise ConfigError(f"{self.where}: its pipeline ({self.pp_key}) gives no "
+                                      f"{missing}; ITM needs image, tokens and label (e.g. "
+                                      "keep('image', 'label', 'tokens')).")
                 v = gather(valid) if multi else valid
                 res = fn(state.params, state.extra, batch["image"], batch["tokens"],
                          batch["label"], jnp.asarray(v))
