@@ -81,49 +81,72 @@ def blip_kwargs_from_state_dict(state_dict: Mapping[str, Any], num_heads: Option
 
 def convert_blip(state_dict: Mapping[str, Any], num_heads: Optional[int] = None,
                  text_heads: int = 12) -> Params:
-    """BLIP_Pretrain state dict -> ``fmjax.models.blip.BLIP`` params (module docstring)."""
+    """A BLIP state dict -> ``fmjax.models.blip.BLIP`` params (module docstring).
+
+    A pre-training checkpoint (``text_encoder`` and ``text_decoder``) gives every param. The
+    fine-tuned halves give what they have: a retrieval / ITM model (``text_encoder`` only, as
+    ``blip_retrieval`` / ``blip_itm``) no ``dec_attn`` / ``lm_head`` / ``temp``; a captioner
+    (``text_decoder`` only, ``blip_decoder``) its decoder, whose embeddings, cross-attention
+    and feed-forward fill the shared params, and no ``attn`` / projections / ``itm_head``. Load
+    those with ``config.model_init`` (the missing params keep their init)."""
     sd = timm_state_dict(state_dict)
     vis = _sub(sd, "visual_encoder.")
     if not vis:
-        raise ValueError("Not a BLIP pre-training state dict: no visual_encoder.* keys.")
+        raise ValueError("Not a BLIP state dict: no visual_encoder.* keys.")
     heads = _heads(_width(vis), num_heads)
     params: Params = {"image": convert_timm_vit(vis, heads)}
     rest = {k: v for k, v in sd.items() if not k.startswith("visual_encoder.")
             and not MOMENTUM.fullmatch(k)}
+    has_enc = any(k.startswith("text_encoder.") for k in rest)
+    has_dec = any(k.startswith("text_decoder.") for k in rest)
+    if not (has_enc or has_dec):
+        raise ValueError("Not a BLIP state dict: no text_encoder.* or text_decoder.* keys.")
     r = _Reader(rest, "BLIP")
     for name in ("vision_proj", "text_proj", "itm_head"):
-        params[name] = _dense(r, name)
-    params["temp"] = np.asarray(r("temp"), np.float32).reshape(())
-    e = "text_encoder.embeddings"
+        if f"{name}.weight" in rest or has_enc:
+            params[name] = _dense(r, name)
+    if "temp" in rest:
+        params["temp"] = np.asarray(r("temp"), np.float32).reshape(())
+    shared = "text_encoder" if has_enc else "text_decoder.bert"
+    e = f"{shared}.embeddings"
     text: Params = {"word_embed": {"embedding": r(f"{e}.word_embeddings.weight")},
                     "pos_embed": r(f"{e}.position_embeddings.weight"),
                     "embed_norm": _layer_norm(r, f"{e}.LayerNorm")}
-    for i in range(text_layers(sd)):
-        enc, dec = f"text_encoder.encoder.layer.{i}", f"text_decoder.bert.encoder.layer.{i}"
-        text[f"layer_{i}"] = {
-            "attn": _bert_attention(r, f"{enc}.attention", text_heads),
-            "dec_attn": _bert_attention(r, f"{dec}.attention", text_heads),
-            "cross": _bert_attention(r, f"{enc}.crossattention", text_heads),
-            "ffn": {"fc1": _dense(r, f"{enc}.intermediate.dense"),
-                    "fc2": _dense(r, f"{enc}.output.dense"),
-                    "norm": _layer_norm(r, f"{enc}.output.LayerNorm")}}
+    depth = text_layers(sd) if has_enc else len({
+        k.split(".")[4] for k in rest if k.startswith("text_decoder.bert.encoder.layer.")})
+    for i in range(depth):
+        base, dec = f"{shared}.encoder.layer.{i}", f"text_decoder.bert.encoder.layer.{i}"
+        layer: Params = {}
+        if has_enc:
+            layer["attn"] = _bert_attention(r, f"{base}.attention", text_heads)
+        if has_dec:
+            layer["dec_attn"] = _bert_attention(r, f"{dec}.attention", text_heads)
+        layer["cross"] = _bert_attention(r, f"{base}.crossattention", text_heads)
+        layer["ffn"] = {"fc1": _dense(r, f"{base}.intermediate.dense"),
+                        "fc2": _dense(r, f"{base}.output.dense"),
+                        "norm": _layer_norm(r, f"{base}.output.LayerNorm")}
+        text[f"layer_{i}"] = layer
     p = "text_decoder.cls.predictions"
-    text["lm_head"] = {"transform": _dense(r, f"{p}.transform.dense"),
-                       "norm": _layer_norm(r, f"{p}.transform.LayerNorm"), "bias": r(f"{p}.bias")}
+    if has_dec:
+        text["lm_head"] = {"transform": _dense(r, f"{p}.transform.dense"),
+                           "norm": _layer_norm(r, f"{p}.transform.LayerNorm"),
+                           "bias": r(f"{p}.bias")}
     params["text"] = text
-    # The decoder's tied copies: the same tensors as the encoder's (and the word embedding).
+    # Tied copies: the LM decoder is the word embedding; with both halves, the decoder's
+    # embeddings, cross-attention and feed-forward are the encoder's (tie_encoder_decoder_weights).
     tied = {f"{p}.decoder.weight": f"{e}.word_embeddings.weight"}
-    for k in rest:
-        if k.startswith("text_decoder.bert.") and ".attention." not in k:
-            tied[k] = "text_encoder." + k[len("text_decoder.bert."):]
+    if has_enc:
+        for k in rest:
+            if k.startswith("text_decoder.bert.") and ".attention." not in k:
+                tied[k] = "text_encoder." + k[len("text_decoder.bert."):]
     for k, src in tied.items():
         if k not in rest:
             continue
         r.used.add(k)
         if src not in rest or not np.array_equal(rest[k], rest[src]):
-            raise ValueError(f"BLIP: {k} is not tied to {src} (as blip_pretrain ties them); this "
-                             "is not a BLIP pre-training checkpoint (fmjax's BLIP shares them).")
-    r.finish(ignore=(r"text_encoder\.embeddings\.position_ids", r"text_decoder\.bert\.embeddings\.position_ids",
+            raise ValueError(f"BLIP: {k} is not tied to {src} (as BLIP ties them); fmjax's BLIP "
+                             "shares them, so this checkpoint does not fit it.")
+    r.finish(ignore=(r"text_(encoder|decoder\.bert)\.embeddings\.position_ids",
                      r"text_decoder\.cls\.predictions\.decoder\.bias"))
     return params
 

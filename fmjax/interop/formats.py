@@ -26,6 +26,7 @@ FORMATS: dict[str, tuple[str, bool]] = {
     "hf_sam": ("hf_sam:convert_hf_sam", True),
     "open_clip_coca": ("open_clip_coca:convert_for_model_init", False),
     "blip": ("blip:convert_for_model_init", False),
+    "hf_blip": ("hf_blip:convert_hf_blip", True),
 }
 
 
