@@ -219,6 +219,10 @@ class Decoder(nn.Module):
     positions count real tokens only (``cumsum(mask) - 1``, as transformers' GPT-2 generate);
     when decoding, the cache keeps the mask of every written token (``key_mask``) and each
     row's next position (``positions``). The outputs at padding tokens are meaningless.
+    ``gated_cross_every=k`` (Flamingo): a ``gated_{i}`` ``fmjax.models.flamingo.
+    GatedCrossAttentionBlock`` before blocks k-1, 2k-1, ...; pass ``media`` (B, T_img, n, D)
+    (the resampled image latents) and ``media_locations`` (B, T) bool (the ``<image>`` token
+    positions). Its tanh gates start at 0: at init the output equals the plain decoder's.
     ``position``: 'learned' (GPT-2's ``wpe``) or 'rotary' (on q and k of every self-attention).
     ``decode=True``: the KV cache of the module docstring (apply with ``mutable=['cache']``).
     ``remat`` / ``scan_layers`` as in ``fmjax.models.blocks.Encoder``.
@@ -234,6 +238,12 @@ class Decoder(nn.Module):
     rotary_base: float = 10000.0
     tie_embeddings: bool = True
     cross_attention_every: int = 0
+    # Flamingo: a gated cross-attention-dense block before every k-th block (fmjax.models.flamingo)
+    gated_cross_every: int = 0
+    gated_heads: int = 8
+    gated_dim_head: int = 64
+    gated_ff_mult: float = 4.0
+    only_attend_immediate_media: bool = True
     activation: str = "gelu_tanh"
     layernorm_eps: float = 1e-5
     dropout: float = 0.0
@@ -251,10 +261,15 @@ class Decoder(nn.Module):
         k = self.cross_attention_every
         return bool(k) and (i + 1) % k == 0
 
+    def _has_gated(self, i: int) -> bool:
+        k = self.gated_cross_every
+        return bool(k) and (i + 1) % k == 0
+
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False, context: Optional[jax.Array] = None,
                  context_mask: Optional[jax.Array] = None,
-                 attention_mask: Optional[jax.Array] = None):
+                 attention_mask: Optional[jax.Array] = None, media: Optional[jax.Array] = None,
+                 media_locations: Optional[jax.Array] = None):
         if self.position not in POSITIONS:
             raise ValueError(f"Unknown position {self.position!r}; valid: {POSITIONS}.")
         b, t = tokens.shape
@@ -297,6 +312,13 @@ class Decoder(nn.Module):
                       rotary_base=self.rotary_base, decode=self.decode,
                       attention_impl=self.attention_impl, dtype=self.dtype,
                       param_dtype=self.param_dtype)
+        if self.gated_cross_every:
+            if media is None or media_locations is None:
+                raise ValueError("This decoder has Flamingo's gated cross-attention: pass media="
+                                 "(B, T_img, n, D) and media_locations=(B, T) bool.")
+            if self.scan_layers or self.decode:
+                raise ValueError("gated_cross_every needs scan_layers=False and decode=False "
+                                 "(not supported yet).")
         if self.scan_layers and self.depth:
             if self.cross_attention_every not in (0, 1):
                 raise ValueError("scan_layers needs identical blocks: cross_attention_every 0 or 1, "
@@ -310,6 +332,12 @@ class Decoder(nn.Module):
         else:
             block_cls = scan_lib.remat_module(DecoderBlock, self.remat, static_argnums=(2,))
             for i in range(self.depth):
+                if self._has_gated(i):  # open_flamingo's FlamingoLayer: gated xattn, then the LM layer
+                    from fmjax.models.flamingo import GatedCrossAttentionBlock
+                    x = GatedCrossAttentionBlock(
+                        self.gated_heads, self.gated_dim_head, self.gated_ff_mult,
+                        self.only_attend_immediate_media, self.layernorm_eps, self.dtype,
+                        self.param_dtype, name=f"gated_{i}")(x, media, media_locations)
                 x = block_cls(cross_attention=self._has_cross(i), **kwargs, name=f"block_{i}")(
                     x, deterministic, positions, cache_index, context, context_mask, key_mask)
         x = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
