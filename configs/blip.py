@@ -39,6 +39,7 @@ def get_config(arg: str = "default"):
     c.objective.alpha_ramp_steps = 0    # pretrain.py: 2 epochs of steps
     c.objective.queue_size = 0
     c.objective.lm_label_smoothing = 0.1
+    c.objective.itm_exclude_key = ""    # blip_retrieval.py's idx: equal values are no negatives
     c.data.normalization = "clip"
     if arg in ("default", "cpu"):
         shapes_recipe(c)
@@ -51,6 +52,9 @@ def get_config(arg: str = "default"):
         c.checkpoint_every = c.eval_every
         c.objective.queue_size = 4 * c.batch_size
         c.objective.alpha_ramp_steps = 200
+        # Scenes whose main object has the same shape, colour and size (their captions name
+        # the same thing) are not ITM negatives of each other (measured below).
+        c.objective.itm_exclude_key = "group"
         c.data.name = "fmjax_shapes/simple_32"
         c.model = dict(
             name="blip", embed_dim=128, text_width=128, text_depth=3, text_heads=4,
@@ -88,4 +92,8 @@ def get_config(arg: str = "default"):
     else:
         raise ValueError(f"Unknown configs/blip.py preset {arg!r}; valid: default, cpu, base.")
     caption_pipelines(c)
+    if c.objective.itm_exclude_key:
+        key = c.objective.itm_exclude_key
+        c.data.pp_train = c.data.pp_train.replace(
+            "|keep('image', 'tokens')", f"|attribute_id(outkey={key!r})|keep('image', 'tokens', {key!r})")
     return c

@@ -106,3 +106,32 @@ def check_vocab(config, vocab) -> None:
         raise ConfigError(
             f"tokenizer {tok!r} yields ids up to {tok.vocab_size - 1} but the text tower's vocab_size "
             f"is {vocab}; set the model's vocab_size to {tok.vocab_size} (or the tokenizer's to {vocab}).")
+
+
+@register_op
+class attribute_id(Transform):  # noqa: N801
+    """One int32 id per combination of attributes: ``outkey = sum_i example[keys[i]][index] *
+    64**i`` (each attribute in [0, 64); e.g. the shapes' main object's shape, colour and size,
+    so that two scenes whose captions name the same object share it). BLIP's ITM uses it
+    (``objective.itm_exclude_key``) as blip_retrieval.py uses image ids: pairs with the same id
+    are not drawn as negatives.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("shapes", "colors", "sizes"), index: int = 0,
+                 outkey: str = "group"):
+        self.keys, self.index, self.outkey = tuple(keys), int(index), outkey
+        if not self.keys:
+            raise ValueError("attribute_id needs at least one key.")
+
+    def __call__(self, example, rng):
+        out = dict(example)
+        total = 0
+        for i, key in enumerate(self.keys):
+            if key not in example:
+                raise KeyError(f"attribute_id: the example has no {key!r} (keys: {sorted(example)}).")
+            value = int(np.asarray(example[key]).reshape(-1)[self.index])
+            if not 0 <= value < 64:
+                raise ValueError(f"attribute_id: {key}[{self.index}]={value} is not in [0, 64).")
+            total += value * 64 ** i
+        out[self.outkey] = np.int32(total)
+        return out

@@ -23,6 +23,10 @@ tests/reference/test_blip_trajectory.py. ``loss = loss_ita + loss_itm + loss_lm`
   1e-4`` (its own image excluded), for each image one other text likewise (``torch.multinomial``
   there, ``jax.random.categorical`` here, over the GLOBAL batch: the reference draws within
   each GPU's batch). Cross-entropy of ``itm_head`` over 3B pairs, labels (1, 0, 0).
+  ``objective.itm_exclude_key`` (default ''): a batch key (e.g. the ``attribute_id`` op's
+  ``group``) whose equal values are not negatives either, as blip_retrieval.py masks pairs of
+  the same image id: in the shapes data many scenes share their caption's every attribute, and
+  drawn as "negatives" they teach the ITM head that matching captions often do not match.
 * **LM.** The decoder (first token [DEC]) on the positive pairs: the cross-entropy of
   ``logits[:, :-1]`` against ``tokens[:, 1:]``, pad targets ignored, label smoothing
   ``lm_label_smoothing`` (med.py: 0.1), averaged over the non-pad targets.
@@ -97,11 +101,19 @@ def itc_loss(img, txt, img_m, txt_m, image_queue, text_queue, temp, alpha):
     return loss, sim_i2t, sim_t2i
 
 
-def negative_weights(sim):
-    """blip_pretrain.py: ``softmax(sim[:, :B], 1) + 1e-4`` with the diagonal zeroed (no grad)."""
+def negative_weights(sim, same=None):
+    """blip_pretrain.py: ``softmax(sim[:, :B], 1) + 1e-4`` with the diagonal zeroed (no grad).
+    ``same`` (B, B) bool: pairs that are not negatives either (blip_retrieval.py's
+    ``weights.masked_fill_(mask, 0)`` for equal image ids); a row left without any candidate
+    keeps the diagonal-only mask."""
     b = sim.shape[0]
     w = jax.nn.softmax(jax.lax.stop_gradient(sim[:, :b]).astype(jnp.float32), 1) + 1e-4
-    return jnp.where(jnp.eye(b, dtype=bool), 0.0, w)
+    eye = jnp.eye(b, dtype=bool)
+    if same is not None:
+        excluded = same | eye
+        empty = jnp.all(excluded, axis=1, keepdims=True)
+        return jnp.where(jnp.where(empty, eye, excluded), 0.0, w)
+    return jnp.where(eye, 0.0, w)
 
 
 def sample_negatives(rng, weights):
@@ -144,6 +156,10 @@ class BLIPObjective(Objective):
         self.queue_size = int(o.get("queue_size", 0))
         self.smoothing = float(o.get("lm_label_smoothing", 0.1))
         self.pad_id = int(self.model.pad_id)
+        # blip_retrieval.py's idx: a batch key whose equal values are never ITM negatives
+        self.itm_exclude_key = str(o.get("itm_exclude_key", "") or "")
+        if self.itm_exclude_key:
+            self.batch_keys = self.batch_keys + (self.itm_exclude_key,)
         self.enc_id, self.dec_id = self.model.special_ids
 
     def check(self, config):
@@ -240,8 +256,12 @@ class BLIPObjective(Objective):
         # ITM: positives, then hard negatives drawn by the ITC similarities.
         enc = tokens.at[:, 0].set(self.enc_id)
         out_pos = self._apply(params, "itm_logits", image_tokens, enc, True, rng=r_pos)
-        neg_image = sample_negatives(r_ni, negative_weights(sim_t2i))   # one image per text
-        neg_text = sample_negatives(r_nt, negative_weights(sim_i2t))    # one text per image
+        same = None
+        if self.itm_exclude_key:
+            group = batch[self.itm_exclude_key]
+            same = group[:, None] == group[None, :]
+        neg_image = sample_negatives(r_ni, negative_weights(sim_t2i, same))   # one image per text
+        neg_text = sample_negatives(r_nt, negative_weights(sim_i2t, same))    # one text per image
         texts_all = jnp.concatenate([enc, enc[neg_text]], 0)
         images_all = jnp.concatenate([image_tokens[neg_image], image_tokens], 0)
         out_neg = self._apply(params, "itm_logits", images_all, texts_all, True, rng=r_neg)

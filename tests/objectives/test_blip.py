@@ -120,6 +120,26 @@ def test_negatives_are_never_the_pair_itself_and_follow_the_weights():
     np.testing.assert_allclose(freq, np.asarray(w / w.sum(1, keepdims=True)), atol=0.03)
 
 
+def test_excluded_pairs_are_never_negatives():
+    sim = jnp.asarray(np.random.default_rng(3).normal(size=(4, 4)), jnp.float32)
+    group = jnp.array([7, 7, 8, 9])
+    w = np.asarray(blip.negative_weights(sim, group[:, None] == group[None, :]))
+    assert w[0, 1] == 0 and w[1, 0] == 0 and np.all(np.diag(w) == 0) and np.all(w[2, [0, 1, 3]] > 0)
+    alone = np.asarray(blip.negative_weights(sim, jnp.ones((4, 4), bool)))  # nothing left: any other
+    assert np.all(np.diag(alone) == 0) and np.all(alone[~np.eye(4, dtype=bool)] > 0)
+
+
+def test_attribute_id_names_the_main_object():
+    from fmjax.data.text_ops import attribute_id
+    op = attribute_id()
+    ex = lambda s, c, z: {"shapes": np.array([s, 1, -1]), "colors": np.array([c, 2, -1]),  # noqa: E731
+                          "sizes": np.array([z, 0, -1])}
+    ids = [int(op(ex(*a), None)["group"]) for a in ((1, 2, 0), (1, 2, 0), (1, 2, 1), (2, 1, 0))]
+    assert ids[0] == ids[1] and len(set(ids[1:])) == 3
+    with pytest.raises(KeyError, match="colors"):
+        op({"shapes": np.array([1])}, None)
+
+
 def test_objective_hooks_queue_and_momentum(tiny_config):
     c = tiny_config("blip")
     obj = make_objective(c)
@@ -130,7 +150,9 @@ def test_objective_hooks_queue_and_momentum(tiny_config):
     g = np.random.default_rng(0)
     batch = {"image": jnp.asarray(g.normal(size=(16, 32, 32, 3)), jnp.float32),
              "tokens": jnp.asarray(np.pad(g.integers(3, 100, (16, 6)), ((0, 0), (1, 3)),
-                                          constant_values=((1, 0), (1, 0))), jnp.int32)}
+                                          constant_values=((1, 0), (1, 0))), jnp.int32),
+             "group": jnp.arange(16, dtype=jnp.int32) % 5}
+    assert obj.batch_keys == ("image", "tokens", "group")
     params, extra = nn.unbox(obj.init(jax.random.PRNGKey(0), batch))
     assert extra["image_queue"].shape == (32, 16) and "dec_attn" not in str(
         jax.tree_util.tree_structure(extra["momentum"]))
