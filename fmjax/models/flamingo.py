@@ -40,6 +40,24 @@ def _heads_split(x, heads):
     return x.reshape(x.shape[:-1] + (heads, x.shape[-1] // heads))
 
 
+def _attention(m, q_in, kv_in, allowed=None, silent=None):
+    """open_flamingo's bias-free multi-head attention, inside module ``m``'s compact call
+    (``heads``, ``dim_head``, dtypes): ``to_q`` (q_in), ``to_kv`` (kv_in), softmax over the keys
+    where ``allowed`` (else -max), rows where ``silent`` zeroed, ``to_out``."""
+    d, inner = q_in.shape[-1], m.heads * m.dim_head
+    q = dense(inner, ("embed", "mlp"), m.dtype, m.param_dtype, "to_q", use_bias=False)(q_in)
+    kv = dense(2 * inner, ("embed", "mlp"), m.dtype, m.param_dtype, "to_kv", use_bias=False)(kv_in)
+    q, k, v = (_heads_split(t, m.heads) for t in (q, kv[..., :inner], kv[..., inner:]))
+    sim = jnp.einsum("...ihd,...jhd->...hij", q * m.dim_head ** -0.5, k).astype(jnp.float32)
+    if allowed is not None:
+        sim = jnp.where(allowed, sim, _NEG)
+    attn = jax.nn.softmax(sim, -1)
+    if silent is not None:
+        attn = jnp.where(silent, 0.0, attn)
+    out = jnp.einsum("...hij,...jhd->...ihd", attn.astype(v.dtype), v).reshape(q.shape[:-2] + (inner,))
+    return dense(d, ("mlp", "embed"), m.dtype, m.param_dtype, "to_out", use_bias=False)(out)
+
+
 class FeedForward(nn.Module):
     """open_flamingo ``FeedForward``: LN -> Dense(mult x dim, no bias) -> GELU -> Dense(dim)."""
     mult: float = 4.0
@@ -67,19 +85,9 @@ class PerceiverAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, latents):
-        d = latents.shape[-1]
-        inner = self.heads * self.dim_head
         x = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm_media")(x)
         latents = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm_latents")(latents)
-        q = dense(inner, ("embed", "mlp"), self.dtype, self.param_dtype, "to_q", use_bias=False)(latents)
-        kv = dense(2 * inner, ("embed", "mlp"), self.dtype, self.param_dtype, "to_kv",
-                   use_bias=False)(jnp.concatenate([x, latents], -2))
-        k, v = kv[..., :inner], kv[..., inner:]
-        q, k, v = (_heads_split(t, self.heads) for t in (q, k, v))  # (..., n, h, d)
-        sim = jnp.einsum("...ihd,...jhd->...hij", q * self.dim_head ** -0.5, k).astype(jnp.float32)
-        attn = jax.nn.softmax(sim, -1).astype(v.dtype)
-        out = jnp.einsum("...hij,...jhd->...ihd", attn, v).reshape(q.shape[:-2] + (inner,))
-        return dense(d, ("mlp", "embed"), self.dtype, self.param_dtype, "to_out", use_bias=False)(out)
+        return _attention(self, latents, jnp.concatenate([x, latents], -2))
 
 
 class PerceiverResampler(nn.Module):
@@ -130,26 +138,16 @@ class MaskedCrossAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, media, media_locations):
-        d = x.shape[-1]
-        inner = self.heads * self.dim_head
         b, t_img, n = media.shape[:3]
         x = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
-        q = dense(inner, ("embed", "mlp"), self.dtype, self.param_dtype, "to_q", use_bias=False)(x)
-        kv = dense(2 * inner, ("embed", "mlp"), self.dtype, self.param_dtype, "to_kv",
-                   use_bias=False)(media.reshape(b, t_img * n, media.shape[-1]).astype(self.dtype))
-        k, v = kv[..., :inner], kv[..., inner:]
-        q, k, v = (_heads_split(t, self.heads) for t in (q, k, v))
-        sim = jnp.einsum("bihd,bjhd->bhij", q * self.dim_head ** -0.5, k).astype(jnp.float32)
         ttime = text_time(media_locations)                                  # (B, T_txt)
         mtime = jnp.repeat(jnp.arange(1, t_img + 1), n)                     # (T_img * n,)
         op = jnp.equal if self.only_attend_immediate_media else jnp.greater_equal
-        allowed = op(ttime[:, None, :, None], mtime[None, None, None, :])
-        sim = jnp.where(allowed, sim, _NEG)
-        attn = jax.nn.softmax(sim, -1)
-        if self.only_attend_immediate_media:  # text before any media attends to nothing
-            attn = jnp.where((ttime == 0)[:, None, :, None], 0.0, attn)
-        out = jnp.einsum("bhij,bjhd->bihd", attn.astype(v.dtype), v).reshape(q.shape[:-2] + (inner,))
-        return dense(d, ("mlp", "embed"), self.dtype, self.param_dtype, "to_out", use_bias=False)(out)
+        allowed = op(ttime[:, None, :, None], mtime[None, None, None, :])  # (B, 1, T_txt, T_img n)
+        # only_attend_immediate_media: text before any media attends to nothing
+        silent = (ttime == 0)[:, None, :, None] if self.only_attend_immediate_media else None
+        kv = media.reshape(b, t_img * n, media.shape[-1]).astype(self.dtype)
+        return _attention(self, x, kv, allowed, silent)
 
 
 class GatedCrossAttentionBlock(nn.Module):
