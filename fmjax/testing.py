@@ -68,6 +68,34 @@ def stop_after(n: int):
     return StopAfter
 
 
+def train_rows(workdir: str, key: str = "train/loss") -> dict:
+    """``{step: metrics row}`` of ``workdir``'s metrics.jsonl rows that hold ``key``."""
+    import json
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, filter(str.strip, f)) if key in r}
+
+
+def resume_drill(config, root: str, monkeypatch, n: int = 3, devices=None,
+                 keys=("train/loss",), rtol: float = 1e-6):
+    """Trains ``config`` (total_steps = 2n) in ``root/resumed`` stopped after n steps (as a
+    SIGTERM would) and resumed, and in ``root/straight`` without a stop; asserts both log every
+    step 1..2n with the same ``keys`` (rtol). Returns the two workdirs."""
+    from fmjax.train import loop
+    config.total_steps = 2 * n
+    resumed, straight = os.path.join(str(root), "resumed"), os.path.join(str(root), "straight")
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_Preemption", stop_after(n))
+        assert loop.train_and_evaluate(config, resumed, devices=devices)["step"] == n
+    loop.train_and_evaluate(config, resumed, devices=devices)
+    loop.train_and_evaluate(config, straight, devices=devices)
+    a, b = train_rows(resumed), train_rows(straight)
+    assert sorted(a) == sorted(b) == list(range(1, 2 * n + 1))
+    for s in b:
+        for key in keys:
+            np.testing.assert_allclose(a[s][key], b[s][key], rtol=rtol, err_msg=f"{key} @ {s}")
+    return resumed, straight
+
+
 def load_config(name: str, preset: str = "default"):
     """``configs/<name>.py`` ``get_config(preset)`` (the repo's ``configs`` package put on
     ``sys.path`` first, as the launchers do)."""

@@ -2,9 +2,6 @@
 sharing, the loss pieces against direct computations, the negatives, the queues and the
 momentum model, one-line config errors, and an interrupted run that resumes exactly.
 (Step-by-step parity with salesforce/BLIP: tests/reference/test_blip_trajectory.py.)"""
-import json
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,7 +16,7 @@ from fmjax.models.registry import capabilities
 from fmjax.objectives import blip
 from fmjax.objectives.base import make_objective, supports
 from fmjax.parallel.mesh import make_mesh
-from fmjax.train import loop, validate
+from fmjax.train import validate
 
 ONE_DEVICE = jax.devices()[:1]
 IMAGE = dict(name="vit", width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8,
@@ -212,22 +209,7 @@ def test_itm_pairs_take_negatives_of_another_label():
 
 def test_interrupted_and_resumed_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
     """3 steps, stop, resume to 6 == 6 straight (the queues and momentum model included)."""
-    n = 3
     c = tiny_config("blip")
-    c.total_steps, c.checkpoint_every = 2 * n, 4
-    resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
-    with monkeypatch.context() as m:
-        m.setattr(loop, "_Preemption", testing.stop_after(n))
-        assert loop.train_and_evaluate(c, resumed, devices=ONE_DEVICE)["step"] == n
-    loop.train_and_evaluate(c, resumed, devices=ONE_DEVICE)
-    loop.train_and_evaluate(c, straight, devices=ONE_DEVICE)
-
-    def rows(d):
-        with open(os.path.join(d, "metrics.jsonl")) as f:
-            return {r["step"]: r for r in map(json.loads, f) if "train/loss" in r}
-
-    a, b = rows(resumed), rows(straight)
-    assert sorted(a) == sorted(b) == list(range(1, 2 * n + 1))
-    for s in b:
-        for key in ("train/loss", "train/ita_loss", "train/itm_loss", "train/lm_loss"):
-            np.testing.assert_allclose(a[s][key], b[s][key], rtol=1e-6, err_msg=f"{key} @ {s}")
+    c.checkpoint_every = 4
+    testing.resume_drill(c, tmp_path, monkeypatch, n=3, devices=ONE_DEVICE,
+                         keys=("train/loss", "train/ita_loss", "train/itm_loss", "train/lm_loss"))

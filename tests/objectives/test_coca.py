@@ -103,19 +103,7 @@ def test_short_run_learns_and_captions(default_config, tmp_path):
 
 def test_interrupted_and_resumed_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
     """3 steps, stop, resume to 6 == 6 straight: every logged loss."""
-    n = 3
     c = tiny_config("coca", **TINY_MODEL)
-    c.total_steps, c.checkpoint_every = 2 * n, 4
-    resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
-
-    with monkeypatch.context() as m:
-        m.setattr(loop, "_Preemption", testing.stop_after(n))
-        assert loop.train_and_evaluate(c, resumed, devices=ONE_DEVICE)["step"] == n
-    loop.train_and_evaluate(c, resumed, devices=ONE_DEVICE)
-    loop.train_and_evaluate(c, straight, devices=ONE_DEVICE)
-    a = {r["step"]: r for r in _rows(resumed) if "train/loss" in r}
-    b = {r["step"]: r for r in _rows(straight) if "train/loss" in r}
-    assert sorted(a) == sorted(b) == list(range(1, 2 * n + 1))
-    for s in b:
-        for key in ("train/loss", "train/caption_loss", "train/contrastive_loss"):
-            np.testing.assert_allclose(a[s][key], b[s][key], rtol=1e-6, err_msg=f"{key} @ {s}")
+    c.checkpoint_every = 4
+    testing.resume_drill(c, tmp_path, monkeypatch, n=3, devices=ONE_DEVICE,
+                         keys=("train/loss", "train/caption_loss", "train/contrastive_loss"))
