@@ -25,7 +25,7 @@ from configs import common
 def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective.name = "lm"
-    if arg == "default":
+    if arg in ("default", "interleaved"):
         c.total_steps = 600
         c.batch_size = 64
         c.log_every = 50
@@ -42,6 +42,14 @@ def get_config(arg: str = "default"):
         c.model = dict(name="decoder", vocab_size=2048, max_length=32, width=128, depth=2,
                        num_heads=4, mlp_dim=512, dropout=0.0)
         c.evals = dict(val_loss=dict(type="loss", split="validation", examples=1024))
+        if arg == "interleaved":  # the frozen LM of configs/flamingo.py: 6 captions per 128-token row
+            c.total_steps = 500
+            c.batch_size = 192
+            c.eval_every = 250
+            c.checkpoint_every = 250
+            c.objective.pack = 6
+            c.objective.pack_length = 128
+            c.model.max_length = 128
     else:
-        raise ValueError(f"Unknown configs/gpt.py preset {arg!r}; valid: default.")
+        raise ValueError(f"Unknown configs/gpt.py preset {arg!r}; valid: default, interleaved.")
     return c

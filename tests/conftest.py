@@ -52,6 +52,12 @@ def tiny_config(shapes_data_dir):
             c.model.update(dict(text_width=32, text_depth=1, text_heads=2, text_mlp_dim=64,
                                 embed_dim=16))
             c.objective.queue_size = 2 * c.batch_size
+        elif name == "flamingo":  # vision tower and LM are sub-configs; 4 sequences of 5
+            c.model.vision.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
+            c.model.lm.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
+            c.model.update(dict(xattn_heads=2, xattn_dim_head=16, resampler_depth=1,
+                                resampler_heads=2, resampler_dim_head=16, num_latents=4))
+            c.batch_size = 20
         else:
             c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
         if name == "mae":

@@ -227,6 +227,32 @@ def make_caption(objects, seed):
     return _a_an(template.format(**fields))
 
 
+# Generated visual question answering about the main object (the largest; "it") and the scene
+# (configs/flamingo.py): each kind has one question and two answer styles, a bare word ('short',
+# VQAv2's answers) or a sentence ('sentence').
+VQA_KINDS = ("shape", "colour", "count")
+VQA_QUESTIONS = {"shape": "what shape is it?", "colour": "what colour is it?",
+                 "count": "how many shapes are there?"}
+VQA_STYLES = ("short", "sentence")
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+def vqa_answer(kind, shape, color, num_objects, style="short") -> str:
+    """The answer to ``VQA_QUESTIONS[kind]`` about a scene whose main object has class ``shape``
+    and colour ``color`` and which holds ``num_objects`` objects, in ``style``."""
+    if kind not in VQA_KINDS or style not in VQA_STYLES:
+        raise ValueError(f"vqa_answer: kind {kind!r} / style {style!r}; valid {VQA_KINDS} / {VQA_STYLES}.")
+    word = {"shape": CLASS_NAMES[shape], "colour": COLOR_NAMES[color],
+            "count": _COUNT_WORDS[int(num_objects)]}[kind]
+    if style == "short":
+        return word
+    if kind == "shape":
+        return "it is " + _a_an("a " + word) + "."
+    if kind == "colour":
+        return f"it is {word}."
+    return "there is one." if int(num_objects) == 1 else f"there are {word}."
+
+
 def generate_example(index, split="train", resolution=DEFAULT_RESOLUTION, variant="full"):
     """Renders example `index` of `split` at `resolution` pixels (square).
 

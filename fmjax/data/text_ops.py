@@ -135,3 +135,51 @@ class attribute_id(Transform):  # noqa: N801
             total += value * 64 ** i
         out[self.outkey] = np.int32(total)
         return out
+
+
+@register_op
+class vqa_pairs(Transform):  # noqa: N801
+    """Generated question/answer pairs about an fmjax_shapes scene (``fmjax.data.shapes.
+    VQA_QUESTIONS``: the main object's shape and colour, the number of objects), tokenized as
+    ``question + ' ' + answer`` (sot ... eot, zero padded to ``context_length``) for every kind
+    and answer style:
+
+    - ``qa_tokens`` int32 (kinds, styles, context_length); kinds ``shapes.VQA_KINDS``, styles
+      ``shapes.VQA_STYLES`` ('short': the bare word; 'sentence');
+    - ``qa_len`` int32 (kinds, styles): tokens up to and including eot;
+    - ``qa_prompt_len`` int32 (kinds,): sot + the question's tokens (the answer starts there).
+
+    Needs the example's ``shapes``, ``colors`` and ``num_objects`` (the fmjax_shapes features).
+    Configs/flamingo.py builds interleaved few-shot sequences from them.
+    """
+
+    def __init__(self, context_length: int = 16, tokenizer: str = "words",
+                 vocab_size: Optional[int] = None, bpe_path: Optional[str] = None):
+        from fmjax.data.tokenizer import get_tokenizer
+        self.context_length = int(context_length)
+        self.tokenizer = get_tokenizer(tokenizer, bpe_path, vocab_size)
+
+    def __call__(self, example, rng):
+        from fmjax.data import shapes
+        for key in ("shapes", "colors", "num_objects"):
+            if key not in example:
+                raise KeyError(f"vqa_pairs: the example has no {key!r} (keys: {sorted(example)}); "
+                               "it needs the fmjax_shapes attributes (put it before keep()).")
+        shape = int(np.asarray(example["shapes"]).reshape(-1)[0])
+        color = int(np.asarray(example["colors"]).reshape(-1)[0])
+        num = int(np.asarray(example["num_objects"]))
+        kinds, styles = shapes.VQA_KINDS, shapes.VQA_STYLES
+        texts = [shapes.VQA_QUESTIONS[k] + " " + shapes.vqa_answer(k, shape, color, num, s)
+                 for k in kinds for s in styles]
+        toks = self.tokenizer(texts, self.context_length)
+        eot = self.tokenizer.eot_token_id
+        lens = np.array([list(row).index(eot) + 1 for row in toks], np.int32)
+        prompt = [1 + len(self.tokenizer.encode(shapes.VQA_QUESTIONS[k])) for k in kinds]
+        if np.any(lens[::len(styles)] <= prompt):
+            raise ValueError(f"vqa_pairs: context_length={self.context_length} cuts the answers; "
+                             "raise it.")
+        out = dict(example)
+        out["qa_tokens"] = toks.reshape(len(kinds), len(styles), -1).astype(np.int32)
+        out["qa_len"] = lens.reshape(len(kinds), len(styles))
+        out["qa_prompt_len"] = np.asarray(prompt, np.int32)
+        return out

@@ -92,8 +92,11 @@ def shapes_vocabulary() -> Tuple[str, ...]:
     for text in (shapes.CAPTION_TEMPLATES + shapes.ZERO_SHOT_TEMPLATES
                  + tuple(shapes._WHERE) + tuple(shapes._NUMBER_WORDS.values())):
         words |= set(_WORD_PATTERN.findall(re.sub(r"{\w*}", " ", text).lower()))
-    # _relation's phrases and _a_an's article
+    # _relation's phrases and _a_an's article; the VQA questions and answers
     words |= {"on", "the", "left", "right", "of", "above", "below", "an"}
+    for text in tuple(shapes.VQA_QUESTIONS.values()) + tuple(shapes._COUNT_WORDS.values()) + (
+            "it is a an.", "there is are"):
+        words |= set(_WORD_PATTERN.findall(text.lower()))
     return tuple(sorted(words))
 
 

@@ -223,6 +223,8 @@ class Decoder(nn.Module):
     GatedCrossAttentionBlock`` before blocks k-1, 2k-1, ...; pass ``media`` (B, T_img, n, D)
     (the resampled image latents) and ``media_locations`` (B, T) bool (the ``<image>`` token
     positions). Its tanh gates start at 0: at init the output equals the plain decoder's.
+    ``media_embeds`` (B, M, width) with ``media_locations`` (LLaVA): the m-th location's token
+    embedding is replaced by ``media_embeds[:, m]``.
     ``position``: 'learned' (GPT-2's ``wpe``) or 'rotary' (on q and k of every self-attention).
     ``decode=True``: the KV cache of the module docstring (apply with ``mutable=['cache']``).
     ``remat`` / ``scan_layers`` as in ``fmjax.models.blocks.Encoder``.
@@ -269,7 +271,8 @@ class Decoder(nn.Module):
     def __call__(self, tokens: jax.Array, train: bool = False, context: Optional[jax.Array] = None,
                  context_mask: Optional[jax.Array] = None,
                  attention_mask: Optional[jax.Array] = None, media: Optional[jax.Array] = None,
-                 media_locations: Optional[jax.Array] = None):
+                 media_locations: Optional[jax.Array] = None,
+                 media_embeds: Optional[jax.Array] = None):
         if self.position not in POSITIONS:
             raise ValueError(f"Unknown position {self.position!r}; valid: {POSITIONS}.")
         b, t = tokens.shape
@@ -278,6 +281,13 @@ class Decoder(nn.Module):
                          param_dtype=self.param_dtype, name="token_embed",
                          embedding_init=part(nn.initializers.normal(0.02), ("vocab", "embed")))
         x = embed(tokens)
+        if media_embeds is not None:  # LLaVA: the m-th media location takes media_embeds[:, m]
+            if media_locations is None:
+                raise ValueError("media_embeds needs media_locations=(B, T) bool.")
+            loc = jnp.asarray(media_locations, bool)
+            idx = jnp.clip(jnp.cumsum(loc, axis=1) - 1, 0, media_embeds.shape[1] - 1)
+            x = jnp.where(loc[..., None], jnp.take_along_axis(
+                media_embeds.astype(x.dtype), idx[..., None], axis=1), x)
         cache_index = None
         real = None if attention_mask is None else jnp.asarray(attention_mask, bool)
         key_mask = real

@@ -38,6 +38,9 @@ CAPABILITIES = {
                   "[B, L, vocab] next-token logits (CoCa)",
     "image_text_matching": "match_probability(images, tokens) -> [B] P(image i matches caption i) "
                            "(BLIP's ITM head)",
+    "interleaved_lm": "__call__(images [B, T_img, H, W, C], tokens [B, T], valid=None, train) -> "
+                      "{'logits': [B, T, vocab]}: text interleaved with one image_token_id per image "
+                      "(Flamingo); encode_media(images), lm_logits(media, tokens, valid)",
     "causal_lm": "__call__(tokens [B, T], train, context=None, context_mask=None) -> {'logits': "
                  "[B, T, vocab], ...}, causal; decode=True keeps a KV cache (fmjax.models.generate)",
 }
@@ -55,6 +58,7 @@ _BUILTIN = {
     "convnext": ("fmjax.models.convnext:ConvNeXt", "fmjax.models.convnext:convnext_kwargs"),
     "sam": ("fmjax.models.sam:SAM", "fmjax.models.sam:sam_kwargs"),
     "decoder": ("fmjax.models.decoder:Decoder", "fmjax.models.decoder:decoder_kwargs"),
+    "flamingo": ("fmjax.models.flamingo:Flamingo", None),
 }
 _REGISTERED: dict[str, tuple[Any, Optional[Callable]]] = {}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

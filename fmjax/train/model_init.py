@@ -26,6 +26,11 @@ source is unstacked, and a scanned target's stacked params are planned per layer
 ``mapping``, ``dont_load`` (e.g. ``'encoder/block_1/.*'``) and the table use ``block_{i}``
 paths either way; a stacked param takes its loaded layers and keeps the fresh init of the rest.
 
+``more``: further sources, ``{label: dict(workdir=... or torch=..., mapping=..., ...)}`` (the
+same keys but ``more``), applied in order after the main one, each with its own table; e.g.
+Flamingo's frozen vision tower from a CLIP workdir and its frozen LM from a GPT workdir
+(``--config.model_init.more.vision.workdir=DIR``). A source without workdir / torch is skipped.
+
 Applied once, on a fresh start only (a resume restores its own checkpoint), after
 ``objective.init`` and before the optimizer state is built; loaded arrays are placed with
 the params' shardings. A table of loaded / re-initialised / missing counts per top-level
@@ -45,7 +50,7 @@ from fmjax.errors import ConfigError
 from fmjax.interop.formats import FORMATS, needs_hf_config  # the format table
 from fmjax.models import scan as scan_lib
 
-KEYS = ("workdir", "step", "torch", "format", "hf_config", "mapping", "dont_load")
+KEYS = ("workdir", "step", "torch", "format", "hf_config", "mapping", "dont_load", "more")
 
 
 def _get(mi, key, default=None):
@@ -53,9 +58,26 @@ def _get(mi, key, default=None):
     return default if v is None else v
 
 
-def is_set(config) -> bool:
-    mi = config.get("model_init")
+def _one_set(mi) -> bool:
     return bool(mi) and bool(_get(mi, "workdir") or _get(mi, "torch"))
+
+
+def sources(config) -> list:
+    """``[(config key, source)]``: the main ``config.model_init`` and each of ``more``, those
+    that name a workdir or a torch file."""
+    mi = config.get("model_init")
+    if not mi:
+        return []
+    out = [("config.model_init", mi)] if _one_set(mi) else []
+    more = _get(mi, "more", {}) or {}
+    for label in (more.keys() if hasattr(more, "keys") else []):
+        if _one_set(more[label]):
+            out.append((f"config.model_init.more.{label}", more[label]))
+    return out
+
+
+def is_set(config) -> bool:
+    return bool(sources(config))
 
 
 def mapping(mi) -> dict[str, str]:
@@ -91,36 +113,46 @@ def check(config) -> None:
     mi = config.get("model_init")
     if not mi:
         return
-    unknown = sorted(set(mi.keys()) - set(KEYS)) if hasattr(mi, "keys") else []
+    more = _get(mi, "more", {}) or {}
+    if not hasattr(more, "keys") or not all(hasattr(more[k], "keys") for k in more.keys()):
+        raise ConfigError(f"config.model_init.more={more!r}; it must map labels to sources, e.g. "
+                          "dict(vision=dict(workdir=DIR, mapping={'params/image': 'vision'})).")
+    _check_one(mi, "config.model_init", KEYS)
+    for label in more.keys():
+        _check_one(more[label], f"config.model_init.more.{label}", tuple(k for k in KEYS if k != "more"))
+
+
+def _check_one(mi, where: str, keys) -> None:
+    unknown = sorted(set(mi.keys()) - set(keys)) if hasattr(mi, "keys") else []
     if unknown:
-        raise ConfigError(f"config.model_init has unknown keys {unknown}; valid: {list(KEYS)}.")
+        raise ConfigError(f"{where} has unknown keys {unknown}; valid: {list(keys)}.")
     workdir, path = _get(mi, "workdir"), _get(mi, "torch")
     if not workdir and not path:
         return
     if workdir and path:
-        raise ConfigError("config.model_init sets both workdir and torch; pick one source.")
+        raise ConfigError(f"{where} sets both workdir and torch; pick one source.")
     for pattern in dont_load(mi):
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ConfigError(f"config.model_init.dont_load: bad regex {pattern!r} ({e}).") from None
+            raise ConfigError(f"{where}.dont_load: bad regex {pattern!r} ({e}).") from None
     mapping(mi)
     if workdir:
         from fmjax.train import workdir as workdir_lib
         wd = workdir_lib.resolve(workdir)
         if not os.path.exists(os.path.join(wd, "config.json")):
-            raise ConfigError(f"config.model_init.workdir={workdir}: no {wd}/config.json; name a "
+            raise ConfigError(f"{where}.workdir={workdir}: no {wd}/config.json; name a "
                               "directory written by launch/train.py.")
         if not os.path.isdir(os.path.join(wd, "checkpoints")):
-            raise ConfigError(f"config.model_init.workdir={workdir}: no checkpoints in {wd}/checkpoints.")
+            raise ConfigError(f"{where}.workdir={workdir}: no checkpoints in {wd}/checkpoints.")
         return
     if not os.path.isfile(path):
-        raise ConfigError(f"config.model_init.torch={path}: no such file.")
+        raise ConfigError(f"{where}.torch={path}: no such file.")
     fmt = _get(mi, "format")
     if fmt not in FORMATS:
-        raise ConfigError(f"config.model_init.format={fmt!r}; valid: {list(FORMATS)}.")
+        raise ConfigError(f"{where}.format={fmt!r}; valid: {list(FORMATS)}.")
     if needs_hf_config(fmt) and not os.path.isfile(_hf_config_path(mi)):
-        raise ConfigError(f"config.model_init: format {fmt!r} needs the checkpoint's config.json; "
+        raise ConfigError(f"{where}: format {fmt!r} needs the checkpoint's config.json; "
                           f"{_hf_config_path(mi)} not found (set config.model_init.hf_config=PATH).")
 
 
@@ -286,9 +318,16 @@ def table(status: dict[str, str], unused: int, what: str) -> str:
 
 
 def apply(config, params, param_shardings, log=print):
-    """``params`` (sharded jax arrays, as initialised) with the configured checkpoint's arrays
-    put in, each placed with its param's sharding. Returns ``(params, status)``."""
-    mi = config.model_init
+    """``params`` (sharded jax arrays, as initialised) with the configured checkpoints' arrays
+    put in (the main source, then ``more``), each placed with its param's sharding. Returns
+    ``(params, status)`` (the status of the last source)."""
+    status = {}
+    for _, mi in sources(config):
+        params, status = _apply_one(config, mi, params, param_shardings, log)
+    return params, status
+
+
+def _apply_one(config, mi, params, param_shardings, log=print):
     source, what = read_source(mi, config.get("model"))
     source = scan_lib.unstack_flat(source)  # a scanned source in the canonical layout
     flat = flatten(params)
