@@ -29,19 +29,19 @@ MEASURED_DEFAULT = "(not yet measured)"
 def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective.name = "flamingo"
-    c.objective.shots_per_sequence = 5
-    c.objective.seq_length = 80
+    c.objective.shots_per_sequence = 9
+    c.objective.seq_length = 128
     c.objective.kinds = ("shape", "colour", "count")
     c.objective.styles = ("short", "sentence")
     if arg in ("default", "cpu"):
         c.total_steps = 1000 if arg == "default" else 2000
-        c.batch_size = 160            # 32 sequences of 5
+        c.batch_size = 144            # 16 sequences of 9
         c.log_every = 50
         c.eval_every = 500
         c.checkpoint_every = 500
         c.optimizer.update(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8,
                                 weight_decay=0.1, warmup_steps=100, clip_norm=1.0,
-                                frozen=(r"lm/(token_embed|pos_embed|block_\d+|norm)/.*",
+                                frozen=(r"lm/(token_embed/.*|pos_embed|block_\d+/.*|norm/.*)",
                                         r"vision/.*")))
         c.data.name = "fmjax_shapes/32"
         c.data.image_size = 32

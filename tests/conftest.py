@@ -57,7 +57,7 @@ def tiny_config(shapes_data_dir):
             c.model.lm.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
             c.model.update(dict(xattn_heads=2, xattn_dim_head=16, resampler_depth=1,
                                 resampler_heads=2, resampler_dim_head=16, num_latents=4))
-            c.batch_size = 20
+            c.batch_size, c.objective.shots_per_sequence, c.objective.seq_length = 20, 5, 80
         else:
             c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
         if name == "mae":

@@ -27,6 +27,7 @@ FORMATS: dict[str, tuple[str, bool]] = {
     "open_clip_coca": ("open_clip_coca:convert_for_model_init", False),
     "blip": ("blip:convert_for_model_init", False),
     "hf_blip": ("hf_blip:convert_hf_blip", True),
+    "open_flamingo": ("open_flamingo:convert_open_flamingo", False),
 }
 
 

@@ -276,13 +276,18 @@ class Flamingo(nn.Module):
                                           name="projector")
         self.decoder = Decoder(**lm, name="lm")
 
+    def vision_tokens(self, images, train: bool = False):
+        """(B, T_img, H, W, C) -> the vision tower's final tokens (B, T_img, v, D_vision)."""
+        b, t = images.shape[:2]
+        out = self.vision_encoder(images.reshape((b * t,) + images.shape[2:]), train=train)
+        x = out["tokens"] if "tokens" in out else out["patch_tokens"]
+        return x.reshape((b, t) + x.shape[1:])
+
     def encode_media(self, images, train: bool = False):
         """(B, T_img, H, W, C) -> the resampled latents (B, T_img, num_latents, D_vision), or
         with ``projection='mlp'`` the projected tokens (B, T_img * v, D_lm)."""
         b, t = images.shape[:2]
-        out = self.vision_encoder(images.reshape((b * t,) + images.shape[2:]), train=train)
-        x = out["tokens"] if "tokens" in out else out["patch_tokens"]
-        x = x.reshape((b, t) + x.shape[1:])
+        x = self.vision_tokens(images, train)
         if self.projection == "perceiver":
             return self.resampler(x)
         x = self.projector(x)

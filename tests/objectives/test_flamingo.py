@@ -206,3 +206,17 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_config, tmp_path, mon
     c.checkpoint_every = 4
     testing.resume_drill(c, tmp_path, monkeypatch, n=3, devices=ONE_DEVICE,
                          keys=("train/loss", "train/answer_acc"))
+
+
+def test_the_preset_freezes_the_whole_lm_and_vision_tower(tiny_config):
+    """Only the resampler and the gated layers learn (the trajectory test found a pattern that
+    missed the LM's ``pos_embed`` leaf)."""
+    from fmjax.train import param_groups
+    c = tiny_config("flamingo")
+    obj = make_objective(c)
+    _, batch = _examples(20)
+    params = nn.meta.unbox(obj.init(jax.random.PRNGKey(0), batch)[0])
+    groups = param_groups.parse(c.optimizer)
+    learned = {p.split("/")[0] + ("/" + p.split("/")[1] if p.startswith("lm/") else "")
+               for p in param_groups.paths(params) if not param_groups.is_frozen(groups, p)}
+    assert learned == {"resampler", "lm/gated_0", "lm/gated_1"}, learned

@@ -166,3 +166,26 @@ def test_cli_missing_workdir_one_line(tmp_path):
                    "--check_only", f"--config.model_init.workdir={tmp_path / 'nope'}",
                    "--config.model_init.mapping=params/backbone:backbone", timeout=300)
     assert_one_line_error(proc, "config.model_init.workdir=", "config.json")
+
+
+def test_more_sources_apply_in_order_and_name_their_key(sup_workdir, tiny_config, tmp_path):
+    """``more``: a second source fills what the first left out (Flamingo: LM + vision)."""
+    c = tiny_config("dino")
+    c.model_init.workdir = sup_workdir
+    c.model_init.mapping = {"params": "backbone"}
+    c.model_init.dont_load = ("backbone/encoder/block_1/.*",)
+    c.model_init.more = {"second": dict(workdir=sup_workdir,
+                                        mapping={"params/encoder/block_1": "backbone/encoder/block_1"})}
+    state, text = initial_state(c)
+    src = checkpoint_params(sup_workdir)
+    got = jax.tree.map(np.asarray, state.params)
+    for block in ("block_0", "block_1"):
+        np.testing.assert_array_equal(got["backbone"]["encoder"][block]["mlp"]["fc1"]["kernel"],
+                                      src["encoder"][block]["mlp"]["fc1"]["kernel"])
+    assert text.count("model_init from workdir") == 2, text
+    c.model_init.more.second.workdir = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"config.model_init.more.second.workdir=.*config.json"):
+        mi_lib.check(c)
+    c.model_init.more.second = dict(workdir=sup_workdir, more={})
+    with pytest.raises(ConfigError, match=r"config.model_init.more.second has unknown keys \['more'\]"):
+        mi_lib.check(c)
