@@ -17,9 +17,13 @@ Flamingo freezes a contrastively pretrained NFNet; here no pretrained tower is b
 learns from scratch). The 'vqa' eval asks 300 validation scenes every question with 0, 4 and 8
 in-context examples (short answers) and scores exact matches.
 
-LLaVA's sibling: --config.model.projection=mlp (a 2-layer MLP from each image's 16 tokens into
-the LM's embedding space, in place of 16 placeholder tokens per image; see
-fmjax/models/flamingo.py) with --config.objective.media_tokens=16.
+LLaVA's sibling, the 'llava' preset: model.projection='mlp' (a 2-layer MLP from each image's
+17 vision tokens into the LM's embedding space, in place of 17 placeholder tokens per image;
+fmjax/models/flamingo.py), objective.media_tokens=17, so 3 examples per sequence fit the LM's
+128 positions and the eval asks with 0 and 2 shots; the same two workdirs:
+    python launch/train.py --config=configs/flamingo.py:llava --workdir=/tmp/llava \
+        --config.model_init.workdir=/tmp/gpt_interleaved \
+        --config.model_init.more.vision.workdir=/tmp/clip
 """
 from configs import common
 
@@ -33,7 +37,7 @@ def get_config(arg: str = "default"):
     c.objective.seq_length = 128
     c.objective.kinds = ("shape", "colour", "count")
     c.objective.styles = ("short", "sentence")
-    if arg in ("default", "cpu"):
+    if arg in ("default", "cpu", "llava"):
         c.total_steps = 1000 if arg == "default" else 2000
         c.batch_size = 144            # 16 sequences of 9
         c.log_every = 50
@@ -66,6 +70,10 @@ def get_config(arg: str = "default"):
                             more=dict(vision=dict(workdir="", mapping={"params/image": "vision"})))
         c.evals = dict(vqa=dict(type="vqa", split="validation", examples=300, train_split="train",
                                 train_examples=1000, shots=(0, 4, 8), batch_size=100))
+        if arg == "llava":
+            c.model.projection = "mlp"
+            c.objective.update(media_tokens=17, shots_per_sequence=3, seq_length=96)
+            c.evals.vqa.shots = (0, 2)
     else:
-        raise ValueError(f"Unknown configs/flamingo.py preset {arg!r}; valid: default, cpu.")
+        raise ValueError(f"Unknown configs/flamingo.py preset {arg!r}; valid: default, cpu, llava.")
     return c

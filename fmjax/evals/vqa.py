@@ -28,7 +28,7 @@ KEYS = ("image", "qa_tokens", "qa_len", "qa_prompt_len")
 
 
 def build_prompts(query, support, shot_idx, shot_kinds, kind: int, style: int, n: int,
-                  image_token_id: int):
+                  image_token_id: int, media_tokens: int = 1):
     """Host-side prompts. ``query`` / ``support``: dicts of numpy arrays (``KEYS``);
     ``shot_idx`` / ``shot_kinds`` (Q, >= n). Returns (images (Q, n+1, H, W, C), token lists,
     answers (token lists ending with eot))."""
@@ -37,10 +37,11 @@ def build_prompts(query, support, shot_idx, shot_kinds, kind: int, style: int, n
         toks, imgs = [], []
         for j in range(n):
             s, k = shot_idx[q, j], shot_kinds[q, j]
-            toks += [image_token_id] + list(support["qa_tokens"][s, k, style, :support["qa_len"][s, k, style]])
+            toks += [image_token_id] * media_tokens + list(
+                support["qa_tokens"][s, k, style, :support["qa_len"][s, k, style]])
             imgs.append(support["image"][s])
         p, full = query["qa_prompt_len"][q, kind], query["qa_len"][q, kind, style]
-        toks += [image_token_id] + list(query["qa_tokens"][q, kind, style, :p])
+        toks += [image_token_id] * media_tokens + list(query["qa_tokens"][q, kind, style, :p])
         imgs.append(query["image"][q])
         images.append(np.stack(imgs))
         prompts.append(toks)
@@ -136,8 +137,9 @@ class VQAEvaluator(common.Evaluator):
             for n in shots:
                 per_kind, sentences = [], []
                 for k in range(kinds):
-                    images, prompts, answers = build_prompts(query, support, shot_idx, shot_kinds, k,
-                                                             style, n, image_token_id)
+                    images, prompts, answers = build_prompts(
+                        query, support, shot_idx, shot_kinds, k, style, n, image_token_id,
+                        int(getattr(obj, "media_tokens", 1)))
                     steps = max(len(a) for a in answers)
                     need = max(len(p) for p in prompts) + steps
                     length = min(-(-need // 16) * 16, limit)

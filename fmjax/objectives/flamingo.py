@@ -19,6 +19,9 @@ style of a question's answer can thus only be known from the earlier chunks of i
 which is what in-context examples supply at evaluation (the 'vqa' eval's shots): a 0-shot
 prompt leaves the format to a guess, as Flamingo's zero-shot VQA answers in the wrong format.
 
+``objective.media_tokens`` (default 1): image placeholders per chunk; LLaVA's projection
+(``model.projection='mlp'``) needs one per vision token (the check says how many).
+
 Metrics: ``token_accuracy`` (all text targets), ``answer_acc`` (the answer's first token: its
 word or the sentence's first word) in the first chunk of each sequence (``answer_acc_first``: no
 earlier example) and in the later ones (``answer_acc_later``), ``dropped`` (tokens cut by
@@ -36,11 +39,12 @@ from fmjax.objectives.lm import masked_lm_loss, pack_rows
 
 
 def interleave(rng, qa_tokens, qa_len, qa_prompt_len, k: int, seq_length: int,
-               image_token_id: int, kinds, styles):
+               image_token_id: int, kinds, styles, media_tokens: int = 1):
     """The module docstring's sequences. ``qa_tokens`` (B, kinds, styles, L), ``qa_len`` (B,
     kinds, styles), ``qa_prompt_len`` (B, kinds); ``kinds`` / ``styles``: the indices drawn from.
     Returns dict(tokens (N, T), valid (N, T), chunk (N, T) each position's example index in its
-    sequence, answer_start (N, T) True at each chunk's first answer token, dropped (N,))."""
+    sequence, answer_start (N, T) True at each chunk's first answer token, dropped (N,)).
+    ``media_tokens``: image placeholders per chunk (1; LLaVA: the vision tower's tokens)."""
     b = qa_tokens.shape[0]
     n = b // k
     rk, rs = jax.random.split(rng)
@@ -49,9 +53,9 @@ def interleave(rng, qa_tokens, qa_len, qa_prompt_len, k: int, seq_length: int,
     style = jnp.repeat(style, k)
     rows = jnp.arange(b)
     text = qa_tokens[rows, kind, style]                                   # (B, L)
-    lens = qa_len[rows, kind, style] + 1
-    first = qa_prompt_len[rows, kind] + 1                                 # offset of the answer
-    chunks = jnp.concatenate([jnp.full((b, 1), image_token_id, text.dtype), text], 1)
+    lens = qa_len[rows, kind, style] + media_tokens
+    first = qa_prompt_len[rows, kind] + media_tokens                      # offset of the answer
+    chunks = jnp.concatenate([jnp.full((b, media_tokens), image_token_id, text.dtype), text], 1)
     packed, valid, starts, dropped = pack_rows(chunks.reshape(n, k, -1), lens.reshape(n, k),
                                                seq_length)
     pos = jnp.arange(seq_length)
@@ -76,6 +80,7 @@ class FlamingoObjective(Objective):
         self.kind_names = tuple(o.get("kinds", shapes.VQA_KINDS))
         self.style_names = tuple(o.get("styles", shapes.VQA_STYLES))
         self.image_token_id = int(self.model.image_token_id)
+        self.media_tokens = int(o.get("media_tokens", 1))
 
     def check(self, config):
         from fmjax.data import shapes, text_ops
@@ -96,6 +101,18 @@ class FlamingoObjective(Objective):
             raise ConfigError(f"config.objective.seq_length={self.seq_length} exceeds the decoder's "
                               f"max_length={limit}; lower it or raise config.model.lm.max_length.")
         text_ops.check_vocab(config, lm.get("vocab_size"))
+        want = 1
+        if self.model.projection == "mlp":  # LLaVA: one placeholder per vision token
+            size = int(config.data.get("image_size", 224))
+            images = jnp.zeros((1, 1, size, size, 3))
+
+            def vision_tokens():
+                variables = self.model.init(jax.random.PRNGKey(0), images, method="vision_tokens")
+                return self.model.apply(variables, images, method="vision_tokens")
+            want = int(jax.eval_shape(vision_tokens).shape[2])
+        if self.media_tokens != want:
+            raise ConfigError(f"config.objective.media_tokens={self.media_tokens}, but projection="
+                              f"{self.model.projection!r} takes {want} per image; set it to {want}.")
 
     @property
     def kinds(self):
@@ -109,7 +126,8 @@ class FlamingoObjective(Objective):
 
     def sequences(self, rng, batch):
         return interleave(rng, batch["qa_tokens"], batch["qa_len"], batch["qa_prompt_len"], self.k,
-                          self.seq_length, self.image_token_id, self.kinds, self.styles)
+                          self.seq_length, self.image_token_id, self.kinds, self.styles,
+                          self.media_tokens)
 
     def _images(self, batch):
         img = batch["image"]

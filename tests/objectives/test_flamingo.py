@@ -191,6 +191,7 @@ def test_build_prompts_shots_then_the_query_question():
     ({"objective.kinds": ("size",)}, r"objective.kinds=\('size',\); valid"),
     ({"objective.seq_length": 200}, "seq_length=200 exceeds the decoder's max_length=128"),
     ({"model.projection": "linear"}, "projection='linear'; valid"),
+    ({"model.projection": "mlp"}, "media_tokens=1, but projection='mlp' takes 17 per image; set it to 17"),
     ({"evals": {"v": dict(type="vqa", shots=(-1,))}}, r"config.evals.v.shots=\(-1,\)"),
 ])
 def test_config_errors_are_one_line(tiny_config, overrides, match):
@@ -220,3 +221,17 @@ def test_the_preset_freezes_the_whole_lm_and_vision_tower(tiny_config):
     learned = {p.split("/")[0] + ("/" + p.split("/")[1] if p.startswith("lm/") else "")
                for p in param_groups.paths(params) if not param_groups.is_frozen(groups, p)}
     assert learned == {"resampler", "lm/gated_0", "lm/gated_1"}, learned
+
+
+def test_llava_projection_trains_through_placeholders(tiny_config):
+    c = tiny_config("flamingo", **{"model.projection": "mlp", "objective.media_tokens": 17,
+                                   "objective.seq_length": 128, "objective.shots_per_sequence": 2})
+    obj = make_objective(c)
+    obj.check(c)
+    _, batch = _examples(4)
+    batch["image"] = jax.image.resize(batch["image"], (4, 32, 32, 3), "linear")
+    params, extra = obj.init(jax.random.PRNGKey(0), batch)
+    grads = jax.grad(lambda p: obj.loss(p, extra, batch, jax.random.PRNGKey(1), 0)[0])(params)
+    seq = obj.sequences(jax.random.PRNGKey(1), batch)
+    assert int((seq["tokens"][0] == 0).sum()) >= 2 * 17
+    assert float(jnp.abs(nn.meta.unbox(grads)["projector"]["fc1"]["kernel"]).max()) > 0
