@@ -235,3 +235,16 @@ def test_llava_projection_trains_through_placeholders(tiny_config):
     seq = obj.sequences(jax.random.PRNGKey(1), batch)
     assert int((seq["tokens"][0] == 0).sum()) >= 2 * 17
     assert float(jnp.abs(nn.meta.unbox(grads)["projector"]["fc1"]["kernel"]).max()) > 0
+
+
+def test_open_flamingo_converter_refuses_other_checkpoints():
+    from fmjax.interop.open_flamingo import convert_open_flamingo
+    with pytest.raises(ValueError, match="no perceiver"):
+        convert_open_flamingo({"vision_encoder.proj": np.zeros((2, 2))})
+    with pytest.raises(ValueError, match="frame_embs"):
+        convert_open_flamingo({"perceiver.frame_embs": np.zeros((2, 1, 4))})
+    got = convert_open_flamingo({"lang_encoder.gated_cross_attn_layers.3.attn.to_q.weight": np.ones((4, 2)),
+                                 "lang_encoder.transformer.h.3.gated_cross_attn_layer.attn.to_q.weight": np.ones((4, 2)),
+                                 "perceiver.layers.1.1.3.weight": np.ones((5, 6))})
+    assert got["lm"]["gated_3"]["attn"]["to_q"]["kernel"].shape == (2, 4)
+    assert got["resampler"]["ff_1"]["fc2"]["kernel"].shape == (6, 5)
