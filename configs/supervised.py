@@ -54,7 +54,7 @@ def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective.name = "supervised"
     c.objective.label_smoothing = 0.1
-    if arg in ("default", "simple", "convnext", "deit"):
+    if arg in ("default", "simple", "convnext", "deit", "swin"):
         c.total_steps = 1500
         c.batch_size = 128
         c.log_every = 50
@@ -80,6 +80,9 @@ def get_config(arg: str = "default"):
                            num_classes=_num_shape_classes())
         if arg == "deit":  # DeiT: the default ViT with the distillation token (both heads learn the labels)
             c.model.update(dict(distill_token=True, pool="cls"))
+        if arg == "swin":  # Swin: patch 2 -> 16x16 grid, windows of 4x4 (shifted by 2), 16 -> 8 -> 4 grids
+            c.model = dict(name="swin", embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4,
+                           patch_size=2, drop_path=0.1, num_classes=_num_shape_classes())
     elif arg == "vit_b16_imagenet":
         common.imagenet_data(c, 224, scale=(0.08, 1.0))
         c.batch_size = 1024
@@ -93,6 +96,29 @@ def get_config(arg: str = "default"):
                        attention_impl="xla", remat="none", scan_layers=False)
         c.evals = dict(val=dict(type="metrics", split="validation", every=5000))
         c.eval_every = 5000
+        c.checkpoint_every = 2000
+    elif arg == "swin_t_imagenet":
+        # Swin-T (Liu et al. 2021, Table 1: 81.3% top-1 at 224, ImageNet-1k, 300 epochs;
+        # microsoft/Swin-Transformer configs/swin/swin_tiny_patch4_window7_224.yaml + config.py):
+        # AdamW lr 5e-4 per 512 (1e-3 at batch 1024), betas (0.9, 0.999), eps 1e-8, weight decay
+        # 0.05 off the relative position tables / absolute_pos_embed / 1-D params (wd_groups
+        # 'swin'), 20 warm-up epochs from 1e-6 (5e-7 per 512), then a per-step cosine to 1e-5,
+        # clip 5.0, drop path 0.2, RandAugment rand-m9-mstd0.5-inc1, mixup 0.8, CutMix 1.0,
+        # label smoothing 0.1, random erasing 0.25.
+        from configs import finetune
+        common.imagenet_data(c, 224, scale=(0.08, 1.0))
+        c.data.pp_train = finetune._timm_train_pp("imagenet")
+        c.batch_size = 1024
+        epoch = 1281167 // 1024
+        c.total_steps = 300 * epoch
+        c.dtype = "bfloat16"
+        c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=1e-3 * 256 / 1024, weight_decay=0.05,
+                                warmup_steps=20 * epoch, warmup_init=1e-6, min_lr=1e-5, clip_norm=5.0,
+                                wd_groups="swin"))
+        c.objective.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1))
+        c.model = dict(name="swin", variant="T", num_classes=1000, drop_path=0.2)
+        c.evals = dict(val=dict(type="metrics", split="validation", every=5 * epoch))
+        c.eval_every = 5 * epoch
         c.checkpoint_every = 2000
     elif arg == "convnext_t_imagenet":
         # ConvNeXt-T (Liu et al. 2022, Table 1: 82.1% top-1 at 224, ImageNet-1k, 300 epochs;
@@ -116,7 +142,7 @@ def get_config(arg: str = "default"):
         c.checkpoint_every = 2000
     else:
         raise ValueError(f"Unknown configs/supervised.py preset {arg!r}; valid: default, simple, convnext, deit, "
-                         "vit_b16_imagenet, convnext_t_imagenet.")
+                         "swin, vit_b16_imagenet, swin_t_imagenet, convnext_t_imagenet.")
     return c
 
 

@@ -219,7 +219,7 @@ class Decoder(nn.Module):
     positions count real tokens only (``cumsum(mask) - 1``, as transformers' GPT-2 generate);
     when decoding, the cache keeps the mask of every written token (``key_mask``) and each
     row's next position (``positions``). The outputs at padding tokens are meaningless.
-    ``gated_cross_every=k`` (Flamingo): a ``gated_{i}`` ``fmjax.models.flamingo.
+    ``gated_cross_every=k`` (Flamingo): a ``gated_{i}`` ``fmjax.models.flamingo_layers.
     GatedCrossAttentionBlock`` before blocks k-1, 2k-1, ...; pass ``media`` (B, T_img, n, D)
     (the resampled image latents) and ``media_locations`` (B, T) bool (the ``<image>`` token
     positions). Its tanh gates start at 0: at init the output equals the plain decoder's.
@@ -240,7 +240,7 @@ class Decoder(nn.Module):
     rotary_base: float = 10000.0
     tie_embeddings: bool = True
     cross_attention_every: int = 0
-    # Flamingo: a gated cross-attention-dense block before every k-th block (fmjax.models.flamingo)
+    # Flamingo: a gated cross-attention-dense block before every k-th block (fmjax.models.flamingo_layers)
     gated_cross_every: int = 0
     gated_heads: int = 8
     gated_dim_head: int = 64
@@ -343,7 +343,7 @@ class Decoder(nn.Module):
             block_cls = scan_lib.remat_module(DecoderBlock, self.remat, static_argnums=(2,))
             for i in range(self.depth):
                 if self._has_gated(i):  # open_flamingo's FlamingoLayer: gated xattn, then the LM layer
-                    from fmjax.models.flamingo import GatedCrossAttentionBlock
+                    from fmjax.models.flamingo_layers import GatedCrossAttentionBlock
                     x = GatedCrossAttentionBlock(
                         self.gated_heads, self.gated_dim_head, self.gated_ff_mult,
                         self.only_attend_immediate_media, self.layernorm_eps, self.dtype,

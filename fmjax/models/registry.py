@@ -56,6 +56,7 @@ _BUILTIN = {
     "dit": ("fmjax.models.dit:DiT", "fmjax.models.dit:dit_kwargs"),
     "dvae": ("fmjax.models.dvae:DVAE", "fmjax.models.dvae:dvae_kwargs"),
     "convnext": ("fmjax.models.convnext:ConvNeXt", "fmjax.models.convnext:convnext_kwargs"),
+    "swin": ("fmjax.models.swin:Swin", "fmjax.models.swin:swin_kwargs"),
     "sam": ("fmjax.models.sam:SAM", "fmjax.models.sam:sam_kwargs"),
     "decoder": ("fmjax.models.decoder:Decoder", "fmjax.models.decoder:decoder_kwargs"),
     "flamingo": ("fmjax.models.flamingo:Flamingo", None),

@@ -31,7 +31,8 @@ from fmjax.train import param_groups
 # ``config.optimizer.decay_all=True`` (default False) decays every param, < 2-D ones and biases
 # included: one torch param group, as diffusers' train_unconditional.py builds its AdamW.
 NO_DECAY_PATTERNS = (r"bias$", r"scale$", r"(^|/)pos_embed", r"cls", r"token", r"register",
-                     r"(^|/)norm", r"ln_", r"logit_scale", r"logit_bias", r"gamma$")
+                     r"(^|/)norm", r"ln_", r"logit_scale", r"logit_bias", r"gamma$",
+                     r"relative_position_bias_table$")
 ALWAYS_NO_DECAY = (r"bias$",)
 # Named weight-decay groups: ``config.optimizer.wd_groups='<name>'`` is the reference's exact
 # exclusion list on top of the < 2-D / bias rule (tests/train/test_wd_presets.py checks each
@@ -56,6 +57,10 @@ NO_DECAY_PRESETS = {
     # microsoft/unilm beit optim_factory.get_parameter_groups with no_weight_decay() =
     # {pos_embed, cls_token}: the same groups.
     "beit": (r"(^|/)pos_embed$", r"(^|/)cls_token$"),
+    # microsoft/Swin-Transformer optimizer.py set_weight_decay with SwinTransformer's
+    # no_weight_decay() = {absolute_pos_embed} (fmjax's pos_embed) and
+    # no_weight_decay_keywords() = {relative_position_bias_table}.
+    "swin": (r"(^|/)pos_embed$", r"relative_position_bias_table$"),
     # big_vision: weight decay only on kernels (wd_mults default '.*/kernel$').
     "big_vision": (r"^(?!.*(^|/)kernel$)",),
 }

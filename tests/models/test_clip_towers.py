@@ -246,7 +246,7 @@ def test_tower_errors_are_one_line():
                 attention_resolutions=(), num_groups=8, sample_size=16)
     cases = [
         (dict(image=unet), r"CLIP's image tower needs a model with \['pooled'\].*"
-                           r"config.model.image.name='unet' has \['denoiser'\]; models that fit: \['convnext', 'vit'\]"),
+                           r"config.model.image.name='unet' has \['denoiser'\]; models that fit: \['convnext', 'swin', 'vit'\]"),
         (dict(image=dict(VIT_TOWER, widht=3)), r"config.model.image: model 'vit' has no field\(s\) \['widht'\]"),
         (dict(image=dict(VIT_TOWER, dtype="bfloat16")), r"sets \['dtype'\]: the towers take config.dtype"),
         (dict(image=VIT_TOWER, width=32), r"drop the flat image keys \['width'\]"),

@@ -120,7 +120,7 @@ def test_needs_a_pooled_backbone():
     from fmjax.objectives.base import make_objective
     c = load_config("linear_probe")
     c.model = dict(name="mae", variant="S/16")
-    with pytest.raises(ValueError, match=r"needs a model with \['pooled'\].*models that fit: \['convnext', 'vit'\]"):
+    with pytest.raises(ValueError, match=r"needs a model with \['pooled'\].*models that fit: \['convnext', 'swin', 'vit'\]"):
         make_objective(c)
 
 

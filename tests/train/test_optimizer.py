@@ -186,17 +186,20 @@ def test_named_wd_groups():
     tests/reference/ check the presets that use them step by step)."""
     params = {"cls_token": jnp.ones((1, 1, 8)), "pos_embed": jnp.ones((1, 5, 8)), "dist_token": jnp.ones((1, 1, 8)),
               "mask_token": jnp.ones((1, 1, 8)), "w": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)},
-              "ln": {"scale": jnp.ones(8)}, "logit_scale": jnp.ones(())}
+              "ln": {"scale": jnp.ones(8)}, "logit_scale": jnp.ones(()),
+              "attn": {"relative_position_bias_table": jnp.ones((49, 2))}}
     mask = lambda name: opt_lib.decay_mask(params, patterns=opt_lib.no_decay_patterns(None, name))
-    decayed = lambda m: sorted(k for k, v in m.items() if (v if isinstance(v, bool) else v.get("kernel", False)))
-    assert decayed(mask("mae")) == decayed(mask("dino")) == ["cls_token", "dist_token", "mask_token", "pos_embed", "w"]
-    assert decayed(mask("deit")) == decayed(mask("mae_finetune")) == ["mask_token", "w"]
-    assert decayed(mask("open_clip")) == ["dist_token", "mask_token", "pos_embed", "w"]
+    decayed = lambda m: sorted(k for k, v in m.items() if any(jax.tree_util.tree_leaves(v)))
+    assert decayed(mask("mae")) == decayed(mask("dino")) == ["attn", "cls_token", "dist_token", "mask_token",
+                                                             "pos_embed", "w"]
+    assert decayed(mask("deit")) == decayed(mask("mae_finetune")) == ["attn", "mask_token", "w"]
+    assert decayed(mask("open_clip")) == ["attn", "dist_token", "mask_token", "pos_embed", "w"]
+    assert decayed(mask("swin")) == ["cls_token", "dist_token", "mask_token", "w"]
     assert decayed(mask("big_vision")) == ["w"]
     assert decayed(mask("fmjax")) == ["w"]
     assert opt_lib.no_decay_patterns(None, "") == opt_lib.NO_DECAY_PATTERNS
     assert opt_lib.no_decay_patterns(("x",), "") == ("x",)
-    with pytest.raises(ValueError, match=r"wd_groups='timm'; valid: \[.*'big_vision', 'deit', 'dino'.*'simmim_vit'\]"):
+    with pytest.raises(ValueError, match=r"wd_groups='timm'; valid: \[.*'big_vision', 'deit', 'dino'.*'simmim_vit', 'swin'\]"):
         opt_lib.no_decay_patterns(None, "timm")
     with pytest.raises(ValueError, match="both set; use one"):
         opt_lib.no_decay_patterns((), "mae")

@@ -1,0 +1,269 @@
+"""Swin Transformer (Liu et al. 2021, v1): windowed self-attention with shifted windows,
+a relative position bias per window and patch merging between stages.
+
+Layout (channels last; param names):
+
+- ``patch_embed``: a ``patch_size`` x ``patch_size`` stride-``patch_size`` conv to
+  ``embed_dim`` (the input is zero-padded on the bottom / right to a multiple of the patch, as
+  transformers' ``SwinPatchEmbeddings``), then ``patch_norm`` (LayerNorm); an optional learned
+  absolute ``pos_embed`` (``absolute_pos_embed``, off in every published Swin);
+- ``stage_{i}_block_{j}``: ``norm1`` -> window attention ``attn`` (a ``MultiHeadAttention``:
+  ``query`` / ``key`` / ``value`` / ``out``, plus ``relative_position_bias_table``
+  ((2 ws - 1)^2, heads), added to the logits through the attention injection point,
+  ``fmjax.models.inject``) -> stochastic depth -> residual; ``norm2`` -> ``mlp``
+  (``fc1`` / ``fc2``, GELU) -> stochastic depth -> residual. Odd blocks shift the windows by
+  ``ws // 2`` (``jnp.roll``), and the logits of token pairs from different regions of the
+  rolled map get -100 (the original's mask, so the same numbers);
+- stage i < last ends with ``stage_{i}_merge``: the 2x2 neighbours concatenated
+  ((0,0), (1,0), (0,1), (1,1)) -> ``norm`` (LayerNorm over 4C) -> ``reduction`` (4C -> 2C, no
+  bias); odd sides are zero-padded first;
+- ``norm`` (LayerNorm) over the last stage's tokens; ``pre_logits`` is their mean (Swin's
+  ``avgpool``), ``head`` a Linear when ``num_classes > 0``.
+
+**Small inputs.** As the original ``SwinTransformerBlock``, a stage whose grid is not larger
+than the window (``min(h, w) <= window_size``) uses one window of ``min(h, w)`` and no shift;
+a side that is not a multiple of the window is zero-padded (transformers' ``maybe_pad``).
+The bias table always has the configured window's (2 ws - 1)^2 rows and a smaller window
+reads its own offsets from it, so the param shapes do not depend on the input size and a
+checkpoint trained at 224 px loads for 32 px inputs (the original sizes the table by the
+adapted window; the entries a small window reads are the same offsets).
+
+Outputs: ``pre_logits`` (B, C_last), ``patch_tokens`` (B, h w, C_last) (normed),
+``feature_maps`` (each stage's (B, h, w, C) before its merge), ``logits`` with a head.
+Stochastic depth rises linearly from 0 to ``drop_path`` over all blocks (the reference's
+``torch.linspace``). ``remat`` checkpoints each block.
+
+Variants (``variant``): ``T`` (2, 2, 6, 2) x 96 (heads 3, 6, 12, 24), ``S`` (2, 2, 18, 2) x 96,
+``B`` (2, 2, 18, 2) x 128 (heads 4 ... 32), ``L`` (2, 2, 18, 2) x 192 (heads 6 ... 48); window
+7, patch 4. ``fmjax.interop.hf_swin`` converts transformers' ``SwinModel`` /
+``SwinForImageClassification``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax.models import core, inject
+from fmjax.models.attention import MultiHeadAttention
+from fmjax.models.blocks import DropPath, Mlp
+
+Dtype = Any
+
+VARIANTS = {
+    "T": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "S": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "B": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "L": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+}
+
+MASKED = -100.0  # the original's logit for token pairs from different shifted regions
+
+
+def swin_kwargs(variant: str = "", **overrides) -> Dict[str, Any]:
+    if variant and variant not in VARIANTS:
+        raise ValueError(f"Unknown Swin variant {variant!r}; valid: {sorted(VARIANTS)}.")
+    kw = dict(VARIANTS.get(variant, {}))
+    kw.update(overrides)
+    return kw
+
+
+def window_and_shift(h: int, w: int, window_size: int, shift_size: int) -> Tuple[int, int]:
+    """The window and shift a block uses on an h x w grid (the original's small-input rule)."""
+    if min(h, w) <= window_size:
+        return min(h, w), 0
+    return window_size, shift_size
+
+
+def window_partition(x: jax.Array, ws: int) -> jax.Array:
+    """(B, H, W, C) with H, W multiples of ws -> (B * nW, ws * ws, C), windows row-major."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // ws, ws, w // ws, ws, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b * (h // ws) * (w // ws), ws * ws, c)
+
+
+def window_reverse(windows: jax.Array, ws: int, h: int, w: int) -> jax.Array:
+    """Inverse of ``window_partition``: (B * nW, ws * ws, C) -> (B, H, W, C)."""
+    c = windows.shape[-1]
+    x = windows.reshape(-1, h // ws, w // ws, ws, ws, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, w, c)
+
+
+@functools.lru_cache(maxsize=64)
+def relative_position_index(ws: int, table_ws: int) -> np.ndarray:
+    """(ws^2, ws^2) rows of a ((2 table_ws - 1)^2, heads) table for the token pairs of a ws x ws
+    window (row (dy + table_ws - 1) * (2 table_ws - 1) + dx + table_ws - 1)."""
+    coords = np.stack(np.meshgrid(np.arange(ws), np.arange(ws), indexing="ij")).reshape(2, -1)
+    rel = coords[:, :, None] - coords[:, None, :] + (table_ws - 1)   # 2, N, N
+    return (rel[0] * (2 * table_ws - 1) + rel[1]).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def shift_mask(h: int, w: int, ws: int, shift: int) -> np.ndarray:
+    """(nW, ws^2, ws^2) additive mask of a rolled (h, w) map: 0 within a region, -100 across."""
+    def regions(n):
+        idx = np.arange(n)
+        return (idx >= n - ws).astype(np.int32) + (idx >= n - shift).astype(np.int32)
+    img = (regions(h)[:, None] * 3 + regions(w)[None, :]).astype(np.float32)[None, :, :, None]
+    win = window_partition(img, ws)[..., 0]   # nW, N (numpy: reshape / transpose only)
+    diff = win[:, None, :] - win[:, :, None]
+    return np.where(diff != 0, MASKED, 0.0).astype(np.float32)
+
+
+def _window_bias_hook(ws: int, table_ws: int, num_heads: int, mask, param_dtype):
+    """Attention hook: the relative position bias (its table a param of the attention module)
+    plus the shifted-window mask (nW, N, N), tiled over the batch of windows."""
+    index = relative_position_index(ws, table_ws)
+
+    def add_bias(module, inputs, call_next):
+        table = module.param("relative_position_bias_table",
+                             core.part(nn.initializers.truncated_normal(0.02), (None, "heads")),
+                             ((2 * table_ws - 1) ** 2, num_heads), param_dtype)
+        bias = jnp.transpose(table.astype(jnp.float32)[index], (2, 0, 1))[None]   # 1, heads, N, N
+        if mask is not None:
+            reps = inputs.q.shape[0] // mask.shape[0]
+            bias = bias + jnp.tile(jnp.asarray(mask)[:, None], (reps, 1, 1, 1))
+        if inputs.bias is not None:
+            bias = bias + inputs.bias
+        return call_next(inputs._replace(bias=bias))
+    return add_bias
+
+
+class SwinBlock(nn.Module):
+    """One (shifted-)window attention block on a (B, H, W, C) map (module docstring)."""
+    num_heads: int
+    window_size: int = 7
+    shift_size: int = 0
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    layernorm_eps: float = 1e-5
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        b, h, w, c = x.shape
+        ws, shift = window_and_shift(h, w, self.window_size, self.shift_size)
+        norm = lambda name: core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
+        y = norm("norm1")(x)
+        ph, pw = (-h) % ws, (-w) % ws
+        if ph or pw:
+            y = jnp.pad(y, ((0, 0), (0, ph), (0, pw), (0, 0)))
+        hp, wp = h + ph, w + pw
+        if shift:
+            y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
+        mask = shift_mask(hp, wp, ws, shift) if shift else None
+        hook = _window_bias_hook(ws, self.window_size, self.num_heads, mask, self.param_dtype)
+        with inject.hooks(attention=hook):
+            y = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl,
+                                   dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
+                window_partition(y, ws), deterministic=deterministic)
+        y = window_reverse(y, ws, hp, wp)
+        if shift:
+            y = jnp.roll(y, (shift, shift), axis=(1, 2))
+        y = y[:, :h, :w]
+        x = x + DropPath(self.drop_path)(y, deterministic)
+        y = Mlp(int(self.mlp_ratio * c), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
+            norm("norm2")(x).reshape(b, h * w, c), deterministic)
+        return x + DropPath(self.drop_path)(y.reshape(b, h, w, c), deterministic)
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours -> LayerNorm(4C) -> Linear(4C -> 2C, no bias)."""
+    layernorm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        if h % 2 or w % 2:
+            x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+        x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        x = core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
+        return core.DenseND((2 * c,), kernel_axes=("mlp", "embed"), use_bias=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="reduction")(x)
+
+
+class Swin(nn.Module):
+    """See the module docstring."""
+
+    capabilities = frozenset({"pooled", "tokens", "classifier", "any_resolution"})
+
+    def capabilities_of(self) -> frozenset:
+        return self.capabilities if self.num_classes > 0 else self.capabilities - {"classifier"}
+
+    embed_dim: int = 96
+    depths: Sequence[int] = (2, 2, 6, 2)
+    num_heads: Sequence[int] = (3, 6, 12, 24)
+    window_size: int = 7
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 0
+    drop_path: float = 0.0
+    absolute_pos_embed: bool = False
+    image_size: int = 224          # only sizes the optional absolute position embedding
+    layernorm_eps: float = 1e-5
+    attention_impl: str = "xla"
+    remat: Any = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def width(self) -> int:
+        return int(self.embed_dim * 2 ** (len(self.depths) - 1))
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(f"Swin depths {tuple(self.depths)} and num_heads {tuple(self.num_heads)} "
+                             "differ in length.")
+        p = self.patch_size
+        x = images.astype(self.dtype)
+        ph, pw = (-x.shape[1]) % p, (-x.shape[2]) % p
+        if ph or pw:
+            x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="patch_embed",
+                    kernel_init=core.part(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                    bias_init=core.part(core.zeros, ("embed",)))(x)
+        norm = lambda name: core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
+        x = norm("patch_norm")(x)
+        if self.absolute_pos_embed:
+            g = self.image_size // p
+            if x.shape[1:3] != (g, g):
+                raise ValueError(f"Swin absolute_pos_embed is sized for {self.image_size} px inputs "
+                                 f"({g}x{g} patches); got a {x.shape[1]}x{x.shape[2]} grid.")
+            pos = self.param("pos_embed", core.part(nn.initializers.truncated_normal(0.02),
+                                                    (None, None, None, "embed")),
+                             (1, g, g, self.embed_dim), self.param_dtype)
+            x = x + pos.astype(x.dtype)
+        total = sum(self.depths)
+        rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
+        block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+        maps, k = [], 0
+        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+            for j in range(depth):
+                x = block_cls(heads, self.window_size, 0 if j % 2 == 0 else self.window_size // 2,
+                              self.mlp_ratio, rates[k], self.layernorm_eps,
+                              self.attention_impl, self.dtype, self.param_dtype,
+                              name=f"stage_{i}_block_{j}")(x, not train)
+                k += 1
+            maps.append(x)
+            if i < len(self.depths) - 1:
+                x = PatchMerging(self.layernorm_eps, self.dtype, self.param_dtype, name=f"stage_{i}_merge")(x)
+        b, h, w, c = x.shape
+        tokens = norm("norm")(x).reshape(b, h * w, c)
+        pooled = tokens.mean(axis=1)
+        out = dict(pre_logits=pooled, patch_tokens=tokens, feature_maps=maps)
+        if self.num_classes > 0:
+            out["logits"] = nn.Dense(
+                self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+                kernel_init=core.part(nn.initializers.truncated_normal(0.02), ("embed", "classes")),
+                bias_init=core.part(core.zeros, ("classes",)))(pooled)
+        return out

@@ -1,0 +1,76 @@
+"""Swin through the trainer: the supervised objective trains it (configs/supervised.py:swin,
+shortened) with LoRA on its attention through the dense hook, DINO and a CLIP image tower accept
+it, its params carry logical axes that shard on an 8-device mesh, and remat changes nothing."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax.models.registry import build_model
+from fmjax.objectives.base import make_objective
+from fmjax.train import loop
+
+SMALL = dict(name="swin", embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, patch_size=2)
+
+
+@pytest.mark.slow
+def test_supervised_swin_trains_with_lora_on_its_attention(default_config, tmp_path):
+    c = default_config("supervised", "swin")
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 3, 1, 0, 3
+    c.eval_at_start = False
+    c.batch_size = 16
+    c.adapter.update(dict(name="lora", rank=2, targets=r"attn/(query|value)$", train=("head/.*",)))
+    out = loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    assert out["step"] == 3 and np.isfinite(out["train/loss"])
+    obj = make_objective(c)
+    params, _ = obj.init(jax.random.PRNGKey(0), {"image": np.zeros((2, 32, 32, 3), np.float32),
+                                                 "label": np.zeros((2,), np.int32)})
+    attn = params["stage_2_block_1"]["attn"]
+    assert "lora_a" in attn["query"] and "lora_a" in attn["value"] and "lora_a" not in attn["key"]
+    assert np.shape(nn.unbox(attn["relative_position_bias_table"])) == (49, 8)
+
+
+def test_dino_accepts_a_swin_backbone(tiny_config):
+    c = tiny_config("dino")
+    c.model = dict(SMALL)
+    obj = make_objective(c)
+    batch = {"global_crops": np.zeros((2, 2, 32, 32, 3), np.float32),
+             "local_crops": np.zeros((2, c.objective.num_local_crops, 16, 16, 3), np.float32)}
+    params, extra = obj.init(jax.random.PRNGKey(0), batch)
+    loss, _ = obj.loss(params, extra, batch, jax.random.PRNGKey(1), 0)
+    assert np.isfinite(float(loss))
+
+
+def test_clip_takes_a_swin_image_tower():
+    model = build_model(dict(name="clip", embed_dim=32, vocab_size=64, context_length=8, image=dict(SMALL),
+                             text=dict(width=32, depth=1, num_heads=2, mlp_dim=64)))
+    tokens = np.ones((2, 8), np.int32)
+    v = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), tokens)
+    assert "relative_position_bias_table" in v["params"]["image"]["stage_0_block_1"]["attn"]
+    out = model.apply(v, jnp.ones((2, 32, 32, 3)), tokens)
+    emb = out["image_embeds"]
+    assert emb.shape[0] == 2 and bool(jnp.isfinite(emb).all())
+
+
+def test_logical_axes_shard_on_a_mesh_and_remat_is_the_same_function():
+    from jax.sharding import Mesh, PartitionSpec
+    model = build_model(dict(SMALL, num_classes=3))
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), x)["params"])
+    plain = model.apply({"params": params}, x)["logits"]
+    remat = build_model(dict(SMALL, num_classes=3, remat=True)).apply({"params": params}, x)["logits"]
+    np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-6)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    rules = (("batch", "data"), ("mlp", "model"), ("heads", "model"), ("embed", None),
+             ("length", None), ("kv", None), ("patch", None), ("norm", None), ("classes", None))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+        specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+        variables = jax.jit(model.init, out_shardings=specs)(jax.random.PRNGKey(0), x)
+        out = jax.jit(model.apply)(variables, x)
+    p = variables["params"]
+    assert p["stage_0_block_0"]["attn"]["query"]["kernel"].value.sharding.spec == PartitionSpec(None, "model", None)
+    assert p["stage_1_block_0"]["attn"]["relative_position_bias_table"].value.sharding.spec == PartitionSpec(None, "model")
+    assert p["stage_0_merge"]["reduction"]["kernel"].value.sharding.spec == PartitionSpec("model", None)
+    np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(plain), atol=1e-5)
