@@ -94,6 +94,11 @@ def get_config(arg: str = "default"):
             c.model.projection = "mlp"
             c.objective.update(media_tokens=17, shots_per_sequence=3, seq_length=96)
             c.evals.vqa.shots = (0, 2)
+            # LLaVA's stage 2 (visual instruction tuning): the projector AND the language model
+            # train, the vision tower stays frozen. (Its stage 1, the projector alone on a frozen
+            # LM, cannot teach this LM the question / answer format it never saw: measured
+            # 2026-12-03, 1000 steps, loss 6.8 -> 4.3 and VQA 0.001 / 0.000 with 0 / 2 shots.)
+            c.optimizer.frozen = (r"vision/.*",)
     else:
         raise ValueError(f"Unknown configs/flamingo.py preset {arg!r}; valid: default, cpu, llava.")
     return c

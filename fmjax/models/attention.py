@@ -45,6 +45,7 @@ class MultiHeadAttention(nn.Module):
     head_dim: Optional[int] = None  # default: embed // num_heads
     out_features: Optional[int] = None  # default: input embed dim
     use_bias: bool = True
+    key_bias: Optional[bool] = None  # None: use_bias (False: Swin v2's bias-free key)
     attention_dropout: float = 0.0
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
@@ -71,8 +72,9 @@ class MultiHeadAttention(nn.Module):
         features = (self.num_heads, head_dim)
 
         def proj(name, inp):
+            bias = self.use_bias if name != "key" or self.key_bias is None else self.key_bias
             return DenseND(
-                features, contract=1, use_bias=self.use_bias, dtype=self.dtype,
+                features, contract=1, use_bias=bias, dtype=self.dtype,
                 param_dtype=self.param_dtype, name=name,
                 kernel_axes=("embed", "heads", "kv"), bias_axes=("heads", "kv"))(inp)
 

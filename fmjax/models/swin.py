@@ -1,5 +1,6 @@
-"""Swin Transformer (Liu et al. 2021, v1): windowed self-attention with shifted windows,
-a relative position bias per window and patch merging between stages.
+"""Swin Transformer (Liu et al. 2021, v1; v2, Liu et al. 2022, with ``version=2``): windowed
+self-attention with shifted windows, a relative position bias per window and patch merging
+between stages.
 
 Layout (channels last; param names):
 
@@ -32,6 +33,14 @@ Outputs: ``pre_logits`` (B, C_last), ``patch_tokens`` (B, h w, C_last) (normed),
 ``feature_maps`` (each stage's (B, h, w, C) before its merge), ``logits`` with a head.
 Stochastic depth rises linearly from 0 to ``drop_path`` over all blocks (the reference's
 ``torch.linspace``). ``remat`` checkpoints each block.
+
+**Swin v2** (``version=2``, transformers' ``Swinv2Model``): cosine attention with a learned
+per-head ``attn/logit_scale`` (init log 10, clamped at log 100), the continuous position bias
+``16 sigmoid(cpb(coords))`` from a 2 -> 512 -> heads MLP (``attn/cpb_in``, ``attn/cpb_out``) over
+log-spaced relative coordinates (normalised by ``pretrained_window_sizes[i]`` when set, so a
+checkpoint transfers to a larger window), no key bias, res-post-norm (``x + LN(attn(x))``,
+``x + LN(mlp(x))``) and merge-then-norm (``reduction``, then ``norm`` over 2C). Both run inside
+the same attention hook point, so the shared ``MultiHeadAttention`` computes them.
 
 Variants (``variant``): ``T`` (2, 2, 6, 2) x 96 (heads 3, 6, 12, 24), ``S`` (2, 2, 18, 2) x 96,
 ``B`` (2, 2, 18, 2) x 128 (heads 4 ... 32), ``L`` (2, 2, 18, 2) x 192 (heads 6 ... 48); window
@@ -133,6 +142,54 @@ def _window_bias_hook(ws: int, table_ws: int, num_heads: int, mask, param_dtype)
     return add_bias
 
 
+@functools.lru_cache(maxsize=64)
+def cpb_coords(ws: int, pretrained_ws: int = 0) -> np.ndarray:
+    """Swin v2's log-spaced relative coordinates ((2 ws - 1)^2, 2): (dy, dx) / (w - 1) * 8
+    (w the pre-training window when given), then sign * log2(|.| + 1) / log2(8)."""
+    r = np.arange(-(ws - 1), ws, dtype=np.float32)
+    t = np.stack(np.meshgrid(r, r, indexing="ij"), -1)
+    norm = pretrained_ws if pretrained_ws > 0 else ws
+    if norm > 1:
+        t = t / (norm - 1)
+    t = t * 8
+    t = np.sign(t) * np.log2(np.abs(t) + 1.0) / np.log2(8)
+    return t.reshape(-1, 2).astype(np.float32)
+
+
+def _cosine_cpb_hook(ws: int, pretrained_ws: int, num_heads: int, mask, param_dtype):
+    """Swin v2 attention hook: cosine attention with a per-head learned ``logit_scale`` (init
+    log 10, clamped at log 100) and the continuous position bias ``16 sigmoid(cpb(coords))``
+    (``cpb_in``: Linear(2, 512) + ReLU, ``cpb_out``: Linear(512, heads), no bias), plus the
+    shifted-window mask. q / k are replaced by ``normalize(q) * scale * sqrt(d)`` and
+    ``normalize(k)``, so the shared attention's ``q.k / sqrt(d)`` is ``scale * cos``."""
+    index = relative_position_index(ws, ws)
+    coords = cpb_coords(ws, pretrained_ws)
+
+    def cosine(module, inputs, call_next):
+        d = inputs.q.shape[-1]
+        logit_scale = module.param("logit_scale", core.part(nn.initializers.constant(float(np.log(10.0))),
+                                                            ("heads",)), (num_heads,), param_dtype)
+        h = nn.Dense(512, dtype=jnp.float32, param_dtype=param_dtype, name="cpb_in",
+                     kernel_init=core.part(nn.initializers.lecun_normal(), (None, "mlp")),
+                     bias_init=core.part(core.zeros, ("mlp",)))(jnp.asarray(coords))
+        table = nn.Dense(num_heads, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype, name="cpb_out",
+                         kernel_init=core.part(nn.initializers.lecun_normal(), ("mlp", "heads")))(nn.relu(h))
+        bias = 16.0 * jax.nn.sigmoid(jnp.transpose(table[index], (2, 0, 1)))[None]   # 1, heads, N, N
+        if mask is not None:
+            reps = inputs.q.shape[0] // mask.shape[0]
+            bias = bias + jnp.tile(jnp.asarray(mask)[:, None], (reps, 1, 1, 1))
+        if inputs.bias is not None:
+            bias = bias + inputs.bias
+        scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), np.log(100.0))) * np.sqrt(d)
+
+        def unit(x):
+            xf = x.astype(jnp.float32)   # x / max(|x|, 1e-12) with a finite gradient at 0 (padding)
+            return xf * jax.lax.rsqrt(jnp.maximum(jnp.sum(xf * xf, axis=-1, keepdims=True), 1e-24))
+        q = (unit(inputs.q) * scale[:, None]).astype(inputs.q.dtype)
+        return call_next(inputs._replace(q=q, k=unit(inputs.k).astype(inputs.k.dtype), bias=bias))
+    return cosine
+
+
 class SwinBlock(nn.Module):
     """One (shifted-)window attention block on a (B, H, W, C) map (module docstring)."""
     num_heads: int
@@ -142,6 +199,8 @@ class SwinBlock(nn.Module):
     drop_path: float = 0.0
     layernorm_eps: float = 1e-5
     attention_impl: str = "xla"
+    version: int = 1
+    pretrained_window_size: int = 0   # v2: the window the CPB coordinates are normalised by
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -150,7 +209,8 @@ class SwinBlock(nn.Module):
         b, h, w, c = x.shape
         ws, shift = window_and_shift(h, w, self.window_size, self.shift_size)
         norm = lambda name: core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
-        y = norm("norm1")(x)
+        v2 = self.version == 2
+        y = x if v2 else norm("norm1")(x)
         ph, pw = (-h) % ws, (-w) % ws
         if ph or pw:
             y = jnp.pad(y, ((0, 0), (0, ph), (0, pw), (0, 0)))
@@ -158,15 +218,23 @@ class SwinBlock(nn.Module):
         if shift:
             y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
         mask = shift_mask(hp, wp, ws, shift) if shift else None
-        hook = _window_bias_hook(ws, self.window_size, self.num_heads, mask, self.param_dtype)
+        if v2:   # the CPB is continuous: the adapted window has its own coordinates
+            hook = _cosine_cpb_hook(ws, self.pretrained_window_size, self.num_heads, mask, self.param_dtype)
+        else:
+            hook = _window_bias_hook(ws, self.window_size, self.num_heads, mask, self.param_dtype)
         with inject.hooks(attention=hook):
-            y = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl,
+            y = MultiHeadAttention(self.num_heads, key_bias=not v2, attention_impl=self.attention_impl,
                                    dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
                 window_partition(y, ws), deterministic=deterministic)
         y = window_reverse(y, ws, hp, wp)
         if shift:
             y = jnp.roll(y, (shift, shift), axis=(1, 2))
         y = y[:, :h, :w]
+        if v2:   # res-post-norm: x + LN(attn(x)), x + LN(mlp(x))
+            x = x + DropPath(self.drop_path)(norm("norm1")(y), deterministic)
+            y = Mlp(int(self.mlp_ratio * c), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
+                x.reshape(b, h * w, c), deterministic)
+            return x + DropPath(self.drop_path)(norm("norm2")(y).reshape(b, h, w, c), deterministic)
         x = x + DropPath(self.drop_path)(y, deterministic)
         y = Mlp(int(self.mlp_ratio * c), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
             norm("norm2")(x).reshape(b, h * w, c), deterministic)
@@ -174,8 +242,10 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2x2 neighbours -> LayerNorm(4C) -> Linear(4C -> 2C, no bias)."""
+    """2x2 neighbours -> LayerNorm(4C) -> Linear(4C -> 2C, no bias); v2 (``norm_last``):
+    the Linear, then LayerNorm(2C)."""
     layernorm_eps: float = 1e-5
+    norm_last: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -185,9 +255,10 @@ class PatchMerging(nn.Module):
         if h % 2 or w % 2:
             x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        x = core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
-        return core.DenseND((2 * c,), kernel_axes=("mlp", "embed"), use_bias=False, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="reduction")(x)
+        norm = core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")
+        reduction = core.DenseND((2 * c,), kernel_axes=("mlp", "embed"), use_bias=False, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="reduction")
+        return norm(reduction(x)) if self.norm_last else reduction(norm(x))
 
 
 class Swin(nn.Module):
@@ -210,6 +281,8 @@ class Swin(nn.Module):
     image_size: int = 224          # only sizes the optional absolute position embedding
     layernorm_eps: float = 1e-5
     attention_impl: str = "xla"
+    version: int = 1                              # 2: Swin v2 (module docstring)
+    pretrained_window_sizes: Sequence[int] = ()   # v2, per stage: the CPB's normalising window (0: own)
     remat: Any = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -220,6 +293,12 @@ class Swin(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
+        if self.version not in (1, 2):
+            raise ValueError(f"Swin version={self.version!r}; valid: 1, 2.")
+        pws = tuple(self.pretrained_window_sizes) or (0,) * len(self.depths)
+        if len(pws) != len(self.depths):
+            raise ValueError(f"Swin pretrained_window_sizes {tuple(self.pretrained_window_sizes)} needs one "
+                             f"entry per stage ({len(self.depths)}).")
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"Swin depths {tuple(self.depths)} and num_heads {tuple(self.num_heads)} "
                              "differ in length.")
@@ -251,12 +330,13 @@ class Swin(nn.Module):
             for j in range(depth):
                 x = block_cls(heads, self.window_size, 0 if j % 2 == 0 else self.window_size // 2,
                               self.mlp_ratio, rates[k], self.layernorm_eps,
-                              self.attention_impl, self.dtype, self.param_dtype,
+                              self.attention_impl, self.version, pws[i], self.dtype, self.param_dtype,
                               name=f"stage_{i}_block_{j}")(x, not train)
                 k += 1
             maps.append(x)
             if i < len(self.depths) - 1:
-                x = PatchMerging(self.layernorm_eps, self.dtype, self.param_dtype, name=f"stage_{i}_merge")(x)
+                x = PatchMerging(self.layernorm_eps, self.version == 2, self.dtype, self.param_dtype,
+                                 name=f"stage_{i}_merge")(x)
         b, h, w, c = x.shape
         tokens = norm("norm")(x).reshape(b, h * w, c)
         pooled = tokens.mean(axis=1)

@@ -1,4 +1,4 @@
-"""Swin (v1) against transformers' SwinForImageClassification with random weights, converted by
+"""Swin (v1 and v2) against transformers' Swin(v2)ForImageClassification with random weights, converted by
 fmjax.interop.hf_swin: normed tokens, pooled features, logits and the gradients of a
 cross-entropy loss, in float32. The configs cover shifted windows with the cross-region
 mask, a stage whose grid equals the window (one window, no shift), grids padded to a multiple
@@ -23,14 +23,25 @@ CASES = {
     # padded to 6x6
     "padded": dict(image_size=40, patch_size=4, embed_dim=12, depths=[2, 2], num_heads=[3, 3],
                    window_size=3, use_absolute_embeddings=True),
+    # Swin v2: cosine attention, continuous position bias, res-post-norm, merge-then-norm;
+    # 40 px, patch 2: 20x20 (window 4, shifted) -> 10x10 (padded to 12) -> 5x5 (padded to 8),
+    # the last stage's CPB coordinates normalised by a pre-training window of 6
+    "v2": dict(image_size=40, patch_size=2, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 2, 4],
+               window_size=4, pretrained_window_sizes=[0, 0, 6]),
 }
 
 
 def _model(case):
-    cfg = transformers.SwinConfig(architectures=["SwinForImageClassification"], num_labels=5,
-                                  **CASES[case])
+    if case.startswith("v2"):
+        cfg = transformers.Swinv2Config(architectures=["Swinv2ForImageClassification"], num_labels=5,
+                                        **CASES[case])
+        cls = transformers.Swinv2ForImageClassification
+    else:
+        cfg = transformers.SwinConfig(architectures=["SwinForImageClassification"], num_labels=5,
+                                      **CASES[case])
+        cls = transformers.SwinForImageClassification
     torch.manual_seed(0)
-    model = transformers.SwinForImageClassification(cfg)
+    model = cls(cfg)
     with torch.no_grad():
         for _, p in model.named_parameters():
             p.add_(0.1 * torch.randn_like(p))  # biases / norms / bias tables away from their inits
@@ -42,7 +53,7 @@ def test_forward_and_gradient_parity(case):
     cfg, model = _model(case)
     params = hf_swin.convert_hf_swin(model.state_dict(), cfg)
     fm = Swin(**hf_swin.swin_kwargs_from_hf_config(cfg))
-    assert fm.num_classes == 5
+    assert fm.num_classes == 5 and fm.version == (2 if case.startswith("v2") else 1)
     size = CASES[case]["image_size"]
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     x = jnp.asarray(images.permute(0, 2, 3, 1).numpy())
@@ -52,7 +63,7 @@ def test_forward_and_gradient_parity(case):
     loss_t = torch.nn.functional.cross_entropy(out_t.logits, labels)
     loss_t.backward()
     with torch.no_grad():
-        base = model.swin(pixel_values=images)
+        base = (model.swinv2 if fm.version == 2 else model.swin)(pixel_values=images)
     out = fm.apply({"params": params}, x)
     np.testing.assert_allclose(np.asarray(out["patch_tokens"]), base.last_hidden_state.numpy(), atol=2e-5)
     np.testing.assert_allclose(np.asarray(out["pre_logits"]), base.pooler_output.numpy(), atol=2e-5)

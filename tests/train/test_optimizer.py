@@ -208,7 +208,8 @@ def test_named_wd_groups():
 
 
 @pytest.mark.parametrize("config,preset,want", [("mae", "default", "mae"), ("dino", "default", "dino"),
-                                                ("supervised", "vit_b16_imagenet", "deit")])
+                                                ("supervised", "vit_b16_imagenet", "deit"),
+                                                ("supervised", "swin_t_imagenet", "swin")])
 def test_paper_presets_name_their_wd_groups(config, preset, want):
     from fmjax.testing import load_config
     c = load_config(config, preset)
