@@ -102,7 +102,7 @@ def get_config(arg: str = "default"):
     c.optimizer.update(dict(wd_groups="dino", warmup_mode="linspace", adam_count="per_param",
                             clip_fuse_qkv=True))
     reference_model = dict(pos_interp="torch_bicubic", pos_interp_offset=0.1)
-    if arg in ("default", "cpu"):
+    if arg in ("default", "cpu", "cpu_swin"):
         c.total_steps = 600
         c.batch_size = 64
         c.log_every = 25
@@ -130,7 +130,7 @@ def get_config(arg: str = "default"):
                          train_examples=2000),
             images=dict(type="images", split="validation"),
         )
-        if arg == "cpu":  # the default on the simple shapes, longer, with rot90 views (docstring)
+        if arg in ("cpu", "cpu_swin"):  # the default on the simple shapes, longer, with rot90 views (docstring)
             c.data.name = "fmjax_shapes/simple_32"
             c.total_steps = 3000
             c.eval_every = 1000
@@ -140,6 +140,11 @@ def get_config(arg: str = "default"):
             c.data.pp_train = ("silhouette|multi_crop(32, 16, 4, global_scale=(0.4, 1.0), "
                                "local_scale=(0.2, 0.5), rot90=True)|keep('global_crops', 'local_crops')")
             c.data.pp_eval = "silhouette|normalize('imagenet')|keep('image', 'label')"
+        if arg == "cpu_swin":  # the cpu recipe on a Swin backbone (EsViT's choice), 1500 steps
+            c.total_steps = 1500
+            c.eval_every = c.checkpoint_every = 500
+            c.model = dict(name="swin", embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                           patch_size=4, drop_path=0.1)
     elif arg in ("vit_s16_imagenet", "vit_b16_imagenet"):
         small = arg.startswith("vit_s")
         epochs = 100 if small else 300
@@ -168,5 +173,6 @@ def get_config(arg: str = "default"):
             images=dict(type="images", split="validation", every=c.eval_every),
         )
     else:
-        raise ValueError(f"Unknown configs/dino.py preset {arg!r}; valid: default, cpu, vit_s16_imagenet, vit_b16_imagenet.")
+        raise ValueError(f"Unknown configs/dino.py preset {arg!r}; valid: default, cpu, cpu_swin, vit_s16_imagenet, "
+                         "vit_b16_imagenet.")
     return c
