@@ -52,6 +52,17 @@ tests/reference/test_simmim_trajectory.py:
                                      turn into lr-sized steps), and stays out of the clip norm.
   optimizer.clip_norm=5.0, clip_eps=1e-6
                                      torch.nn.utils.clip_grad_norm_ (max_norm / (norm + 1e-6)).
+
+SimMIM on its own hierarchical backbone (issue 17; SimMIM's SwinTransformerForSimMIM), CPU-sized:
+    python launch/train.py --config=configs/simmim.py:swin --workdir=/tmp/simmim_swin
+  Swin v1, patch 4 (8x8 grid), windows of 4, stages (2, 2, 2) x (32, 64, 128): the mask token
+  goes in after the patch norm and the one-layer decoder maps each of the 2x2 final tokens to
+  16 x 16 x 3 pixels (encoder stride 16); weight-decay groups 'swin'. Measured 2026-12-03 (2-core
+  CPU, 3.3 min wall, 1500 steps): masked-pixel L1 on validation (eval/val_loss) 0.604 (step 0)
+  -> 0.329 (500) -> 0.311 (1000) -> 0.306 (1500), reconstructions in images/; the linear probe
+  does NOT improve in this run (0.197 -> 0.184 -> 0.181 -> 0.178, kNN 0.148 -> 0.126): with a
+  16-px decoder stride on 32-px scenes the reconstruction is a blur the encoder learns without
+  the shapes (the ViT recipe above, 4-px patches decoded one by one, reaches 0.232).
 """
 from configs import common
 
@@ -66,7 +77,7 @@ def get_config(arg: str = "default"):
                             decay="multistep", milestones=(), gamma=0.1,
                             schedule_steps_per_epoch=1, schedule_epoch_lag=1,
                             frozen=(r".*/attn/key/bias",)))
-    if arg in ("default", "cpu"):
+    if arg in ("default", "cpu", "swin"):
         c.total_steps = 2000
         c.batch_size = 64
         c.log_every = 100
@@ -97,6 +108,14 @@ def get_config(arg: str = "default"):
             c.eval_every = 1000
             c.checkpoint_every = 1000
             c.optimizer.milestones = (3200,)
+        if arg == "swin":  # SimMIM's own hierarchical backbone (SwinTransformerForSimMIM), CPU-sized
+            c.total_steps = 1500
+            c.eval_every = c.checkpoint_every = 500
+            c.optimizer.milestones = (1200,)
+            c.optimizer.wd_groups = "swin"   # SimMIM-Swin: SwinTransformer's no_weight_decay lists
+            # patch 4 (8x8 grid), windows of 4: 8 -> 4 -> 2 grids, encoder stride 16
+            c.model = dict(name="swin", embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4,
+                           patch_size=4, drop_path=0.0)
     elif arg == "vit_b16_imagenet":
         c.batch_size = 2048
         steps_per_epoch = IMAGENET_TRAIN // c.batch_size
@@ -119,5 +138,5 @@ def get_config(arg: str = "default"):
         c.keep_period = 50 * steps_per_epoch
         c.evals = dict(images=dict(type="images", split="validation", every=c.eval_every))
     else:
-        raise ValueError(f"Unknown configs/simmim.py preset {arg!r}; valid: default, cpu, vit_b16_imagenet.")
+        raise ValueError(f"Unknown configs/simmim.py preset {arg!r}; valid: default, cpu, swin, vit_b16_imagenet.")
     return c

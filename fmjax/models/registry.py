@@ -23,6 +23,9 @@ CAPABILITIES = {
                   "when built with num_classes > 0",
     "any_resolution": "accepts images of another size than it was built for (e.g. DINO's local crops)",
     "attention_maps": "method attention_maps(images) -> [B, heads, N] last-layer attention",
+    "mask_input": "__call__(images, train, mask=[B, h, w] at the patch grid, mask_token=[1, 1, D]) puts "
+                  "the token at the masked patches; attribute encoder_stride (pixels per final token); "
+                  "SimMIM on a hierarchical backbone (Swin)",
     "masked_autoencoder": "__call__(images, train) -> {'loss', 'pred', 'mask', ...}; encode(images)",
     "image_text": "encode_image(images), encode_text(tokens); logit_terms() -> (scale, bias or "
                   "None); __call__(images, tokens) -> embeddings",

@@ -29,6 +29,10 @@ reads its own offsets from it, so the param shapes do not depend on the input si
 checkpoint trained at 224 px loads for 32 px inputs (the original sizes the table by the
 adapted window; the entries a small window reads are the same offsets).
 
+SimMIM (``mask`` / ``mask_token`` arguments, capability ``mask_input``): the masked patch
+embeddings become the mask token after ``patch_norm``; ``encoder_stride`` is the pixels per
+final token, which SimMIM's one-layer decoder upsamples by.
+
 Outputs: ``pre_logits`` (B, C_last), ``patch_tokens`` (B, h w, C_last) (normed),
 ``feature_maps`` (each stage's (B, h, w, C) before its merge), ``logits`` with a head.
 Stochastic depth rises linearly from 0 to ``drop_path`` over all blocks (the reference's
@@ -50,7 +54,7 @@ Variants (``variant``): ``T`` (2, 2, 6, 2) x 96 (heads 3, 6, 12, 24), ``S`` (2, 
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -264,10 +268,15 @@ class PatchMerging(nn.Module):
 class Swin(nn.Module):
     """See the module docstring."""
 
-    capabilities = frozenset({"pooled", "tokens", "classifier", "any_resolution"})
+    capabilities = frozenset({"pooled", "tokens", "classifier", "any_resolution", "mask_input"})
 
     def capabilities_of(self) -> frozenset:
         return self.capabilities if self.num_classes > 0 else self.capabilities - {"classifier"}
+
+    @property
+    def encoder_stride(self) -> int:
+        """Pixels per final token (SimMIM's ``encoder_stride``): patch * 2^(stages - 1)."""
+        return int(self.patch_size * 2 ** (len(self.depths) - 1))
 
     embed_dim: int = 96
     depths: Sequence[int] = (2, 2, 6, 2)
@@ -292,7 +301,11 @@ class Swin(nn.Module):
         return int(self.embed_dim * 2 ** (len(self.depths) - 1))
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
+    def __call__(self, images: jax.Array, train: bool = False, mask: Optional[jax.Array] = None,
+                 mask_token: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
+        """``mask`` (B, h, w) at the patch grid (1 = masked) with ``mask_token`` (1, 1, embed_dim):
+        masked patch embeddings are replaced by the token after ``patch_norm`` and before the
+        absolute position embedding (SimMIM's ``SwinTransformerForSimMIM``)."""
         if self.version not in (1, 2):
             raise ValueError(f"Swin version={self.version!r}; valid: 1, 2.")
         pws = tuple(self.pretrained_window_sizes) or (0,) * len(self.depths)
@@ -313,6 +326,12 @@ class Swin(nn.Module):
                     bias_init=core.part(core.zeros, ("embed",)))(x)
         norm = lambda name: core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
         x = norm("patch_norm")(x)
+        if mask is not None:
+            if mask_token is None or tuple(mask.shape[1:]) != tuple(x.shape[1:3]):
+                raise ValueError(f"Swin mask {tuple(mask.shape)} needs a mask_token and the patch grid "
+                                 f"{tuple(x.shape[1:3])}.")
+            w = mask.astype(x.dtype)[..., None]
+            x = x * (1 - w) + jnp.reshape(mask_token, (1, 1, 1, -1)).astype(x.dtype) * w
         if self.absolute_pos_embed:
             g = self.image_size // p
             if x.shape[1:3] != (g, g):

@@ -30,7 +30,7 @@ from fmjax.data.transforms import NORMALIZE_PRESETS
 from fmjax.errors import ConfigError
 from fmjax.evals import attention as attention_lib
 from fmjax.models.dino_head import DINOHead
-from fmjax.models.registry import build_model, require
+from fmjax.models.registry import build_model, capabilities, require
 from fmjax.objectives.base import Objective
 
 def teacher_temperature(step, warmup_temp: float, temp: float, warmup_steps: int, every: int = 1):
@@ -201,14 +201,25 @@ class DINOObjective(Objective):
         return self.backbone.apply({"params": extra["teacher"]["backbone"]}, images)["pre_logits"]
 
     def visualize(self, params, extra, batch, rng):
-        """Last-layer CLS attention of the teacher, per head, over validation images."""
+        """Last-layer CLS attention of the teacher, per head, over validation images; a backbone
+        without attention maps (ConvNeXt, Swin) shows the first three principal components of
+        the teacher's final patch tokens over the batch instead (DINO's PCA figure)."""
         images = batch["image"]
-        maps = self.backbone.apply({"params": extra["teacher"]["backbone"]}, images,
-                                   method=type(self.backbone).attention_maps)
         mean, std = NORMALIZE_PRESETS[self.config.data.get("normalization", "imagenet")]
-        grid = attention_lib.attention_grid(np.asarray(images), np.asarray(maps), self.patch_size,
-                                            mean, std, n=8)
-        return {"attention": grid}
+        teacher = {"params": extra["teacher"]["backbone"]}
+        if "attention_maps" in capabilities(self.backbone):
+            maps = self.backbone.apply(teacher, images, method=type(self.backbone).attention_maps)
+            grid = attention_lib.attention_grid(np.asarray(images), np.asarray(maps), self.patch_size,
+                                                mean, std, n=8)
+            return {"attention": grid}
+        tokens = np.asarray(self.backbone.apply(teacher, images)["patch_tokens"], np.float64)   # B, N, C
+        b, n, c = tokens.shape
+        flat = tokens.reshape(-1, c) - tokens.reshape(-1, c).mean(0)
+        _, _, vt = np.linalg.svd(flat, full_matrices=False)
+        maps = (flat @ vt[:3].T).reshape(b, n, -1).transpose(0, 2, 1)                      # B, 3, N
+        side = int(round(n ** 0.5))
+        grid = attention_lib.attention_grid(np.asarray(images), maps, images.shape[1] // side, mean, std, n=8)
+        return {"pca": grid}
 
     def health(self, metrics: dict) -> str | None:
         """A warning when the monitors signal collapse (see docs/design.md, DINO)."""

@@ -15,7 +15,13 @@ without one (the ``loss`` evaluator on validation images) gets the same distribu
 in the step from its rng (``objective.mask_patch_size`` / ``mask_ratio``).
 
 Params: ``backbone`` (any ViT-like backbone with a ``patch_embed/proj`` dense projection and
-``tokens`` output), ``mask_token`` [1, 1, D] and ``decoder`` (Dense D -> p*p*C). The mask token
+``tokens`` output), ``mask_token`` [1, 1, D] and ``decoder`` (Dense D -> p*p*C).
+
+A hierarchical backbone with the ``mask_input`` capability (Swin: SimMIM's
+``SwinTransformerForSimMIM``) takes ``mask`` / ``mask_token`` (its stage-0 width) as arguments
+and puts the token in after its patch norm; the decoder maps each FINAL token (its normed
+``patch_tokens``) to ``encoder_stride^2 * C`` pixels (SimMIM's 1x1 conv + PixelShuffle with
+``encoder_stride``); masks and the loss stay at the model's patch grid. The mask token
 is put in by an injection hook on ``patch_embed/proj`` (``fmjax.objectives._mim``), so the
 backbone is the plain ViT: ``features`` (kNN / linear probe, and fine-tuning through
 ``config.model_init`` mapping ``params/backbone``) is the unmasked backbone.
@@ -33,7 +39,7 @@ from fmjax.data.transforms import NORMALIZE_PRESETS
 from fmjax.errors import ConfigError
 from fmjax.evals import images as image_lib
 from fmjax.models import layers
-from fmjax.models.registry import build_model, require
+from fmjax.models.registry import build_model, capabilities, require
 from fmjax.objectives._mim import init_mask_token, mask_token_hook
 from fmjax.objectives.base import Objective
 
@@ -74,12 +80,16 @@ class SimMIMObjective(Objective):
         require(self.backbone, ("tokens", "pooled"), "objective 'simmim'", config.model.name)
         self.patch_size = int(getattr(self.backbone, "patch_size", 0) or 0)
         self.width = int(getattr(self.backbone, "width", 0) or 0)
+        # mask_input (Swin): the token has the stage-0 width, the decoder upsamples by the stride
+        self.mask_input = "mask_input" in capabilities(self.backbone)
+        self.stride = int(self.backbone.encoder_stride) if self.mask_input else self.patch_size
+        self.token_width = int(self.backbone.embed_dim) if self.mask_input else self.width
         self.num_prefix = int(getattr(self.backbone, "num_prefix_tokens", 0))
         self.mask_patch_size = int(o.get("mask_patch_size", 32))
         self.mask_ratio = float(o.get("mask_ratio", 0.6))
         self.channels = int(config.data.get("channels", 3))
         self.norm = config.data.get("normalization", "imagenet")
-        self.decoder = nn.Dense(self.channels * self.patch_size ** 2, dtype=self.backbone.dtype,
+        self.decoder = nn.Dense(self.channels * self.stride ** 2, dtype=self.backbone.dtype,
                                 kernel_init=layers.part(nn.initializers.truncated_normal(0.02), ("embed", "patch")),
                                 bias_init=layers.part(nn.initializers.zeros, ("patch",)))
 
@@ -96,23 +106,30 @@ class SimMIMObjective(Objective):
         if size and size % self.mask_patch_size:
             raise ConfigError(f"config.data.image_size={size} must be a multiple of objective.mask_patch_size="
                               f"{self.mask_patch_size}.")
+        if size and size % self.stride:
+            raise ConfigError(f"config.data.image_size={size} must be a multiple of the backbone's encoder "
+                              f"stride {self.stride} (patch_size x 2^(stages - 1)) for SimMIM's decoder.")
 
     # -- model ------------------------------------------------------------------------------
     def reconstruct(self, params, images, mask, train=False, rng=None):
         """(reconstruction [B, H, W, C], patch-level prediction [B, N, p*p*C])."""
-        grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+        grid = (images.shape[1] // self.stride, images.shape[2] // self.stride)
         rngs = {"dropout": rng} if rng is not None else {}
-        with mask_token_hook(mask, params["mask_token"]):
-            tokens = self.backbone.apply({"params": params["backbone"]}, images, train=train,
-                                         rngs=rngs)["tokens"][:, self.num_prefix:]
+        if self.mask_input:
+            tokens = self.backbone.apply({"params": params["backbone"]}, images, train=train, mask=mask,
+                                         mask_token=params["mask_token"], rngs=rngs)["patch_tokens"]
+        else:
+            with mask_token_hook(mask, params["mask_token"]):
+                tokens = self.backbone.apply({"params": params["backbone"]}, images, train=train,
+                                             rngs=rngs)["tokens"][:, self.num_prefix:]
         pred = self.decoder.apply({"params": params["decoder"]}, tokens)
-        return unpatchify(pred, grid, self.patch_size, self.channels), pred
+        return unpatchify(pred, grid, self.stride, self.channels), pred
 
     def init(self, rng, batch):
         b_rng, t_rng, d_rng = jax.random.split(rng, 3)
         images = batch["image"]
         backbone = self.backbone.init({"params": b_rng}, images)["params"]
-        mask_token = init_mask_token(t_rng, self.width)
+        mask_token = init_mask_token(t_rng, self.token_width)
         tokens = jnp.zeros((images.shape[0], 1, self.width), self.backbone.dtype)
         decoder = self.decoder.init({"params": d_rng}, tokens)["params"]
         return {"backbone": backbone, "mask_token": mask_token, "decoder": decoder}, {}
@@ -137,11 +154,12 @@ class SimMIMObjective(Objective):
     def visualize(self, params, extra, batch, rng):
         images = batch["image"]
         mask = self._mask(batch, rng)
-        _, pred = self.reconstruct(params, images, mask)
-        b, n = pred.shape[:2]
-        # mae_reconstruction_grid reads patches in patchify's (i, j, c) order.
-        p, c = self.patch_size, self.channels
-        pred = pred.reshape(b, n, c, p, p).transpose(0, 1, 3, 4, 2).reshape(b, n, -1)
+        recon, _ = self.reconstruct(params, images, mask)
+        # mae_reconstruction_grid reads the model's patches in patchify's (i, j, c) order.
+        b, hh, ww, c = recon.shape
+        p = self.patch_size
+        pred = recon.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+            b, (hh // p) * (ww // p), p * p * c)
         mean, std = NORMALIZE_PRESETS[self.norm]
         grid = image_lib.mae_reconstruction_grid(
             np.asarray(images), np.asarray(pred), np.asarray(mask.reshape(b, -1)), p, mean, std,

@@ -74,3 +74,35 @@ def test_logical_axes_shard_on_a_mesh_and_remat_is_the_same_function():
     assert p["stage_1_block_0"]["attn"]["relative_position_bias_table"].value.sharding.spec == PartitionSpec(None, "model")
     assert p["stage_0_merge"]["reduction"]["kernel"].value.sharding.spec == PartitionSpec("model", None)
     np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(plain), atol=1e-5)
+
+
+def test_simmim_on_swin_masks_after_the_patch_norm_and_decodes_by_the_encoder_stride(tiny_config):
+    """SimMIM's SwinTransformerForSimMIM: the mask token (stage-0 width) replaces the masked
+    patch embeddings after patch_norm; the decoder maps each final token to stride^2 * 3 pixels."""
+    c = tiny_config("simmim")
+    c.model = dict(SMALL, patch_size=4)          # 32 px: 8x8 -> 4x4 grids, encoder stride 8
+    c.optimizer.wd_groups = "swin"
+    obj = make_objective(c)
+    assert obj.mask_input and obj.stride == 8 and obj.patch_size == 4
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    mask = (jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8)) < 0.6).astype(jnp.int32)
+    params, extra = obj.init(jax.random.PRNGKey(2), {"image": images, "mask": mask})
+    params = nn.unbox(params)
+    assert params["mask_token"].shape == (1, 1, 16)
+    assert params["decoder"]["kernel"].shape == (32, 8 * 8 * 3)
+    recon, pred = obj.reconstruct(params, images, mask)
+    assert recon.shape == images.shape and pred.shape == (2, 16, 192)
+    loss, _ = obj.loss(params, extra, {"image": images, "mask": mask}, jax.random.PRNGKey(3), 0)
+    assert np.isfinite(float(loss))
+    # the backbone with an all-zero mask is the plain backbone; a mask changes the output
+    plain = obj.backbone.apply({"params": params["backbone"]}, images)["patch_tokens"]
+    zero = obj.backbone.apply({"params": params["backbone"]}, images, mask=jnp.zeros_like(mask),
+                              mask_token=params["mask_token"])["patch_tokens"]
+    np.testing.assert_array_equal(np.asarray(zero), np.asarray(plain))
+    masked = obj.backbone.apply({"params": params["backbone"]}, images, mask=mask,
+                                mask_token=params["mask_token"])["patch_tokens"]
+    assert float(jnp.abs(masked - plain).max()) > 1e-3
+    with pytest.raises(ValueError, match="needs a mask_token and the patch grid"):
+        obj.backbone.apply({"params": params["backbone"]}, images, mask=mask[:, :4])
+    pics = obj.visualize(params, extra, {"image": images, "mask": mask}, jax.random.PRNGKey(4))
+    assert pics["reconstruction"].ndim == 3
