@@ -157,14 +157,15 @@ def test_greedy_equals_a_token_by_token_loop(tiny_config):
     lens = np.array([len(p) for p in prompts], np.int32)
     for r, p in enumerate(prompts):
         toks[r, :len(p)] = p
-    got = np.asarray(vqa.greedy(obj, params, extra, images, jnp.asarray(toks), jnp.asarray(lens), 3))
+    got = np.asarray(jax.jit(vqa.greedy, static_argnums=(0, 6))(
+        obj, params, extra, images, jnp.asarray(toks), jnp.asarray(lens), 2))
+    encode = jax.jit(obj.encode_media)
+    logits_fn = jax.jit(lambda media, t: obj.interleaved_logits(params, extra, media, t, jnp.ones_like(t, bool)))
     for r, p in enumerate(prompts):
         seq = list(p)
-        media = obj.encode_media(params, extra, images[r:r + 1])
-        for _ in range(3):
-            t = jnp.asarray([seq])
-            logits = obj.interleaved_logits(params, extra, media, t, jnp.ones_like(t, bool))
-            seq.append(int(jnp.argmax(logits[0, -1])))
+        media = encode(params, extra, images[r:r + 1])
+        for _ in range(2):
+            seq.append(int(jnp.argmax(logits_fn(media, jnp.asarray([seq]))[0, -1])))
         assert list(got[r, :len(seq)]) == seq
 
 
@@ -231,7 +232,7 @@ def test_llava_projection_trains_through_placeholders(tiny_config):
     _, batch = _examples(4)
     batch["image"] = jax.image.resize(batch["image"], (4, 32, 32, 3), "linear")
     params, extra = obj.init(jax.random.PRNGKey(0), batch)
-    grads = jax.grad(lambda p: obj.loss(p, extra, batch, jax.random.PRNGKey(1), 0)[0])(params)
+    grads = jax.jit(jax.grad(lambda p: obj.loss(p, extra, batch, jax.random.PRNGKey(1), 0)[0]))(params)
     seq = obj.sequences(jax.random.PRNGKey(1), batch)
     assert int((seq["tokens"][0] == 0).sum()) >= 2 * 17
     assert float(jnp.abs(nn.meta.unbox(grads)["projector"]["fc1"]["kernel"]).max()) > 0
