@@ -119,46 +119,45 @@ def get_config(arg: str = "default"):
         # clip_grad_norm_(5.0) (clip_eps 1e-6), drop path 0.2, RandAugment rand-m9-mstd0.5-inc1,
         # mixup 0.8, CutMix 1.0, label smoothing 0.1, random erasing 0.25.
         # tests/reference/test_swin_trajectory.py checks the step against that loop.
-        from configs import finetune
-        common.imagenet_data(c, 224, scale=(0.08, 1.0))
-        c.data.pp_train = finetune._timm_train_pp("imagenet")
-        c.batch_size = 1024
-        epoch = 1281167 // 1024
-        c.total_steps = 300 * epoch
-        c.dtype = "bfloat16"
+        epoch = _timm_imagenet_recipe(c, 1024)
         c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=1e-3 * 256 / 1024, weight_decay=0.05,
                                 warmup_steps=20 * epoch, warmup_init=1e-6, min_lr=1e-5, clip_norm=5.0,
                                 clip_eps=1e-6, wd_groups="swin", schedule_steps_per_epoch=1,
                                 schedule_epoch_lag=1))
-        c.objective.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1))
         c.model = dict(name="swin", variant="T", num_classes=1000, drop_path=0.2)
-        c.evals = dict(val=dict(type="metrics", split="validation", every=5 * epoch))
-        c.eval_every = 5 * epoch
-        c.checkpoint_every = 2000
     elif arg == "convnext_t_imagenet":
         # ConvNeXt-T (Liu et al. 2022, Table 1: 82.1% top-1 at 224, ImageNet-1k, 300 epochs;
         # facebookresearch/ConvNeXt TRAINING.md): AdamW lr 4e-3 at batch 4096 (blr 2.5e-4 per
         # 256), weight decay 0.05, 20 warm-up epochs then cosine, drop path 0.1, layer scale
         # 1e-6, RandAugment rand-m9-mstd0.5-inc1, mixup 0.8, CutMix 1.0, label smoothing 0.1,
         # random erasing 0.25. Not here: the model EMA the paper reports separately.
-        from configs import finetune
-        common.imagenet_data(c, 224, scale=(0.08, 1.0))
-        c.data.pp_train = finetune._timm_train_pp("imagenet")
-        c.batch_size = 4096
-        epoch = 1281167 // 4096
-        c.total_steps = 300 * epoch
-        c.dtype = "bfloat16"
+        epoch = _timm_imagenet_recipe(c, 4096)
         c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=4e-3 * 256 / 4096,
                                 weight_decay=0.05, warmup_steps=20 * epoch, min_lr=1e-6, clip_norm=0.0))
-        c.objective.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1))
         c.model = dict(name="convnext", variant="T", num_classes=1000, drop_path=0.1)
-        c.evals = dict(val=dict(type="metrics", split="validation", every=5 * epoch))
-        c.eval_every = 5 * epoch
-        c.checkpoint_every = 2000
     else:
         raise ValueError(f"Unknown configs/supervised.py preset {arg!r}; valid: default, simple, convnext, deit, "
                          "swin, vit_b16_imagenet, swin_t_imagenet, convnext_t_imagenet.")
     return c
+
+
+def _timm_imagenet_recipe(c, batch_size: int) -> int:
+    """What the Swin-T and ConvNeXt-T paper presets share: ImageNet-1k at 224 with timm's
+    training augmentation (RandAugment, random erasing), 300 epochs at ``batch_size``, bfloat16,
+    mixup 0.8 / CutMix 1.0 / label smoothing 0.1, validation every 5 epochs. Returns the epoch
+    length in steps (drop_last)."""
+    from configs import finetune
+    common.imagenet_data(c, 224, scale=(0.08, 1.0))
+    c.data.pp_train = finetune._timm_train_pp("imagenet")
+    c.batch_size = batch_size
+    epoch = 1281167 // batch_size
+    c.total_steps = 300 * epoch
+    c.dtype = "bfloat16"
+    c.objective.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1))
+    c.evals = dict(val=dict(type="metrics", split="validation", every=5 * epoch))
+    c.eval_every = 5 * epoch
+    c.checkpoint_every = 2000
+    return epoch
 
 
 def _num_shape_classes() -> int:

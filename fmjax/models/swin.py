@@ -127,6 +127,15 @@ def shift_mask(h: int, w: int, ws: int, shift: int) -> np.ndarray:
     return np.where(diff != 0, MASKED, 0.0).astype(np.float32)
 
 
+def _plus_mask(bias, mask, inputs):
+    """``bias`` (1, heads, N, N) + the shifted-window ``mask`` (nW, N, N) tiled over the batch of
+    windows (when shifted) + the bias an outer hook passed in."""
+    if mask is not None:
+        reps = inputs.q.shape[0] // mask.shape[0]
+        bias = bias + jnp.tile(jnp.asarray(mask)[:, None], (reps, 1, 1, 1))
+    return bias if inputs.bias is None else bias + inputs.bias
+
+
 def _window_bias_hook(ws: int, table_ws: int, num_heads: int, mask, param_dtype):
     """Attention hook: the relative position bias (its table a param of the attention module)
     plus the shifted-window mask (nW, N, N), tiled over the batch of windows."""
@@ -137,12 +146,7 @@ def _window_bias_hook(ws: int, table_ws: int, num_heads: int, mask, param_dtype)
                              core.part(nn.initializers.truncated_normal(0.02), (None, "heads")),
                              ((2 * table_ws - 1) ** 2, num_heads), param_dtype)
         bias = jnp.transpose(table.astype(jnp.float32)[index], (2, 0, 1))[None]   # 1, heads, N, N
-        if mask is not None:
-            reps = inputs.q.shape[0] // mask.shape[0]
-            bias = bias + jnp.tile(jnp.asarray(mask)[:, None], (reps, 1, 1, 1))
-        if inputs.bias is not None:
-            bias = bias + inputs.bias
-        return call_next(inputs._replace(bias=bias))
+        return call_next(inputs._replace(bias=_plus_mask(bias, mask, inputs)))
     return add_bias
 
 
@@ -178,12 +182,7 @@ def _cosine_cpb_hook(ws: int, pretrained_ws: int, num_heads: int, mask, param_dt
                      bias_init=core.part(core.zeros, ("mlp",)))(jnp.asarray(coords))
         table = nn.Dense(num_heads, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype, name="cpb_out",
                          kernel_init=core.part(nn.initializers.lecun_normal(), ("mlp", "heads")))(nn.relu(h))
-        bias = 16.0 * jax.nn.sigmoid(jnp.transpose(table[index], (2, 0, 1)))[None]   # 1, heads, N, N
-        if mask is not None:
-            reps = inputs.q.shape[0] // mask.shape[0]
-            bias = bias + jnp.tile(jnp.asarray(mask)[:, None], (reps, 1, 1, 1))
-        if inputs.bias is not None:
-            bias = bias + inputs.bias
+        bias = _plus_mask(16.0 * jax.nn.sigmoid(jnp.transpose(table[index], (2, 0, 1)))[None], mask, inputs)
         scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), np.log(100.0))) * np.sqrt(d)
 
         def unit(x):

@@ -56,13 +56,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 nn = torch.nn
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared helpers
-from test_supervised_trajectory import LabelSmoothingCrossEntropy, run_fmjax  # noqa: E402
+from test_supervised_trajectory import (  # noqa: E402  (same batch shapes, seed and tolerances)
+    ATOL, BATCH, CLASSES, IMG, RTOL, LabelSmoothingCrossEntropy, _batches, _flat, _rel_err, run_fmjax)
 
 from fmjax.interop import hf_swin  # noqa: E402
 from fmjax.train import optimizer as opt_lib  # noqa: E402
 
-RTOL, ATOL = 1e-5, 1e-6
-IMG, BATCH, CLASSES = 32, 8, 8
 STEPS, WARMUP = 30, 6
 PEAK_LR, WARMUP_LR, MIN_LR, WD, SMOOTHING, CLIP = 1e-3, 1e-6, 1e-5, 0.05, 0.1, 1.0
 # 16x16 patches, windows of 4 (shifted by 2) -> 8x8 (shifted); absolute position embedding on
@@ -203,20 +202,6 @@ def swin_config(default_config, cfg):
     assert c.optimizer.lr_scaling == "linear"
     c.optimizer.blr = PEAK_LR * 256 / BATCH
     return c
-
-
-def _batches(n):
-    rng = np.random.default_rng(0)
-    return [(rng.standard_normal((BATCH, IMG, IMG, 3)).astype(np.float32),
-             rng.integers(0, CLASSES, BATCH).astype(np.int32)) for _ in range(n)]
-
-
-def _flat(tree):
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _rel_err(a, b):
-    return float(np.max(np.abs(a - b) / (ATOL / RTOL + np.abs(b))))
 
 
 def test_paper_preset_optimizer_is_the_references(default_config):
