@@ -7,11 +7,17 @@ Each model class declares the **capabilities** it offers (``CAPABILITIES``), and
 objective states the ones it needs (``require``), so an objective never tests
 ``config.model.name``: any backbone with the right capabilities serves it, and a mismatch is
 one line naming the models that would fit.
+
+A model may also keep **state** besides its params, updated by its training forward pass
+(``state_collections``, e.g. TinyViT's BatchNorm running statistics in ``'batch_stats'``): an
+objective threads it through ``extra`` only if it says so (``require(..., carries=...)``), and
+``require`` refuses such a model for any other objective, in one line, instead of letting flax
+fail on a missing collection.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import jax.numpy as jnp
 
@@ -60,6 +66,7 @@ _BUILTIN = {
     "dvae": ("fmjax.models.dvae:DVAE", "fmjax.models.dvae:dvae_kwargs"),
     "convnext": ("fmjax.models.convnext:ConvNeXt", "fmjax.models.convnext:convnext_kwargs"),
     "swin": ("fmjax.models.swin:Swin", "fmjax.models.swin:swin_kwargs"),
+    "tinyvit": ("fmjax.models.tinyvit:TinyViT", "fmjax.models.tinyvit:tinyvit_kwargs"),
     "sam": ("fmjax.models.sam:SAM", "fmjax.models.sam:sam_kwargs"),
     "decoder": ("fmjax.models.decoder:Decoder", "fmjax.models.decoder:decoder_kwargs"),
     "flamingo": ("fmjax.models.flamingo:Flamingo", None),
@@ -171,19 +178,36 @@ def capabilities(model) -> frozenset:
     return frozenset(fn(model) if fn else getattr(model, "capabilities", ()))
 
 
+def state_collections(model) -> tuple:
+    """The variable collections besides ``params`` that a model (built, or a registered name)
+    keeps and updates in training, e.g. ``('batch_stats',)`` for BatchNorm running statistics;
+    () for most models."""
+    cls = model_class(model) if isinstance(model, str) else type(model)
+    return tuple(getattr(cls, "state_collections", ()))
+
+
 def require(model, needs: Iterable[str], who: str, name: Optional[str] = None,
-            key: str = "config.model.name") -> None:
+            key: str = "config.model.name", carries: Union[Iterable[str], bool] = ()) -> None:
     """Raises a one-line ValueError if ``model`` (built, or a registered name: the class's
-    capabilities) lacks one of ``needs``, naming the registered models that declare them.
-    ``key``: the config key that chose the model (a composite model's tower names its own)."""
-    needs = tuple(needs)
+    capabilities) lacks one of ``needs``, or keeps state collections (``state_collections``)
+    that the caller does not carry, naming the registered models that fit. ``carries``: the
+    collections the caller threads through training and evaluation (True: whichever the model
+    keeps). ``key``: the config key that chose the model (a composite model's tower names its own)."""
+    needs, carried = tuple(needs), (True if carries is True else set(carries))
     unknown = [n for n in needs if n not in CAPABILITIES]
     if unknown:
         raise ValueError(f"unknown capabilities {unknown}; valid: {sorted(CAPABILITIES)}.")
+
+    def uncarried(m):
+        return [] if carried is True else [c for c in state_collections(m) if c not in carried]
+
     have = capabilities(model)
     missing = [n for n in needs if n not in have]
-    if missing:
-        fits = [m for m in available() if set(needs) <= capabilities(m)]
+    if missing or uncarried(model):
+        fits = [m for m in available() if set(needs) <= capabilities(m) and not uncarried(m)]
         label = name or (model if isinstance(model, str) else type(model).__name__)
-        raise ValueError(f"{who} needs a model with {missing} ({'; '.join(CAPABILITIES[n] for n in missing)}); "
-                         f"{key}={label!r} has {sorted(have)}; models that fit: {fits}.")
+        if missing:
+            raise ValueError(f"{who} needs a model with {missing} ({'; '.join(CAPABILITIES[n] for n in missing)}); "
+                             f"{key}={label!r} has {sorted(have)}; models that fit: {fits}.")
+        raise ValueError(f"{who} does not carry the model state {uncarried(model)} that {key}={label!r} keeps "
+                         f"(e.g. BatchNorm running statistics); models that fit: {fits}.")

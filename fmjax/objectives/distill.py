@@ -150,7 +150,7 @@ class DistillObjective(SupervisedObjective):
 
     def loss(self, params, extra, batch, rng, step):
         images, targets, metrics, rng = self.inputs_and_targets(batch, rng)
-        out = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        out, extra = self.apply_train(params, extra, images, rng)
         logits = out["logits"].astype(jnp.float32)
         if "dist_logits" in out:  # DeiT: the class head learns the labels, the dist head the teacher
             logits, kd_logits = out["cls_logits"].astype(jnp.float32), out["dist_logits"].astype(jnp.float32)

@@ -27,6 +27,14 @@ it was before they existed, bit for bit):
   ``eval_metrics`` reports ``accuracy`` / ``top5`` of the trained params AND ``ema_accuracy`` /
   ``ema_top5`` of the EMA (timm's train.py evaluates both); ``predict`` and ``features`` (kNN,
   probes, a diffusion eval's classifier) use the EMA weights when it is on.
+
+Model state (a backbone with ``state_collections``, e.g. TinyViT's BatchNorm running statistics,
+``'batch_stats'``): ``extra[collection]`` starts as the model's init, the training forward pass
+updates it (``mutable``; with ``grad_accum_steps`` K > 1 once per micro-batch, in order, as
+torch's forward passes do) and evaluation reads it. With the EMA on, ``extra['ema_' +
+collection]`` averages it as the weights are (timm's ``ModelEmaV2`` averages the buffers too)
+and the EMA evaluations use it. A ``config.model_init`` checkpoint fills the params only: the
+running statistics start from the init and follow the data from the first training step.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from fmjax.errors import ConfigError
-from fmjax.models.registry import build_model, require
+from fmjax.models.registry import build_model, require, state_collections
 from fmjax.objectives.base import Objective
 
 MIX_KEYS = ("mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob")
@@ -126,7 +134,8 @@ class SupervisedObjective(Objective):
         self.num_classes = int(config.model.get("num_classes", 0))
         if self.num_classes <= 0:
             raise ValueError("objective 'supervised' needs config.model.num_classes > 0.")
-        require(self.model, ("classifier", "pooled"), "objective 'supervised'", config.model.name)
+        require(self.model, ("classifier", "pooled"), "objective 'supervised'", config.model.name, carries=True)
+        self.state_keys = state_collections(self.model)   # e.g. ('batch_stats',): carried in extra
         self.patch_size = getattr(self.model, "patch_size", None)
         o = config.objective
         self.label_smoothing = float(o.get("label_smoothing", 0.0))
@@ -162,8 +171,12 @@ class SupervisedObjective(Objective):
                                   "an even batch_size / grad_accum_steps.")
 
     def init(self, rng, batch):
-        params = self.model.init({"params": rng}, batch["image"])["params"]
-        return params, ({"ema": params} if self.ema_decay > 0 else {})
+        variables = self.model.init({"params": rng}, batch["image"])
+        params = variables["params"]
+        extra = {k: variables[k] for k in self.state_keys}
+        if self.ema_decay > 0:
+            extra.update(ema=params, **{f"ema_{k}": variables[k] for k in self.state_keys})
+        return params, extra
 
     def after_model_init(self, params, extra):
         return {**extra, "ema": params} if self.ema_decay > 0 else extra  # EMA starts as the loaded params
@@ -171,7 +184,9 @@ class SupervisedObjective(Objective):
     def after_update(self, params, extra, step):
         if self.ema_decay <= 0:
             return extra
-        return dict(extra, ema=ema_update(extra["ema"], params, self.ema_decay))
+        return dict(extra, ema=ema_update(extra["ema"], params, self.ema_decay),
+                    **{f"ema_{k}": ema_update(extra[f"ema_{k}"], extra[k], self.ema_decay)
+                       for k in self.state_keys})
 
     def inputs_and_targets(self, batch, rng):
         """(images, soft targets, metrics, dropout rng) of a training step: mixup / CutMix
@@ -189,37 +204,51 @@ class SupervisedObjective(Objective):
                                           self.label_smoothing)
         return images, targets, metrics, rng
 
+    def apply_train(self, params, extra, images, rng):
+        """The model's outputs in training mode, and ``extra`` with the model state that the
+        forward pass updated (unchanged for a model without state)."""
+        if not self.state_keys:
+            return self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng}), extra
+        out, state = self.model.apply(self._variables(params, extra), images, train=True,
+                                      rngs={"dropout": rng}, mutable=list(self.state_keys))
+        return out, {**extra, **state}
+
     def loss(self, params, extra, batch, rng, step):
         images, targets, metrics, rng = self.inputs_and_targets(batch, rng)
-        out = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        out, extra = self.apply_train(params, extra, images, rng)
         logits = out["logits"].astype(jnp.float32)
         loss = optax.softmax_cross_entropy(logits, targets).mean()
         metrics["accuracy"] = (logits.argmax(-1) == batch["label"]).mean()
         return loss, (metrics, extra)
 
-    def _eval_weights(self, params, extra):
-        return extra["ema"] if self.ema_decay > 0 else params
+    def _variables(self, params, extra, ema: bool = False):
+        """The model's variables: ``params`` (the EMA's with ``ema``) and its state from ``extra``."""
+        prefix = "ema_" if ema else ""
+        return {"params": extra["ema"] if ema else params, **{k: extra[prefix + k] for k in self.state_keys}}
 
-    def _accuracy(self, weights, batch):
-        logits = self.model.apply({"params": weights}, batch["image"])["logits"]
+    def _eval_variables(self, params, extra):
+        return self._variables(params, extra, ema=self.ema_decay > 0)
+
+    def _accuracy(self, variables, batch):
+        logits = self.model.apply(variables, batch["image"])["logits"]
         top5 = jax.lax.top_k(logits, min(5, self.num_classes))[1]
         return ((logits.argmax(-1) == batch["label"]).astype(jnp.float32),
                 (top5 == batch["label"][:, None]).any(-1).astype(jnp.float32))
 
     def eval_metrics(self, params, extra, batch, rng):
-        acc, top5 = self._accuracy(params, batch)
+        acc, top5 = self._accuracy(self._variables(params, extra), batch)
         out = {"accuracy": acc, "top5": top5}
         if self.ema_decay > 0:
-            out["ema_accuracy"], out["ema_top5"] = self._accuracy(extra["ema"], batch)
+            out["ema_accuracy"], out["ema_top5"] = self._accuracy(self._variables(params, extra, ema=True), batch)
         return out
 
     def predict(self, params, extra, images):
         """Class logits [B, num_classes] (inference mode; the EMA weights when kept); used to
         score generated samples."""
-        return self.model.apply({"params": self._eval_weights(params, extra)}, images)["logits"]
+        return self.model.apply(self._eval_variables(params, extra), images)["logits"]
 
     def features(self, params, extra, images):
-        return self.model.apply({"params": self._eval_weights(params, extra)}, images)["pre_logits"]
+        return self.model.apply(self._eval_variables(params, extra), images)["pre_logits"]
 
 
 def make(config) -> SupervisedObjective:

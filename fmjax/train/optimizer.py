@@ -32,7 +32,7 @@ from fmjax.train import param_groups
 # included: one torch param group, as diffusers' train_unconditional.py builds its AdamW.
 NO_DECAY_PATTERNS = (r"bias$", r"scale$", r"(^|/)pos_embed", r"cls", r"token", r"register",
                      r"(^|/)norm", r"ln_", r"logit_scale", r"logit_bias", r"gamma$",
-                     r"relative_position_bias_table$")
+                     r"relative_position_bias_table$", r"attention_biases$")
 ALWAYS_NO_DECAY = (r"bias$",)
 # Named weight-decay groups: ``config.optimizer.wd_groups='<name>'`` is the reference's exact
 # exclusion list on top of the < 2-D / bias rule (tests/train/test_wd_presets.py checks each
@@ -61,6 +61,9 @@ NO_DECAY_PRESETS = {
     # no_weight_decay() = {absolute_pos_embed} (fmjax's pos_embed) and
     # no_weight_decay_keywords() = {relative_position_bias_table}.
     "swin": (r"(^|/)pos_embed$", r"relative_position_bias_table$"),
+    # microsoft/Cream TinyViT optimizer.py set_weight_decay with TinyViT's
+    # no_weight_decay_keywords() = {attention_biases}: the BatchNorm / LayerNorm scales are 1-D.
+    "tinyvit": (r"attention_biases$",),
     # big_vision: weight decay only on kernels (wd_mults default '.*/kernel$').
     "big_vision": (r"^(?!.*(^|/)kernel$)",),
 }

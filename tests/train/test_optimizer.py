@@ -199,7 +199,7 @@ def test_named_wd_groups():
     assert decayed(mask("fmjax")) == ["w"]
     assert opt_lib.no_decay_patterns(None, "") == opt_lib.NO_DECAY_PATTERNS
     assert opt_lib.no_decay_patterns(("x",), "") == ("x",)
-    with pytest.raises(ValueError, match=r"wd_groups='timm'; valid: \[.*'big_vision', 'deit', 'dino'.*'simmim_vit', 'swin'\]"):
+    with pytest.raises(ValueError, match=r"wd_groups='timm'; valid: \[.*'big_vision', 'deit', 'dino'.*'simmim_vit', 'swin', 'tinyvit'\]"):
         opt_lib.no_decay_patterns(None, "timm")
     with pytest.raises(ValueError, match="both set; use one"):
         opt_lib.no_decay_patterns((), "mae")
@@ -209,7 +209,8 @@ def test_named_wd_groups():
 
 @pytest.mark.parametrize("config,preset,want", [("mae", "default", "mae"), ("dino", "default", "dino"),
                                                 ("supervised", "vit_b16_imagenet", "deit"),
-                                                ("supervised", "swin_t_imagenet", "swin")])
+                                                ("supervised", "swin_t_imagenet", "swin"),
+                                                ("supervised", "tinyvit_21m_imagenet", "tinyvit")])
 def test_paper_presets_name_their_wd_groups(config, preset, want):
     from fmjax.testing import load_config
     c = load_config(config, preset)

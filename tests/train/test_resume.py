@@ -98,16 +98,22 @@ def _snapshot(directory):
 
 # -- (a) -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mae", "dino", "simmim", "beit", "mae+lora"])
+@pytest.mark.parametrize("name", ["mae", "dino", "simmim", "beit", "mae+lora", "supervised+tinyvit"])
 def test_interrupted_and_resumed_equals_uninterrupted(name, tiny_config, tmp_path, monkeypatch):
     """For DINO this covers the teacher and center (``extra``) and its step schedules;
-    'mae+lora': LoRA adapters (fmjax.adapt) on a frozen MAE, restored exactly."""
+    'mae+lora': LoRA adapters (fmjax.adapt) on a frozen MAE, restored exactly;
+    'supervised+tinyvit': a backbone with model state (TinyViT's BatchNorm running statistics,
+    carried in ``extra``) under the weight EMA and 2 micro-batches per step."""
     n = 3
-    name, _, adapter = name.partition("+")
+    name, _, variant = name.partition("+")
     # Periodic checkpoints at 4: the stop at 3 is saved only because it was asked to stop.
     config = tiny_config(name, total_steps=2 * n, checkpoint_every=4)
-    if adapter:
-        config.adapter.update(dict(name=adapter, rank=2, train=("decoder_pred/.*",)))
+    if variant == "lora":
+        config.adapter.update(dict(name=variant, rank=2, train=("decoder_pred/.*",)))
+    if variant == "tinyvit":
+        config.model = dict(name="tinyvit", embed_dims=(16, 32, 48), depths=(1, 1, 1), num_heads=(1, 2, 4),
+                            window_sizes=(1, 4, 2), num_classes=config.model.num_classes)
+        config.objective.ema_decay, config.grad_accum_steps = 0.9, 2
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
 
     _train_interrupted(monkeypatch, config, resumed, n)
