@@ -14,7 +14,11 @@ minutes on the 2-core CPU):
   `convnext`: ConvNeXt V1, stages (2, 2, 2) x (32, 64, 128), drop path 0.1. Measured
   2026-12-02 (1500 steps, 6.4 min alone): eval/val_accuracy 0.126 -> 0.358 (500) -> 0.540
   (1000) -> 0.576 (1500): the 0.85 gate is NOT reached (the recipe is the ViT's; a 4x4 stem on
-  32 px leaves an 8x8 grid, and the lr / depth are untuned). `deit`: the
+  32 px leaves an 8x8 grid, and the lr / depth are untuned). Tried 2026-12-03, each worse or
+  too slow: lr 5e-4 (0.265 at step 500 vs 0.358), layer scale init 0.1 instead of 1e-6 (0.308
+  at 500), a 2x2 stem (16x16 grid, dims 32-128 or 16-64: 1.6 steps/s, ~16 min for 1500 steps:
+  the depthwise 7x7 convolutions dominate a CPU step); every variant sits at the chance loss
+  (ln 8) for its first 100-200 steps. `deit`: the
   default ViT with DeiT's distillation token and class-token pooling (trained on labels alone
   here; configs/distill.py:deit trains it from a teacher). Measured 2026-12-03 (1500 steps, 5.3
   min wall alone): eval/val_accuracy 0.118 -> 0.735 (500) -> 0.849 (1000) -> 0.866 (1500): the
