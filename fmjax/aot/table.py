@@ -22,6 +22,10 @@ ROWS = {
     "dit_b2": ("DiT-B/2 (batch 256)", "configs/diffusion.py:dit_b2_imagenet256", 768, True, ()),
     "ddpm_cifar": ("DDPM CIFAR-10 U-Net (batch 128)", "configs/diffusion.py:ddpm_cifar10", 128, False, ()),
     "clip_g14": ("CLIP ViT-g/14 (batch 65,536, ring loss)", "configs/clip.py:vit_g14", 128, True, ()),
+    "vit_b16": ("ViT-B/16 supervised, DeiT recipe (batch 1024)", "configs/supervised.py:vit_b16_imagenet", 768, True, ()),
+    "swin_t": ("Swin-T (batch 1024)", "configs/supervised.py:swin_t_imagenet", 96, False, ()),
+    "convnext_t": ("ConvNeXt-T (batch 4096)", "configs/supervised.py:convnext_t_imagenet", 96, False, ()),
+    "tinyvit_21m": ("TinyViT-21M (batch 1024)", "configs/supervised.py:tinyvit_21m_imagenet", 96, False, ()),
 }
 TOPOLOGIES = ("v5e-16", "v5e-256", "v5p-128", "v5p-1024")
 ACCUM = (1, 2, 4, 8, 16, 32)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from fmjax.models import core
 from fmjax.models.blocks import DropPath
+from fmjax.models import scan as scan_lib
 
 Dtype = Any
 
@@ -121,7 +122,7 @@ class ConvNeXt(nn.Module):
     layernorm_eps: float = 1e-6
     head_norm_eps: float = 1e-6
     patch_size: int = 4  # the stem's stride (the first stage's grid is H / 4)
-    remat: Any = False
+    remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -142,7 +143,7 @@ class ConvNeXt(nn.Module):
         x = norm("stem_norm")(conv(self.dims[0], self.patch_size, "stem")(x))
         total = sum(self.depths)
         rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
-        block_cls = nn.remat(ConvNeXtBlock, static_argnums=(2,)) if self.remat else ConvNeXtBlock
+        block_cls = scan_lib.remat_module(ConvNeXtBlock, self.remat, static_argnums=(2,))
         maps, k = [], 0
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             if i > 0:

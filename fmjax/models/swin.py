@@ -64,6 +64,7 @@ import numpy as np
 from fmjax.models import core, inject
 from fmjax.models.attention import MultiHeadAttention
 from fmjax.models.blocks import DropPath, Mlp
+from fmjax.models import scan as scan_lib
 
 Dtype = Any
 
@@ -291,7 +292,7 @@ class Swin(nn.Module):
     attention_impl: str = "xla"
     version: int = 1                              # 2: Swin v2 (module docstring)
     pretrained_window_sizes: Sequence[int] = ()   # v2, per stage: the CPB's normalising window (0: own)
-    remat: Any = False
+    remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -342,7 +343,7 @@ class Swin(nn.Module):
             x = x + pos.astype(x.dtype)
         total = sum(self.depths)
         rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
-        block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+        block_cls = scan_lib.remat_module(SwinBlock, self.remat, static_argnums=(2,))
         maps, k = [], 0
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
             for j in range(depth):

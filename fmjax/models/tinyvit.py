@@ -70,6 +70,7 @@ import numpy as np
 from fmjax.models import core, inject
 from fmjax.models.attention import MultiHeadAttention
 from fmjax.models.blocks import DropPath, Mlp
+from fmjax.models import scan as scan_lib
 from fmjax.models.swin import window_partition, window_reverse
 
 Dtype = Any
@@ -250,7 +251,7 @@ class TinyViT(nn.Module):
     drop_path: float = 0.0
     layernorm_eps: float = 1e-5
     attention_impl: str = "xla"
-    remat: Any = False
+    remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -269,8 +270,8 @@ class TinyViT(nn.Module):
         x = PatchEmbed(self.embed_dims[0], **dt, name="patch_embed")(images.astype(self.dtype), train)
         total = sum(self.depths)
         rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
-        mbconv = nn.remat(MBConv, static_argnums=(2,)) if self.remat else MBConv
-        block = nn.remat(TinyViTBlock, static_argnums=(2,)) if self.remat else TinyViTBlock
+        mbconv = scan_lib.remat_module(MBConv, self.remat, static_argnums=(2,))
+        block = scan_lib.remat_module(TinyViTBlock, self.remat, static_argnums=(2,))
         maps, k = [], 0
         for i, depth in enumerate(self.depths):
             for j in range(depth):

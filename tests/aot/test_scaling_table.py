@@ -36,4 +36,4 @@ def test_render_marks_missing_and_failed_cells():
     assert "data 2 x fsdp 128, remat full, 2 micro-batches: 10.0 GiB; 3.80 s/step, MFU &le; 60%" in g14
     assert "does not fit" in g14
     assert md.count("not compiled yet") == len(table.ROWS) * len(table.TOPOLOGIES) - 2
-    assert "2 of 44 cells compiled" in md
+    assert f"2 of {len(table.ROWS) * len(table.TOPOLOGIES)} cells compiled" in md

@@ -398,3 +398,29 @@ def test_llrd_multipliers_of_stacked_params_equal_the_unrolled():
     upd_u, _ = tx.update(ones, tx.init(params), params)
     upd_s, _ = tx.update(scan.stack_layers(ones), tx.init(params), scan.stack_layers(params))
     _assert_close(scan.stack_layers(upd_u), upd_s, tol=0)
+
+
+@pytest.mark.parametrize("model", [
+    dict(name="swin", embed_dim=8, depths=(2,), num_heads=(1,), window_size=4, patch_size=2),
+    dict(name="convnext", depths=(1, 1), dims=(8, 16)),
+    dict(name="tinyvit", embed_dims=(8, 16), depths=(1, 1), num_heads=(1, 2), window_sizes=(1, 4))],
+    ids=lambda m: m["name"])
+def test_hierarchical_backbones_read_remat_policy_names(model):
+    """remat 'none' is off (a non-empty string once switched remat on), 'full' / 'dots_saveable'
+    checkpoint every block; the outputs do not change."""
+    from fmjax.models.registry import build_model
+    x = jnp.ones((2, 16, 16, 3))
+
+    def grad_jaxpr(remat):
+        m = build_model(dict(model, remat=remat, num_classes=3))
+        variables = m.init(jax.random.PRNGKey(0), x)
+        loss = lambda p: m.apply({**variables, "params": p}, x)["logits"].sum()  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(loss))(variables["params"])), loss(variables["params"])
+
+    (none, y0), (full, y1), (dots, y2) = (grad_jaxpr(r) for r in ("none", "full", "dots_saveable"))
+    assert "remat" not in none and "checkpoint" not in none
+    assert ("remat" in full or "checkpoint" in full) and ("remat" in dots or "checkpoint" in dots)
+    np.testing.assert_allclose(y1, y0, rtol=1e-6)
+    np.testing.assert_allclose(y2, y0, rtol=1e-6)
+    with pytest.raises(ValueError, match="Unknown remat 'yes'"):
+        grad_jaxpr("yes")
