@@ -139,7 +139,7 @@ def get_config(arg: str = "default"):
                                 warmup_steps=20 * epoch, warmup_init=1e-6, min_lr=1e-5, clip_norm=5.0,
                                 clip_eps=1e-6, wd_groups="swin", schedule_steps_per_epoch=1,
                                 schedule_epoch_lag=1))
-        c.model = dict(name="swin", variant="T", num_classes=1000, drop_path=0.2)
+        c.model = dict(name="swin", variant="T", num_classes=1000, drop_path=0.2, remat="none")
     elif arg == "convnext_t_imagenet":
         # ConvNeXt-T (Liu et al. 2022, Table 1: 82.1% top-1 at 224, ImageNet-1k, 300 epochs;
         # facebookresearch/ConvNeXt TRAINING.md): AdamW lr 4e-3 at batch 4096 (blr 2.5e-4 per
@@ -149,7 +149,7 @@ def get_config(arg: str = "default"):
         epoch = _timm_imagenet_recipe(c, 4096)
         c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=4e-3 * 256 / 4096,
                                 weight_decay=0.05, warmup_steps=20 * epoch, min_lr=1e-6, clip_norm=0.0))
-        c.model = dict(name="convnext", variant="T", num_classes=1000, drop_path=0.1)
+        c.model = dict(name="convnext", variant="T", num_classes=1000, drop_path=0.1, remat="none")
     elif arg == "tinyvit_21m_imagenet":
         # TinyViT-21M trained from scratch on ImageNet-1k (Wu et al. 2022; microsoft/Cream
         # TinyViT README: 83.1% top-1 at 224, configs/1k/tiny_vit_21m.yaml + config.py @4a13c40;
@@ -165,7 +165,7 @@ def get_config(arg: str = "default"):
                                 warmup_steps=20 * epoch, warmup_init=1e-6, min_lr=1e-5, clip_norm=5.0,
                                 clip_eps=1e-6, wd_groups="tinyvit", schedule_steps_per_epoch=1,
                                 schedule_epoch_lag=1))
-        c.model = dict(name="tinyvit", variant="21m", num_classes=1000, drop_path=0.2)
+        c.model = dict(name="tinyvit", variant="21m", num_classes=1000, drop_path=0.2, remat="none")
     else:
         raise ValueError(f"Unknown configs/supervised.py preset {arg!r}; valid: default, simple, convnext, deit, "
                          "swin, tinyvit, vit_b16_imagenet, swin_t_imagenet, convnext_t_imagenet, tinyvit_21m_imagenet.")
