@@ -134,11 +134,7 @@ def get_config(arg: str = "default"):
         # clip_grad_norm_(5.0) (clip_eps 1e-6), drop path 0.2, RandAugment rand-m9-mstd0.5-inc1,
         # mixup 0.8, CutMix 1.0, label smoothing 0.1, random erasing 0.25.
         # tests/reference/test_swin_trajectory.py checks the step against that loop.
-        epoch = _timm_imagenet_recipe(c, 1024)
-        c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=1e-3 * 256 / 1024, weight_decay=0.05,
-                                warmup_steps=20 * epoch, warmup_init=1e-6, min_lr=1e-5, clip_norm=5.0,
-                                clip_eps=1e-6, wd_groups="swin", schedule_steps_per_epoch=1,
-                                schedule_epoch_lag=1))
+        _swin_trainer_recipe(c, wd_groups="swin")
         c.model = dict(name="swin", variant="T", num_classes=1000, drop_path=0.2, remat="none")
     elif arg == "convnext_t_imagenet":
         # ConvNeXt-T (Liu et al. 2022, Table 1: 82.1% top-1 at 224, ImageNet-1k, 300 epochs;
@@ -160,16 +156,24 @@ def get_config(arg: str = "default"):
         # cosine to 5e-6 per 512 stepped after each update, grad clip 5.0, drop path 0.2,
         # RandAugment rand-m9-mstd0.5-inc1, mixup 0.8, CutMix 1.0, label smoothing 0.1, random
         # erasing 0.25. BatchNorm statistics are over the global batch (Cream's DDP: per GPU).
-        epoch = _timm_imagenet_recipe(c, 1024)
-        c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=1e-3 * 256 / 1024, weight_decay=0.05,
-                                warmup_steps=20 * epoch, warmup_init=1e-6, min_lr=1e-5, clip_norm=5.0,
-                                clip_eps=1e-6, wd_groups="tinyvit", schedule_steps_per_epoch=1,
-                                schedule_epoch_lag=1))
+        _swin_trainer_recipe(c, wd_groups="tinyvit")
         c.model = dict(name="tinyvit", variant="21m", num_classes=1000, drop_path=0.2, remat="none")
     else:
         raise ValueError(f"Unknown configs/supervised.py preset {arg!r}; valid: default, simple, convnext, deit, "
                          "swin, tinyvit, vit_b16_imagenet, swin_t_imagenet, convnext_t_imagenet, tinyvit_21m_imagenet.")
     return c
+
+
+def _swin_trainer_recipe(c, wd_groups: str) -> None:
+    """microsoft/Swin-Transformer's main.py recipe at batch 1024, which Cream's TinyViT trainer
+    copies (see swin_t_imagenet's comment): the timm ImageNet data recipe, then AdamW at 5e-4 per
+    512 with 20 warm-up epochs from 5e-7 per 512 and a per-step cosine to 5e-6 per 512 stepped
+    after each update, clip 5.0; only the weight-decay exclusions differ."""
+    epoch = _timm_imagenet_recipe(c, 1024)
+    c.optimizer.update(dict(name="adamw", lr_scaling="linear", blr=1e-3 * 256 / 1024, weight_decay=0.05,
+                            warmup_steps=20 * epoch, warmup_init=1e-6, min_lr=1e-5, clip_norm=5.0,
+                            clip_eps=1e-6, wd_groups=wd_groups, schedule_steps_per_epoch=1,
+                            schedule_epoch_lag=1))
 
 
 def _timm_imagenet_recipe(c, batch_size: int) -> int:

@@ -23,35 +23,24 @@ so no config is needed. ``config.model_init`` (format ``cream_tinyvit``) loads t
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Dict, Mapping, Optional
 
-from fmjax.interop.hf_vit import _Reader, _to_numpy
+from fmjax.interop.hf_swin import _linear, _ln
+from fmjax.interop.hf_vit import _Reader
+from fmjax.interop.timm_vit import _depth, timm_state_dict
 
 Params = Dict[str, Any]
 IGNORED = (r".*\.attention_bias_idxs", r".*\.num_batches_tracked")
 
 
-def _state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """float32 numpy arrays by key, from a checkpoint dict (``'model'``) or a (DDP) state dict."""
-    if isinstance(state_dict.get("model"), Mapping):
-        state_dict = state_dict["model"]
-    return {(k[len("module."):] if k.startswith("module.") else k): _to_numpy(v) for k, v in state_dict.items()}
-
-
-def _count(sd, pattern: str) -> int:
-    found = {int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
-    return max(found) + 1 if found else 0
-
-
 def tinyvit_kwargs_from_cream(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """The ``TinyViT`` kwargs of a Cream state dict (its shapes). The convolutional first
     stage has no attention: its ``num_heads`` / ``window_sizes`` entries are 1 (unused)."""
-    sd = _state_dict(state_dict)
+    sd = timm_state_dict(state_dict)
     if "patch_embed.seq.2.c.weight" not in sd:
         raise KeyError("no patch_embed.seq.2.c.weight: not a Cream TinyViT state dict.")
-    n = _count(sd, r"layers\.(\d+)\.")
-    depths = tuple(_count(sd, rf"layers\.{i}\.blocks\.(\d+)\.") for i in range(n))
+    n = _depth(sd, "layers")
+    depths = tuple(_depth(sd, rf"layers\.{i}\.blocks") for i in range(n))
     dims = (sd["patch_embed.seq.2.c.weight"].shape[0],) + tuple(
         sd[f"layers.{i}.downsample.conv1.c.weight"].shape[0] for i in range(n - 1))
     heads, windows = [1], [1]
@@ -76,15 +65,6 @@ def _conv_bn(r, name, stats):
             "bn": {"scale": r(f"{name}.bn.weight"), "bias": r(f"{name}.bn.bias")}}
 
 
-def _ln(r, name):
-    return {"scale": r(f"{name}.weight"), "bias": r(f"{name}.bias")}
-
-
-def _linear(r, name):
-    w = r(f"{name}.weight")
-    return {"kernel": None if w is None else w.T, "bias": r(f"{name}.bias")}
-
-
 def _attention(r, name, heads):
     w, b = r(f"{name}.qkv.weight"), r(f"{name}.qkv.bias")
     p = {"attention_biases": r(f"{name}.attention_biases")}
@@ -104,7 +84,7 @@ def convert_cream_tinyvit_variables(state_dict: Mapping[str, Any],
                                     model_config: Optional[Mapping[str, Any]] = None) -> Dict[str, Params]:
     """``{'params': ..., 'batch_stats': ...}`` of a Cream TinyViT state dict (``model_config``
     is not needed: the shapes give the architecture)."""
-    sd = _state_dict(state_dict)
+    sd = timm_state_dict(state_dict)
     kw = tinyvit_kwargs_from_cream(sd)
     r = _Reader(sd, "Cream TinyViT")
     stats: Params = {}

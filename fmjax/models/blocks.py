@@ -34,6 +34,12 @@ class Mlp(nn.Module):
         return constrain(h)
 
 
+def stochastic_depth_rates(drop_path: float, total: int) -> list:
+    """Per-block drop-path rates rising linearly from 0 to ``drop_path`` over ``total`` blocks
+    (torch.linspace(0, drop_path, total), as the Swin / ConvNeXt / TinyViT references build them)."""
+    return [drop_path * i / max(total - 1, 1) for i in range(total)]
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample (rng 'dropout')."""
     rate: float = 0.0

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.models import core
-from fmjax.models.blocks import DropPath
+from fmjax.models.blocks import DropPath, stochastic_depth_rates
 from fmjax.models import scan as scan_lib
 
 Dtype = Any
@@ -45,11 +45,7 @@ VARIANTS = {
 
 
 def convnext_kwargs(variant: str = "", **overrides) -> Dict[str, Any]:
-    if variant and variant not in VARIANTS:
-        raise ValueError(f"Unknown ConvNeXt variant {variant!r}; valid: {sorted(VARIANTS)}.")
-    kw = dict(VARIANTS.get(variant, {}))
-    kw.update(overrides)
-    return kw
+    return core.preset_kwargs("ConvNeXt", VARIANTS, variant, overrides)
 
 
 def _conv_init():
@@ -141,8 +137,7 @@ class ConvNeXt(nn.Module):
             name=name, kernel_init=core.part(_conv_init(), (None, None, None, "embed")),
             bias_init=core.part(core.zeros, ("embed",)))
         x = norm("stem_norm")(conv(self.dims[0], self.patch_size, "stem")(x))
-        total = sum(self.depths)
-        rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
+        rates = stochastic_depth_rates(self.drop_path, sum(self.depths))
         block_cls = scan_lib.remat_module(ConvNeXtBlock, self.remat, static_argnums=(2,))
         maps, k = [], 0
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):

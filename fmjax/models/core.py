@@ -9,7 +9,7 @@ Modules work equally on boxed (``nn.Partitioned``) and plain param trees.
 ``DenseND`` is the one dense projection of the shared layers, and the injection point for
 dense hooks (``fmjax.models.inject``: LoRA, quantisation, ...).
 """
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -145,3 +145,12 @@ def get_activation(name: str):
         return nn.silu
     raise ValueError(
         f"Unknown activation {name!r}; valid: gelu, gelu_tanh, quick_gelu, relu, silu.")
+
+
+def preset_kwargs(model: str, presets: Mapping[str, Mapping[str, Any]], variant: str,
+                  overrides: Mapping[str, Any]) -> Dict[str, Any]:
+    """A model's kwargs: its preset ``variant`` ('' for none) updated by ``overrides``; one-line
+    ValueError naming the valid presets for an unknown one."""
+    if variant and variant not in presets:
+        raise ValueError(f"Unknown {model} variant {variant!r}; valid: {sorted(presets)}.")
+    return {**(presets[variant] if variant else {}), **overrides}

@@ -63,7 +63,7 @@ import numpy as np
 
 from fmjax.models import core, inject
 from fmjax.models.attention import MultiHeadAttention
-from fmjax.models.blocks import DropPath, Mlp
+from fmjax.models.blocks import DropPath, Mlp, stochastic_depth_rates
 from fmjax.models import scan as scan_lib
 
 Dtype = Any
@@ -79,11 +79,7 @@ MASKED = -100.0  # the original's logit for token pairs from different shifted r
 
 
 def swin_kwargs(variant: str = "", **overrides) -> Dict[str, Any]:
-    if variant and variant not in VARIANTS:
-        raise ValueError(f"Unknown Swin variant {variant!r}; valid: {sorted(VARIANTS)}.")
-    kw = dict(VARIANTS.get(variant, {}))
-    kw.update(overrides)
-    return kw
+    return core.preset_kwargs("Swin", VARIANTS, variant, overrides)
 
 
 def window_and_shift(h: int, w: int, window_size: int, shift_size: int) -> Tuple[int, int]:
@@ -341,8 +337,7 @@ class Swin(nn.Module):
                                                     (None, None, None, "embed")),
                              (1, g, g, self.embed_dim), self.param_dtype)
             x = x + pos.astype(x.dtype)
-        total = sum(self.depths)
-        rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
+        rates = stochastic_depth_rates(self.drop_path, sum(self.depths))
         block_cls = scan_lib.remat_module(SwinBlock, self.remat, static_argnums=(2,))
         maps, k = [], 0
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):

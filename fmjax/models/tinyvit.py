@@ -69,7 +69,7 @@ import numpy as np
 
 from fmjax.models import core, inject
 from fmjax.models.attention import MultiHeadAttention
-from fmjax.models.blocks import DropPath, Mlp
+from fmjax.models.blocks import DropPath, Mlp, stochastic_depth_rates
 from fmjax.models import scan as scan_lib
 from fmjax.models.swin import window_partition, window_reverse
 
@@ -92,11 +92,7 @@ CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def tinyvit_kwargs(variant: str = "", **overrides) -> Dict[str, Any]:
-    if variant and variant not in VARIANTS:
-        raise ValueError(f"Unknown TinyViT variant {variant!r}; valid: {sorted(VARIANTS)}.")
-    kw = dict(VARIANTS.get(variant, {}))
-    kw.update(overrides)
-    return kw
+    return core.preset_kwargs("TinyViT", VARIANTS, variant, overrides)
 
 
 def gelu(x):
@@ -268,8 +264,7 @@ class TinyViT(nn.Module):
                              "entry per stage each.")
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = PatchEmbed(self.embed_dims[0], **dt, name="patch_embed")(images.astype(self.dtype), train)
-        total = sum(self.depths)
-        rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
+        rates = stochastic_depth_rates(self.drop_path, sum(self.depths))
         mbconv = scan_lib.remat_module(MBConv, self.remat, static_argnums=(2,))
         block = scan_lib.remat_module(TinyViTBlock, self.remat, static_argnums=(2,))
         maps, k = [], 0

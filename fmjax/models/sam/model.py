@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmjax.models.core import Dtype
+from fmjax.models.core import Dtype, preset_kwargs
 from fmjax.models.sam.image_encoder import SamImageEncoder
 from fmjax.models.sam.mask_decoder import SamMaskDecoder
 from fmjax.models.sam.prompt_encoder import SamPromptEncoder
@@ -44,11 +44,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 
 def sam_kwargs(variant: str = "", **overrides) -> Dict[str, Any]:
     """``SAM`` kwargs of a preset (``vit_b`` / ``vit_l`` / ``vit_h``) with overrides."""
-    if variant and variant not in VARIANTS:
-        raise ValueError(f"Unknown SAM variant {variant!r}; valid: {sorted(VARIANTS)}.")
-    kw = dict(VARIANTS.get(variant, {}))
-    kw.update(overrides)
-    return kw
+    return preset_kwargs("SAM", VARIANTS, variant, overrides)
 
 
 class SAM(nn.Module):
