@@ -21,6 +21,24 @@ def perturb(params, seed: int = 0, scale: float = 0.1):
         params)
 
 
+# Logical-axis rules of the model sharding tests: the batch over 'data', MLP and heads over 'model'.
+MESH_RULES = (("batch", "data"), ("mlp", "model"), ("heads", "model"), ("embed", None), ("length", None),
+              ("kv", None), ("patch", None), ("norm", None), ("classes", None))
+
+
+def init_and_apply_on_mesh(init, apply, x):
+    """``(variables, apply(variables, x))`` with ``init(PRNGKey(0), x)`` sharded by its logical
+    axes (``MESH_RULES``) on a (4, 2) ('data', 'model') mesh of 8 devices, both jitted."""
+    import flax.linen as nn
+    from jax.sharding import Mesh
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(MESH_RULES):
+        abstract = jax.eval_shape(init, jax.random.PRNGKey(0), x)
+        specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, MESH_RULES)
+        variables = jax.jit(init, out_shardings=specs)(jax.random.PRNGKey(0), x)
+        return variables, jax.jit(apply)(variables, x)
+
+
 def normal_images(b: int = 2, size: int = 16, c: int = 3, seed: int = 0) -> jax.Array:
     """(b, size, size, c) float32 N(0, 1) images (channels last)."""
     return jax.random.normal(jax.random.PRNGKey(seed), (b, size, size, c))

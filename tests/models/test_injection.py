@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
+from fmjax import testing
 from fmjax.models import core, inject, layers
 from fmjax.models.attention import MultiHeadAttention
 from fmjax.models.vit import ViT
@@ -147,18 +148,10 @@ def test_lora_freezes_the_base_kernel_and_trains_the_adapter(lora_vit):
 
 
 def test_lora_and_bias_hooks_shard_under_a_mesh():
-    devices = np.array(jax.devices()[:8]).reshape(4, 2)
-    mesh = Mesh(devices, ("data", "model"))
-    rules = (("batch", "data"), ("mlp", "model"), ("heads", "model"), ("embed", None),
-             ("length", None), ("kv", None), ("patch", None), ("norm", None), ("classes", None))
     model = ViT(**TINY, class_token=False, pool="mean", num_classes=4)
     x = _images(b=8)
     hooked = inject.hooks(dense=lora(), attention=relative_position_bias((4, 4)))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(hooked(model.init), jax.random.PRNGKey(0), x)
-        specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-        variables = jax.jit(hooked(model.init), out_shardings=specs)(jax.random.PRNGKey(0), x)
-        out = jax.jit(hooked(model.apply))(variables, x)
+    variables, out = testing.init_and_apply_on_mesh(hooked(model.init), hooked(model.apply), x)
     blk = variables["params"]["encoder"]["block_0"]
     assert blk["mlp"]["fc1"]["lora_b"].value.sharding.spec == PartitionSpec(None, "model")
     assert blk["attn"]["relative_position_bias_table"].value.sharding.spec == \

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fmjax import testing
 from fmjax.models.registry import build_model
 from fmjax.objectives.base import make_objective
 from fmjax.train import loop
@@ -54,21 +55,14 @@ def test_clip_takes_a_swin_image_tower():
 
 
 def test_logical_axes_shard_on_a_mesh_and_remat_is_the_same_function():
-    from jax.sharding import Mesh, PartitionSpec
+    from jax.sharding import PartitionSpec
     model = build_model(dict(SMALL, num_classes=3))
     x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
     params = nn.unbox(model.init(jax.random.PRNGKey(0), x)["params"])
     plain = model.apply({"params": params}, x)["logits"]
     remat = build_model(dict(SMALL, num_classes=3, remat=True)).apply({"params": params}, x)["logits"]
     np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-6)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-    rules = (("batch", "data"), ("mlp", "model"), ("heads", "model"), ("embed", None),
-             ("length", None), ("kv", None), ("patch", None), ("norm", None), ("classes", None))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-        specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-        variables = jax.jit(model.init, out_shardings=specs)(jax.random.PRNGKey(0), x)
-        out = jax.jit(model.apply)(variables, x)
+    variables, out = testing.init_and_apply_on_mesh(model.init, model.apply, x)
     p = variables["params"]
     assert p["stage_0_block_0"]["attn"]["query"]["kernel"].value.sharding.spec == PartitionSpec(None, "model", None)
     assert p["stage_1_block_0"]["attn"]["relative_position_bias_table"].value.sharding.spec == PartitionSpec(None, "model")

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
 import tinyvit_reference as ref  # noqa: E402  (microsoft/Cream TinyViT/models/tiny_vit.py)
 
+from fmjax import testing
 from fmjax.interop import cream_tinyvit, formats  # noqa: E402
 from fmjax.models.registry import build_model, capabilities, state_collections  # noqa: E402
 from fmjax.models.tinyvit import TinyViT, attention_bias_index  # noqa: E402
@@ -231,18 +232,11 @@ def test_batch_stats_train_and_eval_modes_and_remat():
 
 
 def test_logical_axes_shard_on_a_mesh():
-    from jax.sharding import Mesh, PartitionSpec
+    from jax.sharding import PartitionSpec
     model = build_model(dict(SMALL, num_classes=3))
     x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
     plain = jax.jit(model.apply)(nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)), x)["logits"]
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-    rules = (("batch", "data"), ("mlp", "model"), ("heads", "model"), ("embed", None),
-             ("length", None), ("kv", None), ("patch", None), ("norm", None), ("classes", None))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-        specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-        variables = jax.jit(model.init, out_shardings=specs)(jax.random.PRNGKey(0), x)
-        out = jax.jit(model.apply)(variables, x)
+    variables, out = testing.init_and_apply_on_mesh(model.init, model.apply, x)
     p = variables["params"]
     assert p["stage_1_block_0"]["attn"]["query"]["kernel"].value.sharding.spec == PartitionSpec(None, "model", None)
     assert p["stage_1_block_0"]["attn"]["attention_biases"].value.sharding.spec == PartitionSpec("model", None)

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
+from fmjax import testing
 from fmjax.models import layers
 from fmjax.models.vit import VIT_PRESETS, ViT, vit_kwargs
 
@@ -197,18 +198,9 @@ def test_bf16_compute_keeps_f32_params():
 
 
 def test_sharded_jit_with_logical_rules():
-    devices = np.array(jax.devices()[:8]).reshape(4, 2)
-    mesh = Mesh(devices, ("data", "model"))
-    rules = (("batch", "data"), ("mlp", "model"), ("heads", "model"), ("embed", None),
-             ("length", None), ("kv", None), ("patch", None), ("norm", None),
-             ("classes", None))
     model = ViT(**TINY, num_classes=4)
     x = _images(b=8)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-        specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-        variables = jax.jit(model.init, out_shardings=specs)(jax.random.PRNGKey(0), x)
-        out = jax.jit(model.apply)(variables, x)
+    variables, out = testing.init_and_apply_on_mesh(model.init, model.apply, x)
     fc1 = variables["params"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"].value
     assert fc1.sharding.spec == PartitionSpec(None, "model")
     ref = model.apply(nn.meta.unbox(jax.device_get(variables)), x)
