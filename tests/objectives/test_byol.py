@@ -314,7 +314,9 @@ def test_sharded_step_equals_one_device():
     _, s1, m1 = _run(c1, batch, jax.devices()[:1], steps=2)
     for a, b in zip(m8, m1):
         for k in ("loss", "cosine", "projection_spread", "grad_norm"):
-            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
+            # atol: the cosine sits near 0 (0.0015), where one float32 rounding of the
+            # differently-ordered sums is already 2e-5 relative (3.2e-8 absolute, measured)
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-7, err_msg=k)
     for what in ("params", "extra"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                      getattr(s8[-1], what), getattr(s1[-1], what))

@@ -363,7 +363,11 @@ def test_default_learns(default_config, tmp_path):
     first, last = rows[0], rows[-1]
     print(f"SimCLR loss {first['train/loss']:.3f} -> {last['train/loss']:.3f}, contrast_acc "
           f"{first['train/contrast_acc']:.3f} -> {last['train/contrast_acc']:.3f}")
-    assert last["train/loss"] < first["train/loss"] - 1.0   # measured 12.10 -> 10.82 at 100 steps
+    # One logged loss is one step's batch and noisy (step 75 -> 100 measured 10.69 -> 11.04 on
+    # one host, 12.10 -> 10.82 at 100 on another): the mean of the last two logged values must
+    # sit 0.8 below the first (an untrained or collapsed encoder stays at ~12.1).
+    late = (rows[-1]["train/loss"] + rows[-2]["train/loss"]) / 2
+    assert late < first["train/loss"] - 0.8, (first["train/loss"], late)
     # One step's accuracy is noisy (0.070 and 0.094 seen at step 150, 0.070 at 100); five
     # times chance is far from what a collapsed or untrained encoder gives.
     assert last["train/contrast_acc"] > 5.0 / c.batch_size

@@ -557,7 +557,8 @@ def test_q_sample_is_the_references(default_config):
 def test_timestep_embedding_is_the_references(default_config):
     """TimestepEmbedder.timestep_embedding (float32 torch) vs fmjax DiT's, t in [0, 1000): with
     the preset's ``model.freq_precision='float32'`` the frequencies equal torch's but for 2 of
-    128 (torch's CPU float32 exp is not correctly rounded there; measured |diff| <= 3.1e-5 in
+    128 (3 on another host: torch's CPU float32 exp is not correctly rounded there, and how it
+    rounds depends on the CPU's vector kernel; <= 4, each within 1 ulp, is asserted; measured |diff| <= 3.1e-5 in
     the embedding); the default 'float64' (correctly rounded exp(float64 exponent)) differs in
     85 (|diff| up to 6.1e-5)."""
     t = np.arange(T)
@@ -568,7 +569,9 @@ def test_timestep_embedding_is_the_references(default_config):
     default = np.asarray(timestep_embedding(jnp.asarray(t), 256, flip_sin_to_cos=True, freq_shift=0.0))
     ref_freqs = torch.exp(-math.log(10000) * torch.arange(0, 128, dtype=torch.float32) / 128).numpy()
     f64_freqs = np.exp(-np.log(10000) * np.arange(128, dtype=np.float64) / 128).astype(np.float32)  # unet.timestep_embedding's
-    assert (timestep_freqs_f32(128) != ref_freqs).sum() <= 2 and (f64_freqs != ref_freqs).sum() > 40
+    ours = timestep_freqs_f32(128)
+    np.testing.assert_allclose(ours, ref_freqs, rtol=1.2e-7, atol=0)  # at most 1 ulp apart
+    assert (ours != ref_freqs).sum() <= 4 and (f64_freqs != ref_freqs).sum() > 40
     np.testing.assert_allclose(got, want, rtol=0, atol=4e-5)
     assert np.abs(default - want).max() > np.abs(got - want).max()
     assert default_config("diffusion", "dit_b2_imagenet256").model.freq_precision == "float32"

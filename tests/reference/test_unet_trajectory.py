@@ -402,17 +402,21 @@ def test_clip_is_torchs():
 def test_timestep_embedding_is_diffusers():
     """get_timestep_embedding (flip_sin_to_cos True, shift 0, float32 torch) vs the U-Net's
     embedding with ``freq_precision='float32'``: the same frequencies (all 16 at the test's 32
-    channels; 126 of 128 at 256) and an embedding, at every t < 1000, within 1e-6 at 32 channels
+    channels; 126 of 128 at 256 on one host, 125 on another: torch's vectorised float32 exp is
+    not correctly rounded and its rounding depends on the CPU's kernel, so >= 124 and every
+    frequency within 1 ulp are asserted) and an embedding, at every t < 1000, within 1e-6 at 32 channels
     (measured 6e-8) and 4e-5 at 256 (3.1e-5, from the 2 frequencies torch's float32 exp rounds
     differently); the default 'float64' has 7 of 16 frequencies an ulp off (7.6e-6 in the
     embedding; 6.1e-5 at 256)."""
     t = np.arange(T)
-    for dim, atol, same in ((32, 1e-6, 16), (256, 4e-5, 126)):  # 256: DiT's, test_diffusion_trajectory
+    for dim, atol, same in ((32, 1e-6, 16), (256, 4e-5, 124)):  # 256: DiT's, test_diffusion_trajectory
         want = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
         got = np.asarray(unet_lib.timestep_embedding(jnp.asarray(t), dim, True, 0.0, freq_precision="float32"))
         default = np.asarray(unet_lib.timestep_embedding(jnp.asarray(t), dim, True, 0.0))
         ref_freqs = torch.exp(-np.log(10000) * torch.arange(0, dim // 2, dtype=torch.float32) / (dim // 2)).numpy()
-        assert (unet_lib.timestep_freqs_f32(dim // 2, 0.0) == ref_freqs).sum() >= same
+        ours = unet_lib.timestep_freqs_f32(dim // 2, 0.0)
+        np.testing.assert_allclose(ours, ref_freqs, rtol=1.2e-7, atol=0)  # at most 1 ulp apart
+        assert (ours == ref_freqs).sum() >= same  # how many depends on the host's torch exp kernel
         np.testing.assert_allclose(got, want, rtol=0, atol=atol)
         assert np.abs(default - want).max() > np.abs(got - want).max()
     with pytest.raises(ValueError, match="freq_precision"):
