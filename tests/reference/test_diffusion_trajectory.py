@@ -558,8 +558,8 @@ def test_timestep_embedding_is_the_references(default_config):
     """TimestepEmbedder.timestep_embedding (float32 torch) vs fmjax DiT's, t in [0, 1000): with
     the preset's ``model.freq_precision='float32'`` the frequencies equal torch's but for 2 of
     128 (3 on another host: torch's CPU float32 exp is not correctly rounded there, and how it
-    rounds depends on the CPU's vector kernel; <= 4, each within 1 ulp, is asserted; measured |diff| <= 3.1e-5 in
-    the embedding); the default 'float64' (correctly rounded exp(float64 exponent)) differs in
+    rounds depends on the CPU's vector kernel; <= 4, each within 1 ulp, is asserted; measured
+    |diff| <= 3.1e-5 in the embedding); the default 'float64' (correctly rounded exp(float64 exponent)) differs in
     85 (|diff| up to 6.1e-5)."""
     t = np.arange(T)
     want = TimestepEmbedder.timestep_embedding(torch.from_numpy(t), 256).numpy()
@@ -570,7 +570,7 @@ def test_timestep_embedding_is_the_references(default_config):
     ref_freqs = torch.exp(-math.log(10000) * torch.arange(0, 128, dtype=torch.float32) / 128).numpy()
     f64_freqs = np.exp(-np.log(10000) * np.arange(128, dtype=np.float64) / 128).astype(np.float32)  # unet.timestep_embedding's
     ours = timestep_freqs_f32(128)
-    np.testing.assert_allclose(ours, ref_freqs, rtol=1.2e-7, atol=0)  # at most 1 ulp apart
+    np.testing.assert_array_max_ulp(ours, ref_freqs, maxulp=1)
     assert (ours != ref_freqs).sum() <= 4 and (f64_freqs != ref_freqs).sum() > 40
     np.testing.assert_allclose(got, want, rtol=0, atol=4e-5)
     assert np.abs(default - want).max() > np.abs(got - want).max()

@@ -404,8 +404,8 @@ def test_timestep_embedding_is_diffusers():
     embedding with ``freq_precision='float32'``: the same frequencies (all 16 at the test's 32
     channels; 126 of 128 at 256 on one host, 125 on another: torch's vectorised float32 exp is
     not correctly rounded and its rounding depends on the CPU's kernel, so >= 124 and every
-    frequency within 1 ulp are asserted) and an embedding, at every t < 1000, within 1e-6 at 32 channels
-    (measured 6e-8) and 4e-5 at 256 (3.1e-5, from the 2 frequencies torch's float32 exp rounds
+    frequency within 1 ulp are asserted) and an embedding, at every t < 1000, within 1e-6 at
+    32 channels (measured 6e-8) and 4e-5 at 256 (3.1e-5, from the 2 frequencies torch's float32 exp rounds
     differently); the default 'float64' has 7 of 16 frequencies an ulp off (7.6e-6 in the
     embedding; 6.1e-5 at 256)."""
     t = np.arange(T)
@@ -415,7 +415,7 @@ def test_timestep_embedding_is_diffusers():
         default = np.asarray(unet_lib.timestep_embedding(jnp.asarray(t), dim, True, 0.0))
         ref_freqs = torch.exp(-np.log(10000) * torch.arange(0, dim // 2, dtype=torch.float32) / (dim // 2)).numpy()
         ours = unet_lib.timestep_freqs_f32(dim // 2, 0.0)
-        np.testing.assert_allclose(ours, ref_freqs, rtol=1.2e-7, atol=0)  # at most 1 ulp apart
+        np.testing.assert_array_max_ulp(ours, ref_freqs, maxulp=1)
         assert (ours == ref_freqs).sum() >= same  # how many depends on the host's torch exp kernel
         np.testing.assert_allclose(got, want, rtol=0, atol=atol)
         assert np.abs(default - want).max() > np.abs(got - want).max()
