@@ -21,10 +21,27 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _generator_fingerprint():
+    """A hash of the code that writes the bundled dataset: a changed generator prepares afresh."""
+    import hashlib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for rel in ("fmjax/data/shapes.py", "fmjax/data/sources.py"):
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
-def shapes_data_dir(tmp_path_factory):
-    """One prepared copy of the bundled dataset shared by every test."""
-    return str(tmp_path_factory.mktemp("tfds"))
+def shapes_data_dir():
+    """One prepared copy of the bundled dataset shared by every test, by both xdist workers and
+    by later runs on the host (prepare_shapes takes a file lock, so the first user prepares it
+    and the others wait); keyed by the generator's code. Tests only read it. Set
+    FMJAX_TEST_DATA_DIR to choose the folder."""
+    path = os.environ.get("FMJAX_TEST_DATA_DIR") or os.path.join(
+        tempfile.gettempdir(), "fmjax_test_tfds", _generator_fingerprint())
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
