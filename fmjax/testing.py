@@ -131,7 +131,7 @@ def cli_env(devices: int = 1, env=None) -> dict:
     full_env.pop("FMJAX_TRACEBACK", None)
     if os.environ.get("FMJAX_TEST_JAX_CACHE"):  # tests/conftest.py's persistent compilation cache
         full_env.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["FMJAX_TEST_JAX_CACHE"])
-        full_env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+        full_env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     full_env.update(env or {})
     return full_env
 
