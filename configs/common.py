@@ -70,10 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
     # name='prompt' `length` VPT-shallow prompt tokens (ViT register tokens), on
     # the layers whose path matches `targets` (re.search; '' = the adapter's default: lora
     # 'attn/(query|value)$', houlsby 'attn/out$|mlp/fc2$', prefix 'attn$'), plus the params matching a `train` regex (fullmatch, e.g.
-    # ('head/.*',)); every other param is frozen. name='': no adapter.
+    # ('head/.*',)); every other param is frozen. name='': no adapter. checkpoint='adapter':
+    # checkpoints hold the trained arrays only (the base is read again from model_init and
+    # checked against a stored digest); 'full': every array.
     c.adapter = ml_collections.ConfigDict(dict(
         name="", rank=8, alpha=ml_collections.config_dict.placeholder(float), bottleneck=64,
-        kind="serial", scale=1.0, length=10, targets="", train=(), dropout=0.0))
+        kind="serial", scale=1.0, length=10, targets="", train=(), dropout=0.0, checkpoint="adapter"))
     return c
 
 

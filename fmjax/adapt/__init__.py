@@ -20,9 +20,12 @@ hook); export refuses the last two (the plain model has no place for them). ``na
 ``prompt`` is VPT-shallow: ``length`` prompt tokens in a ViT (its register tokens, see
 ``prepare_config``), trained alone.
 
+Checkpoints hold the trained arrays alone (``checkpoint='adapter'``, the default: the frozen
+base is read again from ``config.model_init`` and checked against a digest stored with them;
+``fmjax.train.adapter_ckpt``), or every array (``checkpoint='full'``).
+
 Not yet here (issue 18): VPT-deep and text soft prompts (they need a token injection point
-inside the encoder), adapter dropout, and checkpoints holding
-the adapter params alone (they hold every param today).
+inside the encoder), adapter dropout.
 """
 from __future__ import annotations
 
@@ -40,10 +43,11 @@ from fmjax.errors import ConfigError
 from fmjax.models import inject
 
 ADAPTERS = ("lora", "houlsby", "prefix", "prompt")
-KEYS = {"lora": ("name", "rank", "alpha", "targets", "train", "dropout"),
-        "houlsby": ("name", "bottleneck", "kind", "scale", "targets", "train", "dropout"),
-        "prefix": ("name", "length", "targets", "train", "dropout"),
-        "prompt": ("name", "length", "train", "dropout")}
+CHECKPOINT_MODES = ("adapter", "full")  # see fmjax.train.adapter_ckpt
+KEYS = {"lora": ("name", "rank", "alpha", "targets", "train", "dropout", "checkpoint"),
+        "houlsby": ("name", "bottleneck", "kind", "scale", "targets", "train", "dropout", "checkpoint"),
+        "prefix": ("name", "length", "targets", "train", "dropout", "checkpoint"),
+        "prompt": ("name", "length", "train", "dropout", "checkpoint")}
 DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "houlsby": r"attn/out$|mlp/fc2$", "prefix": r"attn$",
                    "prompt": ""}
 PROMPT_PARAM = "reg_tokens"  # VPT-shallow prompts are the ViT's register tokens
@@ -83,6 +87,11 @@ def spec(config) -> dict | None:
                 re.compile(p)
             except (re.error, TypeError) as e:
                 raise ConfigError(f"config.adapter.{what}={p!r} is not a regex ({e}).") from None
+    checkpoint = _get(a, "checkpoint", "adapter")
+    if checkpoint not in CHECKPOINT_MODES:
+        raise ConfigError(f"config.adapter.checkpoint={checkpoint!r}; valid: {list(CHECKPOINT_MODES)} "
+                          "('adapter': checkpoints hold the trained arrays, the base is read again from "
+                          "config.model_init; 'full': every array).")
     dropout = float(_get(a, "dropout", 0.0))
     if dropout != 0.0:
         raise ConfigError(f"config.adapter.dropout={dropout}: adapter dropout is not implemented yet; use 0.")
@@ -91,19 +100,19 @@ def spec(config) -> dict | None:
         if not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"config.adapter.rank={rank!r} must be an int >= 0 (0: no LoRA params).")
         alpha = float(2 * rank if alpha is None else alpha)
-        return dict(name=name, rank=rank, alpha=alpha, targets=targets, train=train)
+        return dict(name=name, rank=rank, alpha=alpha, targets=targets, train=train, checkpoint=checkpoint)
     if name in ("prefix", "prompt"):
         length = _get(a, "length", 10)
         if not isinstance(length, int) or length < 0:
             raise ConfigError(f"config.adapter.length={length!r} must be an int >= 0 (0: none).")
-        return dict(name=name, length=length, targets=targets, train=train)
+        return dict(name=name, length=length, targets=targets, train=train, checkpoint=checkpoint)
     bottleneck, kind = _get(a, "bottleneck", 64), _get(a, "kind", "serial")
     if not isinstance(bottleneck, int) or bottleneck < 0:
         raise ConfigError(f"config.adapter.bottleneck={bottleneck!r} must be an int >= 0.")
     if kind not in houlsby_lib.KINDS:
         raise ConfigError(f"config.adapter.kind={kind!r}; valid: {list(houlsby_lib.KINDS)}.")
     return dict(name=name, bottleneck=bottleneck, kind=kind, scale=float(_get(a, "scale", 1.0)),
-                targets=targets, train=train)
+                targets=targets, train=train, checkpoint=checkpoint)
 
 
 def hooks(adapter: dict) -> dict:

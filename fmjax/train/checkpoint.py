@@ -80,7 +80,7 @@ def fingerprint(config) -> dict[str, Any]:
     fp = {k: cfg.get(k) for k in ("model", "objective")}
     adapter = cfg.get("adapter")
     if isinstance(adapter, Mapping) and adapter.get("name"):  # no adapter: as before the key existed
-        fp["adapter"] = {k: v for k, v in adapter.items() if k != "dropout"}
+        fp["adapter"] = {k: v for k, v in adapter.items() if k not in ("dropout", "checkpoint")}
     return _strip_inference_only(fp)
 
 
@@ -107,15 +107,20 @@ def spec_from_json(data) -> dict:
     return {k: jax.ShapeDtypeStruct(tuple(shape), dtype) for k, (shape, dtype) in data.items()}
 
 
-def save(manager, step: int, state, data_iter, config, force: bool = False, spec=None) -> bool:
+def save(manager, step: int, state, data_iter, config, force: bool = False, spec=None,
+         store=None) -> bool:
     """``spec``: the global batch spec, stored so that eval and sampling rebuild the state's
-    shapes without reading training data."""
+    shapes without reading training data. ``store`` (an ``adapter_ckpt.AdapterStore``): only
+    the arrays an adapter trains are written, the frozen base is referenced by its digest."""
     meta = dict(fingerprint=fingerprint(config), step=int(step), structure=structure(state),
                 batch_spec=spec_to_json(spec) if spec is not None else None,
                 optimizer={k: config.optimizer.get(k) for k in OPTIMIZER_STRUCTURE_KEYS}
                 if hasattr(config, "optimizer") else None,
                 config=json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else None,
                 versions=dict(jax=jax.__version__))
+    if store is not None and store.prune_saves:
+        meta.update(stored="adapter", adapter_base=store.meta(state))
+        state = store.prune(state)
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if data_iter is not None:
         items["data"] = (elastic.save_args(data_iter) if isinstance(data_iter, elastic.GlobalOrderIterator)
@@ -162,7 +167,7 @@ def _short(err: Exception) -> str:
 
 
 def restore_latest(manager, config, abstract_state, shardings, data_iter=None, step=None,
-                   with_opt_state: bool = True, move_unreadable_to: str | None = None):
+                   with_opt_state: bool = True, move_unreadable_to: str | None = None, store=None):
     """``(step, state)`` of the newest readable checkpoint (or of ``step``), or ``(None, None)``.
 
     A complete step that cannot be read is skipped with a one-line warning naming its
@@ -170,6 +175,7 @@ def restore_latest(manager, config, abstract_state, shardings, data_iter=None, s
     so later saves and rotation never touch it. A config or state-structure mismatch is an
     ``IncompatibleCheckpointError`` (not skipped). If checkpoints exist but none can be
     read, ``UnreadableCheckpointError`` names them: a run never restarts from 0 silently.
+    ``store`` (``adapter_ckpt.AdapterStore``): puts the base under an adapter-only step.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     if step is not None:
@@ -181,7 +187,7 @@ def restore_latest(manager, config, abstract_state, shardings, data_iter=None, s
     bad = []
     with _QuietFailedReads() as quiet:
         found = _first_readable(manager, config, abstract_state, shardings, data_iter, steps,
-                                with_opt_state, parts, bad)
+                                with_opt_state, parts, bad, store)
         quiet.failed = bool(bad)
     if found is None:
         if bad:
@@ -261,7 +267,7 @@ class _QuietFailedReads:
 
 
 def _first_readable(manager, config, abstract_state, shardings, data_iter, steps, with_opt_state,
-                    parts, bad):
+                    parts, bad, store=None):
     for s in steps:
         folder = files.join(str(manager.directory), str(s))
         try:
@@ -272,11 +278,21 @@ def _first_readable(manager, config, abstract_state, shardings, data_iter, steps
         check_meta(meta, config, manager.directory, abstract_state, parts)
         if data_iter is not None:  # another process count / data order: one line, not "unreadable"
             elastic.check_restore(files.join(folder, "data"), data_iter)
+        adapter_only = meta.get("stored") == "adapter"
+        if adapter_only and store is None:
+            raise IncompatibleCheckpointError(
+                f"{folder} is an adapter-only checkpoint (its base comes from config.model_init="
+                f"{(meta.get('adapter_base') or {}).get('model_init')!r}) but this config trains no "
+                "adapter; resume with the original config.adapter, or use a new --workdir.")
         try:
-            state = restore(manager, s, abstract_state, shardings, data_iter, with_opt_state)
+            state = restore(manager, s, abstract_state, shardings, data_iter, with_opt_state,
+                            store if adapter_only else None)
         except Exception as e:  # noqa: BLE001
             bad.append((s, folder, e))
             continue
+        if adapter_only:
+            state = store.fill(state, with_opt_state)
+            store.check(state, meta, manager.directory)
         return s, state
     return None
 
@@ -297,15 +313,20 @@ def _move_aside(folder: str, dest_root: str) -> str:
     return dest
 
 
-def restore(manager, step: int, abstract_state, shardings, data_iter, with_opt_state: bool = True):
+def restore(manager, step: int, abstract_state, shardings, data_iter, with_opt_state: bool = True,
+            store=None):
     """Restores state (resharded onto ``shardings``) and the data iterator in place.
 
     ``with_opt_state=False`` reads everything but the optimizer state (Orbax partial
     restore: its arrays are never loaded) and returns the state with ``opt_state=None``:
-    what evaluation and sampling need, at a third of the memory for Adam.
+    what evaluation and sampling need, at a third of the memory for Adam. With ``store`` the
+    step is adapter-only: its frozen arrays are read as the 0-d placeholders they are
+    (``AdapterStore.fill`` puts the base in).
     """
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    if store is not None:
+        target = store.prune_target(target)
     if not with_opt_state:
         part = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
                 if f.name != "opt_state"}

@@ -17,6 +17,7 @@ from fmjax.data import elastic, pipeline, sources
 from fmjax.parallel import mesh as mesh_lib
 from fmjax.parallel import rules as rules_lib
 from fmjax.train import checkpoint as ckpt
+from fmjax.train import adapter_ckpt
 from fmjax.train import model_init as model_init_lib
 from fmjax.train import files, observe, preflight
 from fmjax.train import optimizer as opt_lib
@@ -182,9 +183,16 @@ def _train(config, workdir: str, run: dict) -> dict:
             run["source"], order=config.data.get("order", "per_process"), global_batch_size=config.batch_size, transform=run["transform"],
             seed=config.seed, worker_count=config.data.get("worker_count", 0),
             example_shapes={k: v.shape[1:] for k, v in spec.items()})
+        def fresh_state():  # the fresh init with config.model_init's weights put in
+            load = None
+            if model_init_lib.is_set(config):
+                load = lambda params, sh: model_init_lib.apply(config, params, sh, log=log)[0]  # noqa: E731
+            return state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings,
+                                          load_params=load)[0]
+        store = adapter_ckpt.for_run(config, tx, run["abstract"], fresh_state)  # adapters: the base
         latest, state = ckpt.restore_latest(
             manager, config, run["abstract"], shardings, data_iter,
-            move_unreadable_to=files.join(workdir, "unreadable_checkpoints"))
+            move_unreadable_to=files.join(workdir, "unreadable_checkpoints"), store=store)
         if latest is not None and latest >= config.total_steps:
             log(f"== already at step {latest} (total_steps {config.total_steps}): nothing to do; "
                 "the workdir is left as it was")
@@ -197,12 +205,8 @@ def _train(config, workdir: str, run: dict) -> dict:
                     "metrics_discarded.jsonl (they are logged again)")
         log(f"== data: {config.data.name} ({len(run['source'])} train examples), global batch "
             f"{config.batch_size}, mesh {dict(mesh.shape)}")
-        if latest is None:
-            load = None
-            if model_init_lib.is_set(config):  # fresh start only: a resume restores its checkpoint
-                load = lambda params, sh: model_init_lib.apply(config, params, sh, log=log)[0]  # noqa: E731
-            state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings,
-                                              load_params=load)
+        if latest is None:  # fresh start (a resume restores its checkpoint, or its adapter)
+            state = fresh_state()
             start = 0
         else:
             log(f"== resuming from step {latest}")
@@ -269,7 +273,8 @@ def _train(config, workdir: str, run: dict) -> dict:
                 if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
                     guard.check_now(step)  # never save a non-finite state
                     writer.flush()  # a bucket workdir: the metrics up to this step are there too
-                    ckpt.save(manager, step, state, data_iter, config, force=stop, spec=spec)
+                    ckpt.save(manager, step, state, data_iter, config, force=stop, spec=spec,
+                              store=store)
                 if stop:
                     manager.wait_until_finished()
                     if preempt.signum == signal.SIGINT:

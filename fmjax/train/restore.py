@@ -44,11 +44,30 @@ def abstract_state(config, objective, mesh, rules, spec=None):
     ``spec``: the batch spec (from a checkpoint's meta); without it, it is computed from the
     first training example, which needs the training data.
     """
+    abstract, shardings, _, _ = _abstract_state(config, objective, mesh, rules, spec)
+    return abstract, shardings
+
+
+def _abstract_state(config, objective, mesh, rules, spec=None):
     if spec is None:
         spec = train_batch_spec(config, objective)
     tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
     abstract, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
-    return abstract, shardings
+    return abstract, shardings, tx, spec
+
+
+def _adapter_store(config, objective, mesh, rules, tx, spec, abstract, shardings):
+    """The ``AdapterStore`` that puts an adapter checkpoint's base back (None: no adapter)."""
+    from fmjax.train import adapter_ckpt
+    from fmjax.train import model_init as model_init_lib
+
+    def fresh_state():
+        load = None
+        if model_init_lib.is_set(config):
+            load = lambda params, sh: model_init_lib.apply(config, params, sh, log=lambda *_: None)[0]  # noqa: E731
+        return state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings,
+                                      load_params=load)[0]
+    return adapter_ckpt.for_run(config, tx, abstract, fresh_state)
 
 
 def load_checkpoint(workdir: str, config=None, step: int | None = None, devices=None):
@@ -73,10 +92,11 @@ def load_checkpoint(workdir: str, config=None, step: int | None = None, devices=
         if step is None and manager.latest_step() is None:
             raise ConfigError(f"no checkpoint in {workdir}/checkpoints; available: [] "
                               "(train first with launch/train.py --workdir=...).")
-        abstract, shardings = abstract_state(config, objective, mesh, rules,
-                                             _saved_spec(manager, step))
+        abstract, shardings, tx, spec = _abstract_state(config, objective, mesh, rules,
+                                                        _saved_spec(manager, step))
+        store = _adapter_store(config, objective, mesh, rules, tx, spec, abstract, shardings)
         step, state = ckpt.restore_latest(manager, config, abstract, shardings, step=step,
-                                          with_opt_state=False)
+                                          with_opt_state=False, store=store)
     finally:
         manager.close()
     check_finite_params(state, step, workdir)

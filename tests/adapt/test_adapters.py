@@ -140,7 +140,7 @@ def test_training_moves_only_the_adapter_and_head(default_config, tmp_path, caps
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 6, 3, 6, 3
     c.keep_checkpoints = 5
     c.batch_size = 16
-    c.adapter.update(dict(name="lora", rank=4, train=("head/.*",)))
+    c.adapter.update(dict(name="lora", rank=4, train=("head/.*",), checkpoint="full"))  # the base too
     c.evals = dict(val=dict(type="metrics", split="validation", examples=64))
     out = loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     assert out["step"] == 6
@@ -192,7 +192,7 @@ def test_houlsby_trains_only_the_adapters_and_export_refuses_it(default_config, 
     c.eval_at_start = False
     c.keep_checkpoints = 5
     c.batch_size = 16
-    c.adapter.update(dict(name="houlsby", bottleneck=4))
+    c.adapter.update(dict(name="houlsby", bottleneck=4, checkpoint="full"))
     loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
     moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
