@@ -16,6 +16,7 @@ one-line ``ValueError`` naming the valid ones.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 from typing import Any, Callable, Mapping, Optional
 
@@ -78,6 +79,56 @@ def get_op(name: str) -> Callable:
     if name not in _OPS:
         raise ValueError(f"unknown op {name!r}; valid ops: {', '.join(available_ops())}")
     return _OPS[name]
+
+
+def split_pp(pp: str) -> list:
+    """The op specs of a pp string: split on ``|`` outside brackets and string literals."""
+    parts, depth, quote, cur = [], 0, None, []
+    for ch in pp:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def build_op(spec: str):
+    """``name`` or ``name(literal args...)`` (Python literals, read with ``ast.literal_eval``)
+    -> the registered op's transform instance."""
+    try:
+        node = ast.parse(spec, mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse op {spec!r}: {e.msg}") from None
+    if isinstance(node, ast.Name):
+        name, args, kwargs = node.id, [], {}
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        name = node.func.id
+        try:
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        except ValueError:
+            raise ValueError(f"op {spec!r}: arguments must be Python literals") from None
+        if any(k is None for k in kwargs):
+            raise ValueError(f"op {spec!r}: **kwargs are not supported")
+    else:
+        raise ValueError(f"cannot parse op {spec!r}: expected name or name(args)")
+    if not has_op(name):
+        raise ValueError(f"unknown op {name!r} in {spec!r}; valid ops: {', '.join(available_ops())}")
+    op = get_op(name)
+    try:
+        return op(*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for op {spec!r}: {e}") from None
 
 
 class _Ops(Mapping):

@@ -12,7 +12,7 @@ expect uint8 images, so put them before ``normalize``.
 ``parse("random_resized_crop(64, scale=(0.2, 1.0))|flip_lr|normalize('imagenet')")``
 builds a :class:`Compose` from a string; arguments are Python literals read
 with ``ast.literal_eval`` (never ``eval``). Ops are found by name in
-``fmjax.data.registry`` (``@register_op`` adds one from any module; built-in modules
+``fmjax.data.registry`` (which also splits and builds the op specs; ``@register_op`` adds one from any module; built-in modules
 are imported on first use): the caption ops (``tokenize``, ``swap_words``) live in
 ``fmjax.data.text_ops`` (re-exported here), ``randaugment`` / ``random_erasing`` in
 ``fmjax.data.autoaugment``, the photometric ops (``color_jitter``, ``grayscale``,
@@ -36,7 +36,6 @@ Without ``keys=`` every op draws and outputs exactly what it did before records 
 ``_aug/*`` keys are dropped at the end of a pp string (``Compose``) and by ``keep(...)``,
 unless ``keep`` names them.
 """
-import ast
 import math
 from typing import Callable, Sequence, Tuple, Union
 
@@ -44,7 +43,8 @@ import numpy as np
 from PIL import Image
 
 from fmjax.data import geometry
-from fmjax.data.registry import OPS, available_ops, get_op, has_op, register_op  # noqa: F401 (OPS re-exported)
+from fmjax.data.registry import (OPS, available_ops, build_op, get_op, has_op,  # noqa: F401 (re-exported)
+                                 register_op, split_pp)
 from fmjax.data.text_ops import swap_words, tokenize  # noqa: F401 (re-exported)
 from fmjax.errors import ConfigError
 from fmjax.data.transform_base import Example, Transform
@@ -453,61 +453,12 @@ class Compose(Transform):
         return f"Compose({self.spec!r})" if self.spec is not None else f"Compose({self.transforms!r})"
 
 
-def _split_top_level(pp: str) -> list:
-    """Splits on ``|`` outside brackets and string literals."""
-    parts, depth, quote, cur = [], 0, None, []
-    for ch in pp:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "|" and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-            continue
-        cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _parse_op(spec: str) -> Transform:
-    """``name`` or ``name(literal args...)`` -> transform instance."""
-    try:
-        node = ast.parse(spec, mode="eval").body
-    except SyntaxError as e:
-        raise ValueError(f"cannot parse op {spec!r}: {e.msg}") from None
-    if isinstance(node, ast.Name):
-        name, args, kwargs = node.id, [], {}
-    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-        name = node.func.id
-        try:
-            args = [ast.literal_eval(a) for a in node.args]
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-        except ValueError:
-            raise ValueError(f"op {spec!r}: arguments must be Python literals") from None
-        if any(k is None for k in kwargs):
-            raise ValueError(f"op {spec!r}: **kwargs are not supported")
-    else:
-        raise ValueError(f"cannot parse op {spec!r}: expected name or name(args)")
-    if not has_op(name):
-        raise ValueError(f"unknown op {name!r} in {spec!r}; valid ops: {', '.join(available_ops())}")
-    op = get_op(name)
-    try:
-        return op(*args, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad arguments for op {spec!r}: {e}") from None
-
-
 def parse(pp: str) -> Compose:
     """Parses a ``|``-separated op string into a :class:`Compose`.
 
     An empty string gives the identity transform.
     """
-    return Compose([_parse_op(s) for s in _split_top_level(pp)], spec=pp)
+    return Compose([build_op(s) for s in split_pp(pp)], spec=pp)
 
 
 def parse_pp(pp: str, key: str):

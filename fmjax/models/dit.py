@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from fmjax.models import layers
 from fmjax.models import scan as scan_lib
-from fmjax.models.unet import (FREQ_PRECISIONS, TimestepEmbedding, batch_timesteps,  # noqa: F401
-                               timestep_embedding, timestep_freqs_f32)
+from fmjax.models.timesteps import (FREQ_PRECISIONS, TimestepEmbedding, batch_timesteps,  # noqa: F401
+                                    timestep_embedding, timestep_freqs_f32)
 
 Dtype = Any
 
