@@ -18,14 +18,14 @@ Adapters: ``lora`` (``fmjax.adapt.lora``; mergeable into the kernels for export)
 hook); export refuses the last two (the plain model has no place for them). ``name=''`` (or no ``config.adapter``): none.
 
 ``prompt`` is VPT-shallow: ``length`` prompt tokens in a ViT (its register tokens, see
-``prepare_config``), trained alone.
+``prepare_config``), trained alone; with ``deep=True`` VPT-deep (``fmjax.adapt.prompt``): every
+encoder block gets its own ``length`` prompts, through the block hook.
 
 Checkpoints hold the trained arrays alone (``checkpoint='adapter'``, the default: the frozen
 base is read again from ``config.model_init`` and checked against a digest stored with them;
 ``fmjax.train.adapter_ckpt``), or every array (``checkpoint='full'``).
 
-Not yet here (issue 18): VPT-deep and text soft prompts (they need a token injection point
-inside the encoder), adapter dropout.
+Not yet here (issue 18): text soft prompts, adapter dropout.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import jax
 from fmjax.adapt import houlsby as houlsby_lib
 from fmjax.adapt import lora as lora_lib
 from fmjax.adapt import prefix as prefix_lib
+from fmjax.adapt import prompt as prompt_lib
 from fmjax.errors import ConfigError
 from fmjax.models import inject
 
@@ -47,13 +48,14 @@ CHECKPOINT_MODES = ("adapter", "full")  # see fmjax.train.adapter_ckpt
 KEYS = {"lora": ("name", "rank", "alpha", "targets", "train", "dropout", "checkpoint"),
         "houlsby": ("name", "bottleneck", "kind", "scale", "targets", "train", "dropout", "checkpoint"),
         "prefix": ("name", "length", "targets", "train", "dropout", "checkpoint"),
-        "prompt": ("name", "length", "train", "dropout", "checkpoint")}
+        "prompt": ("name", "length", "deep", "targets", "train", "dropout", "checkpoint")}
 DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "houlsby": r"attn/out$|mlp/fc2$", "prefix": r"attn$",
                    "prompt": ""}
 PROMPT_PARAM = "reg_tokens"  # VPT-shallow prompts are the ViT's register tokens
-ADAPTER_PARAMS = lora_lib.LORA_PARAMS + houlsby_lib.PARAMS + prefix_lib.PARAMS
+ADAPTER_PARAMS = lora_lib.LORA_PARAMS + houlsby_lib.PARAMS + prefix_lib.PARAMS + prompt_lib.PARAMS
 # config.adapter keys that only the other adapter reads (base_config lists every key).
-_SHARED_DEFAULTS = dict(rank=8, alpha=None, bottleneck=64, kind="serial", scale=1.0, length=10, targets="")
+_SHARED_DEFAULTS = dict(rank=8, alpha=None, bottleneck=64, kind="serial", scale=1.0, length=10, targets="",
+                        deep=False)
 
 
 def _get(a, key, default):
@@ -105,7 +107,10 @@ def spec(config) -> dict | None:
         length = _get(a, "length", 10)
         if not isinstance(length, int) or length < 0:
             raise ConfigError(f"config.adapter.length={length!r} must be an int >= 0 (0: none).")
-        return dict(name=name, length=length, targets=targets, train=train, checkpoint=checkpoint)
+        out = dict(name=name, length=length, targets=targets, train=train, checkpoint=checkpoint)
+        if name == "prompt":
+            out.update(_deep_prompt(config, a, length))
+        return out
     bottleneck, kind = _get(a, "bottleneck", 64), _get(a, "kind", "serial")
     if not isinstance(bottleneck, int) or bottleneck < 0:
         raise ConfigError(f"config.adapter.bottleneck={bottleneck!r} must be an int >= 0.")
@@ -115,14 +120,33 @@ def spec(config) -> dict | None:
                 targets=targets, train=train, checkpoint=checkpoint)
 
 
+def _deep_prompt(config, a, length: int) -> dict:
+    """VPT-deep's fields of the spec: ``deep``, and where the prompt slots start (``offset``: class
+    and distillation tokens plus the model's own registers) and VPT's init bound."""
+    deep = _get(a, "deep", False)
+    if not isinstance(deep, bool):
+        raise ConfigError(f"config.adapter.deep={deep!r} must be True (VPT-deep) or False (VPT-shallow).")
+    if not deep:
+        return dict(deep=False)
+    m = config.get("model") if hasattr(config, "get") else None
+    get = (lambda k, d: m.get(k, d)) if m is not None else (lambda k, d: d)
+    offset = (int(bool(get("class_token", True))) + int(bool(get("distill_token", False)))
+              + int(get("num_registers", 0) or 0))
+    bound = prompt_lib.init_bound(int(get("patch_size", 16) or 16), int(get("width", 768) or 768))
+    return dict(deep=True, offset=offset, bound=bound)
+
+
 def hooks(adapter: dict) -> dict:
     """The ``inject.hooks`` keyword arguments (dense= / attention=) of a checked adapter spec."""
     if adapter["name"] == "lora":
         return dict(dense=lora_lib.lora_hook(adapter["rank"], adapter["alpha"], adapter["targets"]))
     if adapter["name"] == "prefix":
         return dict(attention=prefix_lib.prefix_hook(adapter["length"], adapter["targets"]))
-    if adapter["name"] == "prompt":
-        return {}  # the prompts are model tokens (prepare_config), not a hook
+    if adapter["name"] == "prompt":  # the prompt slots are model tokens (prepare_config)
+        if not adapter.get("deep"):
+            return {}
+        return dict(block=prompt_lib.deep_hook(adapter["length"], adapter["targets"] or prompt_lib.DEFAULT_TARGETS,
+                                               adapter["offset"], adapter["bound"]))
     return dict(dense=houlsby_lib.adapter_hook(adapter["bottleneck"], adapter["targets"],
                                                adapter["kind"], adapter["scale"]))
 
@@ -133,7 +157,8 @@ def trainable_mask(params, adapter: dict):
 
     def keep(path, _):
         keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        if keys and (keys[-1] in ADAPTER_PARAMS or (adapter["name"] == "prompt" and keys[-1] == PROMPT_PARAM)):
+        if keys and (keys[-1] in ADAPTER_PARAMS or (adapter["name"] == "prompt" and not adapter.get("deep")
+                                                     and keys[-1] == PROMPT_PARAM)):
             return True
         name = "/".join(keys)
         return any(p.fullmatch(name) for p in train)
@@ -145,9 +170,9 @@ class HookedObjective:
     context entered around each call, so every trace inside sees it); ``supports()`` sees
     exactly the inner objective's capabilities."""
 
-    def __init__(self, inner, dense_hook=None, attention_hook=None):
+    def __init__(self, inner, dense_hook=None, attention_hook=None, block_hook=None):
         self._inner = inner
-        self._hooks = inject.hooks(dense=dense_hook, attention=attention_hook)
+        self._hooks = inject.hooks(dense=dense_hook, attention=attention_hook, block=block_hook)
 
     def _wrap(self, fn):
         def call(*args, **kwargs):
@@ -174,7 +199,7 @@ class AdaptedObjective(HookedObjective):
 
     def __init__(self, inner, adapter: dict):
         h = hooks(adapter)
-        super().__init__(inner, h.get("dense"), h.get("attention"))
+        super().__init__(inner, h.get("dense"), h.get("attention"), h.get("block"))
         self.adapter = adapter
 
     def update_mask(self, params, step):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax.models import inject
 from fmjax.models import scan as scan_lib
 from fmjax.models.attention import MultiHeadAttention
 from fmjax.models.core import Dtype, constrain, dense, get_activation, layer_norm, part
@@ -101,7 +102,11 @@ class Block(nn.Module):
 
     def _forward(self, x, deterministic, mask, bias, drop_path_rate):
         """The block's computation (called from the compact ``__call__`` of this class or of
-        ``ScanBlock``, so both create the same submodules and params)."""
+        ``ScanBlock``, so both create the same submodules and params), through the active
+        block hooks (``fmjax.models.inject``)."""
+        return inject.call_block(self, x, lambda x: self._body(x, deterministic, mask, bias, drop_path_rate))
+
+    def _body(self, x, deterministic, mask, bias, drop_path_rate):
         x = constrain(x)
         h = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm1")(x)
         h = MultiHeadAttention(

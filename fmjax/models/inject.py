@@ -17,8 +17,11 @@ stored beside the module's own, e.g. ``.../attn/query/lora_a``) or child modules
   k / v (B, T, heads, d), additive logit ``bias`` and boolean ``mask`` broadcastable to
   (B, heads, Q, T) or None); ``call_next(inputs._replace(bias=...))`` runs the rest.
   ``additive_bias(fn)`` turns ``fn(module, q, k) -> bias`` into such a hook.
+- block: every ``blocks.Block`` (the pre-norm transformer block of ViT encoders, text towers
+  and decoders); ``inputs`` is the block's input tokens ``x`` (B, L, D) and ``call_next(x)``
+  runs the block (VPT-deep replaces its prompt tokens here, ``fmjax.adapt.prompt``).
 
-Hooks are set with ``hooks(dense=..., attention=...)``, a context manager (and decorator) that
+Hooks are set with ``hooks(dense=..., attention=..., block=...)``, a context manager (and decorator) that
 is read when the model is traced, as ``nn.logical_axis_rules`` is: enter it around (or inside)
 the function given to ``jax.jit``, e.g. ``jax.jit(hooks(dense=h)(loss_fn))`` - a function
 traced outside it and reused from jit's cache keeps the hooks of its first trace. Nested
@@ -47,6 +50,7 @@ class AttentionInputs(NamedTuple):
 class _Active(NamedTuple):
     dense: Tuple[Callable, ...] = ()
     attention: Tuple[Callable, ...] = ()
+    block: Tuple[Callable, ...] = ()
 
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("fmjax_model_hooks", default=_Active())
@@ -57,19 +61,20 @@ class hooks(contextlib.ContextDecorator):
     while models are traced inside this block (see the module docstring). A context manager
     (reusable, re-entrant) and a decorator: ``jax.jit(hooks(dense=h)(fn))``."""
 
-    def __init__(self, dense: Optional[Callable] = None, attention: Optional[Callable] = None):
-        for kind, hook in (("dense", dense), ("attention", attention)):
+    def __init__(self, dense: Optional[Callable] = None, attention: Optional[Callable] = None,
+                 block: Optional[Callable] = None):
+        for kind, hook in (("dense", dense), ("attention", attention), ("block", block)):
             if hook is not None and not callable(hook):
                 raise TypeError(f"{kind} hook must be callable hook(module, inputs, call_next), "
                                 f"got {hook!r}.")
-        self.dense, self.attention = dense, attention
+        self.dense, self.attention, self.block = dense, attention, block
         self._tokens = []
 
     def __enter__(self):
         cur = _ACTIVE.get()
+        add = lambda have, h: have + ((h,) if h is not None else ())  # noqa: E731
         self._tokens.append(_ACTIVE.set(_Active(
-            cur.dense + ((self.dense,) if self.dense is not None else ()),
-            cur.attention + ((self.attention,) if self.attention is not None else ()))))
+            add(cur.dense, self.dense), add(cur.attention, self.attention), add(cur.block, self.block))))
         return self
 
     def __exit__(self, *exc):
@@ -95,7 +100,7 @@ class suspended(contextlib.ContextDecorator):
 
 
 def active() -> _Active:
-    """The hooks active now: ``.dense`` and ``.attention`` tuples, outermost first."""
+    """The hooks active now: ``.dense``, ``.attention`` and ``.block`` tuples, outermost first."""
     return _ACTIVE.get()
 
 
@@ -115,6 +120,11 @@ def call_dense(module, x, final: Callable):
 def call_attention(module, inputs: AttentionInputs, final: Callable):
     """Run the active attention hooks around ``final(inputs)`` (the attention itself)."""
     return _chain(_ACTIVE.get().attention, module, inputs, final)
+
+
+def call_block(module, x, final: Callable):
+    """Run the active block hooks around ``final(x)`` (one transformer block on its input)."""
+    return _chain(_ACTIVE.get().block, module, x, final)
 
 
 def additive_bias(fn: Callable) -> Callable:

@@ -336,3 +336,78 @@ def test_prompt_tuning_trains_only_the_prompt_tokens(default_config, tmp_path):
     c.model.name = "mae"
     with pytest.raises(ConfigError, match="model 'mae' has no register tokens"):
         make_objective(c)
+
+
+# -- VPT-deep (config.adapter.deep=True; fmjax.adapt.prompt through the block hook) -------------
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_vpt_deep_replaces_the_prompt_slots_at_every_block(scan):
+    """Against a written-out loop: embed, then before each block put that block's prompts in
+    the slots after the class token and the model's own register, run the block; final norm.
+    Scanned and unrolled models give the same function; the count is depth x length x width."""
+    from fmjax.adapt import prompt
+    from fmjax.models import scan as scan_lib
+    from fmjax.models.blocks import Block
+    from fmjax.models.core import layer_norm
+    own, length = 1, 3
+    model = ViT(**{**TINY, "num_registers": own + length})
+    x = _images()
+    hook = prompt.deep_hook(length, prompt.DEFAULT_TARGETS, offset=1 + own,
+                            bound=prompt.init_bound(TINY["patch_size"], TINY["width"]))
+    with inject.hooks(block=hook):
+        params = nn.unbox(model.init(jax.random.PRNGKey(0), x))
+        out = model.apply(params, x)
+    p = params["params"]
+    assert sum(math.prod(v.shape) for k, v in _flat(params).items() if k.endswith("vpt_prompts")) == \
+        prompt.expected_count(TINY["depth"], length, TINY["width"])
+    bound = prompt.init_bound(TINY["patch_size"], TINY["width"])
+    assert 0.5 * bound < float(jnp.abs(p["encoder"]["block_0"]["vpt_prompts"]).max()) <= bound
+
+    # The reference loop, block by block, from the embedding (block 0's input, captured by an
+    # outer block hook before the VPT hook runs).
+    seen = {}
+
+    def capture(blk, inp, call_next):
+        seen.setdefault(lora.module_path(blk), inp)
+        return call_next(inp)
+    with inject.hooks(block=capture), inject.hooks(block=hook):
+        model.apply(params, x)
+    h = seen["encoder/block_0"]
+    block = Block(num_heads=TINY["num_heads"], mlp_dim=TINY["mlp_dim"])
+    for i in range(TINY["depth"]):
+        bp = p["encoder"][f"block_{i}"]
+        prompts = jnp.broadcast_to(bp["vpt_prompts"], (h.shape[0], length, TINY["width"]))
+        h = jnp.concatenate([h[:, :1 + own], prompts, h[:, 1 + own + length:]], axis=1)
+        h = block.apply({"params": {k: v for k, v in bp.items() if k != "vpt_prompts"}}, h)
+    h = layer_norm(1e-6, jnp.float32, jnp.float32, "norm").apply({"params": p["encoder"]["norm"]}, h)
+    np.testing.assert_allclose(np.asarray(out["tokens"]), np.asarray(h), atol=1e-5, rtol=1e-5)
+    assert out["patch_tokens"].shape[1] == (32 // TINY["patch_size"]) ** 2
+
+    if scan:
+        scanned = ViT(**{**TINY, "num_registers": own + length, "scan_layers": True})
+        with inject.hooks(block=hook):
+            shapes = nn.unbox(scanned.init(jax.random.PRNGKey(0), x))
+            stacked = scan_lib.stack_layers(params)
+            assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, shapes)
+            out_s = scanned.apply(stacked, x)
+        np.testing.assert_allclose(np.asarray(out_s["tokens"]), np.asarray(out["tokens"]), atol=1e-5)
+
+
+def test_vpt_deep_trains_only_the_per_block_prompts(default_config, tmp_path):
+    c = default_config("supervised")
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 0, 2
+    c.eval_at_start = False
+    c.keep_checkpoints = 5
+    c.batch_size = 16
+    c.adapter.update(dict(name="prompt", length=3, deep=True, train=("head/.*",), checkpoint="full"))
+    obj = make_objective(c)
+    assert obj.adapter["offset"] == 1 and obj.adapter["deep"]
+    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
+    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
+    prompts = {f"encoder/block_{i}/vpt_prompts" for i in range(c.model.depth)}
+    assert prompts <= moved <= prompts | {"head/kernel", "head/bias"}, moved
+    assert first["encoder/block_0/vpt_prompts"].shape == (1, 3, c.model.width)
+    c.adapter = dict(c.adapter.to_dict(), deep="yes")  # e.g. a config file's plain dict
+    with pytest.raises(ConfigError, match="config.adapter.deep='yes' must be True"):
+        make_objective(c)
