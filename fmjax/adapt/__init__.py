@@ -25,7 +25,9 @@ Checkpoints hold the trained arrays alone (``checkpoint='adapter'``, the default
 base is read again from ``config.model_init`` and checked against a digest stored with them;
 ``fmjax.train.adapter_ckpt``), or every array (``checkpoint='full'``).
 
-Not yet here (issue 18): text soft prompts, adapter dropout.
+LoRA takes ``dropout`` (PEFT's ``lora_dropout``, on training passes; ``fmjax.adapt.lora``).
+
+Not yet here (issue 18): text soft prompts; dropout for the other adapters.
 """
 from __future__ import annotations
 
@@ -94,15 +96,20 @@ def spec(config) -> dict | None:
         raise ConfigError(f"config.adapter.checkpoint={checkpoint!r}; valid: {list(CHECKPOINT_MODES)} "
                           "('adapter': checkpoints hold the trained arrays, the base is read again from "
                           "config.model_init; 'full': every array).")
-    dropout = float(_get(a, "dropout", 0.0))
-    if dropout != 0.0:
-        raise ConfigError(f"config.adapter.dropout={dropout}: adapter dropout is not implemented yet; use 0.")
+    dropout = _get(a, "dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"config.adapter.dropout={dropout!r} must be in [0, 1).")
+    dropout = float(dropout)
+    if dropout and name != "lora":
+        raise ConfigError(f"config.adapter.dropout={dropout}: dropout is implemented for the 'lora' adapter "
+                          f"only (PEFT's lora_dropout), not {name!r}; use 0.")
     if name == "lora":
         rank, alpha = _get(a, "rank", 8), _get(a, "alpha", None)
         if not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"config.adapter.rank={rank!r} must be an int >= 0 (0: no LoRA params).")
         alpha = float(2 * rank if alpha is None else alpha)
-        return dict(name=name, rank=rank, alpha=alpha, targets=targets, train=train, checkpoint=checkpoint)
+        return dict(name=name, rank=rank, alpha=alpha, targets=targets, train=train, checkpoint=checkpoint,
+                    dropout=dropout)
     if name in ("prefix", "prompt"):
         length = _get(a, "length", 10)
         if not isinstance(length, int) or length < 0:
@@ -139,7 +146,8 @@ def _deep_prompt(config, a, length: int) -> dict:
 def hooks(adapter: dict) -> dict:
     """The ``inject.hooks`` keyword arguments (dense= / attention=) of a checked adapter spec."""
     if adapter["name"] == "lora":
-        return dict(dense=lora_lib.lora_hook(adapter["rank"], adapter["alpha"], adapter["targets"]))
+        return dict(dense=lora_lib.lora_hook(adapter["rank"], adapter["alpha"], adapter["targets"],
+                                             adapter.get("dropout", 0.0)))
     if adapter["name"] == "prefix":
         return dict(attention=prefix_lib.prefix_hook(adapter["length"], adapter["targets"]))
     if adapter["name"] == "prompt":  # the prompt slots are model tokens (prepare_config)

@@ -16,7 +16,11 @@ and computes ``y = x . W + b + (alpha / rank) (x . A) . B`` (PEFT's ``scaling = 
 ``W + (alpha / rank) A . B`` (stacked layers included), and drops the pair: the merged params
 load into the plain model for export and inference.
 
-Dropout on the LoRA input is not implemented (``dropout`` must be 0).
+``dropout`` > 0 is PEFT's ``lora_dropout``: inverted dropout on the LoRA branch's input only,
+``y = x . W + b + (alpha / rank) (drop(x) . A) . B``, drawn from the 'dropout' rng. It is active
+when the apply call has a 'dropout' rng, which is how fmjax's objectives mark their training
+forward passes (their evaluation passes and frozen teachers get none), like torch's
+``module.training``. ``merge`` is unaffected (dropout is the identity at inference).
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def _a_init(fan_in: int):
     return init
 
 
-def lora_hook(rank: int, alpha: float, targets: str):
+def lora_hook(rank: int, alpha: float, targets: str, dropout: float = 0.0):
     """The dense hook: LoRA on every ``DenseND`` whose path matches ``targets``."""
     pattern = re.compile(targets)
     scale = alpha / rank if rank > 0 else 0.0
@@ -64,6 +68,9 @@ def lora_hook(rank: int, alpha: float, targets: str):
                         (rank,) + out_shape, dense.param_dtype)
         if scale == 0.0:
             return y
+        if dropout > 0.0 and dense.has_rng("dropout"):
+            keep = jax.random.bernoulli(dense.make_rng("dropout"), 1.0 - dropout, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - dropout, x.dtype), jnp.zeros_like(x))
         low = jnp.tensordot(dense.contract_with(x, a), b.astype(dense.dtype), axes=1)
         return y + jnp.asarray(scale, dense.dtype) * low
     return hook

@@ -104,7 +104,8 @@ def test_param_count_is_the_formula():
 
 @pytest.mark.parametrize("adapter, message", [
     (dict(name="qlora"), "config.adapter.name='qlora'; valid: ['lora', 'houlsby', 'prefix', 'prompt']"),
-    (dict(name="lora", dropout=0.1), "adapter dropout is not implemented yet"),
+    (dict(name="houlsby", dropout=0.1), "dropout is implemented for the 'lora' adapter only"),
+    (dict(name="lora", dropout=1.0), "config.adapter.dropout=1.0 must be in [0, 1"),
     (dict(name="lora", rank=-1), "config.adapter.rank=-1"),
     (dict(name="lora", targets="attn/(query"), "config.adapter.targets='attn/(query' is not a regex"),
     (dict(name="lora", ranks=4), "unknown keys ['ranks']"),
@@ -140,7 +141,8 @@ def test_training_moves_only_the_adapter_and_head(default_config, tmp_path, caps
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 6, 3, 6, 3
     c.keep_checkpoints = 5
     c.batch_size = 16
-    c.adapter.update(dict(name="lora", rank=4, train=("head/.*",), checkpoint="full"))  # the base too
+    c.adapter.update(dict(name="lora", rank=4, train=("head/.*",), checkpoint="full",  # the base too
+                          dropout=0.1))
     c.evals = dict(val=dict(type="metrics", split="validation", examples=64))
     out = loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     assert out["step"] == 6
@@ -411,3 +413,37 @@ def test_vpt_deep_trains_only_the_per_block_prompts(default_config, tmp_path):
     c.adapter = dict(c.adapter.to_dict(), deep="yes")  # e.g. a config file's plain dict
     with pytest.raises(ConfigError, match="config.adapter.deep='yes' must be True"):
         make_objective(c)
+
+
+def test_lora_dropout_is_on_the_branch_input_and_only_with_a_dropout_rng():
+    """PEFT's lora_dropout: y = x W + b + s (drop(x) A) B. Without a 'dropout' rng (evaluation)
+    the layer is the no-dropout LoRA layer bit for bit; with one, only the LoRA branch changes
+    and it averages to the no-dropout output (inverted dropout)."""
+    from fmjax.models.core import DenseND
+    rank, alpha, p = 4, 8.0, 0.25
+    layer = DenseND(features=(6,), kernel_axes=(None, None), bias_axes=(None,))
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 10))
+    with inject.hooks(dense=lora.lora_hook(rank, alpha, ".*")):
+        params = _randomise_b(nn.unbox(layer.init(jax.random.PRNGKey(1), x)))
+        plain = layer.apply(params, x)
+    with inject.hooks(dense=lora.lora_hook(rank, alpha, ".*", dropout=p)):
+        np.testing.assert_array_equal(np.asarray(layer.apply(params, x)), np.asarray(plain))
+        drawn = layer.apply(params, x, rngs={"dropout": jax.random.PRNGKey(2)})
+        many = jax.vmap(lambda k: layer.apply(params, x, rngs={"dropout": k}))(
+            jax.random.split(jax.random.PRNGKey(3), 4000))
+    w = params["params"]
+    base = x @ w["kernel"] + w["bias"]
+    assert float(jnp.abs(drawn - plain).max()) > 1e-3
+    delta = (drawn - base) / (alpha / rank)  # = (drop(x) A) B
+    full = (x @ w["lora_a"]) @ w["lora_b"]
+    assert float(jnp.abs(delta - full).max()) > 1e-3  # dropout acted on the branch ...
+    # ... and only there: with B = 0 the layer is x W + b whatever the rng.
+    zero_b = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.zeros_like(v) if str(path[-1].key) == "lora_b" else v, params)
+    with inject.hooks(dense=lora.lora_hook(rank, alpha, ".*", dropout=p)):
+        np.testing.assert_allclose(np.asarray(layer.apply(zero_b, x, rngs={"dropout": jax.random.PRNGKey(2)})),
+                                   np.asarray(base), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(many.mean(0)), np.asarray(plain), atol=0.05)
+    # Merging is unaffected by dropout: the merged kernel is the no-dropout layer.
+    merged = lora.merge(params, alpha, rank)
+    np.testing.assert_allclose(np.asarray(layer.apply(merged, x)), np.asarray(plain), atol=1e-5)
