@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     # LoRA pairs (alpha unset: 2 x rank), name='houlsby' bottleneck adapters (`kind` serial |
     # parallel, `scale` for parallel), name='prefix' `length` learned key/value prefixes,
     # name='prompt' `length` VPT-shallow prompt tokens (ViT register tokens; deep=True: VPT-deep,
-    # `length` prompts per encoder block), on
+    # `length` prompts per encoder block; text_length: CoOp's context vectors in CLIP's text tower), on
     # the layers whose path matches `targets` (re.search; '' = the adapter's default: lora
     # 'attn/(query|value)$', houlsby 'attn/out$|mlp/fc2$', prefix 'attn$'), plus the params matching a `train` regex (fullmatch, e.g.
     # ('head/.*',)); every other param is frozen. name='': no adapter. checkpoint='adapter':
@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     # checked against a stored digest); 'full': every array.
     c.adapter = ml_collections.ConfigDict(dict(
         name="", rank=8, alpha=ml_collections.config_dict.placeholder(float), bottleneck=64,
-        kind="serial", scale=1.0, length=10, deep=False, targets="", train=(), dropout=0.0,
+        kind="serial", scale=1.0, length=10, deep=False, text_length=0, targets="", train=(), dropout=0.0,
         checkpoint="adapter"))
     return c
 

@@ -19,7 +19,9 @@ hook); export refuses the last two (the plain model has no place for them). ``na
 
 ``prompt`` is VPT-shallow: ``length`` prompt tokens in a ViT (its register tokens, see
 ``prepare_config``), trained alone; with ``deep=True`` VPT-deep (``fmjax.adapt.prompt``): every
-encoder block gets its own ``length`` prompts, through the block hook.
+encoder block gets its own ``length`` prompts, through the block hook. ``text_length`` = n > 0
+adds CoOp's text soft prompts to a CLIP model's text tower (``TextTransformer.num_prompts``: n
+learned context vectors after the start token of every caption and class prompt).
 
 Checkpoints hold the trained arrays alone (``checkpoint='adapter'``, the default: the frozen
 base is read again from ``config.model_init`` and checked against a digest stored with them;
@@ -27,7 +29,7 @@ base is read again from ``config.model_init`` and checked against a digest store
 
 LoRA takes ``dropout`` (PEFT's ``lora_dropout``, on training passes; ``fmjax.adapt.lora``).
 
-Not yet here (issue 18): text soft prompts; dropout for the other adapters.
+Not yet here (issue 18): dropout for the other adapters; VPT on CLIP's image tower.
 """
 from __future__ import annotations
 
@@ -50,14 +52,14 @@ CHECKPOINT_MODES = ("adapter", "full")  # see fmjax.train.adapter_ckpt
 KEYS = {"lora": ("name", "rank", "alpha", "targets", "train", "dropout", "checkpoint"),
         "houlsby": ("name", "bottleneck", "kind", "scale", "targets", "train", "dropout", "checkpoint"),
         "prefix": ("name", "length", "targets", "train", "dropout", "checkpoint"),
-        "prompt": ("name", "length", "deep", "targets", "train", "dropout", "checkpoint")}
+        "prompt": ("name", "length", "deep", "text_length", "targets", "train", "dropout", "checkpoint")}
 DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "houlsby": r"attn/out$|mlp/fc2$", "prefix": r"attn$",
                    "prompt": ""}
 PROMPT_PARAM = "reg_tokens"  # VPT-shallow prompts are the ViT's register tokens
 ADAPTER_PARAMS = lora_lib.LORA_PARAMS + houlsby_lib.PARAMS + prefix_lib.PARAMS + prompt_lib.PARAMS
 # config.adapter keys that only the other adapter reads (base_config lists every key).
 _SHARED_DEFAULTS = dict(rank=8, alpha=None, bottleneck=64, kind="serial", scale=1.0, length=10, targets="",
-                        deep=False)
+                        deep=False, text_length=0)
 
 
 def _get(a, key, default):
@@ -117,6 +119,10 @@ def spec(config) -> dict | None:
         out = dict(name=name, length=length, targets=targets, train=train, checkpoint=checkpoint)
         if name == "prompt":
             out.update(_deep_prompt(config, a, length))
+            text_length = _get(a, "text_length", 0)
+            if not isinstance(text_length, int) or text_length < 0:
+                raise ConfigError(f"config.adapter.text_length={text_length!r} must be an int >= 0 (0: none).")
+            out["text_length"] = text_length
         return out
     bottleneck, kind = _get(a, "bottleneck", 64), _get(a, "kind", "serial")
     if not isinstance(bottleneck, int) or bottleneck < 0:
@@ -227,24 +233,35 @@ class AdaptedObjective(HookedObjective):
 
 
 def prepare_config(config):
-    """The config the objective is built from: ``config`` itself, or for ``prompt`` (VPT-shallow,
-    Jia et al. 2022) a copy whose ViT has ``length`` more register tokens. Registers are
-    exactly VPT-shallow's prompts: learned tokens inserted after the class token, with no
-    position embedding, through every block, and dropped before pooling; the adapter trains
-    them alone (a pretrained model's own registers, if any, train too)."""
+    """The config the objective is built from: ``config`` itself, or for ``prompt`` a copy whose
+    model holds the prompt slots. VPT (Jia et al. 2022): the ViT gets ``length`` more register
+    tokens, exactly VPT-shallow's prompts (learned tokens inserted after the class token, with
+    no position embedding, through every block, dropped before pooling; the adapter trains them
+    alone, a pretrained model's own registers too) and VPT-deep's slots. CoOp: a CLIP model's
+    text tower gets ``num_prompts = text_length`` learned context vectors."""
     a = spec(config)
-    if a is None or a["name"] != "prompt" or a["length"] == 0:
+    if a is None or a["name"] != "prompt" or (a["length"] == 0 and a["text_length"] == 0):
         return config
     from fmjax.models.registry import model_class
     name = config.model.get("name")
     fields = getattr(model_class(name), "__dataclass_fields__", {})
-    if "num_registers" not in fields:
-        raise ConfigError(f"config.adapter.name='prompt' (VPT-shallow) inserts prompt tokens into a ViT; "
-                          f"model {name!r} has no register tokens to hold them.")
+    if a["length"] and "num_registers" not in fields:
+        raise ConfigError(f"config.adapter.name='prompt' (VPT) inserts config.adapter.length={a['length']} prompt "
+                          f"tokens into a ViT; model {name!r} has no register tokens to hold them"
+                          + (" (for CLIP's text prompts alone set length=0 and text_length)." if "text" in fields else "."))
+    if a["text_length"] and "text" not in fields:
+        raise ConfigError(f"config.adapter.text_length={a['text_length']} adds text soft prompts (CoOp) to a CLIP "
+                          f"text tower; model {name!r} has none.")
     import copy
     config = copy.deepcopy(config)
     with config.unlocked() if hasattr(config, "unlocked") else _nullcontext():
-        config.model.num_registers = int(config.model.get("num_registers", 0) or 0) + a["length"]
+        if a["length"]:
+            config.model.num_registers = int(config.model.get("num_registers", 0) or 0) + a["length"]
+        if a["text_length"]:
+            text = config.model.get("text")
+            text = dict(text.to_dict() if hasattr(text, "to_dict") else (text or {}))
+            text["num_prompts"] = int(text.get("num_prompts", 0) or 0) + a["text_length"]
+            config.model.text = text
     return config
 
 

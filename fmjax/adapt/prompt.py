@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from fmjax.adapt.lora import module_path
 from fmjax.models import core
 
-PARAMS = ("vpt_prompts",)
+PARAMS = ("vpt_prompts", "prompt_embed")  # VPT-deep; CoOp (TextTransformer.num_prompts)
 DEFAULT_TARGETS = r"(^|/)encoder/block(_\d+|_stack)$"
 
 

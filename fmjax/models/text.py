@@ -16,6 +16,14 @@ towers (``causal=False``, ALIGN) need it so that words do not attend to the padd
 ``embed_cls``, ``legacy_cls_mask=True`` is open_clip's default mask (``correct_cls_mask=False``: the key
 validity row is ``[cls valid, text != pad]``, shifted by one against the sequence; its released
 CoCa weights were trained so); False masks exactly the padding keys.
+
+``num_prompts`` = n > 0 is CoOp's learnable context (Zhou et al. 2022, "Learning to Prompt for
+Vision-Language Models"; the text soft prompts of ``config.adapter.name='prompt', text_length=n``):
+a ``prompt_embed`` (n, width) param takes the n positions right after the start token, as
+CoOp's ``[SOS][V]_1..[V]_n[CLASS].[EOS]``, the caption's own tokens move n places on (with their
+position embeddings) and its last n positions are dropped (padding, when the caption leaves n
+free; a longer one loses its tail, as the tokenizer's truncation would). The pooled position
+(and a ``pad_id`` key mask) move with the tokens. Not with ``embed_cls``.
 """
 from typing import Any, Dict, Optional
 
@@ -99,6 +107,7 @@ class TextTransformer(nn.Module):
     causal: bool = True
     embed_cls: bool = False          # CoCa: a learned class embedding appended (module docstring)
     pad_id: Optional[int] = None     # keys equal to it are masked (module docstring)
+    num_prompts: int = 0             # CoOp's learned context after the start token (module docstring)
     legacy_cls_mask: bool = False    # open_clip's shifted key mask (module docstring)
     dropout: float = 0.0
     drop_path: float = 0.0
@@ -122,6 +131,16 @@ class TextTransformer(nn.Module):
                      param_dtype=self.param_dtype, name="token_embed",
                      embedding_init=layers.part(nn.initializers.normal(0.02),
                                                 ("vocab", "embed")))(tokens)
+        n_ctx = self.num_prompts
+        if n_ctx:
+            if self.embed_cls:
+                raise ValueError("num_prompts (text soft prompts) is not supported with embed_cls (CoCa).")
+            if length <= n_ctx + 1:
+                raise ValueError(f"num_prompts={n_ctx} needs texts longer than {n_ctx + 1} tokens, got {length}.")
+            ctx = self.param("prompt_embed", layers.part(nn.initializers.normal(0.02), (None, "embed")),
+                             (n_ctx, self.width), self.param_dtype)
+            x = jnp.concatenate([x[:, :1], jnp.broadcast_to(ctx.astype(x.dtype), (b, n_ctx, self.width)),
+                                 x[:, 1:length - n_ctx]], axis=1)
         n_pos = self.context_length + int(self.embed_cls)
         pos = self.param("pos_embed", layers.part(nn.initializers.normal(0.01), (None, "embed")),
                          (n_pos, self.width), self.param_dtype)
@@ -132,6 +151,8 @@ class TextTransformer(nn.Module):
             x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width))], 1)
         if self.pad_id is not None:
             valid = tokens != self.pad_id
+            if n_ctx:
+                valid = jnp.concatenate([valid[:, :1], jnp.ones((b, n_ctx), bool), valid[:, 1:length - n_ctx]], 1)
             if self.embed_cls:
                 ones = jnp.ones((b, 1), bool)
                 valid = jnp.concatenate([ones, valid] if self.legacy_cls_mask else [valid, ones], 1)
@@ -149,6 +170,8 @@ class TextTransformer(nn.Module):
             pooled, x = x[:, -1], prenorm[:, :-1]
         else:
             idx = pool_positions(tokens, self.pool, self.eos_token_id)
+            if n_ctx:  # the caption moved n_ctx places on ('first' pools the start token)
+                idx = idx if self.pool == "first" else jnp.minimum(idx + n_ctx, length - 1)
             pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
         embedding = nn.Dense(
             self.embed_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

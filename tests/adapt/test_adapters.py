@@ -447,3 +447,19 @@ def test_lora_dropout_is_on_the_branch_input_and_only_with_a_dropout_rng():
     # Merging is unaffected by dropout: the merged kernel is the no-dropout layer.
     merged = lora.merge(params, alpha, rank)
     np.testing.assert_allclose(np.asarray(layer.apply(merged, x)), np.asarray(plain), atol=1e-5)
+
+
+def test_clip_text_soft_prompts_train_alone(tiny_config, tmp_path):
+    """CoOp on CLIP: adapter.text_length=4 (length=0: no image prompts) trains the text tower's
+    prompt_embed alone; VPT image prompts on CLIP are refused with the hint."""
+    c = tiny_config("clip")
+    c.keep_checkpoints = 5
+    c.adapter.update(dict(name="prompt", length=0, text_length=4, checkpoint="full"))
+    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
+    assert first["text/prompt_embed"].shape == (4, c.model.text_width)
+    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
+    assert moved == {"text/prompt_embed"}, moved
+    c.adapter.length = 10
+    with pytest.raises(ConfigError, match="model 'clip' has no register tokens.*set length=0 and text_length"):
+        make_objective(c)

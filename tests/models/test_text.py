@@ -175,3 +175,31 @@ def test_bidirectional_tower_with_pad_mask_and_first_token_pooling():
     a = unmasked.apply({"params": params}, tokens)["embedding"]
     b = unmasked.apply({"params": params}, longer)["embedding"]
     assert np.abs(np.asarray(a - b)).max() > 1e-4
+
+
+@pytest.mark.parametrize("pad_id", [None, 0])
+def test_soft_prompts_are_coop_context_tokens(pad_id):
+    """num_prompts = n (CoOp): the tower equals the plain tower on tokens with n extra
+    vocabulary rows holding the learned context, placed right after the start token (the
+    caption n places on, its last n pads dropped, pooling at the moved end-of-text)."""
+    vocab, n, eot = 50, 3, 49
+    kw = dict(vocab_size=vocab, context_length=12, width=16, depth=2, num_heads=2, mlp_dim=32,
+              embed_dim=8, pool="eos", eos_token_id=eot, pad_id=pad_id)
+    tokens = jnp.array([[1, 5, 7, eot, 0, 0, 0, 0, 0, 0, 0, 0],
+                        [1, 9, 9, 9, 9, 2, eot, 0, 0, 0, 0, 0]])
+    model = TextTransformer(**kw, num_prompts=n)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens))
+    out = model.apply(params, tokens)
+    ctx = params["params"]["prompt_embed"]
+    assert ctx.shape == (n, 16)
+    plain = TextTransformer(**{**kw, "vocab_size": vocab + n})
+    p = dict(params["params"])
+    p["token_embed"] = {"embedding": jnp.concatenate([p["token_embed"]["embedding"], ctx], 0)}
+    del p["prompt_embed"]
+    moved = jnp.concatenate([tokens[:, :1], jnp.broadcast_to(vocab + jnp.arange(n), (2, n)),
+                             tokens[:, 1:-n]], axis=1)
+    ref = plain.apply({"params": p}, moved)
+    for key in ("tokens", "pooled", "embedding"):
+        np.testing.assert_allclose(np.asarray(out[key]), np.asarray(ref[key]), atol=1e-6, err_msg=key)
+    with pytest.raises(ValueError, match="num_prompts=3 needs texts longer than 4 tokens"):
+        model.apply(params, tokens[:, :4])
