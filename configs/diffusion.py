@@ -68,7 +68,7 @@ Reference notes (issue 12; the trajectory tests in tests/reference/):
   posterior coefficients (mean coefficients, variance, clipped log variance, sqrt(1/a_t),
   sqrt(1/a_t - 1)) in float64 NumPy on the host, as guided-diffusion's / DiT's GaussianDiffusion
   (for respaced chains as its SpacedDiffusion), cast to float32 at use
-  (fmjax.diffusion.process.posterior_coefficients); the chain's last step then adds no noise.
+  (fmjax.diffusion.sampling.posterior_coefficients); the chain's last step then adds no noise.
   With the default 'float32' they are diffusers' float32 ones, up to 4.4e-4 relative off the
   float64 tables at t <= 10 (tests/diffusion/test_posterior_float64.py). DDIM uses the (cast)
   alphas_cumprod either way.

@@ -47,16 +47,13 @@ def normal_images(b: int = 2, size: int = 16, c: int = 3, seed: int = 0) -> jax.
 def initial_state(config, devices=None):
     """``(state, log)``: the TrainState a fresh run of ``config`` starts from (its
     ``model_init`` applied, sharded as the trainer shards it) and model_init's log lines."""
-    from fmjax.train import model_init, optimizer, restore, setup, state as state_lib
+    from fmjax.train import optimizer, restore, setup, state as state_lib
     objective, mesh, rules = setup.build(config, devices)
     spec = restore.train_batch_spec(config, objective)
     tx, _ = optimizer.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
     _, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)
     lines = []
-    load = (lambda p, sh: model_init.apply(config, p, sh, log=lines.append)[0]) \
-        if model_init.is_set(config) else None
-    state, _ = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings,
-                                      load_params=load)
+    state = restore.fresh_state(config, objective, tx, spec, mesh, rules, shardings, log=lines.append)
     return state, "\n".join(lines)
 
 

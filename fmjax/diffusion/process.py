@@ -2,7 +2,7 @@
 
 No networks here: schedules, the forward process, training targets / loss weights and
 classifier-free guidance; the DDPM and DDIM reverse steps and the ``lax.scan`` sampling loop
-are in ``fmjax.diffusion.sampling`` (re-exported here: ``process.ddpm_step`` etc.). Everything after
+are in ``fmjax.diffusion.sampling``. Everything after
 ``make_schedule`` is pure jax.numpy (jit-able, elementwise on sharded arrays, any layout);
 the per-step functions follow diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` formula by
 formula (tests/diffusion/test_process_parity.py checks them against diffusers). A
@@ -317,8 +317,3 @@ def cfg_combine(cond_out, uncond_out, scale) -> jax.Array:
     """
     return uncond_out + scale * (cond_out - uncond_out)
 
-
-# The reverse steps and the sampling loop live in fmjax.diffusion.sampling (which imports this
-# module); re-exported so that ``process.ddim_step`` / ``process.sample`` keep working.
-from fmjax.diffusion.sampling import (  # noqa: E402,F401
-    Posterior, ddim_step, ddpm_step, posterior_coefficients, previous_timesteps, sample, timesteps)

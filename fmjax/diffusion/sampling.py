@@ -1,8 +1,7 @@
 """The reverse process of DDPM (Ho et al., 2020) and DDIM (Song et al., 2021): the float64
 posterior coefficients, one DDPM / DDIM step, inference timesteps and the ``lax.scan``
 sampling loop. Schedules, the forward process and training targets are in
-``fmjax.diffusion.process`` (notation there); its names used here are imported from it, and
-it re-exports these.
+``fmjax.diffusion.process`` (notation there); its names used here are imported from it.
 """
 from __future__ import annotations
 

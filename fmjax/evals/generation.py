@@ -25,13 +25,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax.data import pipeline, transforms
 from fmjax.diffusion import process
+from fmjax.diffusion import sampling
 from fmjax.errors import ConfigError, NonFiniteError
 from fmjax.evals import common, registry
 from fmjax.parallel import mesh as mesh_lib
 from fmjax.objectives.base import supports
 
-# Keys of process.sample a caller may override (sampler, num_steps, eta, guidance_scale, ...).
-SAMPLER_KEYS = tuple(k for k in inspect.signature(process.sample).parameters
+# Keys of sampling.sample a caller may override (sampler, num_steps, eta, guidance_scale, ...).
+SAMPLER_KEYS = tuple(k for k in inspect.signature(sampling.sample).parameters
                      if k not in ("model_fn", "schedule", "shape", "rng", "uncond_fn", "x_T", "sharding"))
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from fmjax.data import text_ops
 from fmjax.diffusion import process
+from fmjax.diffusion import sampling
 from fmjax.models.registry import build_model, require
 from fmjax.models.text import TextTransformer
 from fmjax.objectives.base import Objective
@@ -200,7 +201,7 @@ class DiffusionObjective(Objective):
         if guidance != 1.0 and self.conditioning != "none":
             uncond_fn = lambda x, t: self.model.apply({"params": p["model"]}, x, t, **null)
         s.setdefault("prediction_type", self.prediction_type)
-        return process.sample(model_fn, self.schedule, shape, rng,
+        return sampling.sample(model_fn, self.schedule, shape, rng,
                               guidance_scale=guidance if uncond_fn is not None else 1.0,
                               uncond_fn=uncond_fn, **s)
 

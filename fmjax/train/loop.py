@@ -18,7 +18,7 @@ from fmjax.parallel import mesh as mesh_lib
 from fmjax.parallel import rules as rules_lib
 from fmjax.train import checkpoint as ckpt
 from fmjax.train import adapter_ckpt
-from fmjax.train import model_init as model_init_lib
+from fmjax.train import restore as restore_lib
 from fmjax.train import files, observe, preflight
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
@@ -184,11 +184,7 @@ def _train(config, workdir: str, run: dict) -> dict:
             seed=config.seed, worker_count=config.data.get("worker_count", 0),
             example_shapes={k: v.shape[1:] for k, v in spec.items()})
         def fresh_state():  # the fresh init with config.model_init's weights put in
-            load = None
-            if model_init_lib.is_set(config):
-                load = lambda params, sh: model_init_lib.apply(config, params, sh, log=log)[0]  # noqa: E731
-            return state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings,
-                                          load_params=load)[0]
+            return restore_lib.fresh_state(config, objective, tx, spec, mesh, rules, shardings, log=log)
         store = adapter_ckpt.for_run(config, tx, run["abstract"], fresh_state)  # adapters: the base
         latest, state = ckpt.restore_latest(
             manager, config, run["abstract"], shardings, data_iter,

@@ -205,14 +205,17 @@ def _convert(mi, model=None) -> dict:
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def read_source(mi, model=None) -> tuple[dict[str, np.ndarray], str]:
-    """``({'params/...' or 'extra/...': array}, description)`` of the configured source."""
+def read_source(mi, model=None, read_workdir=None) -> tuple[dict[str, np.ndarray], str]:
+    """``({'params/...' or 'extra/...': array}, description)`` of the configured source.
+
+    A workdir source is read by ``read_workdir(workdir, step) -> (flat arrays, step)``
+    (``fmjax.train.restore.read_workdir``, passed in: restoring a workdir may itself apply a
+    model_init, for an adapter's base, so this module does not import ``restore``)."""
     if _get(mi, "workdir"):
-        from fmjax.train import restore
-        step = _get(mi, "step")
-        _, _, _, _, state, step = restore.load_checkpoint(_get(mi, "workdir"), step=step)
-        tree = {"params": state.params, "extra": state.extra}
-        flat = {k: _to_host(v) for k, v in flatten(tree).items()}
+        if read_workdir is None:
+            raise ValueError("model_init.read_source: a workdir source needs read_workdir "
+                             "(fmjax.train.restore.read_workdir).")
+        flat, step = read_workdir(_get(mi, "workdir"), _get(mi, "step"))
         return flat, f"workdir {_get(mi, 'workdir')} step {step}"
     params = _convert(mi, model)
     flat = {k: np.asarray(v) for k, v in flatten({"params": params}).items() if v is not None}
@@ -317,18 +320,18 @@ def table(status: dict[str, str], unused: int, what: str) -> str:
     return "\n".join(lines)
 
 
-def apply(config, params, param_shardings, log=print):
+def apply(config, params, param_shardings, log=print, read_workdir=None):
     """``params`` (sharded jax arrays, as initialised) with the configured checkpoints' arrays
     put in (the main source, then ``more``), each placed with its param's sharding. Returns
     ``(params, status)`` (the status of the last source)."""
     status = {}
     for _, mi in sources(config):
-        params, status = _apply_one(config, mi, params, param_shardings, log)
+        params, status = _apply_one(config, mi, params, param_shardings, log, read_workdir)
     return params, status
 
 
-def _apply_one(config, mi, params, param_shardings, log=print):
-    source, what = read_source(mi, config.get("model"))
+def _apply_one(config, mi, params, param_shardings, log=print, read_workdir=None):
+    source, what = read_source(mi, config.get("model"), read_workdir)
     source = scan_lib.unstack_flat(source)  # a scanned source in the canonical layout
     flat = flatten(params)
     shapes = unrolled_shapes({k: tuple(v.shape) for k, v in flat.items()})

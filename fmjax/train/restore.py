@@ -15,7 +15,9 @@ import numpy as np
 from fmjax.data import sources, transforms
 from fmjax.errors import ConfigError, NonFiniteError
 from fmjax.evals import generation as gen_lib
+from fmjax.train import adapter_ckpt
 from fmjax.train import checkpoint as ckpt
+from fmjax.train import model_init as model_init_lib
 from fmjax.train import optimizer as opt_lib
 from fmjax.train import state as state_lib
 from fmjax.train import files
@@ -56,18 +58,29 @@ def _abstract_state(config, objective, mesh, rules, spec=None):
     return abstract, shardings, tx, spec
 
 
+def read_workdir(workdir: str, step: int | None = None):
+    """``({'params/...' | 'extra/...': host array}, step)`` of a workdir's checkpoint (latest
+    readable or ``step``): ``config.model_init``'s workdir source reader."""
+    _, _, _, _, state, step = load_checkpoint(workdir, step=step)
+    tree = {"params": state.params, "extra": state.extra}
+    return {k: model_init_lib._to_host(v) for k, v in model_init_lib.flatten(tree).items()}, step
+
+
+def fresh_state(config, objective, tx, spec, mesh, rules, shardings, log=print):
+    """The TrainState a fresh run of ``config`` starts from: ``create_state`` with
+    ``config.model_init``'s weights put in (a workdir source read by ``read_workdir``)."""
+    load = None
+    if model_init_lib.is_set(config):
+        load = lambda params, sh: model_init_lib.apply(  # noqa: E731
+            config, params, sh, log=log, read_workdir=read_workdir)[0]
+    return state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings,
+                                  load_params=load)[0]
+
+
 def _adapter_store(config, objective, mesh, rules, tx, spec, abstract, shardings):
     """The ``AdapterStore`` that puts an adapter checkpoint's base back (None: no adapter)."""
-    from fmjax.train import adapter_ckpt
-    from fmjax.train import model_init as model_init_lib
-
-    def fresh_state():
-        load = None
-        if model_init_lib.is_set(config):
-            load = lambda params, sh: model_init_lib.apply(config, params, sh, log=lambda *_: None)[0]  # noqa: E731
-        return state_lib.create_state(objective, tx, spec, mesh, rules, config.seed, shardings,
-                                      load_params=load)[0]
-    return adapter_ckpt.for_run(config, tx, abstract, fresh_state)
+    return adapter_ckpt.for_run(config, tx, abstract, lambda: fresh_state(
+        config, objective, tx, spec, mesh, rules, shardings, log=lambda *_: None))
 
 
 def load_checkpoint(workdir: str, config=None, step: int | None = None, devices=None):

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from fmjax.diffusion import process
+from fmjax.diffusion import sampling
 
 torch = pytest.importorskip("torch")
 
@@ -106,9 +107,9 @@ def _effective(schedule, t, variance_type="fixed_small"):
     t = np.asarray(t)
     one, zero = jnp.ones(t.shape), jnp.zeros(t.shape)
     kw = dict(prediction_type="sample", clip_sample=False, variance_type=variance_type)
-    c1 = process.ddpm_step(schedule, one, t, zero, **kw)[0]
-    c2 = process.ddpm_step(schedule, zero, t, one, **kw)[0]
-    std = process.ddpm_step(schedule, zero, t, zero, one, **kw)[0]
+    c1 = sampling.ddpm_step(schedule, one, t, zero, **kw)[0]
+    c2 = sampling.ddpm_step(schedule, zero, t, one, **kw)[0]
+    std = sampling.ddpm_step(schedule, zero, t, zero, one, **kw)[0]
     return np.asarray(c1), np.asarray(c2), np.asarray(std)
 
 
@@ -125,7 +126,7 @@ def test_float64_tables_are_guided_diffusions(name):
     ref = GaussianDiffusion(betas)
     if name == "linear":  # DiT's get_named_beta_schedule('linear', 1000)
         np.testing.assert_array_equal(betas, np.linspace(1e-4, 0.02, T, dtype=np.float64))
-    post = process.posterior_coefficients(sched, np.arange(T))
+    post = sampling.posterior_coefficients(sched, np.arange(T))
     worst = {}
     for field, attr in FIELDS.items():
         got, want = np.asarray(getattr(post, field)), getattr(ref, attr)
@@ -175,7 +176,7 @@ def test_ddpm_step_is_p_sample(var_type):
     for clip in (True, False):
         want = p_sample(ref, torch.from_numpy(eps), torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(noise),
                         var_type, clip, torch.from_numpy(var_values)).numpy()
-        got, _ = process.ddpm_step(sched, jnp.asarray(eps), t, jnp.asarray(x), jnp.asarray(noise),
+        got, _ = sampling.ddpm_step(sched, jnp.asarray(eps), t, jnp.asarray(x), jnp.asarray(noise),
                                    variance_type=fm_type, clip_sample=clip,
                                    predicted_variance=jnp.asarray(var_values))
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
@@ -190,7 +191,7 @@ def test_respaced_sample_is_spaced_diffusion():
     sched = process.make_schedule("linear", T, precision="float64")
     shape = (2, 4, 4, 3)
     rng = jax.random.PRNGKey(3)
-    ts = process.timesteps(T, 10, "leading")
+    ts = sampling.timesteps(T, 10, "leading")
     model = lambda x, t: 0.4 * x + 0.001 * t.reshape(-1, 1, 1, 1).astype(jnp.float32)
     x_T = jax.random.normal(jax.random.split(rng)[0], shape, jnp.float32)
     noises = [np.array(jax.random.normal(jax.random.fold_in(jax.random.split(rng)[1], i), shape, jnp.float32))
@@ -198,14 +199,14 @@ def test_respaced_sample_is_spaced_diffusion():
     spaced, timestep_map = spaced_diffusion(sched.host64.betas, set(ts.tolist()))
     assert timestep_map == sorted(ts.tolist())
     for var_type, fm_type in (("fixed_small", "fixed_small_log"), ("fixed_large", "fixed_large")):
-        got = process.sample(model, sched, shape, rng, sampler="ddpm", num_steps=10, variance_type=fm_type)
+        got = sampling.sample(model, sched, shape, rng, sampler="ddpm", num_steps=10, variance_type=fm_type)
         x = torch.from_numpy(np.array(x_T))
         for i, t in enumerate(ts):
             idx = torch.full((shape[0],), timestep_map.index(int(t)))
             eps = 0.4 * x + 0.001 * float(t)
             x = p_sample(spaced, eps, x, idx, torch.from_numpy(noises[i]), var_type)
         np.testing.assert_allclose(np.asarray(got), x.numpy(), rtol=1e-6, atol=1e-6)
-    post = process.posterior_coefficients(sched, ts, process.previous_timesteps(ts, "ddpm", T))
+    post = sampling.posterior_coefficients(sched, ts, sampling.previous_timesteps(ts, "ddpm", T))
     for field, attr in FIELDS.items():
         want = getattr(spaced, attr)[[timestep_map.index(int(t)) for t in ts]]
         np.testing.assert_allclose(np.asarray(getattr(post, field)), want, rtol=1e-7, err_msg=field)
@@ -226,14 +227,14 @@ def test_schedule_pytree_and_errors():
     f(process.make_schedule("linear", T, precision="float64"), x, jnp.array([1, 2]))
     assert f._cache_size() == 1
     with pytest.raises(ValueError, match="traced"):
-        jax.jit(lambda t: process.ddpm_step(s64, x, t, x)[0])(jnp.array([1, 2]))
-    post = process.posterior_coefficients(s64, np.array([1, 2]))
-    jitted = jax.jit(lambda t, p: process.ddpm_step(s64, x, t, x, posterior=p)[0])
+        jax.jit(lambda t: sampling.ddpm_step(s64, x, t, x)[0])(jnp.array([1, 2]))
+    post = sampling.posterior_coefficients(s64, np.array([1, 2]))
+    jitted = jax.jit(lambda t, p: sampling.ddpm_step(s64, x, t, x, posterior=p)[0])
     np.testing.assert_allclose(np.asarray(jitted(jnp.array([1, 2]), post)),
-                               np.asarray(process.ddpm_step(s64, x, np.array([1, 2]), x)[0]), rtol=1e-7)
+                               np.asarray(sampling.ddpm_step(s64, x, np.array([1, 2]), x)[0]), rtol=1e-7)
     with pytest.raises(ValueError, match="float64 schedule"):
-        process.posterior_coefficients(s32, np.arange(3))
+        sampling.posterior_coefficients(s32, np.arange(3))
     with pytest.raises(ValueError, match="prev_t must be below t"):
-        process.posterior_coefficients(s64, np.array([5]), np.array([5]))
+        sampling.posterior_coefficients(s64, np.array([5]), np.array([5]))
     with pytest.raises(ValueError, match=r"\[0, 1000\)"):
-        process.posterior_coefficients(s64, np.array([1000]))
+        sampling.posterior_coefficients(s64, np.array([1000]))

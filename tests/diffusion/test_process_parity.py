@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax.diffusion import process
+from fmjax.diffusion import sampling
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -63,7 +64,7 @@ def test_unknown_names_raise():
     with pytest.raises(ValueError, match="prediction_type"):
         process.training_target(process.make_schedule(), 0.0, 0.0, 0, "score")
     with pytest.raises(ValueError, match="spacing"):
-        process.timesteps(1000, 10, "uniform")
+        sampling.timesteps(1000, 10, "uniform")
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -99,7 +100,7 @@ def test_ddpm_step(variance_type, prediction_type):
     for t in (999, 500, 20, 0):
         out = _randn(t + 3, scale=1.0 if prediction_type != "sample" else 2.0)
         want, want_x0, noise = _ddpm_ref_step(ref, out, t, x, seed=t)
-        got, got_x0 = process.ddpm_step(sched, out, t, x, noise, prediction_type=prediction_type,
+        got, got_x0 = sampling.ddpm_step(sched, out, t, x, noise, prediction_type=prediction_type,
                                         variance_type=variance_type, clip_sample=True,
                                         clip_sample_range=1.5)
         _close(got, want)
@@ -114,8 +115,8 @@ def test_ddpm_step_fewer_inference_steps(spacing):
                         prediction_type="v_prediction", clip_sample=False, timestep_spacing=spacing)
     ref.set_timesteps(n)
     sched = process.make_schedule("cosine")
-    ts = process.timesteps(sched, n, spacing)
-    prev = process.previous_timesteps(ts, "ddpm", 1000)
+    ts = sampling.timesteps(sched, n, spacing)
+    prev = sampling.previous_timesteps(ts, "ddpm", 1000)
     np.testing.assert_array_equal(ts, ref.timesteps.numpy())
     x = _randn(4)
     for i in (0, 3, n - 1):
@@ -123,7 +124,7 @@ def test_ddpm_step_fewer_inference_steps(spacing):
         assert int(ref.previous_timestep(t)) == prev[i]
         out = _randn(10 + i)
         want, want_x0, noise = _ddpm_ref_step(ref, out, t, x, seed=i)
-        got, got_x0 = process.ddpm_step(sched, out, t, x, noise, prev_t=prev[i],
+        got, got_x0 = sampling.ddpm_step(sched, out, t, x, noise, prev_t=prev[i],
                                         prediction_type="v_prediction", variance_type="fixed_large",
                                         clip_sample=False)
         _close(got, want)
@@ -138,7 +139,7 @@ def test_ddpm_step_learned_range():
     out = np.concatenate([_randn(6), np.tanh(_randn(7))], axis=1)  # NCHW, 2C channels
     for t in (700, 1):
         want, want_x0, noise = _ddpm_ref_step(ref, out, t, x, seed=t)
-        got, got_x0 = process.ddpm_step(sched, out[:, :3], t, x, noise, clip_sample=False,
+        got, got_x0 = sampling.ddpm_step(sched, out[:, :3], t, x, noise, clip_sample=False,
                                         variance_type="learned_range", predicted_variance=out[:, 3:])
         _close(got, want)
         _close(got_x0, want_x0)
@@ -149,7 +150,7 @@ def test_steps_per_example_timesteps():
     sched = process.make_schedule("linear")
     x, out, noise = _randn(30), _randn(31), _randn(32)
     t, prev = np.array([999, 400, 3, 0]), np.array([979, 380, -17, -20])
-    for step, kw in [(process.ddpm_step, dict(variance_type="fixed_large")), (process.ddim_step, dict(eta=0.5))]:
+    for step, kw in [(sampling.ddpm_step, dict(variance_type="fixed_large")), (sampling.ddim_step, dict(eta=0.5))]:
         got = jax.jit(lambda o, t, x, n, p: step(sched, o, t, x, n, prev_t=p, **kw)[0])(out, t, x, noise, prev)
         for b in range(4):
             want = step(sched, out[b], int(t[b]), x[b], noise[b], prev_t=int(prev[b]), **kw)[0]
@@ -169,15 +170,15 @@ def test_ddim_step(spacing, eta):
         ref = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                             timestep_spacing=spacing, **cfg)
         ref.set_timesteps(n)
-        ts = process.timesteps(sched, n, spacing, steps_offset=cfg["steps_offset"])
+        ts = sampling.timesteps(sched, n, spacing, steps_offset=cfg["steps_offset"])
         np.testing.assert_array_equal(ts, ref.timesteps.numpy())
-        prev = process.previous_timesteps(ts, "ddim", 1000)
+        prev = sampling.previous_timesteps(ts, "ddim", 1000)
         for i in (0, n // 2, n - 1):
             t, out, noise = int(ts[i]), _randn(20 + i + k), _randn(40 + i + k)
             res = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), eta=eta,
                            use_clipped_model_output=cfg["clip_sample"],
                            variance_noise=torch.from_numpy(noise))
-            got, got_x0 = process.ddim_step(sched, out, t, x, noise, prev_t=prev[i], eta=eta,
+            got, got_x0 = sampling.ddim_step(sched, out, t, x, noise, prev_t=prev[i], eta=eta,
                                             prediction_type=cfg["prediction_type"],
                                             clip_sample=cfg["clip_sample"],
                                             set_alpha_to_one=cfg["set_alpha_to_one"],
@@ -196,10 +197,10 @@ def test_timestep_sequences():
                     for cls in (DDPMScheduler, DDIMScheduler):
                         ref = cls(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
                         ref.set_timesteps(n)
-                        ts = process.timesteps(T, n, spacing, steps_offset=offset)
+                        ts = sampling.timesteps(T, n, spacing, steps_offset=offset)
                         np.testing.assert_array_equal(ts, ref.timesteps.numpy(), err_msg=f"{T} {n} {spacing}")
     with pytest.raises(ValueError, match="num_inference_steps"):
-        process.timesteps(10, 11)
+        sampling.timesteps(10, 11)
 
 
 def test_conversions_and_loss_weights():
@@ -248,7 +249,7 @@ def test_sample_ddim_matches_diffusers_loop():
     for t in ref.timesteps:
         out = 0.3 * x + 1e-3 * t.float()
         x = ref.step(out, t, x).prev_sample
-    got = process.sample(_linear_model, sched, SHAPE, jax.random.key(0), num_steps=10,
+    got = sampling.sample(_linear_model, sched, SHAPE, jax.random.key(0), num_steps=10,
                          spacing="trailing", clip_sample=False, x_T=x_T)
     print("ddim loop max rel err", _close(got, x.numpy()))
 
@@ -261,7 +262,7 @@ def _trivial_sampler(sampler, sharded):
         sharding = NamedSharding(Mesh(np.asarray(jax.devices()[:8]), ("data",)), P("data"))
 
     def run(rng):
-        return process.sample(_linear_model, sched, (8, 4, 4, 3), rng, sampler=sampler, num_steps=5,
+        return sampling.sample(_linear_model, sched, (8, 4, 4, 3), rng, sampler=sampler, num_steps=5,
                               eta=1.0, sharding=sharding)
     return jax.jit(run)
 
@@ -293,7 +294,7 @@ def _oracle(sched, x0, prediction_type):
 def test_sample_oracle_recovers_x0(sampler, prediction_type, spacing):
     sched = process.make_schedule("cosine")
     x0 = jnp.tanh(jnp.asarray(_randn(16, (2, 8, 8, 3))))
-    got = process.sample(_oracle(sched, x0, prediction_type), sched, x0.shape, jax.random.key(3),
+    got = sampling.sample(_oracle(sched, x0, prediction_type), sched, x0.shape, jax.random.key(3),
                          sampler=sampler, num_steps=20, spacing=spacing, prediction_type=prediction_type,
                          variance_type="fixed_small")
     _close(got, x0, rtol=1e-4)
@@ -304,9 +305,9 @@ def test_sample_guidance_extrapolates():
     sched = process.make_schedule("linear")
     x0_c = 0.5 * jnp.tanh(jnp.asarray(_randn(17, (2, 4, 4, 3))))
     x0_u = 0.5 * jnp.tanh(jnp.asarray(_randn(18, (2, 4, 4, 3))))
-    got = process.sample(_oracle(sched, x0_c, "epsilon"), sched, x0_c.shape, jax.random.key(4),
+    got = sampling.sample(_oracle(sched, x0_c, "epsilon"), sched, x0_c.shape, jax.random.key(4),
                          num_steps=10, guidance_scale=2.5, uncond_fn=_oracle(sched, x0_u, "epsilon"),
                          clip_sample=False)
     _close(got, x0_u + 2.5 * (x0_c - x0_u), rtol=1e-4)
     with pytest.raises(ValueError, match="uncond_fn"):
-        process.sample(_linear_model, sched, (1, 2), jax.random.key(0), guidance_scale=2.0)
+        sampling.sample(_linear_model, sched, (1, 2), jax.random.key(0), guidance_scale=2.0)
