@@ -128,7 +128,7 @@ def test_every_notebook_has_its_checks():
     assert sorted(_name(p) for p in NOTEBOOKS) == sorted(CHECKS)
 
 
-SLOW_RUNS = ("finetune",)   # three trainings (pretrain + two fine-tunes): over a minute
+SLOW_RUNS = ("finetune", "dino_attention")   # a minute or more on the 2-core machine (finetune: three trainings)
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if _name(p) in SLOW_RUNS else p

@@ -437,16 +437,17 @@ def test_collapse_warning():
 
 @pytest.mark.slow
 def test_default_preset_loss_falls_and_writes_views(default_config, tmp_path):
-    """configs/byol.py default shortened to 150 steps on one device: the loss falls and the
+    """configs/byol.py default shortened to 60 steps on one device: the loss falls and the
     views picture is written (see configs/byol.py for the full run's numbers)."""
     c = default_config("byol")
-    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 150, 1, 150, 150
-    c.optimizer.warmup_steps = 15
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 60, 1, 60, 60
+    c.optimizer.warmup_steps = 6
     c.evals = {"images": c.evals["images"]}
     loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     with open(tmp_path / "metrics.jsonl") as f:
         losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
-    first, last = np.mean(losses[:5]), np.mean(losses[-25:])
-    print(f"BYOL default, 150 steps: loss {first:.3f} (steps 1-5) -> {last:.3f} (steps 126-150)")
-    assert last < 0.5 * first, losses                          # measured 3.89 -> 1.29
-    assert sorted(os.listdir(tmp_path / "images")) == ["images_views_0000000.png", "images_views_0000150.png"]
+    first, last = np.mean(losses[:5]), np.mean(losses[-15:])
+    print(f"BYOL default, 60 steps: loss {first:.3f} (steps 1-5) -> {last:.3f} (steps 46-60)")
+    # measured 3.85 -> 1.40 (150 steps: 3.89 -> 1.29; 90: 3.87 -> 1.34)
+    assert last < 0.5 * first, losses
+    assert sorted(os.listdir(tmp_path / "images")) == ["images_views_0000000.png", "images_views_0000060.png"]

@@ -244,9 +244,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(shapes_data_dir, tmp_path,
 
     with monkeypatch.context() as m:
         m.setattr(loop, "_Preemption", StopAfter)
-        assert loop.train_and_evaluate(config, resumed)["step"] == n
-    final_r = loop.train_and_evaluate(config, resumed)
-    final_s = loop.train_and_evaluate(config, straight)
+        assert loop.train_and_evaluate(config, resumed, devices=ONE_DEVICE)["step"] == n
+    final_r = loop.train_and_evaluate(config, resumed, devices=ONE_DEVICE)
+    final_s = loop.train_and_evaluate(config, straight, devices=ONE_DEVICE)
     assert final_r["step"] == final_s["step"] == 2 * n
     rows_r, rows_s = _metric_rows(resumed), _metric_rows(straight)
     assert sorted(rows_r) == sorted(rows_s) == list(range(1, 2 * n + 1))

@@ -16,6 +16,7 @@ from fmjax.testing import load_config
 from fmjax.train import loop
 
 ONE_DEVICE = jax.devices()[:1]
+pytestmark = pytest.mark.slow  # each gate trains a default preset for minutes on the 2-core machine
 
 
 def _rows(workdir):
