@@ -13,7 +13,11 @@ stem learns from the supervised default's teacher (4 layers, 128 wide, conv stem
       kd='hard' (DeiT, alpha 0.5)   0.439 / 0.411 / 0.421   (mean 0.424)
       kd='none' (no teacher)        0.427 / 0.439 / 0.408   (mean 0.425)
   So this recipe shows NO gain from the teacher yet (issue 18's gate: KD beats the student
-  alone at the same steps): the soft loss, longer runs and a DeiT student are untried.
+  alone at the same steps). Soft distillation, measured 2026-12-03 (teacher: a rerun of the
+  supervised default, 0.879), --config.objective.kd=soft --config.objective.temperature=4.0
+  (alpha 0.5), seeds 0 / 1: 0.409 / 0.425 vs kd='none' 0.419 / 0.430 on the same seeds: no gain
+  either. This student (linear patch stem, 2 x 64) is capacity-bound at ~0.42 after 600 steps
+  whatever its targets; longer runs and a larger student are untried.
 
 DeiT from a different-architecture teacher (issue 17's check, with configs/supervised.py:swin as
 the teacher, validation accuracy 0.939; the 'deit' preset is configs/supervised.py:deit's model):
