@@ -133,6 +133,21 @@ def _restore(wd, step):
         os.path.join(wd, "checkpoints", str(step), "state")))
 
 
+def _short_adapter_run(default_config, tmp_path, **adapter):
+    """A 4-step supervised run with ``adapter`` (checkpoints at 2 and 4 hold every array):
+    ``(config, params at 2, params at 4, names of the params that moved)``."""
+    c = default_config("supervised")
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 0, 2
+    c.eval_at_start = False
+    c.keep_checkpoints = 5
+    c.batch_size = 16
+    c.adapter.update(dict(adapter, checkpoint="full"))
+    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
+    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
+    return c, first, last, moved
+
+
 def test_training_moves_only_the_adapter_and_head(default_config, tmp_path, capsys):
     """A short supervised run with LoRA (rank 4 on q / v) and a trainable head: the base params
     of the step-3 and step-6 checkpoints are bit-identical, the LoRA B matrices and the head moved, the
@@ -189,15 +204,7 @@ def test_houlsby_starts_as_the_base_model_and_counts_like_the_formula(kind):
 
 def test_houlsby_trains_only_the_adapters_and_export_refuses_it(default_config, tmp_path):
     from fmjax.train import export as export_train
-    c = default_config("supervised")
-    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 0, 2
-    c.eval_at_start = False
-    c.keep_checkpoints = 5
-    c.batch_size = 16
-    c.adapter.update(dict(name="houlsby", bottleneck=4, checkpoint="full"))
-    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
-    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
-    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
+    _, _, _, moved = _short_adapter_run(default_config, tmp_path, name="houlsby", bottleneck=4)
     assert moved and all(k.split("/")[-1].startswith("adapter_") for k in moved), moved
     with pytest.raises(ConfigError, match="'houlsby' adapter, which the exported"):
         export_train.export_workdir(str(tmp_path), "hf", str(tmp_path / "out"))
@@ -309,31 +316,16 @@ def _drop(params, names):
 
 
 def test_prefix_trains_only_the_prefixes(default_config, tmp_path):
-    c = default_config("supervised")
-    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 0, 2
-    c.eval_at_start = False
-    c.keep_checkpoints = 5
-    c.batch_size = 16
-    c.adapter.update(dict(name="prefix", length=4))
-    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
-    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
-    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
+    _, _, _, moved = _short_adapter_run(default_config, tmp_path, name="prefix", length=4)
     assert moved and all(k.split("/")[-1].startswith("prefix_") for k in moved), moved
 
 
 # -- VPT-shallow prompt tuning (config.adapter.name='prompt') -----------------------------------
 
 def test_prompt_tuning_trains_only_the_prompt_tokens(default_config, tmp_path):
-    c = default_config("supervised")
-    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 0, 2
-    c.eval_at_start = False
-    c.keep_checkpoints = 5
-    c.batch_size = 16
-    c.adapter.update(dict(name="prompt", length=3, train=("head/.*",)))
-    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
-    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
+    c, first, _, moved = _short_adapter_run(default_config, tmp_path, name="prompt", length=3,
+                                            train=("head/.*",))
     assert first["reg_tokens"].shape == (1, 3, c.model.width)
-    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
     assert "reg_tokens" in moved and moved <= {"reg_tokens", "head/kernel", "head/bias"}, moved
     c.model.name = "mae"
     with pytest.raises(ConfigError, match="model 'mae' has no register tokens"):
@@ -396,17 +388,10 @@ def test_vpt_deep_replaces_the_prompt_slots_at_every_block(scan):
 
 
 def test_vpt_deep_trains_only_the_per_block_prompts(default_config, tmp_path):
-    c = default_config("supervised")
-    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 0, 2
-    c.eval_at_start = False
-    c.keep_checkpoints = 5
-    c.batch_size = 16
-    c.adapter.update(dict(name="prompt", length=3, deep=True, train=("head/.*",), checkpoint="full"))
+    c, first, _, moved = _short_adapter_run(default_config, tmp_path, name="prompt", length=3, deep=True,
+                                            train=("head/.*",))
     obj = make_objective(c)
     assert obj.adapter["offset"] == 1 and obj.adapter["deep"]
-    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
-    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
-    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
     prompts = {f"encoder/block_{i}/vpt_prompts" for i in range(c.model.depth)}
     assert prompts <= moved <= prompts | {"head/kernel", "head/bias"}, moved
     assert first["encoder/block_0/vpt_prompts"].shape == (1, 3, c.model.width)
