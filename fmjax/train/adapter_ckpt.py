@@ -7,7 +7,7 @@ trainer's ``mask_update`` keeps them at ``tx.init``). So a checkpoint step store
 
 - the trainable params (adapter params and the ``adapter.train`` regexes) and their optimizer
   slots, the step, the rng and the objective state (EMA teachers, queues: stored whole);
-- in place of each frozen array, a one-element (0-d) placeholder (Orbax writes no empty arrays) of its dtype;
+- in place of each frozen array, a 0-d placeholder of its dtype (Orbax writes no empty arrays);
 - in its meta, ``stored='adapter'`` and ``adapter_base``: the ``model_init`` the base came
   from and an exact digest of the frozen arrays.
 
@@ -26,19 +26,12 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax import adapt
+from fmjax.train import step as step_lib
 
-MODES = ("adapter", "full")
 _GOLDEN = np.uint32(2654435761)  # Knuth's multiplicative hash constant: position weights
-
-
-def mode(config) -> str:
-    """'adapter' (store trained arrays only), 'full', or '' when the run has no adapter."""
-    a = adapt.spec(config)
-    return "" if a is None else a["checkpoint"]
 
 
 def _leaf_digest(x: jax.Array) -> jax.Array:
@@ -63,7 +56,9 @@ class AdapterStore:
     """What a run with an adapter stores, and how it gets its base back.
 
     ``masks``: a TrainState of bools (True: stored); ``param_mask`` its params part;
-    ``make_base()``: a full fresh state (the base weights in place).
+    ``make_base()``: a full fresh state (the base weights in place), built when a restore needs
+    it and not kept (a train step donates the state's buffers, and a second copy of the base
+    would double the memory).
     """
     masks: Any
     param_mask: Any
@@ -71,11 +66,6 @@ class AdapterStore:
     model_init: Any = None
     prune_saves: bool = True     # 'adapter' mode; 'full' saves every array but restores either kind
     _digest: Optional[str] = None
-
-    def take_base(self):
-        """The fresh state with the base weights, built now; not kept (a train step donates
-        the state's buffers, and a second copy of the base would double the memory)."""
-        return self.make_base()
 
     def digest(self, params) -> str:
         """The exact digest of the frozen params (their paths, shapes, dtypes and bits)."""
@@ -108,7 +98,8 @@ class AdapterStore:
         self._digest = now
 
     def prune(self, state):
-        """``state`` with every frozen array replaced by a one-element (0-d) placeholder (Orbax writes no empty arrays) (what is saved)."""
+        """What is saved: ``state`` with every frozen array replaced by a 0-d placeholder (Orbax
+        writes no empty arrays)."""
         return jax.tree.map(lambda x, m: x if m else np.zeros((), x.dtype), state, self.masks)
 
     def prune_target(self, target):
@@ -124,7 +115,7 @@ class AdapterStore:
 
     def fill(self, restored, with_opt_state: bool = True):
         """``restored`` (a pruned state) with the base's arrays in place of the placeholders."""
-        base = self.take_base()
+        base = self.make_base()
         masks = self.masks
         if not with_opt_state:
             base, masks = base.replace(opt_state=None), masks.replace(opt_state=None)
@@ -134,15 +125,14 @@ class AdapterStore:
 def for_run(config, tx, abstract_state, make_base: Callable[[], Any]) -> Optional[AdapterStore]:
     """The ``AdapterStore`` of a run with an adapter (its saves are pruned in 'adapter' mode),
     else None (every array is stored, and adapter-only steps cannot be restored)."""
-    if not mode(config):
+    a = adapt.spec(config)
+    if a is None:
         return None
-    param_mask = adapt.trainable_mask(abstract_state.params, adapt.spec(config))
-    slot_mask = optax.tree_map_params(tx, lambda _, m: m, abstract_state.opt_state, param_mask,
-                                      transform_non_params=lambda _: True)
-    true = lambda tree: jax.tree.map(lambda _: True, tree)  # noqa: E731
-    masks = abstract_state.replace(step=True, params=param_mask, opt_state=slot_mask,
-                                   extra=true(abstract_state.extra), rng=True)
+    param_mask = adapt.trainable_mask(abstract_state.params, a)
+    masks = abstract_state.replace(step=True, params=param_mask,
+                                   opt_state=step_lib.slot_mask(tx, abstract_state.opt_state, param_mask),
+                                   extra=jax.tree.map(lambda _: True, abstract_state.extra), rng=True)
     mi = config.get("model_init")
     mi = mi.to_dict() if hasattr(mi, "to_dict") else mi
     return AdapterStore(masks=masks, param_mask=param_mask, make_base=make_base, model_init=mi,
-                        prune_saves=mode(config) == "adapter")
+                        prune_saves=a["checkpoint"] == "adapter")

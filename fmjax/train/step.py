@@ -90,11 +90,16 @@ def mask_update(tx, mask, updates, new_opt_state, old_opt_state):
     of those slots, so a param unfrozen later starts its bias correction from its own
     count, as torch does; with the default shared count it uses the global one."""
     updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
-    slot_mask = optax.tree_map_params(tx, lambda _, m: m, new_opt_state, mask,
-                                      transform_non_params=lambda _: True)
     opt_state = jax.tree.map(lambda m, new, old: jnp.where(m, new, old),
-                             slot_mask, new_opt_state, old_opt_state)
+                             slot_mask(tx, new_opt_state, mask), new_opt_state, old_opt_state)
     return updates, opt_state
+
+
+def slot_mask(tx, opt_state, param_mask):
+    """``opt_state``'s tree of bools: each per-param slot takes its param's ``param_mask`` value,
+    every other leaf (step counts, scalars) is True."""
+    return optax.tree_map_params(tx, lambda _, m: m, opt_state, param_mask,
+                                 transform_non_params=lambda _: True)
 
 
 NONFINITE_POLICIES = ("stop", "skip_step")
