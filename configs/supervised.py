@@ -52,8 +52,9 @@ Paper-style preset (DeiT-style recipe on ImageNet-1k; needs `imagenet2012` in TF
   create_scheduler), checked step by step by tests/reference/test_supervised_trajectory.py:
   - lr = 5e-4 * batch / 512 (blr 2.5e-4 with fmjax's batch / 256 scaling), AdamW betas
     (0.9, 0.999), eps 1e-8, weight decay 0.05, no clipping (DeiT's --clip-grad is None);
-  - optimizer.wd_groups = 'deit': pos_embed, cls_token, dist_token (timm's VisionTransformer
-    no_weight_decay(); biases and < 2-D params never decay);
+  - optimizer.wd_groups = 'deit': pos_embed, cls_token (timm 0.3.2's VisionTransformer
+    no_weight_decay(), which DeiT's distilled model inherits: its dist_token decays; biases
+    and < 2-D params never decay);
   - the lr is timm's CosineLRScheduler stepped per EPOCH: schedule_steps_per_epoch = one
     epoch (1281167 // 1024 steps, drop_last), warm-up 5 epochs from warmup_init 1e-6
     (--warmup-lr), decay_from='start' (the cosine over all 300 epochs, warm-up included:

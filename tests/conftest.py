@@ -109,3 +109,22 @@ def default_config(shapes_data_dir):
         c.data.data_dir = shapes_data_dir
         return c
     return make
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the test files longest first, so two xdist workers finish together.
+
+    ``--dist loadfile`` hands out whole files; with xdist's default order (most tests first)
+    the few-test files that train for minutes (tests/train/test_learning.py, the kill drills)
+    came last and one worker ran them alone. pytest.ini turns that reorder off and this
+    orders files by an estimate of their cost: a slow-marked test counts as 90 s (they take
+    45-170 s), any other as 1.5 s (the suite's mean). Order inside a file is kept; files of
+    equal estimate keep their collection order. Every worker computes the same order.
+    """
+    cost, first = {}, {}
+    for i, item in enumerate(items):
+        f = item.nodeid.split("::", 1)[0]
+        first.setdefault(f, i)
+        cost[f] = cost.get(f, 0.0) + (90.0 if item.get_closest_marker("slow") else 1.5)
+    items.sort(key=lambda it: (-cost[it.nodeid.split("::", 1)[0]],
+                               first[it.nodeid.split("::", 1)[0]]))

@@ -23,10 +23,13 @@ Mapping onto ``fmjax.models.vit.ViT`` (``vit_kwargs_from_timm`` gives its kwargs
   into them. A ``no_embed_class`` ``pos_embed`` (DeiT III, patches only) gets a zero row
   for the class token. Both are exact, and stay exact after a pos-embed resize (prefix rows
   are never resampled);
-- DeiT's ``head_dist``: fmjax's ViT has one head, on the class token, while DeiT's
-  inference logits are ``(head(cls) + head_dist(dist)) / 2``. ``head_dist='error'``
-  (default) refuses it, ``'drop'`` discards it (fine-tuning), ``'keep'`` returns it as a
-  top-level ``head_dist`` entry for the caller to apply to ``tokens[:, 1]``;
+- DeiT's ``head_dist``: ``head_dist='distill'`` keeps DeiT's own layout for
+  ``ViT(distill_token=True)`` (``vit_kwargs_from_timm(..., distill_token=True)``):
+  ``dist_token``, its ``pos_embed`` row and ``head_dist`` as they are, so ``logits`` are
+  DeiT's inference output ``(head(cls) + head_dist(dist)) / 2`` and training has both heads.
+  Otherwise the distillation token is a register (above) and ``head_dist='error'``
+  (default) refuses the head, ``'drop'`` discards it (fine-tuning), ``'keep'`` returns it as
+  a top-level ``head_dist`` entry for the caller to apply to ``tokens[:, 1]``;
 - layer scale (``ls{1,2}.gamma``, DeiT III's ``gamma_{1,2}``) -> ``ls1`` / ``ls2``
   (``ViT(layerscale=...)``), ``norm_pre`` (CLIP-style) -> ``pre_norm``.
 
@@ -66,7 +69,7 @@ Params = Dict[str, Any]
 TIMM_HEADS = {192: 3, 256: 4, 320: 5, 384: 6, 512: 8, 640: 10, 768: 12, 1024: 16,
               1152: 16, 1280: 16, 1408: 16, 1664: 16}
 MAE_DECODER_HEADS = 16  # models_mae.py: every mae_vit_*_dec512d8b
-HEAD_DIST = ("error", "drop", "keep")
+HEAD_DIST = ("error", "drop", "keep", "distill")
 _MAE_KEY = re.compile(r"mask_token|decoder_.*")
 
 
@@ -209,13 +212,17 @@ def _layerscale(sd: Mapping[str, np.ndarray]) -> bool:
 
 
 def vit_kwargs_from_timm(state_dict: Mapping[str, Any], num_heads: Optional[int] = None,
-                         global_pool: Optional[str] = None) -> Dict[str, Any]:
+                         global_pool: Optional[str] = None, distill_token: bool = False) -> Dict[str, Any]:
     """kwargs for ``fmjax.models.vit.ViT`` read off a timm-layout state dict.
 
     ``global_pool``: 'token' or 'avg'; by default 'avg' when the checkpoint has ``fc_norm``
     or no class token, else 'token' (timm's default). ``num_heads``: see the module doc.
+    ``distill_token=True``: a DeiT distilled checkpoint as ``ViT(distill_token=True)``, for
+    params converted with ``head_dist='distill'`` (else its token is a register).
     """
     sd = timm_state_dict(state_dict)
+    if distill_token and "dist_token" not in sd:
+        raise ValueError("distill_token=True needs a DeiT distilled state dict (no dist_token here).")
     width = _width(sd)
     has_cls = "cls_token" in sd
     fc_norm = "fc_norm.weight" in sd
@@ -233,6 +240,8 @@ def vit_kwargs_from_timm(state_dict: Mapping[str, Any], num_heads: Optional[int]
               pool="cls" if global_pool == "token" else "mean", class_token=has_cls,
               pos_embed="learned", num_registers=int(extra), fc_norm=fc_norm,
               pre_norm="norm_pre.weight" in sd, layernorm_eps=1e-6, activation="gelu")
+    if distill_token:
+        kw.update(num_registers=0, distill_token=True)
     if _layerscale(sd):
         kw["layerscale"] = 1e-5  # any value: the init is replaced by the checkpoint's gammas
     return kw
@@ -244,7 +253,8 @@ def convert_timm_vit(state_dict: Mapping[str, Any], num_heads: Optional[int] = N
     """timm ``VisionTransformer`` / DeiT / MAE-fine-tuned state dict -> ``ViT`` params.
 
     Build the model with ``ViT(**vit_kwargs_from_timm(state_dict))``. ``head_dist``: what
-    to do with DeiT's distillation head ('error', 'drop', 'keep'; see the module doc).
+    to do with DeiT's distillation head ('error', 'drop', 'keep', or 'distill' for DeiT's own
+    layout; see the module doc).
     ``no_embed_class``: whether ``pos_embed`` covers the patches only (DeiT III, timm's
     ``no_embed_class=True``); by default read off its row count. ``abs_pos_embed=False``: the
     model has no ``pos_embed`` (BEiT / SimMIM, ``fmjax.interop.beit``; ``ViT(pos_embed='none')``).
@@ -262,6 +272,11 @@ def convert_timm_vit(state_dict: Mapping[str, Any], num_heads: Optional[int] = N
         raise ValueError("The state dict has both `norm` (before pooling) and `fc_norm` "
                          "(after): fmjax's ViT(fc_norm=True) has only the second.")
     has_cls = "cls_token" in sd
+    distill = head_dist == "distill"
+    if distill and ("dist_token" not in sd or "head_dist.weight" not in sd or not has_cls
+                    or not abs_pos_embed):
+        raise ValueError("head_dist='distill' needs a DeiT distilled state dict (cls_token, "
+                         "dist_token, pos_embed and head_dist); convert others without it.")
     extra_key = "dist_token" if "dist_token" in sd else ("reg_token" if "reg_token" in sd else None)
     params: Params = {"patch_embed": _patch_embed(r, "norm_pre.weight" in sd)}
     cls = r("cls_token") if has_cls else None
@@ -272,7 +287,10 @@ def convert_timm_vit(state_dict: Mapping[str, Any], num_heads: Optional[int] = N
         if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width:
             raise ValueError(f"pos_embed has shape {pos.shape}; expected (1, rows, {width}).")
         _, no_embed = _grid(pos.shape[1], n_cls + n_extra, no_embed_class)
-        if no_embed:  # patches only: the class token gets a zero row, the extras none
+        if distill:  # ViT(distill_token=True) keeps DeiT's rows: class, distillation, patches
+            if no_embed:
+                raise ValueError("head_dist='distill': this pos_embed has no class / distillation rows.")
+        elif no_embed:  # patches only: the class token gets a zero row, the extras none
             pos = np.concatenate([np.zeros((1, n_cls, width), np.float32), pos], axis=1)
         else:  # fold the extra tokens' (constant) position rows into them
             if extra is not None:
@@ -282,7 +300,7 @@ def convert_timm_vit(state_dict: Mapping[str, Any], num_heads: Optional[int] = N
     if cls is not None:
         params["cls_token"] = cls
     if extra is not None:
-        params["reg_tokens"] = extra
+        params["dist_token" if distill else "reg_tokens"] = extra
     if "norm_pre.weight" in sd:
         params["pre_norm"] = _layer_norm(r, "norm_pre")
     encoder = _blocks(r, "blocks", _depth(sd), heads)
@@ -301,7 +319,7 @@ def convert_timm_vit(state_dict: Mapping[str, Any], num_heads: Optional[int] = N
                 "head_dist='drop' (e.g. to fine-tune) or 'keep' (returned as params['head_dist'], "
                 "to apply to tokens[:, 1] yourself).")
         dist = _linear(r, "head_dist")
-        if head_dist == "keep":
+        if head_dist in ("keep", "distill"):
             params["head_dist"] = dist
     mae = [k for k in sd if _MAE_KEY.fullmatch(k)]
     r.finish(hint=" This is an MAE pre-training checkpoint: convert it with convert_timm_mae "
@@ -382,11 +400,14 @@ def convert_for_model_init(state_dict: Mapping[str, Any], fmt: str,
                            model_config: Optional[Mapping[str, Any]] = None) -> Params:
     """``config.model_init`` formats 'timm_vit' / 'timm_mae'. Head counts come from
     ``config.model`` (``num_heads``, ``decoder_heads``) when it names them, else the
-    defaults above; DeiT's ``head_dist`` is kept, so the load table counts it as unused."""
+    defaults above. A DeiT distilled checkpoint loads into ``model.distill_token=True`` with
+    both heads (``head_dist='distill'``); into any other ViT its token is a register and its
+    ``head_dist`` is kept, so the load table counts it as unused."""
     from fmjax.models.registry import model_fields
     kwargs = model_fields(model_config)
     if fmt == "timm_mae":
         return convert_timm_mae(state_dict, kwargs.get("num_heads"), kwargs.get("decoder_heads"))
     if fmt != "timm_vit":
         raise ValueError(f"Unknown timm format {fmt!r}; valid: 'timm_vit', 'timm_mae'.")
-    return convert_timm_vit(state_dict, kwargs.get("num_heads"), head_dist="keep")
+    distill = bool(kwargs.get("distill_token")) and "dist_token" in timm_state_dict(state_dict)
+    return convert_timm_vit(state_dict, kwargs.get("num_heads"), head_dist="distill" if distill else "keep")

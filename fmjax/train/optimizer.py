@@ -26,7 +26,7 @@ from fmjax.train import param_groups
 #   MAE (timm add_weight_decay, as facebookresearch/mae calls it): ()  - cls/mask tokens decay
 #   DINO (utils.get_params_groups): ()                                  - cls token, pos_embed decay
 #   open_clip (main.py exclude): cls_token (open_clip's class_embedding is 1-D)
-#   DeiT / timm ViT (no_weight_decay): pos_embed, cls_token, dist_token
+#   DeiT (timm 0.3.2 no_weight_decay): pos_embed, cls_token - dist_token decays
 # NO_DECAY_PATTERNS is the default for configs that set nothing: fmjax's own, broader choice.
 # ``config.optimizer.decay_all=True`` (default False) decays every param, < 2-D ones and biases
 # included: one torch param group, as diffusers' train_unconditional.py builds its AdamW.
@@ -44,9 +44,13 @@ NO_DECAY_PRESETS = {
     "mae": (),
     # facebookresearch/dino utils.get_params_groups: only biases and 1-D params are skipped.
     "dino": (),
-    # timm VisionTransformer.no_weight_decay() = {pos_embed, cls_token, dist_token}, as DeiT's
-    # create_optimizer and MAE's main_finetune / lr_decay.param_groups_lrd use it.
-    "deit": (r"pos_embed$", r"cls_token$", r"dist_token$"),
+    # DeiT's create_optimizer on timm 0.3.2 (the version facebookresearch/deit pins): the skip
+    # list is VisionTransformer.no_weight_decay() = {pos_embed, cls_token}, which DeiT's
+    # DistilledVisionTransformer (models.py) inherits unchanged, so its dist_token ([1, 1, D])
+    # DECAYS (tests/reference/test_distill_trajectory.py; later timm adds dist_token to the list).
+    "deit": (r"pos_embed$", r"cls_token$"),
+    # MAE's main_finetune / lr_decay.param_groups_lrd with its ViT's no_weight_decay() (timm
+    # 0.3.2 as well; MAE's models have no dist_token, which the list still skips).
     "mae_finetune": (r"pos_embed$", r"cls_token$", r"dist_token$"),
     # open_clip main.py: p.ndim < 2 or 'bn'/'ln'/'bias'/'logit_scale' in the name; its
     # class_embedding is 1-D there, fmjax's cls_token [1, 1, D].

@@ -298,6 +298,22 @@ def test_deit_distilled():
     _close((np.asarray(out["logits"]) + dist_logits) / 2, logits.numpy(), "averaged logits")
     dropped = timm_vit.convert_timm_vit(sd, HEADS, head_dist="drop")
     assert "head_dist" not in dropped and set(dropped) == set(params) - {"head_dist"}
+    # head_dist='distill': DeiT's own layout in ViT(distill_token=True), both heads inside.
+    kw = timm_vit.vit_kwargs_from_timm(sd, HEADS, distill_token=True)
+    assert kw["distill_token"] and kw["num_registers"] == 0
+    deit = timm_vit.convert_timm_vit(sd, HEADS, head_dist="distill")
+    np.testing.assert_array_equal(deit["pos_embed"], sd["pos_embed"].numpy())
+    out = ViT(**kw).apply({"params": deit}, _nhwc(images))
+    _close(out["tokens"], feats.numpy(), "tokens (distill_token)")
+    _close(out["logits"], logits.numpy(), "DeiT logits (distill_token)")
+    _close(out["dist_logits"], ref.head_dist(feats[:, 1]).detach().numpy(), "dist head")
+    params_mi = timm_vit.convert_for_model_init(sd, "timm_vit", dict(name="vit", distill_token=True,
+                                                                     num_heads=HEADS))
+    assert set(params_mi) == set(deit) and "dist_token" in params_mi
+    assert "reg_tokens" in timm_vit.convert_for_model_init(sd, "timm_vit", dict(name="vit", num_heads=HEADS))
+    with pytest.raises(ValueError, match="needs a DeiT distilled state dict"):
+        timm_vit.convert_timm_vit(_randomize(VisionTransformer(), seed=7).state_dict(), HEADS,
+                                  head_dist="distill")
 
 
 def test_wrapped_checkpoint_and_ddp_prefix():

@@ -17,14 +17,15 @@ The reference is a minimal PyTorch transcription of facebookresearch/deit at com
   -- DeiT's ``--clip-grad`` default is None --, step), then ``model_ema.update(model)``.
 - timm 0.3.2 ``optim/optim_factory.py`` ``create_optimizer`` / ``add_weight_decay`` (no decay
   for ``len(shape) == 1``, ``.bias`` and ``model.no_weight_decay()`` = {'pos_embed',
-  'cls_token'}; DeiT's distilled model adds 'dist_token'), ``torch.optim.AdamW`` (betas
+  'cls_token'}, which DeiT's distilled model inherits), ``torch.optim.AdamW`` (betas
   (0.9, 0.999), eps 1e-8); ``scheduler/scheduler_factory.py`` ``create_scheduler`` and
   ``scheduler/cosine_lr.py`` / ``scheduler/scheduler.py`` ``CosineLRScheduler`` (t_initial =
   epochs, warmup_t, warmup_lr_init, lr_min, ``warmup_prefix=False``: the cosine's clock
   starts at epoch 0, so the peak lr is never reached); ``models/vision_transformer.py``
   ``VisionTransformer`` / ``Block`` / ``Attention`` (one fused ``qkv``) / ``Mlp`` /
   ``PatchEmbed`` as DeiT's ``models.py`` builds them (qkv_bias, LayerNorm eps 1e-6); the blocks
-  are in timm032_blocks.py, shared with the MAE test.
+  are in timm032_blocks.py, shared with the MAE test. The transcription is in
+  deit_reference.py, shared with test_distill_trajectory.py.
 
 The only changes to the reference: float32 (DeiT trains under ``torch.cuda.amp.autocast()``;
 the GradScaler only rescales); dropout / drop-path 0; no mixup / cutmix / augmentation (the
@@ -59,7 +60,6 @@ relative); with only ``schedule_epoch_lag=0`` (timm train.py's ``step(epoch + 1)
 DeiT's list (both skip pos_embed, cls_token, biases and LayerNorms), which
 ``test_decay_groups_are_the_references`` checks for both.
 """
-import math
 import os
 import sys
 import types
@@ -71,9 +71,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared blocks
-from timm032_blocks import Block, PatchEmbed  # noqa: E402  (timm 0.3.2)
-F = torch.nn.functional
+sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared reference
+from deit_reference import (CosineLRScheduler, VisionTransformer, create_optimizer,  # noqa: E402
+                            create_scheduler, reference_train)
 
 from fmjax.data import pipeline  # noqa: E402
 from fmjax.interop import hf_vit  # noqa: E402
@@ -92,181 +92,14 @@ STEPS_PER_EPOCH, EPOCHS, WARMUP_EPOCHS = 3, 10, 2   # 30 optimizer steps, 6 of w
 PEAK_LR, WARMUP_LR, MIN_LR, WD, SMOOTHING = 1e-3, 1e-6, 1e-5, 0.05, 0.1
 
 
-# ----------------------------------------------------------------------------------------------
-# The reference: timm 0.3.2's VisionTransformer (as DeiT's models.py builds deit_*_patch16_224).
-# ----------------------------------------------------------------------------------------------
-
-class VisionTransformer(nn.Module):
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
-                 depth=12, num_heads=12, mlp_ratio=4., qkv_bias=False, norm_layer=nn.LayerNorm):
-        super().__init__()
-        self.num_classes = num_classes
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
-            for _ in range(depth)])
-        self.norm = norm_layer(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
-        nn.init.trunc_normal_(self.pos_embed, std=.02)
-        nn.init.trunc_normal_(self.cls_token, std=.02)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
-
-    def no_weight_decay(self):
-        return {'pos_embed', 'cls_token'}
-
-    def forward_features(self, x):
-        B = x.shape[0]
-        x = self.patch_embed(x)
-        cls_tokens = self.cls_token.expand(B, -1, -1)
-        x = torch.cat((cls_tokens, x), dim=1)
-        x = x + self.pos_embed
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
-        return x[:, 0]
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
-
-
-class LabelSmoothingCrossEntropy(nn.Module):
-    """deit losses.py (DeiT HEAD keeps its own copy; timm 0.3.2's is the same)."""
-
-    def __init__(self, smoothing=0.1):
-        super().__init__()
-        assert smoothing < 1.0
-        self.smoothing = smoothing
-        self.confidence = 1. - smoothing
-
-    def forward(self, x, target):
-        logprobs = F.log_softmax(x, dim=-1)
-        nll_loss = -logprobs.gather(dim=-1, index=target.unsqueeze(1))
-        nll_loss = nll_loss.squeeze(1)
-        smooth_loss = -logprobs.mean(dim=-1)
-        loss = self.confidence * nll_loss + self.smoothing * smooth_loss
-        return loss.mean()
-
-
-# ----------------------------------------------------------------------------------------------
-# The reference's optimizer and schedule: timm 0.3.2 optim_factory.py, scheduler/*.py.
-# ----------------------------------------------------------------------------------------------
-
-def add_weight_decay(model, weight_decay=1e-5, skip_list=()):
-    decay = []
-    no_decay = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue  # frozen weights
-        if len(param.shape) == 1 or name.endswith(".bias") or name in skip_list:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {'params': no_decay, 'weight_decay': 0.},
-        {'params': decay, 'weight_decay': weight_decay}]
-
-
-def create_optimizer(args, model, filter_bias_and_bn=True):
-    """timm 0.3.2 create_optimizer, the 'adamw' branch."""
-    opt_lower = args.opt.lower()
-    weight_decay = args.weight_decay
-    if weight_decay and filter_bias_and_bn:
-        skip = {}
-        if hasattr(model, 'no_weight_decay'):
-            skip = model.no_weight_decay()
-        parameters = add_weight_decay(model, weight_decay, skip)
-        weight_decay = 0.
-    else:
-        parameters = model.parameters()
-    opt_args = dict(lr=args.lr, weight_decay=weight_decay)
-    if hasattr(args, 'opt_eps') and args.opt_eps is not None:
-        opt_args['eps'] = args.opt_eps
-    if hasattr(args, 'opt_betas') and args.opt_betas is not None:
-        opt_args['betas'] = args.opt_betas
-    assert opt_lower.split('_')[-1] == 'adamw'
-    return torch.optim.AdamW(parameters, **opt_args)
-
-
-class CosineLRScheduler:
-    """timm 0.3.2 scheduler.Scheduler + cosine_lr.CosineLRScheduler (param_group_field 'lr',
-    no noise: DeiT's lr_noise is None; t_mul 1)."""
-
-    def __init__(self, optimizer, t_initial, t_mul=1., lr_min=0., decay_rate=1., warmup_t=0,
-                 warmup_lr_init=0, warmup_prefix=False, cycle_limit=0, t_in_epochs=True):
-        self.optimizer = optimizer
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        self.base_values = [group["initial_lr"] for group in optimizer.param_groups]
-        self.update_groups(self.base_values)
-        assert t_initial > 0 and lr_min >= 0 and t_mul == 1
-        self.t_initial, self.t_mul, self.lr_min, self.decay_rate = t_initial, t_mul, lr_min, decay_rate
-        self.cycle_limit, self.warmup_t, self.warmup_lr_init = cycle_limit, warmup_t, warmup_lr_init
-        self.warmup_prefix, self.t_in_epochs = warmup_prefix, t_in_epochs
-        if self.warmup_t:
-            self.warmup_steps = [(v - warmup_lr_init) / self.warmup_t for v in self.base_values]
-            self.update_groups(self.warmup_lr_init)
-        else:
-            self.warmup_steps = [1 for _ in self.base_values]
-
-    def _get_lr(self, t):
-        if t < self.warmup_t:
-            lrs = [self.warmup_lr_init + t * s for s in self.warmup_steps]
-        else:
-            if self.warmup_prefix:
-                t = t - self.warmup_t
-            i = t // self.t_initial
-            t_i = self.t_initial
-            t_curr = t - (self.t_initial * i)
-            gamma = self.decay_rate ** i
-            lr_min = self.lr_min * gamma
-            lr_max_values = [v * gamma for v in self.base_values]
-            if self.cycle_limit == 0 or (self.cycle_limit > 0 and i < self.cycle_limit):
-                lrs = [lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * t_curr / t_i))
-                       for lr_max in lr_max_values]
-            else:
-                lrs = [self.lr_min for _ in self.base_values]
-        return lrs
-
-    def step(self, epoch, metric=None):
-        values = self._get_lr(epoch) if self.t_in_epochs else None
-        if values is not None:
-            self.update_groups(values)
-
-    def update_groups(self, values):
-        if not isinstance(values, (list, tuple)):
-            values = [values] * len(self.optimizer.param_groups)
-        for param_group, value in zip(self.optimizer.param_groups, values):
-            param_group["lr"] = value
-
-
-def create_scheduler(args, optimizer):
-    """timm 0.3.2 create_scheduler, the 'cosine' branch."""
-    assert args.sched == 'cosine'
-    lr_scheduler = CosineLRScheduler(
-        optimizer, t_initial=args.epochs, t_mul=1., lr_min=args.min_lr, decay_rate=args.decay_rate,
-        warmup_lr_init=args.warmup_lr, warmup_t=args.warmup_epochs, cycle_limit=1, t_in_epochs=True)
-    return lr_scheduler, args.epochs + args.cooldown_epochs
-
-
 def deit_args(**overrides):
     """main.py's argparse defaults that matter here, with the compressed schedule."""
     args = dict(batch_size=BATCH, epochs=EPOCHS, lr=PEAK_LR * 512 / BATCH, unscale_lr=False,
                 opt='adamw', opt_eps=1e-8, opt_betas=None, clip_grad=None, weight_decay=WD,
                 sched='cosine', warmup_lr=WARMUP_LR, min_lr=MIN_LR, decay_rate=0.1,
                 warmup_epochs=WARMUP_EPOCHS, cooldown_epochs=10, smoothing=SMOOTHING,
-                mixup=0.0, cutmix=0.0)
+                mixup=0.0, cutmix=0.0, distillation_type='none', distillation_alpha=0.5,
+                distillation_tau=1.0)
     args.update(overrides)
     return types.SimpleNamespace(**args)
 
@@ -281,38 +114,6 @@ def reference_lrs(args, steps_per_epoch):
         lrs += [optimizer.param_groups[0]["lr"]] * steps_per_epoch
         lr_scheduler.step(epoch)
     return np.array(lrs)
-
-
-def reference_train(model, data_loader, args):
-    """main.py's set-up and epoch loop over engine.train_one_epoch. ``data_loader``: per epoch,
-    a list of (samples NCHW, targets). Returns the loss and the lr of every step."""
-    if not args.unscale_lr:
-        args.lr = args.lr * args.batch_size * 1 / 512.0  # utils.get_world_size() == 1
-    optimizer = create_optimizer(args, model)
-    lr_scheduler, _ = create_scheduler(args, optimizer)
-    assert not (args.mixup > 0 or args.cutmix > 0.)
-    criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    # DistillationLoss(criterion, None, 'none', ...) returns criterion(outputs, labels).
-    losses, lrs = [], []
-    for epoch in range(args.epochs):
-        # -- train_one_epoch
-        model.train(True)
-        for samples, targets in data_loader[epoch]:
-            outputs = model(samples)
-            loss = criterion(outputs, targets)
-            loss_value = loss.item()
-            assert math.isfinite(loss_value)
-            optimizer.zero_grad()
-            # loss_scaler(loss, optimizer, clip_grad=None, ...): scale (1 in float32), backward, step.
-            loss.backward()
-            if args.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            # model_ema.update(model): evaluation-only copy, left out.
-            losses.append(loss_value)
-            lrs.append(optimizer.param_groups[0]["lr"])
-        lr_scheduler.step(epoch)
-    return np.array(losses), np.array(lrs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,10 +312,11 @@ def test_decay_groups_are_the_references(default_config):
             assert np.all(v == v.flat[0]), k
             assert bool(v.flat[0]) == bool(mask[k]), (patterns, k)
     assert not mask["['cls_token']"] and not mask["['pos_embed']"] and mask["['head']['kernel']"]
-    # DeiT's distilled model adds dist_token to no_weight_decay(); the preset's list skips it too.
+    # DeiT's distilled model inherits no_weight_decay() unchanged: its dist_token decays
+    # (tests/reference/test_distill_trajectory.py steps it).
     dist = opt_lib.decay_mask({"dist_token": jnp.zeros((1, 1, 4)), "x": jnp.zeros((2, 2))},
                               patterns=tuple(preset))
-    assert dist == {"dist_token": False, "x": True}
+    assert dist == {"dist_token": True, "x": True}
 
 
 def test_paper_preset_optimizer_is_the_references(default_config):
@@ -529,7 +331,7 @@ def test_paper_preset_optimizer_is_the_references(default_config):
     assert not o.get("clip_norm") and o.decay == "cosine"
     assert (o.warmup_init, o.decay_from, o.schedule_epoch_lag) == (1e-6, "start", 1)
     assert o.schedule_steps_per_epoch == spe and o.warmup_steps == 5 * spe and c.total_steps == 300 * spe
-    assert o.wd_groups == "deit" and opt_lib.NO_DECAY_PRESETS["deit"] == (r"pos_embed$", r"cls_token$", r"dist_token$")
+    assert o.wd_groups == "deit" and opt_lib.NO_DECAY_PRESETS["deit"] == (r"pos_embed$", r"cls_token$")
     assert c.objective.label_smoothing == SMOOTHING and c.model.get("stem", "patch") == "patch"
     # The preset's schedule = DeiT's at three epochs' boundaries.
     f = opt_lib.make_schedule(o, c.total_steps, c.batch_size)
