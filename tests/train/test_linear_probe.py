@@ -1,7 +1,7 @@
 """``configs/linear_probe.py`` and ``fmjax/objectives/linear_probe.py``.
 
 - LARS (``optimizer.name='lars'``) steps like facebookresearch/mae's ``util/lars.py`` (commit
-  efb2a8062c206524e35e47d04501ed4f544c0ae8), transcribed below in torch, over a warm-up +
+  efb2a8062c206524e35e47d04501ed4f544c0ae8), transcribed in tests/reference/mae_util.py, over a warm-up +
   cosine schedule: weight decay and trust ratio on ndim > 1 only, momentum on the unscaled
   update, then the lr.
 - The probe head's batch norm (affine=False, eps 1e-6, momentum 0.1) keeps the running
@@ -9,6 +9,9 @@
 - The default preset loads a MAE workdir's encoder into ``backbone/`` through the real loop;
   the backbone stays bit-identical (``optimizer.frozen``) while the head trains.
 """
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,36 +25,8 @@ from fmjax.train import optimizer as opt_lib
 from fmjax.train import restore
 
 torch = pytest.importorskip("torch")
-
-
-class _MaeLARS(torch.optim.Optimizer):
-    """facebookresearch/mae util/lars.py (@efb2a80), verbatim in substance."""
-
-    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                dp = p.grad
-                if dp is None:
-                    continue
-                if p.ndim > 1:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    param_norm = torch.norm(p)
-                    update_norm = torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0., torch.where(
-                        update_norm > 0, (g["trust_coefficient"] * param_norm / update_norm), one), one)
-                    dp = dp.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "reference"))
+from mae_util import LARS  # noqa: E402  (facebookresearch/mae util/lars.py)
 
 
 def test_lars_matches_mae_util_lars():
@@ -66,7 +41,7 @@ def test_lars_matches_mae_util_lars():
     tx, schedule = opt_lib.make_optimizer(opt_cfg, total, 256)
     state = tx.init(params)
     tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    topt = _MaeLARS(tp.values(), lr=0.0, weight_decay=0.05)
+    topt = LARS(tp.values(), lr=0.0, weight_decay=0.05)
     jp = jax.tree.map(jnp.asarray, params)
     for step in range(total):
         grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
