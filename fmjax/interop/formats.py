@@ -16,6 +16,7 @@ FORMATS: dict[str, tuple[str, bool]] = {
     "hf_deit": ("hf_vit:convert_hf_deit", True),
     "hf_convnext": ("hf_convnext:convert_hf_convnext", True),
     "hf_swin": ("hf_swin:convert_hf_swin", True),
+    "hf_resnet": ("hf_resnet:convert_hf_resnet", True),
     "cream_tinyvit": ("cream_tinyvit:convert_cream_tinyvit", False),
     "hf_vit_mae": ("hf_vit:convert_hf_vit_mae", True),
     "hf_dinov2": ("hf_dinov2:convert_hf_dinov2", True),

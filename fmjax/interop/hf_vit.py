@@ -35,13 +35,15 @@ _RENAMES = (
 
 
 def _to_numpy(value) -> np.ndarray:
-    """torch.Tensor (any device/dtype, incl. bfloat16) or array-like -> float32 numpy."""
+    """torch.Tensor (any device/dtype, incl. bfloat16) or array-like -> float32 numpy, a COPY:
+    a CPU float32 tensor's ``.numpy()`` shares its memory, so later in-place updates of the
+    source (an optimizer step, BatchNorm's running statistics) would reach converted params."""
     if hasattr(value, "detach"):  # torch tensor, without importing torch
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
             value = value.float()
         value = value.numpy()
-    return np.asarray(value, dtype=np.float32)
+    return np.array(value, dtype=np.float32)
 
 
 def load_safetensors(path: str) -> Dict[str, np.ndarray]:

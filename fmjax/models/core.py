@@ -1,5 +1,5 @@
-"""Core of fmjax's layers: sharding helpers, initialisers, the dense projection, norm and
-activations.
+"""Core of fmjax's layers: sharding helpers, initialisers, the dense projection, norm,
+activations and the conv + BatchNorm unit of the convolutional models.
 
 Every parameter carries logical axis names (``nn.with_logical_partitioning``)
 and activations are constrained on ``('batch', 'length', 'embed')`` so that
@@ -154,3 +154,40 @@ def preset_kwargs(model: str, presets: Mapping[str, Mapping[str, Any]], variant:
     if variant and variant not in presets:
         raise ValueError(f"Unknown {model} variant {variant!r}; valid: {sorted(presets)}.")
     return {**(presets[variant] if variant else {}), **overrides}
+
+
+BN_MOMENTUM = 0.9   # flax's running = momentum * running + (1 - momentum) * batch: torch's 0.1
+BN_EPS = 1e-5
+# torch's default Conv2d init (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class ConvBN(nn.Module):
+    """A bias-free conv (``conv``, padding ``kernel // 2`` on each side, as torch's
+    ``Conv2d(padding=k // 2)``) then BatchNorm (``bn``: scale / bias params, running ``mean`` /
+    ``var`` in the ``batch_stats`` collection; ``train=True`` normalises by the batch's
+    statistics, over the GLOBAL batch under a sharded jit, i.e. cross-replica BatchNorm).
+    TinyViT's ``Conv2d_BN`` and ResNet's conv + BN."""
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    groups: int = 1
+    kernel_axes: Sequence[Optional[str]] = (None, None, None, "embed")
+    bn_scale_init: float = 1.0
+    kernel_init: Callable = CONV_INIT
+    bn_momentum: float = BN_MOMENTUM
+    bn_eps: float = BN_EPS
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        k, p = self.kernel_size, self.kernel_size // 2
+        x = nn.Conv(self.features, (k, k), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+                    feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
+                    param_dtype=self.param_dtype, kernel_init=part(self.kernel_init, self.kernel_axes),
+                    name="conv")(x)
+        return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_eps,
+                            use_fast_variance=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                            scale_init=part(nn.initializers.constant(self.bn_scale_init), ("norm",)),
+                            bias_init=part(zeros, ("norm",)), name="bn")(x)

@@ -67,6 +67,7 @@ _BUILTIN = {
     "convnext": ("fmjax.models.convnext:ConvNeXt", "fmjax.models.convnext:convnext_kwargs"),
     "swin": ("fmjax.models.swin:Swin", "fmjax.models.swin:swin_kwargs"),
     "tinyvit": ("fmjax.models.tinyvit:TinyViT", "fmjax.models.tinyvit:tinyvit_kwargs"),
+    "resnet": ("fmjax.models.resnet:ResNet", "fmjax.models.resnet:resnet_kwargs"),
     "sam": ("fmjax.models.sam:SAM", "fmjax.models.sam:sam_kwargs"),
     "decoder": ("fmjax.models.decoder:Decoder", "fmjax.models.decoder:decoder_kwargs"),
     "flamingo": ("fmjax.models.flamingo:Flamingo", None),

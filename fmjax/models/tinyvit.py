@@ -85,10 +85,7 @@ VARIANTS = {
                 window_sizes=(7, 7, 14, 7)),
 }
 
-BN_MOMENTUM = 0.9   # flax's running = momentum * running + (1 - momentum) * batch: torch's 0.1
-BN_EPS = 1e-5
-# torch's default Conv2d init (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+ConvBN = core.ConvBN   # Cream's Conv2d_BN (torch's default conv init, BatchNorm eps 1e-5)
 
 
 def tinyvit_kwargs(variant: str = "", **overrides) -> Dict[str, Any]:
@@ -120,30 +117,6 @@ def _attention_bias_hook(ws: int, table_ws: int, num_heads: int, param_dtype):
                              (num_heads, table_ws * table_ws), param_dtype)
         return table.astype(jnp.float32)[:, index][None]   # 1, heads, N, N
     return inject.additive_bias(bias)
-
-
-class ConvBN(nn.Module):
-    """Cream's ``Conv2d_BN``: a bias-free conv (``conv``) then BatchNorm (``bn``)."""
-    features: int
-    kernel_size: int = 1
-    stride: int = 1
-    groups: int = 1
-    kernel_axes: Axes = (None, None, None, "embed")
-    bn_scale_init: float = 1.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        k, p = self.kernel_size, self.kernel_size // 2
-        x = nn.Conv(self.features, (k, k), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-                    feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-                    param_dtype=self.param_dtype, kernel_init=core.part(CONV_INIT, self.kernel_axes),
-                    name="conv")(x)
-        return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                            use_fast_variance=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                            scale_init=core.part(nn.initializers.constant(self.bn_scale_init), ("norm",)),
-                            bias_init=core.part(core.zeros, ("norm",)), name="bn")(x)
 
 
 class PatchEmbed(nn.Module):
