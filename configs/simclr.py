@@ -49,17 +49,20 @@ Paper presets (need `imagenet2012` in TFDS):
   re-implementation (head sizes, temperature); the paper was not available to re-check them
   in this session, so 73.9% is the expected level, not a reproduced setting.
 
-  The ResNet-50 preset (`resnet50_imagenet`, SimCLR v1/v2's own: 1000 epochs at batch 4096)
-  awaits a ResNet backbone with cross-replica BatchNorm in fmjax (there is none yet). Its
-  published hyper-parameters (Chen et al. 2020, appendix B.1 / google-research/simclr
-  README): LARS (momentum 0.9, eeta 1e-3, exclusions 'batch_normalization' and 'bias' from
-  both decay and adaptation, lr in the momentum) with lr 0.3 x B/256 = 4.8 (or, for small
-  batches / long runs, 0.075 x sqrt(B): `optimizer.lr_scaling='sqrt'`, blr=0.075), weight
-  decay 1e-6, 10 warm-up epochs then cosine decay to 0, temperature 0.1, projection head 2
-  layers in v1 (3 in v2), out 128, global BatchNorm; ResNet-50 (1x) 1000 epochs: 69.3% linear
-  evaluation top-1 (v1; v2 reports 71.7% for the same network with the 3-layer head, 800 ep).
-  With that backbone it is `vit_b16_imagenet`'s data and objective with the optimizer of
-  `reference_optimizer` below (blr 0.3, weight decay 1e-6, warm-up 10 epochs, 1000 epochs).
+    python launch/train.py --config=configs/simclr.py:resnet50_imagenet --workdir=DIR
+  `resnet50_imagenet`: SimCLR v1's own (Chen et al. 2020, appendix B.1 / google-research/simclr
+  README): ResNet-50 (1x; fmjax.models.resnet, BatchNorm over the global batch = SimCLR's
+  global_bn, the last BatchNorm of each block starting at 0 as its init_zero) for 1000 epochs
+  at batch 4096; LARS (momentum 0.9, eeta 1e-3, exclusions 'batch_normalization' and 'bias'
+  from both decay and adaptation, lr in the momentum: `reference_optimizer`) with lr 0.3 x
+  B/256 = 4.8 (or, for small batches / long runs, 0.075 x sqrt(B):
+  `--config.optimizer.lr_scaling=sqrt --config.optimizer.blr=0.075`), weight decay 1e-6, 10
+  warm-up epochs then cosine decay to 0, temperature 0.1, the v1 2-layer projection head
+  (2048 -> 2048 -> 128, BatchNorm); expected 69.3% linear-evaluation top-1. SimCLR v2's head
+  is `--config.objective.head_layers=3` (71.7% for the same network, 800 epochs). What
+  differs: the backbone is torchvision's ResNet v1.5 layout (SimCLR's TF ResNet pads its
+  stride-2 convs the same way, but its stem max pool is TF 'SAME', a one-pixel shift of the
+  pooling windows), and the views' blur is the pp op's per-view PIL blur.
 
 Reference options: the training step is google-research/simclr tf2/ (commit 383d4143):
 run.py single_step, model.py ProjectionHead / LinearLayer / WarmUpAndCosineDecay /
@@ -159,8 +162,30 @@ def get_config(arg: str = "default"):
             images=dict(type="images", split="train", pp=c.data.pp_train, examples=256,
                         batch_size=256, every=c.eval_every),
         )
+    elif arg == "resnet50_imagenet":
+        c.batch_size = 4096
+        steps_per_epoch = IMAGENET_TRAIN // c.batch_size
+        c.total_steps = 1000 * steps_per_epoch
+        common.imagenet_data(c, 224)
+        c.data.pp_train = "two_views(224, recipe='simclr', strength=1.0)|keep('global_crops')"
+        reference_optimizer(c, blr=0.3, weight_decay=1e-6)
+        c.optimizer.warmup_steps = 10 * steps_per_epoch
+        c.objective.update(dict(head_layers=2, hidden_dim=0, out_dim=128, temperature=0.1))
+        c.model = dict(name="resnet", variant="50", zero_init_residual=True, remat="none")
+        c.dtype = "bfloat16"
+        c.log_every = 100
+        c.eval_every = 10 * steps_per_epoch
+        c.checkpoint_every = 2000
+        c.keep_period = 50 * steps_per_epoch
+        c.evals = dict(
+            knn=dict(type="knn", split="validation", train_split="train", k=20, temperature=0.07,
+                     every=c.eval_every),
+            images=dict(type="images", split="train", pp=c.data.pp_train, examples=256,
+                        batch_size=256, every=c.eval_every),
+        )
     else:
-        raise ValueError(f"Unknown configs/simclr.py preset {arg!r}; valid: default, cpu, vit_b16_imagenet.")
+        raise ValueError(f"Unknown configs/simclr.py preset {arg!r}; valid: default, cpu, vit_b16_imagenet, "
+                         "resnet50_imagenet.")
     return c
 
 

@@ -81,7 +81,7 @@ def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective.name = "supervised"
     c.objective.label_smoothing = 0.1
-    if arg in ("default", "simple", "convnext", "deit", "swin", "tinyvit"):
+    if arg in ("default", "simple", "convnext", "deit", "swin", "tinyvit", "resnet"):
         c.total_steps = 1500
         c.batch_size = 128
         c.log_every = 50
@@ -114,6 +114,9 @@ def get_config(arg: str = "default"):
             c.model = dict(name="tinyvit", embed_dims=(32, 64, 96, 128), depths=(1, 2, 2, 1), num_heads=(1, 2, 3, 4),
                            window_sizes=(1, 4, 2, 1), drop_path=0.1, num_classes=_num_shape_classes())
             c.optimizer.wd_groups = "tinyvit"
+        if arg == "resnet":  # ResNet-18's layout at 1/4 width, SimCLR's CIFAR stem (3x3, no pool): 32 -> 16 -> 8 -> 4 grids
+            c.model = dict(name="resnet", variant="18", stem="cifar", stem_width=16, dims=(16, 32, 64, 128),
+                           num_classes=_num_shape_classes())
     elif arg == "vit_b16_imagenet":
         common.imagenet_data(c, 224, scale=(0.08, 1.0))
         c.batch_size = 1024
@@ -166,7 +169,8 @@ def get_config(arg: str = "default"):
         c.model = dict(name="tinyvit", variant="21m", num_classes=1000, drop_path=0.2, remat="none")
     else:
         raise ValueError(f"Unknown configs/supervised.py preset {arg!r}; valid: default, simple, convnext, deit, "
-                         "swin, tinyvit, vit_b16_imagenet, swin_t_imagenet, convnext_t_imagenet, tinyvit_21m_imagenet.")
+                         "swin, tinyvit, resnet, vit_b16_imagenet, swin_t_imagenet, convnext_t_imagenet, "
+                         "tinyvit_21m_imagenet.")
     return c
 
 

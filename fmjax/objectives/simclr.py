@@ -46,7 +46,7 @@ import numpy as np
 from fmjax.data.transforms import NORMALIZE_PRESETS
 from fmjax.errors import ConfigError
 from fmjax.models.heads import MLPHead
-from fmjax.models.registry import build_model, require
+from fmjax.models.registry import build_model, require, state_collections
 from fmjax.objectives.base import Objective
 
 LARGE_NUM = 1e9  # objective.py
@@ -106,7 +106,10 @@ class SimCLRObjective(Objective):
         super().__init__(config)
         o = config.objective
         self.backbone = build_model(config.model, config.get("dtype", "float32"))
-        require(self.backbone, ("pooled",), "objective 'simclr'", config.model.name)
+        require(self.backbone, ("pooled",), "objective 'simclr'", config.model.name, carries=True)
+        # A backbone's own state (a ResNet's BatchNorm running statistics, 'batch_stats'), kept in
+        # extra under the collection's name: training updates it, features / pictures read it.
+        self.state_keys = state_collections(self.backbone)
         self.patch_size = getattr(self.backbone, "patch_size", None)
         self.temperature = float(o.get("temperature", 0.1))
         self.hidden_norm = bool(o.get("hidden_norm", True))
@@ -122,33 +125,44 @@ class SimCLRObjective(Objective):
                        last_bn="scale", kernel_init=self.head_init, dtype=self.backbone.dtype)
 
     # -- model ------------------------------------------------------------------------------
-    def _encode(self, backbone_params, images, train, rng=None):
+    def _encode(self, backbone_params, images, train, rng=None, extra=None):
+        """(pooled features, ``extra`` with the backbone state that a training pass updated).
+        A backbone with state (``state_keys``) normalises by the batch's statistics in training
+        (over both views together: SimCLR's global BatchNorm over the 2B rows) and by its
+        running ones otherwise."""
         rngs = {"dropout": rng} if rng is not None else {}
-        return self.backbone.apply({"params": backbone_params}, images, train=train,
-                                   rngs=rngs)["pre_logits"]
+        extra = {} if extra is None else extra
+        variables = {"params": backbone_params, **{k: extra[k] for k in self.state_keys}}
+        if train and self.state_keys:
+            out, state = self.backbone.apply(variables, images, train=True, rngs=rngs,
+                                             mutable=list(self.state_keys))
+            return out["pre_logits"], {**extra, **state}
+        return self.backbone.apply(variables, images, train=train, rngs=rngs)["pre_logits"], extra
 
-    def project(self, params, crops, train=True, rng=None):
-        """[B, 2, H, W, C] views -> (features [B, 2, D], projections [B, 2, out_dim]): one
-        backbone call on both views (``train``: its dropout / drop path), the head's BatchNorm
-        over all 2B rows (always the batch's statistics, as SimCLR's pre-training)."""
+    def project(self, params, crops, train=True, rng=None, extra=None):
+        """[B, 2, H, W, C] views -> (features [B, 2, D], projections [B, 2, out_dim], ``extra``
+        updated): one backbone call on both views (``train``: its dropout / drop path, its
+        BatchNorm's batch statistics), the head's BatchNorm over all 2B rows (always the
+        batch's statistics, as SimCLR's pre-training)."""
         b, n = crops.shape[:2]
         x = crops.reshape((b * n,) + crops.shape[2:])     # example-major: keeps the batch sharding
-        feats = self._encode(params["backbone"], x, train, rng)
+        feats, extra = self._encode(params["backbone"], x, train, rng, extra)
         z = self.head(feats.shape[-1]).apply({"params": params["head"]}, feats[None])[0]
-        return feats.reshape(b, n, -1), z.reshape(b, n, -1)
+        return feats.reshape(b, n, -1), z.reshape(b, n, -1), extra
 
     def init(self, rng, batch):
         b_rng, h_rng = jax.random.split(rng)
         crops = batch["global_crops"]
         images = crops.reshape((-1,) + crops.shape[2:])
-        backbone = self.backbone.init({"params": b_rng}, images)["params"]
-        feats = self._encode(backbone, images, False)
+        variables = self.backbone.init({"params": b_rng}, images)
+        extra = {k: variables[k] for k in self.state_keys}
+        feats, _ = self._encode(variables["params"], images, False, extra=extra)
         head = self.head(feats.shape[-1]).init({"params": h_rng}, feats[None])["params"]
-        return {"backbone": backbone, "head": head}, {}
+        return {"backbone": variables["params"], "head": head}, extra
 
     def loss(self, params, extra, batch, rng, step):
         crops = batch["global_crops"]
-        _, z = self.project(params, crops, True, rng)
+        _, z, extra = self.project(params, crops, True, rng, extra)
         loss, _, monitors = nt_xent(z[:, 0], z[:, 1], self.temperature, self.hidden_norm)
         return loss, (monitors, extra)
 
@@ -173,8 +187,9 @@ class SimCLRObjective(Objective):
             raise ConfigError(f"{where}.head_init={self.head_init!r}: {e}") from None
 
     def features(self, params, extra, images):
-        """The backbone's pooled output (``pre_logits``), as SimCLR's linear evaluation uses."""
-        return self._encode(params["backbone"], images, False)
+        """The backbone's pooled output (``pre_logits``), as SimCLR's linear evaluation uses
+        (a BatchNorm backbone: with its running statistics)."""
+        return self._encode(params["backbone"], images, False, extra=extra)[0]
 
     # -- pictures ---------------------------------------------------------------------------
     def visualize(self, params, extra, batch, rng, n: int = 8):
@@ -193,7 +208,7 @@ class SimCLRObjective(Objective):
             return np.repeat(np.repeat(x, k, axis=-3), k, axis=-2)
         if "global_crops" in batch:
             crops = batch["global_crops"]
-            _, z = self.project(params, crops, False)   # the head's BatchNorm: this batch's statistics
+            _, z, _ = self.project(params, crops, False, extra=extra)   # the head's BatchNorm: this batch's statistics
             z = np.asarray(z, np.float32)
             z = z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
             pick = np.argmax(z[:n, 0] @ z[:, 1].T, axis=1)

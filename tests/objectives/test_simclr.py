@@ -174,7 +174,7 @@ def test_projection_head_is_simclrs(tiny_config):
         rng = np.random.default_rng(1)
         head = jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.normal(size=p.shape).astype(np.float32), head)
         params = dict(params, head=head)
-        feats, z = obj.project(params, jnp.asarray(batch["global_crops"]))
+        feats, z, _ = obj.project(params, jnp.asarray(batch["global_crops"]))
         x = np.asarray(feats, np.float64).reshape(12, -1)
 
         def bn(x, i, center):
@@ -274,8 +274,59 @@ def test_presets(default_config):
     assert opt_lib.peak_learning_rate(c.optimizer, 4096) == pytest.approx(1.5e-4 * 16)
     obj = make_objective(c)
     assert obj.head(768).hidden_dim == 768 and obj.head(768).num_layers == 3
-    with pytest.raises(ValueError, match="valid: default, cpu, vit_b16_imagenet"):
-        load_config("simclr", "resnet50_imagenet")
+    c = load_config("simclr", "resnet50_imagenet")   # SimCLR v1's own: ResNet-50 (1x), 1000 epochs
+    assert (c.batch_size, c.model.name, c.model.variant, c.model.zero_init_residual) == (4096, "resnet", "50", True)
+    assert c.total_steps == 1000 * steps_per_epoch and c.optimizer.warmup_steps == 10 * steps_per_epoch
+    assert opt_lib.peak_learning_rate(c.optimizer, 4096) == pytest.approx(4.8)
+    assert (c.optimizer.name, c.optimizer.weight_decay, c.optimizer.lars_lr_in_momentum) == ("lars", 1e-6, True)
+    obj = make_objective(c)
+    assert obj.head(2048).hidden_dim == 2048 and obj.head(2048).num_layers == 2 and obj.state_keys == ("batch_stats",)
+    with pytest.raises(ValueError, match="valid: default, cpu, vit_b16_imagenet, resnet50_imagenet"):
+        load_config("simclr", "resnet101")
+
+
+def test_resnet_backbone_carries_its_batch_norm_statistics(tiny_config):
+    """A BatchNorm backbone: init puts its running statistics in extra['batch_stats'], the
+    training loss returns them updated (batch statistics over both views), features and
+    pictures read them (inference mode), and the jitted trainer step threads them."""
+    c = tiny_config("simclr")
+    c.model = dict(name="resnet", depths=(1, 1), dims=(8, 16), stem_width=8, stem="cifar", block="basic")
+    obj = make_objective(c)
+    batch = {k: jnp.asarray(v) for k, v in _fixed_batch(b=6, size=16).items()}
+    params, extra = flax.linen.meta.unbox(obj.init(jax.random.PRNGKey(0), batch))
+    assert set(extra) == {"batch_stats"}
+    loss, (_, new) = obj.loss(params, extra, batch, jax.random.PRNGKey(1), 0)
+    assert np.isfinite(float(loss))
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(extra))]
+    assert jax.tree.structure(new) == jax.tree.structure(extra) and min(moved) > 0
+    images = batch["global_crops"][:, 0]
+    f_old, f_new = obj.features(params, extra, images), obj.features(params, new, images)
+    assert f_old.shape == (6, 16) and not np.allclose(np.asarray(f_old), np.asarray(f_new))
+    # inference features do not depend on the rest of the batch (running statistics)
+    np.testing.assert_allclose(np.asarray(obj.features(params, new, images[:2])), np.asarray(f_new[:2]),
+                               rtol=1e-5, atol=1e-6)
+    assert "views" in obj.visualize(params, new, batch, jax.random.PRNGKey(0))
+
+
+def test_resnet_sharded_step_equals_one_device_global_batch_norm(tiny_config):
+    """The backbone's BatchNorm over the GLOBAL batch under the sharded step (SimCLR's
+    cross-replica global_bn): 8 simulated devices give one device's losses, params and running
+    statistics, which the trainer carries from step to step."""
+    batch = _fixed_batch()
+    resnet = dict(name="resnet", depths=(1, 1), dims=(8, 16), stem_width=8, stem="cifar", block="basic")
+    runs = []
+    for mesh, devices in (({"data": 2, "fsdp": 4, "tensor": 1}, jax.devices()[:8]),
+                          ({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])):
+        c = tiny_config("simclr", mesh=mesh)
+        c.model = dict(resnet)
+        runs.append(_run(c, batch, devices, steps=3))
+    (s8, m8), (s1, m1) = runs
+    for a, b in zip(m8, m1):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 (s8[-1].params, s8[-1].extra), (s1[-1].params, s1[-1].extra))
+    first, last = (jax.tree.leaves(s1[i].extra["batch_stats"]) for i in (0, -1))
+    assert all(not np.allclose(a, b) for a, b in zip(first, last))   # updated at every step
 
 
 def test_reference_lr_scalings():
