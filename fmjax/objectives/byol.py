@@ -39,6 +39,15 @@ examples of a batch, so the loss is split at the backbone's pooled features (``e
 online and target ``[B, 2, D]``, per example for a backbone without batch statistics, as
 the ViT) and the heads and the loss run once on the full batch (``loss_from_embeddings``;
 fmjax.train.step.cached_embedding_loss_and_grad): exact, for the memory of those features.
+
+A BatchNorm backbone (the paper's ResNet-50; ``fmjax.models.resnet``): as the reference, each
+view is a separate backbone call in training mode (BatchNorm statistics per view, over the
+global batch: the reference's ``cross_replica_axis``), the online and the target network each
+keep their own running statistics (``extra['batch_stats']`` and ``extra['target_batch_stats']``,
+updated by their forward passes, view 1 then view 2, as the reference threads ``online_state``
+/ ``target_state``; the target EMA covers params only), and evaluation uses the online
+running statistics. Such a backbone couples the examples inside the backbone too, so
+``grad_accum_steps`` > 1 is refused.
 """
 from __future__ import annotations
 
@@ -50,7 +59,7 @@ import numpy as np
 
 from fmjax.errors import ConfigError
 from fmjax.models.heads import MLPHead
-from fmjax.models.registry import build_model, require
+from fmjax.models.registry import build_model, require, state_collections
 from fmjax.objectives.base import Objective
 
 TARGET_INITS = ("independent", "copy")
@@ -99,7 +108,8 @@ class BYOLObjective(Objective):
         super().__init__(config)
         o = config.objective
         self.backbone = build_model(config.model, config.get("dtype", "float32"))
-        require(self.backbone, ("pooled",), "objective 'byol'", config.model.name)
+        require(self.backbone, ("pooled",), "objective 'byol'", config.model.name, carries=True)
+        self.state_keys = state_collections(self.backbone)   # e.g. a ResNet's ('batch_stats',)
         self.patch_size = getattr(self.backbone, "patch_size", None)
         out = int(o.get("projection_dim", 256))
         head = dict(num_layers=2, hidden_bias=True, last_bias=False, last_bn="none",
@@ -133,51 +143,86 @@ class BYOLObjective(Objective):
                               "BatchNorm fewer than 2 examples per view; use batch_size >= 2.")
         if int(config.total_steps) < 1:
             raise ConfigError(f"total_steps={config.total_steps}: the target EMA schedule needs >= 1 step.")
+        if self.state_keys and accum > 1:
+            raise ConfigError(f"grad_accum_steps={accum} with a BatchNorm backbone ({config.model.name}): its "
+                              "statistics couple the examples inside the backbone, so the batch cannot be "
+                              "split; use grad_accum_steps=1 (or a backbone without BatchNorm).")
 
     # -- model ----------------------------------------------------------------------------------
-    def _features(self, backbone_params, crops, train, rng=None):
-        """[B, V, H, W, C] crops -> [B, V, D] pooled features, one backbone call for all views."""
+    def _features(self, backbone_params, crops, train, rng=None, state=None):
+        """[B, V, H, W, C] crops -> ([B, V, D] pooled features, the backbone state after them).
+        Without state: one backbone call for all views. With state (``state_keys``): one call
+        per view, in order, each in ``train`` mode updating the state the next one reads."""
         b, v = crops.shape[:2]
-        x = crops.reshape((b * v,) + crops.shape[2:])        # example-major: keeps the batch sharding
         rngs = {"dropout": rng} if rng is not None else {}
-        feats = self.backbone.apply({"params": backbone_params}, x, train=train, rngs=rngs)["pre_logits"]
-        return feats.reshape(b, v, -1)
+        if not self.state_keys:
+            x = crops.reshape((b * v,) + crops.shape[2:])    # example-major: keeps the batch sharding
+            feats = self.backbone.apply({"params": backbone_params}, x, train=train, rngs=rngs)["pre_logits"]
+            return feats.reshape(b, v, -1), state
+        feats = []
+        for i in range(v):
+            variables = {"params": backbone_params, **state}
+            if train:
+                out, state = self.backbone.apply(variables, crops[:, i], train=True, rngs=rngs,
+                                                 mutable=list(self.state_keys))
+            else:
+                out = self.backbone.apply(variables, crops[:, i], train=False, rngs=rngs)
+            feats.append(out["pre_logits"])
+        return jnp.stack(feats, axis=1), state
 
     def _init_network(self, rng, images):
         b_rng, p_rng, q_rng = jax.random.split(rng, 3)
-        backbone = self.backbone.init({"params": b_rng}, images)["params"]
-        feats = self.backbone.apply({"params": backbone}, images)["pre_logits"][None]
+        variables = self.backbone.init({"params": b_rng}, images)
+        backbone, state = variables["params"], {k: variables[k] for k in self.state_keys}
+        feats = self.backbone.apply({"params": backbone, **state}, images)["pre_logits"][None]
         projector = self.projector.init({"params": p_rng}, feats)["params"]
         proj = self.projector.apply({"params": projector}, feats)
         predictor = self.predictor.init({"params": q_rng}, proj)["params"]
-        return {"backbone": backbone, "projector": projector, "predictor": predictor}
+        return {"backbone": backbone, "projector": projector, "predictor": predictor}, state
+
+    def _states(self, extra):
+        """(online, target) backbone states kept in ``extra`` ({} without state)."""
+        return ({k: extra[k] for k in self.state_keys},
+                {k: extra["target_" + k] for k in self.state_keys})
 
     def init(self, rng, batch):
         """Online and target networks from two keys split from ``rng`` (the reference's
         ``rng_online, rng_target = jax.random.split(rng)``)."""
         online_rng, target_rng = jax.random.split(rng)
         images = batch["global_crops"][:, 0]
-        params = self._init_network(online_rng, images)
-        source = self._init_network(target_rng, images) if self.target_init == "independent" else params
-        return params, {"target": {"backbone": source["backbone"], "projector": source["projector"]}}
+        params, state = self._init_network(online_rng, images)
+        source, t_state = (self._init_network(target_rng, images) if self.target_init == "independent"
+                           else (params, state))
+        return params, {"target": {"backbone": source["backbone"], "projector": source["projector"]},
+                        **state, **{"target_" + k: v for k, v in t_state.items()}}
 
     def after_model_init(self, params, extra):
-        """A pretrained start: the target starts as the (loaded) online backbone and projector."""
-        return {**extra, "target": {"backbone": params["backbone"], "projector": params["projector"]}}
+        """A pretrained start: the target starts as the (loaded) online backbone and projector
+        (and its running statistics as the online ones)."""
+        return {**extra, "target": {"backbone": params["backbone"], "projector": params["projector"]},
+                **{"target_" + k: extra[k] for k in self.state_keys}}
 
     # -- loss -----------------------------------------------------------------------------------
     def loss(self, params, extra, batch, rng, step):
-        return self.loss_from_embeddings(params, extra, self.embed(params, extra, batch, rng, step),
-                                         batch, rng, step)
+        emb, extra = self._embed(params, extra, batch, rng)
+        return self.loss_from_embeddings(params, extra, emb, batch, rng, step)
 
     def embed(self, params, extra, batch, rng, step):
         """The per-example half of ``loss``: pooled backbone features ``{'online': [B, 2, D],
-        'target': [B, 2, D]}`` (the target's without gradient)."""
+        'target': [B, 2, D]}`` (the target's without gradient). Only for a backbone without
+        state (``check`` refuses accumulation otherwise)."""
+        return self._embed(params, extra, batch, rng)[0]
+
+    def _embed(self, params, extra, batch, rng):
+        """``embed`` and ``extra`` with the backbones' updated running statistics."""
         crops = batch["global_crops"]
         t_rng = jax.random.fold_in(rng, 1)
-        online = self._features(params["backbone"], crops, True, rng)
-        target = self._features(extra["target"]["backbone"], crops, True, t_rng)
-        return {"online": online, "target": jax.lax.stop_gradient(target)}
+        online_state, target_state = self._states(extra)
+        online, online_state = self._features(params["backbone"], crops, True, rng, online_state)
+        target, target_state = self._features(extra["target"]["backbone"], crops, True, t_rng, target_state)
+        if self.state_keys:
+            extra = {**extra, **online_state, **{"target_" + k: v for k, v in target_state.items()}}
+        return {"online": online, "target": jax.lax.stop_gradient(target)}, extra
 
     def loss_from_embeddings(self, params, extra, emb, batch, rng, step):
         """Projector (online and target) and predictor on the full batch, per view, and the loss."""
@@ -205,8 +250,10 @@ class BYOLObjective(Objective):
 
     # -- evaluation -----------------------------------------------------------------------------
     def features(self, params, extra, images):
-        """The online backbone's pooled features (the reference evaluates the online network)."""
-        return self.backbone.apply({"params": params["backbone"]}, images)["pre_logits"]
+        """The online backbone's pooled features (the reference evaluates the online network;
+        a BatchNorm backbone with its running statistics)."""
+        return self.backbone.apply({"params": params["backbone"], **self._states(extra)[0]},
+                                   images)["pre_logits"]
 
     def _view_op(self):
         """The pp op of ``config.data.pp_train`` that makes the two views (``two_views`` /

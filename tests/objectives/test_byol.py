@@ -155,7 +155,7 @@ def test_loss_matches_reference():
     # The whole loss (backbone included) is the same function of the images.
     batch = _batch()
     full, _ = obj.loss(params, extra, batch, jax.random.PRNGKey(0), 2)
-    feats = lambda p: np.asarray(obj._features(p["backbone"], batch["global_crops"], False), np.float64)
+    feats = lambda p: np.asarray(obj._features(p["backbone"], batch["global_crops"], False)[0], np.float64)
     want = np_byol_loss(feats(params), feats(extra["target"]), _np(params), _np(extra["target"]["projector"]))
     np.testing.assert_allclose(float(full), want, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["tau"]), np_target_ema(2, 0.99, 8), rtol=1e-6)
@@ -404,8 +404,17 @@ def test_shipped_presets_pass_the_check(shapes_data_dir):
     c = load_config("byol", "vit_b16_imagenet")
     assert (c.batch_size, c.optimizer.blr, c.optimizer.weight_decay, c.objective.base_target_ema) == (4096, 1.5e-4, 0.1, 0.996)
     make_objective(c).check(c)
-    with pytest.raises(ValueError, match="ResNet-50 backbone with cross-replica BatchNorm"):
-        load_config("byol", "resnet50_imagenet")
+    c = load_config("byol", "resnet50_imagenet")
+    spe = 1281167 // 4096
+    assert (c.batch_size, c.model.name, c.model.variant, c.total_steps) == (4096, "resnet", "50", 1000 * spe)
+    assert (c.optimizer.name, c.optimizer.blr, c.optimizer.weight_decay, c.optimizer.warmup_steps) == \
+        ("lars", 0.2, 1.5e-6, 10 * spe)
+    obj = make_objective(c)
+    obj.check(c)
+    assert obj.state_keys == ("batch_stats",)
+    c.grad_accum_steps = 2
+    with pytest.raises(ConfigError, match="BatchNorm backbone"):
+        obj.check(c)
 
 
 # -- pictures, health ------------------------------------------------------------------------------
@@ -450,3 +459,56 @@ def test_default_preset_loss_falls_and_writes_views(default_config, tmp_path):
     # measured 3.85 -> 1.40 (150 steps: 3.89 -> 1.29; 90: 3.87 -> 1.34)
     assert last < 0.5 * first, losses
     assert sorted(os.listdir(tmp_path / "images")) == ["images_views_0000000.png", "images_views_0000060.png"]
+
+
+# -- a BatchNorm backbone (ResNet) ---------------------------------------------------------------
+
+def _resnet_config():
+    c = _config()
+    c.model = dict(name="resnet", depths=(1, 1), dims=(8, 16), stem_width=8, stem="cifar", block="basic")
+    return c
+
+
+def test_resnet_backbone_statistics_per_view_and_per_network():
+    """As the reference threads online_state / target_state: each network's running
+    statistics are updated by its own forward passes, view 1 then view 2 (batch statistics per
+    view); the target EMA leaves them alone; features use the online ones."""
+    import flax.linen as fnn
+    obj = make_objective(_resnet_config())
+    batch = {k: jax.numpy.asarray(v) for k, v in _batch(b=8, size=16).items()}
+    params, extra = fnn.meta.unbox(obj.init(jax.random.PRNGKey(0), batch))
+    assert {"batch_stats", "target_batch_stats", "target"} <= set(extra)
+    _, (_, new) = obj.loss(params, extra, batch, jax.random.PRNGKey(1), 0)
+    # the reference: two sequential train-mode calls, one per view
+    state = {"batch_stats": extra["batch_stats"]}
+    for i in range(2):
+        _, state = obj.backbone.apply({"params": params["backbone"], **state}, batch["global_crops"][:, i],
+                                      train=True, mutable=["batch_stats"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 new["batch_stats"], state["batch_stats"])
+    t_state = {"batch_stats": extra["target_batch_stats"]}
+    for i in range(2):
+        _, t_state = obj.backbone.apply({"params": extra["target"]["backbone"], **t_state},
+                                        batch["global_crops"][:, i], train=True, mutable=["batch_stats"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 new["target_batch_stats"], t_state["batch_stats"])
+    after = obj.after_update(params, new, 0)
+    assert after["target_batch_stats"] is new["target_batch_stats"]
+    f = obj.features(params, new, batch["global_crops"][:, 0])
+    np.testing.assert_allclose(np.asarray(obj.features(params, new, batch["global_crops"][:2, 0])),
+                               np.asarray(f[:2]), rtol=1e-5, atol=1e-6)   # running statistics
+
+
+def test_resnet_sharded_step_equals_one_device():
+    batch = _batch(b=16, size=16)
+    out = []
+    for mesh, devices in (({"data": 2, "fsdp": 4, "tensor": 1}, jax.devices()[:8]),
+                          ({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])):
+        c = _resnet_config()
+        c.mesh = mesh
+        out.append(_run(c, batch, devices, steps=2))
+    (_, s8, m8), (_, s1, m1) = out
+    for a, b in zip(m8, m1):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 (s8[-1].params, s8[-1].extra), (s1[-1].params, s1[-1].extra))
