@@ -40,9 +40,19 @@ lr 1.5e-4 x batch / 256, wd 0.1, warm-up 40 epochs, T 0.2, m 0.99 with the cosin
     python launch/train.py --config=configs/moco.py:vit_b16_imagenet --workdir=DIR
   Expected (README / CONFIG.md, linear probe on ImageNet-1k with main_lincls.py): 73.2 (ViT-S/16),
   76.7 (ViT-B/16); end-to-end fine-tuning 81.4 / 83.2.
-  MoCo v2 / v3's ResNet-50 presets (LARS, lr 0.6 x B/256, BN projector of 2 layers, a predictor
-  without its last BN; v2: a 65,536-key queue, shuffle BN) await a ResNet backbone: there is no
-  registered ResNet yet. The queue option itself runs on a ViT (cpu_queue, tests).
+    python launch/train.py --config=configs/moco.py:resnet50_imagenet --workdir=DIR
+  `resnet50_imagenet`: CONFIG.md's ResNet-50 100-epoch command (main_moco.py defaults plus
+  --moco-m-cos --crop-min=.2): torchvision's ResNet-50 with zero_init_residual
+  (fmjax.models.resnet; SyncBN = BatchNorm over the global batch, base and momentum encoders
+  each with their own running statistics), LARS (momentum 0.9, trust 1e-3, no decay or
+  adaptation for <= 1-D params: fmjax's 'lars') at lr 0.6 x B/256 = 9.6, weight decay 1e-6,
+  10 warm-up epochs then cosine, batch 4096, T 1.0, m 0.99 -> 1, a 2-layer projector with
+  a last BN without affine, a 2-layer predictor without a last BN (MoCo_ResNet); expected
+  68.9% linear top-1 (README: 100 epochs); 300 / 1000 epochs: --config.total_steps and lr 0.3
+  (1000: wd 1.5e-6, m 0.996), 72.8 / 74.6%. MoCo v2's queue (65,536 keys) is
+  --config.objective.queue_size=65536 with symmetric=False, predictor_layers=0, scale_2t=False
+  (v2 also shuffled per-GPU BatchNorm, which global statistics make unnecessary). The queue
+  option itself also runs on a ViT (cpu_queue, tests).
 
 Reference options (every preset; tests/reference/test_moco_trajectory.py runs main_moco.py's
 step beside fmjax's for 27 steps):
@@ -134,7 +144,31 @@ def get_config(arg: str = "default"):
             images=dict(type="images", split="validation", every=c.eval_every,
                         pp="two_views(224, recipe='byol')|keep('global_crops')"),
         )
+    elif arg == "resnet50_imagenet":   # CONFIG.md's ResNet-50, 100 epochs (docstring)
+        c.batch_size = 4096
+        steps_per_epoch = IMAGENET_TRAIN // c.batch_size
+        c.total_steps = 100 * steps_per_epoch
+        common.imagenet_data(c, 224)
+        c.data.pp_train = "two_views(224, recipe='byol', scale=(0.2, 1.0))|keep('global_crops')"
+        c.optimizer = common.base_config().optimizer
+        c.optimizer.update(dict(name="lars", lr_scaling="linear", blr=0.6, momentum=0.9,
+                                trust_coefficient=1e-3, weight_decay=1e-6, min_lr=0.0, decay="cosine",
+                                warmup_mode="linear", warmup_steps=10 * steps_per_epoch, clip_norm=0.0))
+        c.objective.update(dict(projector_layers=2, predictor_layers=2, predictor_last_bn="none",
+                                temperature=1.0, momentum=0.99, momentum_cos=True))
+        c.model = dict(name="resnet", variant="50", zero_init_residual=True, remat="none")
+        c.dtype = "bfloat16"
+        c.log_every = 100
+        c.eval_every = 10 * steps_per_epoch
+        c.checkpoint_every = 2000
+        c.keep_period = 10 * steps_per_epoch
+        c.evals = dict(
+            knn=dict(type="knn", split="validation", train_split="train", k=20, temperature=0.07,
+                     every=c.eval_every),
+            images=dict(type="images", split="validation", every=c.eval_every,
+                        pp="two_views(224, recipe='byol')|keep('global_crops')"),
+        )
     else:
         raise ValueError(f"Unknown configs/moco.py preset {arg!r}; valid: default, cpu, cpu_queue, "
-                         "vit_s16_imagenet, vit_b16_imagenet.")
+                         "vit_s16_imagenet, vit_b16_imagenet, resnet50_imagenet.")
     return c

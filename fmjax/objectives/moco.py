@@ -37,8 +37,17 @@ keys (``[k2; k1]`` symmetric, ``k2`` otherwise) replace the oldest at ``queue_pt
 
 ``config.grad_accum_steps`` K > 1 is exact: ``embed`` caches the backbones' per-example
 features (the ViT has no batch statistics), and ``loss_from_embeddings`` runs the heads' BN,
-the loss and the queue on the full batch. A backbone with BatchNorm would see micro-batch
-statistics (none is registered yet).
+the loss and the queue on the full batch.
+
+A BatchNorm backbone (MoCo v2 / v3's ResNet-50; ``fmjax.models.resnet``): as builder.py's
+``forward``, the base encoder runs on each view in turn and so does the momentum encoder, both
+in training mode (batch statistics per view over the global batch: the reference's SyncBN;
+MoCo v2's shuffling BN, a per-GPU remedy, has no counterpart and no need under global
+statistics), each keeping its own running statistics (``extra['batch_stats']`` and
+``extra['momentum_batch_stats']``, updated by its forward passes; the momentum update covers
+params, as the reference averages ``parameters()`` only). Evaluation uses the base encoder's
+running statistics. The backbone then couples the examples, so ``grad_accum_steps`` > 1 is
+refused.
 
 Reference options, not objective code: MoCo v3's ViT uses a fixed 2-D sin-cos position
 embedding whose layout is MAE's with the row and column halves swapped
@@ -61,7 +70,7 @@ import numpy as np
 from fmjax.data.transforms import NORMALIZE_PRESETS
 from fmjax.errors import ConfigError
 from fmjax.models.heads import LAST_BN, MLPHead
-from fmjax.models.registry import build_model, require
+from fmjax.models.registry import build_model, require, state_collections
 from fmjax.objectives.base import Objective
 
 PARAM_INITS = ("reference", "jax")
@@ -135,7 +144,8 @@ class MoCoObjective(Objective):
         super().__init__(config)
         o = config.objective
         self.backbone = build_model(config.model, config.get("dtype", "float32"))
-        require(self.backbone, ("pooled",), "objective 'moco'", config.model.name)
+        require(self.backbone, ("pooled",), "objective 'moco'", config.model.name, carries=True)
+        self.state_keys = state_collections(self.backbone)   # e.g. a ResNet's ('batch_stats',)
         self.patch_size = getattr(self.backbone, "patch_size", None)
         self.param_init = o.get("param_init", "reference")
         if self.param_init not in PARAM_INITS:
@@ -182,13 +192,31 @@ class MoCoObjective(Objective):
         self.q_views, self.k_views = ((0, 1), (0, 1)) if self.symmetric else ((0,), (1,))
 
     # -- model ------------------------------------------------------------------------------
-    def _features(self, backbone, views, train, rng=None):
-        """[B, n, H, W, C] views -> [B, n, D] pooled features, one backbone call."""
+    def _features(self, backbone, views, train, rng=None, state=None):
+        """[B, n, H, W, C] views -> ([B, n, D] pooled features, the backbone state after them).
+        Without state: one backbone call. With state (``state_keys``): one call per view, in
+        order, each in ``train`` mode updating the state the next one reads."""
         b, n = views.shape[:2]
-        x = views.reshape((b * n,) + views.shape[2:])    # example-major: keeps the batch sharding
         rngs = {"dropout": rng} if rng is not None else {}
-        feats = self.backbone.apply({"params": backbone}, x, train=train, rngs=rngs)["pre_logits"]
-        return feats.reshape(b, n, -1)
+        if not self.state_keys:
+            x = views.reshape((b * n,) + views.shape[2:])    # example-major: keeps the batch sharding
+            feats = self.backbone.apply({"params": backbone}, x, train=train, rngs=rngs)["pre_logits"]
+            return feats.reshape(b, n, -1), state
+        feats = []
+        for i in range(n):
+            variables = {"params": backbone, **state}
+            if train:
+                out, state = self.backbone.apply(variables, views[:, i], train=True, rngs=rngs,
+                                                 mutable=list(self.state_keys))
+            else:
+                out = self.backbone.apply(variables, views[:, i], train=False, rngs=rngs)
+            feats.append(out["pre_logits"])
+        return jnp.stack(feats, axis=1), state
+
+    def _states(self, extra):
+        """(base, momentum) encoder states kept in ``extra`` ({} without state)."""
+        return ({k: extra[k] for k in self.state_keys},
+                {k: extra["momentum_" + k] for k in self.state_keys})
 
     def _project(self, projector, feats):
         """[B, n, D] -> [n, B, dim]: BatchNorm statistics per view over the batch."""
@@ -204,18 +232,20 @@ class MoCoObjective(Objective):
     def init(self, rng, batch):
         b_rng, p_rng, q_rng, k_rng = jax.random.split(rng, 4)
         views = batch["global_crops"]
-        backbone = self.backbone.init({"params": b_rng}, views[:, 0])["params"]
+        variables = self.backbone.init({"params": b_rng}, views[:, 0])
+        backbone, state = variables["params"], {k: variables[k] for k in self.state_keys}
         if self.param_init == "reference" and "cls_token" in backbone:
             # vits.py: nn.init.normal_(cls_token, std=1e-6); the ViT draws N(0, 0.02).
             backbone = dict(backbone)
             backbone["cls_token"] = jax.tree.map(lambda x: x * (1e-6 / 0.02), backbone["cls_token"])
-        feats = self._features(backbone, views[:, :1], False)
+        feats, _ = self._features(backbone, views[:, :1], False, state=state)
         projector = self.projector.init({"params": p_rng}, jnp.swapaxes(feats, 0, 1))["params"]
         params = {"backbone": backbone, "projector": projector}
         if self.predictor is not None:
             z = self._project(projector, feats)
             params["predictor"] = self.predictor.init({"params": q_rng}, z)["params"]
-        extra = {"momentum": self._encoders(params)}   # the momentum encoder starts as a copy
+        extra = {"momentum": self._encoders(params),   # the momentum encoder starts as a copy
+                 **state, **{"momentum_" + k: v for k, v in state.items()}}
         if self.queue_size:
             # builder.py (v2): torch.randn(dim, K), normalised along dim.
             queue = l2_normalize(jax.random.normal(k_rng, (self.queue_size, self.dim), jnp.float32))
@@ -224,29 +254,40 @@ class MoCoObjective(Objective):
         return params, extra
 
     def after_model_init(self, params, extra):
-        return {**extra, "momentum": self._encoders(params)}  # a copy of the (loaded) params, as in init
+        return {**extra, "momentum": self._encoders(params),  # a copy of the (loaded) params, as in init
+                **{"momentum_" + k: extra[k] for k in self.state_keys}}
 
     def momentum_at(self, step):
         return momentum_schedule(step, self.momentum, self.total_steps, self.momentum_cos)
 
     # -- loss -------------------------------------------------------------------------------
     def loss(self, params, extra, batch, rng, step):
-        return self.loss_from_embeddings(params, extra, self.embed(params, extra, batch, rng, step),
-                                         batch, rng, step)
+        emb, extra = self._embed(params, extra, batch, rng, step)
+        return self.loss_from_embeddings(params, extra, emb, batch, rng, step)
 
     def embed(self, params, extra, batch, rng, step):
         """The per-example half of ``loss``: backbone features ``{'query': [B, Vq, D]}`` (with
         gradient) and ``{'key': [B, Vk, D]}`` of the momentum backbone AFTER this step's momentum
         update (no gradient). The heads' BatchNorm and the loss are in ``loss_from_embeddings``,
-        so ``config.grad_accum_steps`` > 1 keeps the full batch's statistics."""
+        so ``config.grad_accum_steps`` > 1 keeps the full batch's statistics (a backbone
+        without state; ``check`` refuses accumulation otherwise)."""
+        return self._embed(params, extra, batch, rng, step)[0]
+
+    def _embed(self, params, extra, batch, rng, step):
+        """``embed`` and ``extra`` with the encoders' updated running statistics."""
         views = batch["global_crops"]
         m, one_minus = self.momentum_at(step)
         key_backbone = momentum_update(extra["momentum"]["backbone"], params["backbone"], m, one_minus)
         q_views = views[:, list(self.q_views)] if len(self.q_views) < views.shape[1] else views
         k_views = views[:, list(self.k_views)] if len(self.k_views) < views.shape[1] else views
-        query = self._features(params["backbone"], q_views, True, rng)
-        key = self._features(key_backbone, k_views, False)
-        return {"query": query, "key": jax.lax.stop_gradient(key)}
+        state, m_state = self._states(extra)
+        query, state = self._features(params["backbone"], q_views, True, rng, state)
+        # The momentum encoder runs in training mode as in the reference (batch statistics for a
+        # BatchNorm backbone; a ViT has no dropout there, so train=False is the same function).
+        key, m_state = self._features(key_backbone, k_views, bool(self.state_keys), state=m_state)
+        if self.state_keys:
+            extra = {**extra, **state, **{"momentum_" + k: v for k, v in m_state.items()}}
+        return {"query": query, "key": jax.lax.stop_gradient(key)}, extra
 
     def loss_from_embeddings(self, params, extra, emb, batch, rng, step):
         m, one_minus = self.momentum_at(step)
@@ -277,6 +318,11 @@ class MoCoObjective(Objective):
 
     # -- checks, evaluation ----------------------------------------------------------------
     def check(self, config):
+        accum = max(int(config.get("grad_accum_steps", 1)), 1)
+        if self.state_keys and accum > 1:
+            raise ConfigError(f"grad_accum_steps={accum} with a BatchNorm backbone ({config.model.name}): its "
+                              "statistics couple the examples inside the backbone, so the batch cannot be "
+                              "split; use grad_accum_steps=1 (or a backbone without BatchNorm).")
         for name, ev in dict(config.get("evals") or {}).items():
             if ev.get("type") == "images":
                 pp = str(ev.get("pp") or config.data.get("pp_eval", ""))
@@ -286,18 +332,21 @@ class MoCoObjective(Objective):
                         "the two_views pipeline, e.g. pp=\"two_views(32)|keep('global_crops')\".")
 
     def features(self, params, extra, images):
-        """The base encoder's pooled output (what MoCo v3's main_lincls.py probes)."""
-        return self.backbone.apply({"params": params["backbone"]}, images)["pre_logits"]
+        """The base encoder's pooled output (what MoCo v3's main_lincls.py probes; a BatchNorm
+        backbone with its running statistics)."""
+        return self.backbone.apply({"params": params["backbone"], **self._states(extra)[0]},
+                                   images)["pre_logits"]
 
     def visualize(self, params, extra, batch, rng):
         """Three rows over the first 8 examples: view 1, view 2, and the view 2 (of the whole
         batch) whose key is nearest to view 1's query (== the second row where the
         contrastive task is solved)."""
         views = batch["global_crops"]
-        feats = self._features(params["backbone"], views, False)
+        state, m_state = self._states(extra)
+        feats, _ = self._features(params["backbone"], views, False, state=state)
         q = l2_normalize(self._query(params, feats)[0])
-        k = l2_normalize(self._project(extra["momentum"]["projector"],
-                                       self._features(extra["momentum"]["backbone"], views, False))[1])
+        k_feats, _ = self._features(extra["momentum"]["backbone"], views, False, state=m_state)
+        k = l2_normalize(self._project(extra["momentum"]["projector"], k_feats)[1])
         nearest = np.asarray(jnp.argmax(q @ k.T, axis=-1))
         from fmjax.evals import images as images_lib
         mean, std = NORMALIZE_PRESETS[self.config.data.get("normalization", "imagenet")]

@@ -273,7 +273,7 @@ def test_momentum_update_before_the_keys_and_queue_contents(tiny_config):
     _close(s2.extra["momentum"], want, rtol=1e-6, atol=1e-7)
     # The queue after step 1: rows 0..31 = normalised keys of view 2 then view 1, the rest untouched.
     mom = s1.extra["momentum"]
-    k = obj._project(mom["projector"], obj._features(mom["backbone"], jnp.asarray(batch["global_crops"]), False))
+    k = obj._project(mom["projector"], obj._features(mom["backbone"], jnp.asarray(batch["global_crops"]), False)[0])
     keys = np.concatenate([moco_lib.l2_normalize(k[1]), moco_lib.l2_normalize(k[0])])
     np.testing.assert_allclose(s1.extra["queue"][:32], keys, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(s1.extra["queue"][32:], first.extra["queue"][32:])
@@ -293,10 +293,10 @@ def test_moco_v2_style_asymmetric_queue(tiny_config):
     assert "predictor" not in first.params and int(s1.extra["queue_ptr"]) == 16
     mom = s1.extra["momentum"]
     views = jnp.asarray(batch["global_crops"])
-    k2 = obj._project(mom["projector"], obj._features(mom["backbone"], views[:, 1:], False))[0]
+    k2 = obj._project(mom["projector"], obj._features(mom["backbone"], views[:, 1:], False)[0])[0]
     np.testing.assert_allclose(s1.extra["queue"][:16], moco_lib.l2_normalize(k2), rtol=1e-4, atol=1e-5)
     # The loss of step 0 is v2's: q of view 1 (params before the step) against k2 and the old queue.
-    q1 = obj._project(first.params["projector"], obj._features(first.params["backbone"], views[:, :1], False))[0]
+    q1 = obj._project(first.params["projector"], obj._features(first.params["backbone"], views[:, :1], False)[0])[0]
     want, _ = np_queue_loss(np.asarray(q1, np.float64), np.asarray(k2, np.float64),
                             np.asarray(first.extra["queue"], np.float64).T, c.objective.temperature)
     np.testing.assert_allclose(m1["loss"], want, rtol=1e-5)
@@ -385,6 +385,64 @@ def test_paper_presets_carry_the_reference_hyper_parameters(preset, width):
     assert c.model.pos_embed == "sincos_moco" and c.model.pool == "cls"
     obj = make_objective(c)
     assert obj.backbone.width == width and obj.patch_size == 16
+
+
+def test_resnet50_preset_is_config_md_100_epochs():
+    """CONFIG.md's ResNet-50 100-epoch command = main_moco.py's defaults (LARS, lr 0.6 x B/256,
+    wd 1e-6, 10 warm-up epochs, T 1.0, m 0.99, dim 256, mlp-dim 4096) + --moco-m-cos
+    --crop-min=.2; MoCo_ResNet's heads (projector 2 layers with the last BN, predictor 2
+    without) on torchvision's ResNet-50 with zero_init_residual."""
+    from fmjax.testing import load_config
+    c = load_config("moco", "resnet50_imagenet")
+    spe = 1281167 // 4096
+    assert (c.batch_size, c.total_steps, c.optimizer.warmup_steps) == (4096, 100 * spe, 10 * spe)
+    assert (c.optimizer.name, c.optimizer.weight_decay, c.optimizer.momentum) == ("lars", 1e-6, 0.9)
+    assert opt_lib.peak_learning_rate(c.optimizer, 4096) == pytest.approx(9.6)
+    assert not c.optimizer.get("frozen") and not c.optimizer.get("lars_lr_in_momentum")
+    o = c.objective
+    assert (o.temperature, o.momentum, o.momentum_cos, o.projector_layers, o.predictor_last_bn) == \
+        (1.0, 0.99, True, 2, "none")
+    assert "scale=(0.2, 1.0)" in c.data.pp_train
+    assert (c.model.name, c.model.variant, c.model.zero_init_residual) == ("resnet", "50", True)
+    obj = make_objective(c)
+    assert obj.state_keys == ("batch_stats",) and obj.backbone.width == 2048
+    obj.check(c)
+    c.grad_accum_steps = 2
+    with pytest.raises(ConfigError, match="BatchNorm backbone"):
+        obj.check(c)
+
+
+def test_resnet_backbone_per_view_statistics_and_sharding(tiny_config):
+    """A BatchNorm backbone: the base and momentum encoders each run view 1 then view 2 in
+    training mode and keep their own running statistics (the momentum update leaves them
+    alone); 8 simulated devices step as one (statistics over the global batch: SyncBN)."""
+    resnet = dict(name="resnet", depths=(1, 1), dims=(8, 16), stem_width=8, stem="cifar", block="basic")
+    batch = _fixed_batch()
+    runs = []
+    for mesh, devices in (({"data": 2, "fsdp": 4, "tensor": 1}, jax.devices()[:8]),
+                          ({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])):
+        c = _moco_config(tiny_config, mesh=mesh, total_steps=8)
+        c.model = dict(resnet)
+        c.optimizer.frozen = ()   # the ViT presets' frozen patch projection
+        runs.append(_run(c, batch, devices, steps=2))
+    (_, s8, m8, _), (first, s1, m1, _) = runs
+    for a, b in zip(m8, m1):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-5)
+    _close((s8[-1].params, s8[-1].extra), (s1[-1].params, s1[-1].extra), rtol=1e-4, atol=1e-6)
+    obj = make_objective(c)
+    views = jnp.asarray(batch["global_crops"])
+    state = {"batch_stats": first.extra["batch_stats"]}
+    m_state = {"batch_stats": first.extra["momentum_batch_stats"]}
+    m, om = (float(x) for x in moco_lib.momentum_schedule(0, c.objective.momentum, c.total_steps))
+    key_backbone = jax.tree.map(lambda t, s: t * m + s * om, first.extra["momentum"]["backbone"],
+                                first.params["backbone"])
+    for i in range(2):
+        _, state = obj.backbone.apply({"params": first.params["backbone"], **state}, views[:, i],
+                                      train=True, mutable=["batch_stats"])
+        _, m_state = obj.backbone.apply({"params": key_backbone, **m_state}, views[:, i],
+                                        train=True, mutable=["batch_stats"])
+    _close(s1[0].extra["batch_stats"], state["batch_stats"], rtol=1e-5, atol=1e-6)
+    _close(s1[0].extra["momentum_batch_stats"], m_state["batch_stats"], rtol=1e-5, atol=1e-6)
 
 
 # -- resume ------------------------------------------------------------------------------------
