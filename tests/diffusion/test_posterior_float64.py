@@ -221,11 +221,16 @@ def test_schedule_pytree_and_errors():
     assert s32.host64 is None and len(jax.tree.leaves(s64)) == 5
     assert process.make_schedule("linear", T, precision="float64").host64 == s64.host64
     assert hash(process.make_schedule("linear", T, precision="float64").host64) == hash(s64.host64)
-    f = jax.jit(lambda s, x, t: process.add_noise(s, x, x, t))
+    traces = []
+
+    def noisy(s, x, t):
+        traces.append(1)   # runs once per trace: a second trace would be a cache miss
+        return process.add_noise(s, x, x, t)
+    f = jax.jit(noisy)
     x = jnp.ones((2, 3))
     f(s64, x, jnp.array([1, 2]))
     f(process.make_schedule("linear", T, precision="float64"), x, jnp.array([1, 2]))
-    assert f._cache_size() == 1
+    assert len(traces) == 1
     with pytest.raises(ValueError, match="traced"):
         jax.jit(lambda t: sampling.ddpm_step(s64, x, t, x)[0])(jnp.array([1, 2]))
     post = sampling.posterior_coefficients(s64, np.array([1, 2]))
