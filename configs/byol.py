@@ -144,16 +144,7 @@ def get_config(arg: str = "default"):
                                 warmup_steps=40 * steps_per_epoch, clip_norm=0.0))
         c.model = dict(name="vit", variant="B/16", drop_path=0.0, pool="cls", attention_impl="xla",
                        remat="none", scan_layers=False)
-        c.dtype = "bfloat16"
-        c.log_every = 100
-        c.eval_every = 10 * steps_per_epoch
-        c.checkpoint_every = 2000
-        c.keep_period = 50 * steps_per_epoch
-        c.evals = dict(
-            knn=dict(type="knn", split="validation", train_split="train", k=20, temperature=0.07,
-                     every=c.eval_every),
-            images=dict(type="images", split="validation", every=c.eval_every),
-        )
+        common.ssl_imagenet_run(c, steps_per_epoch, images=dict(split="validation"))
     elif arg == "resnet50_imagenet":   # BYOL's own (docstring); the optimizer is the shared one above
         c.batch_size = 4096
         steps_per_epoch = IMAGENET_TRAIN // c.batch_size
@@ -162,16 +153,7 @@ def get_config(arg: str = "default"):
         common.imagenet_data(c, 224)
         c.data.pp_train = "two_views(224, recipe='byol')|keep('global_crops')"
         c.model = dict(name="resnet", variant="50", zero_init_residual=True, remat="none")
-        c.dtype = "bfloat16"
-        c.log_every = 100
-        c.eval_every = 10 * steps_per_epoch
-        c.checkpoint_every = 2000
-        c.keep_period = 50 * steps_per_epoch
-        c.evals = dict(
-            knn=dict(type="knn", split="validation", train_split="train", k=20, temperature=0.07,
-                     every=c.eval_every),
-            images=dict(type="images", split="validation", every=c.eval_every),
-        )
+        common.ssl_imagenet_run(c, steps_per_epoch, images=dict(split="validation"))
     else:
         raise ValueError(f"Unknown configs/byol.py preset {arg!r}; valid: default, cpu, vit_b16_imagenet, "
                          "resnet50_imagenet.")

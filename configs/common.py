@@ -90,3 +90,20 @@ def imagenet_data(c, image_size: int = 224, scale=(0.2, 1.0)):
                        f"normalize('imagenet')|keep('image', 'label')")
     c.data.pp_eval = (f"resize({int(image_size * 256 / 224)})|center_crop({image_size})|"
                       f"normalize('imagenet')|keep('image', 'label')")
+
+
+def ssl_imagenet_run(c, steps_per_epoch: int, keep_epochs: int = 50, images=None):
+    """What the self-supervised ImageNet presets share besides their recipe: bfloat16, a log
+    line every 100 steps, a checkpoint every 2000 (one kept every ``keep_epochs`` epochs), and
+    every 10 epochs a kNN (k 20, T 0.07, validation against train) and the training views as
+    pictures (``images``: that eval's split / pp / sizes)."""
+    c.dtype = "bfloat16"
+    c.log_every = 100
+    c.eval_every = 10 * steps_per_epoch
+    c.checkpoint_every = 2000
+    c.keep_period = keep_epochs * steps_per_epoch
+    c.evals = dict(
+        knn=dict(type="knn", split="validation", train_split="train", k=20, temperature=0.07,
+                 every=c.eval_every),
+        images=dict(type="images", every=c.eval_every, **(images or {})),
+    )

@@ -133,17 +133,8 @@ def get_config(arg: str = "default"):
         c.optimizer.update(dict(warmup_steps=warmup_epochs * steps_per_epoch))
         c.model = dict(name="vit", variant="S/16" if small else "B/16", drop_path=0.0,
                        attention_impl="xla", remat="none", scan_layers=False, **reference_model)
-        c.dtype = "bfloat16"
-        c.log_every = 100
-        c.eval_every = 10 * steps_per_epoch
-        c.checkpoint_every = 2000
-        c.keep_period = 50 * steps_per_epoch
-        c.evals = dict(
-            knn=dict(type="knn", split="validation", train_split="train", k=20, temperature=0.07,
-                     every=c.eval_every),
-            images=dict(type="images", split="validation", every=c.eval_every,
-                        pp="two_views(224, recipe='byol')|keep('global_crops')"),
-        )
+        common.ssl_imagenet_run(c, steps_per_epoch, keep_epochs=50, images=dict(
+            split="validation", pp="two_views(224, recipe='byol')|keep('global_crops')"))
     elif arg == "resnet50_imagenet":   # CONFIG.md's ResNet-50, 100 epochs (docstring)
         c.batch_size = 4096
         steps_per_epoch = IMAGENET_TRAIN // c.batch_size
@@ -157,17 +148,8 @@ def get_config(arg: str = "default"):
         c.objective.update(dict(projector_layers=2, predictor_layers=2, predictor_last_bn="none",
                                 temperature=1.0, momentum=0.99, momentum_cos=True))
         c.model = dict(name="resnet", variant="50", zero_init_residual=True, remat="none")
-        c.dtype = "bfloat16"
-        c.log_every = 100
-        c.eval_every = 10 * steps_per_epoch
-        c.checkpoint_every = 2000
-        c.keep_period = 10 * steps_per_epoch
-        c.evals = dict(
-            knn=dict(type="knn", split="validation", train_split="train", k=20, temperature=0.07,
-                     every=c.eval_every),
-            images=dict(type="images", split="validation", every=c.eval_every,
-                        pp="two_views(224, recipe='byol')|keep('global_crops')"),
-        )
+        common.ssl_imagenet_run(c, steps_per_epoch, keep_epochs=10, images=dict(
+            split="validation", pp="two_views(224, recipe='byol')|keep('global_crops')"))
     else:
         raise ValueError(f"Unknown configs/moco.py preset {arg!r}; valid: default, cpu, cpu_queue, "
                          "vit_s16_imagenet, vit_b16_imagenet, resnet50_imagenet.")

@@ -155,17 +155,8 @@ def get_config(arg: str = "default"):
         c.objective.update(dict(head_layers=3, hidden_dim=0, out_dim=128, temperature=0.1))
         c.model = dict(name="vit", variant="B/16", pool="cls", pos_embed="sincos", drop_path=0.0,
                        attention_impl="xla", remat="none", scan_layers=False)
-        c.dtype = "bfloat16"
-        c.log_every = 100
-        c.eval_every = 10 * steps_per_epoch
-        c.checkpoint_every = 2000
-        c.keep_period = 50 * steps_per_epoch
-        c.evals = dict(
-            knn=dict(type="knn", split="validation", train_split="train", k=20, temperature=0.07,
-                     every=c.eval_every),
-            images=dict(type="images", split="train", pp=c.data.pp_train, examples=256,
-                        batch_size=256, every=c.eval_every),
-        )
+        common.ssl_imagenet_run(c, steps_per_epoch, images=dict(
+            split="train", pp=c.data.pp_train, examples=256, batch_size=256))
     elif arg == "resnet50_imagenet":
         c.batch_size = 4096
         steps_per_epoch = IMAGENET_TRAIN // c.batch_size
@@ -176,17 +167,8 @@ def get_config(arg: str = "default"):
         c.optimizer.warmup_steps = 10 * steps_per_epoch
         c.objective.update(dict(head_layers=2, hidden_dim=0, out_dim=128, temperature=0.1))
         c.model = dict(name="resnet", variant="50", zero_init_residual=True, remat="none")
-        c.dtype = "bfloat16"
-        c.log_every = 100
-        c.eval_every = 10 * steps_per_epoch
-        c.checkpoint_every = 2000
-        c.keep_period = 50 * steps_per_epoch
-        c.evals = dict(
-            knn=dict(type="knn", split="validation", train_split="train", k=20, temperature=0.07,
-                     every=c.eval_every),
-            images=dict(type="images", split="train", pp=c.data.pp_train, examples=256,
-                        batch_size=256, every=c.eval_every),
-        )
+        common.ssl_imagenet_run(c, steps_per_epoch, images=dict(
+            split="train", pp=c.data.pp_train, examples=256, batch_size=256))
     else:
         raise ValueError(f"Unknown configs/simclr.py preset {arg!r}; valid: default, cpu, vit_b16_imagenet, "
                          "resnet50_imagenet.")

@@ -36,7 +36,6 @@ import sys
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,9 +43,9 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared reference
 from deit_reference import DistilledVisionTransformer, VisionTransformer, reference_train  # noqa: E402
+from fmjax_step import run_steps  # noqa: E402
 
 from fmjax.interop import timm_vit  # noqa: E402
-from fmjax.train import optimizer as opt_lib  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
 IMG, PATCH, BATCH, CLASSES = 32, 8, 8, 8
@@ -144,35 +143,8 @@ def distill_config(default_config, kd, tau, teacher_dir):
 
 
 def run_fmjax(config, params0, batches):
-    """The trainer's objective, optimizer, state and jitted step on one device (as
-    test_supervised_trajectory.run_fmjax)."""
-    from fmjax.data import pipeline
-    from fmjax.objectives.base import make_objective
-    from fmjax.parallel.mesh import batch_sharding, make_mesh
-    from fmjax.parallel.rules import get_rules
-    from fmjax.train.state import create_state, mesh_context
-    from fmjax.train.step import jit_train_step, make_train_step
-    objective = make_objective(config)
-    mesh = make_mesh(config.mesh, jax.devices()[:1])
-    rules = get_rules(config.sharding)
-    tx, schedule = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
-    spec = {"image": jax.ShapeDtypeStruct(batches[0][0].shape, jnp.float32),
-            "label": jax.ShapeDtypeStruct(batches[0][1].shape, jnp.int32)}
-    state, shardings = create_state(objective, tx, spec, mesh, rules, config.seed)
-    assert jax.tree.structure(jax.device_get(state.params)) == jax.tree.structure(params0)
-    state = state.replace(params=jax.device_put(params0, shardings.params))
-    step_fn = make_train_step(objective, tx, schedule, rules, config.grad_accum_steps,
-                              nonfinite=config.nonfinite)
-    jitted = jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sharding(mesh), spec))
-    losses, agreement = [], []
-    with mesh_context(mesh):
-        for images, labels in batches:
-            state, metrics = jitted(state, pipeline.global_batch({"image": images, "label": labels}, mesh))
-            metrics = jax.device_get(metrics)
-            assert float(metrics["finite"]) == 1.0
-            losses.append(float(metrics["loss"]))
-            agreement.append(float(metrics["agreement"]))
-    return np.array(losses), np.array(agreement), jax.device_get(state.params)
+    m, params, _, _ = run_steps(config, params0, batches, record=("loss", "agreement"))
+    return m["loss"], m["agreement"], params
 
 
 def _batches(n):

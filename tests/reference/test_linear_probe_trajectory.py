@@ -37,7 +37,6 @@ import sys
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -45,6 +44,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared reference
 from deit_reference import VisionTransformer  # noqa: E402  (timm 0.3.2 = models_vit, cls token)
+from fmjax_step import run_steps  # noqa: E402
 from mae_util import LARS, adjust_learning_rate  # noqa: E402
 
 from fmjax.interop import timm_vit  # noqa: E402
@@ -145,36 +145,8 @@ def probe_config(default_config, weight_decay):
 
 
 def run_fmjax(config, params0, extra0, batches):
-    from fmjax.data import pipeline
-    from fmjax.objectives.base import make_objective
-    from fmjax.parallel.mesh import batch_sharding, make_mesh
-    from fmjax.parallel.rules import get_rules
-    from fmjax.train import optimizer as opt_lib
-    from fmjax.train.state import create_state, mesh_context
-    from fmjax.train.step import jit_train_step, make_train_step
-    objective = make_objective(config)
-    objective.check(config)
-    mesh = make_mesh(config.mesh, jax.devices()[:1])
-    rules = get_rules(config.sharding)
-    tx, schedule = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
-    spec = {"image": jax.ShapeDtypeStruct(batches[0][0].shape, jnp.float32),
-            "label": jax.ShapeDtypeStruct(batches[0][1].shape, jnp.int32)}
-    state, shardings = create_state(objective, tx, spec, mesh, rules, config.seed)
-    assert jax.tree.structure(jax.device_get(state.params)) == jax.tree.structure(params0)
-    state = state.replace(params=jax.device_put(params0, shardings.params),
-                          extra=jax.device_put(extra0, shardings.extra))
-    step_fn = make_train_step(objective, tx, schedule, rules, config.grad_accum_steps,
-                              nonfinite=config.nonfinite)
-    jitted = jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sharding(mesh), spec))
-    losses, lrs = [], []
-    with mesh_context(mesh):
-        for images, labels in batches:
-            state, metrics = jitted(state, pipeline.global_batch({"image": images, "label": labels}, mesh))
-            metrics = jax.device_get(metrics)
-            assert float(metrics["finite"]) == 1.0
-            losses.append(float(metrics["loss"]))
-            lrs.append(float(metrics["lr"]))
-    return np.array(losses), np.array(lrs), jax.device_get(state.params), jax.device_get(state.extra)
+    m, params, extra, _ = run_steps(config, params0, batches, extra0)
+    return m["loss"], m["lr"], params, extra
 
 
 def _batches(n):

@@ -74,15 +74,10 @@ nn = torch.nn
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared reference
 from deit_reference import (CosineLRScheduler, VisionTransformer, create_optimizer,  # noqa: E402
                             create_scheduler, reference_train)
+from fmjax_step import run_steps  # noqa: E402
 
-from fmjax.data import pipeline  # noqa: E402
 from fmjax.interop import hf_vit  # noqa: E402
-from fmjax.objectives.base import make_objective  # noqa: E402
-from fmjax.parallel.mesh import batch_sharding, make_mesh  # noqa: E402
-from fmjax.parallel.rules import get_rules  # noqa: E402
 from fmjax.train import optimizer as opt_lib  # noqa: E402
-from fmjax.train.state import create_state, mesh_context  # noqa: E402
-from fmjax.train.step import jit_train_step, make_train_step  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
 IMG, PATCH, BATCH, CLASSES = 32, 8, 8, 8
@@ -191,30 +186,8 @@ def supervised_config(default_config):
 
 
 def run_fmjax(config, params0, batches):
-    objective = make_objective(config)
-    mesh = make_mesh(config.mesh, jax.devices()[:1])
-    rules = get_rules(config.sharding)
-    tx, schedule = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
-    spec = {"image": jax.ShapeDtypeStruct(batches[0][0].shape, jnp.float32),
-            "label": jax.ShapeDtypeStruct(batches[0][1].shape, jnp.int32)}
-    state, shardings = create_state(objective, tx, spec, mesh, rules, config.seed)
-    assert jax.tree.structure(jax.device_get(state.params)) == jax.tree.structure(params0)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params0)):
-        assert a.shape == b.shape and a.dtype == b.dtype
-    state = state.replace(params=jax.device_put(params0, shardings.params))
-    step_fn = make_train_step(objective, tx, schedule, rules, config.grad_accum_steps,
-                              nonfinite=config.nonfinite)
-    jitted = jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sharding(mesh), spec))
-    losses, lrs = [], []
-    with mesh_context(mesh):
-        for images, labels in batches:
-            state, metrics = jitted(state, pipeline.global_batch({"image": images, "label": labels}, mesh))
-            metrics = jax.device_get(metrics)
-            assert float(metrics["finite"]) == 1.0
-            losses.append(float(metrics["loss"]))
-            lrs.append(float(metrics["lr"]))
-    assert int(state.step) == len(batches)
-    return np.array(losses), np.array(lrs), jax.device_get(state.params), objective
+    m, params, _, objective = run_steps(config, params0, batches)
+    return m["loss"], m["lr"], params, objective
 
 
 def _batches(n):
