@@ -26,6 +26,14 @@ CPU recipe that learns (silhouettes of the simple shapes, rot90 views, 3000 step
   +0.05. 10-shot ridge (eval/fewshot_10shot_top1) 0.456 -> 0.537 -> 0.610 -> 0.619; NT-Xent
   11.67 (step 25) -> 9.03 (3000), positive-pair cosine 0.11 -> 0.70, embedding_std 0.76 (no
   collapse).
+  The same recipe on a ResNet (fmjax.models.resnet: ResNet-18's layout at a quarter width, the
+  CIFAR stem, BatchNorm statistics over both views and running statistics in extra), 1000 steps:
+    python launch/train.py --config=configs/simclr.py:cpu --workdir=/tmp/simclr_resnet \
+        "--config.model={'name': 'resnet', 'variant': '18', 'stem': 'cifar', 'stem_width': 16, 'dims': (16, 32, 64, 128)}" \
+        --config.total_steps=1000 --config.eval_every=500 --config.optimizer.warmup_steps=100
+  Measured 2026-12-03 (22.7 min wall, the CPU shared with short test runs; ~0.85 steps/s alone):
+  kNN top-1 0.502 (step 0) -> 0.763 (500) -> 0.780 (1000) vs the best of 4 random ResNets 0.576
+  (mean 0.534; launch/eval.py --random_init_seeds=4 with the same model flag): +0.204.
 
 Paper presets (need `imagenet2012` in TFDS):
     python launch/train.py --config=configs/simclr.py:vit_b16_imagenet --workdir=DIR
