@@ -90,7 +90,7 @@ def test_objectives_check_capabilities_not_model_names():
                         attention_resolutions=(), num_groups=8, sample_size=16, num_classes=3)
     with pytest.raises(ValueError, match=r"objective 'supervised' needs a model with \['classifier', 'pooled'\].*"
                                          r"config.model.name='unet' has \['class_conditional', 'denoiser'\]; "
-                                         r"models that fit: \['convnext', 'swin', 'tinyvit', 'vit'\]"):
+                                         r"models that fit: \['convnext', 'resnet', 'swin', 'tinyvit', 'vit'\]"):
         make_objective(config)
     config = load_config("diffusion")
     config.model = dict(name="mae", variant="S/16")

@@ -56,8 +56,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 nn = torch.nn
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared helpers
+from deit_reference import LabelSmoothingCrossEntropy  # noqa: E402  (timm 0.3.2's, as DeiT / Swin use it)
 from test_supervised_trajectory import (  # noqa: E402  (same batch shapes, seed and tolerances)
-    ATOL, BATCH, CLASSES, IMG, RTOL, LabelSmoothingCrossEntropy, _batches, _flat, _rel_err, run_fmjax)
+    ATOL, BATCH, CLASSES, IMG, RTOL, _batches, _flat, _rel_err, run_fmjax)
 
 from fmjax.interop import hf_swin  # noqa: E402
 from fmjax.train import optimizer as opt_lib  # noqa: E402
