@@ -46,3 +46,20 @@ def run_steps(config, params0, batches, extra0=None, record=("loss", "lr")):
     assert int(state.step) == len(batches)
     return ({k: np.array(v) for k, v in out.items()}, jax.device_get(state.params),
             jax.device_get(state.extra), objective)
+
+
+def random_batches(n, batch, size, classes, seed=0):
+    """``n`` pre-augmented batches (NHWC float32 random-normal images, int32 labels)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((batch, size, size, 3)).astype(np.float32),
+             rng.integers(0, classes, batch).astype(np.int32)) for _ in range(n)]
+
+
+def flat(tree):
+    """keystr -> numpy array for every leaf."""
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def rel_err(a, b, rtol, atol):
+    """max |a - b| / (atol / rtol + |b|): <= rtol passes assert_allclose(rtol, atol)."""
+    return float(np.max(np.abs(a - b) / (atol / rtol + np.abs(b))))

@@ -35,7 +35,6 @@ import os
 import sys
 import types
 
-import jax
 import numpy as np
 import pytest
 
@@ -43,7 +42,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared reference
 from deit_reference import DistilledVisionTransformer, VisionTransformer, reference_train  # noqa: E402
-from fmjax_step import run_steps  # noqa: E402
+from fmjax_step import flat, random_batches, rel_err, run_steps  # noqa: E402
 
 from fmjax.interop import timm_vit  # noqa: E402
 
@@ -148,17 +147,15 @@ def run_fmjax(config, params0, batches):
 
 
 def _batches(n):
-    rng = np.random.default_rng(0)
-    return [(rng.standard_normal((BATCH, IMG, IMG, 3)).astype(np.float32),
-             rng.integers(0, CLASSES, BATCH).astype(np.int32)) for _ in range(n)]
+    """``n`` pre-augmented batches (NHWC float32 images, int32 labels), fixed seed."""
+    return random_batches(n, BATCH, IMG, CLASSES)
 
 
-def _flat(tree):
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+_flat = flat
 
 
 def _rel_err(a, b):
-    return float(np.max(np.abs(a - b) / (ATOL / RTOL + np.abs(b))))
+    return rel_err(a, b, RTOL, ATOL)
 
 
 def _to_fmjax(student):

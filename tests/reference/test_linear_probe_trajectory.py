@@ -36,7 +36,6 @@ import os
 import sys
 import types
 
-import jax
 import numpy as np
 import pytest
 
@@ -44,7 +43,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared reference
 from deit_reference import VisionTransformer  # noqa: E402  (timm 0.3.2 = models_vit, cls token)
-from fmjax_step import run_steps  # noqa: E402
+from fmjax_step import flat, random_batches, run_steps  # noqa: E402
 from mae_util import LARS, adjust_learning_rate  # noqa: E402
 
 from fmjax.interop import timm_vit  # noqa: E402
@@ -150,13 +149,7 @@ def run_fmjax(config, params0, extra0, batches):
 
 
 def _batches(n):
-    rng = np.random.default_rng(0)
-    return [(rng.standard_normal((BATCH, IMG, IMG, 3)).astype(np.float32),
-             rng.integers(0, CLASSES, BATCH).astype(np.int32)) for _ in range(n)]
-
-
-def _flat(tree):
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return random_batches(n, BATCH, IMG, CLASSES)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
@@ -181,7 +174,7 @@ def test_trajectory_matches_mae_linprobe(weight_decay, default_config):
         np.testing.assert_allclose(params["head"][k], want["head"][k], rtol=RTOL, atol=atol, err_msg=k)
     for k in ("mean", "var"):
         np.testing.assert_allclose(extra[k], want_extra[k], rtol=RTOL, atol=ATOL, err_msg=f"running {k}")
-    got_b, init_b = _flat(params["backbone"]), _flat(params0["backbone"])
+    got_b, init_b = flat(params["backbone"]), flat(params0["backbone"])
     for k in init_b:  # frozen: bit-identical
         np.testing.assert_array_equal(got_b[k], init_b[k], err_msg=k)
     moved = float(np.abs(params["head"]["kernel"] - params0["head"]["kernel"]).max() /

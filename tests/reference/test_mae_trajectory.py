@@ -71,6 +71,8 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared blocks
 from timm032_blocks import Block, PatchEmbed  # noqa: E402  (timm 0.3.2)
+from deit_reference import add_weight_decay  # noqa: E402  (timm 0.3.2 optim_factory.py)
+from mae_util import adjust_learning_rate  # noqa: E402  (MAE util/lr_sched.py)
 
 from fmjax.data import pipeline  # noqa: E402
 from fmjax.interop import hf_vit  # noqa: E402
@@ -238,37 +240,6 @@ class MaskedAutoencoderViT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The reference's training step: timm 0.3.2 add_weight_decay, util/lr_sched.py, engine_pretrain.py.
 # ----------------------------------------------------------------------------------------------
-
-def add_weight_decay(model, weight_decay=1e-5, skip_list=()):
-    """timm 0.3.2 timm/optim/optim_factory.py."""
-    decay = []
-    no_decay = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue  # frozen weights
-        if len(param.shape) == 1 or name.endswith(".bias") or name in skip_list:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {'params': no_decay, 'weight_decay': 0.},
-        {'params': decay, 'weight_decay': weight_decay}]
-
-
-def adjust_learning_rate(optimizer, epoch, args):
-    """util/lr_sched.py: decay the learning rate with half-cycle cosine after warmup."""
-    if epoch < args.warmup_epochs:
-        lr = args.lr * epoch / args.warmup_epochs
-    else:
-        lr = args.min_lr + (args.lr - args.min_lr) * 0.5 * \
-            (1. + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
-    for param_group in optimizer.param_groups:
-        if "lr_scale" in param_group:
-            param_group["lr"] = lr * param_group["lr_scale"]
-        else:
-            param_group["lr"] = lr
-    return lr
-
 
 def reference_train(model, data_loader, args):
     """main_pretrain.py's optimizer set-up and its epoch loop over engine_pretrain.train_one_epoch.

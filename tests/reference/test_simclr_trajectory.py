@@ -349,6 +349,18 @@ def run_reference(model, batches):
 
 # ==== Weights: reference -> fmjax params =====================================================
 
+def head_to_fmjax(sd):
+    """ProjectionHead's LinearLayers -> fmjax's MLPHead params (fc_j, bn_j_scale, bn_j_bias)."""
+    head = {}
+    for j in range(PROJ_LAYERS):
+        src = f"_projection_head.linear_layers.{j}."
+        head[f"fc_{j}"] = {"kernel": sd[src + "dense.weight"].T}
+        head[f"bn_{j}_scale"] = sd[src + "batch_normalization.weight"]
+        if j != PROJ_LAYERS - 1:
+            head[f"bn_{j}_bias"] = sd[src + "batch_normalization.bias"]
+    return head
+
+
 def to_fmjax(model):
     sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     vit = {k[len("resnet_model."):]: v for k, v in sd.items() if k.startswith("resnet_model.")}
@@ -357,13 +369,7 @@ def to_fmjax(model):
             vit[f"blocks.{i}.attn.qkv.{leaf}"] = np.concatenate(
                 [vit.pop(f"blocks.{i}.attn.{x}.{leaf}") for x in "qkv"])
     backbone = convert_timm_vit(vit, num_heads=HEADS)
-    head = {}
-    for j in range(PROJ_LAYERS):
-        src = f"_projection_head.linear_layers.{j}."
-        head[f"fc_{j}"] = {"kernel": sd[src + "dense.weight"].T}
-        head[f"bn_{j}_scale"] = sd[src + "batch_normalization.weight"]
-        if j != PROJ_LAYERS - 1:
-            head[f"bn_{j}_bias"] = sd[src + "batch_normalization.bias"]
+    head = head_to_fmjax(sd)
     return jax.tree.map(lambda x: np.array(x, np.float32), {"backbone": backbone, "head": head})
 
 
@@ -621,13 +627,7 @@ def resnet_to_fmjax(model):
                 block["shortcut"] = conv_bn(src + "projection.")
             backbone[f"stage_{i}_block_{j}"] = block
             k += 1
-    head = {}
-    for j in range(PROJ_LAYERS):
-        src = f"_projection_head.linear_layers.{j}."
-        head[f"fc_{j}"] = {"kernel": sd[src + "dense.weight"].T}
-        head[f"bn_{j}_scale"] = sd[src + "batch_normalization.weight"]
-        if j != PROJ_LAYERS - 1:
-            head[f"bn_{j}_bias"] = sd[src + "batch_normalization.bias"]
+    head = head_to_fmjax(sd)
     return jax.tree.map(lambda x: np.array(x, np.float32), {"backbone": backbone, "head": head})
 
 

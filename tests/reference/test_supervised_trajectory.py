@@ -74,7 +74,7 @@ nn = torch.nn
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared reference
 from deit_reference import (CosineLRScheduler, VisionTransformer, create_optimizer,  # noqa: E402
                             create_scheduler, reference_train)
-from fmjax_step import run_steps  # noqa: E402
+from fmjax_step import flat, random_batches, rel_err, run_steps  # noqa: E402
 
 from fmjax.interop import hf_vit  # noqa: E402
 from fmjax.train import optimizer as opt_lib  # noqa: E402
@@ -192,17 +192,14 @@ def run_fmjax(config, params0, batches):
 
 def _batches(n):
     """``n`` pre-augmented batches (NHWC float32 images, int32 labels), fixed seed."""
-    rng = np.random.default_rng(0)
-    return [(rng.standard_normal((BATCH, IMG, IMG, 3)).astype(np.float32),
-             rng.integers(0, CLASSES, BATCH).astype(np.int32)) for _ in range(n)]
+    return random_batches(n, BATCH, IMG, CLASSES)
 
 
-def _flat(tree):
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+_flat = flat
 
 
 def _rel_err(a, b):
-    return float(np.max(np.abs(a - b) / (ATOL / RTOL + np.abs(b))))
+    return rel_err(a, b, RTOL, ATOL)
 
 
 def _trajectory(config):
