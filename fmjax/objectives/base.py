@@ -45,6 +45,9 @@ import pkgutil
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
+
+from fmjax.errors import ConfigError
 
 Params = Any
 Extra = Any
@@ -155,3 +158,43 @@ def make_objective(config) -> Objective:
     module = importlib.import_module(f"fmjax.objectives.{name}")
     from fmjax import adapt
     return adapt.wrap(module.make(adapt.prepare_config(config)), config)
+
+
+# -- the multi-view objectives (BYOL, MoCo) with a backbone that keeps state (a ResNet's
+# BatchNorm running statistics, registry.state_collections) ---------------------------------
+
+def view_features(backbone, state_keys, params, views, train, rng=None, state=None):
+    """[B, V, H, W, C] views -> ([B, V, D] pooled features, the backbone state after them).
+    Without state: one backbone call for all views. With state (``state_keys``): one call per
+    view, in order, each in ``train`` mode updating the state the next one reads (the
+    references run their encoders per view)."""
+    b, v = views.shape[:2]
+    rngs = {"dropout": rng} if rng is not None else {}
+    if not state_keys:
+        x = views.reshape((b * v,) + views.shape[2:])    # example-major: keeps the batch sharding
+        feats = backbone.apply({"params": params}, x, train=train, rngs=rngs)["pre_logits"]
+        return feats.reshape(b, v, -1), state
+    feats = []
+    for i in range(v):
+        variables = {"params": params, **state}
+        if train:
+            out, state = backbone.apply(variables, views[:, i], train=True, rngs=rngs,
+                                        mutable=list(state_keys))
+        else:
+            out = backbone.apply(variables, views[:, i], train=False, rngs=rngs)
+        feats.append(out["pre_logits"])
+    return jnp.stack(feats, axis=1), state
+
+
+def states(extra, state_keys, prefix):
+    """(the online / base network's state, the ``prefix`` network's) kept in ``extra``."""
+    return ({k: extra[k] for k in state_keys}, {k: extra[prefix + k] for k in state_keys})
+
+
+def refuse_accumulation(state_keys, config) -> None:
+    """One-line ConfigError for ``grad_accum_steps`` > 1 with a stateful backbone."""
+    accum = max(int(config.get("grad_accum_steps", 1)), 1)
+    if state_keys and accum > 1:
+        raise ConfigError(f"grad_accum_steps={accum} with a BatchNorm backbone ({config.model.name}): its "
+                          "statistics couple the examples inside the backbone, so the batch cannot be "
+                          "split; use grad_accum_steps=1 (or a backbone without BatchNorm).")

@@ -60,7 +60,7 @@ import numpy as np
 from fmjax.errors import ConfigError
 from fmjax.models.heads import MLPHead
 from fmjax.models.registry import build_model, require, state_collections
-from fmjax.objectives.base import Objective
+from fmjax.objectives.base import Objective, refuse_accumulation, states, view_features
 
 TARGET_INITS = ("independent", "copy")
 
@@ -143,32 +143,12 @@ class BYOLObjective(Objective):
                               "BatchNorm fewer than 2 examples per view; use batch_size >= 2.")
         if int(config.total_steps) < 1:
             raise ConfigError(f"total_steps={config.total_steps}: the target EMA schedule needs >= 1 step.")
-        if self.state_keys and accum > 1:
-            raise ConfigError(f"grad_accum_steps={accum} with a BatchNorm backbone ({config.model.name}): its "
-                              "statistics couple the examples inside the backbone, so the batch cannot be "
-                              "split; use grad_accum_steps=1 (or a backbone without BatchNorm).")
+        refuse_accumulation(self.state_keys, config)
 
     # -- model ----------------------------------------------------------------------------------
     def _features(self, backbone_params, crops, train, rng=None, state=None):
-        """[B, V, H, W, C] crops -> ([B, V, D] pooled features, the backbone state after them).
-        Without state: one backbone call for all views. With state (``state_keys``): one call
-        per view, in order, each in ``train`` mode updating the state the next one reads."""
-        b, v = crops.shape[:2]
-        rngs = {"dropout": rng} if rng is not None else {}
-        if not self.state_keys:
-            x = crops.reshape((b * v,) + crops.shape[2:])    # example-major: keeps the batch sharding
-            feats = self.backbone.apply({"params": backbone_params}, x, train=train, rngs=rngs)["pre_logits"]
-            return feats.reshape(b, v, -1), state
-        feats = []
-        for i in range(v):
-            variables = {"params": backbone_params, **state}
-            if train:
-                out, state = self.backbone.apply(variables, crops[:, i], train=True, rngs=rngs,
-                                                 mutable=list(self.state_keys))
-            else:
-                out = self.backbone.apply(variables, crops[:, i], train=False, rngs=rngs)
-            feats.append(out["pre_logits"])
-        return jnp.stack(feats, axis=1), state
+        """``base.view_features`` of this backbone: ([B, V, D] features, state after them)."""
+        return view_features(self.backbone, self.state_keys, backbone_params, crops, train, rng, state)
 
     def _init_network(self, rng, images):
         b_rng, p_rng, q_rng = jax.random.split(rng, 3)
@@ -182,8 +162,7 @@ class BYOLObjective(Objective):
 
     def _states(self, extra):
         """(online, target) backbone states kept in ``extra`` ({} without state)."""
-        return ({k: extra[k] for k in self.state_keys},
-                {k: extra["target_" + k] for k in self.state_keys})
+        return states(extra, self.state_keys, "target_")
 
     def init(self, rng, batch):
         """Online and target networks from two keys split from ``rng`` (the reference's

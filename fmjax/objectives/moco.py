@@ -71,7 +71,7 @@ from fmjax.data.transforms import NORMALIZE_PRESETS
 from fmjax.errors import ConfigError
 from fmjax.models.heads import LAST_BN, MLPHead
 from fmjax.models.registry import build_model, require, state_collections
-from fmjax.objectives.base import Objective
+from fmjax.objectives.base import Objective, refuse_accumulation, states, view_features
 
 PARAM_INITS = ("reference", "jax")
 
@@ -193,30 +193,12 @@ class MoCoObjective(Objective):
 
     # -- model ------------------------------------------------------------------------------
     def _features(self, backbone, views, train, rng=None, state=None):
-        """[B, n, H, W, C] views -> ([B, n, D] pooled features, the backbone state after them).
-        Without state: one backbone call. With state (``state_keys``): one call per view, in
-        order, each in ``train`` mode updating the state the next one reads."""
-        b, n = views.shape[:2]
-        rngs = {"dropout": rng} if rng is not None else {}
-        if not self.state_keys:
-            x = views.reshape((b * n,) + views.shape[2:])    # example-major: keeps the batch sharding
-            feats = self.backbone.apply({"params": backbone}, x, train=train, rngs=rngs)["pre_logits"]
-            return feats.reshape(b, n, -1), state
-        feats = []
-        for i in range(n):
-            variables = {"params": backbone, **state}
-            if train:
-                out, state = self.backbone.apply(variables, views[:, i], train=True, rngs=rngs,
-                                                 mutable=list(self.state_keys))
-            else:
-                out = self.backbone.apply(variables, views[:, i], train=False, rngs=rngs)
-            feats.append(out["pre_logits"])
-        return jnp.stack(feats, axis=1), state
+        """``base.view_features`` of this backbone: ([B, n, D] features, state after them)."""
+        return view_features(self.backbone, self.state_keys, backbone, views, train, rng, state)
 
     def _states(self, extra):
         """(base, momentum) encoder states kept in ``extra`` ({} without state)."""
-        return ({k: extra[k] for k in self.state_keys},
-                {k: extra["momentum_" + k] for k in self.state_keys})
+        return states(extra, self.state_keys, "momentum_")
 
     def _project(self, projector, feats):
         """[B, n, D] -> [n, B, dim]: BatchNorm statistics per view over the batch."""
@@ -318,11 +300,7 @@ class MoCoObjective(Objective):
 
     # -- checks, evaluation ----------------------------------------------------------------
     def check(self, config):
-        accum = max(int(config.get("grad_accum_steps", 1)), 1)
-        if self.state_keys and accum > 1:
-            raise ConfigError(f"grad_accum_steps={accum} with a BatchNorm backbone ({config.model.name}): its "
-                              "statistics couple the examples inside the backbone, so the batch cannot be "
-                              "split; use grad_accum_steps=1 (or a backbone without BatchNorm).")
+        refuse_accumulation(self.state_keys, config)
         for name, ev in dict(config.get("evals") or {}).items():
             if ev.get("type") == "images":
                 pp = str(ev.get("pp") or config.data.get("pp_eval", ""))
