@@ -31,9 +31,8 @@ import numpy as np
 from fmjax.data.transforms import NORMALIZE_PRESETS
 from fmjax.errors import ConfigError
 from fmjax.evals import images as image_lib
-from fmjax.models import layers
+from fmjax.models import inject, layers
 from fmjax.models.registry import build_model, require
-from fmjax.objectives._mim import init_mask_token, mask_token_hook
 from fmjax.objectives.base import Objective
 
 RESIZE = ("lanczos3", "linear", "cubic", "nearest")
@@ -139,7 +138,7 @@ class BEiTObjective(Objective):
     # -- model ------------------------------------------------------------------------------
     def logits(self, params, images, mask, train=False, rng=None):
         rngs = {"dropout": rng} if rng is not None else {}
-        with mask_token_hook(mask, params["mask_token"]):
+        with inject.mask_token_hook(mask, params["mask_token"]):
             x = self.backbone.apply({"params": params["backbone"]}, images, train=train,
                                     rngs=rngs)["tokens"][:, self.num_prefix:]
         return self.lm_head.apply({"params": params["lm_head"]}, x)
@@ -149,7 +148,7 @@ class BEiTObjective(Objective):
         images = batch["image"]
         backbone = self.backbone.init({"params": b_rng}, images)["params"]
         head = self.lm_head.init({"params": h_rng}, jnp.zeros((1, 1, self.width), self.backbone.dtype))["params"]
-        params = {"backbone": backbone, "mask_token": init_mask_token(t_rng, self.width), "lm_head": head}
+        params = {"backbone": backbone, "mask_token": inject.init_mask_token(t_rng, self.width), "lm_head": head}
         if self.precomputed:
             return params, {}
         _, tok_params = self.tokenizer

@@ -22,8 +22,8 @@ A hierarchical backbone with the ``mask_input`` capability (Swin: SimMIM's
 and puts the token in after its patch norm; the decoder maps each FINAL token (its normed
 ``patch_tokens``) to ``encoder_stride^2 * C`` pixels (SimMIM's 1x1 conv + PixelShuffle with
 ``encoder_stride``); masks and the loss stay at the model's patch grid. The mask token
-is put in by an injection hook on ``patch_embed/proj`` (``fmjax.objectives._mim``), so the
-backbone is the plain ViT: ``features`` (kNN / linear probe, and fine-tuning through
+is put in by an injection hook on ``patch_embed/proj`` (``fmjax.models.inject.mask_token_hook``),
+so the backbone is the plain ViT: ``features`` (kNN / linear probe, and fine-tuning through
 ``config.model_init`` mapping ``params/backbone``) is the unmasked backbone.
 """
 from __future__ import annotations
@@ -38,9 +38,8 @@ import numpy as np
 from fmjax.data.transforms import NORMALIZE_PRESETS
 from fmjax.errors import ConfigError
 from fmjax.evals import images as image_lib
-from fmjax.models import layers
+from fmjax.models import inject, layers
 from fmjax.models.registry import build_model, capabilities, require
-from fmjax.objectives._mim import init_mask_token, mask_token_hook
 from fmjax.objectives.base import Objective
 
 
@@ -119,7 +118,7 @@ class SimMIMObjective(Objective):
             tokens = self.backbone.apply({"params": params["backbone"]}, images, train=train, mask=mask,
                                          mask_token=params["mask_token"], rngs=rngs)["patch_tokens"]
         else:
-            with mask_token_hook(mask, params["mask_token"]):
+            with inject.mask_token_hook(mask, params["mask_token"]):
                 tokens = self.backbone.apply({"params": params["backbone"]}, images, train=train,
                                              rngs=rngs)["tokens"][:, self.num_prefix:]
         pred = self.decoder.apply({"params": params["decoder"]}, tokens)
@@ -129,7 +128,7 @@ class SimMIMObjective(Objective):
         b_rng, t_rng, d_rng = jax.random.split(rng, 3)
         images = batch["image"]
         backbone = self.backbone.init({"params": b_rng}, images)["params"]
-        mask_token = init_mask_token(t_rng, self.token_width)
+        mask_token = inject.init_mask_token(t_rng, self.token_width)
         tokens = jnp.zeros((images.shape[0], 1, self.width), self.backbone.dtype)
         decoder = self.decoder.init({"params": d_rng}, tokens)["params"]
         return {"backbone": backbone, "mask_token": mask_token, "decoder": decoder}, {}
