@@ -267,6 +267,21 @@ def check_classifier_workdir(workdir: str, num_classes: int) -> dict:
     return config
 
 
+def _num_classes(objective, ev) -> int:
+    """The classes sampled: a class-conditional objective's own; for a text-conditional one,
+    the classifier's (``classifier_workdir``'s saved ``model.num_classes``)."""
+    if getattr(objective, "conditioning", None) != "text":
+        return int(objective.num_classes)
+    from etils import epath
+    workdir = str(ev["classifier_workdir"])
+    if "://" not in workdir:
+        workdir = os.path.abspath(os.path.expanduser(workdir))
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        return 0  # check_classifier_workdir names the missing config
+    return int((json.loads(path.read_text()).get("model") or {}).get("num_classes") or 0)
+
+
 def accuracy_metrics(pred: np.ndarray, labels: np.ndarray, num_classes: int,
                      class_names=None, per_class: bool = True) -> dict:
     """{'accuracy': fraction of ``pred == labels``, 'accuracy_<class>': per conditioning class}."""
@@ -295,27 +310,40 @@ class GenerationEvaluator(common.Evaluator):
     ``classifier_workdir`` scores ``samples_per_class`` (default 8) class-conditional EMA
     samples per class (seed ``seed``, default 0; sampler settings among ``SAMPLER_KEYS``);
     per class ``eval/<name>_accuracy_<class>`` (``per_class``, default with <= 100 classes),
-    and ``eval/<name>_classifier_real_accuracy`` on real images of ``split`` (``examples``)."""
+    and ``eval/<name>_classifier_real_accuracy`` on real images of ``split`` (``examples``).
 
-    fields = ("classifier_workdir", "samples_per_class", "seed", "per_class") + SAMPLER_KEYS
+    A text-conditional objective (``conditioning='text'``: text-to-image diffusion, DALL-E) is
+    prompted with class names instead: ``prompt`` (default ``'a photo of a {}.'``) filled with
+    each of the dataset's class names, tokenized by ``config.data.tokenize``; the classifier's
+    classes are the dataset's. ``temperature`` / ``top_k`` / ``top_p`` reach an autoregressive
+    sampler (DALL-E)."""
+
+    fields = ("classifier_workdir", "samples_per_class", "seed", "per_class", "prompt", "temperature",
+              "top_k", "top_p") + SAMPLER_KEYS
     random_init = False
     sharded_batches = False  # the generator rounds batch_size up to the data-parallel size
 
     @classmethod
     def check_options(cls, where, ev, config, objective):
         """A class-conditional generator and a matching classifier, before training."""
-        if not supports(objective, "generate") or getattr(objective, "conditioning", None) != "class":
-            raise ConfigError(f"{where}: type 'generation' needs a class-conditional "
-                              f"diffusion objective, got {config.objective.name!r} "
-                              f"(conditioning {getattr(objective, 'conditioning', None)!r}).")
+        conditioning = getattr(objective, "conditioning", None)
+        if not supports(objective, "generate") or conditioning not in ("class", "text"):
+            raise ConfigError(f"{where}: type 'generation' needs a class- or text-conditional "
+                              f"generator, got {config.objective.name!r} "
+                              f"(conditioning {conditioning!r}).")
         if not ev.get("classifier_workdir"):
             raise ConfigError(f"{where}: type 'generation' needs classifier_workdir=DIR "
                               "(a workdir trained with configs/supervised.py).")
         if ev.get("samples_per_class") is not None:
             common.check_int(where, "samples_per_class", ev["samples_per_class"], 1)
+        prompt = ev.get("prompt", None)
+        if prompt is not None and (conditioning != "text" or str(prompt).count("{}") != 1):
+            raise ConfigError(f"{where}: prompt={prompt!r} needs a text-conditional generator and "
+                              "exactly one '{}' for the class name (e.g. 'a photo of a {}.').")
         try:
-            check_classifier_workdir(ev["classifier_workdir"], objective.num_classes)
-            check_sampler(sampler_overrides(ev), objective.schedule.num_timesteps)
+            check_classifier_workdir(ev["classifier_workdir"], _num_classes(objective, ev))
+            if hasattr(objective, "schedule"):
+                check_sampler(sampler_overrides(ev), objective.schedule.num_timesteps)
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -331,7 +359,7 @@ class GenerationEvaluator(common.Evaluator):
                 raise ConfigError(f"{self.where}: this run cannot restore classifiers "
                                   "(no load_classifier in the eval context).")
             self.ctx.cache[key] = self.ctx.load_classifier(
-                key[1], self.ctx.objective.num_classes, image_shape,
+                key[1], _num_classes(self.ctx.objective, self.ev), image_shape,
                 devices=list(self.ctx.mesh.devices.flat))[0]
         return self.ctx.cache[key]
 
@@ -339,19 +367,31 @@ class GenerationEvaluator(common.Evaluator):
         """Classifier accuracy on ``samples_per_class`` EMA samples per class, and on real images."""
         ctx, ev = self.ctx, self.ev
         if self._generator is None:
-            self._generator = Generator(ctx.objective, ctx.mesh, ctx.rules, self.batch_size,
-                                        **sampler_overrides(ev))
+            overrides = sampler_overrides(ev)
+            if not hasattr(ctx.objective, "schedule"):  # an autoregressive sampler (DALL-E)
+                overrides = {k: ev[k] for k in ("temperature", "top_k", "top_p") if ev.get(k) is not None}
+            self._generator = Generator(ctx.objective, ctx.mesh, ctx.rules, self.batch_size, **overrides)
         generator = self._generator
         classifier = self._classifier(generator.image_shape)
-        num_classes = ctx.objective.num_classes
+        num_classes = _num_classes(ctx.objective, ev)
         labels = np.repeat(np.arange(num_classes, dtype=np.int32), int(ev.get("samples_per_class", 8)))
-        images = generator(state.params, state.extra, {"label": labels}, seed=ev.get("seed", 0),
-                           step=int(jax.device_get(state.step)))
-        pred = classifier.classify(images, labels)
         try:
             names = self.class_names()
         except Exception:  # noqa: BLE001 - names only label the per-class metrics
             names = None
+        if getattr(ctx.objective, "conditioning", None) == "text":
+            if not names or len(names) < num_classes:
+                raise ConfigError(f"{self.where}: a text-conditional generator is prompted with class "
+                                  f"names, and dataset {self.dataset!r} has none for {num_classes} classes.")
+            from fmjax.data.text_ops import tokenize
+            tok = tokenize(**dict(ctx.config.data.get("tokenize", {})))
+            texts = [str(ev.get("prompt", None) or "a photo of a {}.").format(n) for n in names[:num_classes]]
+            cond = {"tokens": np.asarray(tok.tokenizer(texts, tok.context_length))[labels]}
+        else:
+            cond = {"label": labels}
+        images = generator(state.params, state.extra, cond, seed=ev.get("seed", 0),
+                           step=int(jax.device_get(state.step)))
+        pred = classifier.classify(images, labels)
         out = accuracy_metrics(pred, labels, num_classes, names,
                                per_class=ev.get("per_class", num_classes <= 100))
         key = ("real_accuracy", os.path.abspath(os.path.expanduser(ev["classifier_workdir"])),

@@ -71,6 +71,7 @@ _BUILTIN = {
     "sam": ("fmjax.models.sam:SAM", "fmjax.models.sam:sam_kwargs"),
     "decoder": ("fmjax.models.decoder:Decoder", "fmjax.models.decoder:decoder_kwargs"),
     "flamingo": ("fmjax.models.flamingo:Flamingo", None),
+    "dalle": ("fmjax.models.dalle:DalleTransformer", "fmjax.models.dalle:dalle_kwargs"),
 }
 _REGISTERED: dict[str, tuple[Any, Optional[Callable]]] = {}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
