@@ -1,10 +1,13 @@
-"""Sample a trained diffusion model: ``python launch/sample.py --workdir=DIR [--step=N]``.
+"""Sample a trained generator (diffusion or DALL-E): ``python launch/sample.py --workdir=DIR [--step=N]``.
 
-Loads the checkpoint's EMA weights with ``DIR/config.json`` and writes PNG grids to
+Loads the checkpoint's weights (diffusion: the EMA weights) with ``DIR/config.json`` and writes PNG grids to
 ``DIR/samples/`` (or ``--outdir``): one per class and ``all_classes.png`` (class-conditional),
 one per prompt and ``all_prompts.png`` (text-conditional, ``--prompts="a red circle;a blue
 square"``), or ``samples.png`` (unconditional); prints their paths. Sampler flags override
-``config.objective.sample``. With ``--classifier_workdir=CLF`` (a workdir trained with
+``config.objective.sample``: --sampler / --num_steps / --guidance_scale / --eta for diffusion,
+--temperature / --top_k / --top_p for DALL-E. ``--rerank_workdir=CLIP_DIR`` draws
+``--rerank_from`` samples per prompt and keeps the ``--num_per_class`` that CLIP scores best
+(DALL-E's re-ranking). With ``--classifier_workdir=CLF`` (a workdir trained with
 configs/supervised.py) it also prints the fraction of samples that classifier assigns to
 their conditioning class, beside its accuracy on real validation images.
 
@@ -35,6 +38,12 @@ flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler (default: config.o
 flags.DEFINE_integer("num_steps", None, "Sampling steps.")
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (1: none).")
 flags.DEFINE_float("eta", None, "DDIM eta (0: deterministic).")
+flags.DEFINE_float("temperature", None, "Autoregressive (DALL-E) sampling temperature.")
+flags.DEFINE_integer("top_k", None, "Autoregressive sampling: keep the k most likely codes (0: all).")
+flags.DEFINE_float("top_p", None, "Autoregressive sampling: nucleus mass (1: all).")
+flags.DEFINE_string("rerank_workdir", None, "A CLIP workdir: re-rank --rerank_from samples per prompt "
+                    "by image-text similarity and keep the best --num_per_class.")
+flags.DEFINE_integer("rerank_from", 32, "Samples drawn per prompt for --rerank_workdir.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("outdir", None, "Where to write the PNGs (default: DIR/samples).")
 flags.DEFINE_integer("batch_size", None, "Global sampling batch (default: config.batch_size; "
@@ -56,7 +65,8 @@ def main(argv):
         prompts=FLAGS.prompts, classes=FLAGS.classes, seed=FLAGS.seed, outdir=FLAGS.outdir,
         batch_size=FLAGS.batch_size, classifier_workdir=FLAGS.classifier_workdir, config=FLAGS.config,
         sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, guidance_scale=FLAGS.guidance_scale,
-        eta=FLAGS.eta)
+        eta=FLAGS.eta, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+        rerank_workdir=FLAGS.rerank_workdir, rerank_from=FLAGS.rerank_from)
 
 
 if __name__ == "__main__":

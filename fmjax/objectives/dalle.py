@@ -108,6 +108,8 @@ class DalleObjective(Objective):
             cfg = dict(self.config.model)
             for key in ("text_vocab", "image_vocab", "text_length", "image_grid"):
                 cfg.pop(key, None)
+            if "attention_types" in cfg:  # hashable: the model is a static argument of the sampler's jit
+                cfg["attention_types"] = tuple(cfg["attention_types"])
             self._model = build_model(cfg, self.config.get("dtype", "float32"), text_vocab=text_vocab,
                                       image_vocab=int(module.vocab_size), text_length=self.text_length,
                                       image_grid=self.grid)

@@ -1,4 +1,5 @@
-"""Sample a trained diffusion checkpoint to PNG grids: what ``launch/sample.py`` runs.
+"""Sample a trained generator's checkpoint (diffusion, DALL-E) to PNG grids: what
+``launch/sample.py`` runs.
 
 Class-conditional models: one grid per class (``class_<i>_<name>.png``) and
 ``all_classes.png`` (a row per class); text-conditional: one grid per prompt
@@ -6,6 +7,9 @@ Class-conditional models: one grid per class (``class_<i>_<name>.png``) and
 from the EMA weights, in global batches sharded over the mesh's data axes (see
 ``fmjax.evals.generation.Generator``). With ``classifier_workdir`` the class-conditional
 samples are also scored by that classifier (the project's conditional-generation metric).
+With ``rerank_workdir`` (a CLIP run) each prompt's ``rerank_from`` samples are scored by that
+CLIP's image-text cosine similarity and the best ``num_per_class`` kept, best first (DALL-E's
+re-ranking, Ramesh et al. 2021 section 2.5; any text-conditional model).
 """
 from __future__ import annotations
 
@@ -24,6 +28,19 @@ from fmjax.train.writer import log
 from fmjax.objectives.base import supports
 
 COLUMNS = 8  # images per row of a per-class / per-prompt grid
+# The settings of an autoregressive sampler (fmjax.models.generate; DALL-E).
+AR_KEYS = ("temperature", "top_k", "top_p")
+
+
+def check_ar_sampler(settings: dict) -> None:
+    """ConfigError for a bad temperature (> 0), top_k (>= 0) or top_p (in (0, 1])."""
+    t, k, p = (settings.get(key) for key in AR_KEYS)
+    if t is not None and not (np.isfinite(float(t)) and float(t) > 0):
+        raise ConfigError(f"--temperature={t}; it must be a finite number > 0 (1: the model's distribution).")
+    if k is not None and int(k) < 0:
+        raise ConfigError(f"--top_k={k}; it must be >= 0 (0: no limit).")
+    if p is not None and not 0.0 < float(p) <= 1.0:
+        raise ConfigError(f"--top_p={p}; it must be in (0, 1] (1: no limit).")
 
 
 def parse_prompts(prompts) -> list[str]:
@@ -143,14 +160,18 @@ def _rows(images: np.ndarray, columns: int = COLUMNS) -> list:
 def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int = 8,
                       prompts=None, classes=None, seed: int = 0, outdir: str | None = None,
                       batch_size: int | None = None, classifier_workdir: str | None = None,
-                      config=None, devices=None, **sampler) -> dict:
+                      config=None, devices=None, rerank_workdir: str | None = None,
+                      rerank_from: int = 32, **sampler) -> dict:
     """Samples ``workdir``'s checkpoint (latest or ``step``) and writes PNG grids.
 
     ``num_per_class`` samples per class (``classes``: a subset of class ids, default all),
     per prompt (``prompts``: a list or a ';'-separated string; default the first captions
     of the validation split), or, unconditional, 8 rows of ``num_per_class``. ``sampler``:
-    overrides of ``config.objective.sample`` (sampler, num_steps, guidance_scale, eta, ...;
-    None values ignored). ``batch_size`` (default ``config.batch_size``) is rounded up to a
+    overrides of ``config.objective.sample`` (diffusion: sampler, num_steps, guidance_scale, eta,
+    ...; DALL-E: temperature, top_k, top_p; None values ignored). ``rerank_workdir``: a CLIP
+    workdir scoring ``rerank_from`` samples per prompt, of which the best ``num_per_class``
+    are kept (metrics ``clip_score_best`` / ``clip_score_mean``: the kept / all samples' mean
+    cosine similarity). ``batch_size`` (default ``config.batch_size``) is rounded up to a
     multiple of the data-parallel size. Returns {'paths', 'images' (uint8 [N, H, W, C]),
     'conditions', 'metrics', 'step'}.
 
@@ -160,22 +181,40 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
     """
     workdir = files.resolve(workdir)
     # -- Every check runs before the checkpoint is restored or anything compiled. -------------
-    overrides = gen_lib.sampler_overrides(sampler)
-    unknown = sorted(set(k for k, v in sampler.items() if v is not None) - set(overrides))
+    given = {k: v for k, v in sampler.items() if v is not None}
+    unknown = sorted(set(given) - set(gen_lib.SAMPLER_KEYS) - set(AR_KEYS))
     if unknown:
-        raise ConfigError(f"unknown sampler settings {unknown}; valid: {list(gen_lib.SAMPLER_KEYS)}.")
+        raise ConfigError(f"unknown sampler settings {unknown}; valid: {list(gen_lib.SAMPLER_KEYS + AR_KEYS)}.")
     num_per_class, batch_size, ids, prompt_list = check_request(num_per_class, batch_size, classes,
                                                                 prompts)
     config = config or load_workdir_config(workdir)
     objective, mesh, _ = build(config, devices)
     if not supports(objective, "generate"):
         raise ConfigError(f"{workdir} holds a {config.objective.name!r} model, which cannot generate "
-                          "images; launch/sample.py needs a diffusion workdir.")
-    try:
-        gen_lib.check_sampler(overrides, objective.schedule.num_timesteps)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+                          "images; launch/sample.py needs a diffusion or DALL-E workdir.")
+    diffusion = hasattr(objective, "schedule")
+    own, other = (gen_lib.SAMPLER_KEYS, AR_KEYS) if diffusion else (AR_KEYS, gen_lib.SAMPLER_KEYS)
+    foreign = sorted(set(given) & set(other))
+    if foreign:
+        raise ConfigError(f"{', '.join('--' + k for k in foreign)}: not a setting of {config.objective.name!r}'s "
+                          f"sampler; valid: {', '.join('--' + k for k in own)}.")
+    overrides = {k: v for k, v in given.items() if k in own}
+    if diffusion:
+        try:
+            gen_lib.check_sampler(overrides, objective.schedule.num_timesteps)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        check_ar_sampler(overrides)
     check_conditions(workdir, objective, ids, prompt_list)
+    if rerank_workdir is not None:
+        if objective.conditioning != "text":
+            raise ConfigError(f"--rerank_workdir ranks samples by their prompt; {workdir} is "
+                              f"{objective.conditioning!r}-conditional.")
+        if int(rerank_from) < num_per_class:
+            raise ConfigError(f"--rerank_from={rerank_from} must be >= --num_per_class={num_per_class} "
+                              "(the samples drawn per prompt, of which the best are kept).")
+        check_clip_workdir(rerank_workdir)
     if classifier_workdir:  # fail before sampling
         if objective.conditioning != "class":
             raise ConfigError("--classifier_workdir scores class-conditional samples; this model is "
@@ -202,11 +241,12 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
         cond, all_name = {"label": labels}, "all_classes"
     elif objective.conditioning == "text":
         groups = [(f"prompt_{i:02d}_{_slug(p)}", p) for i, p in enumerate(prompt_list)]
-        cond = {"tokens": np.repeat(tokenize_prompts(config, prompt_list), num_per_class, axis=0)}
+        draws = int(rerank_from) if rerank_workdir is not None else num_per_class
+        cond = {"tokens": np.repeat(tokenize_prompts(config, prompt_list), draws, axis=0)}
         all_name = "all_prompts"
     else:
         groups, cond, all_name = [], None, "samples"
-    num = len(groups) * num_per_class if groups else 8 * num_per_class
+    num = len(next(iter(cond.values()))) if cond else 8 * num_per_class
     log(f"== sampling {num} images from {workdir} at step {step} "
         f"({dict(config.objective.get('sample', {}), **overrides)}, batch {generator.batch_size}, "
         f"mesh {dict(mesh.shape)})")
@@ -215,6 +255,18 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
     except NonFiniteError as e:
         raise NonFiniteError(f"{workdir}: {e} Nothing was written to {outdir}; "
                              f"checkpoints: {_steps(workdir)} (pick one with --step=N).") from None
+    rerank_metrics = {}
+    if rerank_workdir is not None:
+        scores = clip_scores(rerank_workdir, images, [p for p in prompt_list for _ in range(int(rerank_from))],
+                             devices=list(mesh.devices.flat)).reshape(len(prompt_list), int(rerank_from))
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :num_per_class]
+        per_prompt = images.reshape((len(prompt_list), int(rerank_from)) + images.shape[1:])
+        images = np.concatenate([per_prompt[i, order[i]] for i in range(len(prompt_list))])
+        kept = np.take_along_axis(scores, order, axis=1)
+        rerank_metrics = dict(clip_score_best=float(kept.mean()), clip_score_mean=float(scores.mean()))
+        log(f"== CLIP re-ranking ({files.resolve(rerank_workdir)}): kept the best {num_per_class} of "
+            f"{rerank_from} per prompt; mean cosine {rerank_metrics['clip_score_best']:.4f} kept, "
+            f"{rerank_metrics['clip_score_mean']:.4f} over all")
 
     paths = []
     if groups:
@@ -230,7 +282,7 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
     for p in paths:
         log(p)
 
-    metrics = {}
+    metrics = dict(rerank_metrics)
     if classifier_workdir:
         classifier, _ = load_classifier(classifier_workdir, objective.num_classes, generator.image_shape,
                                         devices=list(mesh.devices.flat))
@@ -246,6 +298,52 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
             log(f"   {k} = {v:.4f}")
     return dict(paths=paths, images=images, conditions=[g[1] for g in groups], metrics=metrics,
                 step=step)
+
+
+def check_clip_workdir(workdir: str) -> dict:
+    """The saved config of a CLIP-like workdir (an objective with text features); ConfigError
+    otherwise, before anything is restored."""
+    import json
+    path = files.join(files.resolve(workdir), "config.json")
+    if not files.exists(path):
+        raise ConfigError(f"--rerank_workdir={workdir} has no config.json: train a CLIP first "
+                          "(python launch/train.py --config=configs/clip.py --workdir=DIR).")
+    saved = json.loads(files.read_text(path))
+    name = (saved.get("objective") or {}).get("name")
+    if name not in ("clip", "coca", "blip"):
+        raise ConfigError(f"--rerank_workdir={workdir} trained objective {name!r}; re-ranking needs image and "
+                          "text embeddings (a clip, coca or blip run).")
+    return saved
+
+
+def clip_scores(workdir: str, images: np.ndarray, prompts: list, devices=None) -> np.ndarray:
+    """[N] cosine similarity of each uint8 image [N, H, W, C] with its prompt, by the CLIP-like
+    model of ``workdir`` (its own eval transform and tokenizer)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from fmjax.parallel import mesh as mesh_lib
+    config, objective, mesh, rules, state, _ = load_checkpoint(workdir, devices=devices)
+    if not (supports(objective, "text_features") and supports(objective, "features")):
+        raise ConfigError(f"--rerank_workdir={workdir}: objective {config.objective.name!r} has no text features.")
+    tf = transforms.parse(config.data.pp_eval)  # its tokenize op reads a (placeholder) caption
+    r = np.random.default_rng(0)
+    x = np.stack([np.asarray(tf({"image": img, "label": 0, "caption": "x"}, r)["image"]) for img in images])
+    ids = tokenize_prompts(config, prompts)
+    bs = gen_lib.padded_batch_size(min(len(x), 256), mesh)
+    sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+    img_fn = jax.jit(lambda p, e, a: objective.features(p, e, a), out_shardings=sharding)
+    txt_fn = jax.jit(lambda p, e, t: objective.text_features(p, e, t), out_shardings=sharding)
+    img_emb, txt_emb = [], []
+    with gen_lib.scope(mesh, rules):
+        for start in range(0, len(x), bs):
+            img_emb.append(gen_lib._fetch(img_fn(state.params, state.extra,
+                                                 gen_lib._put(gen_lib._chunk(x, start, bs), sharding))))
+            txt_emb.append(gen_lib._fetch(txt_fn(state.params, state.extra,
+                                                 gen_lib._put(gen_lib._chunk(ids, start, bs), sharding))))
+    a = np.concatenate(img_emb)[:len(x)].astype(np.float32)
+    b = np.concatenate(txt_emb)[:len(x)].astype(np.float32)
+    a /= np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b /= np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return (a * b).sum(-1)
 
 
 def _save(path: str, picture: np.ndarray) -> None:

@@ -68,7 +68,7 @@ def _check(config, data_for=None):
     (dict(type="linear_probe", lr="big"), "config.evals.e.lr='big'"),
     (dict(type="zero_shot"), "config.evals.e: objective 'mae' has no text tower."),
     (dict(type="metrics"), "config.evals.e: objective 'mae' has no eval_metrics."),
-    (dict(type="generation", classifier_workdir="x"), "type 'generation' needs a class-conditional"),
+    (dict(type="generation", classifier_workdir="x"), "type 'generation' needs a class- or text-conditional"),
 ])
 def test_bad_entries(tiny_config, ev, expected):
     c = tiny_config("mae")

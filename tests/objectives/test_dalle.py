@@ -207,3 +207,32 @@ def test_short_run_learns_and_the_generation_eval_prompts_class_names(shapes_dat
     assert 0.0 <= final["eval/gen_accuracy"] <= 1.0 and len(
         [k for k in final if k.startswith("eval/gen_accuracy_")]) == 8
     assert any(n.startswith("images_samples") for n in os.listdir(tmp_path / "run" / "images"))
+
+
+def test_sampling_a_workdir_with_clip_reranking(shapes_data_dir, tmp_path, tiny_config):
+    """fmjax.train.sample (launch/sample.py) serves a DALL-E workdir: prompts, the
+    autoregressive sampler's settings, CLIP re-ranking (the best of rerank_from per prompt,
+    best first); bad settings are one-line errors before anything is restored."""
+    from fmjax.train.sample import sample_checkpoint
+    run, clip = str(tmp_path / "dalle"), str(tmp_path / "clip")
+    loop.train_and_evaluate(_tiny(shapes_data_dir, total_steps=2), run, devices=ONE_DEVICE)
+    loop.train_and_evaluate(tiny_config("clip", total_steps=2, checkpoint_every=2), clip, devices=ONE_DEVICE)
+    out = sample_checkpoint(run, prompts="a red circle.;a blue square.", num_per_class=2, batch_size=8,
+                            temperature=0.9, top_k=16, rerank_workdir=clip, rerank_from=4, devices=ONE_DEVICE)
+    assert out["images"].shape == (4, 32, 32, 3) and out["images"].dtype == np.uint8
+    m = out["metrics"]
+    assert -1.0 <= m["clip_score_mean"] <= m["clip_score_best"] <= 1.0
+    assert all(os.path.isfile(p) for p in out["paths"]) and len(out["paths"]) == 3
+
+    def error(**kw):
+        with pytest.raises(ConfigError) as e:
+            sample_checkpoint(run, devices=ONE_DEVICE, **kw)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "--num_steps: not a setting of 'dalle'" in error(num_steps=3)
+    assert "--temperature=0" in error(temperature=0.0)
+    assert "--top_p=2" in error(top_p=2.0)
+    assert "--rerank_from=1 must be >= --num_per_class=2" in error(rerank_workdir=clip, rerank_from=1, num_per_class=2)
+    assert "trained objective 'dalle'" in error(rerank_workdir=run)
+    assert "no config.json" in error(rerank_workdir=str(tmp_path / "nowhere"))
