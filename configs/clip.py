@@ -192,7 +192,8 @@ def get_config(arg: str = "default"):
             c.data.swap_words = ()
             c.model = dict(name="clip", embed_dim=128, vocab_size=2048, context_length=32,
                            activation="gelu", loss="softmax", logit_scale_init=math.log(1 / 0.05),
-                           image=dict(name="convnext", depths=(2, 2, 2), dims=(32, 64, 128)),
+                           image=dict(name="resnet", variant="18", stem="cifar", stem_width=16,
+                                      dims=(16, 32, 64, 128)),
                            text=dict(width=128, depth=3, num_heads=4, mlp_dim=512, causal=False,
                                      pool="first", pad_id=0))
         if arg == "lit":  # LiT: configs/supervised.py's ViT as the locked image tower

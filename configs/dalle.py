@@ -30,6 +30,9 @@ import ml_collections
 from configs import common
 
 UNIT = "normalize((0, 0, 0), (1, 1, 1))"
+# The classifier that scores the cpu preset's samples (configs/supervised.py:simple, as
+# configs/diffusion.py:cpu's); override with --config.evals.generation.classifier_workdir=DIR.
+CPU_CLASSIFIER_WORKDIR = "runs/classifier_simple_32"
 
 
 def _pipelines(c):
@@ -67,10 +70,15 @@ def get_config(arg: str = "default"):
             # A random 3-group dVAE (8x8 codes of 512), as configs/dvae.py's default shape.
             c.objective.tokenizer = dict(init="random", seed=0, model=dict(
                 group_count=3, n_hid=32, n_blk_per_group=1, vocab_size=512, n_init=64))
-        else:
-            c.total_steps = 3000
+        else:  # the simple shapes (one object on a plain background), scored (see the docstring)
+            c.data.name = "fmjax_shapes/simple_32"
+            c.total_steps = 2000
             c.eval_every = 1000
             c.checkpoint_every = 1000
+            c.objective.tokenizer = dict(workdir=ml_collections.config_dict.placeholder(str))
+            c.evals.generation = dict(type="generation", split="validation", classifier_workdir=CPU_CLASSIFIER_WORKDIR,
+                                      samples_per_class=16, examples=1000, batch_size=128,
+                                      prompt="a photo of a {}.")
     elif arg == "paper_12b":
         c.total_steps = 430_000
         c.batch_size = 1024

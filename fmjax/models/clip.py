@@ -259,9 +259,15 @@ class CLIP(nn.Module):
         if self.image is not None:
             from fmjax.models import registry
             registry.require(cls(**kwargs, parent=None), ("pooled",), "CLIP's image tower", name,
-                             key="config.model.image.name")
+                             key="config.model.image.name", carries=True)
         self.text_tower()
         return name, cls, kwargs
+
+    def state_collections_of(self) -> tuple:
+        """The image tower's state collections (a ResNet's ``('batch_stats',)``; they live
+        under ``image/...`` in those collections), () for a ViT."""
+        from fmjax.models import registry
+        return registry.state_collections(self.image_tower()[1])
 
     @property
     def image_patch_size(self) -> Optional[int]:

@@ -181,10 +181,15 @@ def capabilities(model) -> frozenset:
 
 
 def state_collections(model) -> tuple:
-    """The variable collections besides ``params`` that a model (built, or a registered name)
-    keeps and updates in training, e.g. ``('batch_stats',)`` for BatchNorm running statistics;
-    () for most models."""
-    cls = model_class(model) if isinstance(model, str) else type(model)
+    """The variable collections besides ``params`` that a model (built, a model class, or a
+    registered name) keeps and updates in training, e.g. ``('batch_stats',)`` for BatchNorm
+    running statistics; () for most models. A built composite model whose state depends on its
+    sub-configs (CLIP with a ResNet image tower) answers through its ``state_collections_of``."""
+    if not isinstance(model, (str, type)):
+        fn = getattr(type(model), "state_collections_of", None)
+        if fn is not None:
+            return tuple(fn(model))
+    cls = model_class(model) if isinstance(model, str) else (model if isinstance(model, type) else type(model))
     return tuple(getattr(cls, "state_collections", ()))
 
 

@@ -51,8 +51,9 @@ import jax.numpy as jnp
 import optax
 
 from fmjax.data import text_ops
-from fmjax.models.registry import build_model, require
-from fmjax.objectives.base import Objective
+from fmjax.errors import ConfigError
+from fmjax.models.registry import build_model, require, state_collections
+from fmjax.objectives.base import Objective, refuse_accumulation
 from fmjax.parallel.ring_loss import ring_loss
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -124,9 +125,11 @@ class CLIPObjective(Objective):
     def __init__(self, config):
         super().__init__(config)
         self.model = build_model(config.model, config.get("dtype", "float32"))
-        require(self.model, ("image_text",), "objective 'clip'", config.model.name)
+        require(self.model, ("image_text",), "objective 'clip'", config.model.name, carries=True)
         if hasattr(self.model, "check_towers"):  # bad tower sub-configs: one line, before any compile
             self.model.check_towers()
+        # An image tower with BatchNorm (ALIGN's ResNet): its running statistics, carried in extra.
+        self.state_keys = state_collections(self.model)
         self.patch_size = getattr(self.model, "image_patch_size",   # None: no patch grid
                                   getattr(self.model, "patch_size", None))
         self.lock = config.objective.get("lock", "")  # "", "image" or "text" (LiT)
@@ -148,17 +151,26 @@ class CLIPObjective(Objective):
     def check(self, config):
         text = config.model.get("text") or {}
         text_ops.check_vocab(config, text.get("vocab_size") or config.model.get("vocab_size"))
+        refuse_accumulation(self.state_keys, config)
+        if self.state_keys and self.lock == "image":
+            raise ConfigError("objective.lock='image' with a BatchNorm image tower: a locked tower's running "
+                              "statistics would still move in training; lock a tower without BatchNorm.")
         if self.lock and not model_init_is_set(config) and jax.process_index() == 0:
             print(f"fmjax: warning: objective.lock={self.lock!r} with no config.model_init: the "
                   f"locked {self.lock} tower stays at its random init (LiT loads it, e.g. "
                   "--config.model_init.workdir=DIR).", file=sys.stderr, flush=True)
 
     def init(self, rng, batch):
-        return self.model.init({"params": rng}, batch["image"], batch["tokens"])["params"], {}
+        variables = self.model.init({"params": rng}, batch["image"], batch["tokens"])
+        return variables["params"], {k: variables[k] for k in self.state_keys}
+
+    def _variables(self, params, extra):
+        return {"params": params, **{k: extra[k] for k in self.state_keys}}
 
     def loss(self, params, extra, batch, rng, step):
-        return self.loss_from_embeddings(params, extra, self.embed(params, extra, batch, rng, step),
-                                         batch, rng, step)
+        emb, state = self._embed(params, extra, batch, rng)
+        loss, (metrics, extra) = self.loss_from_embeddings(params, extra, emb, batch, rng, step)
+        return loss, (metrics, dict(extra, **state) if state else extra)
 
     def embed(self, params, extra, batch, rng, step):
         """The per-example half of ``loss``: ``{'image', 'text'}`` embeddings [B, embed_dim]
@@ -166,14 +178,24 @@ class CLIPObjective(Objective):
         ``config.grad_accum_steps`` > 1 the trainer caches them for every micro-batch and
         ``loss_from_embeddings`` sees the whole batch's: every example keeps the full batch
         of negatives (open_clip's ``accum_freq``; fmjax.train.step)."""
-        out = self.model.apply({"params": params}, batch["image"], batch["tokens"], train=True,
-                               rngs={"dropout": rng})
+        return self._embed(params, extra, batch, rng)[0]
+
+    def _embed(self, params, extra, batch, rng):
+        """(``embed``'s embeddings, the image tower's updated state: {} without one)."""
+        state = {}
+        if self.state_keys:  # BatchNorm in the image tower: batch statistics, running stats updated
+            out, state = self.model.apply(self._variables(params, extra), batch["image"], batch["tokens"],
+                                          train=True, rngs={"dropout": rng}, mutable=list(self.state_keys))
+            state = dict(state)
+        else:
+            out = self.model.apply({"params": params}, batch["image"], batch["tokens"], train=True,
+                                   rngs={"dropout": rng})
         emb = self.embeddings_of(params, out, batch, rng)
         if self.lock == "image":  # no backward through the locked tower (its update is masked too)
             emb["image"] = jax.lax.stop_gradient(emb["image"])
         elif self.lock == "text":
             emb = dict(emb, **{k: jax.lax.stop_gradient(v) for k, v in emb.items() if k != "image"})
-        return emb
+        return emb, state
 
     def embeddings_of(self, params, out, batch, rng):
         """``{'image', 'text'}`` from the model's outputs ``out``, plus ``'neg'``: the hard
@@ -225,10 +247,10 @@ class CLIPObjective(Objective):
         return params
 
     def features(self, params, extra, images):
-        return self.model.apply({"params": params}, images, method=self.model.encode_image)
+        return self.model.apply(self._variables(params, extra), images, method=self.model.encode_image)
 
     def text_features(self, params, extra, tokens):
-        return self.model.apply({"params": params}, tokens, method=self.model.encode_text)
+        return self.model.apply(self._variables(params, extra), tokens, method=self.model.encode_text)
 
 
 def make(config) -> CLIPObjective:

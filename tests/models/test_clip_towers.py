@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from fmjax.errors import ConfigError
 from fmjax.models import layers, registry
 from fmjax.models.clip import CLIP, LOSSES, l2_normalize
 from fmjax.models.text import TextTransformer
@@ -240,13 +241,45 @@ def test_other_backbones_train():
         registry._REGISTERED.pop("tiny_cnn_tower_for_test", None)
 
 
+def test_resnet_tower_carries_its_batchnorm_statistics():
+    """ALIGN's convolutional tower (configs/clip.py:align): a ResNet image tower's running
+    statistics live in the objective state (extra['batch_stats']['image']), move with a training
+    step, and are what features() reads; gradient accumulation and a locked BN tower are refused."""
+    from fmjax.objectives.base import make_objective
+    tower = dict(name="resnet", variant="18", stem="cifar", stem_width=8, dims=(8, 8, 16, 16))
+    obj, params = _one_step(_clip_config(tower))
+    assert obj.state_keys == ("batch_stats",) and params["image_proj"]["kernel"].shape == (16, 16)
+    images, tokens = _inputs(5)
+    batch = dict(image=images, tokens=tokens)
+    params, extra = jax.jit(obj.init)(jax.random.PRNGKey(0), batch)
+    stats = extra["batch_stats"]["image"]
+    _, (_, new_extra) = jax.jit(obj.loss, static_argnums=4)(params, extra, batch, jax.random.PRNGKey(1), 0)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in
+                zip(jax.tree.leaves(stats), jax.tree.leaves(new_extra["batch_stats"]["image"])))
+    assert moved > 1e-4
+    # eval-mode features use the carried running statistics: other statistics, other features
+    f0 = obj.features(params, extra, images)
+    f1 = obj.features(params, new_extra, images)
+    assert f0.shape == (3, 16) and float(jnp.abs(f0 - f1).max()) > 1e-6
+    for kw, match in ((dict(grad_accum_steps=2), "grad_accum_steps=2 with a BatchNorm"),
+                      (dict(lock="image"), "lock='image' with a BatchNorm image tower")):
+        c = _clip_config(tower)
+        if "lock" in kw:
+            c.objective.lock = kw["lock"]
+        else:
+            c.grad_accum_steps = kw["grad_accum_steps"]
+        with pytest.raises(ConfigError, match=match) as e:
+            make_objective(c).check(c)
+        assert "\n" not in str(e.value)
+
+
 def test_tower_errors_are_one_line():
     from fmjax.objectives.base import make_objective
     unet = dict(name="unet", channels=16, channel_mult=(1,), num_res_blocks=1,
                 attention_resolutions=(), num_groups=8, sample_size=16)
     cases = [
         (dict(image=unet), r"CLIP's image tower needs a model with \['pooled'\].*"
-                           r"config.model.image.name='unet' has \['denoiser'\]; models that fit: \['convnext', 'swin', 'vit'\]"),
+                           r"config.model.image.name='unet' has \['denoiser'\]; models that fit: \['convnext', 'resnet', 'swin', 'tinyvit', 'vit'\]"),
         (dict(image=dict(VIT_TOWER, widht=3)), r"config.model.image: model 'vit' has no field\(s\) \['widht'\]"),
         (dict(image=dict(VIT_TOWER, dtype="bfloat16")), r"sets \['dtype'\]: the towers take config.dtype"),
         (dict(image=VIT_TOWER, width=32), r"drop the flat image keys \['width'\]"),
