@@ -315,7 +315,9 @@ class GenerationEvaluator(common.Evaluator):
     A text-conditional objective (``conditioning='text'``: text-to-image diffusion, DALL-E) is
     prompted with class names instead: ``prompt`` (default ``'a photo of a {}.'``) filled with
     each of the dataset's class names, tokenized by ``config.data.tokenize``; the classifier's
-    classes are the dataset's. ``temperature`` / ``top_k`` / ``top_p`` reach an autoregressive
+    classes are the dataset's. A generator with an image tokenizer (``reconstruct``: DALL-E)
+    also logs ``eval/<name>_classifier_recon_accuracy``: the classifier on real images passed
+    through that tokenizer (up to 512), the ceiling of its samples. ``temperature`` / ``top_k`` / ``top_p`` reach an autoregressive
     sampler (DALL-E)."""
 
     fields = ("classifier_workdir", "samples_per_class", "seed", "per_class", "prompt", "temperature",
@@ -399,4 +401,30 @@ class GenerationEvaluator(common.Evaluator):
         if key not in ctx.cache:
             ctx.cache[key] = classifier.accuracy(self.source())
         out["classifier_real_accuracy"] = ctx.cache[key]
+        if supports(ctx.objective, "reconstruct"):
+            out["classifier_recon_accuracy"] = self._recon_accuracy(state, classifier, generator)
         return out
+
+    def _recon_accuracy(self, state, classifier, generator, limit: int = 512) -> float:
+        """The classifier's accuracy on real images of ``split`` passed through the generator's
+        own image tokenizer (``objective.reconstruct``; DALL-E's dVAE): the most its samples
+        can score. Images of another size than the model's are skipped (NaN)."""
+        src = self.source()
+        n = min(len(src), limit)
+        examples = [src[i] for i in range(n)]
+        images = np.stack([np.asarray(e["image"]) for e in examples])
+        labels = np.asarray([int(e["label"]) for e in examples])
+        if images.shape[1:] != tuple(generator.image_shape):
+            return float("nan")
+        if getattr(self, "_recon_fn", None) is None:
+            self._recon_fn = jax.jit(lambda p, e, x: self.ctx.objective.reconstruct(p, e, x),
+                                     out_shardings=generator.sharding)
+        bs, out = generator.batch_size, []
+        x = images.astype(np.float32) / 255.0
+        with scope(self.ctx.mesh, self.ctx.rules):
+            for start in range(0, n, bs):
+                out.append(_fetch(self._recon_fn(state.params, state.extra,
+                                                 _put(_chunk(x, start, bs), generator.sharding))))
+        rec = np.concatenate(out)[:n]
+        rec8 = np.round(np.clip(np.nan_to_num(rec), 0.0, 1.0) * 255.0).astype(np.uint8)
+        return float((classifier.classify(rec8, labels) == labels).mean())

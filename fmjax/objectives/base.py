@@ -22,6 +22,8 @@ defines the method, and callers ask ``supports(objective, name)``:
     caption(params, extra, images) -> [B, L] int token ids  # generated captions (the 'captioning' eval)
     match_scores(params, extra, images, tokens) -> [B] P(image i matches caption i)  # the 'itm' eval
     generate(params, extra, rng, ...) / predict(...)  # generative models (diffusion)
+    reconstruct(params, extra, images) -> images  # [B, H, W, C] in [0, 1] through a generator's
+        # image tokenizer (DALL-E's dVAE): the ceiling of its samples (the 'generation' eval)
     embed(params, extra, batch, rng, step) -> tree of [B, ...] arrays          # both together:
     loss_from_embeddings(params, extra, embeds, batch, rng, step) -> loss(...)'s output
         # ``loss`` split in two at the per-example outputs (CLIP's embeddings, DINO's head
@@ -101,6 +103,7 @@ class Objective:
     match_scores = None
     generate = None
     predict = None
+    reconstruct = None
     embed = None
     loss_from_embeddings = None
 

@@ -211,6 +211,11 @@ class DalleObjective(Objective):
                              method=type(module).decode_tokens)
         return dvae.reconstruction(stats, module.output)
 
+    def reconstruct(self, params, extra, images):
+        """Images in [0, 1] -> their dVAE hard-code reconstructions in [0, 1]: the best a
+        sample can look (the 'generation' eval scores them as ``classifier_recon_accuracy``)."""
+        return self.decode_codes(extra, self.image_codes(extra, images))
+
     def generate(self, params, extra, cond_batch, rng, shape=None, use_ema: bool = True, **overrides):
         """Samples in [-1, 1] (B, H, W, C) for the captions ``cond_batch['tokens']``."""
         del shape, use_ema

@@ -204,6 +204,7 @@ def test_short_run_learns_and_the_generation_eval_prompts_class_names(shapes_dat
     end = final["eval/val_image_nll"]
     print(f"dalle image-code NLL {start:.3f} -> {end:.3f}; generation accuracy {final['eval/gen_accuracy']:.3f}")
     assert end < 0.7 * start            # measured 6.38 -> 3.50
+    assert 0.0 <= final["eval/gen_classifier_recon_accuracy"] <= 1.0
     assert 0.0 <= final["eval/gen_accuracy"] <= 1.0 and len(
         [k for k in final if k.startswith("eval/gen_accuracy_")]) == 8
     assert any(n.startswith("images_samples") for n in os.listdir(tmp_path / "run" / "images"))
