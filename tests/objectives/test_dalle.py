@@ -12,7 +12,6 @@ from fmjax.errors import ConfigError
 from fmjax.models import generate
 from fmjax.models.dalle import DalleTransformer, attention_pattern, layer_types, paper_attention_types
 from fmjax.objectives.dalle import split_losses, with_unique_pads
-from fmjax.testing import load_config
 from fmjax.train import loop
 
 ONE_DEVICE = jax.devices()[:1]
@@ -121,26 +120,9 @@ def test_split_losses_are_each_a_mean_over_their_own_targets():
     np.testing.assert_allclose(acc, (np.asarray(logits).argmax(-1) == np.asarray(targets))[:, 2:].mean())
 
 
-def _tiny(shapes_data_dir, **kw):
-    c = load_config("dalle")
-    c.data.data_dir = shapes_data_dir
-    c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
-    c.batch_size, c.log_every, c.eval_every, c.checkpoint_every = 16, 1, 0, 2
-    c.total_steps, c.eval_at_start = 4, False
-    c.optimizer.warmup_steps = 2
-    c.evals = {}
-    for k, v in kw.items():
-        target = c
-        *path, last = k.split(".")
-        for p in path:
-            target = target[p]
-        target[last] = v
-    return c
-
-
-def test_loss_weights_text_and_image(shapes_data_dir):
+def test_loss_weights_text_and_image(shapes_data_dir, tiny_config):
     from fmjax.objectives.base import make_objective
-    c = _tiny(shapes_data_dir)
+    c = tiny_config("dalle")
     c.data.pp_train = c.data.pp_eval
     objective = make_objective(c)
     objective.check(c)
@@ -167,22 +149,22 @@ def test_loss_weights_text_and_image(shapes_data_dir):
     (dict(**{"model.attention_types": ("row", "diagonal")}), "diagonal"),
     (dict(**{"objective.text_loss_weight": 1.5}), "text_loss_weight"),
 ])
-def test_config_errors_are_one_line_before_anything_is_written(shapes_data_dir, tmp_path, override, message):
-    c = _tiny(shapes_data_dir, **override)
+def test_config_errors_are_one_line_before_anything_is_written(tiny_config, tmp_path, override, message):
+    c = tiny_config("dalle", **override)
     with pytest.raises(ConfigError, match=message) as e:
         loop.train_and_evaluate(c, str(tmp_path / "run"), devices=ONE_DEVICE)
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "run" / "config.json")
 
 
-def test_images_must_be_in_unit_range(shapes_data_dir, tmp_path):
-    c = _tiny(shapes_data_dir)
+def test_images_must_be_in_unit_range(tiny_config, tmp_path):
+    c = tiny_config("dalle")
     c.data.pp_train = c.data.pp_train.replace("normalize((0, 0, 0), (1, 1, 1))", "normalize('clip')")
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         loop.train_and_evaluate(c, str(tmp_path / "run"), devices=ONE_DEVICE)
 
 
-def test_short_run_learns_and_the_generation_eval_prompts_class_names(shapes_data_dir, tmp_path, tiny_config):
+def test_short_run_learns_and_the_generation_eval_prompts_class_names(tmp_path, tiny_config):
     """40 steps of a small default: the image-code NLL falls well below its start, the
     pictures are written, and the 'generation' eval prompts each class name and has a
     classifier score the samples (the number itself needs the cpu recipe)."""
@@ -190,7 +172,7 @@ def test_short_run_learns_and_the_generation_eval_prompts_class_names(shapes_dat
     loop.train_and_evaluate(tiny_config("supervised", total_steps=2, checkpoint_every=2), clf,
                             devices=ONE_DEVICE)
     steps = 40
-    c = _tiny(shapes_data_dir, total_steps=steps, eval_every=steps, checkpoint_every=steps, log_every=10)
+    c = tiny_config("dalle", total_steps=steps, eval_every=steps, checkpoint_every=steps, log_every=10)
     c.model.update(dict(width=64, depth=2, num_heads=2, mlp_dim=128))
     c.batch_size, c.eval_at_start, c.optimizer.warmup_steps = 32, True, 5
     c.evals = dict(val=dict(type="metrics", split="validation", examples=64),
@@ -210,13 +192,13 @@ def test_short_run_learns_and_the_generation_eval_prompts_class_names(shapes_dat
     assert any(n.startswith("images_samples") for n in os.listdir(tmp_path / "run" / "images"))
 
 
-def test_sampling_a_workdir_with_clip_reranking(shapes_data_dir, tmp_path, tiny_config):
+def test_sampling_a_workdir_with_clip_reranking(tmp_path, tiny_config):
     """fmjax.train.sample (launch/sample.py) serves a DALL-E workdir: prompts, the
     autoregressive sampler's settings, CLIP re-ranking (the best of rerank_from per prompt,
     best first); bad settings are one-line errors before anything is restored."""
     from fmjax.train.sample import sample_checkpoint
     run, clip = str(tmp_path / "dalle"), str(tmp_path / "clip")
-    loop.train_and_evaluate(_tiny(shapes_data_dir, total_steps=2), run, devices=ONE_DEVICE)
+    loop.train_and_evaluate(tiny_config("dalle", total_steps=2), run, devices=ONE_DEVICE)
     loop.train_and_evaluate(tiny_config("clip", total_steps=2, checkpoint_every=2), clip, devices=ONE_DEVICE)
     out = sample_checkpoint(run, prompts="a red circle.;a blue square.", num_per_class=2, batch_size=8,
                             temperature=0.9, top_k=16, rerank_workdir=clip, rerank_from=4, devices=ONE_DEVICE)

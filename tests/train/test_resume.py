@@ -98,10 +98,13 @@ def _snapshot(directory):
 
 # -- (a) -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mae", "dino", "simmim", "beit", "mae+lora", "supervised+tinyvit"])
+@pytest.mark.parametrize("name", ["mae", "dino", "simmim", "beit", "mae+lora", "supervised+tinyvit",
+                                  "dalle", "clip+resnet"])
 def test_interrupted_and_resumed_equals_uninterrupted(name, tiny_config, tmp_path, monkeypatch):
     """For DINO this covers the teacher and center (``extra``) and its step schedules;
     'mae+lora': LoRA adapters (fmjax.adapt) on a frozen MAE, restored exactly;
+    'dalle': the frozen dVAE in extra and the sparse-attention transformer;
+    'clip+resnet': ALIGN's BatchNorm image tower (its statistics in extra);
     'supervised+tinyvit': a backbone with model state (TinyViT's BatchNorm running statistics,
     carried in ``extra``) under the weight EMA and 2 micro-batches per step."""
     n = 3
@@ -110,6 +113,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(name, tiny_config, tmp_pat
     config = tiny_config(name, total_steps=2 * n, checkpoint_every=4)
     if variant == "lora":
         config.adapter.update(dict(name=variant, rank=2, train=("decoder_pred/.*",)))
+    if variant == "resnet":
+        model = {k: v for k, v in config.model.items()
+                 if k not in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "stem")}
+        config.model = dict(model, image=dict(name="resnet", variant="18", stem="cifar", stem_width=8,
+                                              dims=(8, 8, 16, 16)))
     if variant == "tinyvit":
         config.model = dict(name="tinyvit", embed_dims=(16, 32, 48), depths=(1, 1, 1), num_heads=(1, 2, 4),
                             window_sizes=(1, 4, 2), num_classes=config.model.num_classes)
