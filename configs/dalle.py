@@ -104,7 +104,7 @@ def get_config(arg: str = "default"):
         c.batch_size = 1024
         c.data.name = "imagenet2012"
         c.data.image_size = 256
-        c.data.tokenize = dict(context_length=256, tokenizer="clip_bpe")
+        c.data.tokenize = dict(context_length=256, tokenizer="clip_bpe", bpe_path="bpe_simple_vocab_16e6.txt.gz")
         _pipelines(c)
         c.model = dict(name="dalle", variant="12B", remat="full")
         c.dtype = "bfloat16"

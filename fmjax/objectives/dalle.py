@@ -118,12 +118,14 @@ class DalleObjective(Objective):
     def check(self, config):
         if config.model.get("name") != "dalle":
             raise ConfigError(f"objective 'dalle' needs config.model.name='dalle', got {config.model.get('name')!r}.")
+        from fmjax.data import text_ops
+        text_ops.check_vocab(config, 1 << 30)  # a tokenizer that cannot be built: its own one-line error
         if not self.text_length or not self.text_vocab_base:
             raise ConfigError("objective 'dalle' needs config.data.tokenize with a context_length and a "
                               "tokenizer that builds (e.g. dict(context_length=24, tokenizer='words', vocab_size=2048)).")
         spec = dict(self.tokenizer_spec or {})
         if not any(spec.get(k) for k in ("workdir", "torch", "init")):
-            raise ConfigError("config.objective.tokenizer names no dVAE: train one first (python launch/train.py "
+            raise ConfigError("config.objective.tokenizer names no dVAE: train a dVAE tokenizer first (python launch/train.py "
                               "--config=configs/dvae.py --workdir=DIR) and pass --config.objective.tokenizer.workdir=DIR "
                               "(or tokenizer.init='random' for a smoke test).")
         norm = str(config.data.get("pp_train", ""))
