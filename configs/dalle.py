@@ -2,13 +2,16 @@
 (fmjax.objectives.dalle, fmjax.models.dalle), sampled with the KV cache and decoded by the dVAE.
 
 Default (bundled shapes, 32 px images -> 8x8 codes, 24 caption tokens of the 'words'
-tokenizer with the shapes vocabulary, a 4-layer width-128 transformer with DALL-E's row /
+tokenizer (2048 buckets), a 4-layer width-128 transformer with DALL-E's row /
 column / row / conv attention; a RANDOM frozen dVAE as the tokenizer, so it runs on its own):
     python launch/train.py --config=configs/dalle.py --workdir=/tmp/dalle
   A random dVAE still makes the image codes a fixed function of the pixels, so the image loss
   falls; the samples decode through a random decoder (noise): the `cpu` preset uses a trained
   dVAE. Pictures in DIR/images/: rows of real images, their dVAE reconstructions, samples for
-  their captions.
+  their captions. Measured 2026-12-04 (2-core CPU, 1000 steps, 10.0 min with the compile and
+  3 evals, ~1.7 steps/s): eval/val_image_nll 6.28 (step 0) -> 0.57 (500) -> 0.55 (1000),
+  eval/val_text_nll 7.68 -> 0.53 -> 0.52 (a random dVAE's codes are few and predictable: the
+  image NLL says the model learns them, not that the samples look like shapes).
 
 CPU recipe (the issue's gate: generation accuracy >= 0.5 for class-name prompts) - NOT
 reached; the tokenizer is the limit. On fmjax_shapes/simple_32 (one object on a plain
