@@ -36,6 +36,10 @@ SAMPLER_KEYS = tuple(k for k in inspect.signature(sampling.sample).parameters
                      if k not in ("model_fn", "schedule", "shape", "rng", "uncond_fn", "x_T", "sharding"))
 
 
+# The settings of an autoregressive sampler (fmjax.models.generate; DALL-E).
+AR_KEYS = ("temperature", "top_k", "top_p")
+
+
 def sampler_overrides(settings) -> dict:
     """The sampler settings among ``settings`` (e.g. an eval config), None values dropped."""
     return {k: settings[k] for k in SAMPLER_KEYS if k in settings and settings[k] is not None}
@@ -250,15 +254,7 @@ class Classifier:
 def check_classifier_workdir(workdir: str, num_classes: int) -> dict:
     """The classifier workdir's saved config (a dict); ValueError if it is missing or its
     number of classes differs from ``num_classes`` (the generator's)."""
-    from etils import epath
-    if "://" not in str(workdir):
-        workdir = os.path.abspath(os.path.expanduser(workdir))
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"classifier_workdir {workdir} has no config.json: train a classifier "
-            "first (python launch/train.py --config=configs/supervised.py --workdir=DIR).")
-    config = json.loads(path.read_text())
+    config = _classifier_config(workdir)
     theirs = int((config.get("model") or {}).get("num_classes") or 0)
     if theirs != int(num_classes):
         raise ValueError(
@@ -267,19 +263,25 @@ def check_classifier_workdir(workdir: str, num_classes: int) -> dict:
     return config
 
 
+def _classifier_config(workdir: str) -> dict:
+    """The classifier workdir's saved config.json; FileNotFoundError naming the fix."""
+    from etils import epath
+    if "://" not in str(workdir):
+        workdir = os.path.abspath(os.path.expanduser(workdir))
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"classifier_workdir {workdir} has no config.json: train a classifier "
+            "first (python launch/train.py --config=configs/supervised.py --workdir=DIR).")
+    return json.loads(path.read_text())
+
+
 def _num_classes(objective, ev) -> int:
     """The classes sampled: a class-conditional objective's own; for a text-conditional one,
     the classifier's (``classifier_workdir``'s saved ``model.num_classes``)."""
     if getattr(objective, "conditioning", None) != "text":
         return int(objective.num_classes)
-    from etils import epath
-    workdir = str(ev["classifier_workdir"])
-    if "://" not in workdir:
-        workdir = os.path.abspath(os.path.expanduser(workdir))
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        return 0  # check_classifier_workdir names the missing config
-    return int((json.loads(path.read_text()).get("model") or {}).get("num_classes") or 0)
+    return int((_classifier_config(ev["classifier_workdir"]).get("model") or {}).get("num_classes") or 0)
 
 
 def accuracy_metrics(pred: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -320,8 +322,7 @@ class GenerationEvaluator(common.Evaluator):
     through that tokenizer (up to 512), the ceiling of its samples. ``temperature`` / ``top_k`` / ``top_p`` reach an autoregressive
     sampler (DALL-E)."""
 
-    fields = ("classifier_workdir", "samples_per_class", "seed", "per_class", "prompt", "temperature",
-              "top_k", "top_p") + SAMPLER_KEYS
+    fields = ("classifier_workdir", "samples_per_class", "seed", "per_class", "prompt") + AR_KEYS + SAMPLER_KEYS
     random_init = False
     sharded_batches = False  # the generator rounds batch_size up to the data-parallel size
 
@@ -371,7 +372,7 @@ class GenerationEvaluator(common.Evaluator):
         if self._generator is None:
             overrides = sampler_overrides(ev)
             if not hasattr(ctx.objective, "schedule"):  # an autoregressive sampler (DALL-E)
-                overrides = {k: ev[k] for k in ("temperature", "top_k", "top_p") if ev.get(k) is not None}
+                overrides = {k: ev[k] for k in AR_KEYS if ev.get(k) is not None}
             self._generator = Generator(ctx.objective, ctx.mesh, ctx.rules, self.batch_size, **overrides)
         generator = self._generator
         classifier = self._classifier(generator.image_shape)

@@ -22,9 +22,9 @@ Sampling (``generate``, the ``generate`` capability used by ``launch/sample.py``
 with the KV cache (``fmjax.models.generate.sample``; temperature, ``top_k`` / ``top_p`` from
 ``config.objective.sample``; DALLE-pytorch filters to the top half, ``top_k`` = vocab / 2),
 then decoded by the dVAE's decoder: the tokenizer spec must carry the decoder (a ``dvae``
-workdir or ``init='random'``; OpenAI's encoder file alone cannot decode). ``rerank`` scores
-N samples per caption with a CLIP workdir and keeps the best (``fmjax.objectives.dalle.
-clip_rerank``, the paper's section 2.5).
+workdir or ``init='random'``; OpenAI's encoder file alone cannot decode). Re-ranking N
+samples per caption with a CLIP workdir (the paper's section 2.5) is ``launch/sample.py
+--rerank_workdir`` (``fmjax.train.sample.clip_scores``).
 """
 from __future__ import annotations
 
@@ -37,9 +37,6 @@ from fmjax.models import generate as generate_lib
 from fmjax.models.registry import build_model
 from fmjax.objectives.base import Objective
 from fmjax.evals import images as image_lib
-
-UNIT = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-
 
 def with_unique_pads(tokens: jax.Array, eot_token_id: int, text_vocab_base: int) -> jax.Array:
     """(B, n): every token after the row's first eot becomes ``text_vocab_base + position``."""
@@ -231,7 +228,7 @@ class DalleObjective(Objective):
         sample for its caption."""
         n = min(8, batch["image"].shape[0])
         images = batch["image"][:n]
-        recon = self.decode_codes(extra, self.image_codes(extra, images))
+        recon = self.reconstruct(params, extra, images)
         sample = self.decode_codes(extra, self.sample_codes(params, batch["tokens"][:n], rng))
         return {"samples": image_lib.image_grid([np.asarray(images), np.asarray(recon), np.asarray(sample)])}
 

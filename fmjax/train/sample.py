@@ -28,8 +28,7 @@ from fmjax.train.writer import log
 from fmjax.objectives.base import supports
 
 COLUMNS = 8  # images per row of a per-class / per-prompt grid
-# The settings of an autoregressive sampler (fmjax.models.generate; DALL-E).
-AR_KEYS = ("temperature", "top_k", "top_p")
+AR_KEYS = gen_lib.AR_KEYS  # an autoregressive sampler's settings (DALL-E)
 
 
 def check_ar_sampler(settings: dict) -> None:
