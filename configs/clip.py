@@ -64,7 +64,9 @@ ALIGN (Jia et al., 2021) shape on the CLIP objective, CPU-sized:
   temperature itself). The default's 800 steps on fmjax_shapes/simple_32, no hard negatives.
   Measured 2026-12-03 (2-core CPU, alone, 8.5 min): zero-shot 0.150 (step 0) -> 0.758 (400)
   -> 0.972 (800), held-out combinations 0.131 -> 0.812; recall@5 i2t 0.723, t2i 0.609
-  (chance 0.005). The earlier ConvNeXt tower (stages (2, 2, 2) x (32, 64, 128); 8 px -> 2 px
+  (chance 0.005). The captions here use the shapes' word tokenizer; ALIGN's own BERT WordPiece
+  (ids equal to transformers' BertTokenizer) is --config.data.tokenize.tokenizer=bert_wordpiece
+  with bpe_path=BERT's vocab.txt (and the same in pp_train's tokenize op). The earlier ConvNeXt tower (stages (2, 2, 2) x (32, 64, 128); 8 px -> 2 px
   grids) reached only 0.367 zero-shot on the same recipe (2026-12-02).
 
 Paper presets (need an image-text dataset: --config.data.name=image_folder:/path with a

@@ -156,7 +156,9 @@ def get_tokenizer(name: str = "bytes", bpe_path: Optional[str] = None,
     """Tokenizer by name: ``'bytes'`` (default, no files), ``'words'`` (no files; its
     ``vocab_size``, default 4096; ``vocabulary='shapes'`` to decode), ``'clip_bpe'`` or
     ``'gpt2_bpe'`` (``bpe_path``: the directory of ``vocab.json`` + ``merges.txt``, or the
-    ``vocab_file`` / ``merges_file`` keywords).
+    ``vocab_file`` / ``merges_file`` keywords), ``'bert_wordpiece'`` (BERT's WordPiece, ALIGN's /
+    BLIP's text side: ``bpe_path`` is its ``vocab.txt`` or the folder holding it;
+    ``fmjax.data.wordpiece``).
 
     ``'clip_bpe'`` needs ``bpe_path`` (config key ``config.data.tokenize.bpe_path``).
     ``vocab_size`` is read by ``'words'`` only (the others have a fixed vocabulary). Extra
@@ -182,4 +184,7 @@ def get_tokenizer(name: str = "bytes", bpe_path: Optional[str] = None,
             raise ValueError("tokenizer 'gpt2_bpe' needs GPT-2's vocab.json and merges.txt: set "
                              "config.data.tokenize.bpe_path to their directory.")
         return Gpt2BpeTokenizer(vocab_file, merges_file, **kwargs)
+    if name == "bert_wordpiece":
+        from fmjax.data import wordpiece
+        return wordpiece.get(kwargs.pop("vocab_file", None) or bpe_path, **kwargs)
     raise ValueError(f"unknown tokenizer {name!r}; valid names: {', '.join(TOKENIZER_NAMES)}")

@@ -18,7 +18,7 @@ SOT_TEXT = "<|startoftext|>"
 EOT_TEXT = "<|endoftext|>"
 BPE_URL = ("https://github.com/openai/CLIP/raw/main/clip/"
            "bpe_simple_vocab_16e6.txt.gz")
-TOKENIZER_NAMES = ("bytes", "words", "clip_bpe", "gpt2_bpe")
+TOKENIZER_NAMES = ("bytes", "words", "clip_bpe", "gpt2_bpe", "bert_wordpiece")
 _CLIP_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
                  r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 _CACHE_LIMIT = 100_000
