@@ -31,7 +31,10 @@ Paper presets (need an image-text dataset and CLIP's BPE file):
   pooler queries, 76 text tokens) with open_clip's CLIP recipe (AdamW lr 5e-4, betas (0.9,
   0.98), eps 1e-6, wd 0.2, 10k warm-up, cosine) and the paper's loss weights (1 and 2).
   ``model.legacy_cls_mask=True`` there: open_clip's (shifted) text padding mask, as its released
-  CoCa weights were trained (fmjax.models.text).
+  CoCa weights were trained (fmjax.models.text). ``--config.model.pooler_type=parallel`` (or
+  ``cascade``) pools the contrastive embedding with its own one-query pooler, as the paper does
+  (open_clip's attentional_pool='parallel' / 'cascade'; the default 'tok' is open_clip's
+  released setup); converted and checked against open_clip in tests/interop/test_coca_parity.py.
 """
 from configs import common
 from configs.clip import OPEN_CLIP_OPTIONS, _shapes_templates, caption_pipelines, shapes_recipe

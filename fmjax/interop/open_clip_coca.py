@@ -16,8 +16,16 @@ fused ``in_proj``, no conv bias); CoCa adds
       (``ln_1`` -> norm1, ``ln_1_kv`` -> norm_kv, ``ln_2`` -> norm2, ``mlp.c_fc/c_proj`` -> fc1/fc2)
   text_decoder.ln_final / text_projection -> decoder/norm, decoder/head/kernel
 
+With open_clip's ``attentional_pool='parallel'`` / ``'cascade'`` (the paper's separate
+contrastive pooler; ``CoCa.pooler_type``) the vision side maps instead
+
+  visual.ln_post -> image/encoder/norm (before both poolers)
+  visual.attn_pool.ln_k -> attn_pool/norm_k
+  visual.attn_pool_contrastive.* -> attn_pool_contrastive/* (query, norm_q, norm_k, attn)
+
 ``coca_kwargs_from_open_clip`` reads the shapes back into ``CoCa`` kwargs (heads from
-``head_dim`` 64 as open_clip's configs, the pooler's heads given).
+``head_dim`` 64 as open_clip's configs, the pooler's heads given; ``pooler_type`` given for a
+state dict with ``attn_pool_contrastive``: its shapes do not tell parallel from cascade).
 """
 from typing import Any, Dict, Optional
 
@@ -50,12 +58,29 @@ def _depth(sd, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
+def _pooler_type(sd, pooler_type: Optional[str]) -> str:
+    """'tok' for open_clip's default CoCa; the given 'parallel' / 'cascade' for a state dict
+    with a separate contrastive pooler (ValueError when it is missing or contradicts the keys)."""
+    separate = "visual.attn_pool_contrastive.query" in sd
+    if not separate:
+        if pooler_type not in (None, "tok"):
+            raise ValueError(f"pooler_type={pooler_type!r}, but the state dict has no "
+                             "visual.attn_pool_contrastive (open_clip's default 'tok' CoCa).")
+        return "tok"
+    if pooler_type not in ("parallel", "cascade"):
+        raise ValueError("the state dict has a separate contrastive pooler (visual.attn_pool_contrastive): "
+                         "give pooler_type='parallel' or 'cascade' (open_clip's attentional_pool).")
+    return pooler_type
+
+
 def coca_kwargs_from_open_clip(state_dict: StateDict, activation: str = "gelu",
                                head_dim: int = 64, pooler_heads: int = 8,
-                               legacy_cls_mask: bool = True) -> Dict[str, Any]:
+                               legacy_cls_mask: bool = True,
+                               pooler_type: Optional[str] = None) -> Dict[str, Any]:
     """``CoCa`` kwargs from an open_clip CoCa state dict's shapes. ``activation``: 'gelu'
     (open_clip's CoCa configs; 'quick_gelu' only with ``quick_gelu=True``). ``legacy_cls_mask``
-    True: open_clip's default text mask (``correct_cls_mask=False``)."""
+    True: open_clip's default text mask (``correct_cls_mask=False``). ``pooler_type``: see
+    ``_pooler_type``."""
     sd = _load(state_dict)
     conv, tok = sd["visual.conv1.weight"], sd["text.token_embedding.weight"]
     width, text_width = conv.shape[0], tok.shape[1]
@@ -68,7 +93,7 @@ def coca_kwargs_from_open_clip(state_dict: StateDict, activation: str = "gelu",
         text_mlp_dim=sd["text.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         vocab_size=tok.shape[0], context_length=sd["text.positional_embedding"].shape[0] - 1,
         activation=activation, layernorm_eps=1e-5, loss="softmax", patch_bias=False,
-        num_queries=query.shape[0], pooler_heads=pooler_heads,
+        num_queries=query.shape[0], pooler_heads=pooler_heads, pooler_type=_pooler_type(sd, pooler_type),
         decoder_depth=_depth(sd, "text_decoder.resblocks."),
         decoder_heads=sd["text_decoder.ln_final.weight"].shape[0] // head_dim,
         decoder_mlp_dim=sd["text_decoder.resblocks.0.mlp.c_fc.weight"].shape[0],
@@ -77,11 +102,14 @@ def coca_kwargs_from_open_clip(state_dict: StateDict, activation: str = "gelu",
 
 def convert_open_clip_coca(state_dict: StateDict, num_heads: Optional[int] = None,
                            text_heads: Optional[int] = None, decoder_heads: Optional[int] = None,
-                           pooler_heads: int = 8, head_dim: int = 64) -> Params:
+                           pooler_heads: int = 8, head_dim: int = 64,
+                           pooler_type: Optional[str] = None) -> Params:
     """open_clip ``CoCa`` state dict -> ``CoCa`` params (the module docstring's table).
     Heads default to width / ``head_dim``; ``pooler_heads`` is open_clip's
-    ``attn_pooler_heads`` (8 in its CoCa configs). Unknown keys fail, named."""
+    ``attn_pooler_heads`` (8 in its CoCa configs); ``pooler_type`` as
+    ``coca_kwargs_from_open_clip``'s. Unknown keys fail, named."""
     sd = _load(state_dict)
+    one_pooler = _pooler_type(sd, pooler_type) == "tok"
     r = _Reader(sd, "open_clip CoCa")
     conv, tok = r("visual.conv1.weight"), r("text.token_embedding.weight")
     if conv is None or tok is None:
@@ -102,9 +130,16 @@ def convert_open_clip_coca(state_dict: StateDict, num_heads: Optional[int] = Non
                 "norm2": _layer_norm(r, f"{name}.ln_2"),
                 "mlp": {"fc1": _linear(r, f"{name}.mlp.c_fc"), "fc2": _linear(r, f"{name}.mlp.c_proj")}}
 
+    def pooler(name, norm_k):
+        out = {"query": r(f"{name}.query"), "norm_q": _layer_norm(r, f"{name}.ln_q"),
+               "attn": _attention(r, f"{name}.attn", pooler_heads)}
+        if norm_k:
+            out["norm_k"] = _layer_norm(r, f"{name}.ln_k")
+        return out
+
     cls, pos = r("visual.class_embedding"), r("visual.positional_embedding")
     image_encoder = blocks("visual.transformer.resblocks.", num_heads)
-    image_encoder["norm"] = _layer_norm(r, "visual.attn_pool.ln_k")
+    image_encoder["norm"] = _layer_norm(r, "visual.attn_pool.ln_k" if one_pooler else "visual.ln_post")
     text_encoder = blocks("text.transformer.resblocks.", text_heads)
     text_encoder["norm"] = _layer_norm(r, "text.ln_final")
     decoder = blocks("text_decoder.resblocks.", decoder_heads)
@@ -119,10 +154,6 @@ def convert_open_clip_coca(state_dict: StateDict, num_heads: Optional[int] = Non
             "pre_norm": _layer_norm(r, "visual.ln_pre"),
             "encoder": image_encoder,
         },
-        "attn_pool": {"query": r("visual.attn_pool.query"),
-                      "norm_q": _layer_norm(r, "visual.attn_pool.ln_q"),
-                      "attn": _attention(r, "visual.attn_pool.attn", pooler_heads)},
-        "ln_post": _layer_norm(r, "visual.ln_post"),
         "image_proj": {"kernel": r("visual.proj")},
         "text": {
             "token_embed": {"embedding": tok},
@@ -134,6 +165,12 @@ def convert_open_clip_coca(state_dict: StateDict, num_heads: Optional[int] = Non
         "decoder": decoder,
         "logit_scale": np.asarray(r("logit_scale")).reshape(()),
     }
+    if one_pooler:
+        params["attn_pool"] = pooler("visual.attn_pool", norm_k=False)
+        params["ln_post"] = _layer_norm(r, "visual.ln_post")
+    else:
+        params["attn_pool"] = pooler("visual.attn_pool", norm_k=True)
+        params["attn_pool_contrastive"] = pooler("visual.attn_pool_contrastive", norm_k=True)
     r.finish(ignore=(r".*attn_mask",))
     return params
 
@@ -146,4 +183,5 @@ def convert_for_model_init(state_dict: StateDict, model_config=None) -> Params:
     return convert_open_clip_coca(state_dict, num_heads=kwargs.get("num_heads"),
                                   text_heads=kwargs.get("text_heads"),
                                   decoder_heads=kwargs.get("decoder_heads"),
-                                  pooler_heads=kwargs.get("pooler_heads", 8))
+                                  pooler_heads=kwargs.get("pooler_heads", 8),
+                                  pooler_type=kwargs.get("pooler_type", "tok"))

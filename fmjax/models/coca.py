@@ -10,7 +10,8 @@ The layout is open_clip's ``CoCa`` (``src/open_clip/coca_model.py``, the release
   through ``image_proj``, is the contrastive image embedding (open_clip's
   ``pool_type='tok'``), the other ``num_queries - 1`` are the image tokens the multimodal
   decoder attends to. (open_clip calls this "the original OpenCLIP CoCa setup, does not match
-  paper": the paper pools the contrastive embedding with a separate single query.)
+  paper": the paper pools the contrastive embedding with a separate single query; that is
+  ``pooler_type='parallel'`` or ``'cascade'``, see ``CoCa``.)
 * **Unimodal text decoder**: the CLIP text tower with ``embed_cls=True``
   (``fmjax.models.text``): causal, a learned class embedding appended at the end whose final
   norm and ``text/proj`` give the contrastive text embedding; padding keys (``pad_id``) are
@@ -48,6 +49,7 @@ from fmjax.models.text import causal_mask
 Dtype = Any
 
 # CoCa variant -> CLIP variant and the multimodal decoder's depth / heads (open_clip configs).
+POOLER_TYPES = ("tok", "parallel", "cascade")
 COCA_PRESETS = {
     "B/32": ("B/32", 12, 8),   # open_clip coca_ViT-B-32
     "L/14": ("L/14", 12, 12),  # open_clip coca_ViT-L-14
@@ -69,8 +71,9 @@ def coca_kwargs(variant: str, **overrides) -> Dict[str, Any]:
 
 class AttentionalPooler(nn.Module):
     """``num_queries`` learned queries (``query``, normalised by ``norm_q``) attend to ``x``
-    (B, T, D'); returns (B, num_queries, width). open_clip's ``AttentionalPooler`` with its
-    ``ln_k`` left to the caller."""
+    (B, T, D'); returns (B, num_queries, width). open_clip's ``AttentionalPooler``; its ``ln_k``
+    is ``norm_k`` with ``norm_kv``, else left to the caller (the 'tok' pooler's is the tower's
+    final norm)."""
     width: int
     num_queries: int
     num_heads: int
@@ -78,9 +81,12 @@ class AttentionalPooler(nn.Module):
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    norm_kv: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.norm_kv:
+            x = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm_k")(x)
         query = self.param("query", layers.part(nn.initializers.normal(1.0), (None, "embed")),
                            (self.num_queries, self.width), self.param_dtype)
         q = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm_q")(
@@ -152,7 +158,13 @@ class MultimodalDecoder(nn.Module):
 class CoCa(CLIP):
     """CLIP plus an attentional image pooler and a captioning decoder (module docstring).
 
-    Fields beyond CLIP's: ``num_queries`` / ``pooler_heads`` (the pooler), ``decoder_depth``,
+    Fields beyond CLIP's: ``num_queries`` / ``pooler_heads`` (the pooler), ``pooler_type``
+    (POOLER_TYPES: 'tok', open_clip's default, the first pooled query is the contrastive one;
+    'parallel' / 'cascade', the paper's: a separate one-query pooler ``attn_pool_contrastive``
+    over the tower's tokens, or over the caption pooler's ``num_queries`` outputs, each pooler
+    with its own key norm ``norm_k``, the tower's final norm as open_clip's ``ln_post`` before
+    both, no ``ln_post`` after; open_clip's ``attentional_pool='parallel'`` / ``'cascade'``,
+    which it builds only for width == embed_dim), ``decoder_depth``,
     ``decoder_heads``, ``decoder_mlp_dim`` (the multimodal decoder), ``pad_id`` (masked keys of
     the text tower; the caption loss ignores it as a target) and ``legacy_cls_mask``.
     """
@@ -161,6 +173,7 @@ class CoCa(CLIP):
 
     num_queries: int = 256
     pooler_heads: int = 8
+    pooler_type: str = "tok"
     decoder_depth: int = 12
     decoder_heads: int = 8
     decoder_mlp_dim: int = 2048
@@ -173,14 +186,20 @@ class CoCa(CLIP):
         return kwargs
 
     def setup(self):
-        if self.num_queries < 2:
-            raise ValueError(f"CoCa needs num_queries >= 2 (1 contrastive + the caption tokens), "
-                             f"got {self.num_queries}.")
+        if self.pooler_type not in POOLER_TYPES:
+            raise ValueError(f"CoCa pooler_type={self.pooler_type!r}; valid: {', '.join(POOLER_TYPES)}.")
+        tok = self.pooler_type == "tok"
+        if self.num_queries < (2 if tok else 1):
+            raise ValueError(f"CoCa needs num_queries >= {2 if tok else 1} ({'1 contrastive + ' if tok else ''}"
+                             f"the caption tokens) with pooler_type={self.pooler_type!r}, got {self.num_queries}.")
         super().setup()
-        self.attn_pool = AttentionalPooler(
-            self.embed_dim, self.num_queries, self.pooler_heads, self.layernorm_eps,
-            self.attention_impl, self.dtype, self.param_dtype)
-        self.ln_post = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype)
+        pool = dict(layernorm_eps=self.layernorm_eps, attention_impl=self.attention_impl,
+                    dtype=self.dtype, param_dtype=self.param_dtype, norm_kv=not tok)
+        self.attn_pool = AttentionalPooler(self.embed_dim, self.num_queries, self.pooler_heads, **pool)
+        if tok:
+            self.ln_post = layer_norm(self.layernorm_eps, self.dtype, self.param_dtype)
+        else:
+            self.attn_pool_contrastive = AttentionalPooler(self.embed_dim, 1, self.pooler_heads, **pool)
         self.decoder = MultimodalDecoder(
             self.vocab_size, self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim,
             self.dropout, self.layernorm_eps, self.text_activation or self.activation,
@@ -191,8 +210,12 @@ class CoCa(CLIP):
         (B, num_queries - 1, embed_dim))."""
         out = self.image_encoder(images, train=train)
         tokens = out["tokens"] if "tokens" in out else out["patch_tokens"]
-        x = self.ln_post(self.attn_pool(tokens))
-        return self.image_proj(x[:, 0]), x[:, 1:]
+        if self.pooler_type == "tok":
+            x = self.ln_post(self.attn_pool(tokens))
+            return self.image_proj(x[:, 0]), x[:, 1:]
+        caption_tokens = self.attn_pool(tokens)
+        pooled = self.attn_pool_contrastive(tokens if self.pooler_type == "parallel" else caption_tokens)
+        return self.image_proj(pooled[:, 0]), caption_tokens
 
     def encode_image(self, images: jax.Array, train: bool = False,
                      normalize: bool = True) -> jax.Array:
@@ -200,7 +223,8 @@ class CoCa(CLIP):
         return l2_normalize(emb) if normalize else emb
 
     def image_tokens(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """(B, num_queries - 1, embed_dim): what the multimodal decoder attends to."""
+        """(B, num_queries - 1 ('tok') or num_queries, embed_dim): what the multimodal decoder
+        attends to."""
         return self._image(images, train)[1]
 
     def caption_logits_from(self, image_tokens: jax.Array, tokens: jax.Array,

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
-from open_clip_coca_model import (CTX, EMBED, HEADS, IMAGE, VOCAB, CoCa,  # noqa: E402
+from open_clip_coca_model import (CTX, EMBED, HEADS, IMAGE, VOCAB, WIDTH, CoCa,  # noqa: E402
                                   coca_loss)
 from fmjax.interop import open_clip_coca  # noqa: E402
 from fmjax.testing import load_config  # noqa: E402
@@ -32,9 +32,11 @@ def _batch(seed=0, b=4):
     return images, text
 
 
-def _setup(correct_cls_mask):
+def _setup(correct_cls_mask, pooler_type="tok"):
     torch.manual_seed(0)
-    model = CoCa(correct_cls_mask)
+    # open_clip's separate contrastive pooler exists only for width == embed_dim (its ln_post)
+    model = CoCa(correct_cls_mask, "" if pooler_type == "tok" else pooler_type,
+                 WIDTH if pooler_type == "tok" else EMBED)
     with torch.no_grad():  # norms away from identity, biases nonzero, so they matter
         for name, p in model.named_parameters():
             if "ln" in name or name.endswith("bias"):
@@ -42,20 +44,22 @@ def _setup(correct_cls_mask):
     sd = model.state_dict()
     kwargs = open_clip_coca.coca_kwargs_from_open_clip(sd, pooler_heads=HEADS,
                                                        legacy_cls_mask=not correct_cls_mask,
-                                                       head_dim=EMBED // HEADS)
+                                                       head_dim=EMBED // HEADS, pooler_type=pooler_type)
     kwargs["num_heads"] = HEADS  # the vision tower's head_dim is 12, the others' 8
     c = load_config("coca")
     c.model = dict(name="coca", **kwargs)
     c.data.tokenize = dict(context_length=CTX, tokenizer="words", vocab_size=VOCAB)
     objective = make_objective(c)
     params = open_clip_coca.convert_open_clip_coca(sd, num_heads=HEADS, text_heads=HEADS,
-                                                   decoder_heads=HEADS, pooler_heads=HEADS)
+                                                   decoder_heads=HEADS, pooler_heads=HEADS,
+                                                   pooler_type=pooler_type)
     return model, objective, jax.tree.map(jnp.asarray, params)
 
 
-@pytest.mark.parametrize("correct_cls_mask", [False, True])
-def test_losses_outputs_and_gradients_match_open_clip(correct_cls_mask):
-    model, objective, params = _setup(correct_cls_mask)
+@pytest.mark.parametrize("correct_cls_mask,pooler_type", [
+    (False, "tok"), (True, "tok"), (True, "parallel"), (True, "cascade")])
+def test_losses_outputs_and_gradients_match_open_clip(correct_cls_mask, pooler_type):
+    model, objective, params = _setup(correct_cls_mask, pooler_type)
     images, text = _batch()
     out = model(images, text)
     clip_t, cap_t = coca_loss(out["image_features"], out["text_features"], out["logits"][:, :-1],
@@ -79,7 +83,8 @@ def test_losses_outputs_and_gradients_match_open_clip(correct_cls_mask):
 
     torch_grads = {k: p.grad for k, p in model.named_parameters()}
     want = open_clip_coca.convert_open_clip_coca(torch_grads, num_heads=HEADS, text_heads=HEADS,
-                                                 decoder_heads=HEADS, pooler_heads=HEADS)
+                                                 decoder_heads=HEADS, pooler_heads=HEADS,
+                                                 pooler_type=pooler_type)
     flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
     checked = 0
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
@@ -91,6 +96,26 @@ def test_losses_outputs_and_gradients_match_open_clip(correct_cls_mask):
         np.testing.assert_allclose(np.asarray(g), w, atol=2e-5 * scale + 1e-7, rtol=1e-3, err_msg=name)
         checked += 1
     assert checked > 100
+
+
+def test_pooler_types_differ_and_need_naming():
+    """The separate poolers give other embeddings than 'tok' would on the same tower and
+    caption pooler, all num_queries caption tokens, and a state dict with
+    attn_pool_contrastive is refused without pooler_type (its shapes do not say which)."""
+    model, par, params = _setup(True, "parallel")
+    _, cas, _ = _setup(True, "cascade")
+    images, text = _batch()
+    batch = (jnp.asarray(images.permute(0, 2, 3, 1).numpy()), jnp.asarray(text.numpy()))
+    a = jax.jit(par.model.apply)({"params": params}, *batch)
+    b = jax.jit(cas.model.apply)({"params": params}, *batch)
+    assert np.abs(np.asarray(a["image_embeds"]) - np.asarray(b["image_embeds"])).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(a["caption_logits"]), np.asarray(b["caption_logits"]), rtol=1e-6)
+    toks = jax.jit(lambda p, x: par.model.apply({"params": p}, x, method="image_tokens"))(params, batch[0])
+    assert toks.shape[1] == par.config.model.num_queries
+    with pytest.raises(ValueError, match="give pooler_type='parallel' or 'cascade'"):
+        open_clip_coca.convert_open_clip_coca(model.state_dict(), pooler_heads=HEADS)
+    with pytest.raises(ValueError, match="no visual.attn_pool_contrastive"):
+        open_clip_coca.coca_kwargs_from_open_clip(_setup(True)[0].state_dict(), pooler_type="parallel")
 
 
 def test_masks_differ_where_open_clip_shifts_them():

@@ -8,7 +8,11 @@ Transcribed from open_clip (github.com/mlfoundations/open_clip) at commit
   - ``src/open_clip/transformer.py``: ``Attention`` (fused ``in_proj_weight`` when kdim == dim,
     else ``{q,k,v}_proj_weight``; the cross path splits the fused weight), ``AttentionalPooler``,
     ``ResidualAttentionBlock`` (``ln_1_kv`` for cross-attention), ``VisionTransformer`` with
-    ``attentional_pool=True`` (``attn_pool`` -> ``ln_post`` -> ``pool_type='tok'`` -> ``proj``),
+    ``attentional_pool=True`` (``attn_pool`` -> ``ln_post`` -> ``pool_type='tok'`` -> ``proj``)
+    or ``attentional_pool='parallel'`` / ``'cascade'`` (``_pool``: ``ln_post`` on the tower's
+    tokens, ``attn_pool`` for the caption tokens, ``attn_pool_contrastive`` with one query over
+    the tokens or over ``attn_pool``'s output; open_clip sizes ``ln_post`` by output_dim, so
+    these need width == embed: ``CoCa(..., width=EMBED)``),
     ``TextTransformer(embed_cls=True)`` (``_embeds``, ``_build_additive_mask``, ``forward``:
     ``ln_final`` on the appended class position only, tokens ``x[:, :-1]`` without it),
     ``MultimodalTransformer.forward``;
@@ -108,15 +112,18 @@ class AttentionalPooler(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self):
+    def __init__(self, attn_pool_type="", width=WIDTH):
         super().__init__()
         grid = IMAGE // PATCH
-        self.conv1 = nn.Conv2d(3, WIDTH, PATCH, PATCH, bias=False)
-        self.class_embedding = nn.Parameter(WIDTH ** -0.5 * torch.randn(WIDTH))
-        self.positional_embedding = nn.Parameter(WIDTH ** -0.5 * torch.randn(grid * grid + 1, WIDTH))
-        self.ln_pre = nn.LayerNorm(WIDTH)
-        self.transformer = Transformer(WIDTH, DEPTH, HEADS)
-        self.attn_pool = AttentionalPooler(EMBED, WIDTH, HEADS, QUERIES)
+        self.attn_pool_type = attn_pool_type
+        self.conv1 = nn.Conv2d(3, width, PATCH, PATCH, bias=False)
+        self.class_embedding = nn.Parameter(width ** -0.5 * torch.randn(width))
+        self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, DEPTH, HEADS)
+        self.attn_pool = AttentionalPooler(EMBED, width, HEADS, QUERIES)
+        if attn_pool_type:  # 'parallel' / 'cascade': open_clip builds both poolers with context_dim=width
+            self.attn_pool_contrastive = AttentionalPooler(EMBED, width, HEADS, 1)
         self.ln_post = nn.LayerNorm(EMBED)
         self.proj = nn.Parameter(EMBED ** -0.5 * torch.randn(EMBED, EMBED))
 
@@ -124,8 +131,14 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x).flatten(2).permute(0, 2, 1)
         x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1)
         x = self.ln_pre(x + self.positional_embedding)
-        x = self.ln_post(self.attn_pool(self.transformer(x)))
-        pooled, tokens = x[:, 0], x[:, 1:]
+        x = self.transformer(x)
+        if self.attn_pool_type:  # "untested, WIP pooling that should match paper"
+            x = self.ln_post(x)
+            tokens = self.attn_pool(x)
+            pooled = self.attn_pool_contrastive(x if self.attn_pool_type == "parallel" else tokens)[:, 0]
+        else:
+            x = self.ln_post(self.attn_pool(x))
+            pooled, tokens = x[:, 0], x[:, 1:]
         return pooled @ self.proj, tokens
 
 
@@ -175,10 +188,10 @@ class MultimodalTransformer(nn.Module):
 
 
 class CoCa(nn.Module):
-    def __init__(self, correct_cls_mask=False):
+    def __init__(self, correct_cls_mask=False, attn_pool_type="", width=WIDTH):
         super().__init__()
         self.text = TextTransformer(correct_cls_mask)
-        self.visual = VisionTransformer()
+        self.visual = VisionTransformer(attn_pool_type, width)
         self.text_decoder = MultimodalTransformer()
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
 
