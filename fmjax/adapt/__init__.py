@@ -29,7 +29,9 @@ base is read again from ``config.model_init`` and checked against a digest store
 
 LoRA takes ``dropout`` (PEFT's ``lora_dropout``, on training passes; ``fmjax.adapt.lora``).
 
-Not yet here (issue 18): dropout for the other adapters; VPT on CLIP's image tower.
+``dropout`` works for every adapter in training passes: LoRA's branch input, the bottleneck
+adapters' output, each example's prefix keys / values, VPT-deep's per-layer prompts (VPT-shallow's
+prompts are register tokens: refused). Not yet here (issue 18): VPT on CLIP's image tower.
 """
 from __future__ import annotations
 
@@ -102,9 +104,9 @@ def spec(config) -> dict | None:
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ConfigError(f"config.adapter.dropout={dropout!r} must be in [0, 1).")
     dropout = float(dropout)
-    if dropout and name != "lora":
-        raise ConfigError(f"config.adapter.dropout={dropout}: dropout is implemented for the 'lora' adapter "
-                          f"only (PEFT's lora_dropout), not {name!r}; use 0.")
+    if dropout and name == "prompt" and not _get(a, "deep", False):
+        raise ConfigError(f"config.adapter.dropout={dropout}: VPT-shallow's prompts are the ViT's register "
+                          "tokens, which have no dropout here; use deep=True (dropout on every layer's prompts) or 0.")
     if name == "lora":
         rank, alpha = _get(a, "rank", 8), _get(a, "alpha", None)
         if not isinstance(rank, int) or rank < 0:
@@ -116,7 +118,8 @@ def spec(config) -> dict | None:
         length = _get(a, "length", 10)
         if not isinstance(length, int) or length < 0:
             raise ConfigError(f"config.adapter.length={length!r} must be an int >= 0 (0: none).")
-        out = dict(name=name, length=length, targets=targets, train=train, checkpoint=checkpoint)
+        out = dict(name=name, length=length, targets=targets, train=train, checkpoint=checkpoint,
+                   dropout=dropout)
         if name == "prompt":
             out.update(_deep_prompt(config, a, length))
             text_length = _get(a, "text_length", 0)
@@ -130,7 +133,7 @@ def spec(config) -> dict | None:
     if kind not in houlsby_lib.KINDS:
         raise ConfigError(f"config.adapter.kind={kind!r}; valid: {list(houlsby_lib.KINDS)}.")
     return dict(name=name, bottleneck=bottleneck, kind=kind, scale=float(_get(a, "scale", 1.0)),
-                targets=targets, train=train, checkpoint=checkpoint)
+                targets=targets, train=train, checkpoint=checkpoint, dropout=dropout)
 
 
 def _deep_prompt(config, a, length: int) -> dict:
@@ -155,14 +158,15 @@ def hooks(adapter: dict) -> dict:
         return dict(dense=lora_lib.lora_hook(adapter["rank"], adapter["alpha"], adapter["targets"],
                                              adapter.get("dropout", 0.0)))
     if adapter["name"] == "prefix":
-        return dict(attention=prefix_lib.prefix_hook(adapter["length"], adapter["targets"]))
+        return dict(attention=prefix_lib.prefix_hook(adapter["length"], adapter["targets"],
+                                                     adapter.get("dropout", 0.0)))
     if adapter["name"] == "prompt":  # the prompt slots are model tokens (prepare_config)
         if not adapter.get("deep"):
             return {}
         return dict(block=prompt_lib.deep_hook(adapter["length"], adapter["targets"] or prompt_lib.DEFAULT_TARGETS,
-                                               adapter["offset"], adapter["bound"]))
+                                               adapter["offset"], adapter["bound"], adapter.get("dropout", 0.0)))
     return dict(dense=houlsby_lib.adapter_hook(adapter["bottleneck"], adapter["targets"],
-                                               adapter["kind"], adapter["scale"]))
+                                               adapter["kind"], adapter["scale"], adapter.get("dropout", 0.0)))
 
 
 def trainable_mask(params, adapter: dict):

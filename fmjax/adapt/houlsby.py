@@ -26,15 +26,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmjax.adapt.lora import module_path
+from fmjax.adapt.lora import module_path, train_dropout
 from fmjax.models import core
 
 PARAMS = ("adapter_down_kernel", "adapter_down_bias", "adapter_up_kernel", "adapter_up_bias")
 KINDS = ("serial", "parallel")
 
 
-def adapter_hook(bottleneck: int, targets: str, kind: str = "serial", scale: float = 1.0):
-    """The dense hook adding a bottleneck adapter to every ``DenseND`` matching ``targets``."""
+def adapter_hook(bottleneck: int, targets: str, kind: str = "serial", scale: float = 1.0,
+                 dropout: float = 0.0):
+    """The dense hook adding a bottleneck adapter to every ``DenseND`` matching ``targets``;
+    ``dropout`` on the adapter's output before it is added (the ``adapters`` library's
+    ``Adapter``: ``output = dropout(up)``), in training passes."""
     if kind not in KINDS:
         raise ValueError(f"adapter kind {kind!r}; valid: {list(KINDS)}.")
     pattern = re.compile(targets)
@@ -62,7 +65,8 @@ def adapter_hook(bottleneck: int, targets: str, kind: str = "serial", scale: flo
         act = jax.nn.gelu if kind == "serial" else jax.nn.relu
         h = act(src.astype(dt) @ wd.astype(dt) + bd.astype(dt))
         delta = (h @ wu.astype(dt) + bu.astype(dt)).reshape(y.shape)
-        return y + (delta if kind == "serial" else jnp.asarray(scale, dt) * delta)
+        delta = delta if kind == "serial" else jnp.asarray(scale, dt) * delta
+        return y + train_dropout(dense, delta, dropout)
     return hook
 
 

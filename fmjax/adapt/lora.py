@@ -42,6 +42,16 @@ def module_path(module) -> str:
     return "/".join(str(p) for p in module.path)
 
 
+def train_dropout(module, x, rate: float):
+    """Inverted dropout of ``x`` drawn from ``module``'s 'dropout' rng when the apply call has
+    one (how fmjax's objectives mark their training passes), else ``x``: every adapter's
+    ``config.adapter.dropout``."""
+    if rate <= 0.0 or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
 def _a_init(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in)
 
@@ -68,9 +78,7 @@ def lora_hook(rank: int, alpha: float, targets: str, dropout: float = 0.0):
                         (rank,) + out_shape, dense.param_dtype)
         if scale == 0.0:
             return y
-        if dropout > 0.0 and dense.has_rng("dropout"):
-            keep = jax.random.bernoulli(dense.make_rng("dropout"), 1.0 - dropout, x.shape)
-            x = jnp.where(keep, x / jnp.asarray(1.0 - dropout, x.dtype), jnp.zeros_like(x))
+        x = train_dropout(dense, x, dropout)
         low = jnp.tensordot(dense.contract_with(x, a), b.astype(dense.dtype), axes=1)
         return y + jnp.asarray(scale, dense.dtype) * low
     return hook

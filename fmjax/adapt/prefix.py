@@ -17,7 +17,7 @@ import re
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fmjax.adapt.lora import module_path
+from fmjax.adapt.lora import module_path, train_dropout
 from fmjax.models import core
 
 PARAMS = ("prefix_key", "prefix_value")
@@ -34,8 +34,10 @@ def _pad_front(a, n, value, axis=-1):
     return jnp.pad(a, pad, constant_values=value)
 
 
-def prefix_hook(length: int, targets: str):
-    """The attention hook: learned key / value prefixes on every matching attention."""
+def prefix_hook(length: int, targets: str, dropout: float = 0.0):
+    """The attention hook: learned key / value prefixes on every matching attention;
+    ``dropout`` on each example's copy of them in training passes (P-tuning v2's dropout of
+    the past key values)."""
     pattern = re.compile(targets)
 
     def hook(attn, inputs, call_next):
@@ -47,8 +49,10 @@ def prefix_hook(length: int, targets: str):
         pk = attn.param("prefix_key", init, (length, heads, head_dim), attn.param_dtype)
         pv = attn.param("prefix_value", init, (length, heads, head_dim), attn.param_dtype)
         b = k.shape[0]
-        k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), (b,) + pk.shape), k], axis=1)
-        v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), (b,) + pv.shape), v], axis=1)
+        pk = train_dropout(attn, jnp.broadcast_to(pk.astype(k.dtype), (b,) + pk.shape), dropout)
+        pv = train_dropout(attn, jnp.broadcast_to(pv.astype(v.dtype), (b,) + pv.shape), dropout)
+        k = jnp.concatenate([pk, k], axis=1)
+        v = jnp.concatenate([pv, v], axis=1)
         return call_next(inputs._replace(k=k, v=v, bias=_pad_front(bias, length, 0.0),
                                          mask=_pad_front(mask, length, True)))
     return hook

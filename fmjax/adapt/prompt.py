@@ -20,7 +20,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from fmjax.adapt.lora import module_path
+from fmjax.adapt.lora import module_path, train_dropout
 from fmjax.models import core
 
 PARAMS = ("vpt_prompts", "prompt_embed")  # VPT-deep; CoOp (TextTransformer.num_prompts)
@@ -32,9 +32,10 @@ def init_bound(patch_size: int, width: int) -> float:
     return math.sqrt(6.0 / (3 * patch_size * patch_size + width))
 
 
-def deep_hook(length: int, targets: str, offset: int, bound: float):
+def deep_hook(length: int, targets: str, offset: int, bound: float, dropout: float = 0.0):
     """The block hook: the ``length`` prompt slots after the first ``offset`` tokens take
-    the block's own learned prompts."""
+    the block's own learned prompts (through ``dropout`` in training passes: VPT's
+    ``prompt_dropout``)."""
     pattern = re.compile(targets)
 
     def init(key, shape, dtype=jnp.float32):
@@ -49,7 +50,7 @@ def deep_hook(length: int, targets: str, offset: int, bound: float):
         width = x.shape[-1]
         p = block.param("vpt_prompts", core.part(init, (None, None, "embed")), (1, length, width),
                         block.param_dtype)
-        p = jnp.broadcast_to(p.astype(x.dtype), (x.shape[0], length, width))
+        p = train_dropout(block, jnp.broadcast_to(p.astype(x.dtype), (x.shape[0], length, width)), dropout)
         return call_next(jnp.concatenate([x[:, :offset], p, x[:, offset + length:]], axis=1))
     return hook
 

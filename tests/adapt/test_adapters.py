@@ -104,7 +104,7 @@ def test_param_count_is_the_formula():
 
 @pytest.mark.parametrize("adapter, message", [
     (dict(name="qlora"), "config.adapter.name='qlora'; valid: ['lora', 'houlsby', 'prefix', 'prompt']"),
-    (dict(name="houlsby", dropout=0.1), "dropout is implemented for the 'lora' adapter only"),
+    (dict(name="prompt", length=2, dropout=0.1), "VPT-shallow's prompts are the ViT's register tokens"),
     (dict(name="lora", dropout=1.0), "config.adapter.dropout=1.0 must be in [0, 1"),
     (dict(name="lora", rank=-1), "config.adapter.rank=-1"),
     (dict(name="lora", targets="attn/(query"), "config.adapter.targets='attn/(query' is not a regex"),
@@ -432,6 +432,60 @@ def test_lora_dropout_is_on_the_branch_input_and_only_with_a_dropout_rng():
     # Merging is unaffected by dropout: the merged kernel is the no-dropout layer.
     merged = lora.merge(params, alpha, rank)
     np.testing.assert_allclose(np.asarray(layer.apply(merged, x)), np.asarray(plain), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["houlsby_serial", "houlsby_parallel", "prefix", "vpt_deep"])
+def test_adapter_dropout_acts_only_in_training_passes(name):
+    """config.adapter.dropout for the other adapters: without a 'dropout' rng (evaluation) the
+    model is the dropout-0 model bit for bit; with one the output changes, differently for two
+    copies of the same image (masks are per example), and in the bottleneck adapter (a single
+    projection) the mean over draws is the dropout-0 output (inverted dropout of the branch)."""
+    from fmjax.adapt import houlsby, prefix, prompt
+    from fmjax.models.core import DenseND
+    p = 0.3
+    if name.startswith("houlsby"):
+        kind = name.split("_")[1]
+        model = DenseND(features=(32,), kernel_axes=(None, None), bias_axes=(None,))
+        x = jnp.tile(jax.random.normal(jax.random.PRNGKey(0), (1, 10)), (4, 1))
+        make = lambda rate: dict(dense=houlsby.adapter_hook(5, ".*", kind, 0.5, dropout=rate))  # noqa: E731
+    else:
+        x = jnp.tile(_images(1), (4, 1, 1, 1))
+        if name == "prefix":
+            model = ViT(**TINY)
+            make = lambda rate: dict(attention=prefix.prefix_hook(3, r"attn$", dropout=rate))  # noqa: E731
+        else:
+            model = ViT(**{**TINY, "num_registers": 3})
+            make = lambda rate: dict(block=prompt.deep_hook(  # noqa: E731
+                3, prompt.DEFAULT_TARGETS, offset=1, bound=0.5, dropout=rate))
+    with inject.hooks(**make(0.0)):
+        params = nn.unbox(model.init(jax.random.PRNGKey(1), x))
+        # a nonzero branch everywhere (the bottleneck's up projection starts at zero)
+        params = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.PRNGKey(7), v.shape), params)
+        plain = model.apply(params, x)
+    plain = plain if name.startswith("houlsby") else plain["pre_logits"]
+    rng = {"dropout": jax.random.PRNGKey(2)}
+    with inject.hooks(**make(p)):
+        ev = model.apply(params, x)
+        drawn = model.apply(params, x, rngs=rng)
+        if name.startswith("houlsby"):
+            many = jax.vmap(lambda k: model.apply(params, x, rngs={"dropout": k}))(
+                jax.random.split(jax.random.PRNGKey(3), 4000))
+            np.testing.assert_allclose(np.asarray(many.mean(0)), np.asarray(plain), atol=0.03)
+    if not name.startswith("houlsby"):
+        ev, drawn = ev["pre_logits"], drawn["pre_logits"]
+    np.testing.assert_array_equal(np.asarray(ev), np.asarray(plain))
+    assert float(jnp.abs(drawn - plain).max()) > 1e-3
+    assert float(jnp.abs(drawn[0] - drawn[1]).max()) > 1e-4  # per-example masks
+
+
+def test_adapter_dropout_reaches_the_hooks(default_config):
+    """The checked spec carries dropout to every adapter's hook (deep VPT too)."""
+    for adapter in (dict(name="houlsby", dropout=0.1), dict(name="prefix", length=2, dropout=0.1),
+                    dict(name="prompt", length=2, deep=True, dropout=0.1)):
+        c = default_config("supervised")
+        c.adapter = adapter
+        obj = make_objective(c)
+        assert obj.adapter["dropout"] == 0.1, adapter
 
 
 def test_clip_text_soft_prompts_train_alone(tiny_config, tmp_path):
