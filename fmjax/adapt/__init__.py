@@ -31,7 +31,9 @@ LoRA takes ``dropout`` (PEFT's ``lora_dropout``, on training passes; ``fmjax.ada
 
 ``dropout`` works for every adapter in training passes: LoRA's branch input, the bottleneck
 adapters' output, each example's prefix keys / values, VPT-deep's per-layer prompts (VPT-shallow's
-prompts are register tokens: refused). Not yet here (issue 18): VPT on CLIP's image tower.
+prompts are register tokens: refused). VPT on a CLIP-like model prompts its image tower (the
+flat ViT's ``num_registers``, or the ``image`` sub-config's; VPT-deep's default targets are the
+image tower's blocks, ``IMAGE_TOWER_TARGETS``), CoOp its text tower.
 """
 from __future__ import annotations
 
@@ -136,20 +138,45 @@ def spec(config) -> dict | None:
                 targets=targets, train=train, checkpoint=checkpoint, dropout=dropout)
 
 
+# VPT-deep's blocks in a two-tower (CLIP-like) model: the image tower's alone.
+IMAGE_TOWER_TARGETS = r"(^|/)image/encoder/block(_\d+|_stack)$"
+
+
+def _vit_config(config):
+    """The ViT's config that VPT prompts: ``config.model``, or a CLIP-like model's image tower
+    (its ``image`` sub-config, else the flat image keys of ``config.model``)."""
+    m = config.get("model") if hasattr(config, "get") else None
+    image = m.get("image", None) if m is not None and hasattr(m, "get") else None
+    return image if image else m
+
+
 def _deep_prompt(config, a, length: int) -> dict:
     """VPT-deep's fields of the spec: ``deep``, and where the prompt slots start (``offset``: class
-    and distillation tokens plus the model's own registers) and VPT's init bound."""
+    and distillation tokens plus the model's own registers) and VPT's init bound; in a two-tower
+    model the default targets are the image tower's blocks."""
     deep = _get(a, "deep", False)
     if not isinstance(deep, bool):
         raise ConfigError(f"config.adapter.deep={deep!r} must be True (VPT-deep) or False (VPT-shallow).")
     if not deep:
         return dict(deep=False)
-    m = config.get("model") if hasattr(config, "get") else None
+    m = _vit_config(config)
     get = (lambda k, d: m.get(k, d)) if m is not None else (lambda k, d: d)
     offset = (int(bool(get("class_token", True))) + int(bool(get("distill_token", False)))
               + int(get("num_registers", 0) or 0))
     bound = prompt_lib.init_bound(int(get("patch_size", 16) or 16), int(get("width", 768) or 768))
-    return dict(deep=True, offset=offset, bound=bound)
+    out = dict(deep=True, offset=offset, bound=bound)
+    model = config.get("model") if hasattr(config, "get") else None
+    if model is not None and "text" in _model_fields(model.get("name")) and not _get(a, "targets", ""):
+        out["targets"] = IMAGE_TOWER_TARGETS
+    return out
+
+
+def _model_fields(name) -> dict:
+    from fmjax.models.registry import model_class
+    try:
+        return getattr(model_class(name), "__dataclass_fields__", {})
+    except (KeyError, ValueError):
+        return {}
 
 
 def hooks(adapter: dict) -> dict:
@@ -249,9 +276,12 @@ def prepare_config(config):
     from fmjax.models.registry import model_class
     name = config.model.get("name")
     fields = getattr(model_class(name), "__dataclass_fields__", {})
-    if a["length"] and "num_registers" not in fields:
+    image = config.model.get("image", None) if "image" in fields else None
+    holder, holder_fields = (name, fields) if not image else (
+        f"{name}'s image tower {image.get('name')!r}", _model_fields(image.get("name")))
+    if a["length"] and "num_registers" not in holder_fields:
         raise ConfigError(f"config.adapter.name='prompt' (VPT) inserts config.adapter.length={a['length']} prompt "
-                          f"tokens into a ViT; model {name!r} has no register tokens to hold them"
+                          f"tokens into a ViT; model {holder!r} has no register tokens to hold them"
                           + (" (for CLIP's text prompts alone set length=0 and text_length)." if "text" in fields else "."))
     if a["text_length"] and "text" not in fields:
         raise ConfigError(f"config.adapter.text_length={a['text_length']} adds text soft prompts (CoOp) to a CLIP "
@@ -259,7 +289,11 @@ def prepare_config(config):
     import copy
     config = copy.deepcopy(config)
     with config.unlocked() if hasattr(config, "unlocked") else _nullcontext():
-        if a["length"]:
+        if a["length"] and image:  # a two-tower model's image tower sub-config
+            image = dict(image.to_dict() if hasattr(image, "to_dict") else image)
+            image["num_registers"] = int(image.get("num_registers", 0) or 0) + a["length"]
+            config.model.image = image
+        elif a["length"]:
             config.model.num_registers = int(config.model.get("num_registers", 0) or 0) + a["length"]
         if a["text_length"]:
             text = config.model.get("text")

@@ -187,6 +187,7 @@ class CLIP(nn.Module):
     remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
     scan_layers: bool = False
     stem: str = "patch"  # image tower's patch embedding: 'patch' or 'conv' (ViT.stem)
+    num_registers: int = 0  # the flat ViT's register tokens (VPT's prompt slots: fmjax.adapt)
     patch_bias: bool = True  # False: open_clip / OpenAI conv1 (bias=False); see _without_patch_bias
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -218,11 +219,11 @@ class CLIP(nn.Module):
                           mlp_dim=self.mlp_dim, patch_size=self.patch_size,
                           activation=self.activation, pool="cls", class_token=True,
                           pos_embed="learned", pre_norm=True, num_classes=0, stem=self.stem,
-                          **self._common())
+                          num_registers=self.num_registers, **self._common())
             return "vit", ViT, kwargs
         flat = [k for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size")
                 if getattr(self, k) is not None]
-        flat += [k for k, default in (("stem", "patch"), ("patch_bias", True))
+        flat += [k for k, default in (("stem", "patch"), ("patch_bias", True), ("num_registers", 0))
                  if getattr(self, k) != default]
         if flat:
             raise ValueError(f"CLIP: config.model.image sets the image tower; drop the flat image "

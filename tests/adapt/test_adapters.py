@@ -490,7 +490,7 @@ def test_adapter_dropout_reaches_the_hooks(default_config):
 
 def test_clip_text_soft_prompts_train_alone(tiny_config, tmp_path):
     """CoOp on CLIP: adapter.text_length=4 (length=0: no image prompts) trains the text tower's
-    prompt_embed alone; VPT image prompts on CLIP are refused with the hint."""
+    prompt_embed alone; VPT image prompts on a model without register tokens are refused."""
     c = tiny_config("clip")
     c.keep_checkpoints = 5
     c.adapter.update(dict(name="prompt", length=0, text_length=4, checkpoint="full"))
@@ -500,5 +500,33 @@ def test_clip_text_soft_prompts_train_alone(tiny_config, tmp_path):
     moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
     assert moved == {"text/prompt_embed"}, moved
     c.adapter.length = 10
-    with pytest.raises(ConfigError, match="model 'clip' has no register tokens.*set length=0 and text_length"):
+    c.model.image = dict(name="resnet", variant="18", stem="cifar", stem_width=8, dims=(8, 8, 8, 8))
+    for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size"):
+        c.model[k] = None
+    c.model.stem = "patch"
+    with pytest.raises(ConfigError, match="image tower 'resnet'\" has no register tokens.*set length=0"):
         make_objective(c)
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_vpt_on_clip_prompts_the_image_tower_alone(tiny_config, tmp_path, deep):
+    """VPT on CLIP (with CoOp's text prompts): the flat image ViT gets the prompt slots
+    (VPT-shallow: its reg_tokens; VPT-deep: per-block prompts in the image tower's blocks
+    only, never the text tower's); they and the text prompts are all that train."""
+    c = tiny_config("clip")
+    c.keep_checkpoints = 5
+    c.adapter.update(dict(name="prompt", length=3, deep=deep, text_length=2, checkpoint="full"))
+    obj = make_objective(c)
+    assert obj.config.model.num_registers == 3
+    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    first, last = _flat(_restore(str(tmp_path), 2)["params"]), _flat(_restore(str(tmp_path), 4)["params"])
+    moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
+    if deep:
+        prompts = {f"image/encoder/block_{i}/vpt_prompts" for i in range(c.model.depth)}
+        assert not any(k.startswith("text/") and "vpt" in k for k in first)
+        assert moved == prompts | {"text/prompt_embed"}, moved
+    else:
+        assert first["image/reg_tokens"].shape == (1, 3, c.model.width)
+        assert moved == {"image/reg_tokens", "text/prompt_embed"}, moved
+
+
