@@ -78,6 +78,18 @@ class swap_words(Transform):  # noqa: N801
         return out
 
 
+def tokenize_texts(config, texts) -> np.ndarray:
+    """int32 [N, L] token ids of strings (prompts, class-name captions) with the training
+    captions' tokenizer, ``config.data.tokenize``; its context length defaults to the text
+    tower's (``config.objective.text.context_length``, as text-conditional diffusion keeps it)."""
+    kw = dict(config.data.get("tokenize", None) or {})
+    text = config.objective.get("text", None) or {}
+    if "context_length" not in kw and "context_length" in text:
+        kw["context_length"] = text["context_length"]
+    tok = tokenize(**kw)
+    return np.asarray(tok.tokenizer(list(texts), tok.context_length), np.int32)
+
+
 def tokenizer_vocab_size(config):
     """The vocabulary size of ``config.data.tokenize``'s tokenizer, or None without one (or when
     it cannot be built: ``check_vocab`` reports that)."""

@@ -41,7 +41,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fmjax.data import pipeline, sources
-from fmjax.data.transforms import parse_pp, tokenize
+from fmjax.data.text_ops import tokenize_texts
+from fmjax.data.transforms import parse_pp
 from fmjax.errors import ConfigError, NonFiniteError
 from fmjax.parallel import mesh as mesh_lib
 from fmjax.objectives.base import supports
@@ -200,8 +201,7 @@ class Context:
 
     def embed_prompts(self, params, extra, prompts, batch_size: int = 256):
         """Text embeddings of prompt strings (same on every process: replicated inputs)."""
-        tok = tokenize(**dict(self.config.data.get("tokenize", {})))
-        ids = tok.tokenizer(list(prompts), tok.context_length)
+        ids = tokenize_texts(self.config, prompts)
         text_fn = self.jit("text_features")
         out = []
         with self.scope():

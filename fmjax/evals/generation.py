@@ -124,6 +124,17 @@ def _chunk(host: np.ndarray, start: int, size: int) -> np.ndarray:
     return part
 
 
+def map_batches(fn, host: np.ndarray, batch_size: int, sharding, mesh, rules) -> np.ndarray:
+    """``fn`` (jitted, one global batch -> a batch-sharded result) over a host array [N, ...]
+    that every process holds whole, in padded chunks of ``batch_size`` split by ``sharding``;
+    the results concatenated on the host and cut to N."""
+    out = []
+    with scope(mesh, rules):
+        for start in range(0, len(host), batch_size):
+            out.append(_fetch(fn(_put(_chunk(host, start, batch_size), sharding))))
+    return np.concatenate(out)[:len(host)]
+
+
 class Generator:
     """Sharded sampling from an objective's ``generate`` in fixed-size global batches.
 
@@ -223,13 +234,9 @@ class Classifier:
 
     def classify(self, images: np.ndarray, labels=None) -> np.ndarray:
         """Predicted labels [N] of uint8 images [N, H, W, C]."""
-        x = self.preprocess(images, labels)
-        out = []
-        with scope(self.mesh, self.rules):
-            for start in range(0, len(x), self.batch_size):
-                batch = _put(_chunk(x, start, self.batch_size), self.sharding)
-                out.append(_fetch(self._predict(self.params, self.extra, batch)))
-        return np.concatenate(out)[:len(x)]
+        return map_batches(lambda x: self._predict(self.params, self.extra, x),
+                           self.preprocess(images, labels), self.batch_size, self.sharding,
+                           self.mesh, self.rules)
 
     def accuracy(self, source) -> float:
         """Top-1 accuracy on a labelled random-access source of raw examples (padding excluded)."""
@@ -386,10 +393,9 @@ class GenerationEvaluator(common.Evaluator):
             if not names or len(names) < num_classes:
                 raise ConfigError(f"{self.where}: a text-conditional generator is prompted with class "
                                   f"names, and dataset {self.dataset!r} has none for {num_classes} classes.")
-            from fmjax.data.text_ops import tokenize
-            tok = tokenize(**dict(ctx.config.data.get("tokenize", {})))
+            from fmjax.data.text_ops import tokenize_texts
             texts = [str(ev.get("prompt", None) or "a photo of a {}.").format(n) for n in names[:num_classes]]
-            cond = {"tokens": np.asarray(tok.tokenizer(texts, tok.context_length))[labels]}
+            cond = {"tokens": tokenize_texts(ctx.config, texts)[labels]}
         else:
             cond = {"label": labels}
         images = generator(state.params, state.extra, cond, seed=ev.get("seed", 0),
@@ -420,12 +426,8 @@ class GenerationEvaluator(common.Evaluator):
         if getattr(self, "_recon_fn", None) is None:
             self._recon_fn = jax.jit(lambda p, e, x: self.ctx.objective.reconstruct(p, e, x),
                                      out_shardings=generator.sharding)
-        bs, out = generator.batch_size, []
-        x = images.astype(np.float32) / 255.0
-        with scope(self.ctx.mesh, self.ctx.rules):
-            for start in range(0, n, bs):
-                out.append(_fetch(self._recon_fn(state.params, state.extra,
-                                                 _put(_chunk(x, start, bs), generator.sharding))))
-        rec = np.concatenate(out)[:n]
+        rec = map_batches(lambda x: self._recon_fn(state.params, state.extra, x),
+                          images.astype(np.float32) / 255.0, generator.batch_size,
+                          generator.sharding, self.ctx.mesh, self.ctx.rules)
         rec8 = np.round(np.clip(np.nan_to_num(rec), 0.0, 1.0) * 255.0).astype(np.uint8)
         return float((classifier.classify(rec8, labels) == labels).mean())

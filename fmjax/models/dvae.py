@@ -363,6 +363,16 @@ def _from_workdir(workdir: str, step, use_ema) -> tuple[dict, dict, str]:
     return model, params, f"{workdir} step {step}{' (ema)' if use_ema else ''}"
 
 
+def load_objective_tokenizer(spec, image_size: int):
+    """``load_tokenizer`` of an objective's frozen tokenizer (BEiT, DALL-E): a bad
+    ``config.objective.tokenizer`` is a one-line ConfigError naming that key."""
+    from fmjax.errors import ConfigError
+    try:
+        return load_tokenizer(spec, image_size)
+    except ValueError as e:
+        raise ConfigError(f"config.objective.tokenizer: {e}") from None
+
+
 def load_tokenizer(spec, image_size: int, dtype=jnp.float32):
     """``(DVAE module, params)`` from ``spec`` (see the module docstring); raises a one-line
     ``ValueError`` for a bad spec or an ``image_size`` the tokenizer cannot read (not a

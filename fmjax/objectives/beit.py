@@ -85,10 +85,7 @@ class BEiTObjective(Objective):
         """(module, params) of the frozen dVAE, loaded on first use."""
         if self._tokenizer is None:
             from fmjax.models import dvae
-            try:
-                self._tokenizer = dvae.load_tokenizer(self.tokenizer_spec, self.tokenizer_size)
-            except ValueError as e:
-                raise ConfigError(f"config.objective.tokenizer: {e}") from None
+            self._tokenizer = dvae.load_objective_tokenizer(self.tokenizer_spec, self.tokenizer_size)
         return self._tokenizer
 
     def check(self, config):

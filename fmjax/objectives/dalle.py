@@ -87,10 +87,7 @@ class DalleObjective(Objective):
         """(dVAE module, params), loaded on first use."""
         if self._tokenizer is None:
             from fmjax.models import dvae
-            try:
-                self._tokenizer = dvae.load_tokenizer(self.tokenizer_spec, self.image_size)
-            except ValueError as e:
-                raise ConfigError(f"config.objective.tokenizer: {e}") from None
+            self._tokenizer = dvae.load_objective_tokenizer(self.tokenizer_spec, self.image_size)
         return self._tokenizer
 
     @property

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from fmjax.data import sources, transforms
+from fmjax.data.text_ops import tokenize_texts
 from fmjax.evals import generation as gen_lib
 from fmjax.evals.images import image_grid, save_png
 from fmjax.errors import ConfigError, NonFiniteError
@@ -49,17 +50,6 @@ def parse_prompts(prompts) -> list[str]:
     if isinstance(prompts, str):
         prompts = prompts.split(";")
     return [p.strip() for p in prompts if p and p.strip()]
-
-
-def tokenize_prompts(config, prompts) -> np.ndarray:
-    """int32 [N, L] tokens of ``prompts`` with the config's ``data.tokenize`` settings
-    (context length defaulting to the text tower's)."""
-    kw = dict(config.data.get("tokenize", None) or {})
-    text = config.objective.get("text", None) or {}
-    if "context_length" not in kw and "context_length" in text:
-        kw["context_length"] = text["context_length"]
-    tok = transforms.tokenize(**kw)
-    return np.asarray(tok.tokenizer(list(prompts), tok.context_length), np.int32)
 
 
 def _default_prompts(config, n: int = 8) -> list[str]:
@@ -241,7 +231,7 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
     elif objective.conditioning == "text":
         groups = [(f"prompt_{i:02d}_{_slug(p)}", p) for i, p in enumerate(prompt_list)]
         draws = int(rerank_from) if rerank_workdir is not None else num_per_class
-        cond = {"tokens": np.repeat(tokenize_prompts(config, prompt_list), draws, axis=0)}
+        cond = {"tokens": np.repeat(tokenize_texts(config, prompt_list), draws, axis=0)}
         all_name = "all_prompts"
     else:
         groups, cond, all_name = [], None, "samples"
@@ -326,20 +316,14 @@ def clip_scores(workdir: str, images: np.ndarray, prompts: list, devices=None) -
     tf = transforms.parse(config.data.pp_eval)  # its tokenize op reads a (placeholder) caption
     r = np.random.default_rng(0)
     x = np.stack([np.asarray(tf({"image": img, "label": 0, "caption": "x"}, r)["image"]) for img in images])
-    ids = tokenize_prompts(config, prompts)
+    ids = tokenize_texts(config, prompts)
     bs = gen_lib.padded_batch_size(min(len(x), 256), mesh)
     sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
     img_fn = jax.jit(lambda p, e, a: objective.features(p, e, a), out_shardings=sharding)
     txt_fn = jax.jit(lambda p, e, t: objective.text_features(p, e, t), out_shardings=sharding)
-    img_emb, txt_emb = [], []
-    with gen_lib.scope(mesh, rules):
-        for start in range(0, len(x), bs):
-            img_emb.append(gen_lib._fetch(img_fn(state.params, state.extra,
-                                                 gen_lib._put(gen_lib._chunk(x, start, bs), sharding))))
-            txt_emb.append(gen_lib._fetch(txt_fn(state.params, state.extra,
-                                                 gen_lib._put(gen_lib._chunk(ids, start, bs), sharding))))
-    a = np.concatenate(img_emb)[:len(x)].astype(np.float32)
-    b = np.concatenate(txt_emb)[:len(x)].astype(np.float32)
+    a = gen_lib.map_batches(lambda b: img_fn(state.params, state.extra, b), x, bs, sharding, mesh, rules)
+    b = gen_lib.map_batches(lambda b: txt_fn(state.params, state.extra, b), ids, bs, sharding, mesh, rules)
+    a, b = a.astype(np.float32), b.astype(np.float32)
     a /= np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
     b /= np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
     return (a * b).sum(-1)

@@ -150,7 +150,8 @@ def test_tiny_training_run_writes_samples(tiny_config, tmp_path):
 
 def test_text_conditional_sampling(default_config):
     """Prompts tokenized with the config's ``data.tokenize`` condition the samples (8 devices)."""
-    from fmjax.train.sample import parse_prompts, tokenize_prompts
+    from fmjax.data.text_ops import tokenize_texts
+    from fmjax.train.sample import parse_prompts
     config = default_config("diffusion", "text")
     config.model.update(dict(width=16, depth=1, num_heads=2, mlp_dim=32))
     config.objective.text.update(dict(width=16, depth=1, num_heads=2, mlp_dim=32, embed_dim=16))
@@ -161,7 +162,7 @@ def test_text_conditional_sampling(default_config):
     params = _perturb(params)
     prompts = parse_prompts(" a red circle ; a blue square;")
     assert prompts == ["a red circle", "a blue square"]
-    tokens = tokenize_prompts(config, prompts)
+    tokens = tokenize_texts(config, prompts)
     assert tokens.shape == (2, config.data.tokenize.context_length) and tokens.dtype == np.int32
     g = gen_lib.Generator(objective, make_mesh(config.mesh), get_rules(config.sharding), 8, num_steps=2)
     images = g(params, {"ema": params}, {"tokens": np.repeat(tokens, 4, axis=0)}, seed=0)
