@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile = (0, 0)
     c.peak_tflops = 0.0
     c.compile_cache_dir = "~/.cache/fmjax/jax_cache"
+    # A recipe's own XLA flags ("--xla_NAME=VALUE ..."), added to XLA_FLAGS by launch/train.py and
+    # launch/benchmark.py before the backend starts (fmjax.train.observe.apply_xla_flags).
+    c.xla_flags = ""
     c.writers = ("jsonl", "tensorboard")  # + 'wandb' (pip install wandb; WANDB_MODE=offline works offline)
     c.wandb_project = "fmjax"
     c.model = ml_collections.ConfigDict()
@@ -32,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="fmjax_shapes/64", data_dir=ml_collections.config_dict.placeholder(str), train_split="train", image_size=64,
         normalization="imagenet", worker_count=0, pp_train="", pp_eval="",
+        read_threads=4,        # grain threads reading + transforming examples in each process
         skip_bad_examples=0,   # up to N unreadable examples skipped with a warning (0: stop at the first)
         order="per_process"))  # 'global': one shuffled stream, resumable on any process count (fmjax/data/elastic.py)
     c.optimizer = ml_collections.ConfigDict(dict(

@@ -212,6 +212,8 @@ def main(argv):
         from fmjax.cli import _fail
         _fail(str(e))
     from fmjax.train.errors import run_with_clean_errors
+    from fmjax.train.observe import apply_xla_flags
+    run_with_clean_errors(apply_xla_flags, FLAGS.config)  # the recipe's XLA flags, before the backend starts
     run_with_clean_errors(run)
 
 

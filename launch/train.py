@@ -24,12 +24,13 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress line
+    from fmjax.train.errors import run_with_clean_errors
+    config = FLAGS.config
+    from fmjax.train.observe import apply_xla_flags, enable_compile_cache
+    run_with_clean_errors(apply_xla_flags, config)  # before anything starts the XLA backend
     from fmjax.parallel.mesh import maybe_initialize_distributed
     maybe_initialize_distributed()
-    from fmjax.train.errors import run_with_clean_errors
     from fmjax.train.loop import train_and_evaluate
-    config = FLAGS.config
-    from fmjax.train.observe import enable_compile_cache
     enable_compile_cache(config)  # re-runs and resumes load the compiled step
     from fmjax.cli import config_path
     workdir = FLAGS.workdir or os.path.join(

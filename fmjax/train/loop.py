@@ -182,6 +182,7 @@ def _train(config, workdir: str, run: dict) -> dict:
         data_iter = elastic.make_train_iterator(
             run["source"], order=config.data.get("order", "per_process"), global_batch_size=config.batch_size, transform=run["transform"],
             seed=config.seed, worker_count=config.data.get("worker_count", 0),
+            read_threads=int(config.data.get("read_threads", 4)),
             example_shapes={k: v.shape[1:] for k, v in spec.items()})
         def fresh_state():  # the fresh init with config.model_init's weights put in
             return restore_lib.fresh_state(config, objective, tx, spec, mesh, rules, shardings, log=log)

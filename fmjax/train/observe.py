@@ -146,6 +146,36 @@ class Profiler:
             self.active = False
 
 
+def apply_xla_flags(config) -> str:
+    """Adds ``config.xla_flags`` (a recipe's own XLA flags, e.g. the diffusion ``cpu`` preset's
+    YNNPACK reduce fusion, 1.8x faster U-Net steps on a CPU) to ``XLA_FLAGS`` for the backend
+    this process is about to start; returns the flags added. A flag whose name ``XLA_FLAGS``
+    already sets is left to the environment (the user's choice wins). Once the XLA backend runs
+    in this process (e.g. a test calling the loop in-process) they cannot take effect any more:
+    a warning says so and nothing changes. A malformed value is a ConfigError."""
+    import os
+    import sys
+    from fmjax.errors import ConfigError
+    flags = str(config.get("xla_flags", "") or "").split()
+    if not flags:
+        return ""
+    bad = [f for f in flags if not (f.startswith("--xla_") and "=" in f)]
+    if bad:
+        raise ConfigError(f"config.xla_flags: {bad} are not XLA flags; write each as --xla_NAME=VALUE, "
+                          "separated by spaces.")
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        print(f"fmjax: warning: config.xla_flags {' '.join(flags)} not applied: the XLA backend "
+              "already runs in this process (set XLA_FLAGS before it starts).", file=sys.stderr, flush=True)
+        return ""
+    current = os.environ.get("XLA_FLAGS", "")
+    have = {f.split("=")[0] for f in current.split()}
+    added = [f for f in flags if f.split("=")[0] not in have]
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join(current.split() + added)
+    return " ".join(added)
+
+
 def enable_compile_cache(config) -> str:
     """Turns on jax's persistent compilation cache at ``config.compile_cache_dir`` (``~``
     expanded; a ``gs://`` path works through etils.epath); returns the directory, '' if off.

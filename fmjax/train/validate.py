@@ -62,6 +62,10 @@ def check(config, objective, mesh, evals: bool = True) -> None:
             f"use an image size that is a multiple of {patch} (e.g. {size // patch * patch or patch}).")
     if callable(getattr(objective, "check", None)):
         objective.check(config)   # method-specific settings (e.g. the text tower's vocabulary)
+    for key, least in (("worker_count", 0), ("read_threads", 1)):
+        v = config.data.get(key, least)
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise ConfigError(f"config.data.{key}={v!r} must be an int >= {least}.")
     for key in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         if int(config.get(key, 1)) <= 0:
             raise ConfigError(f"{key} must be positive, got {config.get(key)}"

@@ -250,6 +250,8 @@ def test_9_eval_of_a_nan_checkpoint_is_an_error_naming_the_step(copy_of):
     ("--config.optimizer.name=adamx", ["Unknown optimizer 'adamx'", "'adamw'"]),
     ("--config.optimizer.decay=cosin", ["config.optimizer.decay='cosin'", "'cosine'"]),
     ("--config.nonfinite=ignore", ["config.nonfinite='ignore'", "skip_step"]),
+    ("--config.data.read_threads=0", ["config.data.read_threads=0 must be an int >= 1"]),
+    ("--config.data.worker_count=-1", ["config.data.worker_count=-1 must be an int >= 0"]),
 ])
 def test_3_10_bad_values_fail_before_anything_is_written(override, expected, shapes_data_dir, tmp_path):
     wd = tmp_path / "wd"

@@ -93,3 +93,27 @@ def test_launcher_turns_the_compile_cache_on(shapes_data_dir, tmp_path):
     proc = testing.run_cli("train", *args, env={"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any("step_fn" in f for f in os.listdir(cache)), os.listdir(cache)
+
+
+def test_xla_flags_join_the_environment_before_the_backend(monkeypatch, capsys):
+    """config.xla_flags: appended to XLA_FLAGS when no backend runs yet, a flag the environment
+    already names is left to it, malformed values are one ConfigError, and once the backend runs
+    (as here, in-process) a warning says the flags were not applied."""
+    from jax._src import xla_bridge
+    cfg = types.SimpleNamespace(get=lambda k, d=None: {"xla_flags": flags}.get(k, d))
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_cpu_enable_fast_math=false")
+    flags = "--xla_cpu_experimental_ynn_fusion_type=reduce  --xla_cpu_enable_fast_math=true"
+    assert observe.apply_xla_flags(cfg) == "--xla_cpu_experimental_ynn_fusion_type=reduce"
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 --xla_cpu_enable_fast_math=false "
+                                       "--xla_cpu_experimental_ynn_fusion_type=reduce")
+    flags = ""
+    assert observe.apply_xla_flags(cfg) == ""
+    for flags in ("xla_cpu_enable_fast_math=true", "--xla_cpu_enable_fast_math", "-O3"):
+        with pytest.raises(ConfigError, match="are not XLA flags; write each as --xla_NAME=VALUE"):
+            observe.apply_xla_flags(cfg)
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    flags = "--xla_cpu_enable_fast_math=true"
+    before = os.environ["XLA_FLAGS"]
+    assert observe.apply_xla_flags(cfg) == "" and os.environ["XLA_FLAGS"] == before
+    assert "not applied: the XLA backend already runs" in capsys.readouterr().err
