@@ -275,7 +275,7 @@ def prepare_config(config):
         return config
     from fmjax.models.registry import model_class
     name = config.model.get("name")
-    fields = getattr(model_class(name), "__dataclass_fields__", {})
+    fields = getattr(model_class(name), "__dataclass_fields__", {})  # an unknown name: its ValueError
     image = config.model.get("image", None) if "image" in fields else None
     holder, holder_fields = (name, fields) if not image else (
         f"{name}'s image tower {image.get('name')!r}", _model_fields(image.get("name")))

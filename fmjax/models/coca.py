@@ -48,8 +48,8 @@ from fmjax.models.text import causal_mask
 
 Dtype = Any
 
+POOLER_TYPES = ("tok", "parallel", "cascade")  # CoCa.pooler_type
 # CoCa variant -> CLIP variant and the multimodal decoder's depth / heads (open_clip configs).
-POOLER_TYPES = ("tok", "parallel", "cascade")
 COCA_PRESETS = {
     "B/32": ("B/32", 12, 8),   # open_clip coca_ViT-B-32
     "L/14": ("L/14", 12, 12),  # open_clip coca_ViT-L-14
