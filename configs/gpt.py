@@ -26,6 +26,11 @@ pack_length=128; 192 captions = 32 rows per step, 500 steps):
 Weights of transformers' GPT-2 load with --config.model_init.torch=DIR/model.safetensors
 --config.model_init.format=hf_gpt2 and a matching config.model (fmjax.interop.hf_gpt2.
 decoder_kwargs_from_hf_config), with the 'gpt2_bpe' tokenizer on the same vocab.json/merges.txt.
+A nanoGPT ckpt.pt loads with --config.model_init.format=nanogpt (config.model from its model_args:
+fmjax.interop.hf_gpt2.decoder_kwargs_from_nanogpt). nanoGPT's step (its reference for the LM's
+trajectory test, tests/reference/test_lm_trajectory.py): --config.optimizer.warmup_mode=nanogpt
+--config.optimizer.wd_groups=nanogpt --config.optimizer.clip_eps=1e-6 --config.optimizer.b2=0.95
+--config.optimizer.min_lr=<lr / 10>.
 """
 from configs import common
 

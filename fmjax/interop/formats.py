@@ -26,6 +26,7 @@ FORMATS: dict[str, tuple[str, bool]] = {
     "timm_vit": ("formats:_timm_vit", False),
     "timm_mae": ("formats:_timm_mae", False),
     "hf_gpt2": ("hf_gpt2:convert_hf_gpt2", True),
+    "nanogpt": ("hf_gpt2:convert_nanogpt", False),
     "hf_sam": ("hf_sam:convert_hf_sam", True),
     "open_clip_coca": ("open_clip_coca:convert_for_model_init", False),
     "blip": ("blip:convert_for_model_init", False),

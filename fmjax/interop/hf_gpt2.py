@@ -108,3 +108,45 @@ def convert_hf_gpt2(state_dict: Mapping[str, Any], hf_config) -> Params:
     params["norm"] = _ln(r, "ln_f")
     r.finish(ignore=(r"h\.\d+\.(attn|crossattention)\.(bias|masked_bias)",))
     return params
+
+
+# -- karpathy/nanoGPT ---------------------------------------------------------------------------
+# nanoGPT's ``GPT`` (model.py) has GPT-2's module names under ``transformer.`` but ``nn.Linear``
+# projections, (out, in): transposed, they are the ``Conv1D`` layout above. Its MLP uses the
+# exact GELU (``nn.GELU()``), not GPT-2's tanh approximation: ``activation='gelu'``.
+_NANOGPT_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def decoder_kwargs_from_nanogpt(model_args: Mapping[str, Any]) -> Dict[str, Any]:
+    """A nanoGPT checkpoint's ``model_args`` (``GPTConfig`` fields) -> ``Decoder`` kwargs."""
+    if not model_args.get("bias", True):
+        raise ValueError("nanoGPT bias=False (LayerNorms and Linears without biases) is not supported; "
+                         "fmjax's Decoder has biases.")
+    width = int(model_args["n_embd"])
+    return dict(vocab_size=int(model_args["vocab_size"]), max_length=int(model_args["block_size"]),
+                width=width, depth=int(model_args["n_layer"]), num_heads=int(model_args["n_head"]),
+                mlp_dim=4 * width, position="learned", tie_embeddings=True, activation="gelu",
+                layernorm_eps=1e-5)
+
+
+def convert_nanogpt(state_dict: Mapping[str, Any], model_config) -> Params:
+    """A nanoGPT ``GPT`` state dict (``ckpt.pt``'s ``model``; the ``_orig_mod.`` prefix that
+    ``torch.compile`` adds is stripped, as nanoGPT's own loader does) -> ``Decoder`` params.
+    ``model_config``: ``config.model`` (its ``num_heads``)."""
+    sd = {}
+    for k, v in state_dict.items():
+        k = k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k
+        v = _to_numpy(v)
+        if k.endswith(".weight") and k[:-len(".weight")].split(".", 3)[-1] in _NANOGPT_LINEARS:
+            v = v.T
+        sd[k] = v
+    if not any(k.endswith("ln_f.bias") for k in sd):
+        raise KeyError("no transformer.ln_f.bias: a nanoGPT model with bias=False, which fmjax's Decoder "
+                       "does not support")
+    wte = sd.get("transformer.wte.weight")
+    if wte is None:
+        raise KeyError("transformer.wte.weight missing: not a nanoGPT GPT state dict")
+    width = wte.shape[1]
+    depth = len({k.split(".")[2] for k in sd if k.startswith("transformer.h.")})
+    heads = int(_cfg(model_config, "num_heads"))
+    return convert_hf_gpt2(sd, dict(n_head=heads, n_embd=width, n_layer=depth, tie_word_embeddings=True))

@@ -68,6 +68,9 @@ NO_DECAY_PRESETS = {
     # microsoft/Cream TinyViT optimizer.py set_weight_decay with TinyViT's
     # no_weight_decay_keywords() = {attention_biases}: the BatchNorm / LayerNorm scales are 1-D.
     "tinyvit": (r"attention_biases$",),
+    # karpathy/nanoGPT model.py configure_optimizers: every param with >= 2 dims decays (token
+    # and position embeddings included), biases and LayerNorm params do not.
+    "nanogpt": (),
     # big_vision: weight decay only on kernels (wd_mults default '.*/kernel$').
     "big_vision": (r"^(?!.*(^|/)kernel$)",),
 }
@@ -180,8 +183,11 @@ def _make_step_schedule(opt: Mapping[str, Any], total_steps: int, global_batch: 
         ramp = lambda s: peak * jnp.minimum(s, warmup - 1) / max(warmup - 1, 1)
     elif mode == "plus_one":  # open_clip's _warmup_lr: peak * (s + 1) / W (never 0)
         ramp = lambda s: peak * (jnp.minimum(s, warmup - 1) + 1) / warmup
+    elif mode == "nanogpt":  # nanoGPT train.py get_lr: peak * (s + 1) / (W + 1) (never 0 or the peak)
+        ramp = lambda s: peak * (jnp.minimum(s, warmup - 1) + 1) / (warmup + 1)
     else:
-        raise ValueError(f"config.optimizer.warmup_mode={mode!r}; valid: 'linear', 'linspace', 'plus_one'.")
+        raise ValueError(f"config.optimizer.warmup_mode={mode!r}; valid: 'linear', 'linspace', 'plus_one', "
+                         "'nanogpt'.")
     return optax.join_schedules([ramp, after], [warmup])
 
 

@@ -76,6 +76,18 @@ def test_linspace_warmup_is_dinos():
         opt_lib.make_schedule(dict(opt, warmup_mode="exp"), 15, 8)
 
 
+def test_nanogpt_warmup_and_cosine_are_get_lrs():
+    """nanoGPT's get_lr: peak * (s + 1) / (W + 1) while s < W, then the cosine to min_lr."""
+    opt = dict(lr=6e-4, warmup_steps=4, warmup_mode="nanogpt", decay="cosine", min_lr=6e-5)
+    sched = opt_lib.make_schedule(opt, total_steps=12, global_batch=8)
+
+    def get_lr(it, lr=6e-4, w=4, decay_iters=12, min_lr=6e-5):
+        if it < w:
+            return lr * (it + 1) / (w + 1)
+        return min_lr + 0.5 * (1.0 + np.cos(np.pi * (it - w) / (decay_iters - w))) * (lr - min_lr)
+    np.testing.assert_allclose([float(sched(s)) for s in range(13)], [get_lr(s) for s in range(13)], rtol=1e-6)
+
+
 def test_per_param_clip_can_fuse_qkv():
     g = {"attn": {"query": {"kernel": jnp.full((2, 2), 3.0)}, "key": {"kernel": jnp.full((2, 2), 4.0)},
                   "value": {"kernel": jnp.zeros((2, 2))}}, "w": jnp.full((2,), 0.1)}
