@@ -27,7 +27,9 @@ def main(argv):
     from fmjax.train.errors import run_with_clean_errors
     config = FLAGS.config
     from fmjax.train.observe import apply_xla_flags, enable_compile_cache
-    run_with_clean_errors(apply_xla_flags, config)  # before anything starts the XLA backend
+    added = run_with_clean_errors(apply_xla_flags, config)  # before anything starts the XLA backend
+    if added:
+        print(f"== XLA flags from config.xla_flags: {added}", flush=True)
     from fmjax.parallel.mesh import maybe_initialize_distributed
     maybe_initialize_distributed()
     from fmjax.train.loop import train_and_evaluate
