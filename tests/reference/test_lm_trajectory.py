@@ -252,10 +252,12 @@ def test_lm_matches_nanogpt_training(runs):
     assert r["losses"][-1] < r["losses"][0] - 0.5                     # it trains
     assert (r["norms"] > CLIP).any() and (r["norms"] < CLIP).any()   # the clip acts on some steps only
     np.testing.assert_allclose(losses, r["losses"], rtol=1e-5, atol=1e-6, err_msg="loss per step")
-    # Params: fmjax is at most as far from the float64 trajectory (the same transcription rerun
-    # in float64 from the same weights) as nanoGPT's own float32 run is, plus rtol 1e-5 / atol 1e-6.
-    # (The CLIP test's bound, |fm - ref32| <= tol + 4 |ref32 - ref64| for all but 10 elements, is
-    # looser here: at this lr ~10 of the 110k elements move by ~1e-6 from float32 rounding alone.)
+    # Params: within rtol 1e-5 / atol 1e-6 of the float64 trajectory (the same transcription rerun
+    # in float64 from the same weights), widened per element by the float32 reference's own
+    # distance to it, x4 as the CLIP test allows for another host's kernels (measured here: fmjax
+    # at most 1.5 tol from float64 where nanoGPT's float32 run is 2.9 tol away). The CLIP test's
+    # "all but 10 elements within rtol of ref32" does not fit this lr: ~11 of the 110k elements
+    # move by ~1e-6 from float32 rounding alone, fmjax closer to float64 than the reference there.
     fm, r32, r64 = (clip_t._flat(t) for t in (final, r["final"], ref["ref64"]["final"]))
     assert fm.keys() == r32.keys() == r64.keys()
     beyond = 0
@@ -263,7 +265,7 @@ def test_lm_matches_nanogpt_training(runs):
         if clip_t.NOISE_ONLY.search(k):  # attention key biases: a gradient of exactly 0 (softmax)
             continue
         tol = 1e-6 + 1e-5 * np.abs(r64[k])
-        bad = np.abs(fm[k] - r64[k]) > tol + np.abs(r32[k] - r64[k])
+        bad = np.abs(fm[k] - r64[k]) > tol + 4 * np.abs(r32[k] - r64[k])
         assert not bad.any(), (k, fm[k][bad], r32[k][bad], r64[k][bad])
         beyond += int((np.abs(fm[k] - r32[k]) > 1e-6 + 1e-5 * np.abs(r32[k])).sum())
     print(f"\nLM vs nanoGPT: max loss rel err {np.max(np.abs(losses / r['losses'] - 1)):.1e}; "
