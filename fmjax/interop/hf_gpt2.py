@@ -122,11 +122,10 @@ def decoder_kwargs_from_nanogpt(model_args: Mapping[str, Any]) -> Dict[str, Any]
     if not model_args.get("bias", True):
         raise ValueError("nanoGPT bias=False (LayerNorms and Linears without biases) is not supported; "
                          "fmjax's Decoder has biases.")
-    width = int(model_args["n_embd"])
-    return dict(vocab_size=int(model_args["vocab_size"]), max_length=int(model_args["block_size"]),
-                width=width, depth=int(model_args["n_layer"]), num_heads=int(model_args["n_head"]),
-                mlp_dim=4 * width, position="learned", tie_embeddings=True, activation="gelu",
-                layernorm_eps=1e-5)
+    return decoder_kwargs_from_hf_config(dict(  # GPT-2's config under GPT2Config's names
+        vocab_size=model_args["vocab_size"], n_positions=model_args["block_size"],
+        n_embd=model_args["n_embd"], n_layer=model_args["n_layer"], n_head=model_args["n_head"],
+        activation_function="gelu"))
 
 
 def convert_nanogpt(state_dict: Mapping[str, Any], model_config) -> Params:
