@@ -35,10 +35,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fmjax.data.transforms import normalize
 from fmjax.errors import ConfigError
 from fmjax.evals import common, registry
-from fmjax.evals.images import image_grid
+from fmjax.evals.images import image_grid, model_inputs_to_display
 from fmjax.models.sam import amg
 
 DEFAULTS = dict(points_per_side=16, points_per_batch=64, pred_iou_thresh=0.3, stability_score_thresh=0.5,
@@ -147,10 +146,4 @@ class AmgRecallEvaluator(common.Evaluator):
 
     def _display(self, image) -> np.ndarray:
         """uint8 (H, W, 3) of a model input: the pipeline's ``normalize`` undone (else min-max)."""
-        x = np.asarray(image, np.float32)[..., :3]
-        norm = next((t for t in getattr(self.transform, "transforms", []) if isinstance(t, normalize)), None)
-        if norm is not None:
-            x = x * np.asarray(norm.std, np.float32) + np.asarray(norm.mean, np.float32)
-        else:
-            x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
-        return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+        return np.round(model_inputs_to_display(self.transform, image) * 255).astype(np.uint8)

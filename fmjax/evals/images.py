@@ -187,3 +187,16 @@ class ImagesEvaluator(common.Evaluator):
         for pic_name, pic in pics.items():
             writer.write_image(step, f"{self.name}_{pic_name}", np.asarray(pic))
         return {}
+
+
+def model_inputs_to_display(transform, images) -> np.ndarray:
+    """float [0, 1] (..., H, W, 3) of model inputs: the eval pipeline's ``normalize`` undone
+    (else min-max scaled), for pictures."""
+    from fmjax.data.transforms import normalize
+    x = np.asarray(images, np.float32)[..., :3]
+    norm = next((t for t in getattr(transform, "transforms", []) if isinstance(t, normalize)), None)
+    if norm is not None:
+        x = x * np.asarray(norm.std, np.float32) + np.asarray(norm.mean, np.float32)
+    else:
+        x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
+    return np.clip(x, 0, 1)

@@ -28,6 +28,7 @@ FORMATS: dict[str, tuple[str, bool]] = {
     "hf_gpt2": ("hf_gpt2:convert_hf_gpt2", True),
     "nanogpt": ("hf_gpt2:convert_nanogpt", False),
     "hf_sam": ("hf_sam:convert_hf_sam", True),
+    "hf_owlvit": ("hf_owlvit:convert_hf_owlvit", True),
     "open_clip_coca": ("open_clip_coca:convert_for_model_init", False),
     "blip": ("blip:convert_for_model_init", False),
     "hf_blip": ("hf_blip:convert_hf_blip", True),

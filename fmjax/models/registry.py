@@ -43,6 +43,8 @@ CAPABILITIES = {
                  "encode(images01) -> [B, h, w, vocab_size] logits; decode(z) -> pixels",
     "promptable_masks": "SAM-style: encode_image(images) -> [B, h, w, C]; predict(embeddings, points, "
                         "labels, boxes, masks) -> (mask logits [B, P, M, 4h, 4w], iou [B, P, M])",
+    "open_vocab_detection": "OWL-ViT-style: encode_queries(tokens) -> [Q, E]; detect(images, query_embeds) "
+                            "-> {'logits': [B, N, Q], 'boxes': [B, N, 4] cxcywh in [0, 1], ...}",
     "captioning": "image_tokens(images) -> [B, S, D]; caption_logits_from(image_tokens, tokens) -> "
                   "[B, L, vocab] next-token logits (CoCa)",
     "image_text_matching": "match_probability(images, tokens) -> [B] P(image i matches caption i) "
@@ -69,6 +71,7 @@ _BUILTIN = {
     "tinyvit": ("fmjax.models.tinyvit:TinyViT", "fmjax.models.tinyvit:tinyvit_kwargs"),
     "resnet": ("fmjax.models.resnet:ResNet", "fmjax.models.resnet:resnet_kwargs"),
     "sam": ("fmjax.models.sam:SAM", "fmjax.models.sam:sam_kwargs"),
+    "owl": ("fmjax.models.owl:OWLViT", None),
     "decoder": ("fmjax.models.decoder:Decoder", "fmjax.models.decoder:decoder_kwargs"),
     "flamingo": ("fmjax.models.flamingo:Flamingo", None),
     "dalle": ("fmjax.models.dalle:DalleTransformer", "fmjax.models.dalle:dalle_kwargs"),

@@ -156,7 +156,13 @@ def to_model_frame(xy: np.ndarray, hw, size: int) -> np.ndarray:
     return (xy + 0.5) * scale - 0.5
 
 
+_PREDICT_FNS: dict = {}   # id(model) -> (model, jitted prompt -> masks): compiled once per model
+
+
 def _make_predict(model):
+    if id(model) in _PREDICT_FNS and _PREDICT_FNS[id(model)][0] is model:
+        return _PREDICT_FNS[id(model)][1]
+
     def run(params, emb, points, labels, boxes, multimask, output_size):
         logits, iou = model.apply({"params": params}, emb, points, labels, boxes, None, multimask,
                                   method=model.predict)
@@ -164,7 +170,8 @@ def _make_predict(model):
         logits = jax.image.resize(logits.astype(jnp.float32), (b, p, m) + tuple(output_size), "bilinear")
         masks = logits > 0.0
         return (masks, iou.astype(jnp.float32), amg.stability_score(logits), amg.masks_to_boxes(masks))
-    return jax.jit(run, static_argnums=(5, 6))
+    _PREDICT_FNS[id(model)] = (model, jax.jit(run, static_argnums=(5, 6)))
+    return _PREDICT_FNS[id(model)][1]
 
 
 def predict_prompts(model, params, emb, slots: int, hw, points=None, labels=None, boxes=None) -> list:

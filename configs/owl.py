@@ -1,0 +1,53 @@
+"""OWL-ViT: open-vocabulary detection on a CLIP (fmjax/objectives/owl.py, fmjax/models/owl.py),
+trained on the bundled shapes' instances (boxes from their masks) with "a <colour> <shape>."
+phrases; the held-out (shape, colour) combinations are never a training class.
+
+From a CLIP workdir (the detector's CLIP is configs/clip.py's default model; OWL-ViT starts
+from a contrastively trained CLIP):
+    python launch/train.py --config=configs/clip.py --workdir=/tmp/clip
+    python launch/train.py --config=configs/owl.py --workdir=/tmp/owl --config.model_init.workdir=/tmp/clip
+Without --config.model_init.workdir the CLIP starts random (the same command, from scratch).
+  Evals (fmjax/evals/box_ap.py, 512 images each): eval/box_ap50 (COCO-style AP at IoU 0.5 over
+  the phrases, all 64 of them as the vocabulary, on validation: seen combinations) and
+  eval/box_heldout_ap50 / _unseen_ap50 (the heldout split, whose main objects are the unseen
+  combinations; _unseen_ap50 is their AP alone); _compositional_acc (an instance's phrase
+  outscores the phrase with its colour swapped for another instance's colour: ARO-style);
+  _grounding_acc (the top box of an instance's phrase covers it at IoU 0.5). With
+  --config.evals.box.sam_workdir=SAM_DIR (a configs/sam.py run) also _grounded_miou: the mask
+  SAM makes from the top box of each instance's phrase, against the instance's mask.
+  Text-prompted masks: python launch/segment.py --workdir=SAM_DIR --detector_workdir=/tmp/owl
+  --image=PATH --prompt='a red circle'.
+"""
+from configs import common
+from configs.clip import get_config as clip_config
+
+
+def get_config(arg: str = "default"):
+    from fmjax.data import shapes
+    c = common.base_config()
+    c.objective.name = "owl"
+    c.objective.update(dict(
+        color_names=tuple(shapes.COLOR_NAMES), shape_names=tuple(shapes.CLASS_NAMES),
+        template="a {color} {shape}.", exclude=tuple(tuple(p) for p in sorted(shapes.HELDOUT_COMBOS)),
+        class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25))
+    if arg not in ("default", "cpu"):
+        raise ValueError(f"Unknown configs/owl.py preset {arg!r}; valid: default, cpu.")
+    clip = clip_config("default")
+    c.model = dict(name="owl", clip={k: v for k, v in clip.model.items() if k != "name"})
+    c.model_init = dict(workdir="", mapping={"params": "clip"})
+    c.batch_size = 64
+    c.total_steps = 1500 if arg == "default" else 4000
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.optimizer.update(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.999, weight_decay=0.05,
+                            warmup_steps=100, clip_norm=1.0))
+    c.data.name = "fmjax_shapes/32"
+    c.data.image_size = 32
+    c.data.tokenize = dict(clip.data.tokenize)
+    keep = "keep('image', 'masks', 'num_objects', 'colors', 'shapes')"
+    c.data.pp_train = f"flip_lr(keys=('image', 'masks'))|normalize('clip')|{keep}"
+    c.data.pp_eval = f"normalize('clip')|{keep}"
+    box = dict(type="box_ap", split="validation", examples=512, sam_workdir="")
+    c.evals = dict(box=box, box_heldout=dict(box, split="heldout"))
+    return c

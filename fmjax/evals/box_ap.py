@@ -1,0 +1,261 @@
+"""The ``box_ap`` eval type: open-vocabulary detection (the ``owl`` objective's ``detector()``
+hook, ``fmjax/objectives/owl.py``) on a split with instance masks and attributes.
+
+The vocabulary is every (shape, colour) phrase of the objective, the ones its training left out
+(``objective.exclude``) included; the text tower embeds it once per eval. Ground truth: the
+first ``num_objects`` instances with a visible mask, their boxes the masks' bounds, their phrase
+from ``shapes`` / ``colors``. Predictions: every patch x phrase with its sigmoid score, the
+``max_detections`` (default 100) highest of each image, no NMS (set prediction: duplicates are
+false positives, as DETR / OWL-ViT are scored). Logged:
+
+  ap50            COCO-style AP at IoU ``match_iou`` (default 0.5; 101-point interpolated
+                  precision; detections greedily matched by score) averaged over the phrases
+                  that have ground truth in the split
+  unseen_ap50     the same over the left-out phrases only (when the split has any: the
+                  shapes' ``heldout`` split)
+  compositional_acc  ARO-style binding: over pairs of instances (A, B) of one image that differ
+                  in shape and colour, where no instance has A's shape in B's colour, how often
+                  A's phrase scores higher (best patch) than the phrase with A's shape and B's
+                  colour
+  grounding_acc   over instances whose phrase is unique in their image: the top box of their
+                  phrase covers them at IoU >= ``match_iou``
+  grounded_miou   with ``sam_workdir`` (a configs/sam.py run): the mean IoU of the mask SAM makes
+                  from that top box with the instance's mask (Grounded-SAM;
+                  ``fmjax/train/grounding.py``), and grounded_iou@0.5 the fraction at IoU >= 0.5
+  instances       ground-truth instances scored
+
+``pictures`` (default 8; 0: none) writes ``DIR/images/<name>_boxes_<step>.png``: per image the
+ground-truth boxes, then the top box of each instance's phrase (and, with ``sam_workdir``, its
+mask), in the instance's colour.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax.errors import ConfigError
+from fmjax.evals import common, registry
+from fmjax.evals.images import image_grid, model_inputs_to_display
+
+DEFAULTS = dict(max_detections=100, match_iou=0.5, pictures=8, sam_workdir="")
+REQUIRED_KEYS = ("masks", "num_objects", "shapes", "colors")
+
+
+def box_iou(a, b) -> np.ndarray:
+    """(N, 4), (M, 4) xyxy -> (N, M) IoU."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), -1)
+    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), -1)  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-12)
+
+
+def average_precision(scores, tps, num_gt: int) -> float:
+    """COCO's 101-point interpolated AP of detections (``scores``, ``tps`` True for a match)
+    against ``num_gt`` ground-truth boxes."""
+    if num_gt == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    tp = np.asarray(tps, bool)[order]
+    ctp, cfp = np.cumsum(tp), np.cumsum(~tp)
+    recall = ctp / num_gt
+    precision = ctp / np.maximum(ctp + cfp, 1)
+    precision = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
+    points = np.linspace(0, 1, 101)
+    idx = np.searchsorted(recall, points, side="left")
+    return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
+
+
+def match_detections(det_boxes, det_scores, gt_boxes, iou_thresh: float) -> np.ndarray:
+    """Greedy by score: each detection is a true positive if it overlaps a not yet matched
+    ground-truth box at IoU >= ``iou_thresh`` (the best such one). Returns (D,) bool."""
+    tp = np.zeros(len(det_boxes), bool)
+    if not len(gt_boxes) or not len(det_boxes):
+        return tp
+    iou = box_iou(det_boxes, gt_boxes)
+    used = np.zeros(len(gt_boxes), bool)
+    for d in np.argsort(-np.asarray(det_scores), kind="stable"):
+        cand = np.where(used, -1.0, iou[d])
+        g = int(np.argmax(cand))
+        if cand[g] >= iou_thresh:
+            used[g], tp[d] = True, True
+    return tp
+
+
+def xyxy(cxcywh) -> np.ndarray:
+    c = np.asarray(cxcywh, np.float64)
+    return np.concatenate([c[..., :2] - c[..., 2:] / 2, c[..., :2] + c[..., 2:] / 2], -1)
+
+
+class _Tally:
+    """Per-phrase detections and counts, and the instance-level accuracies, over a split."""
+
+    def __init__(self, num_phrases: int, iou_thresh: float, max_det: int):
+        self.det = [([], []) for _ in range(num_phrases)]
+        self.num_gt = np.zeros(num_phrases, np.int64)
+        self.iou, self.max_det = iou_thresh, max_det
+        self.comp, self.ground, self.instances = [], [], 0
+
+    def add(self, scores, boxes, gt_boxes, gt_phrase, swaps):
+        """One image: scores (N, Q), boxes (N, 4) xyxy; its instances' boxes / phrase indices;
+        ``swaps`` [(true phrase, swapped phrase)]. Returns the top patch of each instance."""
+        n, q = scores.shape
+        flat = scores.ravel()
+        keep = np.argsort(-flat, kind="stable")[:self.max_det]
+        patch, phrase = np.unravel_index(keep, (n, q))
+        for p in np.unique(gt_phrase):
+            sel = phrase == p
+            gts = gt_boxes[gt_phrase == p]
+            self.num_gt[p] += len(gts)
+            tp = match_detections(boxes[patch[sel]], flat[keep[sel]], gts, self.iou)
+            self.det[p][0].extend(flat[keep[sel]].tolist())
+            self.det[p][1].extend(tp.tolist())
+        for p in np.setdiff1d(np.unique(phrase), gt_phrase):   # detections of absent phrases: false
+            sel = phrase == p
+            self.det[p][0].extend(flat[keep[sel]].tolist())
+            self.det[p][1].extend([False] * int(sel.sum()))
+        best = scores.max(0)
+        for true, swapped in swaps:
+            self.comp.append(best[true] > best[swapped])
+        top = scores[:, gt_phrase].argmax(0)                  # (K,) the top patch of each phrase
+        counts = {p: int((gt_phrase == p).sum()) for p in gt_phrase}
+        for k, p in enumerate(gt_phrase):
+            if counts[p] == 1:
+                self.ground.append(box_iou(boxes[top[k]], gt_boxes[k])[0, 0] >= self.iou)
+        self.instances += len(gt_phrase)
+        return top
+
+    def ap(self, phrases) -> float:
+        vals = [average_precision(*self.det[p], self.num_gt[p]) for p in phrases if self.num_gt[p] > 0]
+        return float(np.mean(vals)) if vals else float("nan")
+
+
+@registry.register("box_ap")
+class BoxAPEvaluator(common.Evaluator):
+    """See the module docstring."""
+
+    fields = tuple(DEFAULTS)
+    requires = {"detector": "open-vocabulary detector (the detector hook of the 'owl' objective)"}
+
+    @classmethod
+    def check_options(cls, where, ev, config, objective):
+        if "max_detections" in ev:
+            common.check_int(where, "max_detections", ev["max_detections"], 1)
+        if "pictures" in ev:
+            common.check_int(where, "pictures", ev["pictures"], 0, " (0: none)")
+        if "match_iou" in ev:
+            v = ev["match_iou"]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 1:
+                raise ConfigError(f"{where}.match_iou={v!r}; it must be a number in (0, 1].")
+        if ev.get("sam_workdir"):
+            common.check_str(where, "sam_workdir", ev["sam_workdir"])
+            from fmjax.train import files
+            if not files.isdir(files.resolve(ev["sam_workdir"])):
+                raise ConfigError(f"{where}.sam_workdir={ev['sam_workdir']!r}: no such directory; give a "
+                                  "workdir of launch/train.py --config=configs/sam.py (or '' for none).")
+
+    def option(self, key):
+        return self.ev.get(key, DEFAULTS[key])
+
+    def _setup(self):
+        if getattr(self, "_fns", None) is None:
+            model, self._params_of = self.ctx.objective.detector()
+            self._fns = (jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_queries)),
+                         jax.jit(lambda p, x, q: model.apply({"params": p}, x, q, method=model.detect)))
+            self._segmenter = None
+            if self.option("sam_workdir"):
+                from fmjax.train.grounding import Segmenter
+                self._segmenter = Segmenter(self.option("sam_workdir"), flag=f"{self.where}.sam_workdir")
+        return self._fns
+
+    def run(self, state, step, writer):
+        queries_fn, detect_fn = self._setup()
+        obj = self.ctx.objective
+        params = self._params_of(state.params, state.extra)
+        pairs = obj.vocabulary(include_excluded=True)
+        index = {p: i for i, p in enumerate(pairs)}
+        unseen = [index[p] for p in sorted(obj.exclude) if p in index]
+        tally = _Tally(len(pairs), float(self.option("match_iou")), int(self.option("max_detections")))
+        pictures, rows = int(self.option("pictures")), [[], [], []]
+        grounded = []
+        with self.ctx.scope():
+            q = queries_fn(params, jnp.asarray(obj.tokens(pairs)))
+            for batch, valid in self.batches():
+                missing = [k for k in REQUIRED_KEYS if k not in batch]
+                if missing:
+                    raise ConfigError(f"{self.where}: the eval pipeline ({self.pp_key}) gives no {missing}; "
+                                      "box_ap needs keep('image', 'masks', 'num_objects', 'shapes', 'colors').")
+                out = detect_fn(params, batch["image"], q)
+                scores = np.asarray(jax.nn.sigmoid(out["logits"]), np.float64)
+                boxes = xyxy(np.asarray(out["boxes"]))
+                gt_boxes_all = xyxy(np.asarray(obj.targets(batch)[0]))
+                masks = np.asarray(batch["masks"]) > 0
+                counts, shp, col = (np.asarray(batch[k]) for k in ("num_objects", "shapes", "colors"))
+                images = None
+                if self._segmenter is not None or (pictures and len(rows[0]) < pictures):
+                    images = self._display(np.asarray(batch["image"]))
+                for i in np.flatnonzero(np.asarray(valid)):
+                    ks = [k for k in range(int(counts[i])) if masks[i, k].any() and (shp[i, k], col[i, k]) in index]
+                    if not ks:
+                        continue
+                    phrase = np.array([index[(shp[i, k], col[i, k])] for k in ks])
+                    present = {(shp[i, k], col[i, k]) for k in ks}
+                    swaps = [(index[(shp[i, a], col[i, a])], index[(shp[i, a], col[i, b])])
+                             for a in ks for b in ks
+                             if shp[i, a] != shp[i, b] and col[i, a] != col[i, b]
+                             and (shp[i, a], col[i, b]) not in present and (shp[i, a], col[i, b]) in index]
+                    gtb = gt_boxes_all[i, ks]
+                    top = tally.add(scores[i], boxes[i], gtb, phrase, swaps)
+                    pred_masks = None
+                    if self._segmenter is not None:
+                        h, w = masks.shape[-2:]
+                        px = boxes[i, top] * np.array([w, h, w, h]) - np.array([0, 0, 1, 1])
+                        px = np.clip(px, 0, np.array([w - 1, h - 1, w - 1, h - 1]))
+                        pred_masks = self._segmenter.masks(images[i:i + 1], px[None])[0]
+                        for k, pm in zip(ks, pred_masks):
+                            gt = masks[i, k]
+                            grounded.append((pm & gt).sum() / max((pm | gt).sum(), 1))
+                    if pictures and len(rows[0]) < pictures:
+                        self._picture(rows, images[i], gtb, boxes[i, top], col[i, ks], pred_masks)
+        res = {"ap50": tally.ap(range(len(pairs))),
+               "compositional_acc": float(np.mean(tally.comp)) if tally.comp else float("nan"),
+               "grounding_acc": float(np.mean(tally.ground)) if tally.ground else float("nan"),
+               "instances": float(tally.instances)}
+        if any(tally.num_gt[p] for p in unseen):
+            res["unseen_ap50"] = tally.ap(unseen)
+        if grounded:
+            res["grounded_miou"] = float(np.mean(grounded))
+            res["grounded_iou@0.5"] = float(np.mean(np.asarray(grounded) >= 0.5))
+        if rows[0] and writer is not None and jax.process_index() == 0:
+            writer.write_image(step, f"{self.name}_boxes", image_grid([np.stack(r) for r in rows]))
+        return res
+
+    def _picture(self, rows, image01, gt_boxes, top_boxes, colors, pred_masks):
+        from PIL import Image, ImageDraw
+        from fmjax.data.shapes import COLOR_RGB
+        k = max(1, 128 // image01.shape[0])
+        base = Image.fromarray(np.round(image01 * 255).astype(np.uint8)).resize(
+            (image01.shape[1] * k, image01.shape[0] * k), Image.NEAREST)
+        pics = []
+        for boxes, masks in ((gt_boxes, None), (top_boxes, pred_masks)):
+            im = base.copy()
+            if masks is not None:
+                arr = np.asarray(im).astype(np.float32)
+                for m, c in zip(masks, colors):
+                    big = np.kron(m, np.ones((k, k), bool))
+                    arr[big] = 0.5 * arr[big] + 0.5 * np.asarray(COLOR_RGB[int(c) % len(COLOR_RGB)])
+                im = Image.fromarray(arr.astype(np.uint8))
+            d = ImageDraw.Draw(im)
+            s = np.array([image01.shape[1], image01.shape[0]] * 2) * k
+            for b, c in zip(boxes, colors):
+                d.rectangle(list(np.asarray(b) * s), outline=(255, 255, 255), width=3)
+                d.rectangle(list(np.asarray(b) * s), outline=tuple(COLOR_RGB[int(c) % len(COLOR_RGB)]), width=1)
+            pics.append(np.asarray(im))
+        rows[0].append(np.asarray(base))
+        rows[1].append(pics[0])
+        rows[2].append(pics[1])
+
+    def _display(self, images) -> np.ndarray:
+        return model_inputs_to_display(self.transform, images)

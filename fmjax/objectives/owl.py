@@ -1,0 +1,265 @@
+"""Open-vocabulary detection, OWL-ViT style (Minderer et al., 2022; ``fmjax/models/owl.py``):
+every patch token of a CLIP image tower predicts a box and a class embedding that is scored
+against the text tower's embeddings of phrases.
+
+The data give instances, not boxes: ``masks`` (B, K, H, W) of the first ``num_objects``
+instances, with per-instance attribute indices ``colors`` and ``shapes`` (B, K) (the bundled
+``fmjax_shapes`` features). Each instance's box is its visible mask's bounds (moved with the
+mask by any joint augmentation), its phrase ``objective.template`` filled with the attribute
+names ``objective.color_names`` / ``objective.shape_names``. The training vocabulary is every
+(shape, colour) phrase but the ``objective.exclude`` pairs (the shapes' held-out combinations:
+the text tower never sees those phrases as classes, so detecting them is open-vocabulary); every
+step the text tower embeds the vocabulary (V phrases) once.
+
+Loss (DETR's set prediction, as OWL-ViT trains it): the ground-truth instances are matched
+one-to-one to patch predictions by the minimum total cost ``class_weight`` x focal class cost
+(Deformable DETR's: alpha-weighted focal terms of the phrase's probability) + ``l1_weight`` x
+L1 of (cx, cy, w, h) + ``giou_weight`` x (-GIoU). The matching is exact: for K <= 4 instances
+an instance's partner is among its K cheapest patches (any other partner could be swapped for
+a free one of those at no more cost), so the K^K candidate assignments are enumerated in the
+step; more instances use scipy's Hungarian algorithm on the host (``jax.pure_callback``). Then
+``class_weight`` x sigmoid focal loss (alpha ``focal_alpha``, gamma 2) over all patches x
+phrases, with the matched patch's phrase as the only positive, + ``l1_weight`` x L1 +
+``giou_weight`` x (1 - GIoU) of the matched boxes, each summed and divided by the number of
+instances in the global batch (so the loss couples the examples).
+
+``detector()`` gives evals and ``launch/segment.py --prompt`` the model: ``fmjax/evals/box_ap.py``
+(AP50 over phrases, compositional accuracy, grounded masks through a SAM workdir).
+"""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax.errors import ConfigError
+from fmjax.models.registry import build_model, require
+from fmjax.objectives.base import Objective
+from fmjax.objectives.sam import mask_box
+
+EXACT_MATCH_MAX = 4   # enumerate K^K assignments up to this many instances per image
+
+
+# -- boxes -------------------------------------------------------------------------------------
+def cxcywh_to_xyxy(b):
+    cx, cy, w, h = jnp.moveaxis(b, -1, 0)
+    return jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def xyxy_to_cxcywh(b):
+    x0, y0, x1, y1 = jnp.moveaxis(b, -1, 0)
+    return jnp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+
+
+def generalized_iou(a, b):
+    """GIoU of xyxy boxes, broadcast over the leading axes (Rezatofighi et al., 2019)."""
+    area = lambda x: jnp.clip(x[..., 2] - x[..., 0], 0) * jnp.clip(x[..., 3] - x[..., 1], 0)  # noqa: E731
+    lt, rb = jnp.maximum(a[..., :2], b[..., :2]), jnp.minimum(a[..., 2:], b[..., 2:])
+    inter = jnp.prod(jnp.clip(rb - lt, 0), -1)
+    union = area(a) + area(b) - inter
+    iou = inter / jnp.maximum(union, 1e-9)
+    lt2, rb2 = jnp.minimum(a[..., :2], b[..., :2]), jnp.maximum(a[..., 2:], b[..., 2:])
+    hull = jnp.prod(jnp.clip(rb2 - lt2, 0), -1)
+    return iou - (hull - union) / jnp.maximum(hull, 1e-9)
+
+
+def instance_boxes(masks):
+    """(..., H, W) instance masks -> (..., 4) cxcywh in [0, 1] of their visible pixels' bounds
+    (pixel x0 .. x1 inclusive covers [x0, x1 + 1) / W); zeros for empty masks."""
+    lead, (h, w) = masks.shape[:-2], masks.shape[-2:]
+    flat = masks.reshape((-1, h, w)) > 0
+    box = mask_box(flat)   # inclusive pixel bounds, zeros when empty
+    scale = jnp.asarray([w, h, w, h], jnp.float32)
+    xyxy = (box + jnp.asarray([0, 0, 1, 1], jnp.float32)) / scale
+    out = jnp.where(flat.any((-2, -1))[:, None], xyxy_to_cxcywh(xyxy), 0.0)
+    return out.reshape(lead + (4,))
+
+
+# -- losses ------------------------------------------------------------------------------------
+def sigmoid_focal(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
+    """Elementwise sigmoid focal loss (Lin et al., 2017); alpha < 0: no alpha weighting."""
+    p = jax.nn.sigmoid(logits)
+    ce = jnp.logaddexp(0.0, logits) - logits * targets
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
+def match_cost(logits, boxes, labels, gt_boxes, class_weight, l1_weight, giou_weight, alpha=0.25):
+    """(B, N, V) logits, (B, N, 4) boxes, (B, K) labels, (B, K, 4) ground truth -> (B, N, K) cost
+    (Deformable DETR's matcher: focal class cost, L1 and -GIoU)."""
+    p = jax.nn.sigmoid(jnp.take_along_axis(logits, labels[:, None, :], axis=-1))   # (B, N, K)
+    neg = (1 - alpha) * p ** 2 * -jnp.log(1 - p + 1e-8)
+    pos = alpha * (1 - p) ** 2 * -jnp.log(p + 1e-8)
+    l1 = jnp.abs(boxes[:, :, None] - gt_boxes[:, None]).sum(-1)
+    giou = generalized_iou(cxcywh_to_xyxy(boxes)[:, :, None], cxcywh_to_xyxy(gt_boxes)[:, None])
+    return class_weight * (pos - neg) + l1_weight * l1 - giou_weight * giou
+
+
+def exact_match(cost, valid):
+    """(B, N, K) cost, (B, K) valid -> (B, K) int32 patch of each instance: the assignment of
+    the valid instances to distinct patches with the least total cost (see the module
+    docstring; invalid instances get some patch, which the losses ignore). Needs N >= K."""
+    b, n, k = cost.shape
+    if k > EXACT_MATCH_MAX:
+        return hungarian_match(cost, valid)
+    kk = min(k, n)
+    cand = jax.lax.top_k(-jnp.swapaxes(cost, 1, 2), kk)[1]                    # (B, K, kk)
+    combos = jnp.asarray(list(itertools.product(range(kk), repeat=k)), jnp.int32)  # (C, K)
+    assigned = jnp.take_along_axis(cand[:, None], combos[None, :, :, None], -1)[..., 0]  # (B, C, K)
+    per = jnp.take_along_axis(jnp.swapaxes(cost, 1, 2)[:, None], assigned[..., None], -1)[..., 0]
+    total = (per * valid[:, None]).sum(-1)
+    ok = jnp.ones(total.shape, bool)
+    for i in range(k):
+        for j in range(i + 1, k):
+            both = valid[:, None, i] & valid[:, None, j]
+            ok &= ~both | (assigned[..., i] != assigned[..., j])
+    best = jnp.argmin(jnp.where(ok, total, jnp.inf), axis=1)
+    return jnp.take_along_axis(assigned, best[:, None, None], 1)[:, 0]
+
+
+def hungarian_match(cost, valid):
+    """``exact_match`` by scipy's ``linear_sum_assignment`` on the host."""
+    def host(c, v):
+        from scipy.optimize import linear_sum_assignment
+        c, v = np.asarray(c, np.float64), np.asarray(v, bool)
+        out = np.zeros(v.shape, np.int32)
+        for i in range(c.shape[0]):
+            cols = np.flatnonzero(v[i])
+            if len(cols):
+                rows, which = linear_sum_assignment(c[i][:, cols])
+                out[i, cols[which]] = rows
+        return out
+    shape = jax.ShapeDtypeStruct(valid.shape, jnp.int32)
+    return jax.pure_callback(host, shape, cost, valid, vmap_method="sequential")
+
+
+class OWLObjective(Objective):
+    batch_keys = ("image", "masks", "num_objects", "colors", "shapes")
+    couples_examples = "the class and box losses are divided by the global batch's number of instances"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = build_model(config.model, config.get("dtype", "float32"))
+        require(self.model, ("open_vocab_detection",), "objective 'owl'", config.model.name)
+        o = config.objective
+        self.colors = tuple(o.get("color_names", ()) or ())
+        self.shapes = tuple(o.get("shape_names", ()) or ())
+        self.template = str(o.get("template", "a photo of a {color} {shape}."))
+        self.exclude = {tuple(int(v) for v in p) for p in (o.get("exclude", ()) or ())}
+        self.class_weight = float(o.get("class_weight", 2.0))
+        self.l1_weight = float(o.get("l1_weight", 5.0))
+        self.giou_weight = float(o.get("giou_weight", 2.0))
+        self.focal_alpha = float(o.get("focal_alpha", 0.25))
+        self._tokens = None
+
+    # -- the vocabulary ----------------------------------------------------------------------------
+    def phrase(self, shape: int, color: int) -> str:
+        return self.template.format(color=self.colors[color], shape=self.shapes[shape])
+
+    def vocabulary(self, include_excluded: bool = False) -> list[tuple[int, int]]:
+        """(shape, colour) index pairs, shape-major; the training one leaves out ``exclude``."""
+        return [(s, c) for s in range(len(self.shapes)) for c in range(len(self.colors))
+                if include_excluded or (s, c) not in self.exclude]
+
+    def tokens(self, pairs=None) -> np.ndarray:
+        """int32 (V, L) token ids of the phrases of ``pairs`` (default: the training vocabulary)."""
+        from fmjax.data.text_ops import tokenize_texts
+        if pairs is None:
+            if self._tokens is None:
+                self._tokens = tokenize_texts(self.config, [self.phrase(*p) for p in self.vocabulary()])
+            return self._tokens
+        return tokenize_texts(self.config, [self.phrase(*p) for p in pairs])
+
+    def check(self, config):
+        if not self.colors or not self.shapes:
+            raise ConfigError("objective 'owl' needs config.objective.color_names and shape_names (the "
+                              "attribute names the data's 'colors' / 'shapes' indices refer to).")
+        try:
+            self.phrase(0, 0)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"config.objective.template={self.template!r} must hold {{color}} and "
+                              f"{{shape}} and nothing else in braces ({e}).") from None
+        if not config.data.get("tokenize"):
+            raise ConfigError("objective 'owl' embeds its phrases with config.data.tokenize's tokenizer; "
+                              "set config.data.tokenize (as configs/clip.py does).")
+        if not self.vocabulary():
+            raise ConfigError("config.objective.exclude leaves no phrase to train on.")
+        size = config.data.get("image_size")
+        if size and size % self.model.patch_size:
+            raise ConfigError(f"config.data.image_size={size} is not a multiple of the patch size "
+                              f"{self.model.patch_size}.")
+
+    def init(self, rng, batch):
+        tokens = jnp.asarray(self.tokens()[:2])
+        return self.model.init({"params": rng}, batch["image"][:1], tokens)["params"], {}
+
+    # -- the step ----------------------------------------------------------------------------------
+    def targets(self, batch):
+        """(boxes (B, K, 4) cxcywh, labels (B, K) training-vocabulary index, valid (B, K))."""
+        masks = batch["masks"]
+        k = masks.shape[1]
+        boxes = instance_boxes(masks)
+        present = jnp.arange(k)[None] < batch["num_objects"].reshape(-1, 1)
+        shapes, colors = batch["shapes"].astype(jnp.int32), batch["colors"].astype(jnp.int32)
+        table = np.full((len(self.shapes), len(self.colors)), -1, np.int32)
+        for i, (s, c) in enumerate(self.vocabulary()):
+            table[s, c] = i
+        labels = jnp.asarray(table)[jnp.clip(shapes, 0), jnp.clip(colors, 0)]
+        valid = present & (masks > 0).any((-2, -1)) & (labels >= 0) & (shapes >= 0) & (colors >= 0)
+        return boxes, jnp.maximum(labels, 0), valid
+
+    def detect(self, params, images, tokens, train: bool = False, rng=None):
+        m = self.model
+        rngs = {"dropout": rng} if rng is not None else {}
+        q = m.apply({"params": params}, tokens, train, method=m.encode_queries, rngs=rngs)
+        return m.apply({"params": params}, images, q, train, method=m.detect, rngs=rngs)
+
+    def loss(self, params, extra, batch, rng, step):
+        out = self.detect(params, batch["image"], jnp.asarray(self.tokens()), train=True, rng=rng)
+        logits, boxes = out["logits"], out["boxes"]
+        gt, labels, valid = self.targets(batch)
+        cost = match_cost(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(boxes), labels, gt,
+                          self.class_weight, self.l1_weight, self.giou_weight, self.focal_alpha)
+        idx = jax.lax.stop_gradient(exact_match(cost, valid))                 # (B, K)
+        w = valid.astype(jnp.float32)
+        n = jnp.maximum(w.sum(), 1.0)
+        b, npatch, v = logits.shape
+        onehot = jax.nn.one_hot(idx, npatch, dtype=jnp.float32) * w[..., None]          # (B, K, N)
+        target = jnp.einsum("bkn,bkv->bnv", onehot, jax.nn.one_hot(labels, v, dtype=jnp.float32))
+        cls = sigmoid_focal(logits, jnp.minimum(target, 1.0), self.focal_alpha).sum() / n
+        pred = jnp.take_along_axis(boxes, idx[..., None], 1)                  # (B, K, 4)
+        l1 = (jnp.abs(pred - gt).sum(-1) * w).sum() / n
+        giou = generalized_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt))
+        giou_loss = ((1 - giou) * w).sum() / n
+        total = self.class_weight * cls + self.l1_weight * l1 + self.giou_weight * giou_loss
+        # how often the matched patch ranks its phrase first among all phrases / patches
+        top = jnp.take_along_axis(logits, idx[..., None], 1).argmax(-1) == labels
+        metrics = {"loss_class": cls, "loss_l1": l1, "loss_giou": giou_loss,
+                   "matched_giou": (giou * w).sum() / n, "matched_top1": (top * w).sum() / n,
+                   "instances": w.sum()}
+        return total, (metrics, extra)
+
+    # -- for evals and tools --------------------------------------------------------------------------
+    def features(self, params, extra, images):
+        m = self.model
+        feats = m.apply({"params": params}, images, method=m.image_features)
+        return feats.mean(1)
+
+    def text_features(self, params, extra, tokens):
+        m = self.model
+        q = m.apply({"params": params}, tokens, method=m.encode_queries)
+        return q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+
+    def detector(self):
+        """``(model, params_of)``: the OWL-ViT module and ``params_of(params, extra)`` -> its
+        params (``model.encode_queries`` / ``model.detect``)."""
+        return self.model, (lambda params, extra: params)
+
+
+def make(config) -> OWLObjective:
+    return OWLObjective(config)

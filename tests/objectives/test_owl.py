@@ -1,0 +1,143 @@
+"""The ``owl`` objective (open-vocabulary detection) and the ``box_ap`` eval: the exact set
+matching, boxes from masks, targets and vocabulary, a few training steps, AP and the config
+errors (the CPU learning numbers are in configs/owl.py)."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax.evals import box_ap
+from fmjax.objectives import owl as owl_lib
+from fmjax.testing import load_config
+
+
+def _brute_force(cost, valid):
+    """The least total cost of valid instances on distinct patches, by enumeration."""
+    n, k = cost.shape
+    cols = np.flatnonzero(valid)
+    best = np.inf
+    for rows in itertools.permutations(range(n), len(cols)):
+        best = min(best, cost[list(rows), cols].sum())
+    return 0.0 if not len(cols) else best
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_matching_is_exact(k):
+    """K <= 4: the enumeration of each instance's K cheapest patches; K = 5: scipy's Hungarian on
+    the host. Both give the brute-force optimum on distinct patches, ties and invalid rows included."""
+    rng = np.random.default_rng(k)
+    for trial in range(40):
+        n = int(rng.integers(k, 8))
+        cost = rng.normal(size=(3, n, k)).astype(np.float32)
+        if trial % 2:
+            cost = np.round(cost)    # many ties
+        valid = rng.uniform(size=(3, k)) < 0.7
+        idx = np.asarray(jax.jit(owl_lib.exact_match)(jnp.asarray(cost), jnp.asarray(valid)))
+        for b in range(3):
+            cols = np.flatnonzero(valid[b])
+            assert len(set(idx[b, cols])) == len(cols)
+            np.testing.assert_allclose(cost[b, idx[b, cols], cols].sum(), _brute_force(cost[b], valid[b]),
+                                       atol=1e-5)
+
+
+def test_instance_boxes_and_giou():
+    m = np.zeros((1, 3, 16, 16), np.uint8)
+    m[0, 0, 2:6, 4:12] = 1          # rows 2..5, cols 4..11 -> [4, 2, 12, 6) / 16
+    m[0, 1, 15, 15] = 1
+    boxes = np.asarray(owl_lib.instance_boxes(jnp.asarray(m)))
+    np.testing.assert_allclose(boxes[0, 0], [8 / 16, 4 / 16, 8 / 16, 4 / 16])
+    np.testing.assert_allclose(boxes[0, 1], [15.5 / 16, 15.5 / 16, 1 / 16, 1 / 16])
+    np.testing.assert_array_equal(boxes[0, 2], 0)
+    a = jnp.array([0.0, 0.0, 2.0, 2.0])
+    assert float(owl_lib.generalized_iou(a, a)) == pytest.approx(1.0)
+    # disjoint unit boxes 1 apart: IoU 0, hull 3 x 1, union 2 -> GIoU -1/3
+    assert float(owl_lib.generalized_iou(jnp.array([0.0, 0, 1, 1]), jnp.array([2.0, 0, 3, 1]))) == \
+        pytest.approx(-1 / 3)
+    np.testing.assert_allclose(owl_lib.cxcywh_to_xyxy(owl_lib.xyxy_to_cxcywh(a)), a)
+
+
+def test_average_precision_by_hand():
+    assert box_ap.average_precision([0.9, 0.8], [True, True], 2) == pytest.approx(1.0)
+    # a false positive ranked first: precision 1/2 at recall 1/2 and 2/3 at recall 1
+    assert box_ap.average_precision([0.9, 0.8, 0.7], [False, True, True], 2) == pytest.approx(
+        (51 * (2 / 3) + 50 * (2 / 3)) / 101)
+    # half the ground truth never found: precision 1 up to recall 0.5 (51 of 101 points)
+    assert box_ap.average_precision([0.9], [True], 2) == pytest.approx(51 / 101)
+    assert box_ap.average_precision([], [], 1) == 0.0
+    tp = box_ap.match_detections(np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3]], float),
+                                 np.array([0.5, 0.9, 0.7]), np.array([[0, 0, 1, 1]], float), 0.5)
+    assert list(tp) == [False, True, False]   # the higher-scored duplicate takes the match
+
+
+def _config():
+    c = load_config("owl")
+    c.model.clip.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64, text_width=32, text_depth=1,
+                             text_heads=2, text_mlp_dim=64, embed_dim=32))
+    return c
+
+
+def test_vocabulary_leaves_out_the_heldout_combinations_and_targets_follow_the_data():
+    from fmjax.data import shapes
+    from fmjax.objectives.base import make_objective
+    obj = make_objective(_config())
+    assert len(obj.vocabulary()) == 64 - len(shapes.HELDOUT_COMBOS)
+    assert not set(obj.vocabulary()) & set(shapes.HELDOUT_COMBOS)
+    assert obj.tokens().shape == (56, 32) and obj.phrase(1, 2) == "a blue square."
+    exs = [shapes.generate_example(i, "train", 32) for i in range(4)]
+    batch = {k: jnp.asarray(np.stack([e[k] for e in exs])) for k in ("masks", "num_objects", "shapes", "colors")}
+    boxes, labels, valid = (np.asarray(x) for x in obj.targets(batch))
+    for b, e in enumerate(exs):
+        for k in range(3):
+            visible = k < e["num_objects"] and e["masks"][k].any()
+            assert valid[b, k] == visible
+            if visible:
+                assert obj.vocabulary()[labels[b, k]] == (e["shapes"][k], e["colors"][k])
+                ys, xs = np.nonzero(e["masks"][k])
+                np.testing.assert_allclose(boxes[b, k], [(xs.min() + xs.max() + 1) / 64, (ys.min() + ys.max() + 1) / 64,
+                                                         (xs.max() + 1 - xs.min()) / 32,
+                                                         (ys.max() + 1 - ys.min()) / 32], atol=1e-6)
+
+
+def test_training_steps_lower_the_loss():
+    import optax
+    from fmjax.data import shapes
+    from fmjax.objectives.base import make_objective
+    obj = make_objective(_config())
+    exs = [shapes.generate_example(i, "train", 32) for i in range(8)]
+    batch = {k: jnp.asarray(np.stack([e[k] for e in exs])) for k in ("image", "masks", "num_objects", "shapes",
+                                                                      "colors")}
+    batch["image"] = batch["image"].astype(jnp.float32) / 255.0
+    params, extra = obj.init(jax.random.PRNGKey(0), batch)
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, rng):
+        (loss, (metrics, _)), grads = jax.value_and_grad(obj.loss, has_aux=True)(params, extra, batch, rng, 0)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss, metrics
+
+    losses = []
+    for i in range(40):
+        params, opt, loss, metrics = step(params, opt, jax.random.PRNGKey(i))
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+    assert float(metrics["instances"]) == sum(int(e["masks"][:e["num_objects"]].any((1, 2)).sum()) for e in exs)
+    assert float(metrics["matched_giou"]) > 0.3
+
+
+@pytest.mark.parametrize("key, value, text", [
+    ("objective.template", "a {colour} {shape}", "must hold {color} and {shape}"),
+    ("objective.color_names", (), "needs config.objective.color_names"),
+    ("data.image_size", 36, "not a multiple of the patch size 8"),
+])
+def test_config_errors(key, value, text):
+    from fmjax.errors import ConfigError
+    from fmjax.objectives.base import make_objective
+    c = _config()
+    section, name = key.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=text.replace("{", r"\{").replace("}", r"\}")):
+        make_objective(c).check(c)
