@@ -3,12 +3,15 @@
     python launch/segment.py --workdir=DIR --image=PATH --points='x,y;x,y' [--labels=1,0]
     python launch/segment.py --workdir=DIR --image=PATH --boxes='x0,y0,x1,y1;...'
     python launch/segment.py --workdir=DIR --image=PATH --auto [--points_per_side=16 ...]
+    python launch/segment.py --workdir=DIR --image=PATH --prompt='a red circle' --detector_workdir=OWL_DIR
         [--out=PNG] [--step=N]
 
 ``--points``: one prompt of all the points (pixel coordinates of the image; ``--labels`` 1
 foreground / 0 background, default all 1; a single point keeps the best of SAM's three masks
-by the IoU head); ``--boxes``: one mask per box (inclusive pixel bounds); ``--auto``:
-automatic mask generation (a point grid, batched prompts, IoU / stability filters, box NMS:
+by the IoU head); ``--boxes``: one mask per box (inclusive pixel bounds); ``--prompt``: one
+mask per ';'-separated phrase, from the top box the open-vocabulary detector of
+``--detector_workdir`` (configs/owl.py) finds for it (Grounded-SAM); ``--auto``: automatic
+mask generation (a point grid, batched prompts, IoU / stability filters, box NMS:
 ``fmjax/models/sam/amg.py``) with the workdir's ``amg_recall`` eval settings or that eval's
 defaults, overridable by the flags below. The image is resized to the model's input as the
 eval pipeline expects it (``fmjax/train/segment.py``); masks come back at its own size.
@@ -32,6 +35,10 @@ flags.DEFINE_string("points", None, "';'-separated x,y pixel coordinates: one pr
 flags.DEFINE_string("labels", None, "With --points: one 1 (foreground) / 0 (background) per point "
                     "(default all 1), e.g. 1,0.")
 flags.DEFINE_string("boxes", None, "';'-separated x0,y0,x1,y1 boxes, one mask each.")
+flags.DEFINE_string("prompt", None, "';'-separated phrases, one mask each via --detector_workdir's boxes, "
+                    "e.g. 'a red circle;a blue square'.")
+flags.DEFINE_string("detector_workdir", None, "With --prompt: an open-vocabulary detector workdir "
+                    "(launch/train.py --config=configs/owl.py).")
 flags.DEFINE_bool("auto", False, "Automatic mask generation over a grid of point prompts.")
 flags.DEFINE_string("out", None, "The PNG to write (default DIR/images/segment_<image name>.png).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -54,6 +61,7 @@ def main(argv):
     from fmjax.train.segment import segment_image
     run_with_clean_errors(segment_image, FLAGS.workdir, FLAGS.image, points=FLAGS.points,
                           labels=FLAGS.labels, boxes=FLAGS.boxes, auto=FLAGS.auto, out=FLAGS.out,
+                          prompt=FLAGS.prompt, detector_workdir=FLAGS.detector_workdir,
                           step=FLAGS.step, **{k: FLAGS[k].value for k in AMG_FLAGS})
 
 

@@ -80,6 +80,9 @@ def tiny_config(shapes_data_dir):
             c.model.update(dict(xattn_heads=2, xattn_dim_head=16, resampler_depth=1,
                                 resampler_heads=2, resampler_dim_head=16, num_latents=4))
             c.batch_size, c.objective.shots_per_sequence, c.objective.seq_length = 20, 5, 80
+        elif name == "owl":  # the detector's CLIP is a sub-config
+            c.model.clip.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64, text_width=32, text_depth=1,
+                                     text_heads=2, text_mlp_dim=64, embed_dim=32))
         else:
             c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
         if name == "mae":

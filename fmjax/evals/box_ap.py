@@ -167,7 +167,9 @@ class BoxAPEvaluator(common.Evaluator):
             self._segmenter = None
             if self.option("sam_workdir"):
                 from fmjax.train.grounding import Segmenter
-                self._segmenter = Segmenter(self.option("sam_workdir"), flag=f"{self.where}.sam_workdir")
+                devices = list(np.asarray(self.ctx.mesh.devices).flat) if self.ctx.mesh is not None else None
+                self._segmenter = Segmenter(self.option("sam_workdir"), devices=devices,
+                                            flag=f"{self.where}.sam_workdir")
         return self._fns
 
     def run(self, state, step, writer):

@@ -10,6 +10,9 @@ longest-side resize and padding are not done) and runs the workdir's eval pipeli
   foreground / 0 background, default all 1): ONE prompt of all the points; a single point
   gives SAM's three masks and the one the IoU head rates best is kept, several points one mask;
 - ``boxes`` (``'x0,y0,x1,y1;...'``, inclusive pixel bounds): one prompt and one mask per box;
+- ``prompt`` (``'a red circle;a blue square'``) with ``detector_workdir`` (a configs/owl.py run):
+  Grounded-SAM, each phrase's top-scoring box from the open-vocabulary detector
+  (``fmjax/train/grounding.py``) as a box prompt;
 - ``auto``: automatic mask generation (``fmjax.models.sam.amg``) with the settings of the
   workdir's ``amg_recall`` eval entry if it has one, else that eval's defaults, each
   overridable (``points_per_side=`` ...).
@@ -106,13 +109,14 @@ def read_image(path: str) -> np.ndarray:
         raise ConfigError(f"--image={path}: cannot read it as an image ({type(e).__name__}: {e}).") from None
 
 
-def check_request(points=None, labels=None, boxes=None, auto: bool = False):
+def check_request(points=None, labels=None, boxes=None, auto: bool = False, prompt=None):
     """``(points (N, 2) | None, labels (N,) | None, boxes (M, 4) | None)`` from the flags, or a
-    ConfigError: exactly one of points / boxes / auto, labels only with points."""
-    given = [name for name, v in (("--points", points), ("--boxes", boxes), ("--auto", auto or None))
-             if v is not None]
+    ConfigError: exactly one of points / boxes / auto / prompt, labels only with points."""
+    given = [name for name, v in (("--points", points), ("--boxes", boxes), ("--auto", auto or None),
+                                  ("--prompt", prompt)) if v is not None]
     if len(given) != 1:
-        raise ConfigError(("give one of --points='x,y;...', --boxes='x0,y0,x1,y1;...' or --auto"
+        raise ConfigError(("give one of --points='x,y;...', --boxes='x0,y0,x1,y1;...', --auto or "
+                           "--prompt='a red circle'"
                            if not given else f"{' and '.join(given)} together; give one of them") + ".")
     if labels is not None and points is None:
         raise ConfigError("--labels go with --points (one 0 / 1 label per point).")
@@ -236,11 +240,27 @@ def amg_settings(config, overrides: dict) -> dict:
     return out
 
 
+def parse_prompts(prompt: str) -> list[str]:
+    phrases = [p.strip() for p in str(prompt).split(";")]
+    if not all(phrases):
+        raise ConfigError(f"--prompt={prompt!r}: give one or more ';'-separated phrases, e.g. "
+                          "'a red circle;a blue square'.")
+    return phrases
+
+
 def segment_image(workdir: str, image: str, points=None, labels=None, boxes=None, auto: bool = False,
                   out: str | None = None, step: int | None = None, config=None, devices=None,
+                  prompt: str | None = None, detector_workdir: str | None = None,
                   **amg_overrides) -> dict:
     """See the module docstring."""
-    pts, lab, bxs = check_request(points, labels, boxes, auto)
+    pts, lab, bxs = check_request(points, labels, boxes, auto, prompt)
+    phrases = parse_prompts(prompt) if prompt is not None else None
+    if (phrases is None) != (not detector_workdir):
+        raise ConfigError("--prompt needs --detector_workdir=DIR (a configs/owl.py run)" if phrases is not None
+                          else "--detector_workdir goes with --prompt='a red circle'.")
+    if detector_workdir and not files.isdir(files.resolve(detector_workdir)):
+        raise ConfigError(f"--detector_workdir={detector_workdir}: no such directory; give a workdir "
+                          "written by launch/train.py --config=configs/owl.py.")
     unknown = sorted(set(amg_overrides) - set(amg_recall.AMG_KEYS))
     if unknown:
         raise ConfigError(f"unknown AMG settings {unknown}; valid: {list(amg_recall.AMG_KEYS)}.")
@@ -265,6 +285,14 @@ def segment_image(workdir: str, image: str, points=None, labels=None, boxes=None
     stem = os.path.splitext(os.path.basename(str(image)))[0]
     out = files.resolve(out) if out else files.join(wd, "images", f"segment_{stem}.png")
 
+    if phrases is not None:   # text -> the detector's top box of each phrase -> box prompts
+        from fmjax.train.grounding import Detector
+        det = Detector(detector_workdir, devices=devices)
+        bxs, scores = det.top_boxes(picture[None].astype(np.float32) / 255.0, phrases)
+        bxs, scores = bxs[0], scores[0]
+        for ph, b, sc in zip(phrases, bxs, scores):
+            print(f"prompt {ph!r}: box {b[0]:.0f},{b[1]:.0f},{b[2]:.0f},{b[3]:.0f} score={sc:.3f} "
+                  f"(detector {files.resolve(detector_workdir)} at step {det.step})", flush=True)
     config, objective, mesh, rules, state, step = load_checkpoint(wd, config, step, devices)
     model, params_of, slots = objective.sam_model()
     params = params_of(state.params, state.extra)

@@ -318,3 +318,43 @@ def test_segment_cli_bad_input_is_one_line(sam_workdir, picture, tmp_path):
                        ([f"--workdir={sam_workdir}", f"--image={picture}", "--points=3;4"], "comma-separated"),
                        ([f"--workdir={mae}", f"--image={picture}", "--auto"], "needs a SAM workdir")):
         assert_one_line_error(run_cli("segment", *args), text)
+
+
+@pytest.fixture
+def owl_workdir(tiny_config, sam_workdir, tmp_path_factory):
+    """A 3-step open-vocabulary detector (configs/owl.py, tiny; trained once) whose box_ap eval
+    grounds its boxes through the SAM workdir."""
+    if "owl" not in _TRAINED:
+        from fmjax.train import loop
+        root = tmp_path_factory.mktemp("owl")
+        c = tiny_config("owl", total_steps=3, checkpoint_every=3, batch_size=8)
+        c.evals = dict(box=dict(type="box_ap", every=3, examples=8, batch_size=8, sam_workdir=sam_workdir))
+        loop.train_and_evaluate(c, str(root / "run"), devices=jax.devices()[:1])
+        _TRAINED["owl"] = str(root / "run")
+    return _TRAINED["owl"]
+
+
+def test_grounded_segmentation_eval_and_cli(owl_workdir, sam_workdir, picture, tmp_path):
+    """Text -> the detector's box -> SAM's mask: the box_ap eval logs grounded_miou and its
+    pictures; segment_image(prompt=...) gives one mask per phrase; the flags' misuse is one line."""
+    from fmjax.train.segment import segment_image
+    rows = [json.loads(x) for x in open(os.path.join(owl_workdir, "metrics.jsonl"))]
+    m = {k: v for x in rows for k, v in x.items()}
+    for key in ("ap50", "compositional_acc", "grounding_acc", "grounded_miou", "grounded_iou@0.5"):
+        assert 0.0 <= m[f"eval/box_{key}"] <= 1.0, (key, m)
+    assert m["eval/box_instances"] > 0
+    assert any(f.startswith("box_boxes_") for f in os.listdir(os.path.join(owl_workdir, "images")))
+    out = segment_image(sam_workdir, picture, prompt="a red circle;a blue square", detector_workdir=owl_workdir,
+                        out=str(tmp_path / "g.png"))
+    assert len(out["masks"]) == 2 and out["masks"][0]["segmentation"].shape == (80, 96)
+    for kwargs, text in ((dict(prompt="a red circle"), "--prompt needs --detector_workdir"),
+                         (dict(prompt="a;", detector_workdir=owl_workdir), "one or more ';'-separated"),
+                         (dict(points="1,2", detector_workdir=owl_workdir), "goes with --prompt"),
+                         (dict(prompt="x", detector_workdir=str(tmp_path / "none")), "no such directory"),
+                         (dict(prompt="x", detector_workdir=sam_workdir), "must be an open-vocabulary detector")):
+        with pytest.raises(ConfigError, match=text):
+            segment_image(sam_workdir, picture, **kwargs)
+    proc = run_cli("segment", f"--workdir={sam_workdir}", f"--image={picture}", "--prompt=a red circle",
+                   f"--detector_workdir={owl_workdir}", f"--out={tmp_path / 'cli.png'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("prompt 'a red circle': box ") and os.path.isfile(tmp_path / "cli.png")
