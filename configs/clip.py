@@ -185,7 +185,9 @@ def get_config(arg: str = "default"):
         c.evals = dict(
             zero_shot=zs,
             zero_shot_heldout=dict(zs, split="heldout"),
-            retrieval=dict(type="retrieval", split="validation"))
+            retrieval=dict(type="retrieval", split="validation"),
+            # ARO / NegCLIP-style: own caption vs its colours / shapes swapped (chance 0.5)
+            compositional=dict(type="swap_caption", split="validation", words=_shapes_swap_words()))
         if arg == "cpu":  # the default on the simple shapes (see the docstring)
             c.data.name = "fmjax_shapes/simple_32"
             c.total_steps = 1600
@@ -275,6 +277,11 @@ def _supervised_config():
 def _shapes_classes():
     from fmjax.data import shapes
     return tuple(shapes.CLASS_NAMES)
+
+
+def _shapes_swap_words():
+    from fmjax.data import shapes
+    return dict(attribute=tuple(shapes.COLOR_NAMES), object=tuple(shapes.CLASS_NAMES))
 
 
 def _shapes_templates():

@@ -61,6 +61,10 @@ def get_config(arg: str = "default"):
         # 64 here), which only matters when training from scratch: there it makes the encoding
         # change by ~13 rad per pixel, a hash of the position that box prompts cannot use.
         c.optimizer.frozen = (r".*pe_layer/gaussian",)
+        # The image encoder from an MAE workdir (SAM starts from an MAE ViT): a plain ViT's blocks
+        # and patch embedding are the windowed encoder's (the relative positions, the absolute
+        # position table and the neck keep their init). Active with --config.model_init.workdir=DIR.
+        c.model_init.mapping = {"params/encoder": "image_encoder", "params/patch_embed": "image_encoder/patch_embed"}
         c.evals = dict(seg=dict(type="metrics", split="validation", examples=512),
                        amg=dict(type="amg_recall", split="validation", examples=64 if arg == "default" else 512))
     else:

@@ -121,6 +121,15 @@ def check_finetune(ns, workdir):
     assert ns["finals"]["from MAE"] is ns["final"]
 
 
+def check_segment(ns, workdir):
+    assert set(ns["pictures"]) == {"points", "grounded"}
+    assert set(ns["results"]) == {"iou_one_point", "iou_two_points", "iou_box", "grounded_iou_scene"}
+    for key in ("eval/box_ap50", "eval/box_grounded_miou"):
+        assert key in ns["finals"]["owl"], key
+    assert "eval/seg_miou_box" in ns["finals"]["sam"] and ns["finals"]["sam"]["step"] == STEPS
+    assert len(ns["out"]["masks"]) == len(ns["names"]) == ns["ex"]["num_objects"]
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
 
 
@@ -128,7 +137,8 @@ def test_every_notebook_has_its_checks():
     assert sorted(_name(p) for p in NOTEBOOKS) == sorted(CHECKS)
 
 
-SLOW_RUNS = ("finetune", "dino_attention")   # a minute or more on the 2-core machine (finetune: three trainings)
+SLOW_RUNS = ("finetune", "dino_attention", "segment")   # a minute or more on the 2-core machine (finetune,
+# segment: three trainings)
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if _name(p) in SLOW_RUNS else p

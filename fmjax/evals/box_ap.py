@@ -22,7 +22,8 @@ false positives, as DETR / OWL-ViT are scored). Logged:
   grounded_miou   with ``sam_workdir`` (a configs/sam.py run): the mean IoU of the mask SAM makes
                   from that top box with the instance's mask (Grounded-SAM;
                   ``fmjax/train/grounding.py``), and grounded_iou@0.5 the fraction at IoU >= 0.5
-  instances       ground-truth instances scored
+  instances       ground-truth instances scored (the other keys are logged only where they
+                  are defined: e.g. no compositional_acc without a pair to swap)
 
 ``pictures`` (default 8; 0: none) writes ``DIR/images/<name>_boxes_<step>.png``: per image the
 ground-truth boxes, then the top box of each instance's phrase (and, with ``sam_workdir``, its
@@ -221,10 +222,13 @@ class BoxAPEvaluator(common.Evaluator):
                             grounded.append((pm & gt).sum() / max((pm | gt).sum(), 1))
                     if pictures and len(rows[0]) < pictures:
                         self._picture(rows, images[i], gtb, boxes[i, top], col[i, ks], pred_masks)
-        res = {"ap50": tally.ap(range(len(pairs))),
-               "compositional_acc": float(np.mean(tally.comp)) if tally.comp else float("nan"),
-               "grounding_acc": float(np.mean(tally.ground)) if tally.ground else float("nan"),
-               "instances": float(tally.instances)}
+        res = {"instances": float(tally.instances)}   # the others only where defined
+        if tally.instances:
+            res["ap50"] = tally.ap(range(len(pairs)))
+        if tally.comp:
+            res["compositional_acc"] = float(np.mean(tally.comp))
+        if tally.ground:
+            res["grounding_acc"] = float(np.mean(tally.ground))
         if any(tally.num_gt[p] for p in unseen):
             res["unseen_ap50"] = tally.ap(unseen)
         if grounded:

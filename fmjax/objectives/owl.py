@@ -246,14 +246,14 @@ class OWLObjective(Objective):
 
     # -- for evals and tools --------------------------------------------------------------------------
     def features(self, params, extra, images):
+        """The CLIP image embedding (normalised): zero-shot, retrieval and kNN evals of the
+        detector's CLIP."""
         m = self.model
-        feats = m.apply({"params": params}, images, method=m.image_features)
-        return feats.mean(1)
+        return m.apply({"params": params}, images, method=lambda mod, x: mod.clip_model.encode_image(x))
 
     def text_features(self, params, extra, tokens):
         m = self.model
-        q = m.apply({"params": params}, tokens, method=m.encode_queries)
-        return q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+        return m.apply({"params": params}, tokens, method=lambda mod, t: mod.clip_model.encode_text(t))
 
     def detector(self):
         """``(model, params_of)``: the OWL-ViT module and ``params_of(params, extra)`` -> its

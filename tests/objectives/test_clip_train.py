@@ -5,6 +5,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fmjax.data import shapes, sources
+from fmjax.evals.swap_caption import swap_words
 from fmjax.objectives.clip import MAX_LOGIT_SCALE, make
 from fmjax.train import loop
 
@@ -18,9 +20,17 @@ def test_clip_trains_and_evaluates(tiny_config, tmp_path):
     c = tiny_config("clip", total_steps=2, checkpoint_every=2, eval_every=2)
     c.evals = dict(zero_shot=dict(type="zero_shot", split="validation", examples=64,
                                   templates=["a photo of a {}."]),
-                   retrieval=dict(type="retrieval", split="validation", examples=64))
+                   retrieval=dict(type="retrieval", split="validation", examples=64),
+                   comp=dict(type="swap_caption", split="validation", examples=64,
+                             words=dict(attribute=shapes.COLOR_NAMES, object=shapes.CLASS_NAMES)))
     final = loop.train_and_evaluate(c, str(tmp_path))
     assert math.isfinite(final["train/loss"])
+    # as many pairs as captions with two distinct colours / shapes; accuracies in [0, 1]
+    src = sources.get_source(c.data.name, "validation", c.data.data_dir)
+    caps = [src[i]["caption"] for i in range(64)]
+    for group, words in (("attribute", shapes.COLOR_NAMES), ("object", shapes.CLASS_NAMES)):
+        n = sum(swap_words(cap, words) is not None for cap in caps)
+        assert final[f"eval/comp_{group}_pairs"] == n > 5 and 0.0 <= final[f"eval/comp_{group}_acc"] <= 1.0
     assert 0.0 <= final["eval/zero_shot_top1"] <= 1.0 and "eval/retrieval_i2t_r@5" in final
     assert final["eval/retrieval_chance_r@1"] == 1 / 64
     # launch/eval.py's path: the saved config + latest checkpoint reproduce the numbers.
