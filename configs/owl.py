@@ -25,6 +25,11 @@ Without --config.model_init.workdir the CLIP starts random (the same command, fr
     heldout split: ap50 0.212 / 0.373 / 0.408, unseen_ap50 (the 8 phrases never trained on,
       all on main objects) 0.724 / 0.870 / 0.866, compositional_acc 0.635 / 0.826 / 0.826.
   (Step 0: AP50 0.000, compositional 0.496: chance.)
+  Grounded segmentation with the SAM default run (configs/sam.py, 1500 steps):
+    python launch/eval.py --workdir=/tmp/owl --config=configs/owl.py \
+        --config.evals.box.sam_workdir=/tmp/sam --config.evals.box_heldout.sam_workdir=/tmp/sam
+  grounded_miou 0.851, grounded_iou@0.5 0.953 on validation (issue 19's bar: IoU >= 0.5 on seen
+  combinations); heldout split 0.860 / 0.964 (41 s for both evals).
 """
 from configs import common
 from configs.clip import get_config as clip_config

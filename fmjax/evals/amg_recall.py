@@ -13,6 +13,8 @@ size. Logged:
   recall@<match_iou>  instances covered by some generated mask at IoU >= match_iou (default
                       0.5), over all instances of the split (``eval/<name>_recall@0.5``)
   best_iou            the mean over instances of the best IoU of any generated mask
+  precision@<match_iou>  generated masks that cover some instance at IoU >= match_iou, over all
+                      generated masks (the rest are background regions, parts or unions)
   masks_per_image     the mean number of generated masks per image
   instances           the number of ground-truth instances
 
@@ -24,8 +26,10 @@ The defaults suit the 64 px shapes and the small CPU SAM of configs/sam.py: 16 p
 and stability >= 0.5 at a logit offset of 0.25. segment-anything's defaults (32 points, 0.88,
 0.95 at offset 1.0, for the released ViT-H) keep nothing of a briefly trained small SAM: its
 IoU head underestimates (predictions above 0.3 had a true IoU of 0.83 on average after 250
-steps) and its logits rarely pass +-1. On the 2-core CPU the eval takes ~4 s for 64 images
-(~6 s with compilation).
+steps) and its logits rarely pass +-1. A 0.3 filter keeps recall but not precision: ~20 masks
+per scene of <= 3 shapes at any step (precision 0.28); configs/sam.py sets 0.7 (precision ~0.85,
+recall ~0.96 from step 500 on; its docstring has the sweep). On the 2-core CPU the eval takes
+~4 s for 64 images (~6 s with compilation).
 """
 from __future__ import annotations
 
@@ -46,16 +50,22 @@ AMG_KEYS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability
             "stability_score_offset", "box_nms_thresh")
 
 
-def match_instances(pred_masks, gt_masks) -> np.ndarray:
-    """(N, H, W) generated and (G, H, W) ground-truth bool masks -> (G,) the best IoU of each
-    ground-truth mask with any generated one (0 without generated masks)."""
+def mask_ious(pred_masks, gt_masks) -> np.ndarray:
+    """(N, H, W) generated and (G, H, W) ground-truth bool masks -> (G, N) IoUs."""
     gt = np.asarray(gt_masks, bool).reshape(len(gt_masks), -1).astype(np.float32)
     if not len(pred_masks) or not len(gt):
-        return np.zeros(len(gt), np.float32)
+        return np.zeros((len(gt), len(pred_masks)), np.float32)
     pred = np.asarray(pred_masks, bool).reshape(len(pred_masks), -1).astype(np.float32)
     inter = gt @ pred.T
     union = gt.sum(1)[:, None] + pred.sum(1)[None, :] - inter
-    return (inter / np.maximum(union, 1.0)).max(axis=1)
+    return inter / np.maximum(union, 1.0)
+
+
+def match_instances(pred_masks, gt_masks) -> np.ndarray:
+    """(N, H, W) generated and (G, H, W) ground-truth bool masks -> (G,) the best IoU of each
+    ground-truth mask with any generated one (0 without generated masks)."""
+    iou = mask_ious(pred_masks, gt_masks)
+    return iou.max(axis=1) if iou.shape[1] else np.zeros(len(iou), np.float32)
 
 
 def _check_fraction(where, key, value, low_open: bool = False):
@@ -104,7 +114,7 @@ class AmgRecallEvaluator(common.Evaluator):
         multi = jax.process_count() > 1
         gather = (lambda x: multihost_utils.process_allgather(x, tiled=True)) if multi else None
         match_iou = float(self.option("match_iou"))
-        best, num_masks, num_images = [], 0, 0
+        best, num_masks, num_images, matched = [], 0, 0, 0
         rows = [[], [], []]
         pictures = int(self.option("pictures"))
         with self.ctx.scope():
@@ -129,7 +139,9 @@ class AmgRecallEvaluator(common.Evaluator):
                     gt = gt_all[i][:int(counts[i])]
                     gt = gt[gt.any(axis=(-2, -1))]
                     pred = [r["segmentation"] for r in results[i]]
-                    best.append(match_instances(pred, gt))
+                    iou = mask_ious(pred, gt)
+                    best.append(iou.max(axis=1) if iou.shape[1] else np.zeros(len(gt), np.float32))
+                    matched += int((iou >= match_iou).any(axis=0).sum())
                     num_masks += len(pred)
                     num_images += 1
                     if pics is not None and len(rows[0]) < pictures:
@@ -142,6 +154,7 @@ class AmgRecallEvaluator(common.Evaluator):
             writer.write_image(step, f"{self.name}_masks", image_grid([np.stack(r) for r in rows]))
         return {f"recall@{match_iou:g}": float((best >= match_iou).mean()) if len(best) else 0.0,
                 "best_iou": float(best.mean()) if len(best) else 0.0,
+                f"precision@{match_iou:g}": matched / num_masks if num_masks else 0.0,
                 "masks_per_image": num_masks / max(num_images, 1), "instances": float(len(best))}
 
     def _display(self, image) -> np.ndarray:

@@ -210,6 +210,7 @@ def test_amg_recall_is_one_for_ground_truth_masks_and_zero_for_none(empty):
     assert out["recall@0.5"] == (0.0 if empty else 1.0)
     assert out["best_iou"] == (0.0 if empty else 1.0)
     assert out["masks_per_image"] == (0.0 if empty else 1.5)
+    assert out["precision@0.5"] == (0.0 if empty else 1.0)   # every generated mask is an instance
     pic = writer.images["amg_masks"]
     assert pic.dtype == np.uint8 and pic.shape == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2, 3)
 
@@ -268,6 +269,7 @@ def picture(tmp_path):
 def test_training_logs_amg_recall(sam_workdir):
     m = _TRAINED["metrics"]
     assert 0.0 <= m["eval/amg_recall@0.5"] <= 1.0 and m["eval/amg_instances"] > 0
+    assert 0.0 <= m["eval/amg_precision@0.5"] <= 1.0
     assert m["eval/amg_masks_per_image"] >= 0
     assert any(f.startswith("amg_masks_") for f in os.listdir(os.path.join(sam_workdir, "images")))
 
