@@ -31,7 +31,7 @@ patches, an encoder 128 wide and 4 deep (4x4 windows, global attention in blocks
   Image encoder from an MAE workdir (configs/mae.py's default: the same width, depth and patch
   size; its blocks and patch embedding load through the preset's model_init.mapping):
     python launch/train.py --config=configs/sam.py --workdir=/tmp/sam_mae --config.model_init.workdir=/tmp/mae
-  Measured 2026-12-04 (MAE default run, 2500 steps at 32 px; SAM alone on the CPU, 12.5 min), at
+  Measured 2026-12-04 (MAE default run, 2500 steps at 32 px; SAM alone on the CPU, 13 min), at
   steps 500 / 1000 / 1500, from MAE vs the default from scratch above: box 0.875 / 0.902 / 0.911
   vs 0.857 / 0.892 / 0.905; point 0.841 / 0.882 / 0.887 vs 0.814 / 0.865 / 0.880; 3 points
   0.871 / 0.903 / 0.910 vs 0.845 / 0.893 / 0.904 (one seed each: the gain is +0.01 to +0.03,
