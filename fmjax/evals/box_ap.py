@@ -21,7 +21,7 @@ false positives, as DETR / OWL-ViT are scored). Logged:
                   phrase covers them at IoU >= ``match_iou``
   grounded_miou   with ``sam_workdir`` (a configs/sam.py run): the mean IoU of the mask SAM makes
                   from that top box with the instance's mask (Grounded-SAM;
-                  ``fmjax/train/grounding.py``), and grounded_iou@0.5 the fraction at IoU >= 0.5
+                  ``fmjax/train/segment.py`` Segmenter), and grounded_iou@0.5 the fraction at IoU >= 0.5
   instances       ground-truth instances scored (the other keys are logged only where they
                   are defined: e.g. no compositional_acc without a pair to swap)
 
@@ -167,7 +167,7 @@ class BoxAPEvaluator(common.Evaluator):
                          jax.jit(lambda p, x, q: model.apply({"params": p}, x, q, method=model.detect)))
             self._segmenter = None
             if self.option("sam_workdir"):
-                from fmjax.train.grounding import Segmenter
+                from fmjax.train.segment import Segmenter
                 devices = list(np.asarray(self.ctx.mesh.devices).flat) if self.ctx.mesh is not None else None
                 self._segmenter = Segmenter(self.option("sam_workdir"), devices=devices,
                                             flag=f"{self.where}.sam_workdir")

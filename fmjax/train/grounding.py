@@ -1,10 +1,10 @@
-"""Text -> boxes -> masks (Grounded-SAM): an open-vocabulary detector workdir (configs/owl.py)
-finds the box of a phrase, a SAM workdir (configs/sam.py) turns the box into a mask.
+"""Text -> boxes (the first half of Grounded-SAM): an open-vocabulary detector workdir
+(configs/owl.py) finds the box of a phrase; ``fmjax.train.segment.Segmenter`` (a SAM workdir,
+configs/sam.py) turns boxes into masks.
 
-``Detector(workdir)`` / ``Segmenter(workdir)`` restore the workdirs once (``load_checkpoint``);
+``Detector(workdir)`` restores the workdir once (``load_checkpoint``);
 ``detector.top_boxes(images01, phrases)`` gives, per image and phrase, the highest-scoring
-patch's box (pixel xyxy of the image) and score; ``segmenter.masks(images01, boxes)`` the SAM mask
-of each box at the image's size. Images are float [0, 1] (H, W, 3) arrays; each side resizes
+patch's box (pixel xyxy of the image) and score. Images are float [0, 1] (H, W, 3) arrays; each side resizes
 them (bicubic) to its model's input and applies its own ``config.data.pp_eval`` (without ``keep``),
 so the two workdirs may differ in resolution and normalisation. Used by ``launch/segment.py
 --prompt`` and the ``box_ap`` eval's ``sam_workdir`` (``fmjax/evals/box_ap.py``).
@@ -15,19 +15,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax.data import transforms
 from fmjax.errors import ConfigError
-from fmjax.objectives.base import supports
 from fmjax.train import files
 from fmjax.train.restore import load_checkpoint, load_workdir_config
 
 
-def _inputs(config, images01, size: int) -> np.ndarray:
-    from fmjax.train.segment import preprocess
+def preprocess(config, image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> the model input (size, size, C): bicubic resize, then pp_eval's ops
+    other than ``keep``."""
+    from PIL import Image
+    x = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), np.uint8)
+    try:
+        pp = transforms.parse(config.data.pp_eval)
+        ops = [t for t in pp.transforms if not isinstance(t, transforms.keep)]
+        out = transforms.Compose(ops)({"image": x}, np.random.default_rng(0))["image"]
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"config.data.pp_eval={config.data.pp_eval!r} cannot run on an image alone: {e}") from None
+    return np.asarray(out, np.float32)
+
+
+def model_inputs(config, images01, size: int) -> np.ndarray:
+    """float [0, 1] images (B, H, W, 3) -> the inputs of a workdir's model (``preprocess``)."""
     u8 = np.round(np.clip(np.asarray(images01, np.float32), 0, 1) * 255).astype(np.uint8)
     return np.stack([preprocess(config, im, size) for im in u8])
 
 
-def _workdir(workdir: str, flag: str, what: str):
+def workdir_config(workdir: str, flag: str, what: str):
     wd = files.resolve(workdir)
     if not files.isdir(wd):
         raise ConfigError(f"{flag}={workdir}: no such directory; give a workdir written by "
@@ -39,7 +53,7 @@ class Detector:
     """A restored ``owl`` workdir (its ``detector()`` hook)."""
 
     def __init__(self, workdir: str, step=None, devices=None, flag: str = "--detector_workdir"):
-        wd, config = _workdir(workdir, flag, "configs/owl.py")
+        wd, config = workdir_config(workdir, flag, "configs/owl.py")
         if config.objective.name != "owl":
             raise ConfigError(f"{flag}={workdir} holds a {config.objective.name!r} run; it must be an "
                               "open-vocabulary detector (configs/owl.py).")
@@ -57,7 +71,7 @@ class Detector:
 
     def detect(self, images01, phrases):
         """(scores (B, N, Q) sigmoid probabilities, boxes (B, N, 4) xyxy in [0, 1])."""
-        x = jnp.asarray(_inputs(self.config, images01, self.size))
+        x = jnp.asarray(model_inputs(self.config, images01, self.size))
         out = self._detect(self.params, x, self.query_embeds(phrases))
         from fmjax.objectives.owl import cxcywh_to_xyxy
         return np.asarray(jax.nn.sigmoid(out["logits"])), np.asarray(cxcywh_to_xyxy(out["boxes"]))
@@ -71,32 +85,3 @@ class Detector:
         px = top * np.array([w, h, w, h], np.float32) - np.array([0, 0, 1, 1], np.float32)
         px = np.clip(px, 0, np.array([w - 1, h - 1, w - 1, h - 1], np.float32))
         return px, np.take_along_axis(scores, best[:, None], 1)[:, 0]
-
-
-class Segmenter:
-    """A restored ``sam`` workdir (its ``sam_model()`` hook): one mask per box prompt."""
-
-    def __init__(self, workdir: str, step=None, devices=None, flag: str = "--workdir"):
-        wd, config = _workdir(workdir, flag, "configs/sam.py")
-        self.config, self.objective, _, _, state, self.step = load_checkpoint(wd, config, step, devices)
-        if not supports(self.objective, "sam_model"):
-            raise ConfigError(f"{flag}={workdir} holds a {self.config.objective.name!r} model, which "
-                              "takes no prompts; give a SAM workdir (configs/sam.py).")
-        self.model, params_of, self.slots = self.objective.sam_model()
-        self.params = params_of(state.params, state.extra)
-        self.size = int(getattr(self.model, "image_size", 0) or self.config.data.image_size)
-        m = self.model
-        self._encode = jax.jit(lambda p, x: m.apply({"params": p}, x, method=m.encode_image))
-
-    def masks(self, images01, boxes) -> np.ndarray:
-        """float [0, 1] images (B, H, W, 3) and boxes (B, P, 4) pixel xyxy -> bool (B, P, H, W)."""
-        from fmjax.train.segment import predict_prompts, to_model_frame
-        images01 = np.asarray(images01)
-        hw = images01.shape[1:3]
-        emb = self._encode(self.params, jnp.asarray(_inputs(self.config, images01, self.size)))
-        out = []
-        for i in range(len(images01)):
-            frame = to_model_frame(np.asarray(boxes[i], np.float32), hw, self.size).astype(np.float32)
-            recs = predict_prompts(self.model, self.params, emb[i:i + 1], self.slots, hw, boxes=frame)
-            out.append(np.stack([r["segmentation"] for r in recs]))
-        return np.stack(out)

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.data import transforms
 from fmjax.errors import ConfigError
 from fmjax.evals import amg_recall
 from fmjax.evals.images import save_png
@@ -45,6 +44,7 @@ from fmjax.models.sam import amg
 from fmjax.objectives.base import supports
 from fmjax.train import files
 from fmjax.train.restore import load_checkpoint, load_workdir_config
+from fmjax.train.grounding import Detector, model_inputs, preprocess, workdir_config  # noqa: F401 - preprocess: API
 from fmjax.train.setup import build
 
 MIN_PICTURE = 256  # smaller overlays are enlarged by an integer factor to at least this side
@@ -138,20 +138,6 @@ def check_inside(points, boxes, hw) -> None:
 
 
 # -- the model side ------------------------------------------------------------------------
-def preprocess(config, image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> the model input (size, size, C): bicubic resize, then pp_eval's ops
-    other than ``keep``."""
-    from PIL import Image
-    x = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), np.uint8)
-    try:
-        pp = transforms.parse(config.data.pp_eval)
-        ops = [t for t in pp.transforms if not isinstance(t, transforms.keep)]
-        out = transforms.Compose(ops)({"image": x}, np.random.default_rng(0))["image"]
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"config.data.pp_eval={config.data.pp_eval!r} cannot run on an image alone: {e}") from None
-    return np.asarray(out, np.float32)
-
-
 def to_model_frame(xy: np.ndarray, hw, size: int) -> np.ndarray:
     """Pixel coordinates (x, y, ...) of the original (H, W) image -> those of the size x size
     input (pixel centres map to pixel centres)."""
@@ -286,7 +272,6 @@ def segment_image(workdir: str, image: str, points=None, labels=None, boxes=None
     out = files.resolve(out) if out else files.join(wd, "images", f"segment_{stem}.png")
 
     if phrases is not None:   # text -> the detector's top box of each phrase -> box prompts
-        from fmjax.train.grounding import Detector
         det = Detector(detector_workdir, devices=devices)
         bxs, scores = det.top_boxes(picture[None].astype(np.float32) / 255.0, phrases)
         bxs, scores = bxs[0], scores[0]
@@ -311,3 +296,34 @@ def segment_image(workdir: str, image: str, points=None, labels=None, boxes=None
               f"area={r['area']} bbox={x0},{y0},{w},{h}", flush=True)
     print(f"{len(records)} mask{'s' if len(records) != 1 else ''} from {wd} at step {step} -> {out}", flush=True)
     return dict(masks=records, path=out, step=step)
+
+
+class Segmenter:
+    """A restored ``sam`` workdir (its ``sam_model()`` hook): one mask per box prompt (the
+    second half of Grounded-SAM, after ``fmjax.train.grounding.Detector``; the ``box_ap`` eval's
+    ``sam_workdir``). Images are float [0, 1] (B, H, W, 3), resized to the model's input and
+    normalised by the workdir's own ``pp_eval``."""
+
+    def __init__(self, workdir: str, step=None, devices=None, flag: str = "--workdir"):
+        wd, config = workdir_config(workdir, flag, "configs/sam.py")
+        self.config, self.objective, _, _, state, self.step = load_checkpoint(wd, config, step, devices)
+        if not supports(self.objective, "sam_model"):
+            raise ConfigError(f"{flag}={workdir} holds a {self.config.objective.name!r} model, which "
+                              "takes no prompts; give a SAM workdir (configs/sam.py).")
+        self.model, params_of, self.slots = self.objective.sam_model()
+        self.params = params_of(state.params, state.extra)
+        self.size = int(getattr(self.model, "image_size", 0) or self.config.data.image_size)
+        m = self.model
+        self._encode = jax.jit(lambda p, x: m.apply({"params": p}, x, method=m.encode_image))
+
+    def masks(self, images01, boxes) -> np.ndarray:
+        """float [0, 1] images (B, H, W, 3) and boxes (B, P, 4) pixel xyxy -> bool (B, P, H, W)."""
+        images01 = np.asarray(images01)
+        hw = images01.shape[1:3]
+        emb = self._encode(self.params, jnp.asarray(model_inputs(self.config, images01, self.size)))
+        out = []
+        for i in range(len(images01)):
+            frame = to_model_frame(np.asarray(boxes[i], np.float32), hw, self.size).astype(np.float32)
+            recs = predict_prompts(self.model, self.params, emb[i:i + 1], self.slots, hw, boxes=frame)
+            out.append(np.stack([r["segmentation"] for r in recs]))
+        return np.stack(out)
