@@ -149,3 +149,14 @@ def test_sams_coordinate_encoding_is_smooth_at_scale_1_and_a_hash_at_transformer
     for preset in ("default", "cpu"):
         c = load_config("sam", preset)
         assert c.model.pe_scale == 1.0 and c.optimizer.frozen == (r".*pe_layer/gaussian",)
+
+
+def test_remat_keeps_params_and_gradients(small):
+    """``remat=True`` (the paper presets) recomputes the encoder blocks: same param tree, same
+    gradients."""
+    model, params = small
+    remat = model.clone(remat=True)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, model.image_size, model.image_size, 3))
+    loss = lambda m: (lambda p: m.apply({"params": p}, x, method=m.encode_image).sum())  # noqa: E731
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(model))(params)), jax.tree.leaves(jax.grad(loss(remat))(params))):
+        np.testing.assert_allclose(a, b, atol=1e-6)

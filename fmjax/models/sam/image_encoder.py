@@ -83,6 +83,7 @@ class SamImageEncoder(nn.Module):
     neck_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False   # recompute each block's activations in the backward pass (same params)
 
     @property
     def grid(self) -> int:
@@ -105,9 +106,10 @@ class SamImageEncoder(nn.Module):
                 pos = jax.image.resize(pos, (1, gh, gw, self.width), "bicubic")
             x = x + pos.astype(self.dtype)
         mlp_dim = self.mlp_dim or 4 * self.width
+        block = nn.remat(SamVisionBlock) if self.remat else SamVisionBlock
         for i in range(self.depth):
             window = 0 if i in tuple(self.global_attn_indexes) else self.window_size
-            x = SamVisionBlock(self.num_heads, mlp_dim, window, (self.grid, self.grid),
+            x = block(self.num_heads, mlp_dim, window, (self.grid, self.grid),
                                use_rel_pos=self.use_rel_pos, qkv_bias=self.qkv_bias, eps=self.eps,
                                dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}")(x)
         return SamNeck(self.out_chans, eps=self.neck_eps, dtype=self.dtype,

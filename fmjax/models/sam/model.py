@@ -72,6 +72,7 @@ class SAM(nn.Module):
     iou_head_hidden_dim: int = 64
     eps: float = 1e-6
     decoder_final_eps: float = 1e-5
+    remat: bool = False                    # the image encoder's blocks recompute in the backward pass
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -83,7 +84,7 @@ class SAM(nn.Module):
         self.image_encoder = SamImageEncoder(
             self.image_size, self.patch_size, self.in_chans, self.width, self.depth, self.num_heads,
             self.mlp_dim, self.prompt_dim, self.window_size, tuple(self.global_attn_indexes),
-            self.use_abs_pos, self.use_rel_pos, self.qkv_bias, self.eps, self.eps, **kw)
+            self.use_abs_pos, self.use_rel_pos, self.qkv_bias, self.eps, self.eps, remat=self.remat, **kw)
         self.prompt_encoder = SamPromptEncoder(
             self.prompt_dim, grid, self.image_size, self.mask_in_chans, 4,
             float(self.pe_scale if self.pe_scale is not None else self.width // 2), self.eps, **kw)
