@@ -80,7 +80,7 @@ def test_pipeline_missing_a_batch_key(tiny_config, tmp_path):
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("evals.bad", dict(type="nope"), "config.evals.bad.type='nope'; valid: ['amg_recall', 'captioning', 'fewshot', 'generation', 'images', 'itm', 'knn'"),
+    ("evals.bad", dict(type="nope"), "config.evals.bad.type='nope'; valid: ['amg_recall', 'box_ap', 'captioning', 'fewshot', 'generation', 'images', 'itm', 'knn'"),
     ("data.pp_train", "resize(32)|nosuchop", "config.data.pp_train: unknown op 'nosuchop'"),
     ("data.pp_eval", "resize(", "config.data.pp_eval: cannot parse op 'resize('"),
     ("data.pp_train", "keep('nope')", "config.data.pp_train fails on the first training example"),
