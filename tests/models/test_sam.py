@@ -152,7 +152,7 @@ def test_sams_coordinate_encoding_is_smooth_at_scale_1_and_a_hash_at_transformer
 
 
 def test_remat_keeps_params_and_gradients(small):
-    """``remat=True`` (the paper presets) recomputes the encoder blocks: same param tree, same
+    """``remat=True`` (for the large encoders) recomputes the encoder blocks: same param tree, same
     gradients."""
     model, params = small
     remat = model.clone(remat=True)
