@@ -91,6 +91,8 @@ def test_losses_outputs_and_gradients_match_open_clip(correct_cls_mask, pooler_t
         name = jax.tree_util.keystr(path)
         if "patch_embed" in name and "bias" in name:   # open_clip's conv1 has no bias
             continue
+        if "['key']['bias']" in name:   # exactly 0 in exact arithmetic (softmax shift): float noise
+            continue
         w = np.asarray(flat_want[path])
         scale = max(np.abs(w).max(), 1e-3)
         np.testing.assert_allclose(np.asarray(g), w, atol=2e-5 * scale + 1e-7, rtol=1e-3, err_msg=name)
