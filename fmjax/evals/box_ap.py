@@ -147,9 +147,8 @@ class BoxAPEvaluator(common.Evaluator):
         if "pictures" in ev:
             common.check_int(where, "pictures", ev["pictures"], 0, " (0: none)")
         if "match_iou" in ev:
-            v = ev["match_iou"]
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 1:
-                raise ConfigError(f"{where}.match_iou={v!r}; it must be a number in (0, 1].")
+            from fmjax.evals.amg_recall import _check_fraction
+            _check_fraction(where, "match_iou", ev["match_iou"], low_open=True)
         if ev.get("sam_workdir"):
             common.check_str(where, "sam_workdir", ev["sam_workdir"])
             from fmjax.train import files
