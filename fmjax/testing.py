@@ -122,8 +122,10 @@ def load_config(name: str, preset: str = "default"):
 
 def cli_env(devices: int = 1, env=None) -> dict:
     """The environment ``run_cli`` gives a launcher: ``devices`` simulated CPU devices, the
-    test session's persistent compilation cache, no FMJAX_TRACEBACK."""
-    full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    test session's persistent compilation cache and extra XLA flags (``FMJAX_TEST_XLA_EXTRA``, set
+    by tests/conftest.py), no FMJAX_TRACEBACK."""
+    xla = f"--xla_force_host_platform_device_count={devices} {os.environ.get('FMJAX_TEST_XLA_EXTRA', '')}"
+    full_env = dict(os.environ, XLA_FLAGS=xla.strip(),
                     JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     full_env.pop("FMJAX_TRACEBACK", None)
     if os.environ.get("FMJAX_TEST_JAX_CACHE"):  # tests/conftest.py's persistent compilation cache
