@@ -106,11 +106,12 @@ class MultiHeadAttention(nn.Module):
                                  "broadcastable to (batch, heads, q_len, kv_len).")
         if self.attention_impl == "xla" or use_dropout:
             logits = jnp.einsum("bqhd,bthd->bhqt", q, k) * scale
-            logits = logits.astype(jnp.float32)
+            ft = jnp.promote_types(self.dtype, jnp.float32)  # float32 (float64 under x64)
+            logits = logits.astype(ft)
             if bias is not None:
-                logits = logits + jnp.asarray(bias, jnp.float32)
+                logits = logits + jnp.asarray(bias, ft)
             if mask is not None:
-                logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+                logits = jnp.where(mask, logits, jnp.finfo(ft).min)
             probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             if use_dropout:
                 probs = nn.Dropout(self.attention_dropout)(probs, deterministic=False)

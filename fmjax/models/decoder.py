@@ -211,7 +211,7 @@ class Decoder(nn.Module):
 
     ``__call__(tokens (B, T) int, train=False, context=None, context_mask=None,
     attention_mask=None)`` returns a
-    dict: ``logits`` (B, T, vocab) (float32), ``tokens`` (B, T, width) after the final norm.
+    dict: ``logits`` (B, T, vocab) (float32; float64 for a float64 model), ``tokens`` (B, T, width) after the final norm.
     ``context`` (B, S, D'): the encoder sequence the cross-attention blocks attend to
     (``cross_attention_every=k``: blocks k-1, 2k-1, ... have one; 0: none), ``context_mask``
     (B, S) bool, True = a real (not padding) context token. ``attention_mask`` (B, T) bool:
@@ -358,5 +358,5 @@ class Decoder(nn.Module):
             logits = dense(self.vocab_size, ("embed", "vocab"), self.dtype, self.param_dtype,
                            "lm_head", use_bias=False,
                            kernel_init=nn.initializers.normal(0.02))(x)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), ("batch", "length", "vocab"))
         return dict(logits=logits, tokens=x)

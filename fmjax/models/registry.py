@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
+import jax
 import jax.numpy as jnp
 
 # What a backbone can do, and the interface each capability promises.
@@ -77,7 +78,9 @@ _BUILTIN = {
     "dalle": ("fmjax.models.dalle:DalleTransformer", "fmjax.models.dalle:dalle_kwargs"),
 }
 _REGISTERED: dict[str, tuple[Any, Optional[Callable]]] = {}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64: library use only, under jax.enable_x64 (e.g. the LM trajectory test runs fmjax's step
+# in float64 against the reference's float64 run); configs take float32 / bfloat16.
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def _resolve(ref):
@@ -170,6 +173,9 @@ def build_model(model_config: Mapping[str, Any], dtype: str = "float32", **extra
     kwargs = model_kwargs(model_config)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; valid: {sorted(_DTYPES)}.")
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("dtype='float64' needs 64-bit JAX: run under jax.enable_x64(True) "
+                         "(or JAX_ENABLE_X64=1), or use float32.")
     kwargs.update(extra)
     return model_class(model_config["name"])(dtype=_DTYPES[dtype], **kwargs)
 

@@ -226,3 +226,20 @@ def test_left_padding_changes_nothing():
     bb, sb = generate.beam_search(m, params, padded, 4, num_beams=3, attention_mask=mask)
     np.testing.assert_array_equal(np.asarray(ba[..., 4:]), np.asarray(bb[..., 7:]))
     np.testing.assert_allclose(np.asarray(sa), np.asarray(sb), atol=1e-5)
+
+
+def test_float64_decoder_needs_x64_and_then_computes_in_float64():
+    """dtype='float64' (library use, e.g. the LM trajectory test): refused without 64-bit JAX;
+    under jax.enable_x64 the logits and the attention softmax stay float64."""
+    cfg = dict(name="decoder", vocab_size=32, max_length=8, width=16, depth=1, num_heads=2, mlp_dim=32)
+    with pytest.raises(ValueError, match="needs 64-bit JAX"):
+        build_model(cfg, "float64")
+    with jax.enable_x64(True):
+        model = build_model(cfg, "float64")
+        tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 32
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(0), tokens)["params"])
+        out = model.apply({"params": params}, tokens)["logits"]
+        assert out.dtype == jnp.float64
+        ref = build_model(cfg).apply({"params": jax.tree.map(lambda a: a.astype(jnp.float32), params)}, tokens)["logits"]
+        assert ref.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)

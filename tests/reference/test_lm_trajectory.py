@@ -16,10 +16,22 @@ and the reference options ``optimizer.warmup_mode='nanogpt'``, ``wd_groups='nano
 ``clip_eps=1e-6``; a 1-device mesh), from the same weights (converted by
 ``fmjax.interop.hf_gpt2.convert_nanogpt``, the ``model_init.format='nanogpt'`` converter), on the
 same 30 batches of caption-like rows (sot + random ids + eot + padding of random lengths; fmjax
-masks the targets after the first eot, nanoGPT gets them as ``-1``). The loss at every step and
-the final params are compared within rtol 1e-5 / atol 1e-6, widened by the reference's own
-float32 error as the CLIP test does; fmjax's old defaults (open_clip's warm-up, fmjax's decay
-groups) are shown to miss.
+masks the targets after the first eot, nanoGPT gets them as ``-1``); fmjax's old defaults
+(open_clip's warm-up, fmjax's decay groups) are shown to miss.
+
+Two comparisons:
+- float64 (the exact one): fmjax's step under ``jax.enable_x64`` with a float64 model against the
+  transcription rerun in float64 from the same weights: losses within rtol 1e-8, final params
+  within 1e-7 (measured: 2e-9 and 6e-8, the latter the float32 rounding of the converter; the
+  schedule's float32 lr is the rest). Host-independent: this is where a semantic difference
+  (a decay group, a schedule off-by-one, a clip rule) shows.
+- float32: the loss at every step within rtol 1e-5, and the final params as close to the float64
+  trajectory as the reference's own float32 run is, up to x4. After 30 Adam steps a few
+  elements of either float32 run sit ~1e-6 - 5e-6 from float64 (elements whose gradient is
+  small next to its rounding error; Adam normalises it to an lr-sized update): nanoGPT's worst
+  element was 2.8e-6 (block_1 fc1), fmjax's 5.4e-6 (block_0 fc2), each elsewhere. The per-element
+  bound the CLIP test uses passed on one host and failed on another (2026-12-04); the float64
+  run above showed that difference was float32 rounding only (5.4e-6 -> 6e-8 in float64).
 """
 import math
 import os
@@ -240,13 +252,41 @@ def runs():
         m = GPT(block_size=CTX).to(dtype)
         m.load_state_dict(model.state_dict())
         losses, norms = _nanogpt_train(m, rows)
-        ref[name] = dict(losses=losses, norms=norms, final=_convert(m.float()))
+        ref[name] = dict(losses=losses, norms=norms, final=_convert64(m))
     return params0, rows, ref
 
 
-@pytest.mark.xfail(strict=False, reason="2026-12-04 host: block_0 fc1/fc2 kernel elements end up to 5e-6 "
-                   "(1.7%) from the float64 trajectory where the float32 reference is 1e-7 away; it passed "
-                   "on the host that wrote it. Under investigation (issue 20 note); not a tolerance to widen.")
+def _convert64(model):
+    """The converter gives float32; a float64 model converts as its float32 part plus the
+    float32 of the remainder (the conversion moves elements only), summed in float64."""
+    hi = {k: v.float() for k, v in model.state_dict().items()}
+    lo = {k: (v - hi[k].double()).float() for k, v in model.state_dict().items()}
+    conv = lambda sd: formats.convert("nanogpt", sd, model_config=dict(num_heads=HEADS))
+    return jax.tree.map(lambda a, b: np.asarray(a, np.float64) + np.asarray(b, np.float64), conv(hi), conv(lo))
+
+
+def test_lm_matches_nanogpt_training_in_float64(runs):
+    """The exact comparison: both sides in float64 (fmjax under jax.enable_x64, model dtype
+    float64), so rounding cannot hide or fake a difference."""
+    params0, rows, ref = runs
+    with jax.enable_x64(True):
+        c = _config()
+        c.dtype = "float64"
+        losses, lrs, final = _fmjax_run(c, jax.tree.map(lambda a: np.asarray(a, np.float64), params0), rows)
+    fm, r64 = clip_t._flat(final), clip_t._flat(ref["ref64"]["final"])
+    assert {str(np.asarray(v).dtype) for v in jax.tree.leaves(final)} == {"float64"}
+    np.testing.assert_allclose(losses, ref["ref64"]["losses"], rtol=1e-8, err_msg="loss per step (float64)")
+    assert fm.keys() == r64.keys()
+    worst = 0.0
+    for k in fm:
+        if clip_t.NOISE_ONLY.search(k):
+            continue
+        np.testing.assert_allclose(fm[k], r64[k], rtol=1e-6, atol=1e-7, err_msg=k)
+        worst = max(worst, float(np.max(np.abs(fm[k] - r64[k]))))
+    print(f"\nLM vs nanoGPT in float64: max loss rel err {np.max(np.abs(losses / ref['ref64']['losses'] - 1)):.1e}, "
+          f"max param abs err {worst:.1e}")
+
+
 def test_lm_matches_nanogpt_training(runs):
     params0, rows, ref = runs
     losses, lrs, final = _fmjax_run(_config(), params0, rows)
@@ -255,24 +295,21 @@ def test_lm_matches_nanogpt_training(runs):
     assert r["losses"][-1] < r["losses"][0] - 0.5                     # it trains
     assert (r["norms"] > CLIP).any() and (r["norms"] < CLIP).any()   # the clip acts on some steps only
     np.testing.assert_allclose(losses, r["losses"], rtol=1e-5, atol=1e-6, err_msg="loss per step")
-    # Params: within rtol 1e-5 / atol 1e-6 of the float64 trajectory (the same transcription rerun
-    # in float64 from the same weights), widened per element by the float32 reference's own
-    # distance to it, x4 as the CLIP test allows for another host's kernels (measured here: fmjax
-    # at most 1.5 tol from float64 where nanoGPT's float32 run is 2.9 tol away). The CLIP test's
-    # "all but 10 elements within rtol of ref32" does not fit this lr: ~11 of the 110k elements
-    # move by ~1e-6 from float32 rounding alone, fmjax closer to float64 than the reference there.
+    # Params: as close to the float64 trajectory as nanoGPT's own float32 run, up to x4 (see the
+    # module docstring): all but 0.1% of each tensor within rtol 1e-5 / atol 1e-6 of float64,
+    # and the worst element no further than 1e-6 + 4x the reference's worst.
     fm, r32, r64 = (clip_t._flat(t) for t in (final, r["final"], ref["ref64"]["final"]))
     assert fm.keys() == r32.keys() == r64.keys()
-    beyond = 0
+    worst_fm = worst_ref = 0.0
     for k in fm:
         if clip_t.NOISE_ONLY.search(k):  # attention key biases: a gradient of exactly 0 (softmax)
             continue
-        tol = 1e-6 + 1e-5 * np.abs(r64[k])
-        bad = np.abs(fm[k] - r64[k]) > tol + 4 * np.abs(r32[k] - r64[k])
-        assert not bad.any(), (k, fm[k][bad], r32[k][bad], r64[k][bad])
-        beyond += int((np.abs(fm[k] - r32[k]) > 1e-6 + 1e-5 * np.abs(r32[k])).sum())
-    print(f"\nLM vs nanoGPT: max loss rel err {np.max(np.abs(losses / r['losses'] - 1)):.1e}; "
-          f"{beyond} param elements beyond rtol 1e-5 of the float32 reference, all within its float32 error")
+        err, tol = np.abs(fm[k] - r64[k]), 1e-6 + 1e-5 * np.abs(r64[k])
+        assert (err > tol).mean() <= 1e-3, (k, int((err > tol).sum()), err.max())
+        worst_fm, worst_ref = max(worst_fm, float(err.max())), max(worst_ref, float(np.max(np.abs(r32[k] - r64[k]))))
+    assert worst_fm <= 1e-6 + 4 * worst_ref, (worst_fm, worst_ref)
+    print(f"\nLM vs nanoGPT: max loss rel err {np.max(np.abs(losses / r['losses'] - 1)):.1e}; worst param "
+          f"element from float64: fmjax {worst_fm:.1e}, nanoGPT float32 {worst_ref:.1e}")
 
 
 @pytest.mark.parametrize("option, old", [("warmup_mode", "plus_one"), ("wd_groups", "fmjax")])
