@@ -37,7 +37,7 @@ import numpy as np
 from fmjax.errors import ConfigError
 from fmjax.models.registry import build_model, require
 from fmjax.objectives.base import Objective
-from fmjax.objectives.sam import mask_box
+from fmjax.objectives.sam import mask_box, sigmoid_focal
 
 EXACT_MATCH_MAX = 4   # enumerate K^K assignments up to this many instances per image
 
@@ -78,17 +78,6 @@ def instance_boxes(masks):
 
 
 # -- losses ------------------------------------------------------------------------------------
-def sigmoid_focal(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
-    """Elementwise sigmoid focal loss (Lin et al., 2017); alpha < 0: no alpha weighting."""
-    p = jax.nn.sigmoid(logits)
-    ce = jnp.logaddexp(0.0, logits) - logits * targets
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss
-
-
 def match_cost(logits, boxes, labels, gt_boxes, class_weight, l1_weight, giou_weight, alpha=0.25):
     """(B, N, V) logits, (B, N, 4) boxes, (B, K) labels, (B, K, 4) ground truth -> (B, N, K) cost
     (Deformable DETR's matcher: focal class cost, L1 and -GIoU)."""

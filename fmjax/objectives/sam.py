@@ -42,14 +42,20 @@ from fmjax.objectives.base import Objective
 PAD, BOX_TL, BOX_BR = -10, 2, 3
 
 
-def focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
-    """Sigmoid focal loss averaged over the last two (pixel) axes."""
+def sigmoid_focal(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
+    """Elementwise sigmoid focal loss (Lin et al., 2017); alpha < 0: no alpha weighting."""
     p = jax.nn.sigmoid(logits)
     ce = jnp.logaddexp(0.0, logits) - logits * targets  # binary cross-entropy with logits
     p_t = p * targets + (1 - p) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
-    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(axis=(-2, -1))
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
+def focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
+    """Sigmoid focal loss averaged over the last two (pixel) axes."""
+    return sigmoid_focal(logits, targets, alpha, gamma).mean(axis=(-2, -1))
 
 
 def dice_loss(logits, targets, eps: float = 1.0):
