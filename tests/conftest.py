@@ -5,11 +5,12 @@ XLA_FLAGS must be set before jax is imported anywhere, so it lives here.
 import os
 import tempfile
 
-# XLA's LLVM back end at -O0: most of the suite's time is compiling thousands of small programs,
-# which -O0 makes ~30% faster (tests/models/test_{swin,unet}.py cold: 139 s -> 99 s); programs
-# that run for minutes (the learning gates) run up to ~30% slower. Inherited by run_cli's
-# launchers (fmjax.testing.cli_env). Set FMJAX_TEST_XLA_EXTRA="" for XLA's defaults.
-_XLA_EXTRA = os.environ.setdefault("FMJAX_TEST_XLA_EXTRA", "--xla_backend_optimization_level=0")
+# Extra XLA flags for the whole session, inherited by run_cli's launchers (fmjax.testing.cli_env).
+# None by default. Tried: "--xla_backend_optimization_level=0" makes compile-bound files ~30%
+# faster (tests/models/test_{swin,unet}.py cold: 139 s -> 99 s) but training runs up to 30%
+# slower (the MAE learning gate 100 s -> 132 s); a cold full suite with it had run 22% of its
+# tests after 49 minutes, where one without had run 67% after 68.
+_XLA_EXTRA = os.environ.setdefault("FMJAX_TEST_XLA_EXTRA", "")
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {_XLA_EXTRA}".strip())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
