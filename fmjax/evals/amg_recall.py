@@ -33,8 +33,6 @@ recall ~0.96 from step 500 on; its docstring has the sweep). On the 2-core CPU t
 """
 from __future__ import annotations
 
-import numbers
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -68,13 +66,6 @@ def match_instances(pred_masks, gt_masks) -> np.ndarray:
     return iou.max(axis=1) if iou.shape[1] else np.zeros(len(iou), np.float32)
 
 
-def _check_fraction(where, key, value, low_open: bool = False):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
-    if not ok or not (0 < value <= 1 if low_open else 0 <= value <= 1):
-        raise ConfigError(f"{where}.{key}={value!r}; it must be a number in "
-                          f"{'(0, 1]' if low_open else '[0, 1]'}.")
-
-
 @registry.register("amg_recall")
 class AmgRecallEvaluator(common.Evaluator):
     """See the module docstring."""
@@ -91,9 +82,9 @@ class AmgRecallEvaluator(common.Evaluator):
             common.check_int(where, "pictures", ev["pictures"], 0, " (0: none)")
         for key in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
             if key in ev:
-                _check_fraction(where, key, ev[key])
+                common.check_fraction(where, key, ev[key])
         if "match_iou" in ev:
-            _check_fraction(where, "match_iou", ev["match_iou"], low_open=True)
+            common.check_fraction(where, "match_iou", ev["match_iou"], low_open=True)
         if "stability_score_offset" in ev:
             common.check_number(where, "stability_score_offset", ev["stability_score_offset"])
 

@@ -147,8 +147,7 @@ class BoxAPEvaluator(common.Evaluator):
         if "pictures" in ev:
             common.check_int(where, "pictures", ev["pictures"], 0, " (0: none)")
         if "match_iou" in ev:
-            from fmjax.evals.amg_recall import _check_fraction
-            _check_fraction(where, "match_iou", ev["match_iou"], low_open=True)
+            common.check_fraction(where, "match_iou", ev["match_iou"], low_open=True)
         if ev.get("sam_workdir"):
             common.check_str(where, "sam_workdir", ev["sam_workdir"])
             from fmjax.train import files

@@ -89,6 +89,14 @@ def check_number(where: str, key: str, value, positive: bool = True) -> None:
                           f"{'> 0' if positive else '>= 0'}.")
 
 
+def check_fraction(where: str, key: str, value, low_open: bool = False) -> None:
+    """A finite number in [0, 1] (``low_open``: in (0, 1])."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+    if not ok or not (0 < value <= 1 if low_open else 0 <= value <= 1):
+        raise ConfigError(f"{where}.{key}={value!r}; it must be a number in "
+                          f"{'(0, 1]' if low_open else '[0, 1]'}.")
+
+
 def check_str(where: str, key: str, value) -> None:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}.{key}={value!r}; it must be a non-empty string.")
