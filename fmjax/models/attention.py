@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.models import inject
-from fmjax.models.core import DenseND, Dtype, constrain
+from fmjax.models.core import DenseND, Dtype, at_least_float32, constrain
 
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
 HEAD_AXES = ("batch", "length", "heads", "kv")
@@ -106,12 +106,11 @@ class MultiHeadAttention(nn.Module):
                                  "broadcastable to (batch, heads, q_len, kv_len).")
         if self.attention_impl == "xla" or use_dropout:
             logits = jnp.einsum("bqhd,bthd->bhqt", q, k) * scale
-            ft = jnp.promote_types(self.dtype, jnp.float32)  # float32 (float64 under x64)
-            logits = logits.astype(ft)
+            logits = at_least_float32(logits)
             if bias is not None:
-                logits = logits + jnp.asarray(bias, ft)
+                logits = logits + jnp.asarray(bias, logits.dtype)
             if mask is not None:
-                logits = jnp.where(mask, logits, jnp.finfo(ft).min)
+                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
             probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             if use_dropout:
                 probs = nn.Dropout(self.attention_dropout)(probs, deterministic=False)

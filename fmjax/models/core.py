@@ -31,6 +31,12 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]] = ACT_AXES) -> jax.Arr
     return nn.with_logical_constraint(x, tuple(axes))
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """``x`` upcast to float32 for numerically sensitive work (softmax, losses): bfloat16 and
+    float32 become float32, float64 (a float64 model under jax.enable_x64) stays float64."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def part(init, axes: Sequence[Optional[str]]):
     """Shorthand for ``nn.with_logical_partitioning(init, axes)``."""
     return nn.with_logical_partitioning(init, tuple(axes))

@@ -40,7 +40,7 @@ from fmjax.models import inject
 from fmjax.models import scan as scan_lib
 from fmjax.models.attention import HEAD_AXES, MultiHeadAttention
 from fmjax.models.blocks import Mlp
-from fmjax.models.core import DenseND, Dtype, constrain, dense, layer_norm, part
+from fmjax.models.core import DenseND, Dtype, at_least_float32, constrain, dense, layer_norm, part
 
 POSITIONS = ("learned", "rotary")
 
@@ -358,5 +358,5 @@ class Decoder(nn.Module):
             logits = dense(self.vocab_size, ("embed", "vocab"), self.dtype, self.param_dtype,
                            "lm_head", use_bias=False,
                            kernel_init=nn.initializers.normal(0.02))(x)
-        logits = nn.with_logical_constraint(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(at_least_float32(logits), ("batch", "length", "vocab"))
         return dict(logits=logits, tokens=x)

@@ -22,13 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.models import generate as generate_lib
+from fmjax.models.core import at_least_float32
 from fmjax.models.registry import build_model, require
 from fmjax.objectives.base import Objective
-
-
-def _at_least_f32(x: jax.Array) -> jax.Array:
-    """``x`` in float32, or kept in float64 (a float64 run under jax.enable_x64 stays float64)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def target_mask(tokens: jax.Array, eot_token_id: int) -> jax.Array:
@@ -40,7 +36,7 @@ def target_mask(tokens: jax.Array, eot_token_id: int) -> jax.Array:
 
 def lm_loss(logits: jax.Array, tokens: jax.Array, eot_token_id: int):
     """(mean next-token NLL over the targets, token accuracy, number of targets)."""
-    logp = jax.nn.log_softmax(_at_least_f32(logits[:, :-1]), -1)
+    logp = jax.nn.log_softmax(at_least_float32(logits[:, :-1]), -1)
     targets = tokens[:, 1:]
     nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
     mask = target_mask(tokens, eot_token_id).astype(logp.dtype)
@@ -76,7 +72,7 @@ def pack_rows(chunks: jax.Array, lengths: jax.Array, out_len: int):
 def masked_lm_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array):
     """(mean next-token NLL, token accuracy, number of targets) over the targets
     ``tokens[:, 1:]`` where ``mask`` (B, L-1) is true."""
-    logp = jax.nn.log_softmax(_at_least_f32(logits[:, :-1]), -1)
+    logp = jax.nn.log_softmax(at_least_float32(logits[:, :-1]), -1)
     targets = tokens[:, 1:]
     nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
     mask = mask.astype(logp.dtype)
