@@ -120,6 +120,30 @@ def default_config(shapes_data_dir):
     return make
 
 
+# Fast compiles for the fast tests. Most of the suite's time is XLA compiling thousands of small
+# programs that then run a step or two; jax's ``jax_disable_most_optimizations`` (XLA backend
+# optimization level 0, no expensive LLVM passes) compiles them faster. Training-bound tests
+# (marked ``slow``) run up to 30% slower without optimization, and tests that inspect compiled
+# programs (marked ``optimized``: memory analysis, collectives in the HLO, TPU AOT) need the
+# real pipeline, so those keep it. The setting is per test (an autouse fixture) and reaches
+# run_cli's launchers through the environment. FMJAX_TEST_FAST_COMPILE=0 turns it off.
+_FAST_COMPILE = os.environ.get("FMJAX_TEST_FAST_COMPILE", "1") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _compile_effort(request, monkeypatch):
+    node = request.node
+    if not _FAST_COMPILE or node.get_closest_marker("slow") or node.get_closest_marker("optimized"):
+        yield
+        return
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", False)
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Run the test files longest first, so two xdist workers finish together.
 

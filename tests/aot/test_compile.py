@@ -13,6 +13,8 @@ import pytest
 from fmjax.aot import chips, report as report_lib
 from fmjax.testing import assert_one_line_error, load_config, run_cli
 
+pytestmark = pytest.mark.optimized  # TPU memory analysis: the real compiler pipeline (tests/conftest.py)
+
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e '.[aot]')")
 

@@ -28,6 +28,8 @@ from fmjax.train.state import create_state, mesh_context
 from fmjax.train.step import (_merge_micro, _split_micro, cached_embedding_loss_and_grad,
                               jit_train_step, make_train_step)
 
+pytestmark = pytest.mark.optimized  # reads the compiled program's memory analysis (tests/conftest.py)
+
 K = 4  # micro-batches
 RTOL, ATOL = 1e-5, 1e-5
 CTX, VOCAB = 8, 64

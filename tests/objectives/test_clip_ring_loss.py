@@ -26,6 +26,8 @@ from fmjax.train import optimizer as opt_lib
 from fmjax.train.state import create_state, mesh_context
 from fmjax.train.step import jit_train_step, make_train_step
 
+pytestmark = pytest.mark.optimized  # reads the optimized HLO and its memory analysis (tests/conftest.py)
+
 B, D = 40, 12  # 5 rows per device on 8; no per-device array of the ring has a dimension of 40
 KINDS = ["softmax", "sigmoid", "softmax_neg", "sigmoid_neg"]
 RTOL, ATOL = 1e-5, 1e-6

@@ -2,7 +2,6 @@
 jitted step (as fmjax/train/loop.py builds them) on a 1-device mesh, started from given
 params (test code)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fmjax.data import pipeline
@@ -14,22 +13,32 @@ from fmjax.train.state import create_state, mesh_context
 from fmjax.train.step import jit_train_step, make_train_step
 
 
-def run_steps(config, params0, batches, extra0=None, record=("loss", "lr")):
-    """One jitted train step per ``(images, labels)`` of ``batches`` from ``params0`` (and
-    ``extra0`` when given). Returns ({metric: per-step array} for ``record``, final params,
-    final extra, objective)."""
+def run_steps(config, params0, batches, extra0=None, record=("loss", "lr"), per_step=None,
+              check=True):
+    """One jitted train step per batch of ``batches`` from ``params0`` (and ``extra0`` when
+    given). A batch is ``(images, labels)`` (float32 NHWC images, int32 labels) or a dict of
+    arrays keyed as the objective reads them (their own dtypes). ``per_step(state)`` -> dict
+    records more per-step values (e.g. a parameter) under its keys. ``check=False`` skips the
+    objective's config check (for tests whose batches do not come from ``config.data``). Returns ({metric: per-step
+    array} for ``record`` and ``per_step``'s keys, final params, final extra, objective)."""
+    batches = [b if isinstance(b, dict) else
+               {"image": np.asarray(b[0], np.float32), "label": np.asarray(b[1], np.int32)}
+               for b in batches]
     objective = make_objective(config)
-    objective.check(config)
+    if check:
+        objective.check(config)
     mesh = make_mesh(config.mesh, jax.devices()[:1])
     rules = get_rules(config.sharding)
     tx, schedule = opt_lib.make_optimizer(config.optimizer, config.total_steps, config.batch_size)
-    spec = {"image": jax.ShapeDtypeStruct(batches[0][0].shape, jnp.float32),
-            "label": jax.ShapeDtypeStruct(batches[0][1].shape, jnp.int32)}
+    spec = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batches[0].items()}
     state, shardings = create_state(objective, tx, spec, mesh, rules, config.seed)
     assert jax.tree.structure(jax.device_get(state.params)) == jax.tree.structure(params0)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params0)):
-        assert a.shape == np.shape(b) and a.dtype == np.asarray(b).dtype
-    state = state.replace(params=jax.device_put(params0, shardings.params))
+        wider = jax.config.jax_enable_x64 and np.asarray(b).dtype == np.float64  # a float64 run
+        assert a.shape == np.shape(b) and (a.dtype == np.asarray(b).dtype or wider), (a.shape, a.dtype)
+    params0 = jax.device_put(params0, shardings.params)
+    state = state.replace(params=params0,
+                          opt_state=jax.device_put(tx.init(params0), shardings.opt_state))
     if extra0 is not None:
         state = state.replace(extra=jax.device_put(extra0, shardings.extra))
     step_fn = make_train_step(objective, tx, schedule, rules, config.grad_accum_steps,
@@ -37,12 +46,14 @@ def run_steps(config, params0, batches, extra0=None, record=("loss", "lr")):
     jitted = jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sharding(mesh), spec))
     out = {k: [] for k in record}
     with mesh_context(mesh):
-        for images, labels in batches:
-            state, metrics = jitted(state, pipeline.global_batch({"image": images, "label": labels}, mesh))
+        for batch in batches:
+            state, metrics = jitted(state, pipeline.global_batch(batch, mesh))
             metrics = jax.device_get(metrics)
             assert float(metrics["finite"]) == 1.0
             for k in record:
                 out[k].append(float(metrics[k]))
+            for k, v in (per_step(state) if per_step else {}).items():
+                out.setdefault(k, []).append(float(v))
     assert int(state.step) == len(batches)
     return ({k: np.array(v) for k, v in out.items()}, jax.device_get(state.params),
             jax.device_get(state.extra), objective)

@@ -96,12 +96,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from fmjax.interop import hf_clip  # noqa: E402
-from fmjax.objectives.base import make_objective  # noqa: E402
-from fmjax.parallel import mesh as mesh_lib  # noqa: E402
-from fmjax.parallel import rules as rules_lib  # noqa: E402
-from fmjax.train import optimizer as opt_lib  # noqa: E402
-from fmjax.train import state as state_lib  # noqa: E402
-from fmjax.train import step as step_lib  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fmjax_step import run_steps  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RTOL, ATOL = 1e-5, 1e-6
@@ -161,29 +158,11 @@ def _embeddings(model, images, tokens):
 def _fmjax_run(c, params, images, tokens):
     """fmjax's real jitted step from config ``c``, started from ``params``; per-step losses,
     logit scales and the final params."""
-    objective = make_objective(c)
-    tx, schedule = opt_lib.make_optimizer(c.optimizer, c.total_steps, c.batch_size)
-    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    rules = rules_lib.get_rules(c.sharding)
-    spec = {"image": jax.ShapeDtypeStruct((BATCH, IMAGE, IMAGE, 3), jnp.float32),
-            "tokens": jax.ShapeDtypeStruct((BATCH, CONTEXT), jnp.int32)}
-    state, shardings = state_lib.create_state(objective, tx, spec, mesh, rules, c.seed)
-    assert jax.tree.structure(state.params) == jax.tree.structure(params)
-    params = jax.device_put(params, shardings.params)
-    state = state.replace(params=params,
-                          opt_state=jax.device_put(tx.init(params), shardings.opt_state))
-    step_fn = step_lib.make_train_step(objective, tx, schedule, rules)
-    batch_sh = mesh_lib.batch_sharding(mesh)
-    jitted = step_lib.jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sh, spec))
-    losses, scales = [], []
-    with state_lib.mesh_context(mesh):
-        for s in range(STEPS):
-            batch = {"image": jnp.asarray(images[s].transpose(0, 2, 3, 1)),
-                     "tokens": jnp.asarray(tokens[s], jnp.int32)}
-            state, metrics = jitted(state, batch)
-            losses.append(float(metrics["loss"]))
-            scales.append(float(state.params["logit_scale"]))
-    return np.array(losses), np.array(scales), jax.device_get(state.params)
+    batches = [{"image": images[s].transpose(0, 2, 3, 1), "tokens": np.asarray(tokens[s], np.int32)}
+               for s in range(STEPS)]
+    m, final, _, _ = run_steps(c, params, batches, record=("loss",), check=False,
+                               per_step=lambda state: {"scale": state.params["logit_scale"]})
+    return m["loss"], m["scale"], final
 
 
 def _fmjax_model(c, cfg, **overrides):

@@ -50,15 +50,10 @@ F = torch.nn.functional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import test_clip_trajectory as clip_t  # noqa: E402
+from fmjax_step import run_steps  # noqa: E402
 
 from fmjax.interop import formats, hf_gpt2  # noqa: E402
-from fmjax.objectives.base import make_objective  # noqa: E402
-from fmjax.parallel import mesh as mesh_lib  # noqa: E402
-from fmjax.parallel import rules as rules_lib  # noqa: E402
 from fmjax.testing import load_config  # noqa: E402
-from fmjax.train import optimizer as opt_lib  # noqa: E402
-from fmjax.train import state as state_lib  # noqa: E402
-from fmjax.train import step as step_lib  # noqa: E402
 
 STEPS, BATCH, CTX = 30, 8, 33          # rows of 33 tokens: 32 inputs, 32 targets
 VOCAB, WIDTH, DEPTH, HEADS = 256, 64, 2, 4
@@ -218,24 +213,9 @@ def _config(**optimizer):
 
 
 def _fmjax_run(c, params, rows):
-    objective = make_objective(c)
-    tx, schedule = opt_lib.make_optimizer(c.optimizer, c.total_steps, c.batch_size)
-    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    rules = rules_lib.get_rules(c.sharding)
-    spec = {"tokens": jax.ShapeDtypeStruct((BATCH, CTX), jnp.int32)}
-    state, shardings = state_lib.create_state(objective, tx, spec, mesh, rules, c.seed)
-    assert jax.tree.structure(state.params) == jax.tree.structure(params)
-    params = jax.device_put(params, shardings.params)
-    state = state.replace(params=params, opt_state=jax.device_put(tx.init(params), shardings.opt_state))
-    step_fn = step_lib.make_train_step(objective, tx, schedule, rules)
-    jitted = step_lib.jit_train_step(step_fn, shardings, {"tokens": mesh_lib.batch_sharding(mesh)})
-    losses, lrs = [], []
-    with state_lib.mesh_context(mesh):
-        for s in range(STEPS):
-            state, metrics = jitted(state, {"tokens": jnp.asarray(rows[s], jnp.int32)})
-            losses.append(float(metrics["loss"]))
-            lrs.append(float(metrics["lr"]))
-    return np.array(losses), np.array(lrs), jax.device_get(state.params)
+    m, final, _, _ = run_steps(c, params, [{"tokens": np.asarray(r, np.int32)} for r in rows],
+                               check=False)
+    return m["loss"], m["lr"], final
 
 
 def _convert(model):
