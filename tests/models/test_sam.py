@@ -160,7 +160,8 @@ def test_remat_keeps_params_and_gradients(small):
     # a random projection of the embeddings, not their sum: the sum of the neck's LayerNorm
     # outputs is nearly constant, so its gradients were float32 noise (~1e-7) and compared
     # element by element at 1e-6 they failed on rounding alone
-    w = jax.random.normal(jax.random.PRNGKey(2), model.apply({"params": params}, x, method=model.encode_image).shape)
+    out = jax.eval_shape(lambda p: model.apply({"params": p}, x, method=model.encode_image), params)
+    w = jax.random.normal(jax.random.PRNGKey(2), out.shape)
     loss = lambda m: (lambda p: (m.apply({"params": p}, x, method=m.encode_image) * w).sum())  # noqa: E731
     for a, b in zip(jax.tree.leaves(jax.grad(loss(model))(params)), jax.tree.leaves(jax.grad(loss(remat))(params))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))

@@ -19,8 +19,9 @@ def run_steps(config, params0, batches, extra0=None, record=("loss", "lr"), per_
     given). A batch is ``(images, labels)`` (float32 NHWC images, int32 labels) or a dict of
     arrays keyed as the objective reads them (their own dtypes). ``per_step(state)`` -> dict
     records more per-step values (e.g. a parameter) under its keys. ``check=False`` skips the
-    objective's config check (for tests whose batches do not come from ``config.data``). Returns ({metric: per-step
-    array} for ``record`` and ``per_step``'s keys, final params, final extra, objective)."""
+    objective's config check (for tests whose batches do not come from ``config.data``).
+    Returns ({metric: per-step array} for ``record`` and ``per_step``'s keys, final params,
+    final extra, objective)."""
     batches = [b if isinstance(b, dict) else
                {"image": np.asarray(b[0], np.float32), "label": np.asarray(b[1], np.int32)}
                for b in batches]
