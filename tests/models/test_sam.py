@@ -163,5 +163,10 @@ def test_remat_keeps_params_and_gradients(small):
     out = jax.eval_shape(lambda p: model.apply({"params": p}, x, method=model.encode_image), params)
     w = jax.random.normal(jax.random.PRNGKey(2), out.shape)
     loss = lambda m: (lambda p: (m.apply({"params": p}, x, method=m.encode_image) * w).sum())  # noqa: E731
-    for a, b in zip(jax.tree.leaves(jax.grad(loss(model))(params)), jax.tree.leaves(jax.grad(loss(remat))(params))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+    ga, gb = jax.grad(loss(model))(params), jax.grad(loss(remat))(params)
+    # the attention key biases' gradients are zero in exact arithmetic (softmax ignores a constant
+    # shift per query), so they are pure rounding noise: atol is scaled by the largest gradient of
+    # the whole tree, not of each leaf
+    atol = 1e-7 * max(float(np.abs(b).max()) for b in jax.tree.leaves(gb))
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol)
