@@ -161,3 +161,22 @@ def pytest_collection_modifyitems(session, config, items):
         cost[f] = cost.get(f, 0.0) + (90.0 if item.get_closest_marker("slow") else 1.5)
     items.sort(key=lambda it: (-cost[it.nodeid.split("::", 1)[0]],
                                first[it.nodeid.split("::", 1)[0]]))
+
+
+# Where a run's time went, printed at its end: each xdist worker's busy seconds (the sum of its
+# tests' setup, call and teardown) and the number of tests it ran. Two workers far apart mean
+# the file order above left one worker alone at the end.
+_BUSY: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    node = getattr(report, "node", None)  # set on the reports an xdist controller receives
+    worker = getattr(getattr(node, "gateway", None), "id", None) or "main"
+    busy, count = _BUSY.get(worker, (0.0, 0))
+    _BUSY[worker] = (busy + report.duration, count + (report.when == "call"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _BUSY:
+        terminalreporter.write_line("busy seconds per worker: " + ", ".join(
+            f"{w} {b:.0f} s / {n} tests" for w, (b, n) in sorted(_BUSY.items())))
