@@ -18,7 +18,9 @@ SYNTHETIC_CAPTION = "a small red circle left of a large blue square."
 
 
 def synthetic_example(config) -> dict:
-    """What a source gives (``image`` uint8 HxWx3, ``label``, ``caption``), at the dataset's
+    """What a source gives (``image`` uint8 HxWx3, ``label``, ``caption``, and instances:
+    ``masks`` (K, H, W) uint8, ``num_objects`` K, per-instance ``shapes`` / ``colors`` / ``sizes``
+    / ``positions``, with K = ``config.data.max_instances`` or the shapes' 3), at the dataset's
     resolution for fmjax_shapes, else at ``config.data.image_size`` (every pp_train crops or
     resizes from that)."""
     from fmjax.data import sources
@@ -27,8 +29,16 @@ def synthetic_example(config) -> dict:
     except (ValueError, AttributeError):
         size = None
     size = size or int(config.data.get("image_size") or 224)
-    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    return {"image": image, "label": 0, "caption": SYNTHETIC_CAPTION}
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    k = int(config.data.get("max_instances", 3) or 3)
+    masks = np.zeros((k, size, size), np.uint8)
+    for i in range(k):   # a square per instance, so boxes and prompts are well defined
+        y, x = rng.integers(0, size - size // 4, 2)
+        masks[i, y:y + size // 4, x:x + size // 4] = 1
+    attrs = {key: np.zeros((k,), np.int32) for key in ("shapes", "colors", "sizes", "positions")}
+    return {"image": image, "label": 0, "caption": SYNTHETIC_CAPTION, "masks": masks,
+            "num_objects": np.int32(k), **attrs}
 
 
 _VOCAB_FILE_ARGS = re.compile(r"tokenizer\s*=\s*['\"]clip_bpe['\"]")

@@ -17,7 +17,9 @@ Per image the image encoder runs once; every instance of the image (``masks`` (B
 The loss of a prediction is ``focal_weight`` x focal (alpha 0.25, gamma 2) + ``dice_weight``
 x dice on the mask logits upsampled to the image (the paper's 20:1), plus ``iou_weight`` x the
 MSE between the IoU head and each output mask's IoU with the ground truth. Rounds are
-averaged; rows of absent or fully occluded instances are masked out.
+averaged; rows of absent or fully occluded instances are masked out. ``remat_rounds=True``
+recomputes each round's decoder pass and loss in the backward pass (same values and
+gradients, far less memory at 1024 px; the paper presets set it).
 
 Prompts share one static layout so box and point rows batch together: ``1 + rounds + 1``
 point slots; a box is given as its two corners with labels 2 / 3 (the prompt encoder embeds
@@ -119,6 +121,10 @@ class SAMObjective(Objective):
         self.focal_weight = float(o.get("focal_weight", 20.0))
         self.dice_weight = float(o.get("dice_weight", 1.0))
         self.iou_weight = float(o.get("iou_weight", 1.0))
+        # recompute each round's decoder pass and full-resolution loss in the backward pass
+        # instead of keeping them: at 1024 px with 64 masks per image and 11 rounds the kept
+        # upsampled logits alone are ~1 GB per image per round (the paper presets set it)
+        self.remat_rounds = bool(o.get("remat_rounds", False))
         self.patch_size = self.model.patch_size
 
     def check(self, config):
@@ -180,16 +186,25 @@ class SAMObjective(Objective):
                   rounds=None):
         """Runs round 0 and the correction rounds; returns per-round (loss (R,), iou (R,))."""
         rounds = self.rounds if rounds is None else rounds
-        emb = self.model.apply({"params": params}, images, method=self.model.encode_image)[image_of_row]
+        if train and self.model.drop_path > 0:  # the encoder's stochastic depth; other draws unchanged
+            emb = self.model.apply({"params": params}, images, True, method=self.model.encode_image,
+                                   rngs={"dropout": jax.random.fold_in(rng, 0x5A4D)})
+        else:
+            emb = self.model.apply({"params": params}, images, method=self.model.encode_image)
+        emb = emb[image_of_row]
         rng, k0 = jax.random.split(rng)
         points, labels = self._first_prompt(k0, gt, use_box, box_noise)
         prev, results = None, []
+        predict, losses = self._predict, self._losses
+        if self.remat_rounds:
+            predict = jax.checkpoint(predict, static_argnums=(5,))
+            losses = jax.checkpoint(losses)
         ambiguous = ~use_box  # one point: three masks (the paper); a box or several points: one
         take = lambda x, i: jnp.take_along_axis(x, i.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]  # noqa: E731
         for rnd in range(rounds + 1):
             # round 0 needs the single mask and the three from one decoder pass (all four tokens)
-            logits, iou_pred = self._predict(params, emb, points, labels, prev, None if rnd == 0 else False)
-            mask_loss, iou_mse, actual, up = self._losses(logits, iou_pred, gt)
+            logits, iou_pred = predict(params, emb, points, labels, prev, None if rnd == 0 else False)
+            mask_loss, iou_mse, actual, up = losses(logits, iou_pred, gt)
             if rnd == 0:
                 m_logits, m_iou_pred, m_loss, m_mse, m_actual, m_up = (
                     x[:, 1:] for x in (logits, iou_pred, mask_loss, iou_mse, actual, up))

@@ -170,3 +170,20 @@ def test_remat_keeps_params_and_gradients(small):
     atol = 1e-7 * max(float(np.abs(b).max()) for b in jax.tree.leaves(gb))
     for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol)
+
+
+def test_drop_path_is_stochastic_depth_of_the_encoder_blocks(small):
+    """``drop_path`` (the paper presets' 0.4): the same params; no effect at inference; in training
+    (``train=True`` and a 'dropout' rng) it changes the embeddings per draw, and the
+    rematerialised encoder makes the same draws."""
+    model, params = small
+    dp = model.clone(drop_path=0.4)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, model.image_size, model.image_size, 3))
+    enc = lambda m, train, seed=0: m.apply({"params": params}, x, train, method=m.encode_image,  # noqa: E731
+                                           rngs={"dropout": jax.random.PRNGKey(seed)})
+    np.testing.assert_array_equal(enc(dp, False), enc(model, False))
+    np.testing.assert_array_equal(enc(model, True), enc(model, False))   # rate 0: nothing dropped
+    a, b = enc(dp, True, 0), enc(dp, True, 1)
+    assert np.abs(np.asarray(a) - np.asarray(enc(dp, False))).max() > 1e-3
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+    np.testing.assert_allclose(enc(dp.clone(remat=True), True, 0), a, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmjax.models.blocks import Mlp
+from fmjax.models.blocks import DropPath, Mlp, stochastic_depth_rates
 from fmjax.models.core import DenseND, Dtype, layer_norm, part, zeros
 from fmjax.models.sam.common import LayerNorm2d, SamAttention, conv, window_partition, window_unpartition
 
@@ -37,11 +37,12 @@ class SamVisionBlock(nn.Module):
     qkv_bias: bool = True
     eps: float = 1e-6
     activation: str = "gelu"
+    drop_path: float = 0.0   # stochastic depth of both residual branches (rng 'dropout')
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         b, h, w, c = x.shape
         size = (self.window_size,) * 2 if self.window_size > 0 else tuple(self.grid)
         y = layer_norm(self.eps, self.dtype, self.param_dtype, "norm1")(x)
@@ -55,11 +56,11 @@ class SamVisionBlock(nn.Module):
         y = t.reshape(-1, bh, bw, c)
         if self.window_size > 0:
             y = window_unpartition(y, self.window_size, padded, (h, w))
-        x = x + y
+        x = x + DropPath(self.drop_path)(y, deterministic)
         t = layer_norm(self.eps, self.dtype, self.param_dtype, "norm2")(x).reshape(b, h * w, c)
         t = Mlp(self.mlp_dim, activation=self.activation, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="mlp")(t)
-        return x + t.reshape(b, h, w, c)
+        return x + DropPath(self.drop_path)(t.reshape(b, h, w, c), deterministic)
 
 
 class SamImageEncoder(nn.Module):
@@ -84,13 +85,16 @@ class SamImageEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False   # recompute each block's activations in the backward pass (same params)
+    # stochastic depth rising linearly over the blocks from 0 to drop_path (ViTDet's rule; the SAM
+    # paper trains with 0.4); active only with deterministic=False and a 'dropout' rng
+    drop_path: float = 0.0
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
         b, hh, ww, cc = images.shape
         p = self.patch_size
         if hh % p or ww % p:
@@ -106,12 +110,14 @@ class SamImageEncoder(nn.Module):
                 pos = jax.image.resize(pos, (1, gh, gw, self.width), "bicubic")
             x = x + pos.astype(self.dtype)
         mlp_dim = self.mlp_dim or 4 * self.width
-        block = nn.remat(SamVisionBlock) if self.remat else SamVisionBlock
+        block = nn.remat(SamVisionBlock, static_argnums=(2,)) if self.remat else SamVisionBlock
+        rates = stochastic_depth_rates(self.drop_path, self.depth)
         for i in range(self.depth):
             window = 0 if i in tuple(self.global_attn_indexes) else self.window_size
             x = block(self.num_heads, mlp_dim, window, (self.grid, self.grid),
-                               use_rel_pos=self.use_rel_pos, qkv_bias=self.qkv_bias, eps=self.eps,
-                               dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}")(x)
+                      use_rel_pos=self.use_rel_pos, qkv_bias=self.qkv_bias, eps=self.eps,
+                      drop_path=rates[i], dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=f"block_{i}")(x, deterministic)
         return SamNeck(self.out_chans, eps=self.neck_eps, dtype=self.dtype,
                        param_dtype=self.param_dtype, name="neck")(x)
 

@@ -73,6 +73,7 @@ class SAM(nn.Module):
     eps: float = 1e-6
     decoder_final_eps: float = 1e-5
     remat: bool = False                    # the image encoder's blocks recompute in the backward pass
+    drop_path: float = 0.0                 # the image encoder's stochastic depth (linear over blocks)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -84,7 +85,8 @@ class SAM(nn.Module):
         self.image_encoder = SamImageEncoder(
             self.image_size, self.patch_size, self.in_chans, self.width, self.depth, self.num_heads,
             self.mlp_dim, self.prompt_dim, self.window_size, tuple(self.global_attn_indexes),
-            self.use_abs_pos, self.use_rel_pos, self.qkv_bias, self.eps, self.eps, remat=self.remat, **kw)
+            self.use_abs_pos, self.use_rel_pos, self.qkv_bias, self.eps, self.eps, remat=self.remat,
+            drop_path=self.drop_path, **kw)
         self.prompt_encoder = SamPromptEncoder(
             self.prompt_dim, grid, self.image_size, self.mask_in_chans, 4,
             float(self.pe_scale if self.pe_scale is not None else self.width // 2), self.eps, **kw)
@@ -93,9 +95,10 @@ class SAM(nn.Module):
             self.decoder_mlp_dim, self.attention_downsample_rate, self.iou_head_depth,
             self.iou_head_hidden_dim, self.eps, self.decoder_final_eps, self.eps, **kw)
 
-    def encode_image(self, images: jax.Array) -> jax.Array:
-        """(B, S, S, C) normalised images -> (B, S/p, S/p, prompt_dim) image embeddings."""
-        return self.image_encoder(images)
+    def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """(B, S, S, C) normalised images -> (B, S/p, S/p, prompt_dim) image embeddings.
+        ``train=True`` applies the encoder's drop path (needs a 'dropout' rng when it is > 0)."""
+        return self.image_encoder(images, deterministic=not train)
 
     def image_pe(self) -> jax.Array:
         """(h, w, prompt_dim): the dense positional encoding of the embedding grid."""
@@ -110,7 +113,7 @@ class SAM(nn.Module):
 
     def __call__(self, images: jax.Array, points=None, labels=None, boxes=None, masks=None,
                  multimask_output: bool = True, train: bool = False) -> Dict[str, jax.Array]:
-        emb = self.encode_image(images)
+        emb = self.encode_image(images, train)
         low_res, iou = self.predict(emb, points, labels, boxes, masks, multimask_output)
         return {"image_embeddings": emb, "masks": low_res, "iou_predictions": iou}
 
