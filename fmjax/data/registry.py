@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Optional
 _BUILTIN_OPS = {
     **{name: "fmjax.data.transforms" for name in (
         "resize", "center_crop", "random_resized_crop", "flip_lr", "normalize", "keep",
-        "apply_crop", "apply_flip_lr")},
+        "apply_crop", "apply_flip_lr", "resize_longest", "pad_to")},
     **{name: "fmjax.data.color_ops" for name in (
         "color_jitter", "grayscale", "gaussian_blur", "solarize", "multi_crop", "two_views")},
     **{name: "fmjax.data.text_ops" for name in ("tokenize", "swap_words")},
@@ -196,6 +196,7 @@ _BUILTIN_SOURCES = {
     "tfds": "fmjax.data.sources",
     "array_record": "fmjax.data.records",
     "wds": "fmjax.data.wds",
+    "sa1b": "fmjax.data.sa1b",
 }
 _SOURCES: dict[str, SourceKind] = {}
 _SOURCE_ORIGIN: dict[str, tuple] = {}   # kind -> (module, qualname) of what registered it

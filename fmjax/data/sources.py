@@ -10,6 +10,8 @@ Names:
                                            (fmjax.data.records; launch/make_shards.py)
   wds:<dir or glob>                        webdataset-style tars of image + caption
                                            (fmjax.data.wds)
+  sa1b:<dir>                               SA-1B as released: sa_*.jpg + sa_*.json pairs,
+                                           up to 64 instance masks each (fmjax.data.sa1b)
   <tfds name>[/<config>][:<version>]       any prepared TFDS catalog dataset,
   tfds:<tfds name>...                      read with `tfds.data_source`.
 

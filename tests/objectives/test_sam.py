@@ -131,8 +131,10 @@ def test_paper_preset_compiles_with_synthetic_instance_masks(tmp_path):
     import json
     from fmjax.testing import run_cli
     out = tmp_path / "r.json"
+    pp = load_config("sam", "sa1b_vit_b").data.pp_train.replace("1024", "64")
     proc = run_cli("compile", "--config=configs/sam.py:sa1b_vit_b", "--topology=cpu-2",
                    "--config.model.variant=", "--config.data.image_size=64", "--config.data.max_instances=4",
+                   f"--config.data.pp_train={pp}",
                    "--config.batch_size=4", "--config.objective.correction_rounds=1", "--eval_step=false",
                    f"--out={out}", devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
