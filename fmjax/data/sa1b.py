@@ -163,8 +163,8 @@ class Sa1bKind(SourceKind):
             raise ValueError(f"Bad dataset name {name!r}: use '{PREFIX}/path/to/extracted/sa1b'.")
         root = os.path.expanduser(path)
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"SA-1B folder {root!r} does not exist; extract the release's "
-                                    "tar files there or fix config.data.name.")
+            raise FileNotFoundError(f"SA-1B folder {root!r} not found: extract the release's tar "
+                                    "files there or set config.data.name=sa1b:DIR.")
         return root
 
     def check(self, name, split, data_dir):

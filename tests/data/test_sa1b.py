@@ -91,7 +91,7 @@ def test_without_split_folders_everything_is_train_and_errors_are_one_line(tmp_p
     assert len(sources.get_source(f"sa1b:{tmp_path}", "train")) == 1
     with pytest.raises(FileNotFoundError, match="no 'validation' folder"):
         sources.check_source(f"sa1b:{tmp_path}", "validation")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         sources.check_source(f"sa1b:{tmp_path}/nope", "train")
     os.remove(tmp_path / "sa_1.json")
     with pytest.raises(FileNotFoundError, match="no annotation file"):
