@@ -175,6 +175,12 @@ def check_image_folder(root, split):
     _list_images(root, split)
 
 
+def read_rgb(path) -> np.ndarray:
+    """An image file -> uint8 (H, W, 3) RGB (grayscale / alpha converted); PIL's errors pass."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), np.uint8)
+
+
 class ImageFolderSource:
     """Random-access source over root/<split>/<class_name>/*.{png,jpg,jpeg}.
 
@@ -218,8 +224,7 @@ class ImageFolderSource:
         index = int(index)
         path = self.paths[index]
         try:
-            with Image.open(path) as img:
-                image = np.asarray(img.convert("RGB"), np.uint8)
+            image = read_rgb(path)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
             raise BadExampleError(f"image {path}", str(e) or type(e).__name__,
                                   "replace or remove the file") from None

@@ -27,9 +27,9 @@ import json
 import os
 
 import numpy as np
-from PIL import Image
 
 from fmjax.data.bad_examples import BadExampleError
+from fmjax.data.image_folder import read_rgb
 from fmjax.data.registry import SourceKind, register_source
 
 PREFIX = "sa1b:"
@@ -125,8 +125,7 @@ class Sa1bSource:
         index = int(index)
         path = self.paths[index]
         try:
-            with Image.open(path) as img:
-                image = np.asarray(img.convert("RGB"), np.uint8)
+            image = read_rgb(path)
             with open(path[:-4] + ".json") as f:
                 anns = json.load(f)["annotations"]
             h, w = image.shape[:2]

@@ -101,10 +101,9 @@ def read_image(path: str) -> np.ndarray:
     full = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.isfile(full):
         raise ConfigError(f"--image={path}: no such file ({full}).")
-    from PIL import Image
+    from fmjax.data.image_folder import read_rgb
     try:
-        with Image.open(full) as im:
-            return np.asarray(im.convert("RGB"), np.uint8)
+        return read_rgb(full)
     except Exception as e:  # noqa: BLE001 - PIL raises several types for a bad file
         raise ConfigError(f"--image={path}: cannot read it as an image ({type(e).__name__}: {e}).") from None
 
