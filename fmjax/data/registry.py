@@ -26,7 +26,8 @@ from typing import Any, Callable, Mapping, Optional
 _BUILTIN_OPS = {
     **{name: "fmjax.data.transforms" for name in (
         "resize", "center_crop", "random_resized_crop", "flip_lr", "normalize", "keep",
-        "apply_crop", "apply_flip_lr", "resize_longest", "pad_to")},
+        "apply_crop", "apply_flip_lr")},
+    **{name: "fmjax.data.sam_ops" for name in ("resize_longest", "pad_to")},
     **{name: "fmjax.data.color_ops" for name in (
         "color_jitter", "grayscale", "gaussian_blur", "solarize", "multi_crop", "two_views")},
     **{name: "fmjax.data.text_ops" for name in ("tokenize", "swap_words")},

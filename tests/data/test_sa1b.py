@@ -130,6 +130,6 @@ def test_the_paper_presets_pp_resizes_the_longer_side_normalises_and_pads(tmp_pa
     assert np.abs(out["image"][:21]).max() > 0.5
     expected = np.asarray(Image.fromarray(masks[0] * 255).resize((32, 21), Image.NEAREST)) > 0
     np.testing.assert_array_equal(out["masks"][0, :21] > 0, expected)
-    from fmjax.data.transforms import pad_to
+    from fmjax.data.sam_ops import pad_to
     with pytest.raises(ValueError, match="larger; resize it first"):
         pad_to(16)(ex, np.random.default_rng(0))
