@@ -15,6 +15,11 @@ a 2-layer width-128 decoder, 32 tokens):
   "there is a pink heart below a yellow star.", "a picture showing a large red square.",
   "a picture of a green hexagon next to a purple circle and a pink heart."
 
+'cpu': the same recipe as the default, which already flattens within ~4 minutes (validation
+0.949 at step 300, 0.934 at 600; train loss plateaus at the same ~0.93, near the floor the
+captions' own randomness sets); a longer run has not been measured:
+    python launch/train.py --config=configs/gpt.py:cpu --workdir=/tmp/gpt_cpu
+
 'interleaved' (the frozen LM of configs/flamingo.py): the same model with 128 learned
 positions, trained on rows of six captions packed without their padding (objective.pack=6,
 pack_length=128; 192 captions = 32 rows per step, 500 steps):
@@ -38,7 +43,7 @@ from configs import common
 def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective.name = "lm"
-    if arg in ("default", "interleaved"):
+    if arg in ("default", "cpu", "interleaved"):
         c.total_steps = 600
         c.batch_size = 64
         c.log_every = 50
@@ -64,5 +69,5 @@ def get_config(arg: str = "default"):
             c.objective.pack_length = 128
             c.model.max_length = 128
     else:
-        raise ValueError(f"Unknown configs/gpt.py preset {arg!r}; valid: default, interleaved.")
+        raise ValueError(f"Unknown configs/gpt.py preset {arg!r}; valid: default, cpu, interleaved.")
     return c
