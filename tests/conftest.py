@@ -144,6 +144,25 @@ def _compile_effort(request, monkeypatch):
         jax.config.update("jax_disable_most_optimizations", False)
 
 
+# One torch thread per test. Two xdist workers share two cores; torch's OpenMP workers spin
+# while they wait, so a reference transcription with torch's default 2 threads beside a busy
+# worker ran ~11x slower (CI: the BLIP and Flamingo trajectory tests 126 s each, 11 s and 9 s
+# alone). Only where the test module imported torch; its outputs do not depend on the count.
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Run the test files longest first, so two xdist workers finish together.
 
