@@ -54,8 +54,26 @@ def structure(abstract_state) -> dict[str, str]:
     return out
 
 
+# Orbax's replica-parallel save splits every replicated array into one slice per replica so
+# that hosts share the writing. On one process every replica is local, so it only adds work:
+# one sliced copy per replica and array (a tiny MAE on 8 CPU devices: 1,444 slices, 1.4 s of a
+# 1.7 s save). One process writes each array whole; several split only arrays whose slices
+# reach 1 MiB (the same bytes on disk either way, so each restores the other's checkpoints).
+_MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+    multi = jax.process_count() > 1
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=multi,
+            min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES if multi else None),
+        override=True)
+
+
 def make_manager(workdir: str, keep: int = 3, keep_period: int | None = None,
                  async_save: bool = True) -> ocp.CheckpointManager:
+    _register_array_handler()
     path = files.join(files.resolve(workdir), "checkpoints")  # Orbax reads and writes gs:// itself
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period, create=True,

@@ -64,6 +64,22 @@ def check_writers(writers) -> tuple:
     return writers
 
 
+def _summary_writer():
+    """tensorboardX's ``SummaryWriter``, imported without torch. tensorboardX's writer module
+    imports torch when it can, only to name ``torch.Tensor`` in type hints: 1.3 s and a few
+    hundred MiB in every launch of a JAX program. A torch already imported is left alone."""
+    import sys
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None   # ``import torch`` raises ImportError: the numpy fallback
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """``metrics.jsonl`` (always), TensorBoard events and Weights & Biases (``writers``) for a
     workdir, a bucket too (TensorBoard's events are staged locally and copied up every
@@ -88,8 +104,7 @@ class MetricWriter:
             if "tensorboard" in self.writers:
                 if files.is_remote(workdir):
                     self._stage = files.LocalStage(workdir, prefix="fmjax_tb_")
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(logdir=self._stage.local if self._stage else workdir,
+                self._tb = _summary_writer()(logdir=self._stage.local if self._stage else workdir,
                                          flush_secs=flush_secs)
             if "wandb" in self.writers:
                 self._wandb = _start_wandb(workdir, run_config)
