@@ -19,6 +19,15 @@ false positives, as DETR / OWL-ViT are scored). Logged:
                   colour
   grounding_acc   over instances whose phrase is unique in their image: the top box of their
                   phrase covers them at IoU >= ``match_iou``
+  relation_acc    referring expressions with a spatial relation (``relations`` > 0): over ordered
+                  pairs (A, B) of instances whose phrases are unique in their image and whose box
+                  centres are clearly left / right of or above / below each other (the dominant
+                  axis ahead of the other by ``relation_margin`` of the image side), how often
+                  the true phrase 'a photo of a <A> on the left of a <B>.' (the objective's
+                  ``relation_template``; the shapes captions' words) scores higher (best patch)
+                  than the same phrase with the opposite relation: ARO's relation swap
+  relation_grounding_acc  over the same pairs: the top box of the true phrase covers A (its
+                  subject) at IoU >= ``match_iou``, not B
   grounded_miou   with ``sam_workdir`` (a configs/sam.py run): the mean IoU of the mask SAM makes
                   from that top box with the instance's mask (Grounded-SAM;
                   ``fmjax/train/segment.py`` Segmenter), and grounded_iou@0.5 the fraction at IoU >= 0.5
@@ -39,7 +48,8 @@ from fmjax.errors import ConfigError
 from fmjax.evals import common, registry
 from fmjax.evals.images import image_grid, model_inputs_to_display
 
-DEFAULTS = dict(max_detections=100, match_iou=0.5, pictures=8, sam_workdir="")
+DEFAULTS = dict(max_detections=100, match_iou=0.5, pictures=8, sam_workdir="", relations=2,
+                relation_margin=0.1)
 REQUIRED_KEYS = ("masks", "num_objects", "shapes", "colors")
 
 
@@ -83,6 +93,20 @@ def match_detections(det_boxes, det_scores, gt_boxes, iou_thresh: float) -> np.n
         if cand[g] >= iou_thresh:
             used[g], tp[d] = True, True
     return tp
+
+
+def spatial_relation(a, b, margin: float):
+    """Where box ``a`` (xyxy, y down) lies relative to box ``b``, from their centres: an index of
+    ``fmjax.objectives.owl.RELATIONS`` (0 left of, 1 right of, 2 above, 3 below) by the dominant
+    axis, as the shapes captions decide it; None when the two axes differ by less than
+    ``margin`` (no clear relation)."""
+    dx = (a[0] + a[2] - b[0] - b[2]) / 2
+    dy = (a[1] + a[3] - b[1] - b[3]) / 2
+    if abs(abs(dx) - abs(dy)) < margin:
+        return None
+    if abs(dx) >= abs(dy):
+        return 0 if dx < 0 else 1
+    return 2 if dy < 0 else 3
 
 
 def xyxy(cxcywh) -> np.ndarray:
@@ -133,6 +157,25 @@ class _Tally:
         return float(np.mean(vals)) if vals else float("nan")
 
 
+def _relation_pairs(i, ks, shapes, colors, boxes, limit, margin):
+    """Up to ``limit`` ordered pairs (A, B) of image ``i``'s instances ``ks`` (boxes ``boxes``, in
+    ``ks`` order) whose (shape, colour) phrases are unique in the image and whose relation is
+    clear: ``(i, A's box, (A, relation, B), (A, opposite relation, B))``."""
+    from fmjax.objectives.owl import OPPOSITE_RELATION
+    phrases = [(int(shapes[k]), int(colors[k])) for k in ks]
+    unique = [j for j, p in enumerate(phrases) if phrases.count(p) == 1]
+    out = []
+    for a in unique:
+        for b in unique:
+            if a == b or len(out) >= limit:
+                continue
+            rel = spatial_relation(boxes[a], boxes[b], margin)
+            if rel is not None:
+                out.append((i, boxes[a], (phrases[a], rel, phrases[b]),
+                            (phrases[a], OPPOSITE_RELATION[rel], phrases[b])))
+    return out
+
+
 @registry.register("box_ap")
 class BoxAPEvaluator(common.Evaluator):
     """See the module docstring."""
@@ -148,6 +191,10 @@ class BoxAPEvaluator(common.Evaluator):
             common.check_int(where, "pictures", ev["pictures"], 0, " (0: none)")
         if "match_iou" in ev:
             common.check_fraction(where, "match_iou", ev["match_iou"], low_open=True)
+        if "relations" in ev:
+            common.check_int(where, "relations", ev["relations"], 0, " (pairs per image; 0: none)")
+        if "relation_margin" in ev:
+            common.check_fraction(where, "relation_margin", ev["relation_margin"])
         if ev.get("sam_workdir"):
             common.check_str(where, "sam_workdir", ev["sam_workdir"])
             from fmjax.train import files
@@ -181,6 +228,8 @@ class BoxAPEvaluator(common.Evaluator):
         tally = _Tally(len(pairs), float(self.option("match_iou")), int(self.option("max_detections")))
         pictures, rows = int(self.option("pictures")), [[], [], []]
         grounded = []
+        relations, margin = int(self.option("relations")), float(self.option("relation_margin"))
+        rel_acc, rel_ground = [], []
         with self.ctx.scope():
             q = queries_fn(params, jnp.asarray(obj.tokens(pairs)))
             for batch, valid in self.batches():
@@ -197,6 +246,7 @@ class BoxAPEvaluator(common.Evaluator):
                 images = None
                 if self._segmenter is not None or (pictures and len(rows[0]) < pictures):
                     images = self._display(np.asarray(batch["image"]))
+                pairs_of_batch = []   # (image, A's box, (A, relation, B), (A, opposite, B))
                 for i in np.flatnonzero(np.asarray(valid)):
                     ks = [k for k in range(int(counts[i])) if masks[i, k].any() and (shp[i, k], col[i, k]) in index]
                     if not ks:
@@ -208,6 +258,8 @@ class BoxAPEvaluator(common.Evaluator):
                              if shp[i, a] != shp[i, b] and col[i, a] != col[i, b]
                              and (shp[i, a], col[i, b]) not in present and (shp[i, a], col[i, b]) in index]
                     gtb = gt_boxes_all[i, ks]
+                    if relations:
+                        pairs_of_batch += _relation_pairs(i, ks, shp[i], col[i], gtb, relations, margin)
                     top = tally.add(scores[i], boxes[i], gtb, phrase, swaps)
                     pred_masks = None
                     if self._segmenter is not None:
@@ -220,6 +272,8 @@ class BoxAPEvaluator(common.Evaluator):
                             grounded.append((pm & gt).sum() / max((pm | gt).sum(), 1))
                     if pictures and len(rows[0]) < pictures:
                         self._picture(rows, images[i], gtb, boxes[i, top], col[i, ks], pred_masks)
+                if pairs_of_batch:
+                    self._score_relations(params, batch["image"], pairs_of_batch, rel_acc, rel_ground)
         res = {"instances": float(tally.instances)}   # the others only where defined
         if tally.instances:
             res["ap50"] = tally.ap(range(len(pairs)))
@@ -229,12 +283,32 @@ class BoxAPEvaluator(common.Evaluator):
             res["grounding_acc"] = float(np.mean(tally.ground))
         if any(tally.num_gt[p] for p in unseen):
             res["unseen_ap50"] = tally.ap(unseen)
+        if rel_acc:
+            res["relation_acc"] = float(np.mean(rel_acc))
+            res["relation_grounding_acc"] = float(np.mean(rel_ground))
         if grounded:
             res["grounded_miou"] = float(np.mean(grounded))
             res["grounded_iou@0.5"] = float(np.mean(np.asarray(grounded) >= 0.5))
         if rows[0] and writer is not None and jax.process_index() == 0:
             writer.write_image(step, f"{self.name}_boxes", image_grid([np.stack(r) for r in rows]))
         return res
+
+    def _score_relations(self, params, images, pairs, acc, ground):
+        """Embeds each pair's true and swapped phrase (padded to a multiple of 16 queries, so
+        batches share compiled programs) and scores them on the batch's images."""
+        queries_fn, detect_fn = self._setup()
+        triples = [t for _, _, true, false in pairs for t in (true, false)]
+        tokens = self.ctx.objective.relation_tokens(triples)
+        rows = -(-len(triples) // 16) * 16
+        tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - len(triples), 0)])
+        out = detect_fn(params, images, queries_fn(params, jnp.asarray(tokens)))
+        logits = np.asarray(out["logits"], np.float64)          # (B, N, Q): sigmoid is monotone
+        boxes = xyxy(np.asarray(out["boxes"]))
+        iou = float(self.option("match_iou"))
+        for j, (i, box_a, _, _) in enumerate(pairs):
+            true, false = logits[i, :, 2 * j], logits[i, :, 2 * j + 1]
+            acc.append(true.max() > false.max())
+            ground.append(box_iou(boxes[i, true.argmax()], box_a)[0, 0] >= iou)
 
     def _picture(self, rows, image01, gt_boxes, top_boxes, colors, pred_masks):
         from PIL import Image, ImageDraw

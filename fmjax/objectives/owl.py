@@ -127,6 +127,12 @@ def hungarian_match(cost, valid):
     return jax.pure_callback(host, shape, cost, valid, vmap_method="sequential")
 
 
+# Spatial relations between two instances, as the shapes captions word them
+# (fmjax/data/shapes.py _relation): the box_ap eval's relation queries.
+RELATIONS = ("on the left of", "on the right of", "above", "below")
+OPPOSITE_RELATION = (1, 0, 3, 2)
+
+
 class OWLObjective(Objective):
     batch_keys = ("image", "masks", "num_objects", "colors", "shapes")
     couples_examples = "the class and box losses are divided by the global batch's number of instances"
@@ -139,6 +145,8 @@ class OWLObjective(Objective):
         self.colors = tuple(o.get("color_names", ()) or ())
         self.shapes = tuple(o.get("shape_names", ()) or ())
         self.template = str(o.get("template", "a photo of a {color} {shape}."))
+        self.relation_template = str(o.get(
+            "relation_template", "a photo of a {color} {shape} {relation} a {other_color} {other_shape}."))
         self.exclude = {tuple(int(v) for v in p) for p in (o.get("exclude", ()) or ())}
         self.class_weight = float(o.get("class_weight", 2.0))
         self.l1_weight = float(o.get("l1_weight", 5.0))
@@ -164,6 +172,18 @@ class OWLObjective(Objective):
             return self._tokens
         return tokenize_texts(self.config, [self.phrase(*p) for p in pairs])
 
+    def relation_phrase(self, a, relation: int, b) -> str:
+        """The referring expression for instance ``a`` = (shape, colour) placed ``RELATIONS[relation]``
+        instance ``b``, e.g. 'a photo of a red circle on the left of a blue square.'."""
+        return self.relation_template.format(
+            color=self.colors[a[1]], shape=self.shapes[a[0]], relation=RELATIONS[relation],
+            other_color=self.colors[b[1]], other_shape=self.shapes[b[0]])
+
+    def relation_tokens(self, triples) -> np.ndarray:
+        """int32 (T, L) token ids of ``relation_phrase(a, relation, b)`` for each triple."""
+        from fmjax.data.text_ops import tokenize_texts
+        return tokenize_texts(self.config, [self.relation_phrase(*t) for t in triples])
+
     def check(self, config):
         if not self.colors or not self.shapes:
             raise ConfigError("objective 'owl' needs config.objective.color_names and shape_names (the "
@@ -173,6 +193,12 @@ class OWLObjective(Objective):
         except (KeyError, IndexError, ValueError) as e:
             raise ConfigError(f"config.objective.template={self.template!r} must hold {{color}} and "
                               f"{{shape}} and nothing else in braces ({e}).") from None
+        try:
+            self.relation_phrase((0, 0), 0, (0, 0))
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"config.objective.relation_template={self.relation_template!r} must hold "
+                              "{color}, {shape}, {relation}, {other_color} and {other_shape} and nothing "
+                              f"else in braces ({e}).") from None
         if not config.data.get("tokenize"):
             raise ConfigError("objective 'owl' embeds its phrases with config.data.tokenize's tokenizer; "
                               "set config.data.tokenize (as configs/clip.py does).")

@@ -125,9 +125,48 @@ def test_training_steps_lower_the_loss():
     assert float(metrics["matched_giou"]) > 0.3
 
 
+def test_spatial_relations_follow_the_shapes_captions():
+    """The eval's relation of two boxes is the captions' (fmjax/data/shapes.py _relation: the
+    dominant axis of the centres' offset, y down), none when the axes are within the margin;
+    its phrases swap only the relation words."""
+    from fmjax.data import shapes
+    from fmjax.objectives.base import make_objective
+    from fmjax.objectives.owl import RELATIONS, instance_boxes
+    box = lambda cx, cy: np.array([cx - 0.1, cy - 0.1, cx + 0.1, cy + 0.1])  # noqa: E731
+    assert box_ap.spatial_relation(box(0.2, 0.5), box(0.8, 0.45), 0.1) == 0   # left of
+    assert box_ap.spatial_relation(box(0.8, 0.5), box(0.2, 0.45), 0.1) == 1   # right of
+    assert box_ap.spatial_relation(box(0.5, 0.2), box(0.45, 0.8), 0.1) == 2   # above
+    assert box_ap.spatial_relation(box(0.5, 0.8), box(0.45, 0.2), 0.1) == 3   # below
+    assert box_ap.spatial_relation(box(0.2, 0.2), box(0.75, 0.8), 0.1) is None   # diagonal
+    checked = 0
+    for i in range(200):   # the captions' own relation words, where a caption states one
+        e = shapes.generate_example(i, "train", 64)
+        caption = str(e["caption"])
+        if e["num_objects"] < 2 or not any(r in caption for r in RELATIONS):
+            continue
+        b = box_ap.xyxy(np.asarray(instance_boxes(jnp.asarray(e["masks"][:2]))))
+        rel = box_ap.spatial_relation(b[0], b[1], 0.1)
+        if rel is not None:
+            assert RELATIONS[rel] in caption, (i, caption, b)
+            checked += 1
+    assert checked >= 10
+    obj = make_objective(_config())
+    pairs = box_ap._relation_pairs(0, [0, 1, 2], np.array([0, 1, 0]), np.array([0, 2, 0]),
+                                   np.stack([box(0.2, 0.5), box(0.8, 0.5), box(0.5, 0.5)]), 4, 0.1)
+    assert [p[2] for p in pairs] == []   # instances 0 and 2 share a phrase: only 1 is unique
+    pairs = box_ap._relation_pairs(3, [0, 1], np.array([0, 1]), np.array([0, 2]),
+                                   np.stack([box(0.2, 0.5), box(0.8, 0.5)]), 4, 0.1)
+    assert [(p[0], p[2], p[3]) for p in pairs] == [(3, ((0, 0), 0, (1, 2)), ((0, 0), 1, (1, 2))),
+                                                  (3, ((1, 2), 1, (0, 0)), ((1, 2), 0, (0, 0)))]
+    assert obj.relation_phrase((0, 0), 0, (1, 2)) == (
+        f"a photo of a {obj.colors[0]} {obj.shapes[0]} on the left of a {obj.colors[2]} {obj.shapes[1]}.")
+    assert obj.relation_tokens([((0, 0), 0, (1, 2)), ((0, 0), 1, (1, 2))]).shape[0] == 2
+
+
 @pytest.mark.parametrize("key, value, text", [
     ("objective.template", "a {colour} {shape}", "must hold {color} and {shape}"),
     ("objective.color_names", (), "needs config.objective.color_names"),
+    ("objective.relation_template", "a {color} {shape} {where}", "relation_template="),
     ("data.image_size", 36, "not a multiple of the patch size 8"),
 ])
 def test_config_errors(key, value, text):

@@ -342,9 +342,10 @@ def test_grounded_segmentation_eval_and_cli(owl_workdir, sam_workdir, picture, t
     from fmjax.train.segment import segment_image
     rows = [json.loads(x) for x in open(os.path.join(owl_workdir, "metrics.jsonl"))]
     m = {k: v for x in rows for k, v in x.items()}
-    for key in ("ap50", "grounded_miou", "grounded_iou@0.5", "compositional_acc", "grounding_acc"):
+    for key in ("ap50", "grounded_miou", "grounded_iou@0.5", "compositional_acc", "grounding_acc",
+                "relation_acc", "relation_grounding_acc"):
         assert 0.0 <= m.get(f"eval/box_{key}", 0.0) <= 1.0, (key, m)
-    assert "eval/box_ap50" in m and "eval/box_grounded_miou" in m
+    assert "eval/box_ap50" in m and "eval/box_grounded_miou" in m and "eval/box_relation_acc" in m
     assert m["eval/box_instances"] > 0
     assert any(f.startswith("box_boxes_") for f in os.listdir(os.path.join(owl_workdir, "images")))
     out = segment_image(sam_workdir, picture, prompt="a red circle;a blue square", detector_workdir=owl_workdir,
