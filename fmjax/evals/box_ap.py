@@ -98,15 +98,12 @@ def match_detections(det_boxes, det_scores, gt_boxes, iou_thresh: float) -> np.n
 def spatial_relation(a, b, margin: float):
     """Where box ``a`` (xyxy, y down) lies relative to box ``b``, from their centres: an index of
     ``fmjax.objectives.owl.RELATIONS`` (0 left of, 1 right of, 2 above, 3 below) by the dominant
-    axis, as the shapes captions decide it; None when the two axes differ by less than
-    ``margin`` (no clear relation)."""
-    dx = (a[0] + a[2] - b[0] - b[2]) / 2
-    dy = (a[1] + a[3] - b[1] - b[3]) / 2
-    if abs(abs(dx) - abs(dy)) < margin:
-        return None
-    if abs(dx) >= abs(dy):
-        return 0 if dx < 0 else 1
-    return 2 if dy < 0 else 3
+    axis, as the shapes captions decide it (``owl.spatial_relation``, which the objective's
+    relation queries use too); None when the two axes differ by less than ``margin``."""
+    from fmjax.objectives.owl import spatial_relation as relation
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    rel, clear = relation((a[:2] + a[2:]) / 2, (b[:2] + b[2:]) / 2, margin)
+    return int(rel) if clear else None
 
 
 def xyxy(cxcywh) -> np.ndarray:

@@ -128,9 +128,22 @@ def hungarian_match(cost, valid):
 
 
 # Spatial relations between two instances, as the shapes captions word them
-# (fmjax/data/shapes.py _relation): the box_ap eval's relation queries.
+# (fmjax/data/shapes.py _relation): the box_ap eval's relation queries and the objective's
+# ``relation_queries``.
 RELATIONS = ("on the left of", "on the right of", "above", "below")
 OPPOSITE_RELATION = (1, 0, 3, 2)
+
+
+def spatial_relation(center_a, center_b, margin: float, xp=np):
+    """Where the instance centred at ``center_a`` (..., 2) (x, y; y down) lies relative to the one
+    at ``center_b``: ``(relation, clear)``, relation an index of ``RELATIONS`` by the dominant axis
+    of the offset (as the shapes captions decide it), clear where the two axes' offsets differ by
+    at least ``margin``. ``xp``: numpy or jax.numpy."""
+    dx = center_a[..., 0] - center_b[..., 0]
+    dy = center_a[..., 1] - center_b[..., 1]
+    clear = xp.abs(xp.abs(dx) - xp.abs(dy)) >= margin
+    rel = xp.where(xp.abs(dx) >= xp.abs(dy), xp.where(dx < 0, 0, 1), xp.where(dy < 0, 2, 3))
+    return rel, clear
 
 
 class OWLObjective(Objective):
@@ -152,7 +165,10 @@ class OWLObjective(Objective):
         self.l1_weight = float(o.get("l1_weight", 5.0))
         self.giou_weight = float(o.get("giou_weight", 2.0))
         self.focal_alpha = float(o.get("focal_alpha", 0.25))
-        self._tokens = None
+        self.relation_queries = int(o.get("relation_queries", 0))
+        self.relation_weight = float(o.get("relation_weight", 1.0))
+        self.relation_margin = float(o.get("relation_margin", 0.1))
+        self._tokens = self._relation_table = None
 
     # -- the vocabulary ----------------------------------------------------------------------------
     def phrase(self, shape: int, color: int) -> str:
@@ -184,6 +200,15 @@ class OWLObjective(Objective):
         from fmjax.data.text_ops import tokenize_texts
         return tokenize_texts(self.config, [self.relation_phrase(*t) for t in triples])
 
+    def relation_table(self) -> np.ndarray:
+        """int32 (V * 4 * V, L): the tokens of every relation phrase over the training vocabulary,
+        row ``(a * 4 + relation) * V + b`` for vocabulary indices a, b (tokenized once)."""
+        if self._relation_table is None:
+            vocab = self.vocabulary()
+            self._relation_table = self.relation_tokens(
+                [(a, r, b) for a in vocab for r in range(len(RELATIONS)) for b in vocab])
+        return self._relation_table
+
     def check(self, config):
         if not self.colors or not self.shapes:
             raise ConfigError("objective 'owl' needs config.objective.color_names and shape_names (the "
@@ -204,6 +229,11 @@ class OWLObjective(Objective):
                               "set config.data.tokenize (as configs/clip.py does).")
         if not self.vocabulary():
             raise ConfigError("config.objective.exclude leaves no phrase to train on.")
+        if self.relation_queries < 0 or self.relation_weight < 0 or not 0 <= self.relation_margin <= 1:
+            raise ConfigError(
+                f"config.objective.relation_queries={self.relation_queries} / relation_weight="
+                f"{self.relation_weight} / relation_margin={self.relation_margin}: queries and weight "
+                "must be >= 0 (0: no relation queries) and the margin in [0, 1].")
         size = config.data.get("image_size")
         if size and size % self.model.patch_size:
             raise ConfigError(f"config.data.image_size={size} is not a multiple of the patch size "
@@ -234,10 +264,43 @@ class OWLObjective(Objective):
         q = m.apply({"params": params}, tokens, train, method=m.encode_queries, rngs=rngs)
         return m.apply({"params": params}, images, q, train, method=m.detect, rngs=rngs)
 
+    def relation_slots(self, gt, labels, valid):
+        """The step's relation queries: per image the first ``relation_queries`` ordered pairs (A, B)
+        of valid instances whose phrases are unique in the image and whose centres are clearly
+        apart on one axis (``relation_margin``). Returns (subject (B, R) instance index, rows (B, R, 2)
+        of ``relation_table()`` for the true and the opposite relation, used (B, R))."""
+        k, v = labels.shape[1], len(self.vocabulary())
+        same = (labels[:, :, None] == labels[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+        unique = valid & (same.sum(-1) == 1)
+        pairs = np.asarray([(a, b) for a in range(k) for b in range(k) if a != b], np.int32)   # (P, 2)
+        pa, pb = pairs[:, 0], pairs[:, 1]
+        rel, clear = spatial_relation(gt[:, pa, :2], gt[:, pb, :2], self.relation_margin, jnp)
+        ok = unique[:, pa] & unique[:, pb] & clear                                      # (B, P)
+        rank = jnp.cumsum(ok, -1) - 1
+        pick = ok[:, None, :] & (rank[:, None, :] == jnp.arange(self.relation_queries)[None, :, None])
+        used = pick.any(-1)                                                             # (B, R)
+        p = jnp.argmax(pick, -1)                                                        # (B, R)
+        rel = jnp.take_along_axis(rel, p, 1)
+        la = jnp.take_along_axis(labels, jnp.asarray(pa)[p], 1)
+        lb = jnp.take_along_axis(labels, jnp.asarray(pb)[p], 1)
+        opposite = jnp.asarray(OPPOSITE_RELATION)[rel]
+        rows = jnp.stack([(la * 4 + rel) * v + lb, (la * 4 + opposite) * v + lb], -1)
+        return jnp.asarray(pa)[p], jnp.where(used[..., None], rows, 0), used
+
     def loss(self, params, extra, batch, rng, step):
-        out = self.detect(params, batch["image"], jnp.asarray(self.tokens()), train=True, rng=rng)
-        logits, boxes = out["logits"], out["boxes"]
+        tokens = jnp.asarray(self.tokens())
         gt, labels, valid = self.targets(batch)
+        v = tokens.shape[0]
+        if self.relation_queries:
+            subject, rows, used = self.relation_slots(gt, labels, valid)
+            b, r = used.shape
+            tokens = jnp.concatenate([tokens, jnp.asarray(self.relation_table())[rows.reshape(-1)]])
+        out = self.detect(params, batch["image"], tokens, train=True, rng=rng)
+        logits, boxes = out["logits"], out["boxes"]
+        if self.relation_queries:   # each image's own 2R relation columns; the rest of the batch's are ignored
+            rel_logits = logits[..., v:].reshape(logits.shape[:2] + (b, 2 * r))
+            rel_logits = rel_logits[jnp.arange(b), :, jnp.arange(b)]                  # (B, N, 2R)
+            logits = logits[..., :v]
         cost = match_cost(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(boxes), labels, gt,
                           self.class_weight, self.l1_weight, self.giou_weight, self.focal_alpha)
         idx = jax.lax.stop_gradient(exact_match(cost, valid))                 # (B, K)
@@ -257,6 +320,21 @@ class OWLObjective(Objective):
         metrics = {"loss_class": cls, "loss_l1": l1, "loss_giou": giou_loss,
                    "matched_giou": (giou * w).sum() / n, "matched_top1": (top * w).sum() / n,
                    "instances": w.sum()}
+        if self.relation_queries:
+            # the true phrase is positive at its subject's matched patch only; the swapped one
+            # nowhere (a hard negative: the same words, the opposite relation)
+            patch = jnp.take_along_axis(idx, subject, 1)                                # (B, R)
+            target = jnp.stack([jax.nn.one_hot(patch, npatch, dtype=jnp.float32),
+                                jnp.zeros((b, r, npatch), jnp.float32)], -1)            # (B, R, N, 2)
+            target = jnp.moveaxis(target, 2, 1).reshape(b, npatch, 2 * r)
+            mask = jnp.repeat(used.astype(jnp.float32), 2, -1)[:, None, :]             # (B, 1, 2R)
+            nr = jnp.maximum(used.sum().astype(jnp.float32), 1.0)
+            rel_loss = (sigmoid_focal(rel_logits, target, self.focal_alpha) * mask).sum() / nr
+            total = total + self.class_weight * self.relation_weight * rel_loss
+            at = jnp.take_along_axis(rel_logits, patch.repeat(2, -1)[:, None, :], 1)[:, 0]   # (B, 2R)
+            right = (at[:, 0::2] > at[:, 1::2]) & used
+            metrics.update(loss_relation=rel_loss, relation_pairs=used.sum().astype(jnp.float32),
+                           relation_top1=right.sum() / nr)
         return total, (metrics, extra)
 
     # -- for evals and tools --------------------------------------------------------------------------

@@ -163,10 +163,70 @@ def test_spatial_relations_follow_the_shapes_captions():
     assert obj.relation_tokens([((0, 0), 0, (1, 2)), ((0, 0), 1, (1, 2))]).shape[0] == 2
 
 
+def test_relation_slots_pick_clear_pairs_of_unique_phrases():
+    """``relation_queries``: the first R ordered pairs of valid instances with phrases unique in
+    their image and a clear relation, as table rows of the true and the opposite relation."""
+    from fmjax.objectives.base import make_objective
+    c = _config()
+    c.objective.relation_queries = 2
+    obj = make_objective(c)
+    v = len(obj.vocabulary())
+    gt = jnp.asarray([[[0.2, 0.5, 0.1, 0.1], [0.8, 0.45, 0.1, 0.1], [0.5, 0.9, 0.1, 0.1]],
+                      [[0.2, 0.2, 0.1, 0.1], [0.75, 0.8, 0.1, 0.1], [0.5, 0.5, 0.1, 0.1]],
+                      [[0.2, 0.5, 0.1, 0.1], [0.8, 0.5, 0.1, 0.1], [0.5, 0.1, 0.1, 0.1]]])
+    labels = jnp.asarray([[3, 7, 9], [3, 7, 9], [4, 4, 5]])
+    valid = jnp.asarray([[True, True, False], [True, True, False], [True, True, True]])
+    subject, rows, used = (np.asarray(x) for x in obj.relation_slots(gt, labels, valid))
+    # image 0: (0 left of 1), (1 right of 0); image 1: diagonal, none; image 2: 0 and 1 share a
+    # phrase, so only pairs among unique phrases: none with 2 alone
+    assert used.tolist() == [[True, True], [False, False], [False, False]]
+    assert subject[0].tolist() == [0, 1]
+    assert rows[0].tolist() == [[(3 * 4 + 0) * v + 7, (3 * 4 + 1) * v + 7],
+                                [(7 * 4 + 1) * v + 3, (7 * 4 + 0) * v + 3]]
+    table = obj.relation_table()
+    vocab = obj.vocabulary()
+    want = obj.relation_tokens([(vocab[3], 0, vocab[7])])[0]
+    np.testing.assert_array_equal(table[rows[0, 0, 0]], want)
+
+
+def test_relation_queries_train_the_true_phrase_over_its_swap():
+    """A few steps with ``relation_queries`` on a real shapes batch: the relation loss falls and
+    its metrics are logged (telling left from right needs more than this 1-layer model's 40
+    steps: relation_top1 0.57-0.71 over 160; the learning number is configs/owl.py's)."""
+    import optax
+    from fmjax.data import shapes
+    from fmjax.objectives.base import make_objective
+    c = _config()
+    c.objective.relation_queries = 1
+    obj = make_objective(c)
+    exs = [shapes.generate_example(i, "train", 32) for i in range(16)]
+    batch = {k: jnp.asarray(np.stack([e[k] for e in exs])) for k in ("image", "masks", "num_objects", "shapes",
+                                                                      "colors")}
+    batch["image"] = batch["image"].astype(jnp.float32) / 255.0
+    params, extra = obj.init(jax.random.PRNGKey(0), batch)
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, rng):
+        (loss, (metrics, _)), grads = jax.value_and_grad(obj.loss, has_aux=True)(params, extra, batch, rng, 0)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, metrics
+
+    rel = []
+    for i in range(40):
+        params, opt, metrics = step(params, opt, jax.random.PRNGKey(i))
+        rel.append(float(metrics["loss_relation"]))
+    assert float(metrics["relation_pairs"]) == 7   # the batch's images with a clear pair
+    assert np.mean(rel[-5:]) < 0.8 * np.mean(rel[:5]), rel
+    assert 0.0 <= float(metrics["relation_top1"]) <= 1.0
+
+
 @pytest.mark.parametrize("key, value, text", [
     ("objective.template", "a {colour} {shape}", "must hold {color} and {shape}"),
     ("objective.color_names", (), "needs config.objective.color_names"),
     ("objective.relation_template", "a {color} {shape} {where}", "relation_template="),
+    ("objective.relation_queries", -1, "relation_queries=-1"),
     ("data.image_size", 36, "not a multiple of the patch size 8"),
 ])
 def test_config_errors(key, value, text):
