@@ -66,7 +66,7 @@ def test_mae_default_learns(default_config, tmp_path):
     probe's gain over a random encoder needs the full default run and more (see configs/mae.py
     and the note on issue 2), and random encoders alone spread by +-0.03 over init seeds.
     """
-    steps = 180
+    steps = 120
     c = _shorten(default_config("mae"), steps)
     del c.evals["knn"]  # not asserted here; the probe is
     for name in ("val_loss", "probe"):
@@ -78,8 +78,8 @@ def test_mae_default_learns(default_config, tmp_path):
     probe_random, probe_trained = (_eval_at(rows, 0, "eval/probe_top1"),
                                    _eval_at(rows, steps, "eval/probe_top1"))
     print(f"MAE val loss {start:.3f} -> {end:.3f}; probe random {probe_random:.3f}, trained {probe_trained:.3f}")
-    assert end <= 0.6 * start                      # measured 1.742 -> 0.727 at 180 steps (ratio 0.42)
-    assert probe_trained > 0.16 and probe_random > 0.16   # chance 0.125; measured 0.258 / 0.254
+    assert end <= 0.6 * start    # measured 1.742 -> 0.734 at 120 steps (ratio 0.42; 0.727 at 180)
+    assert probe_trained > 0.16 and probe_random > 0.16   # chance 0.125; measured 0.222 / 0.258
     assert os.listdir(os.path.join(tmp_path, "images"))   # reconstruction grids were written
 
 
