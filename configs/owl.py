@@ -56,7 +56,11 @@ def get_config(arg: str = "default"):
     c.objective.update(dict(
         color_names=tuple(shapes.COLOR_NAMES), shape_names=tuple(shapes.CLASS_NAMES),
         template="a {color} {shape}.", exclude=tuple(tuple(p) for p in sorted(shapes.HELDOUT_COMBOS)),
-        class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25))
+        class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25,
+        # referring expressions with a spatial relation (fmjax/objectives/owl.py): R pairs per
+        # image trained as extra queries, the relation-swapped phrase a hard negative; 0: none
+        relation_template="a {color} {shape} {relation} a {other_color} {other_shape}.",
+        relation_queries=0, relation_weight=1.0, relation_margin=0.1))
     if arg not in ("default", "cpu"):
         raise ValueError(f"Unknown configs/owl.py preset {arg!r}; valid: default, cpu.")
     clip = clip_config("default")

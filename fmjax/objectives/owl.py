@@ -23,6 +23,18 @@ phrases, with the matched patch's phrase as the only positive, + ``l1_weight`` x
 ``giou_weight`` x (1 - GIoU) of the matched boxes, each summed and divided by the number of
 instances in the global batch (so the loss couples the examples).
 
+Relation queries (``relation_queries`` R > 0; default 0): referring expressions with a spatial
+relation, ``relation_template`` ('a red circle on the left of a blue square.'). Per image the
+first R ordered pairs (A, B) of instances whose phrases are unique in the image and whose box
+centres are clearly apart on one axis (``relation_margin``; the relation by the dominant axis,
+as the shapes captions word it, computed from the augmented boxes, so a flip swaps it) add two
+queries: the true phrase, positive only at A's matched patch, and the same phrase with the
+opposite relation, positive nowhere (a hard negative that differs in one word). Their sigmoid
+focal loss over the image's own 2R columns (other images' are ignored) is added with weight
+``class_weight`` x ``relation_weight``, divided by the number of pairs. The phrases' tokens are
+tabulated once for every (phrase, relation, phrase) of the training vocabulary (V x 4 x V rows),
+so the text tower embeds V + 2R x batch queries a step.
+
 ``detector()`` gives evals and ``launch/segment.py --prompt`` the model: ``fmjax/evals/box_ap.py``
 (AP50 over phrases, compositional accuracy, grounded masks through a SAM workdir).
 """
