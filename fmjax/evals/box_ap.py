@@ -317,11 +317,10 @@ class BoxAPEvaluator(common.Evaluator):
         for boxes, masks in ((gt_boxes, None), (top_boxes, pred_masks)):
             im = base.copy()
             if masks is not None:
-                arr = np.asarray(im).astype(np.float32)
-                for m, c in zip(masks, colors):
-                    big = np.kron(m, np.ones((k, k), bool))
-                    arr[big] = 0.5 * arr[big] + 0.5 * np.asarray(COLOR_RGB[int(c) % len(COLOR_RGB)])
-                im = Image.fromarray(arr.astype(np.uint8))
+                from fmjax.models.sam.amg import overlay_masks
+                im = Image.fromarray(overlay_masks(
+                    np.asarray(im), [np.kron(m, np.ones((k, k), bool)) for m in masks],
+                    colours=[COLOR_RGB[int(c) % len(COLOR_RGB)] for c in colors]))
             d = ImageDraw.Draw(im)
             s = np.array([image01.shape[1], image01.shape[0]] * 2) * k
             for b, c in zip(boxes, colors):

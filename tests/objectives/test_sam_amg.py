@@ -95,6 +95,19 @@ def _scene():
     return dict(image=images, masks=masks, num_objects=np.array([2, 2], np.int32))
 
 
+def test_overlay_masks_blends_and_outlines_in_each_masks_colour():
+    """Palette colours by default, the caller's with ``colours`` (box_ap's instance colours):
+    boundary pixels in the colour, the inside blended, pixels outside untouched."""
+    image = np.full((8, 8, 3), 100, np.uint8)
+    m = np.zeros((8, 8), bool)
+    m[2:6, 2:6] = True
+    for colours, want in ((None, amg.PALETTE[0]), ([(10, 20, 30)], np.array([10, 20, 30]))):
+        out = amg.overlay_masks(image, [m], 0.5, colours=colours)
+        np.testing.assert_array_equal(out[2, 2], want)                            # boundary
+        np.testing.assert_array_equal(out[3, 3], np.round(0.5 * 100 + 0.5 * want.astype(float)))
+        np.testing.assert_array_equal(out[0, 0], image[0, 0])                     # outside
+
+
 def test_amg_with_a_label_map_model_finds_each_region_once_and_filters():
     scene = _scene()
     model = LabelMapSam()

@@ -256,15 +256,15 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                    np.uint8)
 
 
-def overlay_masks(image: np.ndarray, masks, alpha: float = 0.5) -> np.ndarray:
+def overlay_masks(image: np.ndarray, masks, alpha: float = 0.5, colours=None) -> np.ndarray:
     """uint8 (H, W, 3) picture with each bool (H, W) mask of ``masks`` blended in its own
-    colour (``PALETTE[i % 20]``) and its boundary pixels in that colour, the largest first so
-    that small masks stay visible."""
+    colour (``colours[i]`` RGB, default ``PALETTE[i % 20]``) and its boundary pixels in that
+    colour, the largest first so that small masks stay visible."""
     out = np.asarray(image, np.float32).copy()
     masks = [np.asarray(m, bool) for m in masks]
     for i in sorted(range(len(masks)), key=lambda j: -int(masks[j].sum())):
         m = masks[i]
-        colour = PALETTE[i % len(PALETTE)].astype(np.float32)
+        colour = np.asarray(PALETTE[i % len(PALETTE)] if colours is None else colours[i], np.float32)
         out[m] = (1 - alpha) * out[m] + alpha * colour
         inner = np.pad(m, 1)   # a pixel is inside when its 4 neighbours are in the mask too
         inner = inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
