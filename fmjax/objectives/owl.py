@@ -214,7 +214,8 @@ class OWLObjective(Objective):
 
     def relation_table(self) -> np.ndarray:
         """int32 (V * 4 * V, L): the tokens of every relation phrase over the training vocabulary,
-        row ``(a * 4 + relation) * V + b`` for vocabulary indices a, b (tokenized once)."""
+        row ``(a * 4 + relation) * V + b`` for vocabulary indices a, b (tokenized once; the order
+        ``relation_slots`` indexes)."""
         if self._relation_table is None:
             vocab = self.vocabulary()
             self._relation_table = self.relation_tokens(
@@ -293,11 +294,12 @@ class OWLObjective(Objective):
         used = pick.any(-1)                                                             # (B, R)
         p = jnp.argmax(pick, -1)                                                        # (B, R)
         rel = jnp.take_along_axis(rel, p, 1)
-        la = jnp.take_along_axis(labels, jnp.asarray(pa)[p], 1)
-        lb = jnp.take_along_axis(labels, jnp.asarray(pb)[p], 1)
+        subject, other = jnp.asarray(pa)[p], jnp.asarray(pb)[p]
+        la, lb = jnp.take_along_axis(labels, subject, 1), jnp.take_along_axis(labels, other, 1)
         opposite = jnp.asarray(OPPOSITE_RELATION)[rel]
-        rows = jnp.stack([(la * 4 + rel) * v + lb, (la * 4 + opposite) * v + lb], -1)
-        return jnp.asarray(pa)[p], jnp.where(used[..., None], rows, 0), used
+        nrel = len(RELATIONS)
+        rows = jnp.stack([(la * nrel + rel) * v + lb, (la * nrel + opposite) * v + lb], -1)
+        return subject, jnp.where(used[..., None], rows, 0), used
 
     def loss(self, params, extra, batch, rng, step):
         tokens = jnp.asarray(self.tokens())

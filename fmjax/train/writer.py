@@ -105,7 +105,7 @@ class MetricWriter:
                 if files.is_remote(workdir):
                     self._stage = files.LocalStage(workdir, prefix="fmjax_tb_")
                 self._tb = _summary_writer()(logdir=self._stage.local if self._stage else workdir,
-                                         flush_secs=flush_secs)
+                                             flush_secs=flush_secs)
             if "wandb" in self.writers:
                 self._wandb = _start_wandb(workdir, run_config)
 
