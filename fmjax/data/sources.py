@@ -35,6 +35,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -103,9 +104,19 @@ def _shapes_resolution(name):
     return None if config is None else int(config.rpartition("_")[2])
 
 
+_SLICE = re.compile(r"^\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*$")
+
+
 def _check_split(split, valid, name):
-    if split not in valid:
-        raise ValueError(f"Unknown split {split!r} for dataset {name!r}: use one of {sorted(valid)}.")
+    """A split name, or TFDS's slice of one (``heldout[:500]``, ``train[10%:]``) for the TFDS
+    and fmjax_shapes kinds: e.g. adapting on half of a split and evaluating on the other."""
+    base, bracket, rest = split.partition("[") if isinstance(split, str) else (split, "", "")
+    if base not in valid:
+        raise ValueError(f"Unknown split {split!r} for dataset {name!r}: use one of {sorted(valid)}"
+                         f" (or a slice of one, e.g. '{sorted(valid)[0]}[:50%]').")
+    if bracket and not (rest.endswith("]") and _SLICE.match(rest[:-1])):
+        raise ValueError(f"Bad split slice {split!r} for dataset {name!r}: write '<split>[start:end]' "
+                         f"with examples or percents, e.g. '{base}[:500]' or '{base}[50%:]'.")
 
 
 def _to_numpy(example):

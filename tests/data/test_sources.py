@@ -32,6 +32,23 @@ def test_shapes_source(shapes_data_dir):
     np.testing.assert_array_equal(clone[3]["image"], ex["image"])
 
 
+
+def test_split_slices(shapes_data_dir):
+    """TFDS slices of a split: two halves of `heldout` are disjoint and cover it, in order."""
+    whole = sources.get_source(SHAPES, "heldout", data_dir=shapes_data_dir)
+    first = sources.get_source(SHAPES, "heldout[:500]", data_dir=shapes_data_dir)
+    second = sources.get_source(SHAPES, "heldout[50%:]", data_dir=shapes_data_dir)
+    assert len(first) == len(second) == len(whole) // 2
+    assert first[3]["caption"] == whole[3]["caption"]
+    assert second[3]["caption"] == whole[len(whole) // 2 + 3]["caption"]
+    for bad in ("heldout[:500", "heldout[a:b]", "heldout[1:2:3]"):
+        with pytest.raises(ValueError) as excinfo:
+            sources.check_source(SHAPES, bad)
+        assert "[start:end]" in _one_line(excinfo), bad
+    with pytest.raises(ValueError) as excinfo:
+        sources.check_source(SHAPES, "held[:10]")
+    assert "slice of one" in _one_line(excinfo)
+
 def test_shapes_metadata():
     assert sources.class_names("fmjax_shapes") == list(shapes.CLASS_NAMES)
     assert sources.num_classes(SHAPES) == len(shapes.CLASS_NAMES)
