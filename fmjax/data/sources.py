@@ -108,8 +108,13 @@ _SLICE = re.compile(r"^\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*$")
 
 
 def _check_split(split, valid, name):
-    """A split name, or TFDS's slice of one (``heldout[:500]``, ``train[10%:]``) for the TFDS
-    and fmjax_shapes kinds: e.g. adapting on half of a split and evaluating on the other."""
+    """A split name, or TFDS's slice of one (``heldout[:500]``, ``train[10%:]``), or TFDS's
+    concatenation of those (``heldout[:500]+train``) for the TFDS and fmjax_shapes kinds: e.g.
+    adapting on half of a split (with some of the original data) and evaluating on the other."""
+    if isinstance(split, str) and "+" in split:
+        for part in split.split("+"):
+            _check_split(part.strip(), valid, name)
+        return
     base, bracket, rest = split.partition("[") if isinstance(split, str) else (split, "", "")
     if base not in valid:
         raise ValueError(f"Unknown split {split!r} for dataset {name!r}: use one of {sorted(valid)}"

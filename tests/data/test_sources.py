@@ -41,13 +41,17 @@ def test_split_slices(shapes_data_dir):
     assert len(first) == len(second) == len(whole) // 2
     assert first[3]["caption"] == whole[3]["caption"]
     assert second[3]["caption"] == whole[len(whole) // 2 + 3]["caption"]
+    both = sources.get_source(SHAPES, "heldout[:500]+validation[:100]", data_dir=shapes_data_dir)
+    assert len(both) == 600 and both[500]["caption"] == sources.get_source(
+        SHAPES, "validation", data_dir=shapes_data_dir)[0]["caption"]
     for bad in ("heldout[:500", "heldout[a:b]", "heldout[1:2:3]"):
         with pytest.raises(ValueError) as excinfo:
             sources.check_source(SHAPES, bad)
         assert "[start:end]" in _one_line(excinfo), bad
-    with pytest.raises(ValueError) as excinfo:
-        sources.check_source(SHAPES, "held[:10]")
-    assert "slice of one" in _one_line(excinfo)
+    for bad in ("held[:10]", "heldout[:5]+valid"):
+        with pytest.raises(ValueError) as excinfo:
+            sources.check_source(SHAPES, bad)
+        assert "slice of one" in _one_line(excinfo), bad
 
 def test_shapes_metadata():
     assert sources.class_names("fmjax_shapes") == list(shapes.CLASS_NAMES)
