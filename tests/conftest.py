@@ -185,7 +185,10 @@ def pytest_collection_modifyitems(session, config, items):
 # Where a run's time went, printed at its end: each xdist worker's busy seconds (the sum of its
 # tests' setup, call and teardown) and the number of tests it ran. Two workers far apart mean
 # the file order above left one worker alone at the end.
+# The same per test file (the 25 costliest): --durations lists single tests, and a file of many
+# quick tests (each compiling its own programs) can cost more than one slow test.
 _BUSY: dict = {}
+_FILES: dict = {}
 
 
 def pytest_runtest_logreport(report):
@@ -193,9 +196,16 @@ def pytest_runtest_logreport(report):
     worker = getattr(getattr(node, "gateway", None), "id", None) or "main"
     busy, count = _BUSY.get(worker, (0.0, 0))
     _BUSY[worker] = (busy + report.duration, count + (report.when == "call"))
+    f = report.nodeid.split("::", 1)[0]
+    busy, count = _FILES.get(f, (0.0, 0))
+    _FILES[f] = (busy + report.duration, count + (report.when == "call"))
 
 
 def pytest_terminal_summary(terminalreporter):
     if _BUSY:
         terminalreporter.write_line("busy seconds per worker: " + ", ".join(
             f"{w} {b:.0f} s / {n} tests" for w, (b, n) in sorted(_BUSY.items())))
+    if len(_FILES) > 1:
+        top = sorted(_FILES.items(), key=lambda kv: -kv[1][0])[:25]
+        terminalreporter.write_line("busy seconds per file: " + ", ".join(
+            f"{f.removeprefix('tests/')} {b:.0f} s / {n}" for f, (b, n) in top))

@@ -98,6 +98,13 @@ def check_model_init(config, workdir: str | None = None) -> None:
         return
     from fmjax.train import model_init
     model_init.check(config)
+    from fmjax import adapt
+    mi = config.get("model_init") or {}
+    if adapt.spec(config) and not (mi.get("workdir") or mi.get("torch")):
+        import sys
+        print(f"fmjax: warning: config.adapter.name={config.adapter.name!r} trains on a RANDOMLY "
+              "initialised base (config.model_init names no workdir or torch checkpoint; e.g. "
+              "--config.model_init.workdir=DIR of a trained run).", file=sys.stderr, flush=True)
 
 
 def evals_that_run(config) -> list[str]:

@@ -530,3 +530,17 @@ def test_vpt_on_clip_prompts_the_image_tower_alone(tiny_config, tmp_path, deep):
         assert moved == {"image/reg_tokens", "text/prompt_embed"}, moved
 
 
+
+
+def test_an_adapter_without_a_base_warns_in_one_line(capsys, tmp_path):
+    """LoRA on a random base is a valid (if odd) run, so a warning, not an error; with a
+    model_init source there is none."""
+    from fmjax.testing import load_config
+    from fmjax.train import validate
+    c = load_config("clip", "lora")
+    validate.check_model_init(c)
+    err = capsys.readouterr().err.strip()
+    assert "RANDOMLY" in err and "model_init.workdir" in err and "\n" not in err, err
+    c.adapter.name = ""
+    validate.check_model_init(c)
+    assert not capsys.readouterr().err
