@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 
-import jax
 import pytest
 
 from fmjax.aot import chips, report as report_lib
@@ -157,3 +156,22 @@ def test_analytic_model_flops_agree_with_xla(name):
     f = r["flops"]
     assert f["model_source"] == "analytic", f
     assert 0.8 <= f["model_per_chip"] / f["compiled_per_chip"] <= 1.02, f
+
+
+def test_models_without_a_formula_get_the_cpu_lowering_count(monkeypatch):
+    """A TPU lowering has no FLOP count, so for a model without an analytic formula (the U-Net
+    here) the report counts the same step lowered for one CPU device: on a CPU target that equals
+    the count of the step as lowered for the target, within 1%."""
+    from fmjax.aot import flops as flops_lib
+    config = load_config("diffusion", "cpu")
+    config.batch_size = 4
+    config.model.update(dict(channels=8, attention_resolutions=(), num_groups=4))
+    target = chips.parse_topology("cpu-2")
+    r = report_lib.compile_report(config, target, with_eval=False)
+    assert r["flops"]["model_source"] == "xla", r["flops"]
+    real = r["flops"]["model_per_chip"]
+    assert real > 0
+    monkeypatch.setattr(flops_lib, "model_flops_per_chip", lambda *a: (0.0, "xla"))  # as on a TPU
+    r = report_lib.compile_report(config, target, with_eval=False)
+    assert r["flops"]["model_source"] == "xla_cpu", r["flops"]
+    assert r["flops"]["model_per_chip"] == pytest.approx(real, rel=0.01)
