@@ -15,7 +15,10 @@ Layout (channels last, NHWC; param names):
 Outputs: ``pre_logits`` (B, dims[-1]) (the normed pooled features), ``patch_tokens`` (B, h w,
 dims[-1]) (the last stage's feature map, flattened), ``feature_maps`` (one (B, h, w, C) per
 stage), ``logits`` with a head. Stochastic depth rises linearly from 0 to ``drop_path``
-over all blocks, as the reference. Any input size whose sides divide by 32 works.
+over all blocks, as the reference. ``scan_layers=True`` runs each stage's blocks as one
+``nn.scan``: its params are ``stage_{i}_block_stack/...`` with a leading (depth_i,) axis
+(``fmjax.models.scan`` converts the layouts; checkpoints converters and ``model_init`` use the
+unrolled one; the dropout masks differ from the unrolled model's). Any input size whose sides divide by 32 works.
 
 Variants (``variant``): ``T`` (3, 3, 9, 3) x (96, 192, 384, 768), ``S`` (3, 3, 27, 3), ``B``
 (3, 3, 27, 3) x (128 ... 1024), ``L`` (3, 3, 27, 3) x (192 ... 1536); ``grn=True`` with
@@ -79,6 +82,9 @@ class ConvNeXtBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
+        return self._forward(x, deterministic)
+
+    def _forward(self, x, deterministic: bool, drop_path_rate=None):
         shortcut = x
         x = nn.Conv(self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim,
                     dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv",
@@ -97,8 +103,18 @@ class ConvNeXtBlock(nn.Module):
             gamma = self.param("gamma", core.part(nn.initializers.constant(self.layer_scale_init), ("embed",)),
                                (self.dim,), self.param_dtype)
             x = x * gamma.astype(x.dtype)
-        x = DropPath(self.drop_path)(x, deterministic)
+        x = DropPath(self.drop_path)(x, deterministic, drop_path_rate)
         return shortcut + x
+
+
+class ConvNeXtScanBlock(ConvNeXtBlock):
+    """``ConvNeXtBlock`` as an ``nn.scan`` body: ``(x, drop_path_rate, deterministic) -> (x,
+    None)``, the same params. ``drop_path_rate`` is the block's slice of the stage's scanned
+    rates (None: the ``drop_path`` field)."""
+
+    @nn.compact
+    def __call__(self, x, drop_path_rate=None, deterministic: bool = True):
+        return self._forward(x, deterministic, drop_path_rate), None
 
 
 class ConvNeXt(nn.Module):
@@ -119,6 +135,7 @@ class ConvNeXt(nn.Module):
     head_norm_eps: float = 1e-6
     patch_size: int = 4  # the stem's stride (the first stage's grid is H / 4)
     remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
+    scan_layers: bool = False  # one nn.scan per stage: stage_{i}_block_stack (module docstring)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -143,10 +160,20 @@ class ConvNeXt(nn.Module):
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             if i > 0:
                 x = conv(dim, 2, f"downsample_{i}_conv")(norm(f"downsample_{i}_norm")(x))
-            for j in range(depth):
-                x = block_cls(dim, rates[k], self.layer_scale_init, self.grn, self.layernorm_eps,
-                              self.dtype, self.param_dtype, name=f"stage_{i}_block_{j}")(x, not train)
-                k += 1
+            args = (self.layer_scale_init, self.grn, self.layernorm_eps, self.dtype, self.param_dtype)
+            if self.scan_layers and depth:
+                # (x, rate) scanned, deterministic the same for every block; without drop_path
+                # no rate goes in, so no 'dropout' rng is drawn for it (as unrolled).
+                stack = scan_lib.stack_module(ConvNeXtScanBlock, depth, self.remat, static_argnums=(3,),
+                                              in_axes=(0, nn.broadcast))
+                xs = jnp.asarray(rates[k:k + depth], jnp.float32) if self.drop_path else None
+                x, _ = stack(dim, float(self.drop_path), *args,
+                             name=f"stage_{i}_block{scan_lib.STACK_SUFFIX}")(x, xs, not train)
+                k += depth
+            else:
+                for j in range(depth):
+                    x = block_cls(dim, rates[k], *args, name=f"stage_{i}_block_{j}")(x, not train)
+                    k += 1
             maps.append(x)
         b, h, w, c = x.shape
         pooled = core.layer_norm(self.head_norm_eps, self.dtype, self.param_dtype, "head_norm")(

@@ -38,7 +38,9 @@ import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload")
 STACK_SUFFIX = "_stack"
-LAYER_PREFIXES = ("block", "blocks")   # Encoder's block_{i}, DiT's blocks_{i}
+# Encoder's block_{i}, DiT's blocks_{i}, ConvNeXt's stage_{s}_block_{i} (one stack per stage);
+# each entry is a regex the whole prefix must match.
+LAYER_PREFIXES = ("block", "blocks", r"stage_\d+_block")
 LAYERS_AXIS = "layers"                 # logical name of the stacked params' leading axis
 
 
@@ -103,8 +105,12 @@ def stack_module(cls, length: int, remat, in_axes, static_argnums: Sequence[int]
 _LAYER_KEY = re.compile(r"^(.+)_(\d+)$")
 
 
+def _is_prefix(name: str, prefixes) -> bool:
+    return any(re.fullmatch(p, name) for p in prefixes)
+
+
 def _stacked_prefix(key: str, prefixes) -> Optional[str]:
-    if isinstance(key, str) and key.endswith(STACK_SUFFIX) and key[:-len(STACK_SUFFIX)] in prefixes:
+    if isinstance(key, str) and key.endswith(STACK_SUFFIX) and _is_prefix(key[:-len(STACK_SUFFIX)], prefixes):
         return key[:-len(STACK_SUFFIX)]
     return None
 
@@ -131,12 +137,12 @@ def stack_layers(tree, prefixes: Sequence[str] = LAYER_PREFIXES):
     groups = {}
     for key in tree:
         m = _LAYER_KEY.match(key) if isinstance(key, str) else None
-        if m and m.group(1) in prefixes:
+        if m and _is_prefix(m.group(1), prefixes):
             groups.setdefault(m.group(1), {})[int(m.group(2))] = key
     out = {}
     for key, value in tree.items():
         m = _LAYER_KEY.match(key) if isinstance(key, str) else None
-        if m and m.group(1) in prefixes:
+        if m and _is_prefix(m.group(1), prefixes):
             prefix = m.group(1)
             if prefix + STACK_SUFFIX in out:
                 continue

@@ -136,6 +136,48 @@ def test_dit_scanned_equals_unrolled():
     assert "blocks_2" in params and "blocks_stack" in scan.stack_layers(params)
 
 
+def test_convnext_scanned_equals_unrolled():
+    """One stack per stage (stage_{i}_block_stack), drop path and layer scale on, a V2 stage
+    (GRN) too; a one-block stage stacks as well."""
+    from fmjax.models.convnext import ConvNeXt
+    for kw in (dict(depths=(2, 3), dims=(8, 16), num_classes=5, drop_path=0.2, layer_scale_init=0.5),
+               dict(depths=(1, 2), dims=(8, 16), num_classes=0, grn=True, layer_scale_init=0.0)):
+        params = _check_equal(ConvNeXt, kw, (_images(),), _sq(*(("logits",) if kw["num_classes"]
+                                                                else ()), "patch_tokens"), perturb=True)
+        stacked = scan.stack_layers(params)
+        assert {"stage_0_block_stack", "stage_1_block_stack"} <= set(stacked)
+        assert not any(k.startswith("stage_") and k[-1].isdigit() for k in stacked)
+        np.testing.assert_array_equal(scan.unstack_layers(stacked)["stage_1_block_1"]["fc1"]["kernel"],
+                                      params["stage_1_block_1"]["fc1"]["kernel"])
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_convnext_train_mode_drop_path_rates_per_block(scan_layers):
+    """Stochastic depth rises over ALL blocks (0, 0.25, 0.5 over stages of 1 and 2 blocks),
+    the scanned stage slicing the same rates; measured on each block's branch, a constant 1."""
+    from fmjax.models.convnext import ConvNeXt
+    n, rate = 4000, 0.5
+    model = ConvNeXt(depths=(1, 2), dims=(4, 4), drop_path=rate, scan_layers=scan_layers)
+    x = jnp.zeros((n, 8, 8, 3))
+    params = _init(ConvNeXt(depths=(1, 2), dims=(4, 4)), x[:1])
+    zero = jax.tree.map(jnp.zeros_like, params)
+    # every branch outputs exactly 1 per channel: zero weights, fc2's bias 1, gamma 1
+    for name in ("stage_0_block_0", "stage_1_block_0", "stage_1_block_1"):
+        zero[name]["fc2"]["bias"] = jnp.ones_like(zero[name]["fc2"]["bias"])
+        zero[name]["gamma"] = jnp.ones_like(zero[name]["gamma"])
+    p = scan.stack_layers(zero) if scan_layers else zero
+    maps = jax.jit(lambda p: model.apply({"params": p}, x, train=True,
+                                         rngs={"dropout": jax.random.PRNGKey(7)})["feature_maps"])(p)
+    stage0 = np.asarray(maps[0])[:, 0, 0, 0]                       # block 0 only (rate 0)
+    np.testing.assert_array_equal(stage0, np.ones(n))
+    # stage 1: input 0 (stem / downsample weights are 0) + branch 1 (rate 0.25) + branch 2 (0.5)
+    out = np.asarray(maps[1])[:, 0, 0, 0]
+    values = {0.0: 0.25 * 0.5, 1 / 0.75: 0.75 * 0.5, 2.0: 0.25 * 0.5, 1 / 0.75 + 2.0: 0.75 * 0.5}
+    for v, p_expected in values.items():
+        frac = np.isclose(out, v, rtol=1e-5).mean()
+        assert abs(frac - p_expected) < 4 * np.sqrt(p_expected * (1 - p_expected) / n) + 1e-9, (v, frac)
+
+
 def test_clip_scanned_equals_unrolled():
     kw = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, embed_dim=16,
               text_width=32, text_depth=2, text_heads=2, text_mlp_dim=64, vocab_size=50,

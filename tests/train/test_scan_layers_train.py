@@ -98,6 +98,36 @@ def test_hf_vit_checkpoint_into_scanned_model(shapes_data_dir, tmp_path):
     assert "hf_vit checkpoint" in text, text
 
 
+def test_hf_convnext_checkpoint_into_scanned_convnext_then_trains(shapes_data_dir, tmp_path):
+    """ConvNeXt's per-stage stacks (stage_{i}_block_stack) load a converted transformers
+    checkpoint through model_init, bit for bit, and train sharded with a remat policy."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    torch.manual_seed(0)
+    cfg = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[2, 3], num_stages=2,
+                                      image_size=32, layer_scale_init_value=0.5)
+    transformers.ConvNextModel(cfg).save_pretrained(str(tmp_path / "hf"))
+    c = _sup_config(shapes_data_dir)
+    c.model = dict(name="convnext", depths=(2, 3), dims=(16, 32), layer_scale_init=0.5,
+                   layernorm_eps=1e-12, head_norm_eps=1e-12, num_classes=8, scan_layers=True,
+                   remat="dots_saveable", drop_path=0.1)
+    c.model_init.torch = str(tmp_path / "hf" / "model.safetensors")
+    c.model_init.format = "hf_convnext"
+    c.model_init.dont_load = ("head/.*",)
+    state, text = initial_state(c, jax.devices()[:1])
+    from fmjax.interop.hf_convnext import convert_hf_convnext
+    from fmjax.interop.hf_vit import load_safetensors
+    ref = scan.stack_layers(convert_hf_convnext(load_safetensors(c.model_init.torch), cfg))
+    got = jax.tree.map(np.asarray, state.params)
+    assert got["stage_1_block_stack"]["fc1"]["kernel"].shape == (3, 32, 128)
+    for key in ("stem", "stage_0_block_stack", "stage_1_block_stack", "downsample_1_conv"):
+        _assert_trees_equal(got[key], ref[key])
+    c.mesh = MESH
+    wd = str(tmp_path / "wd")
+    assert loop.train_and_evaluate(c, wd)["step"] == 2
+    assert checkpoint_params(wd)["stage_0_block_stack"]["gamma"].shape == (2, 16)
+
+
 def test_scanned_mae_trains_sharded_and_refuses_an_unrolled_resume(tiny_config, tmp_path):
     c = tiny_config("mae", total_steps=3, checkpoint_every=3)
     c.model.update(dict(depth=3, decoder_depth=2, scan_layers=True,
