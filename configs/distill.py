@@ -70,7 +70,9 @@ def get_config(arg: str = "default"):
     c.objective = dict(name="distill", kd="hard", alpha=0.5, temperature=1.0, kd_norm="deit",
                        feature_kd="cosine", feature_weight=0.0, label_smoothing=0.1,
                        teacher=dict(workdir=ml_collections.config_dict.placeholder(str),
-                                    step=ml_collections.config_dict.placeholder(int)))
+                                    step=ml_collections.config_dict.placeholder(int),
+                                    # stored sparse logits (TinyViT; launch/store_logits.py)
+                                    logits=ml_collections.config_dict.placeholder(str)))
     if arg in ("default", "deit", "cpu"):
         c.total_steps = 600
         c.batch_size = 128

@@ -113,6 +113,8 @@ class _IndexedTransform(gp.MapWithIndexTransform):
 
     def map_with_index(self, index: int, element):
         rng = np.random.default_rng((self.seed, self.process_index, int(index)))
+        if getattr(self.transform, "wants_stream", False):  # e.g. teacher_topk: rows by position
+            element = {**element, tr.STREAM_KEY: (self.process_index, int(index))}
         return self.transform(element, rng)
 
 

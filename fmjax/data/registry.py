@@ -34,6 +34,7 @@ _BUILTIN_OPS = {
     **{name: "fmjax.data.autoaugment" for name in ("randaugment", "random_erasing")},
     "silhouette": "fmjax.data.shape_ops",
     **{name: "fmjax.data.mask_ops" for name in ("simmim_mask", "beit_mask")},
+    "teacher_topk": "fmjax.data.stored_logits",
 }
 _OPS: dict[str, Callable] = {}
 

@@ -58,6 +58,9 @@ NORMALIZE_PRESETS = {
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),   # to [-1, 1] (diffusion)
 }
 AUG_PREFIX = "_aug/"   # reserved: parameters random ops drew (see the module docstring)
+# (process index, position in that process's training stream), given to the training pipeline's
+# examples when an op of it has ``wants_stream = True`` (e.g. teacher_topk); dropped at the end.
+STREAM_KEY = AUG_PREFIX + "stream"
 _INTERP = {
     "nearest": Image.NEAREST, "bilinear": Image.BILINEAR,
     "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
@@ -443,6 +446,11 @@ class Compose(Transform):
         self.spec = spec
         self.kept_aug = frozenset(k for t in self.transforms if isinstance(t, keep)
                                   for k in t.keys if str(k).startswith(AUG_PREFIX))
+
+    @property
+    def wants_stream(self) -> bool:
+        """Whether an op reads ``STREAM_KEY`` (the training pipeline then provides it)."""
+        return any(getattr(t, "wants_stream", False) for t in self.transforms)
 
     def __call__(self, example, rng):
         for t in self.transforms:

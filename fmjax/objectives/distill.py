@@ -25,6 +25,17 @@ The loss is facebookresearch/deit ``losses.py`` ``DistillationLoss`` on the clas
   (``feature_kd='cosine'``: 1 - cos; ``'mse'``: mean squared error); the student and teacher
   widths must then match (no projection is learned).
 
+**Stored sparse teacher logits** (TinyViT's fast distillation; ``fmjax.data.stored_logits``):
+``store_topk`` (``launch/store_logits.py``) runs the teacher once on every batch the config's
+run will draw, mixed as this objective mixes it, and keeps the top-k of ``softmax(logits / T)``
+per example; ``objective.teacher.logits=DIR`` (with ``teacher_topk('DIR')`` in
+``config.data.pp_train``) replays them: no teacher is loaded or run. The target is the k
+stored probabilities with the remaining mass spread evenly over the other classes (TinyViT's
+sparse soft labels), and the KD term is the soft KD's KL at the stored T (``kd='soft'``), or the
+CE against the stored top-1 class (``kd='hard'``). With k = the number of classes the replayed
+run equals the live-teacher run (tests/objectives/test_stored_logits.py). The store's
+fingerprint (data, seed, batch, augmentation, mixing, teacher) must match the run's.
+
 ``targets`` are the (label-smoothed, mixed) labels of the supervised objective; evaluation,
 features and pictures are the student's, as in ``supervised``. Metrics: ``base_loss``,
 ``kd_loss``, ``teacher_accuracy`` and ``agreement`` (student argmax == teacher argmax).
@@ -126,8 +137,27 @@ class DistillObjective(SupervisedObjective):
         self.feature_weight = float(o.get("feature_weight", 0.0) or 0.0)
         if self.feature_kd not in FEATURE_KD:
             raise ConfigError(f"config.objective.feature_kd={self.feature_kd!r}; valid: {list(FEATURE_KD)}.")
-        self.teacher_model = None
-        if self.kd != "none" or self.feature_weight > 0:
+        self.teacher_model, self.stored = None, None
+        teacher = o.get("teacher") or {}
+        logits_dir = teacher.get("logits") if hasattr(teacher, "get") else None
+        if logits_dir and self.kd != "none":
+            from fmjax.data import stored_logits
+            self.stored = stored_logits.read_meta(logits_dir)
+            self.stored_dir = os.path.abspath(os.path.expanduser(str(logits_dir)))
+            if self.feature_weight > 0:
+                raise ConfigError("feature distillation needs the teacher's features, which stored "
+                                  "logits (objective.teacher.logits) do not hold: set "
+                                  "objective.feature_weight=0 or drop teacher.logits.")
+            if int(self.stored["num_classes"]) != self.num_classes:
+                raise ConfigError(f"stored teacher logits {self.stored_dir} have "
+                                  f"{self.stored['num_classes']} classes, the student {self.num_classes}.")
+            if self.kd == "soft" and float(self.stored["temperature"]) != self.temperature:
+                raise ConfigError(f"stored teacher logits {self.stored_dir} are probabilities at "
+                                  f"temperature {self.stored['temperature']}; set "
+                                  f"--config.objective.temperature={self.stored['temperature']} (or store again).")
+            self.batch_keys = tuple(self.batch_keys) + stored_logits.KEYS
+            self.teacher_name = f"stored top-{self.stored['topk']} logits in {self.stored_dir}"
+        elif self.kd != "none" or self.feature_weight > 0:
             self.teacher_model, self._teacher_params, self.teacher_name = load_teacher(
                 o.get("teacher") or {}, self.num_classes, config.get("dtype", "float32"))
             if self.feature_weight > 0:
@@ -158,6 +188,8 @@ class DistillObjective(SupervisedObjective):
             kd_logits = logits
         base = optax.softmax_cross_entropy(logits, targets).mean()
         metrics.update(accuracy=(logits.argmax(-1) == batch["label"]).mean(), base_loss=base)
+        if self.stored is not None:
+            return self._stored_loss(logits, kd_logits, base, batch, metrics, extra)
         if self.teacher_model is None:
             return base, (metrics, extra)
         t_out = self._teacher(extra, images)
@@ -185,6 +217,146 @@ class DistillObjective(SupervisedObjective):
         metrics.update(kd_loss=kd, teacher_accuracy=(t_logits.argmax(-1) == batch["label"]).mean(),
                        agreement=(kd_logits.argmax(-1) == t_logits.argmax(-1)).mean())
         return loss, (metrics, extra)
+
+
+    def _stored_loss(self, logits, kd_logits, base, batch, metrics, extra):
+        """The KD term against stored top-k probabilities (see the module docstring)."""
+        probs, index = batch["teacher_probs"].astype(jnp.float32), batch["teacher_index"]
+        c, k = kd_logits.shape[-1], probs.shape[-1]
+        rest = jnp.clip(1.0 - probs.sum(-1, keepdims=True), 0.0, 1.0) / max(c - k, 1)
+        hot = jax.nn.one_hot(index, c, dtype=jnp.float32)                  # (B, k, C)
+        target = jnp.einsum("bk,bkc->bc", probs, hot) + rest * (1.0 - hot.sum(1))
+        top1 = index[:, 0]
+        if self.kd == "soft":
+            T = self.temperature
+            log_s = jax.nn.log_softmax(kd_logits / T)
+            kl = jnp.sum(jax.scipy.special.xlogy(target, target) - target * log_s)
+            denom = kd_logits.size if self.kd_norm == "deit" else kd_logits.shape[0]
+            kd = kl * T * T / denom
+        else:
+            kd = optax.softmax_cross_entropy_with_integer_labels(kd_logits, top1).mean()
+        loss = (1 - self.alpha) * base + self.alpha * kd
+        metrics.update(kd_loss=kd, teacher_accuracy=(top1 == batch["label"]).mean(),
+                       agreement=(kd_logits.argmax(-1) == top1).mean())
+        return loss, (metrics, extra)
+
+    def fingerprint(self, config) -> dict:
+        """What decides a run's training batches as the teacher saw them (a store's key)."""
+        from fmjax.data import stored_logits
+        d, o = config.data, config.objective
+        return dict(data=str(d.name), split=str(d.get("train_split", "train")), seed=int(config.seed),
+                    batch_size=int(config.batch_size), order=str(d.get("order", "per_process")),
+                    pp_train=stored_logits.without_op(str(d.pp_train)),
+                    mixing={k: float(o.get(k, dflt) or 0.0) for k, dflt in (
+                        ("mixup_alpha", 0.0), ("cutmix_alpha", 0.0), ("mix_prob", 1.0),
+                        ("switch_prob", 0.5))})
+
+    def check(self, config):
+        super().check(config)
+        if self.stored is None:
+            return
+        from fmjax.data import stored_logits
+        want, have = self.stored.get("fingerprint", {}), self.fingerprint(config)
+        differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        if differ:
+            k = differ[0]
+            raise ConfigError(f"stored teacher logits {self.stored_dir} were made for other batches: "
+                              f"{', '.join(differ)} differ (e.g. {k}: stored {want.get(k)!r}, this run "
+                              f"{have.get(k)!r}); store them for this config.")
+        needed = int(config.total_steps) * int(config.batch_size)
+        if int(self.stored["rows"]) < needed:
+            raise ConfigError(f"stored teacher logits {self.stored_dir} cover {self.stored['steps']} "
+                              f"steps; this run has total_steps={config.total_steps}: store more "
+                              "(launch/store_logits.py --steps) or train fewer.")
+        ops = [op.split("(")[0].strip() for op in _split_pp(str(config.data.pp_train))]
+        if "teacher_topk" not in ops or "keep" in ops and ops.index("keep") < ops.index("teacher_topk"):
+            raise ConfigError(f"objective.teacher.logits needs teacher_topk('{self.stored_dir}') in "
+                              "config.data.pp_train before keep(...), and keep() must keep "
+                              f"{', '.join(stored_logits.KEYS)}.")
+        if int(config.get("grad_accum_steps", 1)) > 1 or jax.process_count() > 1:
+            raise ConfigError("stored teacher logits replay on one process without gradient "
+                              "accumulation (the rows follow one process's training stream).")
+
+
+def _split_pp(pp):
+    from fmjax.data.registry import split_pp
+    return split_pp(pp)
+
+
+def store_topk(config, out: str, topk: int, steps: int | None = None, dtype: str = "float16",
+               log=print) -> dict:
+    """Runs the teacher of ``config`` (a distill config with ``objective.teacher.workdir``) on
+    the first ``steps`` (default ``config.total_steps``) training batches, mixed as the objective
+    mixes them, and writes their top-``topk`` probabilities at the config's temperature to
+    ``out`` (``fmjax.data.stored_logits``) as ``dtype`` (TinyViT: float16; float32 replays the
+    live teacher to float32 rounding). One process, one device; returns the meta."""
+    import time
+    from fmjax.data import elastic, stored_logits
+    from fmjax.data.transforms import parse_pp
+    from fmjax.data import sources
+    from fmjax.train import setup as setup_lib
+    config = config.copy_and_resolve_references()
+    config.data.pp_train = stored_logits.without_op(str(config.data.pp_train))
+    if config.objective.get("teacher") and config.objective.teacher.get("logits"):
+        config.objective.teacher.logits = None
+    objective = make(config)
+    if objective.teacher_model is None:
+        raise ConfigError("store_logits needs a teacher: --config.objective.teacher.workdir=DIR "
+                          "(and kd 'soft' or 'hard').")
+    objective.check(config)
+    if jax.process_count() > 1 or int(config.get("grad_accum_steps", 1)) > 1:
+        raise ConfigError("store_logits runs on one process without gradient accumulation.")
+    if config.data.get("order", "per_process") != "per_process":
+        raise ConfigError("store_logits follows the per-process training order; set config.data.order='per_process'.")
+    steps = int(config.total_steps if steps is None else steps)
+    topk = int(topk)
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"--dtype={dtype!r}; valid: float16 (TinyViT's), float32.")
+    if not 1 <= topk <= objective.num_classes or steps < 1:
+        raise ConfigError(f"--topk={topk} must be in [1, {objective.num_classes}] and --steps={steps} >= 1.")
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(os.path.join(out, stored_logits.META)):
+        raise ConfigError(f"{out} already holds stored logits; pick a new --out (nothing was changed).")
+    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
+                                config.data.get("data_dir"),
+                                skip_bad_examples=config.data.get("skip_bad_examples", 0))
+    transform = parse_pp(config.data.pp_train, "config.data.pp_train")
+    spec = setup_lib.batch_spec(source, transform, ("image", "label"), config.batch_size)
+    data = elastic.make_train_iterator(
+        source, order="per_process", global_batch_size=config.batch_size, transform=transform,
+        seed=config.seed, worker_count=config.data.get("worker_count", 0),
+        read_threads=int(config.data.get("read_threads", 4)),
+        example_shapes={k: v.shape[1:] for k, v in spec.items()})
+    teacher = jax.tree.map(jnp.asarray, objective._teacher_params)
+    state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))[1]  # TrainState.rng
+    T = objective.temperature
+
+    @jax.jit
+    def top(batch, step):
+        rng = jax.random.fold_in(state_rng, step)  # the train step's rng at this step
+        images, _, _, _ = objective.inputs_and_targets(batch, rng)
+        logits = objective._teacher({"teacher": teacher}, images)["logits"]
+        return jax.lax.top_k(jax.nn.softmax(logits / T), topk)
+
+    os.makedirs(out, exist_ok=True)
+    rows = steps * int(config.batch_size)
+    probs = np.lib.format.open_memmap(os.path.join(out, stored_logits.PROBS), "w+", np.dtype(dtype), (rows, topk))
+    index = np.lib.format.open_memmap(os.path.join(out, stored_logits.INDEX), "w+", np.int32, (rows, topk))
+    t0, bs = time.time(), int(config.batch_size)
+    for step in range(steps):
+        local = next(data)
+        p, i = top({k: jnp.asarray(local[k]) for k in ("image", "label")}, jnp.int32(step))
+        probs[step * bs:(step + 1) * bs], index[step * bs:(step + 1) * bs] = np.asarray(p), np.asarray(i)
+        if (step + 1) % max(steps // 10, 1) == 0 or step + 1 == steps:
+            log(f"store_logits: step {step + 1}/{steps} ({(step + 1) * bs / (time.time() - t0):.0f} examples/s)")
+    probs.flush(), index.flush()
+    del probs, index
+    meta = dict(topk=topk, num_classes=objective.num_classes, temperature=T, rows=rows, steps=steps, dtype=dtype,
+                teacher=objective.teacher_name, fingerprint=objective.fingerprint(config))
+    with open(os.path.join(out, stored_logits.META + ".tmp"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(out, stored_logits.META + ".tmp"), os.path.join(out, stored_logits.META))
+    return meta
 
 
 def make(config) -> DistillObjective:

@@ -161,3 +161,148 @@ def test_deit_student_splits_the_heads(tiny_config, teacher_dir):
     base = -(onehot * _np_log_softmax(s_cls)).sum(-1).mean()
     kd = -_np_log_softmax(s_dist)[np.arange(8), np.asarray(t).argmax(1)].mean()
     np.testing.assert_allclose(float(loss), 0.5 * base + 0.5 * kd, rtol=1e-5)
+
+
+# -- Stored sparse teacher logits (TinyViT's fast distillation) -------------------------------
+
+def _replay_config(c, store):
+    """``c`` with the teacher replaced by the store: the op before keep(), its keys kept."""
+    from fmjax.data.registry import split_pp
+    r = c.copy_and_resolve_references()
+    r.objective.teacher.workdir = None
+    r.objective.teacher.logits = store
+    ops = [s.strip() for s in split_pp(r.data.pp_train)]
+    assert ops[-1] == "keep('image', 'label')", ops
+    r.data.pp_train = "|".join(ops[:-1] + [f"teacher_topk('{store}')",
+                                           "keep('image', 'label', 'teacher_probs', 'teacher_index')"])
+    return r
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory, shapes_data_dir):
+    """A soft-KD student config with mixup and CutMix, and its teacher's full (k = 8) float32
+    probabilities stored for its 4 steps. The teacher trains 40 steps at a high lr (the 4-step
+    ``teacher_dir`` is nearly uniform: its KL to a fresh student is ~1e-7, all rounding)."""
+    from fmjax.objectives import distill
+    from fmjax.testing import load_config
+    t = load_config("supervised")
+    t.data.data_dir = shapes_data_dir
+    t.total_steps, t.batch_size, t.log_every, t.eval_every, t.checkpoint_every = 40, 32, 10, 0, 40
+    t.eval_at_start, t.optimizer.warmup_steps, t.optimizer.lr = False, 2, 1e-2
+    t.model.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
+    teacher_dir = str(tmp_path_factory.mktemp("peaked_teacher"))
+    loop.train_and_evaluate(t, teacher_dir, devices=jax.devices()[:1])
+    c = load_config("distill")
+    c.data.data_dir = shapes_data_dir
+    c.total_steps, c.batch_size, c.log_every, c.eval_every, c.checkpoint_every = 4, 16, 1, 0, 2
+    c.eval_at_start, c.optimizer.warmup_steps = False, 2
+    c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
+    c.objective.update(dict(kd="soft", temperature=2.0, alpha=0.7, mixup_alpha=0.8, cutmix_alpha=1.0))
+    c.objective.teacher.workdir = teacher_dir
+    store = str(tmp_path_factory.mktemp("store") / "logits")
+    meta = distill.store_topk(c, store, topk=8, dtype="float32", log=lambda m: None)
+    assert meta["rows"] == 64 and meta["topk"] == 8 and meta["steps"] == 4
+    return c, store
+
+
+def test_stored_logits_replay_equals_the_live_teacher(stored, tmp_path):
+    """k = every class: the replayed run (no teacher loaded) logs the live run's losses, so the
+    rows are the batches' exact examples, augmentations and mixup / CutMix draws."""
+    from fmjax.testing import train_rows
+    c, store = stored
+    live, replay = str(tmp_path / "live"), str(tmp_path / "replay")
+    loop.train_and_evaluate(c, live, devices=jax.devices()[:1])
+    r = _replay_config(c, store)
+    obj = make_objective(r)
+    assert obj.teacher_model is None and "teacher" not in jax.eval_shape(
+        lambda: obj.init(jax.random.PRNGKey(0), {"image": jnp.zeros((2, 32, 32, 3)),
+                                                 "label": jnp.zeros((2,), jnp.int32),
+                                                 "teacher_probs": jnp.zeros((2, 8)),
+                                                 "teacher_index": jnp.zeros((2, 8), jnp.int32)}))[1]
+    loop.train_and_evaluate(r, replay, devices=jax.devices()[:1])
+    a, b = train_rows(live), train_rows(replay)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        for key in ("train/loss", "train/kd_loss", "train/teacher_accuracy", "train/agreement"):
+            np.testing.assert_allclose(b[s][key], a[s][key], rtol=2e-5, err_msg=f"{key} @ {s}")
+    assert a[1]["train/kd_loss"] > 1e-3 * a[1]["train/loss"], a[1]
+
+
+def test_stored_sparse_target_is_topk_plus_the_rest_spread_evenly(stored):
+    """The KD term against k stored probabilities: the dense target puts the rest of the mass
+    evenly on the other classes (TinyViT), then DeiT's soft KL at T (numpy transcription)."""
+    c, store = stored
+    obj = make_objective(_replay_config(c, store))
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(6, 8)).astype(np.float32)
+    t = rng.normal(size=(6, 8))
+    p = np.exp(t / 2.0) / np.exp(t / 2.0).sum(-1, keepdims=True)
+    index = np.argsort(-p, -1)[:, :3].astype(np.int32)
+    probs = np.take_along_axis(p, index, -1).astype(np.float32)
+    batch = dict(teacher_probs=jnp.asarray(probs), teacher_index=jnp.asarray(index),
+                 label=jnp.asarray(index[:, 0]))
+    loss, (m, _) = obj._stored_loss(jnp.asarray(s), jnp.asarray(s), jnp.zeros(()), batch, {}, {})
+    target = np.tile(((1 - probs.sum(-1)) / 5)[:, None], (1, 8))
+    np.put_along_axis(target, index, probs, -1)
+    kl = (target * (np.log(target) - _np_log_softmax(s / 2.0))).sum() * 4.0 / s.size
+    np.testing.assert_allclose(float(m["kd_loss"]), kl, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), 0.7 * kl, rtol=1e-5)
+    assert float(m["teacher_accuracy"]) == 1.0
+
+
+def test_stored_logits_resume_exactly_and_refuse_other_batches(stored, tmp_path, monkeypatch):
+    from fmjax.objectives import distill
+    from fmjax.testing import resume_drill
+    c, store = stored
+    r = _replay_config(c, store)
+    resume_drill(r, tmp_path / "drill", monkeypatch, n=2, devices=jax.devices()[:1])
+    for key, value, fragment in (("seed", 1, "seed differ"), ("batch_size", 8, "batch_size differ"),
+                                 ("total_steps", 5, "cover 4 steps")):
+        bad = r.copy_and_resolve_references()
+        bad[key] = value
+        with pytest.raises(ConfigError, match=fragment):
+            make_objective(bad).check(bad)
+    bad = r.copy_and_resolve_references()
+    bad.objective.mixup_alpha = 0.2
+    with pytest.raises(ConfigError, match="mixing differ"):
+        make_objective(bad).check(bad)
+    bad = r.copy_and_resolve_references()
+    bad.data.pp_train = c.data.pp_train
+    with pytest.raises(ConfigError, match="needs teacher_topk"):
+        make_objective(bad).check(bad)
+    bad = r.copy_and_resolve_references()
+    bad.objective.temperature = 4.0
+    with pytest.raises(ConfigError, match="temperature 2.0"):
+        make_objective(bad)
+    with pytest.raises(ConfigError, match="already holds stored logits"):
+        distill.store_topk(c, store, topk=2, log=lambda m: None)
+    bad = r.copy_and_resolve_references()
+    bad.objective.teacher.logits = str(tmp_path / "none")
+    with pytest.raises(ConfigError, match="no meta.json"):
+        make_objective(bad)
+
+
+def test_store_logits_cli_and_a_sparse_replay(stored, tmp_path):
+    """launch/store_logits.py: top-2 in float16; a replay with them trains; bad flags are one line."""
+    import json
+    from fmjax.testing import assert_one_line_error, run_cli
+    c, _ = stored
+    out = tmp_path / "top2"
+    args = ["--config=configs/distill.py", f"--config.objective.teacher.workdir={c.objective.teacher.workdir}",
+            f"--config.data.data_dir={c.data.data_dir}", "--config.batch_size=16", "--config.model.width=32",
+            "--config.model.depth=2", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+            "--config.objective.kd=soft", "--config.objective.temperature=2.0"]
+    proc = run_cli("store_logits", *args, f"--out={out}", "--topk=2", "--steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stored top-2 of 8 for 3 steps (48 examples)" in proc.stdout, proc.stdout
+    meta = json.loads((out / "meta.json").read_text())
+    probs = np.load(out / "probs.npy")
+    assert meta["dtype"] == "float16" and probs.shape == (48, 2) and probs.dtype == np.float16
+    assert (probs[:, 0] >= probs[:, 1]).all() and (probs.sum(-1) <= 1.001).all()
+    assert_one_line_error(run_cli("store_logits", *args, "--topk=2"), "--out is required")
+    assert_one_line_error(run_cli("store_logits", "--config=configs/mae.py", f"--out={tmp_path / 'x'}"),
+                          "takes a distill config")
+    r = _replay_config(c, str(out))
+    r.total_steps, r.objective.mixup_alpha, r.objective.cutmix_alpha = 3, 0.0, 0.0  # as stored
+    final = loop.train_and_evaluate(r, str(tmp_path / "wd"), devices=jax.devices()[:1])
+    assert final["step"] == 3 and np.isfinite(final["train/kd_loss"])
