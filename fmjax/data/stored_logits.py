@@ -65,6 +65,19 @@ def without_op(pp: str) -> str:
                     for s in ops)
 
 
+def with_op(pp: str, directory: str) -> str:
+    """``pp`` with ``teacher_topk('DIR')`` before its last ``keep(...)`` and the op's keys added
+    to that keep (at the end when there is none): a replay's pp_train."""
+    from fmjax.data.registry import split_pp
+    ops = [s.strip() for s in split_pp(without_op(pp))]
+    op = f"teacher_topk({str(directory)!r})"
+    last = max((i for i, s in enumerate(ops) if s.startswith("keep(")), default=None)
+    if last is None:
+        return "|".join(ops + [op])
+    keep = ops[last].rstrip()[:-1].rstrip().rstrip(",") + ", " + ", ".join(repr(k) for k in KEYS) + ")"
+    return "|".join(ops[:last] + [op, keep] + ops[last + 1:])
+
+
 @register_op
 class teacher_topk(Transform):  # noqa: N801
     """Adds ``teacher_probs`` (k,) float32 and ``teacher_index`` (k,) int32: the stored row of

@@ -270,9 +270,10 @@ class DistillObjective(SupervisedObjective):
                               "(launch/store_logits.py --steps) or train fewer.")
         ops = [op.split("(")[0].strip() for op in _split_pp(str(config.data.pp_train))]
         if "teacher_topk" not in ops or "keep" in ops and ops.index("keep") < ops.index("teacher_topk"):
+            pp = stored_logits.with_op(str(config.data.pp_train), self.stored_dir)
             raise ConfigError(f"objective.teacher.logits needs teacher_topk('{self.stored_dir}') in "
-                              "config.data.pp_train before keep(...), and keep() must keep "
-                              f"{', '.join(stored_logits.KEYS)}.")
+                              "config.data.pp_train before keep(...), keeping its keys: "
+                              f"--config.data.pp_train=\"{pp}\"")
         if int(config.get("grad_accum_steps", 1)) > 1 or jax.process_count() > 1:
             raise ConfigError("stored teacher logits replay on one process without gradient "
                               "accumulation (the rows follow one process's training stream).")

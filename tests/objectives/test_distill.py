@@ -168,13 +168,15 @@ def test_deit_student_splits_the_heads(tiny_config, teacher_dir):
 def _replay_config(c, store):
     """``c`` with the teacher replaced by the store: the op before keep(), its keys kept."""
     from fmjax.data.registry import split_pp
+    from fmjax.data.stored_logits import with_op
     r = c.copy_and_resolve_references()
     r.objective.teacher.workdir = None
     r.objective.teacher.logits = store
     ops = [s.strip() for s in split_pp(r.data.pp_train)]
     assert ops[-1] == "keep('image', 'label')", ops
-    r.data.pp_train = "|".join(ops[:-1] + [f"teacher_topk('{store}')",
-                                           "keep('image', 'label', 'teacher_probs', 'teacher_index')"])
+    r.data.pp_train = with_op(r.data.pp_train, store)
+    assert r.data.pp_train == "|".join(ops[:-1] + [
+        f"teacher_topk('{store}')", "keep('image', 'label', 'teacher_probs', 'teacher_index')"])
     return r
 
 
@@ -268,8 +270,9 @@ def test_stored_logits_resume_exactly_and_refuse_other_batches(stored, tmp_path,
         make_objective(bad).check(bad)
     bad = r.copy_and_resolve_references()
     bad.data.pp_train = c.data.pp_train
-    with pytest.raises(ConfigError, match="needs teacher_topk"):
+    with pytest.raises(ConfigError, match="needs teacher_topk") as info:
         make_objective(bad).check(bad)
+    assert f'--config.data.pp_train="{r.data.pp_train}"' in str(info.value)  # the fix, to paste
     bad = r.copy_and_resolve_references()
     bad.objective.temperature = 4.0
     with pytest.raises(ConfigError, match="temperature 2.0"):
