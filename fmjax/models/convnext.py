@@ -2,7 +2,9 @@
 
 Layout (channels last, NHWC; param names):
 
-- stem: ``stem`` 4x4 stride-4 conv to ``dims[0]``, then ``stem_norm`` LayerNorm;
+- stem: ``stem`` 4x4 stride-4 conv to ``dims[0]``, then ``stem_norm`` LayerNorm (``stem='conv'``:
+  fmjax's ViT conv stem instead, log2(patch_size) overlapping 3x3 stride-2 convs with LayerNorm
+  and GELU, then a 1x1 projection; small images, where a 4x4 patchify sees too little);
 - stage i > 0 starts with ``downsample_{i}_norm`` (LayerNorm) and ``downsample_{i}_conv``
   (2x2 stride 2) to ``dims[i]``;
 - ``stage_{i}_block_{j}``: depthwise 7x7 ``dwconv`` -> ``norm`` (LayerNorm over channels) ->
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 
 from fmjax.models import core
 from fmjax.models.blocks import DropPath, stochastic_depth_rates
+from fmjax.models.embeddings import ConvStem
 from fmjax.models import scan as scan_lib
 
 Dtype = Any
@@ -134,6 +137,7 @@ class ConvNeXt(nn.Module):
     layernorm_eps: float = 1e-6
     head_norm_eps: float = 1e-6
     patch_size: int = 4  # the stem's stride (the first stage's grid is H / 4)
+    stem: str = "patch"  # 'patch': the paper's patchify conv; 'conv': overlapping 3x3 convs (docstring)
     remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
     scan_layers: bool = False  # one nn.scan per stage: stage_{i}_block_stack (module docstring)
     dtype: Dtype = jnp.float32
@@ -153,7 +157,15 @@ class ConvNeXt(nn.Module):
             f, (k, k), strides=(k, k), padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
             name=name, kernel_init=core.part(_conv_init(), (None, None, None, "embed")),
             bias_init=core.part(core.zeros, ("embed",)))
-        x = norm("stem_norm")(conv(self.dims[0], self.patch_size, "stem")(x))
+        if self.stem == "patch":
+            x = conv(self.dims[0], self.patch_size, "stem")(x)
+        elif self.stem == "conv":  # fmjax's ViT conv stem (Xiao et al. 2021), as a feature map
+            b, h, w, _ = x.shape
+            x = ConvStem(self.dims[0], self.patch_size, self.dtype, self.param_dtype, name="stem")(x)
+            x = x.reshape(b, h // self.patch_size, w // self.patch_size, self.dims[0])
+        else:
+            raise ValueError(f"ConvNeXt stem={self.stem!r}; valid: 'patch' (the paper's), 'conv'.")
+        x = norm("stem_norm")(x)
         rates = stochastic_depth_rates(self.drop_path, sum(self.depths))
         block_cls = scan_lib.remat_module(ConvNeXtBlock, self.remat, static_argnums=(2,))
         maps, k = [], 0

@@ -34,3 +34,25 @@ def test_dino_accepts_a_convnext_backbone(tiny_config):
     params, extra = obj.init(jax.random.PRNGKey(0), batch)
     loss, _ = obj.loss(params, extra, batch, jax.random.PRNGKey(1), 0)
     assert np.isfinite(float(loss))
+
+
+def test_conv_stem_sees_overlapping_windows():
+    """stem='conv': the same grid and outputs as the patchify stem, from overlapping 3x3 convs
+    (a pixel of one 4x4 patch changes the next patch's stem output too); a bad name is one line."""
+    from fmjax.models.convnext import ConvNeXt
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 32, 3))
+    for stem in ("patch", "conv"):
+        m = ConvNeXt(depths=(1, 1), dims=(16, 32), num_classes=3, stem=stem)
+        v = m.init(jax.random.PRNGKey(1), x)
+        out = m.apply(v, x)
+        assert out["feature_maps"][0].shape == (1, 8, 8, 16) and out["logits"].shape == (1, 3)
+        moved = m.apply(v, x.at[0, 3, 3].add(5.0), capture_intermediates=lambda mdl, _: mdl.name == "stem_norm")
+        stem_out = moved[1]["intermediates"]["stem_norm"]["__call__"][0]
+        ref = m.apply(v, x, capture_intermediates=lambda mdl, _: mdl.name == "stem_norm")[1][
+            "intermediates"]["stem_norm"]["__call__"][0]
+        changed = np.abs(np.asarray(stem_out - ref)).max(-1)[0] > 1e-6
+        # patch (0, 0) holds pixel (3, 3); patch (1, 1) only sees it through overlapping convs
+        assert changed[0, 0] and changed[1, 1] == (stem == "conv"), (stem, changed[:3, :3])
+        assert changed.sum() == (4 if stem == "conv" else 1)  # patches (0..1, 0..1) vs (0, 0)
+    with pytest.raises(ValueError, match="stem='nope'; valid"):
+        ConvNeXt(depths=(1,), dims=(8,), stem="nope").init(jax.random.PRNGKey(0), x)
