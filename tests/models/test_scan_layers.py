@@ -137,18 +137,17 @@ def test_dit_scanned_equals_unrolled():
 
 
 def test_convnext_scanned_equals_unrolled():
-    """One stack per stage (stage_{i}_block_stack), drop path and layer scale on, a V2 stage
-    (GRN) too; a one-block stage stacks as well."""
+    """One stack per stage (stage_{i}_block_stack), with drop path, layer scale and V2's GRN on
+    (every kind of block param)."""
     from fmjax.models.convnext import ConvNeXt
-    for kw in (dict(depths=(2, 3), dims=(8, 16), num_classes=5, drop_path=0.2, layer_scale_init=0.5),
-               dict(depths=(1, 2), dims=(8, 16), num_classes=0, grn=True, layer_scale_init=0.0)):
-        params = _check_equal(ConvNeXt, kw, (_images(),), _sq(*(("logits",) if kw["num_classes"]
-                                                                else ()), "patch_tokens"), perturb=True)
-        stacked = scan.stack_layers(params)
-        assert {"stage_0_block_stack", "stage_1_block_stack"} <= set(stacked)
-        assert not any(k.startswith("stage_") and k[-1].isdigit() for k in stacked)
-        np.testing.assert_array_equal(scan.unstack_layers(stacked)["stage_1_block_1"]["fc1"]["kernel"],
-                                      params["stage_1_block_1"]["fc1"]["kernel"])
+    kw = dict(depths=(2, 3), dims=(8, 16), num_classes=5, drop_path=0.2, layer_scale_init=0.5, grn=True)
+    params = _check_equal(ConvNeXt, kw, (_images(),), _sq("logits", "patch_tokens"), perturb=True)
+    stacked = scan.stack_layers(params)
+    assert {"stage_0_block_stack", "stage_1_block_stack"} <= set(stacked)
+    assert {"gamma", "grn", "dwconv"} <= set(stacked["stage_1_block_stack"])
+    assert not any(k.startswith("stage_") and k[-1].isdigit() for k in stacked)
+    np.testing.assert_array_equal(scan.unstack_layers(stacked)["stage_1_block_1"]["fc1"]["kernel"],
+                                  params["stage_1_block_1"]["fc1"]["kernel"])
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
