@@ -23,7 +23,11 @@ minutes on the 2-core CPU):
   too slow: lr 5e-4 (0.265 at step 500 vs 0.358), layer scale init 0.1 instead of 1e-6 (0.308
   at 500), a 2x2 stem (16x16 grid, dims 32-128 or 16-64: 1.6 steps/s, ~16 min for 1500 steps:
   the depthwise 7x7 convolutions dominate a CPU step); every variant sits at the chance loss
-  (ln 8) for its first 100-200 steps. `deit`: the
+  (ln 8) for its first 100-200 steps. Tried 2026-12-05: --config.model.stem=conv (the ViT's
+  overlapping conv stem instead of the 4x4 patchify; same 8x8 grid): 0.101 -> 0.394 (500) ->
+  0.563 (1000) -> 0.610 (1500), 9.4 min wall alone (2.9 steps/s): better than the patchify stem
+  (0.576) but far from 0.85; ConvNeXt's LayerNorm / layer-scale blocks learn slowly at this
+  budget where ResNet's BatchNorm blocks reach 0.944 in 300 steps. `deit`: the
   default ViT with DeiT's distillation token and class-token pooling (trained on labels alone
   here; configs/distill.py:deit trains it from a teacher). Measured 2026-12-03 (1500 steps, 5.3
   min wall alone): eval/val_accuracy 0.118 -> 0.735 (500) -> 0.849 (1000) -> 0.866 (1500): the
