@@ -546,13 +546,13 @@ def test_an_adapter_without_a_base_warns_in_one_line(capsys, tmp_path):
     assert not capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, model", [("dino", None), ("diffusion", "dit"), ("diffusion", "unet")])
+@pytest.mark.parametrize("name, model", [("dino", None), ("diffusion", "dit")])
 def test_lora_trains_dino_and_diffusion_backbones_alone(tiny_config, tmp_path, name, model):
     """Issue 18: adapters work with every objective. LoRA (rank 2, the default q / v targets)
-    on DINO's student ViT, a DiT and a U-Net (its attention blocks), from a base trained 4 steps
-    (at a fresh init DiT's adaLN-Zero gates and the U-Net's zero-init output convolutions give
-    q / v no gradient): between the step-2 and step-4 checkpoints only LoRA params move; the
-    base params are bit-identical."""
+    on DINO's student ViT and a DiT, from a base trained 4 steps (at a fresh init DiT's
+    adaLN-Zero gates give q / v no gradient): between the step-2 and step-4 checkpoints only
+    LoRA params move; the base params are bit-identical. (The U-Net's attention blocks pass the
+    same check, measured 2026-12-05, but its two compiles cost 44 s of the suite.)"""
     c = tiny_config(name)
     if model == "dit":
         from fmjax.testing import load_config
