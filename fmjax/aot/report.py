@@ -134,8 +134,8 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
         f"the compiler ran out of memory after {compile_s:.1f} s: {oom['message']}")
 
     model_flops, flops_source = flops_lib.model_flops_per_chip(objective, spec, lowered, n)
-    if not model_flops and (config.model.get("remat", "none") or "none") == "none" \
-            and not config.model.get("scan_layers", False):
+    remat = config.model.get("remat", "none") or "none"
+    if not model_flops and remat == "none" and not config.model.get("scan_layers", False):
         # No formula, and a TPU lowering has no FLOP count: XLA's count of the same step lowered
         # for one CPU device (before fusion; no remat recompute, no scanned loop counted once).
         model_flops = _cpu_lowered_flops(step_fn, abstract, spec, mesh) / n
@@ -144,7 +144,6 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
     hw_flops = float(cost.get("flops", 0.0)) if compiled else math.nan
     hw_bytes = float(cost.get("bytes accessed", 0.0)) if compiled else math.nan
     chip = target.chip
-    remat = config.model.get("remat", "none") or "none"
     # XLA's cost analysis counts a while loop's body once, so a scanned layer stack is
     # undercounted: the roofline takes the larger of XLA's count and the model FLOPs times
     # what the remat policy recomputes (full: the forward again, 4/3 of fwd + bwd).

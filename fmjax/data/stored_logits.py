@@ -9,8 +9,9 @@ draws), through the teacher; for every example the top-k of ``softmax(teacher lo
 
 - ``DIR/probs.npy``: (N, k) float16 (or float32), largest first; ``DIR/index.npy``: (N, k) int32 classes;
 - ``DIR/meta.json``: ``topk``, ``num_classes``, ``temperature``, ``rows`` (N = steps x batch),
-  ``steps`` and the ``fingerprint`` of everything that decides the batches (dataset, split,
-  seed, batch size, pp_train without this op, the mixing options, the teacher).
+  ``steps``, ``teacher`` (its workdir and step, for the record) and the ``fingerprint`` of
+  everything that decides the batches (dataset, split, seed, batch size, order, pp_train
+  without this op, the mixing options).
 
 Row ``step * batch + i`` is example ``i`` of step ``step``: the position of that example in the
 training stream (``fmjax.data.pipeline`` seeds each example's augmentation by it), which is

@@ -19,8 +19,9 @@ dims[-1]) (the last stage's feature map, flattened), ``feature_maps`` (one (B, h
 stage), ``logits`` with a head. Stochastic depth rises linearly from 0 to ``drop_path``
 over all blocks, as the reference. ``scan_layers=True`` runs each stage's blocks as one
 ``nn.scan``: its params are ``stage_{i}_block_stack/...`` with a leading (depth_i,) axis
-(``fmjax.models.scan`` converts the layouts; checkpoints converters and ``model_init`` use the
-unrolled one; the dropout masks differ from the unrolled model's). Any input size whose sides divide by 32 works.
+(``fmjax.models.scan`` converts the layouts; checkpoint converters and ``model_init`` use the
+unrolled one; the dropout masks differ from the unrolled model's). Any input size whose sides
+divide by 32 works.
 
 Variants (``variant``): ``T`` (3, 3, 9, 3) x (96, 192, 384, 768), ``S`` (3, 3, 27, 3), ``B``
 (3, 3, 27, 3) x (128 ... 1024), ``L`` (3, 3, 27, 3) x (192 ... 1536); ``grn=True`` with

@@ -33,8 +33,8 @@ per example; ``objective.teacher.logits=DIR`` (with ``teacher_topk('DIR')`` in
 stored probabilities with the remaining mass spread evenly over the other classes (TinyViT's
 sparse soft labels), and the KD term is the soft KD's KL at the stored T (``kd='soft'``), or the
 CE against the stored top-1 class (``kd='hard'``). With k = the number of classes the replayed
-run equals the live-teacher run (tests/objectives/test_stored_logits.py). The store's
-fingerprint (data, seed, batch, augmentation, mixing, teacher) must match the run's.
+run equals the live-teacher run (tests/objectives/test_distill.py). The store's fingerprint
+(data, split, seed, batch size, order, pp_train, mixing options) must match the run's.
 
 ``targets`` are the (label-smoothed, mixed) labels of the supervised objective; evaluation,
 features and pictures are the student's, as in ``supervised``. Metrics: ``base_loss``,
@@ -218,7 +218,6 @@ class DistillObjective(SupervisedObjective):
                        agreement=(kd_logits.argmax(-1) == t_logits.argmax(-1)).mean())
         return loss, (metrics, extra)
 
-
     def _stored_loss(self, logits, kd_logits, base, batch, metrics, extra):
         """The KD term against stored top-k probabilities (see the module docstring)."""
         probs, index = batch["teacher_probs"].astype(jnp.float32), batch["teacher_index"]
@@ -256,6 +255,7 @@ class DistillObjective(SupervisedObjective):
         if self.stored is None:
             return
         from fmjax.data import stored_logits
+        from fmjax.data.registry import split_pp
         want, have = self.stored.get("fingerprint", {}), self.fingerprint(config)
         differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if differ:
@@ -268,7 +268,7 @@ class DistillObjective(SupervisedObjective):
             raise ConfigError(f"stored teacher logits {self.stored_dir} cover {self.stored['steps']} "
                               f"steps; this run has total_steps={config.total_steps}: store more "
                               "(launch/store_logits.py --steps) or train fewer.")
-        ops = [op.split("(")[0].strip() for op in _split_pp(str(config.data.pp_train))]
+        ops = [op.split("(")[0].strip() for op in split_pp(str(config.data.pp_train))]
         if "teacher_topk" not in ops or "keep" in ops and ops.index("keep") < ops.index("teacher_topk"):
             pp = stored_logits.with_op(str(config.data.pp_train), self.stored_dir)
             raise ConfigError(f"objective.teacher.logits needs teacher_topk('{self.stored_dir}') in "
@@ -279,11 +279,6 @@ class DistillObjective(SupervisedObjective):
                               "accumulation (the rows follow one process's training stream).")
 
 
-def _split_pp(pp):
-    from fmjax.data.registry import split_pp
-    return split_pp(pp)
-
-
 def store_topk(config, out: str, topk: int, steps: int | None = None, dtype: str = "float16",
                log=print) -> dict:
     """Runs the teacher of ``config`` (a distill config with ``objective.teacher.workdir``) on
@@ -292,9 +287,8 @@ def store_topk(config, out: str, topk: int, steps: int | None = None, dtype: str
     ``out`` (``fmjax.data.stored_logits``) as ``dtype`` (TinyViT: float16; float32 replays the
     live teacher to float32 rounding). One process, one device; returns the meta."""
     import time
-    from fmjax.data import elastic, stored_logits
+    from fmjax.data import stored_logits
     from fmjax.data.transforms import parse_pp
-    from fmjax.data import sources
     from fmjax.train import setup as setup_lib
     config = config.copy_and_resolve_references()
     config.data.pp_train = stored_logits.without_op(str(config.data.pp_train))
@@ -318,16 +312,10 @@ def store_topk(config, out: str, topk: int, steps: int | None = None, dtype: str
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(os.path.join(out, stored_logits.META)):
         raise ConfigError(f"{out} already holds stored logits; pick a new --out (nothing was changed).")
-    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
-                                config.data.get("data_dir"),
-                                skip_bad_examples=config.data.get("skip_bad_examples", 0))
+    source = setup_lib.train_source(config)
     transform = parse_pp(config.data.pp_train, "config.data.pp_train")
     spec = setup_lib.batch_spec(source, transform, ("image", "label"), config.batch_size)
-    data = elastic.make_train_iterator(
-        source, order="per_process", global_batch_size=config.batch_size, transform=transform,
-        seed=config.seed, worker_count=config.data.get("worker_count", 0),
-        read_threads=int(config.data.get("read_threads", 4)),
-        example_shapes={k: v.shape[1:] for k, v in spec.items()})
+    data = setup_lib.train_iterator(config, source, transform, spec)  # the trainer's batches
     teacher = jax.tree.map(jnp.asarray, objective._teacher_params)
     state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))[1]  # TrainState.rng
     T = objective.temperature

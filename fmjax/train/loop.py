@@ -13,7 +13,7 @@ import signal
 import jax
 import numpy as np
 
-from fmjax.data import elastic, pipeline, sources
+from fmjax.data import pipeline
 from fmjax.parallel import mesh as mesh_lib
 from fmjax.parallel import rules as rules_lib
 from fmjax.train import checkpoint as ckpt
@@ -111,9 +111,7 @@ def check_config(config, workdir: str, devices=None):
     validate.check(config, objective, mesh)
     validate.check_model_init(config, workdir)
     evaluator = Evaluator(config, objective, mesh, rules, checked=True)  # validate.check ran check_evals
-    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
-                                config.data.get("data_dir"),
-                                skip_bad_examples=config.data.get("skip_bad_examples", 0))
+    source = setup_lib.train_source(config)
     transform = parse_pp(config.data.pp_train, "config.data.pp_train")
     spec = setup_lib.batch_spec(source, transform, objective.batch_keys, config.batch_size)
     validate.check_pipeline_matches(config, transform, spec)
@@ -179,11 +177,7 @@ def _train(config, workdir: str, run: dict) -> dict:
     writer = data_iter = profiler = None
     try:
         # -- 2. Data, and the latest readable checkpoint (or a fresh state). ------------------
-        data_iter = elastic.make_train_iterator(
-            run["source"], order=config.data.get("order", "per_process"), global_batch_size=config.batch_size, transform=run["transform"],
-            seed=config.seed, worker_count=config.data.get("worker_count", 0),
-            read_threads=int(config.data.get("read_threads", 4)),
-            example_shapes={k: v.shape[1:] for k, v in spec.items()})
+        data_iter = setup_lib.train_iterator(config, run["source"], run["transform"], spec)
         def fresh_state():  # the fresh init with config.model_init's weights put in
             return restore_lib.fresh_state(config, objective, tx, spec, mesh, rules, shardings, log=log)
         store = adapter_ckpt.for_run(config, tx, run["abstract"], fresh_state)  # adapters: the base

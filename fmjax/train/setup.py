@@ -35,6 +35,25 @@ def batch_spec(source, transform, keys, global_batch):
             for k in keys}
 
 
+def train_source(config):
+    """The training split's random-access source, as ``config.data`` names it."""
+    from fmjax.data import sources
+    return sources.get_source(config.data.name, config.data.get("train_split", "train"),
+                              config.data.get("data_dir"),
+                              skip_bad_examples=config.data.get("skip_bad_examples", 0))
+
+
+def train_iterator(config, source, transform, spec):
+    """The training batches of ``config``: the iterator the trainer draws from (and
+    ``launch/store_logits.py`` replays), in ``config.data.order``."""
+    from fmjax.data import elastic
+    return elastic.make_train_iterator(
+        source, order=config.data.get("order", "per_process"), global_batch_size=config.batch_size,
+        transform=transform, seed=config.seed, worker_count=config.data.get("worker_count", 0),
+        read_threads=int(config.data.get("read_threads", 4)),
+        example_shapes={k: v.shape[1:] for k, v in spec.items()})
+
+
 def host_arrays(local, spec):
     """The spec'd entries of a host batch, in the dtypes the step was compiled for (int64 -> int32)."""
     return {k: np.asarray(local[k], dtype=spec[k].dtype) for k in spec}
