@@ -36,7 +36,11 @@ final token, which SimMIM's one-layer decoder upsamples by.
 Outputs: ``pre_logits`` (B, C_last), ``patch_tokens`` (B, h w, C_last) (normed),
 ``feature_maps`` (each stage's (B, h, w, C) before its merge), ``logits`` with a head.
 Stochastic depth rises linearly from 0 to ``drop_path`` over all blocks (the reference's
-``torch.linspace``). ``remat`` checkpoints each block.
+``torch.linspace``). ``remat`` checkpoints each block. ``scan_layers=True`` runs each stage's
+blocks as one ``nn.scan`` (params ``stage_{i}_block_stack/...`` with a leading (depth_i,) axis;
+``fmjax.models.scan`` converts the layouts): the body is one block whose shift is switched on
+for odd layers by a scanned flag (both rolls computed, the flag picks; the mask is multiplied
+by it), so a stage compiles one block instead of ``depth_i``, with the same numbers.
 
 **Swin v2** (``version=2``, transformers' ``Swinv2Model``): cosine attention with a learned
 per-head ``attn/logit_scale`` (init log 10, clamped at log 100), the continuous position bias
@@ -206,8 +210,20 @@ class SwinBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
+        return self._forward(x, deterministic)
+
+    def _forward(self, x, deterministic: bool, drop_path_rate=None, shifted=None):
+        """``drop_path_rate``: a traced per-layer rate (None: the field's). ``shifted``: a traced
+        0 / 1 flag that turns the ``shift_size`` shift on or off (None: always on), so a scanned
+        stack can alternate plain and shifted blocks: both rolls are computed and the flag picks,
+        and the mask is the shifted one times the flag (0 adds nothing; exact either way)."""
         b, h, w, c = x.shape
         ws, shift = window_and_shift(h, w, self.window_size, self.shift_size)
+        drop = lambda y: DropPath(self.drop_path)(y, deterministic, drop_path_rate)  # noqa: E731
+
+        def roll(y, s):
+            rolled = jnp.roll(y, (s, s), axis=(1, 2))
+            return rolled if shifted is None else jnp.where(shifted > 0, rolled, y)
         norm = lambda name: core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
         v2 = self.version == 2
         y = x if v2 else norm("norm1")(x)
@@ -216,8 +232,10 @@ class SwinBlock(nn.Module):
             y = jnp.pad(y, ((0, 0), (0, ph), (0, pw), (0, 0)))
         hp, wp = h + ph, w + pw
         if shift:
-            y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
+            y = roll(y, -shift)
         mask = shift_mask(hp, wp, ws, shift) if shift else None
+        if mask is not None and shifted is not None:
+            mask = jnp.asarray(mask) * jnp.asarray(shifted, jnp.float32)
         if v2:   # the CPB is continuous: the adapted window has its own coordinates
             hook = _cosine_cpb_hook(ws, self.pretrained_window_size, self.num_heads, mask, self.param_dtype)
         else:
@@ -228,17 +246,27 @@ class SwinBlock(nn.Module):
                 window_partition(y, ws), deterministic=deterministic)
         y = window_reverse(y, ws, hp, wp)
         if shift:
-            y = jnp.roll(y, (shift, shift), axis=(1, 2))
+            y = roll(y, shift)
         y = y[:, :h, :w]
         if v2:   # res-post-norm: x + LN(attn(x)), x + LN(mlp(x))
-            x = x + DropPath(self.drop_path)(norm("norm1")(y), deterministic)
+            x = x + drop(norm("norm1")(y))
             y = Mlp(int(self.mlp_ratio * c), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
                 x.reshape(b, h * w, c), deterministic)
-            return x + DropPath(self.drop_path)(norm("norm2")(y).reshape(b, h, w, c), deterministic)
-        x = x + DropPath(self.drop_path)(y, deterministic)
+            return x + drop(norm("norm2")(y).reshape(b, h, w, c))
+        x = x + drop(y)
         y = Mlp(int(self.mlp_ratio * c), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
             norm("norm2")(x).reshape(b, h * w, c), deterministic)
-        return x + DropPath(self.drop_path)(y.reshape(b, h, w, c), deterministic)
+        return x + drop(y.reshape(b, h, w, c))
+
+
+class SwinScanBlock(SwinBlock):
+    """``SwinBlock`` as an ``nn.scan`` body: ``(x, drop_path_rate, shifted, deterministic) ->
+    (x, None)`` with the same params; ``shift_size`` is the stage's shift, switched per layer
+    by the scanned ``shifted`` flag (even blocks 0, odd 1)."""
+
+    @nn.compact
+    def __call__(self, x, drop_path_rate=None, shifted=None, deterministic: bool = True):
+        return self._forward(x, deterministic, drop_path_rate, shifted), None
 
 
 class PatchMerging(nn.Module):
@@ -289,6 +317,7 @@ class Swin(nn.Module):
     version: int = 1                              # 2: Swin v2 (module docstring)
     pretrained_window_sizes: Sequence[int] = ()   # v2, per stage: the CPB's normalising window (0: own)
     remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
+    scan_layers: bool = False  # one nn.scan per stage: stage_{i}_block_stack (module docstring)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -341,12 +370,25 @@ class Swin(nn.Module):
         block_cls = scan_lib.remat_module(SwinBlock, self.remat, static_argnums=(2,))
         maps, k = [], 0
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
-            for j in range(depth):
-                x = block_cls(heads, self.window_size, 0 if j % 2 == 0 else self.window_size // 2,
-                              self.mlp_ratio, rates[k], self.layernorm_eps,
-                              self.attention_impl, self.version, pws[i], self.dtype, self.param_dtype,
-                              name=f"stage_{i}_block_{j}")(x, not train)
-                k += 1
+            if self.scan_layers and depth:
+                # one stack per stage: (x, rate, shifted) scanned; without drop_path no rate goes
+                # in, so no 'dropout' rng is drawn for it (as unrolled)
+                stack = scan_lib.stack_module(SwinScanBlock, depth, self.remat, static_argnums=(4,),
+                                              in_axes=(0, 0, nn.broadcast))
+                rate = jnp.asarray(rates[k:k + depth], jnp.float32) if self.drop_path else None
+                shifted = jnp.asarray([j % 2 for j in range(depth)], jnp.int32)
+                x, _ = stack(heads, self.window_size, self.window_size // 2, self.mlp_ratio,
+                             float(self.drop_path), self.layernorm_eps, self.attention_impl, self.version,
+                             pws[i], self.dtype, self.param_dtype,
+                             name=f"stage_{i}_block{scan_lib.STACK_SUFFIX}")(x, rate, shifted, not train)
+                k += depth
+            else:
+                for j in range(depth):
+                    x = block_cls(heads, self.window_size, 0 if j % 2 == 0 else self.window_size // 2,
+                                  self.mlp_ratio, rates[k], self.layernorm_eps,
+                                  self.attention_impl, self.version, pws[i], self.dtype, self.param_dtype,
+                                  name=f"stage_{i}_block_{j}")(x, not train)
+                    k += 1
             maps.append(x)
             if i < len(self.depths) - 1:
                 x = PatchMerging(self.layernorm_eps, self.version == 2, self.dtype, self.param_dtype,

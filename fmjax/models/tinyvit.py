@@ -32,7 +32,9 @@ Outputs: ``pre_logits`` (B, C_last) (the normed pooled features), ``patch_tokens
 C_last) (the last stage's map, flattened, not normed), ``feature_maps`` (each stage's (B, h, w,
 C) before its merge), ``logits`` with a head. Stochastic depth rises linearly from 0 to
 ``drop_path`` over all blocks, the MBConv ones included (Cream's ``torch.linspace``).
-``remat`` checkpoints each block.
+``remat`` checkpoints each block. ``scan_layers=True`` runs each stage's blocks as one
+``nn.scan`` (``stage_{i}_block_stack/...``, params and ``batch_stats`` with a leading
+(depth_i,) axis; ``fmjax.models.scan`` converts the layouts), so a stage compiles one block.
 
 **BatchNorm.** ``train=True`` normalises by the batch's statistics and updates the running
 ones (momentum 0.9 in flax's convention, torch's 0.1; eps 1e-5); ``train=False`` uses the
@@ -141,13 +143,16 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        return self._forward(x, train)
+
+    def _forward(self, x, train: bool, drop_path_rate=None):
         c = x.shape[-1]
         hidden = int(c * self.expand_ratio)
         cb = functools.partial(ConvBN, dtype=self.dtype, param_dtype=self.param_dtype)
         y = gelu(cb(hidden, 1, kernel_axes=(None, None, "embed", "mlp"), name="conv1")(x, train))
         y = gelu(cb(hidden, 3, groups=hidden, kernel_axes=(None, None, None, "mlp"), name="conv2")(y, train))
         y = cb(c, 1, kernel_axes=(None, None, "mlp", "embed"), bn_scale_init=0.0, name="conv3")(y, train)
-        return gelu(x + DropPath(self.drop_path)(y, not train))
+        return gelu(x + DropPath(self.drop_path)(y, not train, drop_path_rate))
 
 
 class PatchMerging(nn.Module):
@@ -179,6 +184,9 @@ class TinyViTBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        return self._forward(x, train)
+
+    def _forward(self, x, train: bool, drop_path_rate=None):
         b, h, w, c = x.shape
         if c % self.num_heads:
             raise ValueError(f"TinyViT width {c} is not divisible by num_heads={self.num_heads}.")
@@ -192,12 +200,28 @@ class TinyViTBlock(nn.Module):
                                    param_dtype=self.param_dtype, name="attn")(
                 window_partition(y, ws), deterministic=not train)
         y = window_reverse(y, ws, h + ph, w + pw)[:, :h, :w]
-        x = x + DropPath(self.drop_path)(y, not train)
+        x = x + DropPath(self.drop_path)(y, not train, drop_path_rate)
         x = ConvBN(c, self.local_conv_size, groups=c, dtype=self.dtype, param_dtype=self.param_dtype,
                    name="local_conv")(x, train)
         y = Mlp(int(c * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
             norm("norm2")(x).reshape(b, h * w, c), not train)
-        return x + DropPath(self.drop_path)(y.reshape(b, h, w, c), not train)
+        return x + DropPath(self.drop_path)(y.reshape(b, h, w, c), not train, drop_path_rate)
+
+
+def _scan_body(cls):
+    """``cls`` as an ``nn.scan`` body: ``(x, drop_path_rate, train) -> (x, None)``, the same
+    params and ``batch_stats`` (``drop_path_rate`` the layer's slice of the stage's rates, None:
+    the field's)."""
+    class Body(cls):
+        @nn.compact
+        def __call__(self, x, drop_path_rate=None, train: bool = False):
+            return self._forward(x, train, drop_path_rate), None
+    Body.__name__ = Body.__qualname__ = cls.__name__ + "ScanBody"
+    return Body
+
+
+MBConvScanBody = _scan_body(MBConv)
+TinyViTScanBody = _scan_body(TinyViTBlock)
 
 
 class TinyViT(nn.Module):
@@ -221,6 +245,7 @@ class TinyViT(nn.Module):
     layernorm_eps: float = 1e-5
     attention_impl: str = "xla"
     remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
+    scan_layers: bool = False  # one nn.scan per stage: stage_{i}_block_stack (module docstring)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -242,6 +267,24 @@ class TinyViT(nn.Module):
         block = scan_lib.remat_module(TinyViTBlock, self.remat, static_argnums=(2,))
         maps, k = [], 0
         for i, depth in enumerate(self.depths):
+            if self.scan_layers and depth:
+                # (x, rate) scanned, train the same for every block; params and batch_stats
+                # stacked; without drop_path no rate goes in (no 'dropout' rng drawn, as unrolled)
+                if i == 0:
+                    body, args = MBConvScanBody, (self.mbconv_expand_ratio, float(self.drop_path))
+                else:
+                    body, args = TinyViTScanBody, (self.num_heads[i], self.window_sizes[i], self.mlp_ratio,
+                                                   self.local_conv_size, float(self.drop_path),
+                                                   self.layernorm_eps, self.attention_impl)
+                stack = scan_lib.stack_module(body, depth, self.remat, static_argnums=(3,),
+                                              in_axes=(0, nn.broadcast))
+                rate = jnp.asarray(rates[k:k + depth], jnp.float32) if self.drop_path else None
+                x, _ = stack(*args, **dt, name=f"stage_{i}_block{scan_lib.STACK_SUFFIX}")(x, rate, train)
+                k += depth
+                maps.append(x)
+                if i < n - 1:
+                    x = PatchMerging(self.embed_dims[i + 1], **dt, name=f"stage_{i}_merge")(x, train)
+                continue
             for j in range(depth):
                 name = f"stage_{i}_block_{j}"
                 if i == 0:

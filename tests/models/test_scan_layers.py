@@ -150,6 +150,51 @@ def test_convnext_scanned_equals_unrolled():
                                   params["stage_1_block_1"]["fc1"]["kernel"])
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_swin_scanned_equals_unrolled(version):
+    """One stack per stage; the scanned body switches the window shift on for odd layers (a
+    16x16 then 8x8 grid with window 4, so both stages shift; an odd depth ends on a plain
+    block), v1's bias table and v2's cosine attention / CPB alike."""
+    from fmjax.models.swin import Swin
+    kw = dict(embed_dim=8, depths=(2, 3), num_heads=(2, 2), window_size=4, patch_size=2,
+              num_classes=5, drop_path=0.2, version=version)
+    params = _check_equal(Swin, kw, (_images(),), _sq("logits", "patch_tokens"), perturb=True)
+    stacked = scan.stack_layers(params)
+    assert {"stage_0_block_stack", "stage_1_block_stack", "stage_0_merge"} <= set(stacked)
+    assert stacked["stage_1_block_stack"]["mlp"]["fc1"]["kernel"].shape[0] == 3
+
+
+def test_tinyvit_scanned_equals_unrolled():
+    """One stack per stage, the MBConv stage and the attention stages; BatchNorm's
+    ``batch_stats`` are stacked like the params: train-mode outputs, gradients and the updated
+    running statistics agree, and eval mode on those statistics."""
+    from fmjax.models.tinyvit import TinyViT
+    kw = dict(embed_dims=(8, 16), depths=(2, 3), num_heads=(1, 2), window_sizes=(4, 2), num_classes=5)
+    unrolled, scanned = TinyViT(**kw), TinyViT(**kw, scan_layers=True)
+    x = _images(4)
+    v = jax.jit(lambda: unrolled.init(jax.random.PRNGKey(0), x))()
+    params, stats = _perturb(v["params"]), nn.meta.unbox(v["batch_stats"])
+    sp, ss = scan.stack_layers(params), scan.stack_layers(stats)
+    own = jax.eval_shape(lambda: nn.meta.unbox(scanned.init(jax.random.PRNGKey(0), x)))
+    assert jax.tree.map(np.shape, own) == jax.tree.map(np.shape, dict(params=sp, batch_stats=ss))
+    loss = _sq("logits", "patch_tokens")
+
+    def train(model):
+        def f(p, s):
+            out, new = model.apply({"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"])
+            return loss(out), new["batch_stats"]
+        return jax.jit(jax.value_and_grad(f, has_aux=True))
+    (l_u, s_u), g_u = train(unrolled)(params, stats)
+    (l_s, s_s), g_s = train(scanned)(sp, ss)
+    np.testing.assert_allclose(l_s, l_u, rtol=1e-5)
+    _assert_close(g_s, scan.stack_layers(g_u))
+    _assert_close(s_s, scan.stack_layers(s_u))
+    ev = lambda m, p, s: m.apply({"params": p, "batch_stats": s}, x)["logits"]  # noqa: E731
+    _assert_close(jax.jit(ev, static_argnums=0)(scanned, sp, s_s),
+                  jax.jit(ev, static_argnums=0)(unrolled, params, s_u))
+    assert {"stage_0_block_stack", "stage_1_block_stack"} <= set(sp)
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_convnext_train_mode_drop_path_rates_per_block(scan_layers):
     """Stochastic depth rises over ALL blocks (0, 0.25, 0.5 over stages of 1 and 2 blocks),
