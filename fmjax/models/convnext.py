@@ -7,7 +7,8 @@ Layout (channels last, NHWC; param names):
   and GELU, then a 1x1 projection; small images, where a 4x4 patchify sees too little);
 - stage i > 0 starts with ``downsample_{i}_norm`` (LayerNorm) and ``downsample_{i}_conv``
   (2x2 stride 2) to ``dims[i]``;
-- ``stage_{i}_block_{j}``: depthwise 7x7 ``dwconv`` -> ``norm`` (LayerNorm over channels) ->
+- ``stage_{i}_block_{j}``: depthwise 7x7 ``dwconv`` (``kernel_size``: the paper's section 2.5
+  tries 3 to 11) -> ``norm`` (LayerNorm over channels) ->
   ``fc1`` (C -> 4C, a ``DenseND``: LoRA / quantisation hooks reach it, e.g. LoRA targets
   ``'fc[12]$'``) -> GELU -> ``grn`` (V2 only) -> ``fc2`` (4C -> C) -> layer scale ``gamma``
   (V1, ``layer_scale_init`` > 0) -> stochastic depth -> residual;
@@ -83,6 +84,7 @@ class ConvNeXtBlock(nn.Module):
     layernorm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernel_size: int = 7
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -90,7 +92,8 @@ class ConvNeXtBlock(nn.Module):
 
     def _forward(self, x, deterministic: bool, drop_path_rate=None):
         shortcut = x
-        x = nn.Conv(self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim,
+        k, pad = self.kernel_size, self.kernel_size // 2
+        x = nn.Conv(self.dim, (k, k), padding=((pad, pad), (pad, pad)), feature_group_count=self.dim,
                     dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv",
                     kernel_init=core.part(_conv_init(), (None, None, None, "embed")),
                     bias_init=core.part(core.zeros, ("embed",)))(x)
@@ -138,6 +141,7 @@ class ConvNeXt(nn.Module):
     layernorm_eps: float = 1e-6
     head_norm_eps: float = 1e-6
     patch_size: int = 4  # the stem's stride (the first stage's grid is H / 4)
+    kernel_size: int = 7  # the depthwise conv's (odd; the paper's 7; its section 2.5 tries 3 to 11)
     stem: str = "patch"  # 'patch': the paper's patchify conv; 'conv': overlapping 3x3 convs (docstring)
     remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
     scan_layers: bool = False  # one nn.scan per stage: stage_{i}_block_stack (module docstring)
@@ -150,6 +154,8 @@ class ConvNeXt(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"ConvNeXt kernel_size={self.kernel_size!r}; must be odd, e.g. 7 (the paper's).")
         if len(self.depths) != len(self.dims):
             raise ValueError(f"ConvNeXt depths {tuple(self.depths)} and dims {tuple(self.dims)} differ in length.")
         x = images.astype(self.dtype)
@@ -173,7 +179,8 @@ class ConvNeXt(nn.Module):
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             if i > 0:
                 x = conv(dim, 2, f"downsample_{i}_conv")(norm(f"downsample_{i}_norm")(x))
-            args = (self.layer_scale_init, self.grn, self.layernorm_eps, self.dtype, self.param_dtype)
+            args = (self.layer_scale_init, self.grn, self.layernorm_eps, self.dtype, self.param_dtype,
+                    self.kernel_size)
             if self.scan_layers and depth:
                 # (x, rate) scanned, deterministic the same for every block; without drop_path
                 # no rate goes in, so no 'dropout' rng is drawn for it (as unrolled).

@@ -1,6 +1,7 @@
 """ConvNeXt through the trainer: the supervised objective trains it (configs/supervised.py:convnext,
 shortened), LoRA reaches its pointwise layers through the dense hook, and a DINO backbone
 accepts it (pooled features at any resolution)."""
+import flax.linen as nn
 import jax
 import pytest
 import numpy as np
@@ -56,3 +57,20 @@ def test_conv_stem_sees_overlapping_windows():
         assert changed.sum() == (4 if stem == "conv" else 1)  # patches (0..1, 0..1) vs (0, 0)
     with pytest.raises(ValueError, match="stem='nope'; valid"):
         ConvNeXt(depths=(1,), dims=(8,), stem="nope").init(jax.random.PRNGKey(0), x)
+
+
+def test_kernel_size_sets_the_depthwise_receptive_field():
+    """kernel_size=3: a (3, 3, 1, C) depthwise kernel, and a pixel moved in the first block's
+    input changes its output only within one cell of it (7: within three); even is one line."""
+    from fmjax.models.convnext import ConvNeXt
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 32, 3))
+    for k in (3, 7):
+        m = ConvNeXt(depths=(1,), dims=(8,), kernel_size=k, layer_scale_init=1.0)
+        v = nn.meta.unbox(m.init(jax.random.PRNGKey(1), x))
+        assert v["params"]["stage_0_block_0"]["dwconv"]["kernel"].shape == (k, k, 1, 8)
+        ref = m.apply(v, x)["feature_maps"][0]
+        moved = m.apply(v, x.at[0, 16, 16].add(5.0))["feature_maps"][0]   # stem patch (4, 4)
+        changed = np.argwhere(np.abs(np.asarray(moved - ref)).max(-1)[0] > 1e-6)
+        assert np.abs(changed - 4).max() == k // 2, (k, changed)
+    with pytest.raises(ValueError, match="kernel_size=4; must be odd"):
+        ConvNeXt(depths=(1,), dims=(8,), kernel_size=4).init(jax.random.PRNGKey(0), x)
