@@ -120,20 +120,22 @@ def default_config(shapes_data_dir):
     return make
 
 
-# Fast compiles for the fast tests. Most of the suite's time is XLA compiling thousands of small
-# programs that then run a step or two; jax's ``jax_disable_most_optimizations`` (XLA backend
-# optimization level 0, no expensive LLVM passes) compiles them faster. Training-bound tests
-# (marked ``slow``) run up to 30% slower without optimization, and tests that inspect compiled
-# programs (marked ``optimized``: memory analysis, collectives in the HLO, TPU AOT) need the
-# real pipeline, so those keep it. The setting is per test (an autouse fixture) and reaches
-# run_cli's launchers through the environment. FMJAX_TEST_FAST_COMPILE=0 turns it off.
+# Fast compiles. Most of the suite's time is XLA compiling thousands of small programs that
+# then run a step or two; jax's ``jax_disable_most_optimizations`` (XLA backend optimization
+# level 0, no expensive LLVM passes) compiles them faster. Tests marked ``optimized`` keep the
+# real pipeline: the training-bound learning gates (hundreds of steps, up to 30% slower without
+# optimization) and tests that inspect compiled programs (memory analysis, collectives in the
+# HLO, TPU AOT). Slow tests that are compile-bound (a few steps through launchers, notebooks,
+# drills) compile fast too: two of the notebooks 132 s -> 116 s. The setting is per test (an
+# autouse fixture) and reaches run_cli's launchers through the environment.
+# FMJAX_TEST_FAST_COMPILE=0 turns it off.
 _FAST_COMPILE = os.environ.get("FMJAX_TEST_FAST_COMPILE", "1") == "1"
 
 
 @pytest.fixture(autouse=True)
 def _compile_effort(request, monkeypatch):
     node = request.node
-    if not _FAST_COMPILE or node.get_closest_marker("slow") or node.get_closest_marker("optimized"):
+    if not _FAST_COMPILE or node.get_closest_marker("optimized"):
         yield
         return
     monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

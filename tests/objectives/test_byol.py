@@ -443,6 +443,7 @@ def test_collapse_warning():
 
 # -- learning ----------------------------------------------------------------------------------------
 
+@pytest.mark.optimized
 @pytest.mark.slow
 def test_default_preset_loss_falls_and_writes_views(default_config, tmp_path):
     """configs/byol.py default shortened to 60 steps on one device: the loss falls and the

@@ -73,6 +73,7 @@ def test_a_clip_model_is_refused(tiny_config):
         make_objective(c)
 
 
+@pytest.mark.optimized
 @pytest.mark.slow
 def test_short_run_learns_and_captions(default_config, tmp_path):
     """The default preset with a smaller model for 120 steps: the caption loss falls far below

@@ -326,6 +326,7 @@ def test_load_tokenizer_random_and_errors(tmp_path):
 
 # -- learning -------------------------------------------------------------------------------------
 
+@pytest.mark.optimized
 @pytest.mark.slow
 def test_default_learns(tmp_path, shapes_data_dir):
     """A shortened default run from the command line (so the preset's config.xla_flags apply):

@@ -53,6 +53,7 @@ def test_config_checks(tiny_config):
         validate.check(c, make_objective(c), make_mesh(c.mesh, jax.devices()[:1]), evals=False)
 
 
+@pytest.mark.optimized
 @pytest.mark.slow
 def test_default_preset_perplexity_falls(default_config, tmp_path):
     """configs/gpt.py shortened to 120 steps: the validation loss (log perplexity) falls far

@@ -486,6 +486,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_with_queue(tiny_config, tm
 
 # -- learning ------------------------------------------------------------------------------------
 
+@pytest.mark.optimized
 @pytest.mark.slow
 def test_default_preset_loss_falls_and_writes_views(default_config, tmp_path):
     """The default preset's first 150 of 600 steps (same schedule): the loss falls well below

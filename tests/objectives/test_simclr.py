@@ -400,6 +400,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_config, tmp_path, mon
 
 # -- learning (shortened default) -------------------------------------------------------------------
 
+@pytest.mark.optimized
 @pytest.mark.slow
 def test_default_learns(default_config, tmp_path):
     """A shortened default run on one device: the NT-Xent loss falls well below its start and

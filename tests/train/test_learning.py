@@ -16,7 +16,8 @@ from fmjax.testing import load_config
 from fmjax.train import loop
 
 ONE_DEVICE = jax.devices()[:1]
-pytestmark = pytest.mark.slow  # each gate trains a default preset for minutes on the 2-core machine
+# each gate trains a default preset for minutes on the 2-core machine, with XLA's full optimization
+pytestmark = [pytest.mark.slow, pytest.mark.optimized]
 
 
 def _rows(workdir):
