@@ -114,7 +114,8 @@ def get_config(arg: str = "default"):
             c.data.name = "fmjax_shapes/simple_32"
         if arg == "convnext":  # ConvNeXt (V1): 4x4 stem, three stages 32 -> 64 -> 128 (8, 4, 2 px grids)
             c.model = dict(name="convnext", depths=(2, 2, 2), dims=(32, 64, 128), drop_path=0.1,
-                           num_classes=_num_shape_classes(), stem="patch")
+                           num_classes=_num_shape_classes(), stem="patch", patch_size=4, kernel_size=7,
+                           layer_scale_init=1e-6, weight_init="reference")
         if arg == "deit":  # DeiT: the default ViT with the distillation token (both heads learn the labels)
             c.model.update(dict(distill_token=True, pool="cls"))
         if arg == "swin":  # Swin: patch 2 -> 16x16 grid, windows of 4x4 (shifted by 2), 16 -> 8 -> 4 grids

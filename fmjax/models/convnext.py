@@ -56,7 +56,16 @@ def convnext_kwargs(variant: str = "", **overrides) -> Dict[str, Any]:
     return core.preset_kwargs("ConvNeXt", VARIANTS, variant, overrides)
 
 
-def _conv_init():
+WEIGHT_INITS = ("reference", "lecun")
+
+
+def _conv_init(kind: str = "reference"):
+    """The reference's trunc_normal(0.02) for every conv / linear weight ('reference'), or
+    flax's fan-in scaled ``lecun_normal`` ('lecun'; module docstring)."""
+    if kind == "lecun":
+        return nn.initializers.lecun_normal()
+    if kind != "reference":
+        raise ValueError(f"ConvNeXt weight_init={kind!r}; valid: {', '.join(map(repr, WEIGHT_INITS))}.")
     return nn.initializers.truncated_normal(0.02)
 
 
@@ -85,6 +94,7 @@ class ConvNeXtBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_size: int = 7
+    weight_init: str = "reference"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -95,12 +105,12 @@ class ConvNeXtBlock(nn.Module):
         k, pad = self.kernel_size, self.kernel_size // 2
         x = nn.Conv(self.dim, (k, k), padding=((pad, pad), (pad, pad)), feature_group_count=self.dim,
                     dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv",
-                    kernel_init=core.part(_conv_init(), (None, None, None, "embed")),
+                    kernel_init=core.part(_conv_init(self.weight_init), (None, None, None, "embed")),
                     bias_init=core.part(core.zeros, ("embed",)))(x)
         x = core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
         dense = lambda f, axes, name: core.DenseND(  # noqa: E731
             (f,), kernel_axes=axes, bias_axes=axes[-1:], dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=_conv_init(), name=name)
+            param_dtype=self.param_dtype, kernel_init=_conv_init(self.weight_init), name=name)
         x = dense(4 * self.dim, ("embed", "mlp"), "fc1")(x)
         x = jax.nn.gelu(x, approximate=False)
         if self.grn:
@@ -142,6 +152,7 @@ class ConvNeXt(nn.Module):
     head_norm_eps: float = 1e-6
     patch_size: int = 4  # the stem's stride (the first stage's grid is H / 4)
     kernel_size: int = 7  # the depthwise conv's (odd; the paper's 7; its section 2.5 tries 3 to 11)
+    weight_init: str = "reference"  # conv / linear weights: 'reference' trunc_normal(0.02) or 'lecun
     stem: str = "patch"  # 'patch': the paper's patchify conv; 'conv': overlapping 3x3 convs (docstring)
     remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
     scan_layers: bool = False  # one nn.scan per stage: stage_{i}_block_stack (module docstring)
@@ -162,7 +173,7 @@ class ConvNeXt(nn.Module):
         norm = lambda name: core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
         conv = lambda f, k, name: nn.Conv(  # noqa: E731
             f, (k, k), strides=(k, k), padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
-            name=name, kernel_init=core.part(_conv_init(), (None, None, None, "embed")),
+            name=name, kernel_init=core.part(_conv_init(self.weight_init), (None, None, None, "embed")),
             bias_init=core.part(core.zeros, ("embed",)))
         if self.stem == "patch":
             x = conv(self.dims[0], self.patch_size, "stem")(x)
@@ -180,7 +191,7 @@ class ConvNeXt(nn.Module):
             if i > 0:
                 x = conv(dim, 2, f"downsample_{i}_conv")(norm(f"downsample_{i}_norm")(x))
             args = (self.layer_scale_init, self.grn, self.layernorm_eps, self.dtype, self.param_dtype,
-                    self.kernel_size)
+                    self.kernel_size, self.weight_init)
             if self.scan_layers and depth:
                 # (x, rate) scanned, deterministic the same for every block; without drop_path
                 # no rate goes in, so no 'dropout' rng is drawn for it (as unrolled).
@@ -202,6 +213,6 @@ class ConvNeXt(nn.Module):
         if self.num_classes > 0:
             out["logits"] = nn.Dense(
                 self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
-                kernel_init=core.part(_conv_init(), ("embed", "classes")),
+                kernel_init=core.part(_conv_init(self.weight_init), ("embed", "classes")),
                 bias_init=core.part(core.zeros, ("classes",)))(pooled)
         return out

@@ -74,3 +74,17 @@ def test_kernel_size_sets_the_depthwise_receptive_field():
         assert np.abs(changed - 4).max() == k // 2, (k, changed)
     with pytest.raises(ValueError, match="kernel_size=4; must be odd"):
         ConvNeXt(depths=(1,), dims=(8,), kernel_size=4).init(jax.random.PRNGKey(0), x)
+
+
+def test_weight_init_reference_or_lecun():
+    """'reference': every conv / linear weight ~ trunc_normal(0.02) (timm's ConvNeXt); 'lecun':
+    fan-in scaled (fc1's std 1/sqrt(C)); an unknown name is one line."""
+    from fmjax.models.convnext import ConvNeXt
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    for kind, want in (("reference", 0.02 * 0.88), ("lecun", 1 / np.sqrt(64))):   # 0.88: the truncation
+        m = ConvNeXt(depths=(1,), dims=(64,), weight_init=kind)
+        p = nn.meta.unbox(m.init(jax.random.PRNGKey(0), x))["params"]
+        std = float(np.std(p["stage_0_block_0"]["fc1"]["kernel"]))
+        assert abs(std - want) < 0.1 * want, (kind, std, want)
+    with pytest.raises(ValueError, match="weight_init='xavier'; valid"):
+        ConvNeXt(depths=(1,), dims=(8,), weight_init="xavier").init(jax.random.PRNGKey(0), x)
