@@ -124,14 +124,7 @@ class ConvNeXtBlock(nn.Module):
         return shortcut + x
 
 
-class ConvNeXtScanBlock(ConvNeXtBlock):
-    """``ConvNeXtBlock`` as an ``nn.scan`` body: ``(x, drop_path_rate, deterministic) -> (x,
-    None)``, the same params. ``drop_path_rate`` is the block's slice of the stage's scanned
-    rates (None: the ``drop_path`` field)."""
-
-    @nn.compact
-    def __call__(self, x, drop_path_rate=None, deterministic: bool = True):
-        return self._forward(x, deterministic, drop_path_rate), None
+ConvNeXtScanBlock = scan_lib.scan_body(ConvNeXtBlock)   # (x, drop_path_rate, deterministic)
 
 
 class ConvNeXt(nn.Module):
@@ -152,7 +145,7 @@ class ConvNeXt(nn.Module):
     head_norm_eps: float = 1e-6
     patch_size: int = 4  # the stem's stride (the first stage's grid is H / 4)
     kernel_size: int = 7  # the depthwise conv's (odd; the paper's 7; its section 2.5 tries 3 to 11)
-    weight_init: str = "reference"  # conv / linear weights: 'reference' trunc_normal(0.02) or 'lecun
+    weight_init: str = "reference"  # conv / linear weights: 'reference' trunc_normal(0.02) or 'lecun'
     stem: str = "patch"  # 'patch': the paper's patchify conv; 'conv': overlapping 3x3 convs (docstring)
     remat: Any = False  # False / True or a policy name (fmjax.models.scan.REMAT_POLICIES)
     scan_layers: bool = False  # one nn.scan per stage: stage_{i}_block_stack (module docstring)

@@ -101,6 +101,19 @@ def stack_module(cls, length: int, remat, in_axes, static_argnums: Sequence[int]
                    metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
 
 
+def scan_body(cls):
+    """``cls`` as an ``nn.scan`` body for ``stack_module``: ``(x, drop_path_rate, flag) -> (x,
+    None)``, calling ``cls._forward(x, flag, drop_path_rate)`` (``flag``: the block's own
+    ``deterministic`` / ``train`` argument, broadcast; ``drop_path_rate``: the layer's slice of
+    the stage's rates, None for the field's). Same params and variables as ``cls``."""
+    class Body(cls):
+        @nn.compact
+        def __call__(self, x, drop_path_rate=None, flag=None):
+            return self._forward(x, flag, drop_path_rate), None
+    Body.__name__ = Body.__qualname__ = cls.__name__ + "ScanBody"
+    return Body
+
+
 # -- Layouts -----------------------------------------------------------------------------------
 _LAYER_KEY = re.compile(r"^(.+)_(\d+)$")
 

@@ -208,20 +208,8 @@ class TinyViTBlock(nn.Module):
         return x + DropPath(self.drop_path)(y.reshape(b, h, w, c), not train, drop_path_rate)
 
 
-def _scan_body(cls):
-    """``cls`` as an ``nn.scan`` body: ``(x, drop_path_rate, train) -> (x, None)``, the same
-    params and ``batch_stats`` (``drop_path_rate`` the layer's slice of the stage's rates, None:
-    the field's)."""
-    class Body(cls):
-        @nn.compact
-        def __call__(self, x, drop_path_rate=None, train: bool = False):
-            return self._forward(x, train, drop_path_rate), None
-    Body.__name__ = Body.__qualname__ = cls.__name__ + "ScanBody"
-    return Body
-
-
-MBConvScanBody = _scan_body(MBConv)
-TinyViTScanBody = _scan_body(TinyViTBlock)
+MBConvScanBody = scan_lib.scan_body(MBConv)             # (x, drop_path_rate, train)
+TinyViTScanBody = scan_lib.scan_body(TinyViTBlock)
 
 
 class TinyViT(nn.Module):
@@ -281,18 +269,15 @@ class TinyViT(nn.Module):
                 rate = jnp.asarray(rates[k:k + depth], jnp.float32) if self.drop_path else None
                 x, _ = stack(*args, **dt, name=f"stage_{i}_block{scan_lib.STACK_SUFFIX}")(x, rate, train)
                 k += depth
-                maps.append(x)
-                if i < n - 1:
-                    x = PatchMerging(self.embed_dims[i + 1], **dt, name=f"stage_{i}_merge")(x, train)
-                continue
-            for j in range(depth):
-                name = f"stage_{i}_block_{j}"
-                if i == 0:
-                    x = mbconv(self.mbconv_expand_ratio, rates[k], **dt, name=name)(x, train)
-                else:
-                    x = block(self.num_heads[i], self.window_sizes[i], self.mlp_ratio, self.local_conv_size,
-                              rates[k], self.layernorm_eps, self.attention_impl, **dt, name=name)(x, train)
-                k += 1
+            else:
+                for j in range(depth):
+                    name = f"stage_{i}_block_{j}"
+                    if i == 0:
+                        x = mbconv(self.mbconv_expand_ratio, rates[k], **dt, name=name)(x, train)
+                    else:
+                        x = block(self.num_heads[i], self.window_sizes[i], self.mlp_ratio, self.local_conv_size,
+                                  rates[k], self.layernorm_eps, self.attention_impl, **dt, name=name)(x, train)
+                    k += 1
             maps.append(x)
             if i < n - 1:
                 x = PatchMerging(self.embed_dims[i + 1], **dt, name=f"stage_{i}_merge")(x, train)
