@@ -74,7 +74,9 @@ def get_config(arg: str = "default"):
         # referring expressions with a spatial relation (fmjax/objectives/owl.py): R pairs per
         # image trained as extra queries, the relation-swapped phrase a hard negative; 0: none
         relation_template="a {color} {shape} {relation} a {other_color} {other_shape}.",
-        relation_queries=0, relation_weight=1.0, relation_margin=0.1))
+        relation_queries=0, relation_weight=1.0, relation_margin=0.1,
+        # scenic OWL-ViT's loss (tests/reference/test_owl_trajectory.py): 'per_example' / 'xyxy'
+        normalization="global", box_l1="cxcywh", prior_prob=0.0))
     if arg not in ("default", "cpu"):
         raise ValueError(f"Unknown configs/owl.py preset {arg!r}; valid: default, cpu.")
     clip = clip_config("default")

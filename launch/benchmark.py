@@ -148,7 +148,8 @@ def run() -> dict:
     try:
         tx, schedule = opt_lib.make_optimizer(config.optimizer, config.total_steps, bs)
         fn = step_lib.make_train_step(objective, tx, schedule, rules, config.get("grad_accum_steps", 1),
-                                      config.get("nonfinite", "stop"))
+                                      config.get("nonfinite", "stop"),
+                                      step_lib.per_example_clip_norm(config.optimizer))
     except ValueError as e:  # unknown optimizer / decay / policy names
         raise ConfigError(str(e)) from None
     state, shardings = state_lib.create_state(objective, tx, spec, mesh, rules, config.seed)

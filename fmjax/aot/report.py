@@ -111,7 +111,8 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
         tx, schedule = opt_lib.make_optimizer(config.optimizer, config.total_steps, bs)
         step_fn = step_lib.make_train_step(objective, tx, schedule, rules,
                                            config.get("grad_accum_steps", 1),
-                                           config.get("nonfinite", "stop"))
+                                           config.get("nonfinite", "stop"),
+                                           step_lib.per_example_clip_norm(config.optimizer))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     abstract, shardings, _ = state_lib.state_shardings(objective, tx, spec, mesh, rules, config.seed)

@@ -6,7 +6,9 @@ ever loaded). The result is a plain (unboxed) ``params`` tree for
 ``fmjax.models.clip.CLIP``.
 
 Neither source has a patch-embedding bias (the conv is ``bias=False``), so
-``image/patch_embed/proj/bias`` is set to zeros.
+``image/patch_embed/proj/bias`` is set to zeros, and the kwargs functions give
+``patch_bias=False`` (the bias stays zero in training too; tests/reference/test_owl_trajectory.py
+caught a converted model training one).
 """
 import math
 from typing import Any, Dict, Mapping, Optional, Union
@@ -103,7 +105,8 @@ def clip_kwargs_from_hf_config(cfg) -> Dict[str, Any]:
         vocab_size=_cfg(t, "vocab_size"), context_length=_cfg(t, "max_position_embeddings"),
         text_pool="argmax" if eos == 2 else "eos", eos_token_id=eos,
         activation=_activation(v), text_activation=_activation(t), layernorm_eps=eps_v,
-        loss="softmax", logit_scale_init=_cfg(cfg, "logit_scale_init_value", math.log(1 / .07)))
+        loss="softmax", logit_scale_init=_cfg(cfg, "logit_scale_init_value", math.log(1 / .07)),
+        patch_bias=False)
 
 
 def convert_hf_clip(state_dict: StateDict, hf_config) -> Params:
@@ -186,7 +189,7 @@ def clip_kwargs_from_open_clip(state_dict: StateDict, activation: str,
         text_mlp_dim=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         vocab_size=tok.shape[0], context_length=sd["positional_embedding"].shape[0],
         text_pool="argmax", activation=activation, layernorm_eps=1e-5,
-        loss="sigmoid" if "logit_bias" in sd else "softmax")
+        loss="sigmoid" if "logit_bias" in sd else "softmax", patch_bias=False)
 
 
 def convert_open_clip(state_dict: StateDict, num_heads: Optional[int] = None,

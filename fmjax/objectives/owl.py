@@ -23,6 +23,16 @@ phrases, with the matched patch's phrase as the only positive, + ``l1_weight`` x
 ``giou_weight`` x (1 - GIoU) of the matched boxes, each summed and divided by the number of
 instances in the global batch (so the loss couples the examples).
 
+Reference options (scenic's OWL-ViT, google-research/scenic scenic/projects/owl_vit/
+matching_base_models.py; tests/reference/test_owl_trajectory.py): ``normalization='per_example'``
+divides each image's class and box sums by its own instance count (at least 1) and averages
+over the images (scenic's configs set it; it pairs with per-example gradient clipping,
+``optimizer.clip_mode='per_example'``); ``box_l1='xyxy'`` takes the box loss's L1 on the
+corners (scenic's ``weighted_box_l1_loss`` of the xyxy boxes; its matching cost, like fmjax's,
+uses (cx, cy, w, h)); ``prior_prob`` p > 0 sets the class head's ``logit_shift`` bias to
+log(p / (1 - p)) at init (scenic's trainer with ``config.prior_prob``, 0.01 in its configs). Defaults: 'global' and 'cxcywh', DETR's (facebookresearch/detr
+models/detr.py ``SetCriterion``).
+
 Relation queries (``relation_queries`` R > 0; default 0): referring expressions with a spatial
 relation, ``relation_template`` ('a red circle on the left of a blue square.'). Per image the
 first R ordered pairs (A, B) of instances whose phrases are unique in the image and whose box
@@ -180,6 +190,11 @@ class OWLObjective(Objective):
         self.relation_queries = int(o.get("relation_queries", 0))
         self.relation_weight = float(o.get("relation_weight", 1.0))
         self.relation_margin = float(o.get("relation_margin", 0.1))
+        self.normalization = str(o.get("normalization", "global"))
+        self.box_l1 = str(o.get("box_l1", "cxcywh"))
+        self.prior_prob = float(o.get("prior_prob", 0.0) or 0.0)
+        if self.normalization == "per_example":   # each image's losses are its own: no coupling
+            self.couples_examples = ""
         self._tokens = self._relation_table = None
 
     # -- the vocabulary ----------------------------------------------------------------------------
@@ -247,6 +262,15 @@ class OWLObjective(Objective):
                 f"config.objective.relation_queries={self.relation_queries} / relation_weight="
                 f"{self.relation_weight} / relation_margin={self.relation_margin}: queries and weight "
                 "must be >= 0 (0: no relation queries) and the margin in [0, 1].")
+        if self.normalization not in ("global", "per_example"):
+            raise ConfigError(f"config.objective.normalization={self.normalization!r}; valid: 'global' (DETR's: "
+                              "divided by the global batch's instances) or 'per_example' (scenic OWL-ViT's).")
+        if self.box_l1 not in ("cxcywh", "xyxy"):
+            raise ConfigError(f"config.objective.box_l1={self.box_l1!r}; valid: 'cxcywh' (DETR's box loss) or "
+                              "'xyxy' (scenic OWL-ViT's: L1 of the corners).")
+        if not 0.0 <= self.prior_prob < 1.0:
+            raise ConfigError(f"config.objective.prior_prob={self.prior_prob} must be in [0, 1) (0: the "
+                              "model's init; scenic's 0.01 starts every logit at logit(0.01)).")
         size = config.data.get("image_size")
         if size and size % self.model.patch_size:
             raise ConfigError(f"config.data.image_size={size} is not a multiple of the patch size "
@@ -254,7 +278,15 @@ class OWLObjective(Objective):
 
     def init(self, rng, batch):
         tokens = jnp.asarray(self.tokens()[:2])
-        return self.model.init({"params": rng}, batch["image"][:1], tokens)["params"], {}
+        params = self.model.init({"params": rng}, batch["image"][:1], tokens)["params"]
+        if self.prior_prob:   # scenic trainer.py: class_head/logit_shift/bias = logit(prior_prob)
+            head = dict(params["class_head"])
+            shift = dict(head["logit_shift"])
+            value = float(np.log(self.prior_prob) - np.log1p(-self.prior_prob))
+            shift["bias"] = jax.tree.map(lambda b: jnp.full(b.shape, value, b.dtype), shift["bias"])
+            head["logit_shift"] = shift
+            params = dict(params, class_head=head)
+        return params, {}
 
     # -- the step ----------------------------------------------------------------------------------
     def targets(self, batch):
@@ -320,14 +352,22 @@ class OWLObjective(Objective):
         idx = jax.lax.stop_gradient(exact_match(cost, valid))                 # (B, K)
         w = valid.astype(jnp.float32)
         n = jnp.maximum(w.sum(), 1.0)
+        if self.normalization == "per_example":   # scenic: each image's sums / its instances, then the mean
+            norm = lambda per_image, count: (per_image / jnp.maximum(count, 1.0)).mean()  # noqa: E731
+        else:                                     # DETR: the batch's sums / the batch's instances
+            norm = lambda per_image, count: per_image.sum() / jnp.maximum(count.sum(), 1.0)  # noqa: E731
+        count = w.sum(1)                                                       # (B,)
         b, npatch, v = logits.shape
         onehot = jax.nn.one_hot(idx, npatch, dtype=jnp.float32) * w[..., None]          # (B, K, N)
         target = jnp.einsum("bkn,bkv->bnv", onehot, jax.nn.one_hot(labels, v, dtype=jnp.float32))
-        cls = sigmoid_focal(logits, jnp.minimum(target, 1.0), self.focal_alpha).sum() / n
+        cls = norm(sigmoid_focal(logits, jnp.minimum(target, 1.0), self.focal_alpha).sum((1, 2)), count)
         pred = jnp.take_along_axis(boxes, idx[..., None], 1)                  # (B, K, 4)
-        l1 = (jnp.abs(pred - gt).sum(-1) * w).sum() / n
+        if self.box_l1 == "xyxy":
+            l1 = norm((jnp.abs(cxcywh_to_xyxy(pred) - cxcywh_to_xyxy(gt)).sum(-1) * w).sum(1), count)
+        else:
+            l1 = norm((jnp.abs(pred - gt).sum(-1) * w).sum(1), count)
         giou = generalized_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt))
-        giou_loss = ((1 - giou) * w).sum() / n
+        giou_loss = norm(((1 - giou) * w).sum(1), count)
         total = self.class_weight * cls + self.l1_weight * l1 + self.giou_weight * giou_loss
         # how often the matched patch ranks its phrase first among all phrases / patches
         top = jnp.take_along_axis(logits, idx[..., None], 1).argmax(-1) == labels
@@ -343,7 +383,8 @@ class OWLObjective(Objective):
             target = jnp.moveaxis(target, 2, 1).reshape(b, npatch, 2 * r)
             mask = jnp.repeat(used.astype(jnp.float32), 2, -1)[:, None, :]             # (B, 1, 2R)
             nr = jnp.maximum(used.sum().astype(jnp.float32), 1.0)
-            rel_loss = (sigmoid_focal(rel_logits, target, self.focal_alpha) * mask).sum() / nr
+            rel_loss = norm((sigmoid_focal(rel_logits, target, self.focal_alpha) * mask).sum((1, 2)),
+                            used.sum(1).astype(jnp.float32))
             total = total + self.class_weight * self.relation_weight * rel_loss
             at = jnp.take_along_axis(rel_logits, patch.repeat(2, -1)[:, None, :], 1)[:, 0]   # (B, 2R)
             right = (at[:, 0::2] > at[:, 1::2]) & used

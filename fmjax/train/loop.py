@@ -207,7 +207,8 @@ def _train(config, workdir: str, run: dict) -> dict:
         batch_sh = mesh_lib.batch_sharding(mesh)
         policy = config.get("nonfinite", "stop")
         step_fn = step_lib.make_train_step(objective, tx, schedule, rules,
-                                           config.get("grad_accum_steps", 1), nonfinite=policy)
+                                           config.get("grad_accum_steps", 1), nonfinite=policy,
+                                           per_example_clip=step_lib.per_example_clip_norm(config.optimizer))
         jitted = step_lib.jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sh, spec))
         with state_lib.mesh_context(mesh):
             lowered = jitted.lower(state, spec)

@@ -339,14 +339,19 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int, global_batch: int):
         raise ValueError(f"config.optimizer.adam_count={count!r}; valid: 'global', 'per_param'.")
     clip = opt.get("clip_norm")
     mode = opt.get("clip_mode", "global")
-    if mode not in ("global", "per_param"):
-        raise ValueError(f"config.optimizer.clip_mode={mode!r}; valid: 'global', 'per_param'.")
+    if mode not in ("global", "per_param", "per_example"):
+        raise ValueError(f"config.optimizer.clip_mode={mode!r}; valid: 'global', 'per_param', 'per_example'.")
     clip_eps = float(opt.get("clip_eps", 0.0) or 0.0)
     if clip_eps < 0 or (clip_eps and mode != "global"):
         raise ValueError(f"config.optimizer.clip_eps={clip_eps} needs clip_mode='global' and must be >= 0 "
                          "(clip_mode='per_param' has DINO's 1e-6 built in).")
     clipper = None
-    if clip:
+    if clip and mode == "per_example":
+        # each example's gradient is clipped by the train step (fmjax.train.step), not here
+        if groups.frozen:
+            raise ValueError("config.optimizer.clip_mode='per_example' does not take frozen parameter "
+                             "groups (optimizer.frozen); drop one of them.")
+    elif clip:
         if mode == "per_param":
             clipper = clip_by_param_norm(float(clip), fuse_qkv=bool(opt.get("clip_fuse_qkv", False)))
         elif clip_eps:

@@ -5,6 +5,14 @@ gradients of its K micro-batch losses (plain accumulation). One whose loss coupl
 examples (CLIP's negatives, DINO's center: ``Objective.couples_examples``) must have the
 ``embed`` / ``loss_from_embeddings`` hooks, and ``cached_embedding_loss_and_grad`` keeps
 its loss on the full batch; without them the config check refuses K > 1.
+
+``per_example_clip`` c > 0 (``config.optimizer.clip_mode='per_example'`` with ``clip_norm`` c;
+scenic's ``optimizer.per_example_clipping``, as OWL-ViT trains): the loss runs on each example
+alone (a batch of one, its own dropout key ``fold_in(rng, i)``) under ``vmap``, each example's
+gradient is divided by ``max(|g_i| / c, 1)`` (its global L2 norm over all params; optax's
+``per_example_global_norm_clip``) and the step takes their mean. It holds B per-example
+gradients at once (B x the params' bytes), and the loss of an example must not depend on the
+others (refused for a ``couples_examples`` objective).
 """
 from __future__ import annotations
 
@@ -105,7 +113,36 @@ def slot_mask(tx, opt_state, param_mask):
 NONFINITE_POLICIES = ("stop", "skip_step")
 
 
-def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1, nonfinite: str = "stop"):
+def per_example_clip_norm(opt) -> float:
+    """c of ``config.optimizer`` when it asks for per-example clipping, else 0.0."""
+    if opt.get("clip_mode", "global") == "per_example" and opt.get("clip_norm"):
+        return float(opt.get("clip_norm"))
+    return 0.0
+
+
+def per_example_problem(objective, accum_steps: int, clip: float, name: str = "") -> str:
+    """Empty when per-example clipping ``clip`` (0: off) can run on ``objective``, else why not."""
+    if not clip:
+        return ""
+    why = getattr(objective, "couples_examples", "")
+    who = f"objective {name!r}" if name else "this objective"
+    if why:
+        return (f"optimizer.clip_mode='per_example' runs the loss on each example alone, but the loss of "
+                f"{who} couples the examples of a batch ({why}); use clip_mode='global'.")
+    if accum_steps > 1:
+        return (f"optimizer.clip_mode='per_example' with grad_accum_steps={accum_steps}: per-example "
+                "gradients are already one example at a time; use grad_accum_steps=1.")
+    return ""
+
+
+def _mean_over_examples(tree):
+    """Per-example leaves (E, ...) -> their mean (float leaves) or example 0's (the rest)."""
+    return jax.tree.map(lambda x: x.mean(0).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact)
+                        else x[0], tree)
+
+
+def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1, nonfinite: str = "stop",
+                    per_example_clip: float = 0.0):
     """Returns ``step(state, batch) -> (state, metrics)`` (not yet jitted).
 
     Every step checks on device that the loss, the gradient norm and the new params' norm
@@ -119,6 +156,9 @@ def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1, nonfin
     problem = grad_accum_problem(objective, accum_steps)  # the config check refuses it first
     if problem:
         raise ValueError(problem)
+    problem = per_example_problem(objective, accum_steps, per_example_clip)
+    if problem:
+        raise ValueError(problem)
     cached = (accum_steps > 1 and supports(objective, "embed")
               and supports(objective, "loss_from_embeddings"))
 
@@ -127,10 +167,29 @@ def make_train_step(objective, tx, schedule, rules, accum_steps: int = 1, nonfin
         (loss, (metrics, extra)), grads = grad_fn(params, extra, batch, rng, step)
         return loss, metrics, extra, grads
 
+    def clipped_loss_and_grad(params, extra, batch, rng, step):
+        """The mean of the per-example gradients, each clipped to ``per_example_clip``."""
+        n = jax.tree.leaves(batch)[0].shape[0]
+
+        def one(example, i):
+            one_batch = jax.tree.map(lambda x: x[None], example)
+            loss, metrics, ex_extra, grads = loss_and_grad(
+                params, extra, one_batch, jax.random.fold_in(rng, i), step)
+            divisor = jnp.maximum(optax.tree.norm(grads) / per_example_clip, 1.0)
+            grads = jax.tree.map(lambda g: g / divisor.astype(g.dtype), grads)
+            return loss, metrics, ex_extra, grads, (divisor > 1.0).astype(jnp.float32)
+
+        losses, metrics, extras, grads, clipped = jax.vmap(one)(batch, jnp.arange(n))
+        metrics = dict(jax.tree.map(jnp.mean, metrics), clipped_fraction=clipped.mean())
+        return losses.mean(), metrics, _mean_over_examples(extras), _mean_over_examples(grads)
+
     def step_fn(state: TrainState, batch):
         with nn.logical_axis_rules(rules):
             rng = jax.random.fold_in(state.rng, state.step)
-            if accum_steps == 1:
+            if per_example_clip:
+                loss, metrics, extra, grads = clipped_loss_and_grad(
+                    state.params, state.extra, batch, rng, state.step)
+            elif accum_steps == 1:
                 loss, metrics, extra, grads = loss_and_grad(
                     state.params, state.extra, batch, rng, state.step)
             elif cached:  # the full batch's loss from cached embeddings (CLIP, DINO)

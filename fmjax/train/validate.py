@@ -13,6 +13,7 @@ from fmjax.evals import registry
 from fmjax.objectives.base import grad_accum_problem
 from fmjax.parallel import mesh as mesh_lib
 from fmjax.train import observe
+from fmjax.train.step import per_example_clip_norm, per_example_problem
 from fmjax.train.writer import check_writers
 
 from fmjax.errors import ConfigError  # noqa: F401  (re-exported: fmjax.train.validate.ConfigError)
@@ -40,6 +41,10 @@ def check(config, objective, mesh, evals: bool = True) -> None:
             f"divisible by the data-parallel size {dp}; pick batch_size a multiple of {accum * dp}.")
     problem = grad_accum_problem(objective, accum, config.objective.get("name", ""))
     if problem:  # a loss that couples examples, without the hooks that keep it whole
+        raise ConfigError(problem)
+    problem = per_example_problem(objective, accum, per_example_clip_norm(config.optimizer),
+                                  config.objective.get("name", ""))
+    if problem:
         raise ConfigError(problem)
     try:
         observe.check_profile(config)

@@ -10,7 +10,7 @@ from fmjax.parallel.mesh import batch_sharding, make_mesh
 from fmjax.parallel.rules import get_rules
 from fmjax.train import optimizer as opt_lib
 from fmjax.train.state import create_state, mesh_context
-from fmjax.train.step import jit_train_step, make_train_step
+from fmjax.train.step import jit_train_step, make_train_step, per_example_clip_norm
 
 
 def run_steps(config, params0, batches, extra0=None, record=("loss", "lr"), per_step=None,
@@ -43,7 +43,8 @@ def run_steps(config, params0, batches, extra0=None, record=("loss", "lr"), per_
     if extra0 is not None:
         state = state.replace(extra=jax.device_put(extra0, shardings.extra))
     step_fn = make_train_step(objective, tx, schedule, rules, config.grad_accum_steps,
-                              nonfinite=config.nonfinite)
+                              nonfinite=config.nonfinite,
+                              per_example_clip=per_example_clip_norm(config.optimizer))
     jitted = jit_train_step(step_fn, shardings, jax.tree.map(lambda _: batch_sharding(mesh), spec))
     out = {k: [] for k in record}
     with mesh_context(mesh):
