@@ -30,8 +30,9 @@ over the images (scenic's configs set it; it pairs with per-example gradient cli
 ``optimizer.clip_mode='per_example'``); ``box_l1='xyxy'`` takes the box loss's L1 on the
 corners (scenic's ``weighted_box_l1_loss`` of the xyxy boxes; its matching cost, like fmjax's,
 uses (cx, cy, w, h)); ``prior_prob`` p > 0 sets the class head's ``logit_shift`` bias to
-log(p / (1 - p)) at init (scenic's trainer with ``config.prior_prob``, 0.01 in its configs). Defaults: 'global' and 'cxcywh', DETR's (facebookresearch/detr
-models/detr.py ``SetCriterion``).
+log(p / (1 - p)) at init (scenic's trainer with ``config.prior_prob``, 0.01 in its configs).
+Defaults: 'global', 'cxcywh' and 0 (DETR's, facebookresearch/detr models/detr.py
+``SetCriterion``, and the model's init).
 
 Relation queries (``relation_queries`` R > 0; default 0): referring expressions with a spatial
 relation, ``relation_template`` ('a red circle on the left of a blue square.'). Per image the

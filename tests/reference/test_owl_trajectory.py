@@ -64,7 +64,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
-import jax  # noqa: E402
 
 from fmjax.interop import formats, hf_owlvit  # noqa: E402
 from fmjax.objectives import owl as owl_lib  # noqa: E402
