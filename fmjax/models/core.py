@@ -173,7 +173,10 @@ class ConvBN(nn.Module):
     ``Conv2d(padding=k // 2)``) then BatchNorm (``bn``: scale / bias params, running ``mean`` /
     ``var`` in the ``batch_stats`` collection; ``train=True`` normalises by the batch's
     statistics, over the GLOBAL batch under a sharded jit, i.e. cross-replica BatchNorm).
-    TinyViT's ``Conv2d_BN`` and ResNet's conv + BN."""
+    TinyViT's ``Conv2d_BN`` and ResNet's conv + BN. A grouped conv (``groups`` > 1, e.g.
+    depthwise) keeps its small kernel replicated whatever ``kernel_axes`` say: with its channel
+    axis split, XLA's SPMD partitioner splits the conv by channel and moves the whole batch-split
+    activation through all-to-alls (see fmjax/models/convnext.py's ``dwconv``)."""
     features: int
     kernel_size: int = 1
     stride: int = 1
@@ -191,7 +194,8 @@ class ConvBN(nn.Module):
         k, p = self.kernel_size, self.kernel_size // 2
         x = nn.Conv(self.features, (k, k), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
                     feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-                    param_dtype=self.param_dtype, kernel_init=part(self.kernel_init, self.kernel_axes),
+                    param_dtype=self.param_dtype,
+                    kernel_init=part(self.kernel_init, (None,) * 4 if self.groups > 1 else self.kernel_axes),
                     name="conv")(x)
         return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_eps,
                             use_fast_variance=False, dtype=self.dtype, param_dtype=self.param_dtype,
