@@ -92,7 +92,7 @@ def render(results: dict) -> str:
         "The mesh is FSDP over the most chips that divide the model width, data parallel over the "
         "rest; scan over layers where the model has it. Memory is XLA's per-chip total (arguments + "
         "outputs - donated + temp). Step time is a roofline bound (compute or HBM, whichever is "
-        "longer; no communication), so MFU is an upper bound. Model FLOPs are analytic for MAE, ViT, CLIP, DINO and DiT; for the others (U-Net, Swin, ConvNeXt, TinyViT) they are XLA's count of the same step lowered for one CPU device, when the cell neither scans nor rematerialises (a TPU lowering has no count); '&ge; t, MFU n/a' marks the rest, whose bound rests on XLA's count of the compiled program, which counts a scanned layer loop once. One command reproduces a cell, e.g. "
+        "longer; no communication), so MFU is an upper bound. XLA's bytes-accessed count, like its FLOP count, takes a while loop's body once, so in scanned cells (every ViT-family row) the HBM term misses all layers but one: the bound is loose there (often 'MFU &le; 100%') and tight in the unrolled conv-net rows. Model FLOPs are analytic for MAE, ViT, CLIP, DINO and DiT; for the others (U-Net, Swin, ConvNeXt, TinyViT) they are XLA's count of the same step lowered for one CPU device, when the cell neither scans nor rematerialises (a TPU lowering has no count); '&ge; t, MFU n/a' marks the rest, whose bound rests on XLA's count of the compiled program, which counts a scanned layer loop once. One command reproduces a cell, e.g. "
         "`python launch/compile.py --config=configs/clip.py:vit_g14 --topology=v5e-256 "
         "--config.mesh.data=2 --config.mesh.fsdp=128 --config.grad_accum_steps=4`.",
         "",
