@@ -58,6 +58,13 @@ the teacher, validation accuracy 0.939; the 'deit' preset is configs/supervised.
   seed-1 distilled run never left chance (loss ln 8 from step 50: both heads stuck uniform at
   lr 2e-3), so the gate (distilled beats alone) is NOT established; the stall is not yet
   understood (the same seed without the teacher learns).
+  With the supervised.py:convnext teacher (issue 17's own check: a ConvNeXt teacher; validation
+  accuracy 0.862 at lr 4e-3), measured 2026-12-05 (600 steps, same command with
+  --config.objective.teacher.workdir=CONVNEXT_DIR; both arms rerun the same day, seeds 0 / 1 / 2):
+      kd='hard' (ConvNeXt teacher)   0.605 / 0.671 / 0.685   (mean 0.654; no stalled seed)
+      kd='none' (no teacher)         0.569 / 0.571 / 0.730   (mean 0.623)
+  Paired +0.036 / +0.100 / -0.045: the teacher helps on average, but the best student alone
+  (seed 2, 0.730) beats every distilled run, so the gate is NOT established either.
 
 The loss is DeiT's DistillationLoss on the class head (kd='hard': alpha 0.5, CE against the
 teacher's argmax; kd='soft': temperature T, KL summed over classes / (batch x classes) x T^2);
