@@ -99,6 +99,9 @@ def test_kwargs_from_config(setup):
     assert fm.text_pool == ("argmax" if eos == 2 else "eos") and fm.eos_token_id == eos
     assert fm.layernorm_eps == 1e-5 and fm.embed_dim == 16 and fm.context_length == 16
     assert fm.activation == cfg.vision_config.hidden_act
+    # HF's patch conv has no bias: a converted model must not train one (the OWL trajectory
+    # test found one training it)
+    assert fm.patch_bias is False
 
 
 def test_forward_parity(setup):

@@ -216,6 +216,9 @@ def test_relation_queries_train_the_true_phrase_over_its_swap():
     ("objective.relation_template", "a {color} {shape} {where}", "relation_template="),
     ("objective.relation_queries", -1, "relation_queries=-1"),
     ("data.image_size", 36, "not a multiple of the patch size 8"),
+    ("objective.normalization", "batch", "normalization='batch'"),
+    ("objective.box_l1", "l2", "box_l1='l2'"),
+    ("objective.prior_prob", 1.0, "prior_prob=1.0"),
 ])
 def test_config_errors(key, value, text):
     from fmjax.errors import ConfigError
@@ -225,3 +228,19 @@ def test_config_errors(key, value, text):
     c[section][name] = value
     with pytest.raises(ConfigError, match=text.replace("{", r"\{").replace("}", r"\}")):
         make_objective(c).check(c)
+
+
+def test_owl_reference_options():
+    """scenic's options (tests/reference/test_owl_trajectory.py): per-image normalisation no
+    longer couples the examples (so per-example clipping may run); prior_prob sets the logit
+    shift's bias (their bad values: test_config_errors)."""
+    OWLObjective = owl_lib.OWLObjective
+    c = _config()
+    assert OWLObjective(c).couples_examples              # DETR's global normalisation couples
+    c.objective.update(dict(normalization="per_example", prior_prob=0.01))
+    objective = OWLObjective(c)
+    assert objective.couples_examples == ""               # scenic's: each image alone
+    batch = {"image": jnp.zeros((1, 32, 32, 3))}
+    params, _ = objective.init(jax.random.PRNGKey(0), batch)
+    bias = jax.tree.leaves(params["class_head"]["logit_shift"]["bias"])[0]
+    np.testing.assert_allclose(bias, np.log(0.01 / 0.99), rtol=1e-6)

@@ -1,7 +1,8 @@
 """Per-example gradient clipping (``optimizer.clip_mode='per_example'``; scenic's
 ``per_example_clipping``, as OWL-ViT trains): the step's update is the mean of the examples'
-gradients, each clipped to the norm on its own; its refusals; and the OWL options that go with
-it (tests/reference/test_owl_trajectory.py runs the whole recipe against scenic)."""
+gradients, each clipped to the norm on its own, and its refusals (the OWL options that go with
+it: tests/objectives/test_owl.py; the whole recipe against scenic:
+tests/reference/test_owl_trajectory.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,38 +116,3 @@ def test_refused_for_coupled_losses_and_accumulation(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="clip_mode='per_example'.*objective 'clip'"):
         loop.check_config(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
-
-
-def test_owl_reference_options():
-    from fmjax.objectives.owl import OWLObjective
-    from fmjax.testing import load_config
-    c = load_config("owl")
-    c.model.clip.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64, text_width=32, text_depth=1,
-                             text_heads=2, text_mlp_dim=64, embed_dim=32))
-    assert OWLObjective(c).couples_examples              # DETR's global normalisation couples
-    c.objective.update(dict(normalization="per_example", prior_prob=0.01))
-    objective = OWLObjective(c)
-    assert objective.couples_examples == ""               # scenic's: each image alone
-    batch = {"image": jnp.zeros((1, 32, 32, 3))}
-    params, _ = objective.init(jax.random.PRNGKey(0), batch)
-    bias = jax.tree.leaves(params["class_head"]["logit_shift"]["bias"])[0]
-    np.testing.assert_allclose(bias, np.log(0.01 / 0.99), rtol=1e-6)
-    for key, value, match in (("normalization", "batch", "normalization='batch'"),
-                              ("box_l1", "l2", "box_l1='l2'"), ("prior_prob", 1.0, "prior_prob=1.0")):
-        bad = load_config("owl")
-        bad.objective[key] = value
-        with pytest.raises(ConfigError, match=match):
-            OWLObjective(bad).check(bad)
-
-
-def test_hf_clip_kwargs_have_no_patch_bias():
-    """HF / open_clip CLIP convs have no bias: the converted model must not train one (the OWL
-    trajectory test found a converted OWL-ViT training it)."""
-    transformers = pytest.importorskip("transformers")
-    from fmjax.interop import hf_clip
-    cfg = transformers.CLIPConfig(text_config=dict(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                   num_attention_heads=2, intermediate_size=32),
-                                  vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                     intermediate_size=32, image_size=16, patch_size=8),
-                                  projection_dim=16)
-    assert hf_clip.clip_kwargs_from_hf_config(cfg)["patch_bias"] is False
