@@ -28,6 +28,24 @@ padding tokens a box row uses for its second corner (HF's batched-prompt convent
 rows the not-a-point pad token the prompt encoder appends (the original appends it for point
 prompts only).
 
+Reference options (defaults: the behaviour above). ``interaction='sam2'`` simulates the
+interaction as SAM 2's training code does (facebookresearch/sam2 ``training/model/sam2.py``
+``prepare_prompt_inputs`` / ``_iter_correct_pt_sampling``, ``sam2/modeling/sam2_utils.py``;
+tests/reference/test_sam_trajectory.py steps against it): box or point is chosen once per
+batch (P(box) = ``box_prob``); a box's corners move by U(-1, 1) x min(``box_noise`` x side,
+``box_noise_max``) px (``sample_box_points``); every click, the first included, is
+``sample_random_points_from_errors``: the argmax of (H, W, 2) uniform noise masked by the
+false-positive (channel 0, a negative click; the background when the prediction is exact) and
+false-negative (channel 1, positive) maps; with probability ``click_from_gt_prob`` per round
+(once per batch) the click comes from the ground truth alone; a prompt grows by one point per
+round (no padding slots; the pad token the prompt encoder appends is kept); the next click and
+mask prompt come from the round-0 mask the IoU head ranks first. ``round_reduction='sum'``
+sums the rounds' losses (SAM 2's ``MultiStepMultiMasksAndIous``) instead of averaging them;
+``iou_loss='l1'`` (its ``iou_use_l1_loss``) instead of MSE; ``mask_prompt_grad=True``
+backpropagates through the previous round's logits given as the mask prompt (SAM 2 feeds
+them without a ``detach``). Not transcribed: SAM 2's object-score head (``pred_obj_scores``:
+SAM has none), its memory attention (one frame: the image embedding as it is).
+
 ``eval_metrics``: per image, the mean IoU over its instances with one box (no noise), one
 point (the most confident of the three masks by the IoU head, as SAM's ambiguity rule;
 ``miou_1pt_oracle``: the best of the three), and one point plus two corrections
@@ -126,6 +144,12 @@ class SAMObjective(Objective):
         # upsampled logits alone are ~1 GB per image per round (the paper presets set it)
         self.remat_rounds = bool(o.get("remat_rounds", False))
         self.patch_size = self.model.patch_size
+        # reference options (module docstring)
+        self.interaction = o.get("interaction", "fmjax")
+        self.round_reduction = o.get("round_reduction", "mean")
+        self.iou_loss = o.get("iou_loss", "mse")
+        self.mask_prompt_grad = bool(o.get("mask_prompt_grad", False))
+        self.click_from_gt_prob = float(o.get("click_from_gt_prob", 0.0))
 
     def check(self, config):
         from fmjax.errors import ConfigError
@@ -135,6 +159,16 @@ class SAMObjective(Objective):
                               f"images; set --config.model.image_size={size} (or resize the data).")
         if self.rounds < 0 or not 0 <= self.box_prob <= 1:
             raise ConfigError("config.objective.correction_rounds must be >= 0 and box_prob in [0, 1].")
+        for key, value, valid in (("interaction", self.interaction, ("fmjax", "sam2")),
+                                  ("round_reduction", self.round_reduction, ("mean", "sum")),
+                                  ("iou_loss", self.iou_loss, ("mse", "l1"))):
+            if value not in valid:
+                raise ConfigError(f"config.objective.{key}={value!r}; valid: {', '.join(map(repr, valid))}.")
+        if not 0 <= self.click_from_gt_prob <= 1:
+            raise ConfigError(f"config.objective.click_from_gt_prob={self.click_from_gt_prob}; must be in [0, 1].")
+        if self.click_from_gt_prob and self.interaction != "sam2":
+            raise ConfigError("config.objective.click_from_gt_prob is SAM 2's option (a batch's click from the "
+                              "ground truth); set --config.objective.interaction=sam2 too, or leave it 0.")
 
     def init(self, rng, batch):
         return self.model.init({"params": rng}, *self.model.init_inputs(1))["params"], {}
@@ -180,18 +214,22 @@ class SAMObjective(Objective):
         target = gt[:, None].astype(jnp.float32)
         mask_loss = self.focal_weight * focal_loss(up, target) + self.dice_weight * dice_loss(up, target)
         actual = jax.lax.stop_gradient(mask_iou(up > 0, gt[:, None]))
-        return mask_loss, (iou_pred.astype(jnp.float32) - actual) ** 2, actual, up
+        err = iou_pred.astype(jnp.float32) - actual
+        return mask_loss, (jnp.abs(err) if self.iou_loss == "l1" else err ** 2), actual, up
 
-    def _interact(self, params, images, gt, image_of_row, rng, use_box, box_noise=True, train=True,
-                  rounds=None):
-        """Runs round 0 and the correction rounds; returns per-round (loss (R,), iou (R,))."""
-        rounds = self.rounds if rounds is None else rounds
+    def _embed(self, params, images, image_of_row, rng, train):
         if train and self.model.drop_path > 0:  # the encoder's stochastic depth; other draws unchanged
             emb = self.model.apply({"params": params}, images, True, method=self.model.encode_image,
                                    rngs={"dropout": jax.random.fold_in(rng, 0x5A4D)})
         else:
             emb = self.model.apply({"params": params}, images, method=self.model.encode_image)
-        emb = emb[image_of_row]
+        return emb[image_of_row]
+
+    def _interact(self, params, images, gt, image_of_row, rng, use_box, box_noise=True, train=True,
+                  rounds=None):
+        """Runs round 0 and the correction rounds; returns per-round (loss (R,), iou (R,))."""
+        rounds = self.rounds if rounds is None else rounds
+        emb = self._embed(params, images, image_of_row, rng, train)
         rng, k0 = jax.random.split(rng)
         points, labels = self._first_prompt(k0, gt, use_box, box_noise)
         prev, results = None, []
@@ -236,21 +274,99 @@ class SAMObjective(Objective):
             points = points.at[:, slot].set(xy)
             labels = labels.at[:, slot].set(jnp.where(found, positive.astype(jnp.int32), PAD))
             ambiguous = jnp.zeros_like(ambiguous)
-            prev = jax.lax.stop_gradient(logits)
+            prev = logits if self.mask_prompt_grad else jax.lax.stop_gradient(logits)
+        return results
+
+    # -- SAM 2's interaction (interaction='sam2') ---------------------------------------------------
+    def sam2_draws(self, rng, rows: int, h: int, w: int):
+        """Every random number one training step of ``interaction='sam2'`` uses, from the
+        step's key: ``box`` () (box if < box_prob), ``box_noise`` (R, 4) in [0, 1),
+        ``clicks`` (1 + rounds, R, H, W, 2) in [0, 1), ``from_gt`` (rounds,) (the round's click
+        from the ground truth if < click_from_gt_prob). The encoder's drop path keeps its own key."""
+        k_box, k_noise, k_clicks, k_gt = jax.random.split(rng, 4)
+        return {"box": jax.random.uniform(k_box, ()),
+                "box_noise": jax.random.uniform(k_noise, (rows, 4)),
+                "clicks": jax.random.uniform(k_clicks, (1 + self.rounds, rows, h, w, 2)),
+                "from_gt": jax.random.uniform(k_gt, (self.rounds,))}
+
+    @staticmethod
+    def sam2_click(gt, pred, noise):
+        """SAM 2's ``sample_random_points_from_errors`` (one point per row): gt, pred (R, H, W)
+        bool, noise (R, H, W, 2) -> (xy (R, 2) float, label (R,) int32: 1 in a false negative,
+        0 in a false positive, 0 on the background when pred is exact)."""
+        r, h, w = gt.shape
+        fp, fn = ~gt & pred, gt & ~pred
+        exact = (gt == pred).all((-2, -1))[:, None, None]
+        scores = jnp.stack([noise[..., 0] * (fp | (exact & ~gt)), noise[..., 1] * fn], -1).reshape(r, -1)
+        idx = jnp.argmax(scores, -1)
+        pix = idx // 2
+        return jnp.stack([pix % w, pix // w], -1).astype(jnp.float32), (idx % 2).astype(jnp.int32)
+
+    def _interact_sam2(self, params, images, gt, image_of_row, rng, draws, box: bool):
+        """SAM 2's rounds for a batch of box (``box=True``) or point prompts; per-round
+        (loss (R,), iou (R,), oracle (R,)) as ``_interact``."""
+        r, h, w = gt.shape
+        emb = self._embed(params, images, image_of_row, rng, True)
+        if box:   # sam2_utils.sample_box_points on the mask's bounds (sam2.utils.misc.mask_to_box)
+            b = mask_box(gt)
+            mdx = jnp.minimum((b[:, 2] - b[:, 0]) * self.box_noise, self.box_noise_max)
+            mdy = jnp.minimum((b[:, 3] - b[:, 1]) * self.box_noise, self.box_noise_max)
+            b = b + (2 * draws["box_noise"] - 1) * jnp.stack([mdx, mdy, mdx, mdy], -1)
+            b = jnp.clip(b, 0.0, jnp.array([w - 1, h - 1, w - 1, h - 1], jnp.float32))
+            points = b.reshape(r, 2, 2)
+            labels = jnp.broadcast_to(jnp.array([BOX_TL, BOX_BR], jnp.int32), (r, 2))
+        else:     # the first click: the error of an empty prediction, i.e. the mask
+            xy, lab = self.sam2_click(gt, jnp.zeros_like(gt), draws["clicks"][0])
+            points, labels = xy[:, None], lab[:, None]
+        predict, losses = self._predict, self._losses
+        if self.remat_rounds:
+            predict = jax.checkpoint(predict, static_argnums=(5,))
+            losses = jax.checkpoint(losses)
+        take = lambda x, i: jnp.take_along_axis(x, i.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]  # noqa: E731
+        prev, results = None, []
+        for rnd in range(self.rounds + 1):
+            multimask = rnd == 0 and not box        # SAM2Base._use_multimask: one point only
+            logits, iou_pred = predict(params, emb, points, labels, prev, multimask)
+            mask_loss, iou_err, actual, up = losses(logits, iou_pred, gt)
+            if multimask:
+                best = jnp.argmin(mask_loss, -1)     # the loss backpropagates the lowest focal + dice
+                results.append((take(mask_loss, best) + self.iou_weight * iou_err.mean(-1),
+                                take(actual, best), actual.max(-1)))
+                chosen = jnp.argmax(iou_pred, -1)   # _forward_sam_heads: the next prompt's mask
+                logits, up = take(logits, chosen), take(up, chosen)
+            else:
+                results.append((mask_loss[:, 0] + self.iou_weight * iou_err[:, 0], actual[:, 0], actual[:, 0]))
+                logits, up = logits[:, 0], up[:, 0]
+            if rnd == self.rounds:
+                break
+            pred = jax.lax.stop_gradient(up > 0)
+            if self.click_from_gt_prob > 0:
+                pred = jnp.where(draws["from_gt"][rnd] < self.click_from_gt_prob, False, pred)
+            xy, lab = self.sam2_click(gt, pred, draws["clicks"][rnd + 1])
+            points = jnp.concatenate([points, xy[:, None]], 1)
+            labels = jnp.concatenate([labels, lab[:, None]], 1)
+            prev = logits if self.mask_prompt_grad else jax.lax.stop_gradient(logits)
         return results
 
     def loss(self, params, extra, batch, rng, step):
         gt, valid, rows = self._rows(batch)
-        k_box, k_rest = jax.random.split(rng)
-        use_box = jax.random.uniform(k_box, valid.shape) < self.box_prob
-        results = self._interact(params, batch["image"], gt, rows, k_rest, use_box)
+        if self.interaction == "sam2":
+            draws = self.sam2_draws(jax.random.fold_in(rng, 2), gt.shape[0], *gt.shape[-2:])
+            results = jax.lax.cond(
+                draws["box"] < self.box_prob,
+                lambda: self._interact_sam2(params, batch["image"], gt, rows, rng, draws, True),
+                lambda: self._interact_sam2(params, batch["image"], gt, rows, rng, draws, False))
+        else:
+            k_box, k_rest = jax.random.split(rng)
+            use_box = jax.random.uniform(k_box, valid.shape) < self.box_prob
+            results = self._interact(params, batch["image"], gt, rows, k_rest, use_box)
         w = valid.astype(jnp.float32)
         n = jnp.maximum(w.sum(), 1.0)
         losses = jnp.stack([(r[0] * w).sum() / n for r in results])
         ious = [(r[1] * w).sum() / n for r in results]
         metrics = {"miou_round0": ious[0], f"miou_round{len(ious) - 1}": ious[-1],
                    "loss_round0": losses[0], "instances": w.sum()}
-        return losses.mean(), (metrics, extra)
+        return (losses.sum() if self.round_reduction == "sum" else losses.mean()), (metrics, extra)
 
     def eval_metrics(self, params, extra, batch, rng):
         gt, valid, rows = self._rows(batch)

@@ -1,5 +1,7 @@
 """The ``sam`` objective: its losses, prompt sampling, the box-as-corner-points layout, a few
 training steps and the mIoU evals (the CPU learning number is in configs/sam.py)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +123,41 @@ def test_image_size_must_match_the_model(tmp_path):
     c.data.image_size = 32
     with pytest.raises(ConfigError, match="SAM model takes 64 px"):
         make_objective(c).check(c)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"interaction": "sam3"}, "interaction='sam3'; valid: 'fmjax', 'sam2'"),
+    ({"round_reduction": "max"}, "round_reduction='max'; valid: 'mean', 'sum'"),
+    ({"iou_loss": "huber"}, "iou_loss='huber'; valid: 'mse', 'l1'"),
+    ({"click_from_gt_prob": 1.5, "interaction": "sam2"}, "click_from_gt_prob=1.5; must be in [0, 1]"),
+    ({"click_from_gt_prob": 0.1}, "set --config.objective.interaction=sam2 too"),
+])
+def test_reference_option_errors(override, message):
+    from fmjax.errors import ConfigError
+    from fmjax.objectives.base import make_objective
+    c = _config()
+    c.objective.update(override)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_objective(c).check(c)
+
+
+def test_sam2_clicks():
+    """SAM 2's sample_random_points_from_errors: a false negative gives a positive click, a
+    false positive a negative one, an exact prediction a negative click on the background;
+    the click is the argmax of the noise over the error pixels."""
+    gt = np.zeros((3, 8, 8), bool)
+    gt[:, 2:5, 2:5] = True
+    pred = gt.copy()
+    pred[0, 3, 3] = False          # row 0: one false negative at (x 3, y 3)
+    pred[1, 6, 1] = True           # row 1: one false positive at (x 1, y 6)
+    noise = np.random.default_rng(0).uniform(size=(3, 8, 8, 2)).astype(np.float32)
+    xy, label = map(np.asarray, sam_lib.SAMObjective.sam2_click(jnp.asarray(gt), jnp.asarray(pred),
+                                                                 jnp.asarray(noise)))
+    assert xy[0].tolist() == [3, 3] and label[0] == 1
+    assert xy[1].tolist() == [1, 6] and label[1] == 0
+    bg = ~gt[2]
+    y, x = np.unravel_index(np.argmax(np.where(bg, noise[2, ..., 0], -1)), bg.shape)
+    assert xy[2].tolist() == [x, y] and label[2] == 0
 
 
 def test_paper_preset_compiles_with_synthetic_instance_masks(tmp_path):
