@@ -52,6 +52,13 @@ patches, an encoder 128 wide and 4 deep (4x4 windows, global attention in blocks
   0.863 / 0.914 / 0.929 / 0.934 (oracle 0.943 at 4000), 3 points 0.853 / 0.888 / 0.926 /
   0.937 / 0.942; AMG recall@0.5 0.938 / 0.966 / 0.993 / 0.993 / 0.998, precision 0.791 / 0.776
   / 0.881 / 0.875 / 0.870, ~4.9 masks per image (filter 0.7).
+  SAM 2's training loop (facebookresearch/sam2 training/, the authors' nearest training code;
+  tests/reference/test_sam_trajectory.py steps against it) as options, defaults unchanged:
+    --config.objective.interaction=sam2 --config.objective.round_reduction=sum
+    --config.objective.iou_loss=l1 --config.objective.mask_prompt_grad=True
+    --config.objective.click_from_gt_prob=0.1 (box or point per batch, SAM 2's clicks and box
+  jitter, growing prompts; the rounds' losses summed; L1 on the IoU head; the mask prompt with
+  gradient; a round's click from the mask alone). Its learning on the shapes is not measured.
   Masks for one picture: python launch/segment.py --workdir=/tmp/sam --image=PATH --auto
   (or --points='x,y;x,y' --labels=1,0, --boxes='x0,y0,x1,y1').
 

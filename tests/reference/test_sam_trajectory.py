@@ -44,7 +44,13 @@ with ``wd_mult`` 0 on biases and the nn.LayerNorm params, ``lr_mult`` on the ima
 box noise, click noise, ground-truth rounds) are fmjax's (``SAMObjective.sam2_draws`` of the
 step's key), handed to the reference. 26 steps, 2 images of 32 px x 2 instances, 3 rounds.
 
-Asserted: the loss of every step, the lr, and every final param.
+Asserted: the loss of every step, the lr, and every final param. Measured: losses within 2.4e-7
+relative (13.74 -> 8.29), params within 1.5e-6 absolute (they moved by up to 2.6e-2); 15 box and
+11 point batches, 22 of 78 rounds clicking on the mask alone. The weights are random at half the
+fan-in scale: at the full scale the float32 gradients of the mask-prompt path already differ
+from float64 by 6e-4 (both sides alike), too noisy for a 26-step comparison. Each of fmjax's
+defaults for the loss (mask prompt without gradient, MSE IoU loss, rounds averaged) fails it
+(``test_fmjax_defaults_are_detected``, slow).
 """
 import os
 import re
@@ -71,7 +77,7 @@ STEPS, TOTAL = 26, 30
 LR, VISION_MULT, WD, CLIP = 2e-3, 0.6, 0.1, 0.1
 BOX_PROB, GT_PROB = 0.5, 0.25
 W_MASK, W_DICE, W_IOU = 20.0, 1.0, 1.0
-RTOL, ATOL = 1e-4, 1e-6
+RTOL, ATOL = 1e-4, 3e-6     # params: measured max |diff| 1.5e-6 where they moved up to 2.6e-2
 LOSS_RTOL = 2e-5
 
 
