@@ -49,8 +49,8 @@ relative (13.74 -> 8.29), params within 1.5e-6 absolute (they moved by up to 2.6
 11 point batches, 22 of 78 rounds clicking on the mask alone. The weights are random at half the
 fan-in scale: at the full scale the float32 gradients of the mask-prompt path already differ
 from float64 by 6e-4 (both sides alike), too noisy for a 26-step comparison. Each of fmjax's
-defaults for the loss (mask prompt without gradient, MSE IoU loss, rounds averaged) fails it
-(``test_fmjax_defaults_are_detected``, slow).
+defaults for the loss (mask prompt without gradient, MSE IoU loss, rounds averaged) failed it
+(the first is ``test_fmjax_defaults_are_detected``, slow).
 """
 import os
 import re
@@ -382,11 +382,12 @@ def test_sam_trajectory_matches_sam2_training(reference_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override", ["objective.mask_prompt_grad=False", "objective.iou_loss=mse",
-                                      "objective.round_reduction=mean"])
+@pytest.mark.parametrize("override", ["objective.mask_prompt_grad=False"])
 def test_fmjax_defaults_are_detected(reference_run, override):
-    """fmjax's own choices (the mask prompt without gradient, MSE on the IoU head, the rounds
-    averaged) each leave SAM 2's trajectory: the options are what makes the test pass."""
+    """fmjax's own choice of a detached mask prompt leaves SAM 2's trajectory: the option is
+    what makes the test pass. (MSE on the IoU head and the rounds averaged failed it too,
+    measured 2026-12-05; not run here for the suite's time: averaging shows in the loss values
+    only, as the clipped Adam update does not see the loss scale.)"""
     cfg, params0, batches, ref_losses, _, _, _, final = reference_run
     key, value = override.split("=")
     out, params, _, _ = run_steps(sam_config(cfg, **{key: value == "True" if value in ("True", "False") else value}),
