@@ -99,14 +99,16 @@ def _snapshot(directory):
 # -- (a) -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["mae", "dino", "simmim", "beit", "mae+lora", "supervised+tinyvit",
-                                  "dalle", "clip+resnet"])
+                                  "dalle", "clip+resnet", "sam", "owl"])
 def test_interrupted_and_resumed_equals_uninterrupted(name, tiny_config, tmp_path, monkeypatch):
     """For DINO this covers the teacher and center (``extra``) and its step schedules;
     'mae+lora': LoRA adapters (fmjax.adapt) on a frozen MAE, restored exactly;
     'dalle': the frozen dVAE in extra and the sparse-attention transformer;
     'clip+resnet': ALIGN's BatchNorm image tower (its statistics in extra);
     'supervised+tinyvit': a backbone with model state (TinyViT's BatchNorm running statistics,
-    carried in ``extra``) under the weight EMA and 2 micro-batches per step."""
+    carried in ``extra``) under the weight EMA and 2 micro-batches per step;
+    'sam': the interactive rounds' prompt draws (box or point, clicks) from the step's key;
+    'owl': the detector on its CLIP towers, the matching and the per-phrase queries."""
     n = 3
     name, _, variant = name.partition("+")
     # Periodic checkpoints at 4: the stop at 3 is saved only because it was asked to stop.
@@ -122,6 +124,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(name, tiny_config, tmp_pat
         config.model = dict(name="tinyvit", embed_dims=(16, 32, 48), depths=(1, 1, 1), num_heads=(1, 2, 4),
                             window_sizes=(1, 4, 2), num_classes=config.model.num_classes)
         config.objective.ema_decay, config.grad_accum_steps = 0.9, 2
+    if name == "sam":
+        config.model.update(dict(global_attn_indexes=(1,), prompt_dim=32, decoder_heads=2, decoder_mlp_dim=64,
+                                 iou_head_hidden_dim=32))
+        config.batch_size, config.objective.correction_rounds = 8, 1
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
 
     _train_interrupted(monkeypatch, config, resumed, n)
