@@ -84,7 +84,10 @@ def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective.name = "sam"
     c.objective.update(dict(correction_rounds=2, box_prob=0.5, box_noise=0.1, box_noise_max=20.0,
-                            focal_weight=20.0, dice_weight=1.0, iou_weight=1.0))
+                            focal_weight=20.0, dice_weight=1.0, iou_weight=1.0,
+                            # SAM 2's training loop as options (docstring); these are fmjax's own
+                            interaction="fmjax", round_reduction="mean", iou_loss="mse",
+                            mask_prompt_grad=False, click_from_gt_prob=0.0))
     if arg in ("default", "cpu"):
         c.total_steps = 1500 if arg == "default" else 3000
         c.batch_size = 32
