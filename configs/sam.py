@@ -58,7 +58,11 @@ patches, an encoder 128 wide and 4 deep (4x4 windows, global attention in blocks
     --config.objective.iou_loss=l1 --config.objective.mask_prompt_grad=True
     --config.objective.click_from_gt_prob=0.1 (box or point per batch, SAM 2's clicks and box
   jitter, growing prompts; the rounds' losses summed; L1 on the IoU head; the mask prompt with
-  gradient; a round's click from the mask alone). Its learning on the shapes is not measured.
+  gradient; a round's click from the mask alone). Measured 2026-12-05 on the 2-core CPU (5.8 min
+  wall, one seed), the default with these five flags and --config.total_steps=500 (so its cosine
+  ends at 500): step 0 ~0.054 -> step 500 box 0.787, point 0.720 (oracle 0.753), 3 points 0.776,
+  AMG recall@0.5 0.815 (64 images). It learns; it is not compared like for like with the
+  default (whose step 500 is a third of its 1500-step schedule: box 0.857, point 0.787-0.821).
   Masks for one picture: python launch/segment.py --workdir=/tmp/sam --image=PATH --auto
   (or --points='x,y;x,y' --labels=1,0, --boxes='x0,y0,x1,y1').
 
