@@ -124,6 +124,11 @@ def jitter_box(rng, box, frac: float, max_px: float, size: int):
     return jnp.stack([x0, y0, x1, y1], -1)
 
 
+def _take(x, i):
+    """x (R, M, ...), i (R,) -> x[r, i[r]] for every row."""
+    return jnp.take_along_axis(x, i.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]
+
+
 class SAMObjective(Objective):
     batch_keys = ("image", "masks", "num_objects")
 
@@ -217,6 +222,12 @@ class SAMObjective(Objective):
         err = iou_pred.astype(jnp.float32) - actual
         return mask_loss, (jnp.abs(err) if self.iou_loss == "l1" else err ** 2), actual, up
 
+    def _round_fns(self):
+        """(decoder pass, loss) of one round; with ``remat_rounds`` both recompute in the backward pass."""
+        if self.remat_rounds:
+            return jax.checkpoint(self._predict, static_argnums=(5,)), jax.checkpoint(self._losses)
+        return self._predict, self._losses
+
     def _embed(self, params, images, image_of_row, rng, train):
         if train and self.model.drop_path > 0:  # the encoder's stochastic depth; other draws unchanged
             emb = self.model.apply({"params": params}, images, True, method=self.model.encode_image,
@@ -233,12 +244,8 @@ class SAMObjective(Objective):
         rng, k0 = jax.random.split(rng)
         points, labels = self._first_prompt(k0, gt, use_box, box_noise)
         prev, results = None, []
-        predict, losses = self._predict, self._losses
-        if self.remat_rounds:
-            predict = jax.checkpoint(predict, static_argnums=(5,))
-            losses = jax.checkpoint(losses)
+        predict, losses = self._round_fns()
         ambiguous = ~use_box  # one point: three masks (the paper); a box or several points: one
-        take = lambda x, i: jnp.take_along_axis(x, i.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]  # noqa: E731
         for rnd in range(rounds + 1):
             # round 0 needs the single mask and the three from one decoder pass (all four tokens)
             logits, iou_pred = predict(params, emb, points, labels, prev, None if rnd == 0 else False)
@@ -255,11 +262,11 @@ class SAMObjective(Objective):
                 # mask the IoU head is most confident of
                 best = jnp.argmin(m_loss, -1) if train else jnp.argmax(m_iou_pred, -1)
                 a = ambiguous
-                loss = jnp.where(a, take(m_loss, best) + self.iou_weight * m_mse.mean(-1), loss)
-                iou = jnp.where(a, take(m_actual, best), iou)
+                loss = jnp.where(a, _take(m_loss, best) + self.iou_weight * m_mse.mean(-1), loss)
+                iou = jnp.where(a, _take(m_actual, best), iou)
                 oracle = jnp.where(a, m_actual.max(-1), oracle)
-                logits = jnp.where(a[:, None, None], take(m_logits, best), logits)
-                up = jnp.where(a[:, None, None], take(m_up, best), up)
+                logits = jnp.where(a[:, None, None], _take(m_logits, best), logits)
+                up = jnp.where(a[:, None, None], _take(m_up, best), up)
             results.append((loss, iou, oracle))
             if rnd == rounds:
                 break
@@ -302,11 +309,10 @@ class SAMObjective(Objective):
         pix = idx // 2
         return jnp.stack([pix % w, pix // w], -1).astype(jnp.float32), (idx % 2).astype(jnp.int32)
 
-    def _interact_sam2(self, params, images, gt, image_of_row, rng, draws, box: bool):
-        """SAM 2's rounds for a batch of box (``box=True``) or point prompts; per-round
-        (loss (R,), iou (R,), oracle (R,)) as ``_interact``."""
+    def _interact_sam2(self, params, emb, gt, draws, box: bool):
+        """SAM 2's rounds on the rows' image embeddings for a batch of box (``box=True``) or
+        point prompts; per-round (loss (R,), iou (R,), oracle (R,)) as ``_interact``."""
         r, h, w = gt.shape
-        emb = self._embed(params, images, image_of_row, rng, True)
         if box:   # sam2_utils.sample_box_points on the mask's bounds (sam2.utils.misc.mask_to_box)
             b = mask_box(gt)
             mdx = jnp.minimum((b[:, 2] - b[:, 0]) * self.box_noise, self.box_noise_max)
@@ -318,11 +324,7 @@ class SAMObjective(Objective):
         else:     # the first click: the error of an empty prediction, i.e. the mask
             xy, lab = self.sam2_click(gt, jnp.zeros_like(gt), draws["clicks"][0])
             points, labels = xy[:, None], lab[:, None]
-        predict, losses = self._predict, self._losses
-        if self.remat_rounds:
-            predict = jax.checkpoint(predict, static_argnums=(5,))
-            losses = jax.checkpoint(losses)
-        take = lambda x, i: jnp.take_along_axis(x, i.reshape((-1,) + (1,) * (x.ndim - 1)), 1)[:, 0]  # noqa: E731
+        predict, losses = self._round_fns()
         prev, results = None, []
         for rnd in range(self.rounds + 1):
             multimask = rnd == 0 and not box        # SAM2Base._use_multimask: one point only
@@ -330,10 +332,10 @@ class SAMObjective(Objective):
             mask_loss, iou_err, actual, up = losses(logits, iou_pred, gt)
             if multimask:
                 best = jnp.argmin(mask_loss, -1)     # the loss backpropagates the lowest focal + dice
-                results.append((take(mask_loss, best) + self.iou_weight * iou_err.mean(-1),
-                                take(actual, best), actual.max(-1)))
+                results.append((_take(mask_loss, best) + self.iou_weight * iou_err.mean(-1),
+                                _take(actual, best), actual.max(-1)))
                 chosen = jnp.argmax(iou_pred, -1)   # _forward_sam_heads: the next prompt's mask
-                logits, up = take(logits, chosen), take(up, chosen)
+                logits, up = _take(logits, chosen), _take(up, chosen)
             else:
                 results.append((mask_loss[:, 0] + self.iou_weight * iou_err[:, 0], actual[:, 0], actual[:, 0]))
                 logits, up = logits[:, 0], up[:, 0]
@@ -352,10 +354,10 @@ class SAMObjective(Objective):
         gt, valid, rows = self._rows(batch)
         if self.interaction == "sam2":
             draws = self.sam2_draws(jax.random.fold_in(rng, 2), gt.shape[0], *gt.shape[-2:])
-            results = jax.lax.cond(
-                draws["box"] < self.box_prob,
-                lambda: self._interact_sam2(params, batch["image"], gt, rows, rng, draws, True),
-                lambda: self._interact_sam2(params, batch["image"], gt, rows, rng, draws, False))
+            emb = self._embed(params, batch["image"], rows, rng, True)   # once, outside the branches
+            results = jax.lax.cond(draws["box"] < self.box_prob,
+                                   lambda: self._interact_sam2(params, emb, gt, draws, True),
+                                   lambda: self._interact_sam2(params, emb, gt, draws, False))
         else:
             k_box, k_rest = jax.random.split(rng)
             use_box = jax.random.uniform(k_box, valid.shape) < self.box_prob
