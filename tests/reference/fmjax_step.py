@@ -76,3 +76,11 @@ def flat(tree):
 def rel_err(a, b, rtol, atol):
     """max |a - b| / (atol / rtol + |b|): <= rtol passes assert_allclose(rtol, atol)."""
     return float(np.max(np.abs(a - b) / (atol / rtol + np.abs(b))))
+
+
+def param_error(params, final, rtol, atol, skip=None):
+    """(the largest ``rel_err`` over every param but those whose keystr ``skip`` (a compiled
+    regex) matches, flat ``params``, flat ``final``); both trees must hold the same keys."""
+    got, want = flat(params), flat(final)
+    assert got.keys() == want.keys()
+    return max(rel_err(got[k], want[k], rtol, atol) for k in want if not (skip and skip.search(k))), got, want

@@ -70,7 +70,7 @@ from fmjax.objectives import owl as owl_lib  # noqa: E402
 from fmjax.testing import load_config  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared helpers
-from fmjax_step import flat, rel_err, run_steps  # noqa: E402
+from fmjax_step import flat, param_error, rel_err, run_steps  # noqa: E402
 
 B, K, SIZE, V, L = 4, 3, 32, 9, 12
 STEPS, WARMUP, TOTAL = 26, 6, 30
@@ -290,9 +290,7 @@ NOISE_ONLY = re.compile(r"\['attn'\]\['key'\]\['bias'\]$")
 
 
 def _param_error(params, final):
-    got, want = flat(params), flat(final)
-    assert got.keys() == want.keys()
-    return max(rel_err(got[k], want[k], RTOL, ATOL) for k in want if not NOISE_ONLY.search(k)), got, want
+    return param_error(params, final, RTOL, ATOL, NOISE_ONLY)
 
 
 def test_owl_trajectory_matches_scenic(reference_run, monkeypatch):

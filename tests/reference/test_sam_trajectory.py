@@ -68,7 +68,7 @@ from fmjax.interop import hf_sam  # noqa: E402
 from fmjax.testing import load_config  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib: the shared helpers
-from fmjax_step import flat, rel_err, run_steps  # noqa: E402
+from fmjax_step import flat, param_error, rel_err, run_steps  # noqa: E402
 
 B, K, SIZE = 2, 2, 32
 R = B * K
@@ -361,9 +361,7 @@ NOISE_ONLY = re.compile(r"\['key'\]\['bias'\]$")
 
 
 def _param_error(params, final):
-    got, want = flat(params), flat(final)
-    assert got.keys() == want.keys()
-    return max(rel_err(got[k], want[k], RTOL, ATOL) for k in want if not NOISE_ONLY.search(k)), got, want
+    return param_error(params, final, RTOL, ATOL, NOISE_ONLY)
 
 
 def test_sam_trajectory_matches_sam2_training(reference_run):
