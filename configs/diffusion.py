@@ -93,6 +93,11 @@ from configs import common
 CPU_CLASSIFIER_WORKDIR = "runs/classifier_simple_32"
 
 
+# configs/diffusion.py:lora: the class held out of the base run and learned by LoRA
+LORA_CLASS = "heart"
+LORA_TARGETS = r"attn/(query|key|value|out)$|time_emb_proj$"
+
+
 def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective = dict(
@@ -106,7 +111,7 @@ def get_config(arg: str = "default"):
     c.optimizer.update(dict(name="adam", lr=2e-4, warmup_steps=5000, clip_norm=1.0,
                             decay="constant", weight_decay=0.0))
     norm = "normalize('half')"   # pixels to [-1, 1]
-    if arg in ("default", "text", "cpu"):
+    if arg in ("default", "text", "cpu", "lora"):
         c.total_steps = 2400
         c.batch_size = 64
         c.log_every = 50
@@ -126,7 +131,7 @@ def get_config(arg: str = "default"):
         c.data.pp_train = f"flip_lr|{norm}|keep('image', 'label')"
         c.data.pp_eval = f"{norm}|keep('image', 'label')"
         c.evals = dict(samples=dict(type="images", split="validation"))
-        if arg == "cpu":  # the default on the simple shapes, longer, scored (see the docstring)
+        if arg in ("cpu", "lora"):  # the default on the simple shapes, longer, scored (see the docstring)
             c.data.name = "fmjax_shapes/simple_32"
             c.total_steps = 1800
             c.eval_every = 900
@@ -145,6 +150,19 @@ def get_config(arg: str = "default"):
             c.evals.generation = dict(type="generation", split="validation",
                                       classifier_workdir=CPU_CLASSIFIER_WORKDIR, samples_per_class=16,
                                       examples=1000, batch_size=128)
+        if arg == "lora":  # LoRA on a cpu run's U-Net for a class its base never saw (docstring)
+            c.data.classes = LORA_CLASS
+            c.total_steps = 400
+            c.eval_every = 200
+            c.checkpoint_every = 200
+            c.optimizer.update(dict(lr=1e-3, warmup_steps=40, decay="cosine", min_lr=1e-4))
+            # the base's EMA weights (what its samples come from) are the frozen params
+            c.model_init.mapping = "extra/ema:"
+            # the U-Net's dense layers: attention (8x8 and the middle block) and every resnet's
+            # time / class modulation (AdaGN's scale-shift); the new class's embedding row is
+            # learned with them (its other rows get no gradient: no weight decay here)
+            c.adapter.update(dict(name="lora", rank=8, targets=LORA_TARGETS,
+                                  train=("model/class_embedding/embedding",)))
         if arg == "text":
             c.objective.conditioning = "text"
             c.model.num_classes = 0
@@ -191,7 +209,7 @@ def get_config(arg: str = "default"):
         c.keep_period = 50_000
         c.evals = dict(samples=dict(type="images", split="validation", every=20_000))
     else:
-        raise ValueError(f"Unknown configs/diffusion.py preset {arg!r}; valid: default, text, cpu, ddpm_cifar10, "
+        raise ValueError(f"Unknown configs/diffusion.py preset {arg!r}; valid: default, text, cpu, lora, ddpm_cifar10, "
                          "dit_b2_imagenet256.")
     return c
 

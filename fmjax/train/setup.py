@@ -36,11 +36,19 @@ def batch_spec(source, transform, keys, global_batch):
 
 
 def train_source(config):
-    """The training split's random-access source, as ``config.data`` names it."""
-    from fmjax.data import sources
-    return sources.get_source(config.data.name, config.data.get("train_split", "train"),
-                              config.data.get("data_dir"),
-                              skip_bad_examples=config.data.get("skip_bad_examples", 0))
+    """The training split's random-access source, as ``config.data`` names it (only the classes
+    ``config.data.classes`` / ``exclude_classes`` keep: ``fmjax.data.class_subset``)."""
+    from fmjax.data import class_subset, sources
+    source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
+                                config.data.get("data_dir"),
+                                skip_bad_examples=config.data.get("skip_bad_examples", 0))
+    classes, exclude = config.data.get("classes", ""), config.data.get("exclude_classes", "")
+    if not classes and not exclude:
+        return source
+    names = getattr(source, "class_names", None)
+    if names is None:
+        names = sources.class_names(config.data.name, config.data.get("data_dir"))
+    return class_subset.select(source, classes, exclude, names)
 
 
 def train_iterator(config, source, transform, spec):
