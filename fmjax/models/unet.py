@@ -111,10 +111,12 @@ class ResnetBlock(nn.Module):
         h = nn.silu(group_norm(self.num_groups, self.eps, dt, pdt, "norm1")(x))
         h = conv(c, 3, "conv1", dt, pdt)(h)
         scale_shift = self.time_scale_shift == "scale_shift"
-        t = nn.Dense((2 if scale_shift else 1) * c, dtype=dt, param_dtype=pdt,
-                     name="time_emb_proj",
-                     kernel_init=layers.part(layers.xavier_uniform, ("embed", "conv_out")),
-                     bias_init=layers.part(layers.zeros, ("conv_out",)))(nn.silu(temb))
+        # DenseND: nn.Dense's params, init and numbers, through the dense injection point
+        # (fmjax.models.inject), so adapters reach the time / class modulation (LoRA on it:
+        # configs/diffusion.py:lora)
+        t = layers.DenseND(((2 if scale_shift else 1) * c,), kernel_axes=("embed", "conv_out"),
+                           bias_axes=("conv_out",), kernel_init=layers.xavier_uniform, dtype=dt,
+                           param_dtype=pdt, name="time_emb_proj")(nn.silu(temb))
         t = t[:, None, None, :]
         norm2 = group_norm(self.num_groups, self.eps, dt, pdt, "norm2")
         if scale_shift:

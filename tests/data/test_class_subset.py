@@ -80,9 +80,9 @@ def test_a_source_without_labels_is_refused():
 def test_train_source_of_the_bundled_data(shapes_data_dir):
     """On fmjax_shapes by name; the pipeline reads the subset (pickled, as grain's workers do)."""
     import pickle
-    c = load_config("diffusion", "lora")
+    c = load_config("diffusion", "cpu")
     c.data.data_dir = shapes_data_dir
-    assert c.data.classes == "heart"
+    c.data.classes = "heart"
     src = setup.train_source(c)
     labels = {int(src[i]["label"]) for i in range(0, len(src), 97)}
     assert labels == {6} and 0 < len(src) < 10000 // 4, (labels, len(src))
