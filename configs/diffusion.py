@@ -61,8 +61,10 @@ LoRA for a class the base never saw (issue 18; NOT yet learned - measured below)
       0.75, triangle 0.31 -> 0.50) and the new class is not learned. On hearts alone
       (--config.data.classes=heart, LoRA on the attention only, the row at 1x lr): heart 0.000
       and the other classes fall apart (0.289 -> 0.180; label dropout retrains the
-      unconditional branch on hearts alone). The 1800-step cpu run draws hearts (0.81), so
-      what is missing is not known yet (the base's budget, the new row's init, the rank).
+      unconditional branch on hearts alone). Full fine-tuning from the same base with the
+      same recipe (--config.adapter.name=, every param trains) does draw some: heart 0.1875
+      (3 of 16) at 400 steps, overall 0.367. So the adapted layers are what is missing: the
+      U-Net's convolutions (where its shapes are drawn) take no LoRA.
 
 Text-conditional (the CLIP text tower, trained jointly, on the shapes captions):
     python launch/train.py --config=configs/diffusion.py:text --workdir=/tmp/diff_text
