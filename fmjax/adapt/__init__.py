@@ -255,6 +255,22 @@ class AdaptedObjective(HookedObjective):
             mask = jax.tree.map(lambda a, b: a & b, mask, inner)
         return mask
 
+    def unreached_targets(self, params) -> list[str]:
+        """Layers with a ``kernel`` whose path matches a dense adapter's (LoRA's, Houlsby's)
+        ``targets`` but which hold no adapter params: not a ``DenseND`` (a convolution, a
+        plain ``nn.Dense``), so the hook never saw them and they stay frozen. The trainer warns
+        about them in one line (a regex alternative naming only such layers would otherwise be
+        skipped in silence while the others train)."""
+        if self.adapter["name"] not in ("lora", "houlsby"):
+            return []
+        pattern = re.compile(self.adapter["targets"])
+        names: dict = {}
+        for path, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]:
+            keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+            names.setdefault("/".join(keys[:-1]), set()).add(keys[-1])
+        return sorted(m for m, leaf in names.items()
+                      if "kernel" in leaf and not leaf & set(ADAPTER_PARAMS) and pattern.search(m))
+
     def trainable_count(self, params, nbytes: bool = False) -> int:
         """Parameters the adapter trains (the banner's 'trainable'), or their bytes."""
         params = nn.unbox(params)

@@ -125,6 +125,13 @@ def check_config(config, workdir: str, devices=None):
     trainable, trainable_bytes = ((objective.trainable_count(abstract.params),
                                    objective.trainable_count(abstract.params, nbytes=True))
                                   if hasattr(objective, "trainable_count") else (n_params, param_bytes))
+    unreached = (objective.unreached_targets(abstract.params)
+                 if callable(getattr(objective, "unreached_targets", None)) else [])
+    if unreached:
+        import sys
+        print(f"fmjax: warning: config.adapter.targets={objective.adapter['targets']!r} also matches "
+              f"{len(unreached)} layer(s) the {config.adapter.name} adapter cannot reach (not dense "
+              f"layers or attention, e.g. {unreached[0]}); they stay frozen.", file=sys.stderr, flush=True)
     frac = rules_lib.replicated_fraction(shardings.params, boxed)
     if mesh.shape["fsdp"] > 1 and frac > config.get("max_replicated_fraction", 0.5):
         raise validate.ConfigError(

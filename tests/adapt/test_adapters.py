@@ -570,3 +570,23 @@ def test_lora_trains_dino_and_diffusion_backbones_alone(tiny_config, tmp_path, n
     moved = {k for k in first if not np.array_equal(np.asarray(first[k]), np.asarray(last[k]))}
     lora_keys = {k for k in first if k.endswith(("lora_a", "lora_b"))}
     assert lora_keys and moved and moved <= lora_keys, (sorted(moved - lora_keys)[:5], len(lora_keys))
+
+
+def test_targets_that_reach_no_dense_layer_are_named():
+    """A LoRA ``targets`` alternative that names layers the dense hook never sees (the U-Net's
+    convolutions here) is reported by ``unreached_targets`` (the trainer's one-line warning),
+    while the reachable ones (attention, time_emb_proj) are not; before the U-Net's
+    time_emb_proj went through the injection point it was skipped in silence."""
+    import jax.numpy as jnp
+    from fmjax.objectives.base import make_objective
+    from fmjax.testing import load_config
+    c = load_config("diffusion", "lora")
+    c.adapter.targets = r"attn/query$|time_emb_proj$|resnets_0/conv1$"
+    obj = make_objective(c)
+    batch = dict(image=jnp.zeros((2, 32, 32, 3)), label=jnp.zeros((2,), jnp.int32))
+    params = jax.eval_shape(lambda: obj.init(jax.random.PRNGKey(0), batch))[0]
+    missed = obj.unreached_targets(params)
+    assert missed and all(m.endswith("resnets_0/conv1") for m in missed), missed
+    c.adapter.targets = r"attn/query$|time_emb_proj$"
+    obj = make_objective(c)
+    assert obj.unreached_targets(params) == []
