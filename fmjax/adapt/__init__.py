@@ -50,6 +50,7 @@ from fmjax.adapt import prefix as prefix_lib
 from fmjax.adapt import prompt as prompt_lib
 from fmjax.errors import ConfigError
 from fmjax.models import inject
+from fmjax.train.param_groups import path_str, paths
 
 ADAPTERS = ("lora", "houlsby", "prefix", "prompt")
 CHECKPOINT_MODES = ("adapter", "full")  # see fmjax.train.adapter_ckpt
@@ -201,11 +202,11 @@ def trainable_mask(params, adapter: dict):
     train = [re.compile(p) for p in adapter["train"]]
 
     def keep(path, _):
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        if keys and (keys[-1] in ADAPTER_PARAMS or (adapter["name"] == "prompt" and not adapter.get("deep")
-                                                     and keys[-1] == PROMPT_PARAM)):
+        name = path_str(path)
+        leaf = name.rpartition("/")[2]
+        if path and (leaf in ADAPTER_PARAMS or (adapter["name"] == "prompt" and not adapter.get("deep")
+                                                 and leaf == PROMPT_PARAM)):
             return True
-        name = "/".join(keys)
         return any(p.fullmatch(name) for p in train)
     return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -265,9 +266,9 @@ class AdaptedObjective(HookedObjective):
             return []
         pattern = re.compile(self.adapter["targets"])
         names: dict = {}
-        for path, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]:
-            keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-            names.setdefault("/".join(keys[:-1]), set()).add(keys[-1])
+        for name in paths(nn.unbox(params)):
+            module, _, leaf = name.rpartition("/")
+            names.setdefault(module, set()).add(leaf)
         return sorted(m for m, leaf in names.items()
                       if "kernel" in leaf and not leaf & set(ADAPTER_PARAMS) and pattern.search(m))
 

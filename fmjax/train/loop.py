@@ -128,10 +128,9 @@ def check_config(config, workdir: str, devices=None):
     unreached = (objective.unreached_targets(abstract.params)
                  if callable(getattr(objective, "unreached_targets", None)) else [])
     if unreached:
-        import sys
-        print(f"fmjax: warning: config.adapter.targets={objective.adapter['targets']!r} also matches "
-              f"{len(unreached)} layer(s) the {config.adapter.name} adapter cannot reach (not dense "
-              f"layers or attention, e.g. {unreached[0]}); they stay frozen.", file=sys.stderr, flush=True)
+        ckpt.warn(f"config.adapter.targets={objective.adapter['targets']!r} also matches "
+                  f"{len(unreached)} layer(s) the {config.adapter.name} adapter cannot reach (not dense "
+                  f"layers or attention, e.g. {unreached[0]}); they stay frozen.")
     frac = rules_lib.replicated_fraction(shardings.params, boxed)
     if mesh.shape["fsdp"] > 1 and frac > config.get("max_replicated_fraction", 0.5):
         raise validate.ConfigError(

@@ -45,10 +45,8 @@ def train_source(config):
     classes, exclude = config.data.get("classes", ""), config.data.get("exclude_classes", "")
     if not classes and not exclude:
         return source
-    names = getattr(source, "class_names", None)
-    if names is None:
-        names = sources.class_names(config.data.name, config.data.get("data_dir"))
-    return class_subset.select(source, classes, exclude, names)
+    return class_subset.select(source, classes, exclude,
+                               sources.class_names(config.data.name, config.data.get("data_dir")))
 
 
 def train_iterator(config, source, transform, spec):
