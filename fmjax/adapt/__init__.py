@@ -12,7 +12,8 @@ e.g. a new classifier head), are updated: the rest is frozen through the objecti
 params stay bit-identical. The base weights come from ``config.model_init`` (a workdir or a
 converted checkpoint) as for any fine-tuning.
 
-Adapters: ``lora`` (``fmjax.adapt.lora``; mergeable into the kernels for export),
+Adapters: ``lora`` (``fmjax.adapt.lora``: dense layers, attention projections and ungrouped
+convolutions; mergeable into the kernels for export),
 ``houlsby`` (``fmjax.adapt.houlsby``: serial or parallel bottleneck adapters) and ``prefix``
 (``fmjax.adapt.prefix``: learned key / value prefixes per attention, through the attention
 hook); export refuses the last two (the plain model has no place for them). ``name=''`` (or no ``config.adapter``): none.
@@ -60,6 +61,9 @@ KEYS = {"lora": ("name", "rank", "alpha", "targets", "train", "dropout", "checkp
         "prompt": ("name", "length", "deep", "text_length", "targets", "train", "dropout", "checkpoint")}
 DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "houlsby": r"attn/out$|mlp/fc2$", "prefix": r"attn$",
                    "prompt": ""}
+# What a dense adapter's hooks reach (the trainer's unreachable-targets warning names it).
+REACH = {"lora": "dense layers, attention projections or ungrouped convolutions",
+         "houlsby": "dense layers or attention projections"}
 PROMPT_PARAM = "reg_tokens"  # VPT-shallow prompts are the ViT's register tokens
 ADAPTER_PARAMS = lora_lib.LORA_PARAMS + houlsby_lib.PARAMS + prefix_lib.PARAMS + prompt_lib.PARAMS
 # config.adapter keys that only the other adapter reads (base_config lists every key).
@@ -181,10 +185,11 @@ def _model_fields(name) -> dict:
 
 
 def hooks(adapter: dict) -> dict:
-    """The ``inject.hooks`` keyword arguments (dense= / attention=) of a checked adapter spec."""
+    """The ``inject.hooks`` keyword arguments (dense= / attention= / block= / conv=) of a checked
+    adapter spec."""
     if adapter["name"] == "lora":
-        return dict(dense=lora_lib.lora_hook(adapter["rank"], adapter["alpha"], adapter["targets"],
-                                             adapter.get("dropout", 0.0)))
+        args = (adapter["rank"], adapter["alpha"], adapter["targets"], adapter.get("dropout", 0.0))
+        return dict(dense=lora_lib.lora_hook(*args), conv=lora_lib.lora_conv_hook(*args))
     if adapter["name"] == "prefix":
         return dict(attention=prefix_lib.prefix_hook(adapter["length"], adapter["targets"],
                                                      adapter.get("dropout", 0.0)))
@@ -212,13 +217,13 @@ def trainable_mask(params, adapter: dict):
 
 
 class HookedObjective:
-    """An objective whose every method runs with ``dense_hook`` / ``attention_hook`` active (an ``inject.hooks``
-    context entered around each call, so every trace inside sees it); ``supports()`` sees
-    exactly the inner objective's capabilities."""
+    """An objective whose every method runs with ``dense_hook`` / ``attention_hook`` / ``block_hook`` /
+    ``conv_hook`` active (an ``inject.hooks`` context entered around each call, so every trace
+    inside sees it); ``supports()`` sees exactly the inner objective's capabilities."""
 
-    def __init__(self, inner, dense_hook=None, attention_hook=None, block_hook=None):
+    def __init__(self, inner, dense_hook=None, attention_hook=None, block_hook=None, conv_hook=None):
         self._inner = inner
-        self._hooks = inject.hooks(dense=dense_hook, attention=attention_hook, block=block_hook)
+        self._hooks = inject.hooks(dense=dense_hook, attention=attention_hook, block=block_hook, conv=conv_hook)
 
     def _wrap(self, fn):
         def call(*args, **kwargs):
@@ -245,8 +250,9 @@ class AdaptedObjective(HookedObjective):
 
     def __init__(self, inner, adapter: dict):
         h = hooks(adapter)
-        super().__init__(inner, h.get("dense"), h.get("attention"), h.get("block"))
+        super().__init__(inner, h.get("dense"), h.get("attention"), h.get("block"), h.get("conv"))
         self.adapter = adapter
+        self.reach = REACH.get(adapter["name"], "")
 
     def update_mask(self, params, step):
         mask = trainable_mask(params, self.adapter)
@@ -258,8 +264,9 @@ class AdaptedObjective(HookedObjective):
 
     def unreached_targets(self, params) -> list[str]:
         """Layers with a ``kernel`` whose path matches a dense adapter's (LoRA's, Houlsby's)
-        ``targets`` but which hold no adapter params: not a ``DenseND`` (a convolution, a
-        plain ``nn.Dense``), so the hook never saw them and they stay frozen. The trainer warns
+        ``targets`` but which hold no adapter params: for LoRA neither a ``DenseND`` nor an
+        ungrouped ``core.Conv`` (a grouped convolution, a plain ``nn.Dense``, the dVAE's own
+        convs), for Houlsby not a ``DenseND``, so the hook never saw them and they stay frozen. The trainer warns
         about them in one line (a regex alternative naming only such layers would otherwise be
         skipped in silence while the others train)."""
         if self.adapter["name"] not in ("lora", "houlsby"):

@@ -10,6 +10,15 @@ gets two params beside its own kernel:
 - ``lora_b``: (rank, out dims...), zeros, so the adapted model equals the base one at init;
 
 and computes ``y = x . W + b + (alpha / rank) (x . A) . B`` (PEFT's ``scaling = lora_alpha / r``).
+
+Every ``core.Conv`` whose path matches (the conv injection point: the U-Net's, ResNet's,
+ConvNeXt's convolutions) gets PEFT's conv LoRA (``peft.tuners.lora.layer.Conv2d``): ``lora_a``
+(window..., in, rank), a convolution at the layer's own strides / padding / dilation
+(PEFT's ``lora_A = Conv2d(in, r, kernel_size, stride, padding, bias=False)``, same kaiming-uniform
+init over ``window * in``), and ``lora_b`` (rank, out), zeros (PEFT's 1x1 ``lora_B``):
+``y = conv(x, W) + b + (alpha / rank) conv(x, A) . B``, which is ``conv(x, W + (alpha / rank) A . B)``,
+so ``merge`` folds it the same way. Grouped convolutions (ConvNeXt's depthwise ``dwconv``) get
+none (PEFT refuses them too); a ``targets`` naming them is reported as unreachable.
 ``rank = 0`` creates nothing and ``alpha = 0`` adds nothing: the base model, bit for bit.
 
 ``merge(params, alpha, rank)`` folds every ``(lora_a, lora_b)`` pair into its kernel,
@@ -81,6 +90,29 @@ def lora_hook(rank: int, alpha: float, targets: str, dropout: float = 0.0):
         x = train_dropout(dense, x, dropout)
         low = jnp.tensordot(dense.contract_with(x, a), b.astype(dense.dtype), axes=1)
         return y + jnp.asarray(scale, dense.dtype) * low
+    return hook
+
+
+def lora_conv_hook(rank: int, alpha: float, targets: str, dropout: float = 0.0):
+    """The conv hook: LoRA on every ungrouped ``core.Conv`` whose path matches ``targets``."""
+    pattern = re.compile(targets)
+    scale = alpha / rank if rank > 0 else 0.0
+
+    def hook(conv, x, call_next):
+        if rank <= 0 or conv.feature_group_count != 1 or not pattern.search(module_path(conv)):
+            return call_next(x)
+        y = call_next(x)
+        window_in = conv.kernel_shape(x)[:-1]
+        n = len(window_in)
+        a = conv.param("lora_a", core.part(_a_init(math.prod(window_in)), (None,) * (n + 1)),
+                       window_in + (rank,), conv.param_dtype)
+        b = conv.param("lora_b", core.part(nn.initializers.zeros, (None, None)), (rank, conv.features),
+                       conv.param_dtype)
+        if scale == 0.0:
+            return y
+        low = conv.convolve(train_dropout(conv, x, dropout), a)
+        low = jnp.tensordot(low, b.astype(conv.dtype), axes=1)
+        return y + jnp.asarray(scale, conv.dtype) * low
     return hook
 
 

@@ -103,7 +103,7 @@ class ConvNeXtBlock(nn.Module):
     def _forward(self, x, deterministic: bool, drop_path_rate=None):
         shortcut = x
         k, pad = self.kernel_size, self.kernel_size // 2
-        x = nn.Conv(self.dim, (k, k), padding=((pad, pad), (pad, pad)), feature_group_count=self.dim,
+        x = core.Conv(self.dim, (k, k), padding=((pad, pad), (pad, pad)), feature_group_count=self.dim,
                     dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv",
                     # replicated, not FSDP-split: with its channel axis split, XLA's SPMD
                     # partitioner splits the grouped conv by channel and moves the whole batch-split
@@ -168,7 +168,7 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"ConvNeXt depths {tuple(self.depths)} and dims {tuple(self.dims)} differ in length.")
         x = images.astype(self.dtype)
         norm = lambda name: core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
-        conv = lambda f, k, name: nn.Conv(  # noqa: E731
+        conv = lambda f, k, name: core.Conv(  # noqa: E731
             f, (k, k), strides=(k, k), padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
             name=name, kernel_init=core.part(_conv_init(self.weight_init), (None, None, None, "embed")),
             bias_init=core.part(core.zeros, ("embed",)))

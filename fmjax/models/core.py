@@ -7,7 +7,8 @@ and activations are constrained on ``('batch', 'length', 'embed')`` so that
 Modules work equally on boxed (``nn.Partitioned``) and plain param trees.
 
 ``DenseND`` is the one dense projection of the shared layers, and the injection point for
-dense hooks (``fmjax.models.inject``: LoRA, quantisation, ...).
+dense hooks (``fmjax.models.inject``: LoRA, quantisation, ...); ``Conv`` (``nn.Conv``'s
+params, init and numbers) is every convolution's, the injection point for conv hooks (LoRA).
 """
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -117,6 +118,51 @@ class DenseND(nn.Module):
         return y
 
 
+class Conv(nn.Conv):
+    """``nn.Conv`` (same fields, params, init, auto-name and numbers) whose ``__call__`` runs the
+    active conv hooks (``fmjax.models.inject``) around the plain convolution: the injection
+    point through which LoRA reaches convolutions. ``convolve(x, kernel)`` convolves with any
+    kernel at this module's strides, padding, dilations and groups, with no bias."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        return inject.call_conv(self, inputs, super().__call__)
+
+    def kernel_shape(self, x: jax.Array) -> Tuple[int, ...]:
+        """The ``kernel`` param's shape for input ``x``: (window..., in / groups, features)."""
+        size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        return size + (x.shape[-1] // self.feature_group_count, self.features)
+
+    def convolve(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """``x`` (batch..., spatial..., channels) convolved with ``kernel`` (window..., in / groups,
+        out) like the module's own convolution (flax's padding conventions, 'CIRCULAR' /
+        'REFLECT' included; 'CAUSAL' is 1-D only there and refused here), in ``dtype``."""
+        n = kernel.ndim - 2
+        batch = x.shape[:x.ndim - n - 1]
+        x = x.reshape((-1,) + x.shape[len(batch):])
+
+        def each(v):
+            v = 1 if v is None else v
+            return (v,) * n if isinstance(v, int) else tuple(v)
+        dilation = each(self.kernel_dilation)
+        padding = nn.linear.canonicalize_padding(self.padding, n)
+        if padding in ("CIRCULAR", "REFLECT"):
+            span = [(k - 1) * d + 1 for k, d in zip(kernel.shape[:n], dilation)]
+            pads = [(0, 0)] + [((s - 1) // 2, s // 2) for s in span] + [(0, 0)]
+            x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+            padding = "VALID"
+        elif padding == "CAUSAL":
+            raise ValueError("core.Conv.convolve: 'CAUSAL' padding is not supported.")
+        lhs = (0, n + 1) + tuple(range(1, n + 1))
+        dims = jax.lax.ConvDimensionNumbers(lhs, (n + 1, n) + tuple(range(n)), lhs)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, kernel, each(self.strides), padding, lhs_dilation=each(self.input_dilation),
+            rhs_dilation=dilation, dimension_numbers=dims, feature_group_count=self.feature_group_count,
+            precision=self.precision)
+        return y.reshape(batch + y.shape[1:])
+
+
 def dense(features: int, kernel_axes: Tuple[Optional[str], Optional[str]],
           dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True,
           kernel_init: Optional[Callable] = None) -> DenseND:
@@ -192,7 +238,7 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         k, p = self.kernel_size, self.kernel_size // 2
-        x = nn.Conv(self.features, (k, k), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+        x = Conv(self.features, (k, k), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
                     feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     kernel_init=part(self.kernel_init, (None,) * 4 if self.groups > 1 else self.kernel_axes),

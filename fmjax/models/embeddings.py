@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.models.core import Dtype, constrain, dense, layer_norm, part, zeros
+from fmjax.models.core import Conv, Dtype, constrain, dense, layer_norm, part, zeros
 
 
 def patch_grid(shape, patch_size: int) -> Tuple[int, int]:
@@ -87,7 +87,7 @@ class ConvStem(PatchEmbed):
         x = images
         for i in range(n):
             ch = max(self.features // 2 ** (n - i), 8)
-            x = nn.Conv(ch, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+            x = Conv(ch, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
                         param_dtype=self.param_dtype, name=f"conv_{i}",
                         kernel_init=part(nn.initializers.lecun_normal(),
                                          (None, None, "conv_in", "conv_out")),

@@ -17,11 +17,16 @@ stored beside the module's own, e.g. ``.../attn/query/lora_a``) or child modules
   k / v (B, T, heads, d), additive logit ``bias`` and boolean ``mask`` broadcastable to
   (B, heads, Q, T) or None); ``call_next(inputs._replace(bias=...))`` runs the rest.
   ``additive_bias(fn)`` turns ``fn(module, q, k) -> bias`` into such a hook.
+- conv: every ``core.Conv`` (``nn.Conv``'s params, init and numbers: the U-Net's, ResNet's and
+  TinyViT's ``ConvBN``, ConvNeXt's, Swin's and SAM's convolutions); ``inputs`` is the input
+  array ``x`` (channels last) and ``call_next(x)`` runs the remaining hooks, then the plain
+  convolution. ``module.convolve(x, kernel)`` convolves with another kernel at the module's
+  strides, padding and dilation (no bias): LoRA's low-rank branch.
 - block: every ``blocks.Block`` (the pre-norm transformer block of ViT encoders, text towers
   and decoders); ``inputs`` is the block's input tokens ``x`` (B, L, D) and ``call_next(x)``
   runs the block (VPT-deep replaces its prompt tokens here, ``fmjax.adapt.prompt``).
 
-Hooks are set with ``hooks(dense=..., attention=..., block=...)``, a context manager (and decorator) that
+Hooks are set with ``hooks(dense=..., attention=..., block=..., conv=...)``, a context manager (and decorator) that
 is read when the model is traced, as ``nn.logical_axis_rules`` is: enter it around (or inside)
 the function given to ``jax.jit``, e.g. ``jax.jit(hooks(dense=h)(loss_fn))`` - a function
 traced outside it and reused from jit's cache keeps the hooks of its first trace. Nested
@@ -55,6 +60,7 @@ class _Active(NamedTuple):
     dense: Tuple[Callable, ...] = ()
     attention: Tuple[Callable, ...] = ()
     block: Tuple[Callable, ...] = ()
+    conv: Tuple[Callable, ...] = ()
 
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("fmjax_model_hooks", default=_Active())
@@ -66,19 +72,20 @@ class hooks(contextlib.ContextDecorator):
     (reusable, re-entrant) and a decorator: ``jax.jit(hooks(dense=h)(fn))``."""
 
     def __init__(self, dense: Optional[Callable] = None, attention: Optional[Callable] = None,
-                 block: Optional[Callable] = None):
-        for kind, hook in (("dense", dense), ("attention", attention), ("block", block)):
+                 block: Optional[Callable] = None, conv: Optional[Callable] = None):
+        for kind, hook in (("dense", dense), ("attention", attention), ("block", block), ("conv", conv)):
             if hook is not None and not callable(hook):
                 raise TypeError(f"{kind} hook must be callable hook(module, inputs, call_next), "
                                 f"got {hook!r}.")
-        self.dense, self.attention, self.block = dense, attention, block
+        self.dense, self.attention, self.block, self.conv = dense, attention, block, conv
         self._tokens = []
 
     def __enter__(self):
         cur = _ACTIVE.get()
         add = lambda have, h: have + ((h,) if h is not None else ())  # noqa: E731
         self._tokens.append(_ACTIVE.set(_Active(
-            add(cur.dense, self.dense), add(cur.attention, self.attention), add(cur.block, self.block))))
+            add(cur.dense, self.dense), add(cur.attention, self.attention), add(cur.block, self.block),
+            add(cur.conv, self.conv))))
         return self
 
     def __exit__(self, *exc):
@@ -104,7 +111,7 @@ class suspended(contextlib.ContextDecorator):
 
 
 def active() -> _Active:
-    """The hooks active now: ``.dense``, ``.attention`` and ``.block`` tuples, outermost first."""
+    """The hooks active now: ``.dense``, ``.attention``, ``.block`` and ``.conv`` tuples, outermost first."""
     return _ACTIVE.get()
 
 
@@ -124,6 +131,11 @@ def call_dense(module, x, final: Callable):
 def call_attention(module, inputs: AttentionInputs, final: Callable):
     """Run the active attention hooks around ``final(inputs)`` (the attention itself)."""
     return _chain(_ACTIVE.get().attention, module, inputs, final)
+
+
+def call_conv(module, x, final: Callable):
+    """Run the active conv hooks around ``final(x)`` (the plain convolution)."""
+    return _chain(_ACTIVE.get().conv, module, x, final)
 
 
 def call_block(module, x, final: Callable):

@@ -345,7 +345,7 @@ class Swin(nn.Module):
         ph, pw = (-x.shape[1]) % p, (-x.shape[2]) % p
         if ph or pw:
             x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+        x = core.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                     param_dtype=self.param_dtype, name="patch_embed",
                     kernel_init=core.part(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                     bias_init=core.part(core.zeros, ("embed",)))(x)

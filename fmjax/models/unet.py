@@ -78,11 +78,11 @@ def group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype,
          strides: int = 1, padding=None, zero_init: bool = False):
-    """``nn.Conv`` with logical axes; default padding keeps the size (kernel // 2 each side)."""
+    """``layers.Conv`` (``nn.Conv``, the conv injection point) with logical axes; default padding keeps the size (kernel // 2 each side)."""
     pad = kernel // 2
     padding = ((pad, pad), (pad, pad)) if padding is None else padding
     init = layers.zeros if zero_init else layers.xavier_uniform
-    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
+    return layers.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
                    dtype=dtype, param_dtype=param_dtype, name=name,
                    kernel_init=layers.part(init, CONV_AXES),
                    bias_init=layers.part(layers.zeros, ("conv_out",)))

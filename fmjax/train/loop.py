@@ -129,8 +129,8 @@ def check_config(config, workdir: str, devices=None):
                  if callable(getattr(objective, "unreached_targets", None)) else [])
     if unreached:
         ckpt.warn(f"config.adapter.targets={objective.adapter['targets']!r} also matches "
-                  f"{len(unreached)} layer(s) the {config.adapter.name} adapter cannot reach (not dense "
-                  f"layers or attention, e.g. {unreached[0]}); they stay frozen.")
+                  f"{len(unreached)} layer(s) the {config.adapter.name} adapter cannot reach (not "
+                  f"{objective.reach}, e.g. {unreached[0]}); they stay frozen.")
     frac = rules_lib.replicated_fraction(shardings.params, boxed)
     if mesh.shape["fsdp"] > 1 and frac > config.get("max_replicated_fraction", 0.5):
         raise validate.ConfigError(

@@ -572,21 +572,108 @@ def test_lora_trains_dino_and_diffusion_backbones_alone(tiny_config, tmp_path, n
     assert lora_keys and moved and moved <= lora_keys, (sorted(moved - lora_keys)[:5], len(lora_keys))
 
 
-def test_targets_that_reach_no_dense_layer_are_named():
-    """A LoRA ``targets`` alternative that names layers the dense hook never sees (the U-Net's
-    convolutions here) is reported by ``unreached_targets`` (the trainer's one-line warning),
-    while the reachable ones (attention, time_emb_proj) are not; before the U-Net's
-    time_emb_proj went through the injection point it was skipped in silence."""
+def test_targets_that_reach_no_adaptable_layer_are_named():
+    """A ``targets`` alternative that names layers the adapter's hooks never see is reported by
+    ``unreached_targets`` (the trainer's one-line warning), the reachable ones are not: LoRA
+    reaches the U-Net's convolutions (the conv injection point) and its time_emb_proj (before it
+    went through the dense injection point it was skipped in silence), Houlsby the dense layers
+    alone (the convolutions are reported), and LoRA no grouped convolution (ConvNeXt's depthwise
+    dwconv, as PEFT)."""
     import jax.numpy as jnp
     from fmjax.objectives.base import make_objective
     from fmjax.testing import load_config
     c = load_config("diffusion", "lora")
-    c.adapter.targets = r"attn/query$|time_emb_proj$|resnets_0/conv1$"
-    obj = make_objective(c)
     batch = dict(image=jnp.zeros((2, 32, 32, 3)), label=jnp.zeros((2,), jnp.int32))
-    params = jax.eval_shape(lambda: obj.init(jax.random.PRNGKey(0), batch))[0]
-    missed = obj.unreached_targets(params)
-    assert missed and all(m.endswith("resnets_0/conv1") for m in missed), missed
-    c.adapter.targets = r"attn/query$|time_emb_proj$"
+
+    def missed(targets, name="lora"):
+        c.adapter.name, c.adapter.targets = name, targets
+        obj = make_objective(c)
+        return obj.unreached_targets(jax.eval_shape(lambda: obj.init(jax.random.PRNGKey(0), batch))[0])
+    assert missed(r"attn/query$|time_emb_proj$|resnets_0/conv1$") == []
+    houlsby = missed(r"attn/out$|resnets_0/conv1$", "houlsby")
+    assert houlsby and all(m.endswith("resnets_0/conv1") for m in houlsby), houlsby
+    c = load_config("supervised", "convnext")
+    c.adapter.update(dict(name="lora", targets=r"dwconv$|pwconv1$"))
     obj = make_objective(c)
-    assert obj.unreached_targets(params) == []
+    params = jax.eval_shape(lambda: obj.init(jax.random.PRNGKey(0), dict(
+        image=jnp.zeros((1, 32, 32, 3)), label=jnp.zeros((1,), jnp.int32))))[0]
+    dw = obj.unreached_targets(params)
+    assert len(dw) == sum(c.model.depths) and all(m.endswith("dwconv") for m in dw), dw
+    assert obj.reach == "dense layers, attention projections or ungrouped convolutions"
+
+
+class _Convs(nn.Module):
+    """Convolutions at every geometry LoRA must follow: explicit padding, 'SAME' with stride 2,
+    dilation, 'CIRCULAR', a 1x1, a grouped one (no LoRA), and the 5-D input of a batch of clips."""
+
+    @nn.compact
+    def __call__(self, x):
+        from fmjax.models import core
+        x = core.Conv(6, (3, 3), padding=((1, 1), (1, 1)), name="pad")(x)
+        x = core.Conv(8, (3, 3), strides=(2, 2), padding="SAME", name="stride")(nn.gelu(x))
+        x = core.Conv(8, (3, 3), kernel_dilation=2, padding="VALID", name="dilated")(nn.gelu(x))
+        x = core.Conv(8, (3, 3), padding="CIRCULAR", use_bias=False, name="circular")(x)
+        x = core.Conv(8, (3, 3), padding="SAME", feature_group_count=8, name="grouped")(x)
+        return core.Conv(4, (1, 1), name="point")(nn.gelu(x))
+
+
+def test_conv_lora_is_peft_conv2d_and_merges_into_the_kernel():
+    """LoRA on convolutions (the conv injection point, ``core.Conv``): ``lora_a`` (kh, kw, in, r)
+    convolves at the layer's own geometry and ``lora_b`` (r, out) mixes, PEFT's Conv2d LoRA;
+    identical to the base at init (B = 0), merged forward equals unmerged (any geometry, a leading
+    batch of clips included), the count is rank * (kh * kw * in + out), grouped convolutions get none.
+    Written out for one layer: conv(x, W) + b + (alpha / r) conv(x, A) . B."""
+    from fmjax.models import core
+    model, x = _Convs(), jax.random.normal(jax.random.PRNGKey(1), (2, 3, 12, 12, 3))
+    hook = lora.lora_conv_hook(3, 6.0, "")  # every ungrouped conv (the bare one below has path "")
+    base = nn.unbox(model.init(jax.random.PRNGKey(0), x))
+    y_base = model.apply(base, x)
+    with inject.hooks(conv=hook):
+        params = nn.unbox(model.init(jax.random.PRNGKey(0), x))
+        flat = _flat(params)
+        assert "params/grouped/lora_a" not in flat
+        assert flat["params/pad/lora_a"].shape == (3, 3, 3, 3) and flat["params/pad/lora_b"].shape == (3, 6)
+        assert flat["params/point/lora_a"].shape == (1, 1, 8, 3)
+        np.testing.assert_array_equal(np.asarray(model.apply(params, x)), np.asarray(y_base))
+        params = _randomise_b(params)
+        unmerged = model.apply(params, x)
+    shapes = [((3, 3, 3), (6,)), ((3, 3, 6), (8,)), ((3, 3, 8), (8,)), ((3, 3, 8), (8,)), ((1, 1, 8), (4,))]
+    assert lora.count(params) == lora.expected_count(shapes, 3)
+    a = np.asarray(flat["params/stride/lora_a"])  # PEFT's kaiming-uniform bound over kh * kw * in
+    assert 0.5 / math.sqrt(54) < np.abs(a).max() <= 1 / math.sqrt(54)
+    merged = model.apply(lora.merge(params, 6.0, 3), x)
+    err = float(jnp.max(jnp.abs(merged - unmerged)))
+    assert err <= 1e-5 * float(jnp.max(jnp.abs(unmerged))), err
+    assert float(jnp.max(jnp.abs(merged - y_base))) > 1e-3
+    # One layer written out with lax.conv (SAME, stride 2).
+    p = _flat(params)
+    h = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 9, 6))
+    dn = ("NHWC", "HWIO", "NHWC")
+    conv = lambda k: jax.lax.conv_general_dilated(h, k, (2, 2), "SAME", dimension_numbers=dn)  # noqa: E731
+    want = (conv(p["params/stride/kernel"]) + p["params/stride/bias"]
+            + 2.0 * jnp.tensordot(conv(p["params/stride/lora_a"]), p["params/stride/lora_b"], axes=1))
+    one = core.Conv(8, (3, 3), strides=(2, 2), padding="SAME")
+    with inject.hooks(conv=hook):
+        got = one.apply({"params": {k.split("/")[-1]: v for k, v in p.items() if "/stride/" in k}}, h)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_is_nn_conv():
+    """``core.Conv`` (every model's convolution) is ``nn.Conv``: same auto-name, params and numbers
+    with no hook active, and ``convolve(x, kernel)`` is its convolution without the bias."""
+    from fmjax.models import core
+
+    class Two(nn.Module):
+        cls: type
+
+        @nn.compact
+        def __call__(self, x):
+            return self.cls(5, (3, 3), strides=(2, 2), kernel_dilation=1, padding="SAME")(x)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 9, 3))
+    p = Two(core.Conv).init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, Two(nn.Conv).init(jax.random.PRNGKey(0), x))
+    np.testing.assert_array_equal(np.asarray(Two(core.Conv).apply(p, x)), np.asarray(Two(nn.Conv).apply(p, x)))
+    conv = core.Conv(5, (3, 3), strides=(2, 2), padding="SAME")
+    inner = p["params"]["Conv_0"]
+    got = conv.apply({"params": inner}, x, inner["kernel"], method=lambda m, x, k: m.convolve(x, k))
+    np.testing.assert_array_equal(np.asarray(got + inner["bias"]), np.asarray(conv.apply({"params": inner}, x)))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.models import inject
-from fmjax.models.core import DenseND, Dtype, dense, layer_norm, part, zeros
+from fmjax.models.core import Conv, DenseND, Dtype, dense, layer_norm, part, zeros
 
 HEAD_AXES = ("batch", "length", "heads", "kv")
 
@@ -163,7 +163,7 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, use_bias
     """An NHWC ``nn.Conv`` with PyTorch's default (kaiming-uniform a=sqrt(5)) init; params
     ``kernel`` (kh, kw, in, out), ``bias`` (out,)."""
     init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+    return Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=use_bias,
                    dtype=dtype, param_dtype=param_dtype, name=name,
                    kernel_init=part(init, (None, None, None, "embed")),
