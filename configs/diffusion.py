@@ -64,8 +64,13 @@ LoRA for a class the base never saw (issue 18; NOT yet learned - measured below)
       unconditional branch on hearts alone). Full fine-tuning from the same base with the
       same recipe (--config.adapter.name=, every param trains) does draw some: heart 0.1875
       (3 of 16) at 400 steps, overall 0.367. Rank 32 (--config.adapter.rank=32, 11.2% of the
-      params) does not: heart 0.000, overall 0.391. So the adapted layers are what is missing,
-      not the rank: the U-Net's convolutions (where its shapes are drawn) take no LoRA.
+      params) does not: heart 0.000, overall 0.391. Nor does LoRA on the convolutions too
+      (PEFT's Conv2d LoRA through the conv injection point, rank 8 on every resnet's conv1 /
+      conv2 beside the preset's targets, 11.6% of the params; 10.6 min):
+        --config.adapter.targets='attn/(query|key|value|out)$|time_emb_proj$|conv(1|2)$'
+      heart 0.000 -> 0.000 -> 0.000, overall 0.289 -> 0.398 (200) -> 0.344 (400). So neither
+      the rank nor the layers adapted explain the gap to full fine-tuning (which also trains
+      the norms, biases, conv_in / conv_out and the time-embedding MLP).
 
 Text-conditional (the CLIP text tower, trained jointly, on the shapes captions):
     python launch/train.py --config=configs/diffusion.py:text --workdir=/tmp/diff_text
