@@ -14,10 +14,26 @@ allocated, no data is read) and compiles it. It returns a JSON-able dict:
   compiled program's FLOPs and bytes accessed; ``roofline_s`` and ``mfu_at_roofline`` from the
   chip table (``fmjax.aot.chips``);
 - ``eval``: the same for the loss forward alone (what the ``loss`` evaluator runs), optional.
+
+**The compile cache.** jax's persistent compilation cache writes TPU executables compiled
+against a topology but cannot read them back (the compile-only client has no runtime to
+deserialize into: "PjRtCompiler must be constructed with a Client to call Deserialize"), so a
+TPU compile took its full time on every run (MAE-B/16 on a v5e-16: ~2 minutes on 2 cores).
+When jax's cache is on (``jax_compilation_cache_dir``, e.g. ``JAX_COMPILATION_CACHE_DIR``;
+a local directory), what the report reads off a TPU compile (memory analysis, cost analysis,
+or the compiler's out-of-memory refusal, and the compile time) is kept in
+``<cache dir>/fmjax_aot/<key>.json``, the key a SHA-256 of the lowered program's text (the
+step, its shardings and shapes), the topology, its device kind and count, the jax and libtpu
+versions and ``XLA_FLAGS`` / ``LIBTPU_INIT_ARGS``: a changed model, config or compiler
+compiles again. The report says ``cached: true`` (``compile_s`` is the original compile's).
+``FMJAX_AOT_CACHE=0`` turns it off.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import re
 import time
 
@@ -67,6 +83,66 @@ def _memory(compiled) -> dict:
 
 
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GIB, "T": 1024 * GIB}
+
+
+def _cache_root():
+    return jax.config.jax_compilation_cache_dir
+
+
+def _cache_path(lowered, target, devices, what: str):
+    """The compile cache's file for ``lowered`` on ``target`` (module docstring), or None when
+    the cache is off: not a TPU target (CPU compiles go through jax's own cache), jax's cache
+    dir unset or remote, or ``FMJAX_AOT_CACHE=0``."""
+    root = _cache_root()
+    if (target.platform != "tpu" or not root or "://" in str(root)
+            or os.environ.get("FMJAX_AOT_CACHE", "1") == "0"):
+        return None
+    try:
+        from importlib import metadata
+        libtpu = metadata.version("libtpu")
+    except Exception:  # noqa: BLE001 - no libtpu: no TPU target either
+        libtpu = "none"
+    h = hashlib.sha256()
+    for part in (what, target.name, devices[0].device_kind, str(len(devices)), jax.__version__, libtpu,
+                 os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""), lowered.as_text()):
+        h.update(str(part).encode())
+        h.update(b"\0")
+    return os.path.join(str(root), "fmjax_aot", h.hexdigest() + ".json")
+
+
+def _compile(lowered, target, devices, what: str) -> dict:
+    """``{'memory', 'cost', 'oom', 'compile_s', 'cached'}`` of compiling ``lowered``: XLA's memory
+    and cost analyses (None when the compiler refused the program for its HBM; ``oom`` then says
+    why), read from the compile cache when it holds this program (module docstring)."""
+    path = _cache_path(lowered, target, devices, what)
+    if path and os.path.exists(path):
+        try:
+            with open(path) as f:
+                facts = json.load(f)
+            return dict(facts, cached=True)
+        except (OSError, ValueError):
+            pass  # unreadable: compile again (and rewrite it)
+    t0 = time.perf_counter()
+    try:
+        compiled, oom = lowered.compile(), None
+    except Exception as e:  # noqa: BLE001 - the TPU compiler refuses programs over its HBM
+        oom = _parse_oom(str(e))
+        if oom is None:
+            raise
+        compiled = None
+    facts = dict(memory=_memory(compiled) if compiled else None,
+                 cost=flops_lib.xla_cost(compiled) if compiled else None,
+                 oom=oom, compile_s=time.perf_counter() - t0)
+    if path:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(facts, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a cache is a nicety
+    return dict(facts, cached=False)
 
 
 def _parse_oom(message: str):
@@ -119,20 +195,13 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
     batch_sh = {k: mesh_lib.batch_sharding(mesh) for k in spec}
     jitted = step_lib.jit_train_step(step_fn, shardings, batch_sh)
     n = len(devices)
-    t0 = time.perf_counter()
-    oom = None
     with state_lib.mesh_context(mesh):
         lowered = jitted.lower(abstract, spec)
-        try:
-            compiled = lowered.compile()
-        except Exception as e:  # noqa: BLE001 - the TPU compiler refuses programs over its HBM
-            oom = _parse_oom(str(e))
-            if oom is None:
-                raise
-            compiled = None
-    compile_s = time.perf_counter() - t0
-    log(f"train step compiled in {compile_s:.1f} s" if oom is None else
-        f"the compiler ran out of memory after {compile_s:.1f} s: {oom['message']}")
+        facts = _compile(lowered, target, devices, "train_step")
+    oom, compile_s, compiled = facts["oom"], facts["compile_s"], facts["memory"] is not None
+    cached = " (read from the compile cache)" if facts["cached"] else ""
+    log(f"train step compiled in {compile_s:.1f} s{cached}" if oom is None else
+        f"the compiler ran out of memory after {compile_s:.1f} s{cached}: {oom['message']}")
 
     model_flops, flops_source = flops_lib.model_flops_per_chip(objective, spec, lowered, n)
     remat = config.model.get("remat", "none") or "none"
@@ -141,7 +210,7 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
         # for one CPU device (before fusion; no remat recompute, no scanned loop counted once).
         model_flops = _cpu_lowered_flops(step_fn, abstract, spec, mesh) / n
         flops_source = "xla_cpu" if model_flops else flops_source
-    cost = flops_lib.xla_cost(compiled) if compiled else {}
+    cost = facts["cost"] or {}
     hw_flops = float(cost.get("flops", 0.0)) if compiled else math.nan
     hw_bytes = float(cost.get("bytes accessed", 0.0)) if compiled else math.nan
     chip = target.chip
@@ -168,7 +237,7 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
                    objective=_sharded_bytes(abstract.extra, shardings.extra),
                    batch=_sharded_bytes(spec, batch_sh)),
         param_count=int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(abstract.params))),
-        compiler=_memory(compiled) if compiled else {}, compiler_oom=oom,
+        compiler=facts["memory"] or {}, compiler_oom=oom,
         flops=dict(model_per_chip=model_flops, model_source=flops_source,
                    compiled_per_chip=hw_flops, bytes_accessed_per_chip=hw_bytes,
                    roofline_per_chip=step_flops),
@@ -177,11 +246,11 @@ def compile_report(config, target: chips_lib.Target, with_eval: bool = True, log
         # this model yet): no MFU, and the roofline rests on the compiled count alone.
         mfu_at_roofline=(model_flops / (roofline * chip.peak_bf16_tflops * 1e12)
                          if chip and roofline and roofline > 0 and model_flops > 0 else math.nan),
-        compile_s=compile_s, note=note)
+        compile_s=compile_s, cached=facts["cached"], note=note)
     if oom is not None:
         report["hbm_per_chip"] = report["hbm_per_chip"] or oom.get("available")
     if with_eval:
-        report["eval"] = _eval_report(objective, abstract, shardings, spec, batch_sh, mesh, rules, log)
+        report["eval"] = _eval_report(objective, abstract, shardings, spec, batch_sh, mesh, rules, log, target, devices)
     return report
 
 
@@ -200,7 +269,7 @@ def _cpu_lowered_flops(step_fn, abstract, spec, mesh) -> float:
         return 0.0
 
 
-def _eval_report(objective, abstract, shardings, spec, batch_sh, mesh, rules, log) -> dict:
+def _eval_report(objective, abstract, shardings, spec, batch_sh, mesh, rules, log, target, devices) -> dict:
     """The loss forward (no gradients) on a training batch, as the ``loss`` evaluator runs it."""
     import flax.linen as nn
     from fmjax.train import state as state_lib
@@ -211,20 +280,16 @@ def _eval_report(objective, abstract, shardings, spec, batch_sh, mesh, rules, lo
         return loss
 
     fn = jax.jit(eval_loss, in_shardings=(shardings.params, shardings.extra, batch_sh, shardings.rng))
-    t0 = time.perf_counter()
     with state_lib.mesh_context(mesh):
-        try:
-            compiled = fn.lower(abstract.params, abstract.extra, spec, abstract.rng).compile()
-        except Exception as e:  # noqa: BLE001
-            oom = _parse_oom(str(e))
-            if oom is None:
-                raise
-            log(f"the loss forward does not fit either: {oom['message']}")
-            return dict(compiler={}, compiler_oom=oom, compile_s=time.perf_counter() - t0)
-    compile_s = time.perf_counter() - t0
-    log(f"loss forward compiled in {compile_s:.1f} s")
-    return dict(compiler=_memory(compiled), compile_s=compile_s,
-                flops_per_chip=flops_lib.xla_flops(compiled))
+        facts = _compile(fn.lower(abstract.params, abstract.extra, spec, abstract.rng), target, devices,
+                         "loss_forward")
+    cached = " (read from the compile cache)" if facts["cached"] else ""
+    if facts["oom"] is not None:
+        log(f"the loss forward does not fit either: {facts['oom']['message']}")
+        return dict(compiler={}, compiler_oom=facts["oom"], compile_s=facts["compile_s"], cached=facts["cached"])
+    log(f"loss forward compiled in {facts['compile_s']:.1f} s{cached}")
+    return dict(compiler=facts["memory"], compile_s=facts["compile_s"], cached=facts["cached"],
+                flops_per_chip=float((facts["cost"] or {}).get("flops", 0.0)))
 
 
 def check_fit(report: dict, config) -> None:
@@ -314,12 +379,14 @@ def format_report(report: dict, title: str) -> str:
         lines.append(f"roofline step time {report['roofline_s']:.3g} s, MFU at the roofline "
                      + (f"{100 * mfu:.0f}%" if not math.isnan(mfu) else "n/a (no model FLOP count)")
                      + " (peak and bandwidth: fmjax/aot/chips.py)")
-    lines.append(f"compile time {report['compile_s']:.1f} s")
+    lines.append(f"compile time {report['compile_s']:.1f} s"
+                 + (" (read from the compile cache)" if report.get("cached") else ""))
     if "eval" in report:
         e = report["eval"]
         lines.append("loss forward (eval): " + (f"total {size_str(e['compiler'].get('total'))} per chip"
                                                  if e["compiler"] else "does not fit")
-                     + f", compiled in {e['compile_s']:.1f} s")
+                     + f", compiled in {e['compile_s']:.1f} s"
+                     + (" (cached)" if e.get("cached") else ""))
     if report.get("note"):
         lines.append(f"note: {report['note']}")
     return "\n".join(lines)

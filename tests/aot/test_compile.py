@@ -176,3 +176,26 @@ def test_models_without_a_formula_get_the_cpu_lowering_count(monkeypatch):
     r = report_lib.compile_report(config, target, with_eval=False)
     assert r["flops"]["model_source"] == "xla_cpu", r["flops"]
     assert r["flops"]["model_per_chip"] == pytest.approx(real, rel=0.01)
+
+
+@needs_libtpu
+def test_tpu_compiles_are_cached_by_program(tmp_path, monkeypatch):
+    """jax's persistent cache cannot read TPU executables compiled against a topology back, so
+    the report keeps what it reads off a TPU compile under the cache dir, keyed by the lowered
+    program: the same config is read back (same report, ``cached``), a changed one (another
+    batch size) compiles again, and FMJAX_AOT_CACHE=0 turns it off."""
+    monkeypatch.setattr(report_lib, "_cache_root", lambda: str(tmp_path))
+    config = load_config("mae")
+    config.batch_size = 8
+    config.model.update(dict(depth=1, decoder_depth=1))
+    target = chips.parse_topology("v5e-4")
+    first = report_lib.compile_report(config, target, with_eval=False)
+    assert not first["cached"] and len(list((tmp_path / "fmjax_aot").glob("*.json"))) == 1
+    again = report_lib.compile_report(config, target, with_eval=False)
+    assert again["cached"] and again["compiler"] == first["compiler"] and again["flops"] == first["flops"]
+    assert again["compile_s"] == first["compile_s"]
+    config.batch_size = 16
+    assert not report_lib.compile_report(config, target, with_eval=False)["cached"]
+    assert len(list((tmp_path / "fmjax_aot").glob("*.json"))) == 2
+    monkeypatch.setenv("FMJAX_AOT_CACHE", "0")
+    assert report_lib._cache_path(None, target, None, "train_step") is None
