@@ -26,6 +26,7 @@ class simmim_mask(Transform):  # noqa: N801
                              f"{mask_patch_size}, and that of model_patch_size={model_patch_size}.")
         if not 0.0 <= float(mask_ratio) <= 1.0:
             raise ValueError(f"simmim_mask: mask_ratio={mask_ratio} must be in [0, 1].")
+        self.input_size, self.mask_patch_size, self.model_patch_size = input_size, mask_patch_size, model_patch_size
         self.rand_size = input_size // mask_patch_size
         self.scale = mask_patch_size // model_patch_size
         self.token_count = self.rand_size ** 2

@@ -108,6 +108,30 @@ class SimMIMObjective(Objective):
         if size and size % self.stride:
             raise ConfigError(f"config.data.image_size={size} must be a multiple of the backbone's encoder "
                               f"stride {self.stride} (patch_size x 2^(stages - 1)) for SimMIM's decoder.")
+        self._check_mask_op(config)
+
+    def _check_mask_op(self, config):
+        """The pp_train's ``simmim_mask`` op draws the mask on the model's patch grid: its
+        model_patch_size, mask_patch_size and input_size must be the model's and the objective's
+        (a model override alone would fail at the first step, deep in the backbone)."""
+        from fmjax.data.mask_ops import simmim_mask
+        from fmjax.data.registry import build_op, split_pp
+        for spec in split_pp(str(config.data.get("pp_train", "") or "")):
+            if not spec.startswith("simmim_mask"):
+                continue
+            try:
+                op = build_op(spec)
+            except ValueError:
+                return  # the pipeline's own check names it
+            if not isinstance(op, simmim_mask):
+                continue
+            mask_patch, model_patch = op.mask_patch_size, op.model_patch_size
+            if model_patch != self.patch_size or mask_patch != self.mask_patch_size:
+                raise ConfigError(
+                    f"config.data.pp_train's {spec!r} masks {mask_patch}-px patches on a grid of "
+                    f"{model_patch}-px model patches, but config.model.patch_size={self.patch_size} and "
+                    f"config.objective.mask_patch_size={self.mask_patch_size}; use "
+                    f"simmim_mask(<image size>, {self.mask_patch_size}, {self.patch_size}, <ratio>).")
 
     # -- model ------------------------------------------------------------------------------
     def reconstruct(self, params, images, mask, train=False, rng=None):

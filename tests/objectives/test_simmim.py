@@ -108,6 +108,9 @@ def test_unmasked_tokens_do_not_see_the_mask_token(tiny_config):
     ({"objective.mask_patch_size": 6}, "multiple of the model's patch_size"),
     ({"objective.mask_ratio": 1.0}, "mask_ratio"),
     ({"objective.mask_patch_size": 12}, "image_size=32 must be a multiple"),
+    # a model patch override without the pp's mask op (it would fail at the first step, in the backbone)
+    ({"model.patch_size": 2}, r"masks 8-px patches on a grid of 4-px model patches, but "
+                              r"config.model.patch_size=2 .* use simmim_mask\(<image size>, 8, 2, <ratio>\)"),
 ])
 def test_config_errors(tiny_config, override, match):
     from fmjax.objectives.base import make_objective
