@@ -71,7 +71,8 @@ def _cell_text(cell) -> str:
     mfu = r.get("mfu_at_roofline")
     step = r.get("roofline_s")
     ok = isinstance(step, (int, float)) and not math.isnan(step)
-    when = f"{step:.2f} s" if ok and step >= 1 else f"{1000 * step:.0f} ms" if ok else ""
+    when = (f"{step:.2f} s" if step >= 1 else f"{1000 * step:.0f} ms" if step >= 0.0095
+            else f"{1000 * step:.2g} ms") if ok else ""
     if isinstance(mfu, (int, float)) and not math.isnan(mfu) and mfu > 0:
         perf = f"; {when}/step, MFU &le; {100 * mfu:.0f}%" if ok else ""
     else:  # no model FLOP count: the step time rests on XLA's count (a scanned loop once)
