@@ -104,13 +104,13 @@ class ConvNeXtBlock(nn.Module):
         shortcut = x
         k, pad = self.kernel_size, self.kernel_size // 2
         x = core.Conv(self.dim, (k, k), padding=((pad, pad), (pad, pad)), feature_group_count=self.dim,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv",
-                    # replicated, not FSDP-split: with its channel axis split, XLA's SPMD
-                    # partitioner splits the grouped conv by channel and moves the whole batch-split
-                    # activation through four all-to-alls per block instead of gathering 49 x C
-                    # weights (ConvNeXt-T on v5e-256: 123 GB accessed per chip per step; docs/scaling.md)
-                    kernel_init=core.part(_conv_init(self.weight_init), (None, None, None, None)),
-                    bias_init=core.part(core.zeros, (None,)))(x)
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv",
+                      # replicated, not FSDP-split: with its channel axis split, XLA's SPMD
+                      # partitioner splits the grouped conv by channel and moves the whole batch-split
+                      # activation through four all-to-alls per block instead of gathering 49 x C
+                      # weights (ConvNeXt-T on v5e-256: 123 GB accessed per chip per step; docs/scaling.md)
+                      kernel_init=core.part(_conv_init(self.weight_init), (None, None, None, None)),
+                      bias_init=core.part(core.zeros, (None,)))(x)
         x = core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")(x)
         dense = lambda f, axes, name: core.DenseND(  # noqa: E731
             (f,), kernel_axes=axes, bias_axes=axes[-1:], dtype=self.dtype,

@@ -239,10 +239,10 @@ class ConvBN(nn.Module):
     def __call__(self, x, train: bool = False):
         k, p = self.kernel_size, self.kernel_size // 2
         x = Conv(self.features, (k, k), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-                    feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    kernel_init=part(self.kernel_init, (None,) * 4 if self.groups > 1 else self.kernel_axes),
-                    name="conv")(x)
+                 feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
+                 param_dtype=self.param_dtype,
+                 kernel_init=part(self.kernel_init, (None,) * 4 if self.groups > 1 else self.kernel_axes),
+                 name="conv")(x)
         return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_eps,
                             use_fast_variance=False, dtype=self.dtype, param_dtype=self.param_dtype,
                             scale_init=part(nn.initializers.constant(self.bn_scale_init), ("norm",)),

@@ -88,10 +88,10 @@ class ConvStem(PatchEmbed):
         for i in range(n):
             ch = max(self.features // 2 ** (n - i), 8)
             x = Conv(ch, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=f"conv_{i}",
-                        kernel_init=part(nn.initializers.lecun_normal(),
-                                         (None, None, "conv_in", "conv_out")),
-                        bias_init=part(zeros, ("conv_out",)))(x)
+                     param_dtype=self.param_dtype, name=f"conv_{i}",
+                     kernel_init=part(nn.initializers.lecun_normal(),
+                     (None, None, "conv_in", "conv_out")),
+                     bias_init=part(zeros, ("conv_out",)))(x)
             x = nn.gelu(layer_norm(1e-6, self.dtype, self.param_dtype, f"norm_{i}")(x),
                         approximate=False)
         x = dense(self.features, ("conv_out", "embed"), self.dtype, self.param_dtype, "proj")(x)

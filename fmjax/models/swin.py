@@ -346,9 +346,9 @@ class Swin(nn.Module):
         if ph or pw:
             x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
         x = core.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="patch_embed",
-                    kernel_init=core.part(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                    bias_init=core.part(core.zeros, ("embed",)))(x)
+                      param_dtype=self.param_dtype, name="patch_embed",
+                      kernel_init=core.part(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                      bias_init=core.part(core.zeros, ("embed",)))(x)
         norm = lambda name: core.layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
         x = norm("patch_norm")(x)
         if mask is not None:

@@ -83,9 +83,9 @@ def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype
     padding = ((pad, pad), (pad, pad)) if padding is None else padding
     init = layers.zeros if zero_init else layers.xavier_uniform
     return layers.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
-                   dtype=dtype, param_dtype=param_dtype, name=name,
-                   kernel_init=layers.part(init, CONV_AXES),
-                   bias_init=layers.part(layers.zeros, ("conv_out",)))
+                       dtype=dtype, param_dtype=param_dtype, name=name,
+                       kernel_init=layers.part(init, CONV_AXES),
+                       bias_init=layers.part(layers.zeros, ("conv_out",)))
 
 
 class ResnetBlock(nn.Module):

@@ -164,10 +164,10 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, use_bias
     ``kernel`` (kh, kw, in, out), ``bias`` (out,)."""
     init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
     return Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-                   dtype=dtype, param_dtype=param_dtype, name=name,
-                   kernel_init=part(init, (None, None, None, "embed")),
-                   bias_init=part(zeros, ("embed",)))
+                padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+                dtype=dtype, param_dtype=param_dtype, name=name,
+                kernel_init=part(init, (None, None, None, "embed")),
+                bias_init=part(zeros, ("embed",)))
 
 
 class ConvTranspose2x2(nn.Module):
