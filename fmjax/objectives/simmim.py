@@ -113,8 +113,7 @@ class SimMIMObjective(Objective):
     def _check_mask_op(self, config):
         """The pp_train's ``simmim_mask`` op draws the mask on the model's patch grid: its
         model_patch_size and mask_patch_size must be the model's and the objective's (a model
-        override alone would fail at the first step, deep in the backbone; the image size is
-        checked against the data by the pipeline)."""
+        override alone would fail at the first step, deep in the backbone)."""
         from fmjax.data.mask_ops import simmim_mask
         from fmjax.data.registry import build_op, split_pp
         for spec in split_pp(str(config.data.get("pp_train", "") or "")):
