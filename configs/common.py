@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
         skip_bad_examples=0,   # up to N unreadable examples skipped with a warning (0: stop at the first)
         classes="",            # train on these classes only, ids or names: 'heart' or '0,3' (fmjax/data/class_subset.py)
         exclude_classes="",    # train without these classes (e.g. held out of a base run, adapted to later)
+        repeat_classes="",     # 'heart:7': each training example of that class 7 times per pass (class_subset.py)
         order="per_process"))  # 'global': one shuffled stream, resumable on any process count (fmjax/data/elastic.py)
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, blr=0.0, lr_scaling="none", b1=0.9, b2=0.999, eps=1e-8,

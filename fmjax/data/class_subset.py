@@ -4,7 +4,10 @@ A researcher holds classes out of a base run and adapts to them later (issue 18:
 diffusion model for a class its base never saw), or trains a few-class model without
 rewriting the dataset. Both options name classes by id or by name, comma-separated
 (``'heart'``, ``'0,3'``, ``'ring, heart'``); ``classes`` keeps only those, ``exclude_classes``
-drops those; '' (the default) is every class. Only the training split is filtered: evals read
+drops those; '' (the default) is every class. ``repeat_classes`` ('heart:7', 'heart:7, 0:2')
+lists each kept example of those classes that many times, so a class takes a larger share of the
+training stream (a new class beside the ones a base run knew, as DreamBooth balances a new
+concept against its prior). Only the training split is filtered: evals read
 their own splits whole (a generation eval still samples every class, so a held-out class's
 ``eval/<name>_accuracy_<class>`` shows what the base makes of it).
 
@@ -52,6 +55,21 @@ def parse(spec, option: str, class_names) -> tuple[int, ...]:
     return tuple(out)
 
 
+def parse_repeat(spec, class_names) -> dict[int, int]:
+    """{class id: count} of ``repeat_classes``' 'name_or_id:count' items ('' -> {})."""
+    option = "config.data.repeat_classes"
+    out = {}
+    items = [s.strip() for s in (spec if isinstance(spec, (list, tuple)) else str(spec or "").split(","))]
+    for item in (s for s in items if s):
+        name, sep, count = item.rpartition(":")
+        if not sep or not count.strip().isdigit() or int(count) < 1:
+            raise ConfigError(f"{option}={spec!r}: {item!r} is not 'class:count' with a count >= 1; "
+                              "write e.g. 'heart:7' (every heart example 7 times per pass).")
+        for c in parse(name, option, class_names):
+            out[c] = int(count)
+    return out
+
+
 def _labels(source) -> np.ndarray:
     labels = getattr(source, "labels", None)
     if labels is not None:
@@ -90,11 +108,12 @@ class ClassSubset:
         return f"ClassSubset({self.source!r}, classes={list(self.classes)}, len={len(self)})"
 
 
-def select(source, classes="", exclude_classes="", class_names=None):
-    """``source`` itself when neither option is set, else a ``ClassSubset`` of it."""
+def select(source, classes="", exclude_classes="", class_names=None, repeat_classes=""):
+    """``source`` itself when no option is set, else a ``ClassSubset`` of it."""
     keep = parse(classes, "config.data.classes", class_names)
     drop = parse(exclude_classes, "config.data.exclude_classes", class_names)
-    if not keep and not drop:
+    repeat = parse_repeat(repeat_classes, class_names)
+    if not keep and not drop and not repeat:
         return source
     labels = _labels(source)
     present = sorted(set(labels.tolist()))
@@ -104,4 +123,12 @@ def select(source, classes="", exclude_classes="", class_names=None):
         raise ConfigError(f"config.data.classes={classes!r} / exclude_classes={exclude_classes!r} leave "
                           f"no training example (the split's labels are {present}): keep at least one "
                           "class that it has.")
-    return ClassSubset(source, np.nonzero(mask)[0], sorted(set(labels[mask].tolist())))
+    kept = sorted(set(labels[mask].tolist()))
+    if any(c not in kept for c in repeat):
+        raise ConfigError(f"config.data.repeat_classes={repeat_classes!r} names class(es) "
+                          f"{sorted(c for c in repeat if c not in kept)} that the training subset does not "
+                          f"have (it has {kept}): repeat only classes that are trained on.")
+    indices = np.nonzero(mask)[0]
+    if repeat:  # each example of a repeated class `count` times in a row (the pipeline shuffles)
+        indices = np.repeat(indices, [repeat.get(int(labels[i]), 1) for i in indices])
+    return ClassSubset(source, indices, kept)

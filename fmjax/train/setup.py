@@ -37,16 +37,18 @@ def batch_spec(source, transform, keys, global_batch):
 
 def train_source(config):
     """The training split's random-access source, as ``config.data`` names it (only the classes
-    ``config.data.classes`` / ``exclude_classes`` keep: ``fmjax.data.class_subset``)."""
+    ``config.data.classes`` / ``exclude_classes`` keep, ``repeat_classes`` repeated:
+    ``fmjax.data.class_subset``)."""
     from fmjax.data import class_subset, sources
     source = sources.get_source(config.data.name, config.data.get("train_split", "train"),
                                 config.data.get("data_dir"),
                                 skip_bad_examples=config.data.get("skip_bad_examples", 0))
     classes, exclude = config.data.get("classes", ""), config.data.get("exclude_classes", "")
-    if not classes and not exclude:
+    repeat = config.data.get("repeat_classes", "")
+    if not classes and not exclude and not repeat:
         return source
     return class_subset.select(source, classes, exclude,
-                               sources.class_names(config.data.name, config.data.get("data_dir")))
+                               sources.class_names(config.data.name, config.data.get("data_dir")), repeat)
 
 
 def train_iterator(config, source, transform, spec):

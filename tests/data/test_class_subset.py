@@ -94,3 +94,43 @@ def test_train_source_of_the_bundled_data(shapes_data_dir):
     c.data.exclude_classes = "hearts"
     with pytest.raises(ConfigError, match="config.data.exclude_classes='hearts': unknown class 'hearts'"):
         setup.train_source(c)
+
+
+@pytest.mark.parametrize("make", [_Labelled, _Records])
+def test_repeat_classes_lists_their_examples_that_many_times(make):
+    src = make([0, 2, 1, 2, 0])
+    more = class_subset.select(src, repeat_classes="heart:3", class_names=NAMES)
+    assert [more[i]["index"] for i in range(len(more))] == [0, 1, 1, 1, 2, 3, 3, 3, 4]
+    assert more.classes == (0, 1, 2)
+    both = class_subset.select(src, exclude_classes="square", repeat_classes="heart:2, 0:2", class_names=NAMES)
+    assert [both[i]["index"] for i in range(len(both))] == [0, 0, 1, 1, 3, 3, 4, 4]
+    assert class_subset.parse_repeat("", NAMES) == {} and class_subset.parse_repeat("2:1", NAMES) == {2: 1}
+
+
+@pytest.mark.parametrize("spec, text", [
+    ("heart", "'heart' is not 'class:count' with a count >= 1; write e.g. 'heart:7'"),
+    ("heart:0", "'heart:0' is not 'class:count'"),
+    ("heart:x", "'heart:x' is not 'class:count'"),
+    ("hearts:2", "unknown class 'hearts'"),
+    ("square:2", r"names class\(es\) \[1\] that the training subset does not have"),
+])
+def test_bad_repeat_classes_are_one_line_errors(spec, text):
+    with pytest.raises(ConfigError, match=text) as e:
+        class_subset.select(_Labelled([0, 2, 1]), exclude_classes="square", repeat_classes=spec,
+                            class_names=NAMES)
+    assert "\n" not in str(e.value) and "config.data.repeat_classes=" in str(e.value)
+
+
+def test_repeat_classes_from_the_config(shapes_data_dir):
+    c = load_config("diffusion", "cpu")
+    c.data.data_dir = shapes_data_dir
+    plain = setup.train_source(c)
+    c.data.repeat_classes = "heart:3"
+    src = setup.train_source(c)
+    assert len(src) - len(plain) == 2 * len(setup.train_source(_only(c, "heart"))) > 0
+
+
+def _only(c, name):
+    c = c.copy_and_resolve_references()
+    c.data.classes, c.data.repeat_classes = name, ""
+    return c
