@@ -79,6 +79,11 @@ LoRA for a class the base never saw (issue 18; NOT yet learned - measured below)
       1800-step cpu recipe without hearts (--config.data.exclude_classes=heart, 29 min alone)
       reaches 0.484 (0.554 over its 7 classes; heart and circle 0.000), and the conv LoRA above
       (lr 1e-3) on it: heart 0.000 -> 0.000 (200) -> 0.000 (400), overall 0.484 -> 0.492 -> 0.469.
+      Nor half the batch on hearts (2026-12-06; --config.data.repeat_classes=heart:7 lists each
+      heart example 7 times per pass, the preset's targets, the 1800-step base, 10.5 min): heart
+      0.000 -> 0.000 (200) -> 0.000 (400), overall 0.484 -> 0.484 -> 0.469. At step 0 the heart
+      row of the samples is pure noise (its N(0, 1) class-embedding row is off the trained
+      rows' distribution); by step 200 it holds small blobs the scorer does not call hearts.
 
 Text-conditional (the CLIP text tower, trained jointly, on the shapes captions):
     python launch/train.py --config=configs/diffusion.py:text --workdir=/tmp/diff_text
