@@ -602,6 +602,34 @@ def test_targets_that_reach_no_adaptable_layer_are_named():
     assert obj.reach == "dense layers, attention projections or ungrouped convolutions"
 
 
+def test_diffusion_lora_preset_trains_lora_biases_norms_and_the_class_row():
+    """configs/diffusion.py:lora (a class the base never saw): LoRA on the attention, AdaGN's
+    time_emb_proj and the resnets' 3x3 convolutions; every bias and norm scale, the
+    time-embedding MLP and the class-embedding table train whole beside it; every other kernel
+    stays frozen. Without the biases / norms the new class was not learned (configs/diffusion.py)."""
+    from fmjax.testing import load_config
+    c = load_config("diffusion", "lora")
+    assert c.data.repeat_classes == "heart:7"
+    obj = make_objective(c)
+    batch = dict(image=jnp.zeros((2, 32, 32, 3)), label=jnp.zeros((2,), jnp.int32))
+    params = nn.unbox(jax.eval_shape(lambda: obj.init(jax.random.PRNGKey(0), batch))[0])
+    mask = _flat(obj.update_mask(params, 0))
+    trained = {k for k, m in mask.items() if m}
+    for k in ("model/conv_in/bias", "model/conv_norm_out/scale", "model/time_embedding/linear_1/kernel",
+              "model/class_embedding/embedding", "model/down_blocks_1/resnets_0/norm1/scale",
+              "model/down_blocks_1/resnets_0/conv1/lora_a", "model/down_blocks_1/resnets_0/time_emb_proj/lora_b",
+              "model/down_blocks_2/attentions_0/attn/query/lora_a"):
+        assert k in trained, k
+    for k in ("model/conv_in/kernel", "model/conv_out/kernel", "model/down_blocks_1/resnets_0/conv1/kernel",
+              "model/down_blocks_1/resnets_0/conv_shortcut/kernel", "model/down_blocks_2/attentions_0/attn/query/kernel",
+              "model/down_blocks_1/downsample/kernel"):
+        assert k in mask and k not in trained, k
+    assert all(k.rsplit("/", 1)[1] in ("bias", "scale", "embedding", "lora_a", "lora_b")
+               or k.startswith("model/time_embedding/") for k in trained), sorted(trained)
+    frac = obj.trainable_count(params) / sum(x.size for x in jax.tree.leaves(params))
+    assert 0.10 < frac < 0.15, frac   # the banner's 13.70%
+
+
 class _Convs(nn.Module):
     """Convolutions at every geometry LoRA must follow: explicit padding, 'SAME' with stride 2,
     dilation, 'CIRCULAR', a 1x1, a grouped one (no LoRA), and the 5-D input of a batch of clips."""
