@@ -41,7 +41,7 @@ CPU recipe (issue 12: generation accuracy >= 0.5) - reached in 29.8 min:
   at guidance 4), so most of the gain is the training change. A DiT-S/4 (the default's model)
   on the same data: 0.156 at step 1500 of 4500 (patch-sized colour specks).
 
-LoRA for a class the base never saw (issue 18; measured below, one seed per run):
+LoRA for a class the base never saw (issue 18; measured below):
     python launch/train.py --config=configs/supervised.py:simple --workdir=/tmp/classifier_simple_32
     python launch/train.py --config=configs/diffusion.py:cpu --workdir=/tmp/diff_base \
         --config.data.exclude_classes=heart \
@@ -62,7 +62,8 @@ LoRA for a class the base never saw (issue 18; measured below, one seed per run)
   configs/supervised.py:simple classifier (0.941 on real images).
     Measured 2026-12-06 (12.9 min wall alone, 3 generation evals): heart 0.000 -> 0.375 (200)
       -> 0.4375 (400), overall 0.484 -> 0.516 -> 0.477 (cross 0.31 -> 0.13 and triangle 0.94
-      -> 0.75 lose what heart gains). In 10.5 min (--config.total_steps=300
+      -> 0.75 lose what heart gains); with --config.seed=1: heart 0.000 -> 0.375 -> 0.4375,
+      overall 0.484 -> 0.602 -> 0.539. The runs below are one seed each. In 10.5 min (--config.total_steps=300
       --config.eval_every=150 --config.checkpoint_every=150 --config.optimizer.warmup_steps=30):
       heart 0.000 -> 0.0625 (150) -> 0.25 (300), overall 0.469. Without the repeats (the same
       preset with --config.data.repeat_classes=): heart 0.000 -> 0.0625 (200) -> 0.25 (400),
