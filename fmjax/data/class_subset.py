@@ -25,15 +25,17 @@ import numpy as np
 from fmjax.errors import ConfigError
 
 
+def _items(spec) -> list[str]:
+    """The non-empty items of a comma-separated string or a list / tuple (None -> [])."""
+    if spec is None:
+        return []
+    raw = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    return [s for s in (str(s).strip() for s in raw) if s]
+
+
 def parse(spec, option: str, class_names) -> tuple[int, ...]:
     """Class ids of a comma-separated list of ids or names ('' -> ())."""
-    if spec is None:
-        return ()
-    if isinstance(spec, (list, tuple)):
-        items = [str(s).strip() for s in spec]
-    else:
-        items = [s.strip() for s in str(spec).split(",")]
-    items = [s for s in items if s]
+    items = _items(spec)
     names = [str(n) for n in class_names] if class_names is not None else None
     out = []
     for item in items:
@@ -59,10 +61,9 @@ def parse_repeat(spec, class_names) -> dict[int, int]:
     """{class id: count} of ``repeat_classes``' 'name_or_id:count' items ('' -> {})."""
     option = "config.data.repeat_classes"
     out = {}
-    items = [s.strip() for s in (spec if isinstance(spec, (list, tuple)) else str(spec or "").split(","))]
-    for item in (s for s in items if s):
+    for item in _items(spec):
         name, sep, count = item.rpartition(":")
-        if not sep or not count.strip().isdigit() or int(count) < 1:
+        if not sep or not name.strip() or not count.strip().isdigit() or int(count) < 1:
             raise ConfigError(f"{option}={spec!r}: {item!r} is not 'class:count' with a count >= 1; "
                               "write e.g. 'heart:7' (every heart example 7 times per pass).")
         for c in parse(name, option, class_names):
@@ -130,5 +131,8 @@ def select(source, classes="", exclude_classes="", class_names=None, repeat_clas
                           f"have (it has {kept}): repeat only classes that are trained on.")
     indices = np.nonzero(mask)[0]
     if repeat:  # each example of a repeated class `count` times in a row (the pipeline shuffles)
-        indices = np.repeat(indices, [repeat.get(int(labels[i]), 1) for i in indices])
+        counts = np.ones(len(labels), np.int64)
+        for c, n in repeat.items():
+            counts[labels == c] = n
+        indices = np.repeat(indices, counts[indices])
     return ClassSubset(source, indices, kept)

@@ -111,6 +111,7 @@ def test_repeat_classes_lists_their_examples_that_many_times(make):
     ("heart", "'heart' is not 'class:count' with a count >= 1; write e.g. 'heart:7'"),
     ("heart:0", "'heart:0' is not 'class:count'"),
     ("heart:x", "'heart:x' is not 'class:count'"),
+    (":3", "':3' is not 'class:count'"),
     ("hearts:2", "unknown class 'hearts'"),
     ("square:2", r"names class\(es\) \[1\] that the training subset does not have"),
 ])
