@@ -61,6 +61,16 @@ preset's soft KD, T = 4, alpha 0.9, since 2026-12-05; before, DeiT's hard KD, al
   half the pairs are negative (+0.136 / +0.099 / -0.009 / +0.054 / -0.028 / -0.049: a paired t
   of 1.1), so the gain is NOT established: this student at lr 2e-3 spreads 0.57-0.76 over seeds
   whatever its targets. The kd='none' runs are deterministic (seed 2 rerun: 0.730 again).
+  At half the lr (--config.optimizer.lr=1e-3, both arms; a fresh ConvNeXt teacher, 0.870),
+  measured 2026-12-06, eval/val_accuracy at step 600, seeds 0-5:
+      soft KD (T 4, alpha 0.9)   0.681 / 0.622 / 0.651 / 0.683 / 0.610 / 0.642   (mean 0.648, best 0.683)
+      kd='none' (no teacher)     0.640 / 0.582 / 0.657 / 0.679 / 0.600 / 0.609   (mean 0.628, best 0.679)
+  Five pairs of six favour the teacher (+0.041 / +0.040 / -0.006 / +0.004 / +0.010 / +0.033;
+  mean +0.020, paired t 2.5 with 5 d.o.f.) and the seeds spread less (0.58-0.68), but the best
+  runs tie (+0.004) and both arms sit below the lr-2e-3 means: the gain leans the teacher's
+  way in both sets (12 pairs: mean +0.027, t 1.8) and is still NOT established at this
+  budget. The teacher (0.870) is barely above what this student reaches alone in 1500 steps
+  (configs/supervised.py:deit, 0.866), which caps what it can hand on.
   With hard KD (--config.objective.kd=hard --config.objective.alpha=0.5
   --config.objective.temperature=1.0, DeiT's), seeds 0 / 1 / 2, the same day:
       kd='hard' (ConvNeXt teacher)   0.605 / 0.671 / 0.685   (mean 0.654; no stalled seed)
