@@ -55,8 +55,9 @@ from fmjax.models.registry import build_model, require
 from fmjax.objectives.base import Objective
 
 TEMP_SCHEDULES = ("cosine", "exponential")
+STRAIGHT_THROUGH = ("", "argmax", "sample")
 OPTIONS = ("name", "kl_weight", "kl_warmup_steps", "temp_start", "temp_end", "temp_steps",
-           "temp_schedule", "ema_decay")
+           "temp_schedule", "ema_decay", "straight_through", "diversity_weight")
 
 
 # -- The paper's formulas. ------------------------------------------------------------------------
@@ -134,6 +135,8 @@ class DVAEObjective(Objective):
         self.temp_steps = int(o.get("temp_steps", 0) or 0) or int(config.total_steps)
         self.temp_schedule = o.get("temp_schedule", "cosine")
         self.ema_decay = float(o.get("ema_decay", 0.0))
+        self.straight_through = o.get("straight_through", "") or ""
+        self.diversity_weight = float(o.get("diversity_weight", 0.0))
 
     # -- config ----------------------------------------------------------------------------------
     def check(self, config):
@@ -157,6 +160,12 @@ class DVAEObjective(Objective):
         if self.temp_schedule not in TEMP_SCHEDULES:
             raise ConfigError(f"config.objective.temp_schedule={self.temp_schedule!r}; "
                               f"valid: {list(TEMP_SCHEDULES)}.")
+        if self.straight_through not in STRAIGHT_THROUGH:
+            raise ConfigError(f"config.objective.straight_through={self.straight_through!r}; valid: "
+                              f"{list(STRAIGHT_THROUGH)} ('': the paper's relaxed sample).")
+        if self.diversity_weight < 0:
+            raise ConfigError(f"config.objective.diversity_weight={self.diversity_weight} must be >= 0 "
+                              "(0: no codebook-usage term).")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"config.objective.ema_decay={self.ema_decay} must be in [0, 1) (0: no EMA).")
         size = int(config.data.get("image_size", 0) or 0)
@@ -219,11 +228,19 @@ class DVAEObjective(Objective):
         logits = self._apply(params, x, self.model.encode)
         tau, beta = self.schedules(step)
         z = gumbel_softmax(rng, logits, tau)
+        if self.straight_through:  # the decoder reads a hard one-hot code; gradients of the soft sample
+            pick = z if self.straight_through == "sample" else logits
+            hard = jax.nn.one_hot(jnp.argmax(pick, axis=-1), z.shape[-1], dtype=z.dtype)
+            z = hard + z - jax.lax.stop_gradient(z)
         stats = self._apply(params, z, self.model.decode)
         nll = jnp.mean(self.recon_nll(x, stats), axis=(1, 2, 3))
         kl = jnp.sum(kl_to_uniform(logits), axis=(1, 2))
         n_values = x.shape[1] * x.shape[2] * x.shape[3]
         loss = jnp.mean(nll + beta * kl / n_values)
+        if self.diversity_weight:
+            mean_q = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=(0, 1, 2))
+            diversity = jnp.sum(mean_q * jnp.log(mean_q + 1e-12)) + math.log(logits.shape[-1])
+            loss = loss + self.diversity_weight * diversity
         recon = dvae_lib.reconstruction(stats, self.output)
         counts = jnp.zeros((logits.shape[-1],), jnp.int32).at[jnp.argmax(logits, -1).ravel()].add(1)
         metrics = {"nll": nll.mean(), "kl": kl.mean() / (logits.shape[1] * logits.shape[2]),

@@ -190,6 +190,40 @@ def test_mse_variant_and_eval_metrics(shapes_data_dir):
     np.testing.assert_allclose(np.asarray(obj.features(params, extra, x).sum(-1)), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["argmax", "sample"])
+def test_straight_through_decodes_a_hard_code_and_diversity_is_the_batch_kl(shapes_data_dir, mode):
+    """straight_through: the decoder reads one_hot(argmax(logits)) ('argmax': the codes a
+    tokenizer hands on) or one_hot(argmax(logits + g)) ('sample': the Gumbel-max draw of the
+    relaxed sample), and the gradients are the relaxed sample's; diversity_weight w adds
+    w * KL(mean_{batch, positions} q || uniform)."""
+    c = _tiny(shapes_data_dir)
+    c.objective.update(dict(kl_weight=2.0, kl_warmup_steps=0, straight_through=mode, diversity_weight=0.3))
+    obj = make_objective(c)
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 16, 16, 3)), jnp.float32)
+    params, extra = obj.init(jax.random.PRNGKey(0), {"image": x})
+    params = flax.linen.meta.unbox(params)
+    rng, step = jax.random.PRNGKey(5), 5
+    loss, (metrics, _) = obj.loss(params, extra, {"image": x}, rng, step)
+    m = obj.model
+    logits = np.asarray(m.apply({"params": params}, x, method=m.encode), np.float64)
+    pick = logits + (np.asarray(jax.random.gumbel(rng, logits.shape)) if mode == "sample" else 0.0)
+    codes = jnp.asarray(pick.argmax(-1))
+    stats = m.apply({"params": params}, codes, method=m.decode_tokens)
+    recon = dvae_lib.reconstruction(stats, "logit_laplace")
+    np.testing.assert_allclose(float(metrics["soft_recon_mse"]),
+                               float(jnp.mean(jnp.square(recon - x))), rtol=1e-5)
+    nll = obj_lib.logit_laplace_nll(x, stats).mean(axis=(1, 2, 3))
+    q = np.exp(logits - logits.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    kl = np.sum(q * np.log(q * 32), axis=(1, 2, 3))
+    mean_q = q.mean(axis=(0, 1, 2))
+    diversity = np.sum(mean_q * np.log(mean_q * 32))
+    ref = np.mean(np.asarray(nll, np.float64) + 2.0 * kl / (16 * 16 * 3)) + 0.3 * diversity
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-4)
+    grads = jax.jit(jax.grad(lambda p: obj.loss(p, extra, {"image": x}, rng, step)[0]))(params)
+    assert float(jnp.abs(grads["encoder"]["input"]["w"]).max()) > 0   # through the relaxed sample
+
+
 # -- config errors --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, match", [
@@ -202,6 +236,8 @@ def test_mse_variant_and_eval_metrics(shapes_data_dir):
     ({"data.pp_train": "normalize('imagenet')|keep('image')"}, r"reads images in \[0, 1\]"),
     ({"model.output": "gaussian"}, "config.model.output='gaussian'"),
     ({"model.n_hid": 10}, "n_hid=10 must be a positive multiple of 4"),
+    ({"objective.straight_through": "hard"}, "straight_through='hard'; valid"),
+    ({"objective.diversity_weight": -0.1}, "diversity_weight=-0.1 must be >= 0"),
 ])
 def test_config_errors(shapes_data_dir, override, match):
     config = _tiny(shapes_data_dir, **override)
