@@ -16,6 +16,15 @@ maximises the evidence lower bound with the gumbel-softmax relaxation, as the pa
   by 256 x 256 x 3, so that the weight of the KL term becomes beta / 192"):
   ``loss = mean_x[ mean_values(NLL) + beta(t) * sum_positions(KL) / (H W C) ]``.
 
+Two options beyond the paper (off by default; ``configs/dvae.py:cpu`` uses both):
+``straight_through='argmax'`` makes the decoder read the encoder's argmax code, one-hot, with
+the relaxed sample's gradients (``hard + z - stop_gradient(z)``; ``'sample'``: the Gumbel-max
+draw ``argmax(logits + g)`` instead). Without it the relaxed sample leaks information through
+its non-argmax tail: at a low KL weight the argmax codes collapse onto one code while the
+relaxed reconstructions still improve. ``diversity_weight`` w adds ``w * KL(mean q || uniform)``
+with q averaged over the batch and the grid (wav2vec 2.0's codebook-diversity term), which
+keeps the argmax codes spread over the vocabulary.
+
 Schedules (A.2 says all of them are cosine): the temperature ``tau`` goes from ``temp_start``
 (1) to ``temp_end`` (1/16) over ``temp_steps`` updates (paper: 150,000; 0: the whole run)
 ``tau(t) = end + (start - end) (1 + cos(pi min(t / T, 1))) / 2`` (``temp_schedule='cosine'``;
