@@ -135,16 +135,20 @@ def test_patch_mean_baseline():
     assert float(np.abs(np.asarray(obj_lib.patch_mean_baseline(jnp.asarray(flat), 4)) - flat).max()) < 1e-6
 
 
+def _loss_inputs(c):
+    """(objective, 3 random 16 px images, unboxed params, extra, rng, step 5) for one loss call."""
+    obj = make_objective(c)
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 16, 16, 3)), jnp.float32)
+    params, extra = obj.init(jax.random.PRNGKey(0), {"image": x})
+    return obj, x, flax.linen.meta.unbox(params), extra, jax.random.PRNGKey(5), 5
+
+
 def test_loss_is_the_scaled_elbo(shapes_data_dir):
     """loss = mean_x[mean_values(NLL of the decoded relaxed sample) + beta(t) sum_pos KL / (H W C)],
     recomputed here from the model's pieces; the relaxed sample carries gradients to the encoder."""
     c = _tiny(shapes_data_dir)
     c.objective.update(dict(kl_weight=2.0, kl_warmup_steps=10, temp_steps=20))
-    obj = make_objective(c)
-    x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 16, 16, 3)), jnp.float32)
-    params, extra = obj.init(jax.random.PRNGKey(0), {"image": x})
-    params = flax.linen.meta.unbox(params)
-    rng, step = jax.random.PRNGKey(5), 5
+    obj, x, params, extra, rng, step = _loss_inputs(c)
     loss, (metrics, _) = obj.loss(params, extra, {"image": x}, rng, step)
     m = obj.model
     logits = m.apply({"params": params}, x, method=m.encode)
@@ -198,11 +202,7 @@ def test_straight_through_decodes_a_hard_code_and_diversity_is_the_batch_kl(shap
     w * KL(mean_{batch, positions} q || uniform)."""
     c = _tiny(shapes_data_dir)
     c.objective.update(dict(kl_weight=2.0, kl_warmup_steps=0, straight_through=mode, diversity_weight=0.3))
-    obj = make_objective(c)
-    x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 16, 16, 3)), jnp.float32)
-    params, extra = obj.init(jax.random.PRNGKey(0), {"image": x})
-    params = flax.linen.meta.unbox(params)
-    rng, step = jax.random.PRNGKey(5), 5
+    obj, x, params, extra, rng, step = _loss_inputs(c)
     loss, (metrics, _) = obj.loss(params, extra, {"image": x}, rng, step)
     m = obj.model
     logits = np.asarray(m.apply({"params": params}, x, method=m.encode), np.float64)
