@@ -248,8 +248,7 @@ class DVAEObjective(Objective):
         loss = jnp.mean(nll + beta * kl / n_values)
         if self.diversity_weight:
             mean_q = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=(0, 1, 2))
-            diversity = jnp.sum(mean_q * jnp.log(mean_q + 1e-12)) + math.log(logits.shape[-1])
-            loss = loss + self.diversity_weight * diversity
+            loss = loss + self.diversity_weight * kl_to_uniform(jnp.log(mean_q))  # log q: its own logits
         recon = dvae_lib.reconstruction(stats, self.output)
         counts = jnp.zeros((logits.shape[-1],), jnp.int32).at[jnp.argmax(logits, -1).ravel()].add(1)
         metrics = {"nll": nll.mean(), "kl": kl.mean() / (logits.shape[1] * logits.shape[2]),
