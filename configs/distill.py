@@ -49,10 +49,26 @@ on exactly the batches a run will draw, and the run replays its top-k probabilit
   steps/s; the replay is now data-bound).
 DeiT from a different-architecture teacher (issue 17's check; the 'deit' preset is
 configs/supervised.py:deit's model, distillation token and class-token pooling, with the cpu
-preset's soft KD, T = 4, alpha 0.9, since 2026-12-05; before, DeiT's hard KD, alpha 0.5):
-    python launch/train.py --config=configs/supervised.py:convnext --workdir=/tmp/sup_convnext
+preset's soft KD, T = 4, alpha 0.9, since 2026-12-05 (before, DeiT's hard KD, alpha 0.5), at
+lr 1e-3 since 2026-12-06), from a ConvNeXt teacher trained 4000 steps (21 min alone):
+    python launch/train.py --config=configs/supervised.py:convnext --workdir=/tmp/sup_convnext \
+        --config.total_steps=4000 --config.eval_every=1000 --config.checkpoint_every=1000
     python launch/train.py --config=configs/distill.py:deit --workdir=/tmp/kd_deit \
         --config.objective.teacher.workdir=/tmp/sup_convnext      # and --config.objective.kd=none
+  Measured 2026-12-06 on the 2-core CPU, the teacher above (validation accuracy 0.804 (1000) ->
+  0.936 (2000) -> 0.976 (3000) -> 0.978 (4000)), 600 steps (~2.5 min each), eval/val_accuracy at
+  step 600, seeds 0-5 (a seed sets the student's init and the batches alike in both arms):
+      soft KD (the preset)     0.669 / 0.602 / 0.675 / 0.699 / 0.601 / 0.643   (mean 0.648, best 0.699)
+      kd='none' (no teacher)   0.640 / 0.582 / 0.657 / 0.679 / 0.600 / 0.609   (mean 0.628, best 0.679)
+  Every pair of the six favours the teacher (+0.029 / +0.020 / +0.018 / +0.020 / +0.001 /
+  +0.034; mean +0.020, paired t 4.4 with 5 d.o.f., a sign test's p 1/64 one-sided) and the best
+  distilled run beats the best run alone by +0.020: issue 17's check (DeiT distilled from a
+  supervised ConvNeXt teacher beats DeiT trained alone at the same steps) is met at this
+  budget. The gain is small, and the stronger teacher did not raise the distilled mean (0.648
+  with the 0.870 teacher too, below): it made the gain consistent. Over both teachers at lr
+  1e-3, 11 pairs of 12 favour distillation (mean +0.020, paired t 4.5 with 11 d.o.f.). The
+  kd='none' numbers are the same runs as the lr-1e-3 table below (they are deterministic).
+  How it got here:
   Measured 2026-12-05 with the ConvNeXt teacher (configs/supervised.py:convnext, validation
   accuracy 0.862), 600 steps (~2.5 min each), eval/val_accuracy at step 600, seeds 0-5:
       soft KD (T 4, alpha 0.9; the preset)   0.705 / 0.670 / 0.721 / 0.758 / 0.604 / 0.618   (mean 0.679, best 0.758)
@@ -138,6 +154,7 @@ def get_config(arg: str = "default"):
             from configs.supervised import get_config as supervised
             c.model = dict(supervised("deit").model)
             c.objective.update(dict(kd="soft", temperature=4.0, alpha=0.9))
+            c.optimizer.lr = 1e-3   # half the default's: both arms spread less over seeds (docstring)
     elif arg == "deit_b16_imagenet":
         # DeiT-B with the distillation token, hard distillation (Touvron et al. 2021, Table 5:
         # DeiT-B with a RegNetY-16GF teacher, 300 epochs, 83.4% top-1 at 224 px). The recipe is
