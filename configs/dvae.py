@@ -42,6 +42,9 @@ fmjax/objectives/dvae.py; eval/recon_recon_ratio is that ratio, PNGs in DIR/imag
   --config.total_steps=2000 --config.objective.kl_warmup_steps=200, 23.5 min alone, 1.5 steps/s):
   1.016 (500) -> 0.831 (1000) -> 0.778 (1500) -> 0.765 (2000), 41% of the codes: better per
   step than the preset (0.895 at its step 1000) but not per minute (0.745).
+  1024 codes (the preset with --config.model.vocab_size=1024; 2026-12-06, ~31 min alone, 2.2
+  steps/s): 8.33 -> 0.901 (1000) -> 0.763 (2000) -> 0.727 (3000) -> 0.705 (4000), 35% of the
+  codes in use: a little better than 512 codes at each eval, far from 0.5.
   Earlier (before the options): 1000-step runs with a lower KL weight (1.65) and a faster
   temperature anneal collapsed onto 5% of the codes; on the simple shapes
   (--config.data.name=fmjax_shapes/simple_32, one object on a smooth gradient) the default's
