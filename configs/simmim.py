@@ -77,7 +77,7 @@ flip_lr|normalize('imagenet')|simmim_mask(32, 8, 2, 0.6)|keep('image', 'mask')"
   alone in 6 min with the same numbers; then configs/supervised.py:swin, the same Swin, for
   300 steps from it or from scratch, both on the preset's recipe):
     python launch/train.py --config=configs/supervised.py:swin --workdir=/tmp/ft_simmim_swin \
-        --config.total_steps=300 --config.model_init.workdir=/tmp/simmim_swin_p2 \
+        --config.total_steps=300 --config.eval_every=150 --config.model_init.workdir=/tmp/simmim_swin_p2 \
         --config.model_init.mapping=params/backbone:      # scratch: without the two model_init flags
   (114 arrays loaded, the head fresh), eval/val_accuracy at 150 / 300, seeds 0 / 1: from
   SimMIM 0.337 / 0.538 and 0.295 / 0.510; from scratch 0.365 / 0.555 and 0.264 / 0.479
