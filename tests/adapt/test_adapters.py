@@ -235,30 +235,8 @@ def test_fake_quant_is_per_channel_symmetric_int8():
     assert float(jnp.max(jnp.abs(xq - x) / sx)) <= 0.5 + 1e-4
 
 
-@pytest.mark.slow
-def test_eval_quantize_reports_the_delta_and_bytes(default_config, tmp_path):
-    """A short supervised run evaluated with --quantize=int8: accuracy within a point of the
-    float model's, every dense kernel counted, ~4x fewer bytes."""
-    from fmjax.testing import run_cli
-    c = default_config("supervised")
-    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 60, 30, 0, 60
-    c.eval_at_start = False
-    c.evals = dict(val=dict(type="metrics", split="validation", examples=256))
-    loop.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
-    proc = run_cli("eval", f"--workdir={tmp_path}", "--quantize=int8")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "dense projections quantized" in proc.stdout, proc.stdout[-2000:]
-    import json
-    rows = [json.loads(x) for x in open(os.path.join(tmp_path, "metrics.jsonl")) if x.strip()]
-    last = rows[-1]
-    acc, qacc = last["eval/val_accuracy"], last["int8/eval/val_accuracy"]
-    assert abs(acc - qacc) <= 0.01, (acc, qacc)
-    n_dense = c.model.depth * 6 + 1  # q k v out fc1 fc2 per block, the head (conv stem excluded)
-    assert f"{n_dense} dense projections quantized" in proc.stdout, proc.stdout[-2000:]
-    ratio = last["int8/int8_kernel_bytes"] / last["int8/kernel_bytes"]
-    assert 0.25 < ratio < 0.3, ratio
-    proc = run_cli("eval", f"--workdir={tmp_path}", "--quantize=int4")
-    assert proc.returncode == 2 and "quantize" in proc.stderr
+# launch/eval.py --quantize=int8 on a trained classifier: tests/train/test_learning.py
+# (test_int8_eval_of_the_trained_classifier reuses its learning gate's run).
 
 
 # -- prefix tuning (fmjax.adapt.prefix) ---------------------------------------------------------

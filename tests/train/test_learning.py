@@ -59,6 +59,27 @@ def test_supervised_default_learns(shape_classifier):
     assert end >= 0.3             # measured 0.445 (8 classes; chance 0.125)
 
 
+def test_int8_eval_of_the_trained_classifier(shape_classifier, tmp_path):
+    """launch/eval.py --quantize=int8 (fmjax.adapt.quantize) on the gate's trained classifier (a
+    copy: the eval appends to metrics.jsonl): accuracy within a point of the float model's,
+    every dense kernel counted, ~4x fewer bytes; an unknown scheme is a one-line error."""
+    import shutil
+    from fmjax.testing import run_cli
+    workdir = str(tmp_path / "classifier")
+    shutil.copytree(shape_classifier, workdir)
+    proc = run_cli("eval", f"--workdir={workdir}", "--quantize=int8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = _rows(workdir)[-1]
+    acc, qacc = last["eval/val_accuracy"], last["int8/eval/val_accuracy"]
+    assert acc > 0.3 and abs(acc - qacc) <= 0.01, (acc, qacc)
+    n_dense = load_config("supervised").model.depth * 6 + 1  # q k v out fc1 fc2 per block, the head
+    assert f"{n_dense} dense projections quantized" in proc.stdout, proc.stdout[-2000:]  # (conv stem excluded)
+    ratio = last["int8/int8_kernel_bytes"] / last["int8/kernel_bytes"]
+    assert 0.25 < ratio < 0.3, ratio
+    proc = run_cli("eval", f"--workdir={workdir}", "--quantize=int4")
+    assert proc.returncode == 2 and "quantize" in proc.stderr
+
+
 def test_mae_default_learns(default_config, tmp_path):
     """Validation reconstruction loss falls to <= 0.6x its initial value; probe numbers reported.
 
