@@ -94,6 +94,12 @@ from configs import common
 IMAGENET_TRAIN = 1281167
 
 
+def _pp_train(image_size: int, mask_patch: int, model_patch: int, mask_ratio: float = 0.6) -> str:
+    """SimMIM's augmentation, then its mask drawn in ``mask_patch`` squares on the model's patch grid."""
+    return (f"random_resized_crop({image_size}, scale=(0.67, 1.0))|flip_lr|normalize('imagenet')|"
+            f"simmim_mask({image_size}, {mask_patch}, {model_patch}, {mask_ratio})|keep('image', 'mask')")
+
+
 def get_config(arg: str = "default"):
     c = common.base_config()
     c.objective = dict(name="simmim", mask_patch_size=32, mask_ratio=0.6)
@@ -117,8 +123,6 @@ def get_config(arg: str = "default"):
         c.model = dict(name="vit", variant="Ti/4", width=128, depth=4, num_heads=4, mlp_dim=512,
                        patch_size=4, pool="mean", drop_path=0.0, layerscale=0.1,
                        pos_embed="none", rel_pos_bias="shared")
-        c.data.pp_train = ("random_resized_crop(32, scale=(0.67, 1.0))|flip_lr|normalize('imagenet')|"
-                           "simmim_mask(32, 8, 4, 0.6)|keep('image', 'mask')")
         c.data.pp_eval = "normalize('imagenet')|keep('image', 'label')"
         ex, tr = 1000, 2000
         c.evals = dict(
@@ -142,15 +146,13 @@ def get_config(arg: str = "default"):
             # token decodes 8x8 pixels); the masks are drawn on the same 2-px patch grid
             c.model = dict(name="swin", embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4,
                            patch_size=2, drop_path=0.0)
-            c.data.pp_train = ("random_resized_crop(32, scale=(0.67, 1.0))|flip_lr|normalize('imagenet')|"
-                               "simmim_mask(32, 8, 2, 0.6)|keep('image', 'mask')")
+        c.data.pp_train = _pp_train(32, 8, c.model.patch_size)   # masks on the model's patch grid
     elif arg == "vit_b16_imagenet":
         c.batch_size = 2048
         steps_per_epoch = IMAGENET_TRAIN // c.batch_size
         c.total_steps = 800 * steps_per_epoch
         common.imagenet_data(c, 224)
-        c.data.pp_train = ("random_resized_crop(224, scale=(0.67, 1.0))|flip_lr|normalize('imagenet')|"
-                           "simmim_mask(224, 32, 16, 0.6)|keep('image', 'mask')")
+        c.data.pp_train = _pp_train(224, 32, 16)
         c.objective.update(dict(mask_patch_size=32, mask_ratio=0.6))
         # lr = 1e-4 * batch / 512 = blr 5e-5 per 256; warmup_lr 5e-7 * batch / 512.
         c.optimizer.update(dict(blr=5e-5, warmup_steps=10 * steps_per_epoch,
