@@ -27,13 +27,14 @@ fmjax/objectives/dvae.py; eval/recon_recon_ratio is that ratio, PNGs in DIR/imag
   0.729 (2000) -> 0.710 (3000) -> 0.683 (4000), hard-token MSE 0.0030 against the baseline's
   0.0044, 67% of the codes in a training batch in use. With diversity_weight=0.1 (the preset's
   value until 2026-12-06 evening; 25.7 min alone): 0.840 / 0.739 / 0.721 / 0.701, 50% of the
-  codes; 1.0 gives 0.812 at step 1000 (0.3: 0.804). The same recipe at lr 1e-3 (and 0.1)
-  (--config.optimizer.lr=1e-3; the preset's value until 2026-12-06; 30.5 min wall, the first ~9
-  shared with a test run): 0.895 (1000) -> 0.787 (2000) -> 0.764 (3000) -> 0.745 (4000), 51%
-  of the codes. The tokens beat the patch means (shapes, rings and dots are drawn, with some
-  wrong colours at their edges; the textured backgrounds come out smooth), but the 0.5 gate is
-  NOT reached. Every ablation below ran at lr 1e-3 and diversity_weight 0.1 ("the preset" there
-  is the preset with --config.optimizer.lr=1e-3 --config.objective.diversity_weight=0.1).
+  codes; 1.0 gives 0.812 at step 1000 (0.3: 0.804). The same recipe at lr 1e-3 and diversity
+  0.1 (--config.optimizer.lr=1e-3 --config.objective.diversity_weight=0.1; the preset's lr until
+  2026-12-06; 30.5 min wall, the first ~9 shared with a test run): 0.895 (1000) -> 0.787
+  (2000) -> 0.764 (3000) -> 0.745 (4000), 51% of the codes. The tokens beat the patch means
+  (shapes, rings and dots are drawn, with some wrong colours at their edges; the textured
+  backgrounds come out smooth), but the 0.5 gate is NOT reached. Every ablation below ran at
+  lr 1e-3 and diversity_weight 0.1 ("the preset" there is the preset with
+  --config.optimizer.lr=1e-3 --config.objective.diversity_weight=0.1).
   Why the options (1000-step runs, the default otherwise, 500 validation images, 2026-12-06):
       the paper's relaxation, kl_weight 6.6 (the default's recipe; an earlier day):
           3.23 (250) -> 2.39 (500) -> 2.01 (750) -> 1.95 (1000), 48% of the codes;

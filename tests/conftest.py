@@ -2,6 +2,7 @@
 
 XLA_FLAGS must be set before jax is imported anywhere, so it lives here.
 """
+import gc
 import os
 import tempfile
 
@@ -18,16 +19,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # inhe
 _CACHE = os.environ.setdefault(
       "FMJAX_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "fmjax_jax_cache"))
 
-import gc  # noqa: E402
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # Python's cyclic GC with its default thresholds (700, 10, 10) runs a full collection of a
 # worker's whole heap every ~70,000 net allocations; tracing and lowering allocate millions of
-# short-lived objects, so the suite spent ~7% of its time in the collector. Measured 2026-12-06,
+# short-lived objects, so the suite spent 5-7% of its time in the collector. Measured 2026-12-06,
 # `-n 2 -m "not slow" tests/models` alone on the 2-core CPU: 128.9 s default, 120.0 s with
-# these thresholds, 119.3 s with the collector off (not worth the memory risk).
+# these thresholds, 119.3 s with the collector off (not worth the memory risk); two hours later,
+# on a slower moment of the same machine, 163.5 s default vs 155.1 s with these thresholds.
 gc.set_threshold(50_000, 20, 100)
 
 from fmjax.testing import load_config  # noqa: E402
