@@ -19,6 +19,8 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
+from fmjax.interop.hf_vit import _to_numpy
+
 Params = Dict[str, Any]
 _KEY = re.compile(r"blocks\.(input|output\.conv|group_\d+\.block_\d+\.(?:id_path|res_path\.conv_[1-4]))\.(w|b)")
 _BLOCK = re.compile(r"blocks\.group_(\d+)\.block_(\d+)\.")
@@ -42,13 +44,14 @@ def read_state_dict(path: str) -> dict:
 
 
 def _strip(sd: Mapping[str, Any]) -> dict:
-    """The state dict as float32 NumPy, without a leading ``module.`` / ``encoder.`` prefix."""
+    """The state dict as float32 NumPy copies (never views of the torch tensors, which an
+    optimizer step would change in place), without a leading ``module.`` / ``encoder.`` prefix."""
     out = {}
     for k, v in sd.items():
         for prefix in ("module.", "encoder.", "decoder."):
             if k.startswith(prefix + "blocks."):
                 k = k[len(prefix):]
-        out[k] = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
+        out[k] = _to_numpy(v)
     return out
 
 

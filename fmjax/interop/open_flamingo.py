@@ -25,17 +25,11 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Mapping
 
-import numpy as np
+from fmjax.interop.hf_vit import _to_numpy
 
 Params = Dict[str, Any]
 _GATED = re.compile(r"^(?:.*\.)?gated_cross_attn_layers\.(\d+)\.(.+)$")
 _PERCEIVER = re.compile(r"^(?:.*\.)?perceiver\.(.+)$")
-
-
-def _np(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, np.float32)
 
 
 def _put(tree: Params, path, value) -> None:
@@ -63,7 +57,7 @@ def convert_open_flamingo(state_dict: Mapping[str, Any], model_config=None) -> P
     out: Params = {}
     seen = False
     for name, tensor in state_dict.items():
-        value = _np(tensor)
+        value = _to_numpy(tensor)
         g = _GATED.match(name)
         if g and ".gated_cross_attn_layer." not in name:  # FlamingoLayer's alias of the same weights
             i, rest = g.groups()

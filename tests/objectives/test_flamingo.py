@@ -244,8 +244,11 @@ def test_open_flamingo_converter_refuses_other_checkpoints():
         convert_open_flamingo({"vision_encoder.proj": np.zeros((2, 2))})
     with pytest.raises(ValueError, match="frame_embs"):
         convert_open_flamingo({"perceiver.frame_embs": np.zeros((2, 1, 4))})
+    source = np.ones((5, 6), np.float32)
     got = convert_open_flamingo({"lang_encoder.gated_cross_attn_layers.3.attn.to_q.weight": np.ones((4, 2)),
                                  "lang_encoder.transformer.h.3.gated_cross_attn_layer.attn.to_q.weight": np.ones((4, 2)),
-                                 "perceiver.layers.1.1.3.weight": np.ones((5, 6))})
+                                 "perceiver.layers.1.1.3.weight": source})
     assert got["lm"]["gated_3"]["attn"]["to_q"]["kernel"].shape == (2, 4)
     assert got["resampler"]["ff_1"]["fc2"]["kernel"].shape == (6, 5)
+    source += 1.0   # the converted params are copies, not views an in-place update would reach
+    assert float(got["resampler"]["ff_1"]["fc2"]["kernel"].max()) == 1.0
