@@ -35,12 +35,33 @@ def mesh_context(mesh: Mesh):
     return mesh if hasattr(mesh, "__enter__") else contextlib.nullcontext()
 
 
+def _model_init_fn(objective, batch_spec):
+    """``rng -> objective.init(rng, zeros of batch_spec)`` (boxed params and extra), ONE function
+    object per (objective, batch spec): jax keys its trace cache on the function, so every
+    ``eval_shape`` and ``jit`` of it below shares a single trace of the model's init (before,
+    three function objects traced it three times per state; a whole model's init is the
+    costliest trace at start-up). Kept on the objective (a reference cycle the collector frees)."""
+    key = (jax.tree.structure(batch_spec),
+           tuple((tuple(s.shape), str(jax.dtypes.canonicalize_dtype(s.dtype))) for s in jax.tree.leaves(batch_spec)))
+    fns = objective.__dict__.setdefault("_fmjax_model_init_fns", {})
+    if key not in fns:
+        def model_init(rng):
+            batch = jax.tree.map(lambda s: jnp.zeros(s.shape, jax.dtypes.canonicalize_dtype(s.dtype)), batch_spec)
+            return objective.init(rng, batch)
+        fns[key] = model_init
+    return fns[key]
+
+
+def _unboxed_init(objective, batch_spec, rng):
+    """(params, extra, state rng) inside a trace: the shared model init (a cached jit call)."""
+    init_rng, state_rng = jax.random.split(rng)
+    params, extra = jax.jit(_model_init_fn(objective, batch_spec))(init_rng)
+    return nn.meta.unbox(params), nn.meta.unbox(extra), state_rng
+
+
 def _init_fn(objective, tx, batch_spec):
     def init(rng):
-        init_rng, state_rng = jax.random.split(rng)
-        batch = jax.tree.map(lambda s: jnp.zeros(s.shape, jax.dtypes.canonicalize_dtype(s.dtype)), batch_spec)
-        params, extra = objective.init(init_rng, batch)
-        params, extra = nn.meta.unbox(params), nn.meta.unbox(extra)
+        params, extra, state_rng = _unboxed_init(objective, batch_spec, rng)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), extra=extra, rng=state_rng)
     return init
@@ -50,8 +71,7 @@ def state_shardings(objective, tx, batch_spec, mesh: Mesh, rules, seed: int = 0)
     """Returns (abstract TrainState, TrainState of NamedShardings)."""
     rng = jax.random.PRNGKey(seed)
     with nn.logical_axis_rules(rules):
-        boxed_params, boxed_extra = jax.eval_shape(lambda r: objective.init(r, jax.tree.map(
-            lambda s: jnp.zeros(s.shape, jax.dtypes.canonicalize_dtype(s.dtype)), batch_spec)), rng)
+        boxed_params, boxed_extra = jax.eval_shape(_model_init_fn(objective, batch_spec), rng)
         abstract = jax.eval_shape(_init_fn(objective, tx, batch_spec), rng)
     replicated = NamedSharding(mesh, P())
     param_sh = rules_lib.param_shardings(boxed_params, mesh, rules)
@@ -86,10 +106,7 @@ def create_state(objective, tx, batch_spec, mesh: Mesh, rules, seed: int, shardi
         return state, shardings
 
     def init_params(rng):
-        init_rng, state_rng = jax.random.split(rng)
-        batch = jax.tree.map(lambda s: jnp.zeros(s.shape, jax.dtypes.canonicalize_dtype(s.dtype)), batch_spec)
-        params, extra = objective.init(init_rng, batch)
-        return nn.meta.unbox(params), nn.meta.unbox(extra), state_rng
+        return _unboxed_init(objective, batch_spec, rng)
 
     def finish(params, extra, state_rng):
         hook = getattr(objective, "after_model_init", None)
