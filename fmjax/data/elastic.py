@@ -190,7 +190,7 @@ def make_global_train_iterator(
     local = local[pi::pc]  # sub-batch k*P + p = process p's part of global batch k
     info = dict(global_batch_size=int(global_batch_size), num_examples=int(n), seed=int(seed),
                 shuffle=bool(shuffle), num_epochs=None if num_epochs is None else int(num_epochs))
-    read = gp.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * local_bs)
+    read = pipeline.read_options(read_threads)
     iterator = GlobalOrderIterator(local, read_options=read, worker_count=worker_count, info=info,
                                    process_index=pi, process_count=pc)
     if worker_count:

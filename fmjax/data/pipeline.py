@@ -188,6 +188,19 @@ class _Batch:
         return f"{what}: {fix}."
 
 
+def read_options(read_threads: int) -> "gp.ReadOptions":
+    """grain's read options for a dataset whose elements are whole batches (``batch`` runs on
+    the MapDataset): ``read_threads`` threads each build a batch, at most
+    ``max(2, read_threads)`` batches ahead of the trainer.
+
+    grain's ``prefetch_buffer_size`` counts the dataset's elements, here batches. It was
+    ``2 * local batch size``: 256 batches ahead at batch 128 (hundreds of MB of host memory on
+    the CPU presets; at ImageNet sizes more than a host has). On the 2-core CPU the readers
+    then ran flat out beside the train step for the first ~40 s of every run: configs/clip.py's
+    default stepped at 0.9/s for ~40 steps before reaching 1.5/s (2026-12-06)."""
+    return gp.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, int(read_threads)))
+
+
 def _close_at_exit(iterator) -> None:
     """Closes a worker-process iterator at interpreter exit if still open: its workers and
     buffered shared-memory batches are released before module teardown, where grain's
@@ -263,8 +276,7 @@ def make_train_iterator(
     ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(_IndexedTransform(_as_transform(transform), seed, pi))
     ds = ds.batch(local_bs, drop_remainder=True, batch_fn=_Batch(pp_key, example_shapes))
-    read = gp.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * local_bs)
-    it_ds = ds.to_iter_dataset(read)
+    it_ds = ds.to_iter_dataset(read_options(read_threads))
     if worker_count:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(gp.MultiprocessingOptions(num_workers=worker_count))
