@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="fmjax_shapes/64", data_dir=ml_collections.config_dict.placeholder(str), train_split="train", image_size=64,
         normalization="imagenet", worker_count=0, pp_train="", pp_eval="",
-        read_threads=4,        # grain threads reading + transforming examples in each process
+        read_threads=4,        # grain threads reading + transforming examples in each process (each builds a batch; max(2, n) batches ahead)
         skip_bad_examples=0,   # up to N unreadable examples skipped with a warning (0: stop at the first)
         classes="",            # train on these classes only, ids or names: 'heart' or '0,3' (fmjax/data/class_subset.py)
         exclude_classes="",    # train without these classes (e.g. held out of a base run, adapted to later)
