@@ -7,6 +7,7 @@ out_shardings=...)`` creates each shard where it lives.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import flax
@@ -105,9 +106,6 @@ def create_state(objective, tx, batch_spec, mesh: Mesh, rules, seed: int, shardi
             state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
         return state, shardings
 
-    def init_params(rng):
-        return _unboxed_init(objective, batch_spec, rng)
-
     def finish(params, extra, state_rng):
         hook = getattr(objective, "after_model_init", None)
         extra = hook(params, extra) if hook is not None else extra
@@ -115,7 +113,7 @@ def create_state(objective, tx, batch_spec, mesh: Mesh, rules, seed: int, shardi
                           opt_state=tx.init(params), extra=extra, rng=state_rng)
 
     with nn.logical_axis_rules(rules):
-        params, extra, state_rng = jax.jit(init_params, out_shardings=(
+        params, extra, state_rng = jax.jit(functools.partial(_unboxed_init, objective, batch_spec), out_shardings=(
             shardings.params, shardings.extra, shardings.rng))(jax.random.PRNGKey(seed))
     params = load_params(params, shardings.params)
     with nn.logical_axis_rules(rules):
