@@ -69,6 +69,9 @@ def _check(config, data_for=None):
     (dict(type="zero_shot"), "config.evals.e: objective 'mae' has no text tower."),
     (dict(type="metrics"), "config.evals.e: objective 'mae' has no eval_metrics."),
     (dict(type="generation", classifier_workdir="x"), "type 'generation' needs a class- or text-conditional"),
+    # fewer examples than one batch: the loss eval skips the padded tail, so it averaged nothing (0.0)
+    (dict(type="loss", examples=3), "config.evals.e: examples=3, fewer than one full batch of 16"),
+    (dict(type="loss", examples=40, batch_size=64), "raise config.evals.e.examples to at least 64"),
 ])
 def test_bad_entries(tiny_config, ev, expected):
     c = tiny_config("mae")
@@ -128,3 +131,17 @@ def test_errors_come_before_anything_is_written(tiny_config, tmp_path):
         loop.train_and_evaluate(c, str(tmp_path / "wd"), devices=ONE_DEVICE)
     assert "config.evals.few: unknown key ['l2reg'] for type 'fewshot'" in str(e.value)
     assert "'l2_reg'" in str(e.value) and not os.path.exists(tmp_path / "wd")
+
+
+def test_a_loss_eval_on_a_split_shorter_than_a_batch_is_an_error_not_zero(tiny_config, tmp_path):
+    """No full batch in the split (the batch is larger than the whole validation split): the
+    loss eval used to report 0.0; it is now a one-line error naming the split's size."""
+    from fmjax.data import sources
+    c = tiny_config("mae", eval_at_start=True)
+    n = len(sources.get_source(c.data.name, "validation", c.data.data_dir))
+    c.evals = dict(e=dict(type="loss", batch_size=n + 16))
+    with pytest.raises(ConfigError) as e:
+        loop.train_and_evaluate(c, str(tmp_path / "wd"), devices=ONE_DEVICE)
+    assert "\n" not in str(e.value)
+    assert f"config.evals.e: split 'validation' of 'fmjax_shapes/32' has {n} examples, fewer than one " \
+           f"full batch of {n + 16}" in str(e.value), str(e.value)
