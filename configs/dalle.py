@@ -36,7 +36,10 @@ background, as configs/diffusion.py:cpu), 16-token captions, a 2-group dVAE (16x
 Paper preset (Ramesh et al. 2021): ``12B`` (64 layers, width 3968, 62 heads; 256 BPE text
 tokens of 16384, 32x32 codes of OpenAI's 8192-code dVAE; (row, column, row, row) attention
 with a last conv layer; text loss 1/8, image 7/8; AdamW b2 0.96, eps 1e-8, wd 4.5e-2, lr
-4.5e-4 with 5000 warm-up steps, grad clip 4; batch 1024, 430,000 updates):
+4.5e-4 with 5000 warm-up steps, grad clip 4; batch 1024, 430,000 updates; the paper names no
+weight-decay groups, so every parameter decays, as torch.optim.AdamW(model.parameters()) does:
+optimizer.decay_all=True, as configs/dvae.py:openai_8192; tests/reference/test_dalle_trajectory.py
+runs fmjax's step beside a torch transcription of the paper's for 30 steps):
     python launch/train.py --config=configs/dalle.py:paper_12b --workdir=DIR \\
         --config.objective.tokenizer.torch=encoder.pt --config.data.name=DATASET
   fmjax ships no 16384-token BPE: the preset uses CLIP's BPE (data.tokenize.tokenizer='clip_bpe',
@@ -113,6 +116,7 @@ def get_config(arg: str = "default"):
         c.dtype = "bfloat16"
         c.optimizer.update(dict(name="adamw", lr=4.5e-4, b1=0.9, b2=0.96, eps=1e-8, weight_decay=4.5e-2,
                                 warmup_steps=5000, clip_norm=4.0))
+        c.optimizer.decay_all = True   # every param decays (the paper names no groups)
         c.objective.tokenizer = dict(torch=ml_collections.config_dict.placeholder(str))
         c.evals = dict(images=dict(type="images", split="validation"))
     else:

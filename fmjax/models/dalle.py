@@ -24,7 +24,11 @@ tuple as long as ``depth`` gives each layer its own), on top of the causal mask:
 - ``conv``: the same within a ``conv_kernel`` x ``conv_kernel`` window centred on it (the
   causal half: earlier tokens only).
 
-Text tokens always attend causally to all text tokens. The paper's 64-layer model uses
+Text tokens always attend causally to all text tokens. These are DALLE-pytorch's axial
+readings of the paper's figure 11, which may instead draw ``row`` as the previous
+``image_grid + 1`` tokens in raster order (the Sparse Transformer's strided pattern) and
+``conv`` with wrap-around at the grid's edges (not checked against the paper's figure here;
+tests/reference/test_dalle_trajectory.py pins this module's reading). The paper's 64-layer model uses
 (row, column, row, row) repeated with a last convolutional layer: pass that list per layer
 (``paper_attention_types(depth)``). DALL-E's own sparse kernels skip the masked blocks; here
 the masks are dense boolean masks on the attention logits (the same numbers; the FLOPs of full
