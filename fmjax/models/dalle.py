@@ -19,18 +19,21 @@ tuple as long as ``depth`` gives each layer its own), on top of the causal mask:
 
 - ``full``: causal attention over everything (the default);
 - ``row``: an image token attends to every text token and to the earlier image tokens of its
-  own row;
+  own row (DALLE-pytorch's ``axial_row``);
+- ``paper_row``: the same but over the previous ``image_grid`` image tokens in raster order
+  (a window that reaches back into the previous row, as far as the same column): the paper's
+  row mask, figure 11 (a), as summarised from it (on a 4x4 grid the 8th image token reads
+  the 4th to the 8th), the Sparse Transformer's strided local window; the paper preset's;
 - ``column``: the same within its own column;
 - ``conv``: the same within a ``conv_kernel`` x ``conv_kernel`` window centred on it (the
   causal half: earlier tokens only).
 
-Text tokens always attend causally to all text tokens. These are DALLE-pytorch's axial
-readings of the paper's figure 11, which may instead draw ``row`` as the previous
-``image_grid + 1`` tokens in raster order (the Sparse Transformer's strided pattern) and
-``conv`` with wrap-around at the grid's edges (not checked against the paper's figure here;
-tests/reference/test_dalle_trajectory.py pins this module's reading). The paper's 64-layer model uses
-(row, column, row, row) repeated with a last convolutional layer: pass that list per layer
-(``paper_attention_types(depth)``). DALL-E's own sparse kernels skip the masked blocks; here
+Text tokens always attend causally to all text tokens. ``row``, ``column`` and ``conv`` are
+DALLE-pytorch's axial / window readings; the paper's figure 11 could not be read here (no
+network): ``paper_row`` follows a summary of it, and its ``conv`` may wrap around the grid's
+edges, which this module's does not. The paper's 64-layer model uses (row, column, row, row)
+repeated with a last convolutional layer: ``paper_attention_types(depth)`` gives that list per
+layer with ``paper_row`` rows. DALL-E's own sparse kernels skip the masked blocks; here
 the masks are dense boolean masks on the attention logits (the same numbers; the FLOPs of full
 attention), applied by an attention hook (``fmjax.models.inject``) on the layers of
 ``fmjax.models.decoder.Decoder``, which supplies the blocks, the KV cache and the sampling
@@ -53,7 +56,7 @@ import numpy as np
 from fmjax.models import inject
 from fmjax.models.decoder import Decoder
 
-ATTENTION_TYPES = ("full", "row", "column", "conv")
+ATTENTION_TYPES = ("full", "row", "paper_row", "column", "conv")
 NEG_INF = -1e9
 
 # name -> (width, depth, num_heads, mlp_dim)
@@ -80,8 +83,9 @@ def dalle_kwargs(variant: Optional[str], **overrides) -> dict:
 
 
 def paper_attention_types(depth: int) -> tuple:
-    """The paper's layer pattern: (row, column, row, row) repeated, the last layer ``conv``."""
-    cycle = ("row", "column", "row", "row")
+    """The paper's layer pattern: (row, column, row, row) repeated, the last layer ``conv``;
+    its rows are ``paper_row`` (the raster window of figure 11 (a))."""
+    cycle = ("paper_row", "column", "paper_row", "paper_row")
     return tuple(cycle[i % 4] for i in range(depth - 1)) + ("conv",)
 
 
@@ -112,6 +116,8 @@ def attention_pattern(kind: str, text_length: int, image_grid: int, conv_kernel:
     c = np.where(img, (pos - n) % g, -1)
     if kind == "row":
         near = r[:, None] == r[None, :]
+    elif kind == "paper_row":   # the previous g image tokens in raster order (and itself)
+        near = (pos[:, None] - pos[None, :]) <= g
     elif kind == "column":
         near = c[:, None] == c[None, :]
     else:

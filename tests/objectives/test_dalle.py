@@ -27,11 +27,11 @@ def _brute(kind, n, g, q, k, kernel=3):
     if k < n:
         return True            # image query: every text token
     (rq, cq), (rk, ck) = divmod(q - n, g), divmod(k - n, g)
-    return {"full": True, "row": rq == rk, "column": cq == ck,
+    return {"full": True, "row": rq == rk, "column": cq == ck, "paper_row": q - k <= g,
             "conv": abs(rq - rk) <= kernel // 2 and abs(cq - ck) <= kernel // 2}[kind]
 
 
-@pytest.mark.parametrize("kind", ["full", "row", "column", "conv"])
+@pytest.mark.parametrize("kind", ["full", "row", "paper_row", "column", "conv"])
 def test_attention_patterns_follow_the_rule(kind):
     n, g = 3, 4
     got = attention_pattern(kind, n, g)
@@ -40,9 +40,22 @@ def test_attention_patterns_follow_the_rule(kind):
     assert got.diagonal().all()   # every token sees itself
 
 
+def test_paper_row_is_the_raster_window_of_figure_11():
+    """Figure 11 (a)'s example, 6 text tokens and a 4x4 grid: the 8th image token (the last of
+    the second row) reads every text token, the 4th to the 8th image tokens (its row and the
+    4th, the same column one row up) and nothing else; the 5th (first of the second row) reads
+    the whole first row. The axial 'row' reads only the 5th to the 8th."""
+    n, g = 6, 4
+    paper, axial = attention_pattern("paper_row", n, g), attention_pattern("row", n, g)
+    image = lambda i: n + i - 1   # the i-th image token (1-based) -> its position
+    assert set(np.flatnonzero(paper[image(8)])) == set(range(n)) | {image(i) for i in range(4, 9)}
+    assert set(np.flatnonzero(paper[image(5)])) == set(range(n)) | {image(i) for i in range(1, 6)}
+    assert set(np.flatnonzero(axial[image(8)])) == set(range(n)) | {image(i) for i in range(5, 9)}
+
+
 def test_layer_types_cycle_and_paper_pattern():
     assert layer_types(("row", "column"), 5) == ("row", "column", "row", "column", "row")
-    assert paper_attention_types(6) == ("row", "column", "row", "row", "row", "conv")
+    assert paper_attention_types(6) == ("paper_row", "column", "paper_row", "paper_row", "paper_row", "conv")
     with pytest.raises(ValueError, match="'diagonal'"):
         layer_types(("row", "diagonal"), 2)
 
@@ -86,7 +99,7 @@ def test_logits_are_masked_to_the_vocabulary_each_position_predicts():
     assert (image_pos[..., :20] <= -1e8).all() and (image_pos[..., 20:] > -1e8).all()
 
 
-@pytest.mark.parametrize("types", [("full",), ("row", "column", "conv")])
+@pytest.mark.parametrize("types", [("full",), ("row", "column", "conv"), ("paper_row",)])
 def test_cached_sampling_equals_recomputing_the_sequence(types):
     m = _model(depth=3, attention_types=types)
     prompt = jnp.asarray(np.random.default_rng(2).integers(0, 20, (2, 4)))
