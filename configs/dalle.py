@@ -37,10 +37,11 @@ Paper preset (Ramesh et al. 2021): ``12B`` (64 layers, width 3968, 62 heads; 256
 tokens of 16384, 32x32 codes of OpenAI's 8192-code dVAE; (row, column, row, row) attention
 with a last conv layer, the rows the raster window of figure 11 (a) (model attention type
 'paper_row'; the default and cpu presets use the axial 'row'); text loss 1/8, image 7/8;
-AdamW b2 0.96, eps 1e-8, wd 4.5e-2, lr 4.5e-4 with 5000 warm-up steps, grad clip 4; batch 1024, 430,000 updates; the paper names no
-weight-decay groups, so every parameter decays, as torch.optim.AdamW(model.parameters()) does:
-optimizer.decay_all=True, as configs/dvae.py:openai_8192; tests/reference/test_dalle_trajectory.py
-runs fmjax's step beside a torch transcription of the paper's for 30 steps):
+AdamW b2 0.96, eps 1e-8, wd 4.5e-2, lr 4.5e-4 with 5000 warm-up steps, grad clip 4; batch
+1024, 430,000 updates; the paper names no weight-decay groups, so every parameter decays, as
+torch.optim.AdamW(model.parameters()) does: optimizer.decay_all=True, as
+configs/dvae.py:openai_8192; tests/reference/test_dalle_trajectory.py runs fmjax's step beside
+a torch transcription of the paper's for 30 steps):
     python launch/train.py --config=configs/dalle.py:paper_12b --workdir=DIR \\
         --config.objective.tokenizer.torch=encoder.pt --config.data.name=DATASET
   fmjax ships no 16384-token BPE: the preset uses CLIP's BPE (data.tokenize.tokenizer='clip_bpe',
