@@ -46,17 +46,24 @@ def table_peak_tflops(device) -> float | None:
     return None
 
 
-def measured_peak_tflops(dtype="float32", n: int = 512, reps: int = 10) -> float:
-    """Dense ``n x n`` matmul TFLOP/s on the default device (the practical peak)."""
+def measured_peak_tflops(dtype="float32", n: int = 512, reps: int = 10, trials: int = 5) -> float:
+    """Dense ``n x n`` matmul TFLOP/s on the default device (the practical peak): the fastest of
+    ``trials`` timings of ``reps`` matmuls. One timing (the former measure, ~15 ms on the 2-core
+    CPU at n = 512) read 0.157-0.246 TFLOP/s in nine launches of 2026-12-07, so a run's MFU
+    moved by 1.5x with nothing else changed; the best of 5 is what the chip can do when
+    nothing competes with it (the training pipeline's threads start at the same moment)."""
     import jax.numpy as jnp
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+    best = float("inf")
+    for _ in range(max(1, int(trials))):
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = f(a)
+        out.block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 * reps / best / 1e12
 
 
 def peak_tflops(config, device=None) -> tuple[float, str]:
