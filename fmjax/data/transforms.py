@@ -413,10 +413,12 @@ class normalize(ImageOp):  # noqa: N801
             raise ValueError("normalize needs std when mean is not a preset name")
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self._mean = np.asarray(self.mean, np.float32)  # built once: a view's normalize is
+        self._std = np.asarray(self.std, np.float32)    # microseconds on DINO's small crops
 
     def apply(self, image, rng):
         x = image.astype(np.float32) / np.float32(255.0)
-        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return (x - self._mean) / self._std
 
 
 @register_op

@@ -180,3 +180,28 @@ def test_swap_words_hard_negative_caption():
         "one circle", "one star")
     with pytest.raises(ValueError, match="at least two distinct words"):
         tr.swap_words(("circle", "Circle"))
+
+
+def test_contrast_equals_pillows_enhance_bit_for_bit():
+    """color_jitter's contrast takes the luma's mean with NumPy instead of ImageStat (faster on
+    small views); the image must be Pillow's own, for RGB and L, shrinking and extrapolating,
+    including flat images and means that sit on a half (the rounding of int(mean + 0.5))."""
+    from PIL import Image, ImageEnhance
+    rng = _rng(1)
+    cases = 0
+    for k in range(400):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        if k % 4 == 1:
+            img = (img // 85 * 85).astype(np.uint8)          # few levels: ties in the mean
+        if k % 4 == 2:
+            img[:] = img[0, 0]                                 # flat
+        for pil in (Image.fromarray(img), Image.fromarray(img).convert("L")):
+            for f in (float(rng.uniform(0.6, 1.4)), float(rng.uniform(0, 3)), 0.0, 1.0):
+                want = np.asarray(ImageEnhance.Contrast(pil).enhance(f))
+                np.testing.assert_array_equal(np.asarray(color_ops._contrast(pil, f)), want)
+                cases += 1
+    two = Image.fromarray(np.array([[[0, 0, 0], [1, 1, 1]]], np.uint8))  # mean 0.5 -> grey 1
+    np.testing.assert_array_equal(np.asarray(color_ops._contrast(two, 0.0)),
+                                  np.asarray(ImageEnhance.Contrast(two).enhance(0.0)))
+    assert cases == 3200
