@@ -4,6 +4,7 @@
 (U-Net, DiT) zero their output layers, so a parity or gradient test on raw init would
 compare zeros.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -11,6 +12,25 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Runs the block with torch on one intra-op thread, then restores the count (a no-op
+    when torch was never imported). The PyTorch references of the parity and trajectory tests
+    use it: beside a busy core, torch's spinning OpenMP workers made them ~10-100x slower
+    (the BLIP and Flamingo trajectory tests took 126 s each in CI, 11 s and 9 s alone). Their
+    outputs do not depend on the count."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def perturb(params, seed: int = 0, scale: float = 0.1):

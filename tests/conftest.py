@@ -30,7 +30,7 @@ import pytest  # noqa: E402
 # on a slower moment of the same machine, 163.5 s default vs 155.1 s with these thresholds.
 gc.set_threshold(50_000, 20, 100)
 
-from fmjax.testing import load_config  # noqa: E402
+from fmjax.testing import load_config, one_torch_thread  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 # Every compilation is cached, not only those over jax's 1 s default: most of the suite's
@@ -161,17 +161,8 @@ def _compile_effort(request, monkeypatch):
 # alone). Only where the test module imported torch; its outputs do not depend on the count.
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    import sys
-    torch = sys.modules.get("torch")
-    if torch is None:
+    with one_torch_thread():
         yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(session, config, items):

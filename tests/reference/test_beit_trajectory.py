@@ -57,6 +57,7 @@ from fmjax.parallel.rules import get_rules  # noqa: E402
 from fmjax.train import optimizer as opt_lib  # noqa: E402
 from fmjax.train.state import create_state, mesh_context  # noqa: E402
 from fmjax.train.step import jit_train_step, make_train_step  # noqa: E402
+from fmjax.testing import one_torch_thread  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from beit_blocks import Block, PatchEmbed, RelativePositionBias  # noqa: E402
@@ -252,15 +253,11 @@ def compare(ref, state, losses):
 
 @functools.lru_cache(maxsize=None)
 def reference_run():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         model = reference_model()
         init = to_fmjax(model)
         batches = make_batches()
         losses, clipped = run_reference(model, batches)
-    finally:
-        torch.set_num_threads(threads)
     return dict(init=init, batches=batches, losses=losses, clipped=clipped, final=to_fmjax(model))
 
 

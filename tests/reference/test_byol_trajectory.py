@@ -89,6 +89,7 @@ from fmjax.parallel.rules import get_rules  # noqa: E402
 from fmjax.train import optimizer as opt_lib  # noqa: E402
 from fmjax.train.state import create_state, mesh_context  # noqa: E402
 from fmjax.train.step import jit_train_step, make_train_step  # noqa: E402
+from fmjax.testing import one_torch_thread  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RTOL, ATOL = 1e-5, 1e-6
@@ -426,15 +427,11 @@ def compare(ref, losses, state):
 @functools.lru_cache(maxsize=None)
 def reference_run():
     """The reference trajectory (and the shared initial weights and batches), run once."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         online, target = reference_models()
         init_online, init_target = to_fmjax(online), to_fmjax(target, with_predictor=False)
         batches = make_batches()
         losses, lrs, taus = run_reference(online, target, batches)
-    finally:
-        torch.set_num_threads(threads)
     return dict(init_online=init_online, init_target=init_target, batches=batches, losses=losses,
                 lrs=lrs, taus=taus, online=to_fmjax(online), target=to_fmjax(target, with_predictor=False))
 

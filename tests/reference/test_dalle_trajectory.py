@@ -96,7 +96,7 @@ F = torch.nn.functional
 
 from fmjax.interop import hf_gpt2  # noqa: E402
 from fmjax.models import dalle as fm_dalle  # noqa: E402
-from fmjax.testing import load_config  # noqa: E402
+from fmjax.testing import load_config, one_torch_thread  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dall_e_model import Encoder, map_pixels, perturbed  # noqa: E402
@@ -357,12 +357,8 @@ def run_fmjax(config, params0, batches):
 def reference(tmp_path_factory):
     # One torch thread, as conftest's function-scoped _one_torch_thread (which a module fixture
     # runs before): torch's spinning OpenMP workers beside a busy core cost 10x here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return _reference(tmp_path_factory)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _reference(tmp_path_factory):

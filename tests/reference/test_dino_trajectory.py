@@ -78,6 +78,7 @@ from fmjax.parallel.rules import get_rules  # noqa: E402
 from fmjax.train import optimizer as opt_lib  # noqa: E402
 from fmjax.train.state import create_state, mesh_context  # noqa: E402
 from fmjax.train.step import jit_train_step, make_train_step  # noqa: E402
+from fmjax.testing import one_torch_thread  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RTOL, ATOL = 1e-5, 1e-6
@@ -510,15 +511,11 @@ def compare(ref, state, losses):
 @functools.lru_cache(maxsize=None)
 def reference_run(norm_last_layer):
     """The reference trajectory (and the shared initial weights and batches), run once."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         student, teacher = reference_models(norm_last_layer)
         init = to_fmjax(student.state_dict(), norm_last_layer)
         batches = make_batches()
         losses, center, clipped = run_reference(student, teacher, batches)
-    finally:
-        torch.set_num_threads(threads)
     return dict(norm_last_layer=norm_last_layer, init=init, batches=batches, losses=losses,
                 center=center, clipped=clipped,
                 student=to_fmjax(student.state_dict(), norm_last_layer),

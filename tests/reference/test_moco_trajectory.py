@@ -93,6 +93,7 @@ from fmjax.parallel.rules import get_rules  # noqa: E402
 from fmjax.train import optimizer as opt_lib  # noqa: E402
 from fmjax.train.state import create_state, mesh_context  # noqa: E402
 from fmjax.train.step import jit_train_step, make_train_step  # noqa: E402
+from fmjax.testing import one_torch_thread  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timm032_blocks import Block  # noqa: E402
@@ -434,15 +435,11 @@ def _with_invariant_from(params, source):
 @functools.lru_cache(maxsize=None)
 def reference_run():
     """The reference trajectory (and the shared initial weights and batches), run once."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         model = reference_model()
         init_params, init_momentum = to_fmjax(model.state_dict())
         batches = make_batches()
         losses, lrs, ms = run_reference(model, batches)
-    finally:
-        torch.set_num_threads(threads)
     params, momentum = to_fmjax(model.state_dict())
     return dict(init_params=init_params, init_momentum=init_momentum, batches=batches,
                 losses=losses, lrs=lrs, ms=ms, params=params, momentum=momentum)

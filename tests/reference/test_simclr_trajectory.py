@@ -100,6 +100,7 @@ from fmjax.parallel.rules import get_rules  # noqa: E402
 from fmjax.train import optimizer as opt_lib  # noqa: E402
 from fmjax.train.state import create_state, mesh_context  # noqa: E402
 from fmjax.train.step import jit_train_step, make_train_step  # noqa: E402
+from fmjax.testing import one_torch_thread  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RTOL, ATOL = 1e-5, 1e-6
@@ -467,15 +468,11 @@ def compare(ref, losses, params):
 
 @functools.lru_cache(maxsize=None)
 def reference_run():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         model = reference_model()
         init = to_fmjax(model)
         batches = make_batches()
         losses, accs, lrs = run_reference(model, batches)
-    finally:
-        torch.set_num_threads(threads)
     return dict(init=init, batches=batches, losses=losses, accs=accs, lrs=lrs, final=to_fmjax(model))
 
 
@@ -658,17 +655,13 @@ def test_simclr_resnet_trajectory_matches_reference():
     or a 4x smaller lr do not calm it; at a 20x smaller lr the reference and fmjax still end
     3.7e-4 apart in the losses after 31 steps.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         model = reference_resnet_model()
         init = resnet_to_fmjax(model)
         batches = make_batches()
         ref_losses, _, ref_lrs = run_reference(model, batches)
         short = reference_resnet_model()
         short_losses, short_accs, _ = run_reference(short, batches[:EXACT_STEPS])
-    finally:
-        torch.set_num_threads(threads)
     np.testing.assert_allclose(short_losses, ref_losses[:EXACT_STEPS], rtol=1e-6)
     config = simclr_resnet_config()
     losses, accs, lrs, params = run_fmjax(config, init, batches[:EXACT_STEPS])

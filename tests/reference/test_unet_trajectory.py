@@ -110,6 +110,7 @@ from fmjax.parallel.rules import get_rules  # noqa: E402
 from fmjax.train import optimizer as opt_lib  # noqa: E402
 from fmjax.train.state import create_state, mesh_context  # noqa: E402
 from fmjax.train.step import jit_train_step, make_train_step  # noqa: E402
+from fmjax.testing import one_torch_thread  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
 IMG, CHANNELS, BATCH, STEPS, WARMUP = 16, 3, 4, 25, 10
@@ -278,12 +279,8 @@ def reference_run(seed=0):
     ref_batches = [torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))) for x in batches]
     ref_draws = [(torch.from_numpy(np.array(t)).long(),
                   torch.from_numpy(np.ascontiguousarray(np.asarray(n).transpose(0, 3, 1, 2)))) for t, n in draws]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a shared 2-core machine: 100x slower
-    try:
+    with one_torch_thread():  # 2 threads on a shared 2-core machine: 100x slower
         losses, ema, lrs, norms = reference_train(model, ref_batches, ref_draws)
-    finally:
-        torch.set_num_threads(threads)
     return dict(init=params0, batches=batches, losses=losses, lrs=lrs, norms=norms,
                 params=to_fmjax(model), ema=to_fmjax(ema))
 
