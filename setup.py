@@ -17,6 +17,10 @@ setup(
         "tensorflow-datasets>=4.9.7",
         "grain>=0.2.10",
         "numpy>=1.26",
+        # jax's own requirement is >=0.5. 0.7.0's C extension takes 0.6 s to import (600 ms in
+        # numpy's PyUFunc_AddLoop, measured 2026-12-07 with numpy 2.1-2.4; 0.5.4 / 0.6.0 take
+        # 5-7 ms): half the start-up of every launcher, and ~20% of the CLI-heavy tests' time.
+        "ml_dtypes>=0.5,<0.7",
         "pillow>=10.0",
         "absl-py>=2.0",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
