@@ -43,6 +43,7 @@ from typing import Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from fmjax.data.color_ops import enhance_contrast
 from fmjax.data.registry import register_op
 from fmjax.data.transforms import _check_uint8, _from_pil, _resample, _to_pil, ImageOp
 
@@ -152,6 +153,10 @@ def _enhance(cls):
     return lambda img, kw, factor: cls(img).enhance(factor)
 
 
+def _contrast(img, kw, factor):
+    return enhance_contrast(img, factor)
+
+
 # timm name -> (level function or None, PIL op); GEOMETRIC ops also take the resampling filter
 OPS = {
     "AutoContrast": (None, _auto_contrast),
@@ -165,8 +170,8 @@ OPS = {
     "SolarizeAdd": (_solarize_add_arg, _solarize_add),
     "Color": (_enhance_arg, _enhance(ImageEnhance.Color)),
     "ColorIncreasing": (_enhance_increasing_arg, _enhance(ImageEnhance.Color)),
-    "Contrast": (_enhance_arg, _enhance(ImageEnhance.Contrast)),
-    "ContrastIncreasing": (_enhance_increasing_arg, _enhance(ImageEnhance.Contrast)),
+    "Contrast": (_enhance_arg, _contrast),   # = ImageEnhance.Contrast, bit for bit
+    "ContrastIncreasing": (_enhance_increasing_arg, _contrast),
     "Brightness": (_enhance_arg, _enhance(ImageEnhance.Brightness)),
     "BrightnessIncreasing": (_enhance_increasing_arg, _enhance(ImageEnhance.Brightness)),
     "Sharpness": (_enhance_arg, _enhance(ImageEnhance.Sharpness)),

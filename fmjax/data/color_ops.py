@@ -31,7 +31,7 @@ class color_jitter(RandomImageOp):  # noqa: N801
                 img = ImageEnhance.Brightness(img).enhance(f)
             elif i == 1 and self.contrast > 0:
                 f = rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast)
-                img = _contrast(img, f)
+                img = enhance_contrast(img, f)
             elif i == 2 and self.saturation > 0 and rgb:
                 f = rng.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation)
                 img = ImageEnhance.Color(img).enhance(f)
@@ -43,10 +43,10 @@ class color_jitter(RandomImageOp):  # noqa: N801
         return _from_pil(img, image)
 
 
-def _contrast(img: Image.Image, factor: float) -> Image.Image:
+def enhance_contrast(img: Image.Image, factor: float) -> Image.Image:
     """``ImageEnhance.Contrast(img).enhance(factor)``, equal bit for bit, with the luma's mean
     taken by NumPy: ``ImageStat``'s 256-step Python loop over the histogram was a third of
-    colour jitter's time on DINO's 16-32 px views. The sum of the luma is an exact integer, so
+    colour jitter's time on DINO's 16-32 px views. RandAugment's Contrast uses it too. The sum of the luma is an exact integer, so
     ``int(mean + 0.5)`` picks the same grey (tests/data/test_transforms.py checks it)."""
     if img.mode not in ("L", "RGB"):
         return ImageEnhance.Contrast(img).enhance(factor)
