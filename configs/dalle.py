@@ -22,12 +22,12 @@ background, as configs/diffusion.py:cpu), 16-token captions, a 2-group dVAE (16x
     python launch/train.py --config=configs/dalle.py:cpu --workdir=/tmp/dalle_cpu \\
         --config.objective.tokenizer.workdir=/tmp/dvae_simple
   Since 2026-12-07 the dVAE is configs/dvae.py:simple (the cpu recipe's straight-through argmax
-  codes and codebook-usage term, 2 groups, 2000 steps, 18 min): the classifier (0.945 on real
-  images) scores its hard-token reconstructions 0.447 (measured with a 1-step run of this
-  preset, eval/generation_classifier_recon_accuracy), and 0.453 with the paper's KL weight per
-  pixel value for 2x2 patches (configs/dvae.py's docstring). Samples decode through the same
-  decoder, so that is roughly their ceiling, still under the 0.5 gate; no DALL-E was trained
-  on this dVAE yet. Earlier, with the
+  codes and codebook-usage term, 2 groups of width 64, 1000 steps, 14.5 min): the classifier
+  (0.945 on real images) recognises its hard-token reconstructions 0.553 (measured with a
+  1-step run of this preset: eval/generation_classifier_recon_accuracy; 0.447-0.453 with the
+  narrower dVAEs in configs/dvae.py's docstring). Samples decode through the same decoder, so
+  that is roughly their ceiling: the 0.5 gate is within it, with little room. No DALL-E has
+  been trained on this dVAE yet. Earlier, with the
   default's recipe on 2 groups:
   Measured 2026-12-03 (2-core CPU): the dVAE (1500 steps, 17 min) reconstructs from its hard
   codes at 17x the 2x2 patch-mean baseline's MSE (colour blobs), and the classifier (0.941 on
