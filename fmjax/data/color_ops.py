@@ -46,8 +46,9 @@ class color_jitter(RandomImageOp):  # noqa: N801
 def enhance_contrast(img: Image.Image, factor: float) -> Image.Image:
     """``ImageEnhance.Contrast(img).enhance(factor)``, equal bit for bit, with the luma's mean
     taken by NumPy: ``ImageStat``'s 256-step Python loop over the histogram was a third of
-    colour jitter's time on DINO's 16-32 px views. RandAugment's Contrast uses it too. The sum of the luma is an exact integer, so
-    ``int(mean + 0.5)`` picks the same grey (tests/data/test_transforms.py checks it)."""
+    colour jitter's time on DINO's 16-32 px views. RandAugment's Contrast uses it too. The sum
+    of the luma is an exact integer, so ``int(mean + 0.5)`` picks the same grey
+    (tests/data/test_transforms.py checks it)."""
     if img.mode not in ("L", "RGB"):
         return ImageEnhance.Contrast(img).enhance(factor)
     luma = img if img.mode == "L" else img.convert("L")
