@@ -103,7 +103,10 @@ def get_config(arg: str = "default"):
                 group_count=3, n_hid=32, n_blk_per_group=1, vocab_size=512, n_init=64))
         else:  # the simple shapes (one object on a plain background), scored (see the docstring)
             c.data.name = "fmjax_shapes/simple_32"
-            c.data.tokenize = dict(context_length=16, tokenizer="words", vocab_size=2048)
+            # 258 buckets: the smallest size at which the 59 words of the shapes captions take
+            # distinct buckets (tokenizer.WordHashTokenizer(258, vocabulary='shapes') checks), so
+            # the joint vocabulary is 786 ids, not 2576: 19% fewer FLOPs per step (XLA's count).
+            c.data.tokenize = dict(context_length=16, tokenizer="words", vocab_size=258)
             _pipelines(c)
             # A 2-group dVAE's 16x16 codes (256 image tokens): an 8x8 grid cannot carry the shape.
             c.model = dict(name="dalle", width=96, depth=4, num_heads=4, mlp_dim=384,

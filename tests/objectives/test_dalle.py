@@ -116,6 +116,17 @@ def test_cached_sampling_equals_recomputing_the_sequence(types):
 
 
 # -- the objective's pieces -------------------------------------------------------------------------
+def test_cpu_preset_text_vocabulary_keeps_every_shapes_word_apart():
+    """The cpu preset's small 'words' vocabulary (for speed) must not merge two caption words."""
+    from fmjax.data.tokenizer import WordHashTokenizer
+    from fmjax.testing import load_config
+    tok = load_config("dalle", "cpu").data.tokenize
+    assert tok.tokenizer == "words"
+    decoder = WordHashTokenizer(tok.vocab_size, vocabulary="shapes")   # raises on a shared bucket
+    text = "a photo of a large purple heart on the left."
+    assert decoder.decode(decoder([text], context_length=tok.context_length)[0]) == text
+
+
 def test_unique_pads_replace_everything_after_eot():
     tokens = jnp.asarray([[9, 3, 4, 10, 0, 0], [9, 5, 10, 0, 0, 0]])
     out = with_unique_pads(tokens, eot_token_id=10, text_vocab_base=11)
