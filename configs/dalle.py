@@ -33,7 +33,11 @@ background, as configs/diffusion.py:cpu), 16-token captions, a 2-group dVAE (16x
   generation accuracy 0.125 (step 0) -> 0.180 (900) -> 0.148 (1800: triangle 0.88, ring 0.19,
   cross and star 0.06, the rest 0; the samples are blobs in the right colours, shapes rarely).
   So the transformer learns the code statistics but not the shapes in 1800 steps: the gate is
-  not reached, and the preset runs 3 minutes over the 30-minute cpu budget.
+  not reached, and the preset runs 3 minutes over the 30-minute cpu budget. Other sampler
+  settings on that checkpoint do not help (launch/eval.py with extra 'generation' evals,
+  evals.<name>.temperature / top_k): T 0.7 0.125, T 0.3 0.133, top_k 32 0.133, T 0.5 with
+  top_k 32 0.133, top_k 8 0.164 (against 0.148 at T 1, top_k 256): the classifier calls
+  nearly every sample a triangle, so the samples lack the shapes, not a sharper sampler.
   Earlier, with the default's recipe on 2 groups:
   Measured 2026-12-03 (2-core CPU): the dVAE (1500 steps, 17 min) reconstructs from its hard
   codes at 17x the 2x2 patch-mean baseline's MSE (colour blobs), and the classifier (0.941 on

@@ -368,7 +368,10 @@ def load_objective_tokenizer(spec, image_size: int):
     ``config.objective.tokenizer`` is a one-line ConfigError naming that key."""
     from fmjax.errors import ConfigError
     try:
-        return load_tokenizer(spec, image_size)
+        # Loaded lazily, maybe first inside a trace (launch/eval.py's abstract init): restoring
+        # a workdir's checkpoint needs concrete arrays, so it runs eagerly whatever the context.
+        with jax.ensure_compile_time_eval():
+            return load_tokenizer(spec, image_size)
     except ValueError as e:
         raise ConfigError(f"config.objective.tokenizer: {e}") from None
 

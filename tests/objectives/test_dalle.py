@@ -216,6 +216,24 @@ def test_short_run_learns_and_the_generation_eval_prompts_class_names(tmp_path, 
     assert any(n.startswith("images_samples") for n in os.listdir(tmp_path / "run" / "images"))
 
 
+def test_eval_of_a_run_whose_tokenizer_is_a_dvae_workdir(tmp_path, tiny_config):
+    """launch/eval.py (evaluate_checkpoint) on a DALL-E run whose frozen tokenizer is a trained
+    dVAE workdir: the objective loads it lazily, first inside the abstract init, where its
+    restore once failed ('make_array_from_single_device_arrays requires ... concrete arrays')."""
+    from fmjax.train.eval_only import evaluate_checkpoint
+    tok, run = str(tmp_path / "dvae"), str(tmp_path / "dalle")
+    d = tiny_config("dvae", total_steps=2, checkpoint_every=2)
+    d.model = dict(name="dvae", group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=32, n_init=8,
+                   output="logit_laplace")
+    loop.train_and_evaluate(d, tok, devices=ONE_DEVICE)
+    c = tiny_config("dalle", total_steps=2, checkpoint_every=2)
+    c.objective.tokenizer = dict(workdir=tok)
+    c.evals = dict(val=dict(type="metrics", split="validation", examples=32))
+    loop.train_and_evaluate(c, run, devices=ONE_DEVICE)
+    metrics = evaluate_checkpoint(run)
+    assert np.isfinite(metrics["eval/val_image_nll"]) and metrics["eval/val_image_nll"] > 0
+
+
 def test_sampling_a_workdir_with_clip_reranking(tmp_path, tiny_config):
     """fmjax.train.sample (launch/sample.py) serves a DALL-E workdir: prompts, the
     autoregressive sampler's settings, CLIP re-ranking (the best of rerank_from per prompt,
