@@ -5,7 +5,7 @@ Loads the checkpoint's weights (diffusion: the EMA weights) with ``DIR/config.js
 one per prompt and ``all_prompts.png`` (text-conditional, ``--prompts="a red circle;a blue
 square"``), or ``samples.png`` (unconditional); prints their paths. Sampler flags override
 ``config.objective.sample``: --sampler / --num_steps / --guidance_scale / --eta for diffusion,
---temperature / --top_k / --top_p for DALL-E. ``--rerank_workdir=CLIP_DIR`` draws
+--temperature / --top_k / --top_p / --guidance_scale for DALL-E. ``--rerank_workdir=CLIP_DIR`` draws
 ``--rerank_from`` samples per prompt and keeps the ``--num_per_class`` that CLIP scores best
 (DALL-E's re-ranking). With ``--classifier_workdir=CLF`` (a workdir trained with
 configs/supervised.py) it also prints the fraction of samples that classifier assigns to

@@ -37,7 +37,7 @@ SAMPLER_KEYS = tuple(k for k in inspect.signature(sampling.sample).parameters
 
 
 # The settings of an autoregressive sampler (fmjax.models.generate; DALL-E).
-AR_KEYS = ("temperature", "top_k", "top_p")
+AR_KEYS = ("temperature", "top_k", "top_p", "guidance_scale")
 
 
 def sampler_overrides(settings) -> dict:
@@ -326,10 +326,11 @@ class GenerationEvaluator(common.Evaluator):
     each of the dataset's class names, tokenized by ``config.data.tokenize``; the classifier's
     classes are the dataset's. A generator with an image tokenizer (``reconstruct``: DALL-E)
     also logs ``eval/<name>_classifier_recon_accuracy``: the classifier on real images passed
-    through that tokenizer (up to 512), the ceiling of its samples. ``temperature`` / ``top_k`` / ``top_p`` reach an autoregressive
-    sampler (DALL-E)."""
+    through that tokenizer (up to 512), the ceiling of its samples. ``temperature`` / ``top_k`` / ``top_p`` / ``guidance_scale``
+    reach an autoregressive sampler (DALL-E)."""
 
-    fields = ("classifier_workdir", "samples_per_class", "seed", "per_class", "prompt") + AR_KEYS + SAMPLER_KEYS
+    fields = tuple(dict.fromkeys(("classifier_workdir", "samples_per_class", "seed", "per_class", "prompt")
+                                 + AR_KEYS + SAMPLER_KEYS))
     random_init = False
     sharded_batches = False  # the generator rounds batch_size up to the data-parallel size
 

@@ -80,16 +80,30 @@ def _step_fn(model, params, context, context_mask):
     return step
 
 
+def _guided(logits, scale, guided):
+    """Classifier-free guidance: rows [:B] conditional, [B:] unconditional ->
+    uncond + scale * (cond - uncond), (B, V); the logits themselves when not ``guided``."""
+    if not guided:
+        return logits
+    cond, uncond = jnp.split(logits.astype(jnp.float32), 2, axis=0)
+    return uncond + scale * (cond - uncond)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k", "top_p",
-                                             "eos_token_id", "pad_token_id"))
-def _sample(model, params, prompt, rng, context, context_mask, attention_mask, temperature, *,
-            max_new_tokens, greedy, top_k, top_p, eos_token_id, pad_token_id):
-    b, p = prompt.shape
+                                             "eos_token_id", "pad_token_id", "guided"))
+def _sample(model, params, prompt, rng, context, context_mask, attention_mask, temperature,
+            guidance_scale, *, max_new_tokens, greedy, top_k, top_p, eos_token_id, pad_token_id,
+            guided=False):
+    # guided: ``prompt`` (and context / masks) hold 2B rows, the conditional then the
+    # unconditional ones; both halves are fed the token drawn from the guided logits.
+    rows, p = prompt.shape
+    b = rows // 2 if guided else rows
     total = p + max_new_tokens
     step = _step_fn(model, params, context, context_mask)
-    cache = init_cache(model, b, total, context, context_mask)
+    cache = init_cache(model, rows, total, context, context_mask)
     logits, cache = step(cache, prompt, attention_mask)
-    tokens = jnp.concatenate([prompt, jnp.full((b, max_new_tokens), pad_token_id, prompt.dtype)], 1)
+    logits = _guided(logits, guidance_scale, guided)
+    tokens = jnp.concatenate([prompt[:b], jnp.full((b, max_new_tokens), pad_token_id, prompt.dtype)], 1)
 
     def body(i, carry):
         tokens, logits, cache, done, rng = carry
@@ -103,7 +117,9 @@ def _sample(model, params, prompt, rng, context, context_mask, attention_mask, t
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, p + i))
         if eos_token_id is not None:
             done = done | (nxt == eos_token_id)
-        logits, cache = step(cache, nxt[:, None])
+        feed = jnp.concatenate([nxt, nxt]) if guided else nxt
+        logits, cache = step(cache, feed[:, None])
+        logits = _guided(logits, guidance_scale, guided)
         return tokens, logits, cache, done, rng
 
     done = jnp.zeros((b,), bool)
@@ -113,15 +129,33 @@ def _sample(model, params, prompt, rng, context, context_mask, attention_mask, t
     return tokens
 
 
+def _tile(x, uncond=None):
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    return jnp.concatenate([x, x if uncond is None else jnp.asarray(uncond, x.dtype)], axis=0)
+
+
 def sample(model, params, prompt, max_new_tokens: int, rng: Optional[jax.Array] = None, *,
            greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-           context=None, context_mask=None, attention_mask=None) -> jax.Array:
+           context=None, context_mask=None, attention_mask=None,
+           guidance_scale: float = 1.0, uncond_prompt=None,
+           uncond_attention_mask=None) -> jax.Array:
     """Greedy (``greedy=True``, no rng needed) or ancestral sampling from
     softmax(logits / temperature) restricted by ``top_k`` / ``top_p`` (see ``filter_logits``).
     Returns int32 (B, P + max_new_tokens): the prompt, then the new tokens (``pad_token_id``
     after a row's ``eos_token_id``). ``context`` / ``context_mask``: the cross-attention input;
-    ``attention_mask`` (B, P): False at the left padding of shorter prompts."""
+    ``attention_mask`` (B, P): False at the left padding of shorter prompts.
+
+    Classifier-free guidance (Ho & Salimans 2022; for autoregressive token models as in
+    Make-A-Scene and Parti): with ``uncond_prompt`` (B, P), e.g. the empty caption of a model
+    trained with captions dropped, every step runs the conditional and the unconditional rows
+    together (2B rows, one cache) and draws the next token from
+    ``uncond + guidance_scale * (cond - uncond)`` logits (before temperature and filtering);
+    both rows are fed that token. ``guidance_scale`` 1 is plain conditional sampling (then
+    ``uncond_prompt`` is not run); ``uncond_attention_mask`` pads the unconditional prompt as
+    ``attention_mask`` does the prompt. ``context`` is shared by both halves."""
     prompt = jnp.asarray(prompt, jnp.int32)
     _check(model, prompt, max_new_tokens)
     if not greedy:
@@ -129,15 +163,32 @@ def sample(model, params, prompt, max_new_tokens: int, rng: Optional[jax.Array] 
             raise ValueError("sampling needs rng=jax.random.PRNGKey(...) (or greedy=True).")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}; use greedy=True.")
+    guided = uncond_prompt is not None and float(guidance_scale) != 1.0
+    if float(guidance_scale) != 1.0 and uncond_prompt is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs uncond_prompt (the unconditional "
+                         "prompt, e.g. an empty caption), or guidance_scale=1.")
+    if guided:
+        uncond_prompt = jnp.asarray(uncond_prompt, jnp.int32)
+        if uncond_prompt.shape != prompt.shape:
+            raise ValueError(f"uncond_prompt shape {uncond_prompt.shape} != prompt shape {prompt.shape}: "
+                             "pad it to the prompt's length (and pass uncond_attention_mask).")
+        if attention_mask is not None or uncond_attention_mask is not None:
+            ones = jnp.ones(prompt.shape, bool)
+            attention_mask = jnp.concatenate(
+                [ones if attention_mask is None else jnp.asarray(attention_mask, bool),
+                 ones if uncond_attention_mask is None else jnp.asarray(uncond_attention_mask, bool)], 0)
+        prompt = _tile(prompt, uncond_prompt)
+        context, context_mask = _tile(context), _tile(context_mask)
     if rng is None:
         rng = jax.random.PRNGKey(0)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
     return _sample(model.clone(decode=True), params, prompt, rng, context, context_mask, mask,
-                   jnp.float32(temperature), max_new_tokens=int(max_new_tokens),
+                   jnp.float32(temperature), jnp.float32(guidance_scale),
+                   max_new_tokens=int(max_new_tokens),
                    greedy=bool(greedy), top_k=int(top_k), top_p=float(top_p),
                    eos_token_id=eos_token_id,
-                   pad_token_id=int(pad if pad is not None else 0))
+                   pad_token_id=int(pad if pad is not None else 0), guided=guided)
 
 
 def _gather_beams(tree, beam_idx, batch, num_beams):

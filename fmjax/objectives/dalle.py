@@ -15,12 +15,14 @@ params are ``extra['tokenizer']``: sharded, checkpointed, never updated) into ar
 - ``text_loss_weight`` (default 1/8): the cross-entropy over text targets weighted 1/8 and
   over image targets 7/8, each the mean over its own targets (section 2.2).
 - ``caption_drop_prob`` (default 0): the fraction of captions replaced by an empty one
-  (``[sot][eot]``), for unconditional sampling (not in the paper).
+  (``[sot][eot]``), for unconditional sampling and classifier-free guidance (not in the paper).
 
 Sampling (``generate``, the ``generate`` capability used by ``launch/sample.py`` and the
 ``images`` pictures): the text tokens are the prompt, the image codes are drawn one at a time
 with the KV cache (``fmjax.models.generate.sample``; temperature, ``top_k`` / ``top_p`` from
-``config.objective.sample``; DALLE-pytorch filters to the top half, ``top_k`` = vocab / 2),
+``config.objective.sample``; DALLE-pytorch filters to the top half, ``top_k`` = vocab / 2;
+``guidance_scale`` (default 1: none) samples with classifier-free guidance against the empty
+caption, as Make-A-Scene and Parti do for token models: train with ``caption_drop_prob`` > 0),
 then decoded by the dVAE's decoder: the tokenizer spec must carry the decoder (a ``dvae``
 workdir or ``init='random'``; OpenAI's encoder file alone cannot decode). Re-ranking N
 samples per caption with a CLIP workdir (the paper's section 2.5) is ``launch/sample.py
@@ -149,11 +151,16 @@ class DalleObjective(Objective):
         ids = module.apply({"params": extra["tokenizer"]}, x, method=type(module).tokens)
         return jax.lax.stop_gradient(ids.reshape(ids.shape[0], -1))
 
+    def empty_captions(self, tokens):
+        """The empty caption ``[sot][eot]`` then padding, shaped as ``tokens`` (B, n): what
+        ``caption_drop_prob`` trains on and classifier-free guidance samples against."""
+        tok = self.text_tokenizer
+        return jnp.zeros_like(tokens).at[:, 0].set(tok.sot_token_id).at[:, 1].set(tok.eot_token_id)
+
     def sequence(self, extra, batch, rng=None):
         tokens = batch["tokens"].astype(jnp.int32)
         if rng is not None and self.caption_drop_prob > 0:
-            tok = self.text_tokenizer
-            empty = jnp.zeros_like(tokens).at[:, 0].set(tok.sot_token_id).at[:, 1].set(tok.eot_token_id)
+            empty = self.empty_captions(tokens)
             drop = jax.random.bernoulli(rng, self.caption_drop_prob, (tokens.shape[0], 1))
             tokens = jnp.where(drop, empty, tokens)
         codes = self.image_codes(extra, batch["image"]) + self.model.text_vocab
@@ -188,14 +195,18 @@ class DalleObjective(Objective):
         """[B, N] image codes sampled after the captions ``tokens`` (B, n)."""
         s = dict(dict(temperature=1.0, top_k=int(self.model.image_vocab) // 2), **self.sampling)
         s.update({k: v for k, v in overrides.items() if v is not None})
-        prompt = self.text_ids(jnp.asarray(tokens))
+        tokens = jnp.asarray(tokens, jnp.int32)
+        prompt = self.text_ids(tokens)
         n_new = self.grid ** 2
+        g = float(s.get("guidance_scale", 1.0))
+        guide = dict(guidance_scale=g, uncond_prompt=self.text_ids(self.empty_captions(tokens))) if g != 1.0 else {}
         if s.pop("greedy", False):
-            out = generate_lib.sample(self.model, params, prompt, n_new, greedy=True)
+            out = generate_lib.sample(self.model, params, prompt, n_new, greedy=True, **guide)
         else:
             out = generate_lib.sample(self.model, params, prompt, n_new, rng,
                                       temperature=float(s.get("temperature", 1.0)),
-                                      top_k=int(s.get("top_k", 0) or 0), top_p=float(s.get("top_p", 1.0)))
+                                      top_k=int(s.get("top_k", 0) or 0), top_p=float(s.get("top_p", 1.0)),
+                                      **guide)
         return out[:, self.text_length:] - self.model.text_vocab
 
     def decode_codes(self, extra, codes):

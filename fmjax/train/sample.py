@@ -33,8 +33,11 @@ AR_KEYS = gen_lib.AR_KEYS  # an autoregressive sampler's settings (DALL-E)
 
 
 def check_ar_sampler(settings: dict) -> None:
-    """ConfigError for a bad temperature (> 0), top_k (>= 0) or top_p (in (0, 1])."""
-    t, k, p = (settings.get(key) for key in AR_KEYS)
+    """ConfigError for a bad temperature (> 0), top_k (>= 0), top_p (in (0, 1]) or
+    guidance_scale (finite)."""
+    t, k, p, g = (settings.get(key) for key in ("temperature", "top_k", "top_p", "guidance_scale"))
+    if g is not None and not np.isfinite(float(g)):
+        raise ConfigError(f"--guidance_scale={g}; it must be a finite number (1: no guidance).")
     if t is not None and not (np.isfinite(float(t)) and float(t) > 0):
         raise ConfigError(f"--temperature={t}; it must be a finite number > 0 (1: the model's distribution).")
     if k is not None and int(k) < 0:
@@ -157,7 +160,7 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
     per prompt (``prompts``: a list or a ';'-separated string; default the first captions
     of the validation split), or, unconditional, 8 rows of ``num_per_class``. ``sampler``:
     overrides of ``config.objective.sample`` (diffusion: sampler, num_steps, guidance_scale, eta,
-    ...; DALL-E: temperature, top_k, top_p; None values ignored). ``rerank_workdir``: a CLIP
+    ...; DALL-E: temperature, top_k, top_p, guidance_scale; None values ignored). ``rerank_workdir``: a CLIP
     workdir scoring ``rerank_from`` samples per prompt, of which the best ``num_per_class``
     are kept (metrics ``clip_score_best`` / ``clip_score_mean``: the kept / all samples' mean
     cosine similarity). ``batch_size`` (default ``config.batch_size``) is rounded up to a
@@ -173,7 +176,7 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
     given = {k: v for k, v in sampler.items() if v is not None}
     unknown = sorted(set(given) - set(gen_lib.SAMPLER_KEYS) - set(AR_KEYS))
     if unknown:
-        raise ConfigError(f"unknown sampler settings {unknown}; valid: {list(gen_lib.SAMPLER_KEYS + AR_KEYS)}.")
+        raise ConfigError(f"unknown sampler settings {unknown}; valid: {list(dict.fromkeys(gen_lib.SAMPLER_KEYS + AR_KEYS))}.")
     num_per_class, batch_size, ids, prompt_list = check_request(num_per_class, batch_size, classes,
                                                                 prompts)
     config = config or load_workdir_config(workdir)
@@ -183,7 +186,7 @@ def sample_checkpoint(workdir: str, step: int | None = None, num_per_class: int 
                           "images; launch/sample.py needs a diffusion or DALL-E workdir.")
     diffusion = hasattr(objective, "schedule")
     own, other = (gen_lib.SAMPLER_KEYS, AR_KEYS) if diffusion else (AR_KEYS, gen_lib.SAMPLER_KEYS)
-    foreign = sorted(set(given) & set(other))
+    foreign = sorted(set(given) & (set(other) - set(own)))
     if foreign:
         raise ConfigError(f"{', '.join('--' + k for k in foreign)}: not a setting of {config.objective.name!r}'s "
                           f"sampler; valid: {', '.join('--' + k for k in own)}.")

@@ -115,6 +115,35 @@ def test_cached_sampling_equals_recomputing_the_sequence(types):
     assert (drawn[:, 4:] >= 20).all()
 
 
+def test_guided_sampling_equals_recomputing_both_sequences():
+    """Classifier-free guidance with the cache: each code is the argmax of
+    uncond + s * (cond - uncond), the logits of the caption's and the empty caption's
+    sequences recomputed in full, both continued with the same drawn codes."""
+    m = _model(depth=2, attention_types=("row", "column"))
+    rng = np.random.default_rng(4)
+    prompt = jnp.asarray(rng.integers(0, 20, (2, 4)))
+    empty = jnp.asarray(rng.integers(0, 20, (2, 4)))
+    params = m.init(jax.random.PRNGKey(5), jnp.zeros((1, m.max_length - 1), jnp.int32))["params"]
+    scale = 3.0
+    guided = generate.sample(m, params, prompt, 7, greedy=True, guidance_scale=scale, uncond_prompt=empty)
+    cond, uncond = prompt, empty
+    for _ in range(7):
+        lc = m.apply({"params": params}, cond)["logits"][:, -1]
+        lu = m.apply({"params": params}, uncond)["logits"][:, -1]
+        nxt = jnp.argmax(lu + scale * (lc - lu), -1)[:, None]
+        cond, uncond = jnp.concatenate([cond, nxt], 1), jnp.concatenate([uncond, nxt], 1)
+    np.testing.assert_array_equal(guided, cond)
+    assert (guided[:, 4:] >= 20).all()
+    plain = generate.sample(m, params, prompt, 7, greedy=True)
+    assert not np.array_equal(guided, plain)   # the guidance changes the codes here
+    np.testing.assert_array_equal(           # scale 1 is plain conditional sampling
+        generate.sample(m, params, prompt, 7, greedy=True, guidance_scale=1.0, uncond_prompt=empty), plain)
+    with pytest.raises(ValueError, match="needs uncond_prompt"):
+        generate.sample(m, params, prompt, 7, greedy=True, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="uncond_prompt shape"):
+        generate.sample(m, params, prompt, 7, greedy=True, guidance_scale=2.0, uncond_prompt=empty[:, :3])
+
+
 # -- the objective's pieces -------------------------------------------------------------------------
 def test_cpu_preset_text_vocabulary_keeps_every_shapes_word_apart():
     """The cpu preset's small 'words' vocabulary (for speed) must not merge two caption words."""
@@ -243,7 +272,8 @@ def test_sampling_a_workdir_with_clip_reranking(tmp_path, tiny_config):
     loop.train_and_evaluate(tiny_config("dalle", total_steps=2), run, devices=ONE_DEVICE)
     loop.train_and_evaluate(tiny_config("clip", total_steps=2, checkpoint_every=2), clip, devices=ONE_DEVICE)
     out = sample_checkpoint(run, prompts="a red circle.;a blue square.", num_per_class=2, batch_size=8,
-                            temperature=0.9, top_k=16, rerank_workdir=clip, rerank_from=4, devices=ONE_DEVICE)
+                            temperature=0.9, top_k=16, guidance_scale=2.0, rerank_workdir=clip, rerank_from=4,
+                            devices=ONE_DEVICE)
     assert out["images"].shape == (4, 32, 32, 3) and out["images"].dtype == np.uint8
     m = out["metrics"]
     assert -1.0 <= m["clip_score_mean"] <= m["clip_score_best"] <= 1.0
@@ -258,6 +288,7 @@ def test_sampling_a_workdir_with_clip_reranking(tmp_path, tiny_config):
     assert "--num_steps: not a setting of 'dalle'" in error(num_steps=3)
     assert "--temperature=0" in error(temperature=0.0)
     assert "--top_p=2" in error(top_p=2.0)
+    assert "--guidance_scale=inf" in error(guidance_scale=float("inf"))
     assert "--rerank_from=1 must be >= --num_per_class=2" in error(rerank_workdir=clip, rerank_from=1, num_per_class=2)
     assert "trained objective 'dalle'" in error(rerank_workdir=run)
     assert "no config.json" in error(rerank_workdir=str(tmp_path / "nowhere"))
