@@ -107,8 +107,11 @@ def get_config(arg: str = "default"):
         common.imagenet_data(c, 224)
         c.data.pp_train = ("color_jitter(0.4, 0.4, 0.4, 0.0, p=1.0)|flip_lr|random_resized_crop(224)|"
                            "normalize('imagenet')|beit_mask(14, 75, min_num_patches=16)|keep('image', 'mask')")
-        c.objective.update(dict(vocab_size=8192, tokenizer_image_size=112,
-                                tokenizer=dict(torch=ml_collections.config_dict.placeholder(str))))
+        c.objective.update(dict(vocab_size=8192, tokenizer_image_size=112))
+        # Replaced, not updated: a merge kept the base's init='random' beside torch, so the
+        # documented --config.objective.tokenizer.torch=FILE failed ('exactly one of') and
+        # without it the preset trained on a random 8192-code tokenizer.
+        c.objective.tokenizer = dict(torch=ml_collections.config_dict.placeholder(str))
         c.optimizer.update(dict(lr=1.5e-3, min_lr=1e-5, warmup_steps=10 * steps_per_epoch))
         c.model = dict(name="vit", variant="B/16", pool="mean", drop_path=0.1, layerscale=0.1,
                        pos_embed="none", rel_pos_bias="shared", attention_impl="xla",

@@ -170,6 +170,23 @@ def test_config_errors(tiny_config, override, match):
         make_objective(config).check(config)
 
 
+@pytest.mark.parametrize("torch_file, match", [(None, "train a dVAE tokenizer first"),
+                                               ("/nonexistent/encoder.pt", "encoder.pt: no such file")])
+def test_paper_preset_takes_openais_encoder_and_nothing_else(torch_file, match):
+    """configs/beit.py:beit_b16_imagenet names OpenAI's encoder file and no other tokenizer:
+    without --config.objective.tokenizer.torch=FILE it is the one-line missing-tokenizer error,
+    with it the file is read (its objective.update once merged the base's init='random' in:
+    the documented flag failed 'exactly one of', and without it a random tokenizer trained)."""
+    from fmjax.errors import ConfigError
+    from fmjax.objectives.base import make_objective
+    from fmjax.testing import load_config
+    config = load_config("beit", "beit_b16_imagenet")
+    assert dict(config.objective.tokenizer) == {"torch": None}
+    config.objective.tokenizer.torch = torch_file
+    with pytest.raises(ConfigError, match=match):
+        make_objective(config).check(config)
+
+
 def test_trains_with_a_random_tokenizer_and_keeps_it_frozen(tiny_config, tmp_path):
     from fmjax.train import loop
     from fmjax.train.restore import load_checkpoint
