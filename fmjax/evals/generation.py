@@ -40,6 +40,21 @@ SAMPLER_KEYS = tuple(k for k in inspect.signature(sampling.sample).parameters
 AR_KEYS = ("temperature", "top_k", "top_p", "guidance_scale")
 
 
+def check_ar_sampler(settings, prefix: str = "") -> None:
+    """ValueError naming the bad autoregressive sampler setting (``prefix`` + its name):
+    temperature (a finite number > 0), top_k (an integer >= 0), top_p (in (0, 1]) or
+    guidance_scale (finite)."""
+    t, k, p, g = (settings.get(key) for key in ("temperature", "top_k", "top_p", "guidance_scale"))
+    if g is not None and not np.isfinite(_number(prefix + "guidance_scale", g)):
+        raise ValueError(f"{prefix}guidance_scale={g}; it must be a finite number (1: no guidance).")
+    if t is not None and not (np.isfinite(_number(prefix + "temperature", t)) and float(t) > 0):
+        raise ValueError(f"{prefix}temperature={t}; it must be a finite number > 0 (1: the model's distribution).")
+    if k is not None and (not float(_number(prefix + "top_k", k)).is_integer() or int(k) < 0):
+        raise ValueError(f"{prefix}top_k={k}; it must be an integer >= 0 (0: no limit).")
+    if p is not None and not 0.0 < _number(prefix + "top_p", p) <= 1.0:
+        raise ValueError(f"{prefix}top_p={p}; it must be in (0, 1] (1: no limit).")
+
+
 def sampler_overrides(settings) -> dict:
     """The sampler settings among ``settings`` (e.g. an eval config), None values dropped."""
     return {k: settings[k] for k in SAMPLER_KEYS if k in settings and settings[k] is not None}
@@ -352,9 +367,11 @@ class GenerationEvaluator(common.Evaluator):
             raise ConfigError(f"{where}: prompt={prompt!r} needs a text-conditional generator and "
                               "exactly one '{}' for the class name (e.g. 'a photo of a {}.').")
         try:
-            check_classifier_workdir(ev["classifier_workdir"], _num_classes(objective, ev))
             if hasattr(objective, "schedule"):
                 check_sampler(sampler_overrides(ev), objective.schedule.num_timesteps)
+            else:  # an autoregressive sampler (DALL-E)
+                check_ar_sampler({k: ev[k] for k in AR_KEYS if ev.get(k) is not None})
+            check_classifier_workdir(ev["classifier_workdir"], _num_classes(objective, ev))
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
 

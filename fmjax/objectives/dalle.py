@@ -131,6 +131,11 @@ class DalleObjective(Objective):
         if not 0.0 <= self.text_loss_weight <= 1.0 or not 0.0 <= self.caption_drop_prob < 1.0:
             raise ConfigError(f"config.objective.text_loss_weight={self.text_loss_weight} must be in [0, 1] and "
                               f"caption_drop_prob={self.caption_drop_prob} in [0, 1).")
+        from fmjax.evals.generation import check_ar_sampler
+        try:
+            check_ar_sampler(self.sampling, prefix="config.objective.sample.")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.model  # noqa: B018 - builds: unknown model fields fail here
         try:
             from fmjax.models.dalle import layer_types

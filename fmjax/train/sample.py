@@ -34,16 +34,11 @@ AR_KEYS = gen_lib.AR_KEYS  # an autoregressive sampler's settings (DALL-E)
 
 def check_ar_sampler(settings: dict) -> None:
     """ConfigError for a bad temperature (> 0), top_k (>= 0), top_p (in (0, 1]) or
-    guidance_scale (finite)."""
-    t, k, p, g = (settings.get(key) for key in ("temperature", "top_k", "top_p", "guidance_scale"))
-    if g is not None and not np.isfinite(float(g)):
-        raise ConfigError(f"--guidance_scale={g}; it must be a finite number (1: no guidance).")
-    if t is not None and not (np.isfinite(float(t)) and float(t) > 0):
-        raise ConfigError(f"--temperature={t}; it must be a finite number > 0 (1: the model's distribution).")
-    if k is not None and int(k) < 0:
-        raise ConfigError(f"--top_k={k}; it must be >= 0 (0: no limit).")
-    if p is not None and not 0.0 < float(p) <= 1.0:
-        raise ConfigError(f"--top_p={p}; it must be in (0, 1] (1: no limit).")
+    guidance_scale (finite), named as its flag."""
+    try:
+        gen_lib.check_ar_sampler(settings, prefix="--")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_prompts(prompts) -> list[str]:

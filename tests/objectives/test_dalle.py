@@ -201,6 +201,14 @@ def test_loss_weights_text_and_image(shapes_data_dir, tiny_config):
     (dict(**{"objective.tokenizer": dict(workdir=None)}), "names no dVAE"),
     (dict(**{"model.attention_types": ("row", "diagonal")}), "diagonal"),
     (dict(**{"objective.text_loss_weight": 1.5}), "text_loss_weight"),
+    (dict(**{"objective.sample": dict(temperature=0.0)}), r"config.objective.sample.temperature=0.0; it must be"),
+    (dict(**{"objective.sample": dict(top_k=2.5)}), r"config.objective.sample.top_k=2.5; it must be an integer"),
+    # a generation eval's sampler settings are checked before the run starts (they failed at the
+    # first eval); before its classifier workdir
+    (dict(evals=dict(gen=dict(type="generation", classifier_workdir="/nonexistent", guidance_scale=float("nan")))),
+     r"evals.gen.*guidance_scale=nan; it must be a finite number"),
+    (dict(evals=dict(gen=dict(type="generation", classifier_workdir="/nonexistent", top_p=0.0))),
+     r"evals.gen.*top_p=0.0; it must be in \(0, 1\]"),
 ])
 def test_config_errors_are_one_line_before_anything_is_written(tiny_config, tmp_path, override, message):
     c = tiny_config("dalle", **override)
