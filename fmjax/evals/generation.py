@@ -40,13 +40,21 @@ SAMPLER_KEYS = tuple(k for k in inspect.signature(sampling.sample).parameters
 AR_KEYS = ("temperature", "top_k", "top_p", "guidance_scale")
 
 
+def _check_guidance(settings, prefix: str = "") -> None:
+    """A classifier-free guidance scale (diffusion's or an autoregressive sampler's) is finite."""
+    if settings.get("guidance_scale") is not None:
+        g = _number(prefix + "guidance_scale", settings["guidance_scale"])
+        if not np.isfinite(g):
+            raise ValueError(f"{prefix}guidance_scale={g}; it must be a finite number "
+                             "(1: no guidance; e.g. 2.0 for classifier-free guidance).")
+
+
 def check_ar_sampler(settings, prefix: str = "") -> None:
     """ValueError naming the bad autoregressive sampler setting (``prefix`` + its name):
     temperature (a finite number > 0), top_k (an integer >= 0), top_p (in (0, 1]) or
     guidance_scale (finite)."""
-    t, k, p, g = (settings.get(key) for key in ("temperature", "top_k", "top_p", "guidance_scale"))
-    if g is not None and not np.isfinite(_number(prefix + "guidance_scale", g)):
-        raise ValueError(f"{prefix}guidance_scale={g}; it must be a finite number (1: no guidance).")
+    t, k, p = (settings.get(key) for key in ("temperature", "top_k", "top_p"))
+    _check_guidance(settings, prefix)
     if t is not None and not (np.isfinite(_number(prefix + "temperature", t)) and float(t) > 0):
         raise ValueError(f"{prefix}temperature={t}; it must be a finite number > 0 (1: the model's distribution).")
     if k is not None and (not float(_number(prefix + "top_k", k)).is_integer() or int(k) < 0):
@@ -76,11 +84,7 @@ def check_sampler(settings: dict, num_timesteps: int) -> None:
                        ("prediction_type", process.PREDICTION_TYPES)):
         if key in settings and settings[key] not in valid:
             raise ValueError(f"{key}={settings[key]!r}; valid: {list(valid)}.")
-    if settings.get("guidance_scale") is not None:
-        g = _number("guidance_scale", settings["guidance_scale"])
-        if not np.isfinite(g):
-            raise ValueError(f"guidance_scale={g}; it must be a finite number "
-                             "(1: no guidance; e.g. 2.0 for classifier-free guidance).")
+    _check_guidance(settings)
     if settings.get("eta") is not None:
         eta = _number("eta", settings["eta"])
         if not (np.isfinite(eta) and eta >= 0):
