@@ -12,29 +12,7 @@ import tempfile
 # slower (the MAE learning gate 100 s -> 132 s); a cold full suite with it had run 22% of its
 # tests after 49 minutes, where one without had run 67% after 68.
 _XLA_EXTRA = os.environ.setdefault("FMJAX_TEST_XLA_EXTRA", "")
-
-
-def _no_ynn_flag() -> str:
-    """XLA:CPU's YNNPACK fusions off, for compile-bound tests (jaxlib 0.10 only: an unknown flag
-    would stop every test). Loading a cached executable deserializes each YNN fusion thunk with a
-    scan over the module's instructions (``YnnFusionThunkFromProto`` -> ``HloInstruction::
-    unique_id`` in a perf profile), so a large train step's cache hit cost 15 s where the same
-    step without YNN fusions loads in 5 s (tests/reference/test_sam_trajectory.py's detection
-    test, 30 -> 21 s; tests/train/test_resume.py on a warm cache 185 -> 135 s alone,
-    2026-12-07). Without them steps run 15-22% slower (the CLIP and supervised defaults'
-    benchmarks), so training-bound tests (``optimized``) keep them in their launchers and fresh
-    processes (``_compile_effort`` below). FMJAX_TEST_NO_YNN=0 turns it off."""
-    from importlib.metadata import PackageNotFoundError, version
-    if os.environ.get("FMJAX_TEST_NO_YNN", "1") != "1":
-        return ""
-    try:
-        return "--xla_cpu_experimental_ynn_fusion_type=" if version("jaxlib").startswith("0.10.") else ""
-    except PackageNotFoundError:
-        return ""
-
-
-_NO_YNN = _no_ynn_flag()
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {_NO_YNN} {_XLA_EXTRA}".strip())
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {_XLA_EXTRA}".strip())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # inherited by run_cli
@@ -166,12 +144,7 @@ _FAST_COMPILE = os.environ.get("FMJAX_TEST_FAST_COMPILE", "1") == "1"
 @pytest.fixture(autouse=True)
 def _compile_effort(request, monkeypatch):
     node = request.node
-    if node.get_closest_marker("optimized"):
-        yield
-        return
-    if _NO_YNN:  # launchers of compile-bound tests load their cached programs fast too (above)
-        monkeypatch.setenv("FMJAX_TEST_XLA_EXTRA", f"{_XLA_EXTRA} {_NO_YNN}".strip())
-    if not _FAST_COMPILE:
+    if not _FAST_COMPILE or node.get_closest_marker("optimized"):
         yield
         return
     monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
