@@ -23,7 +23,9 @@ draw ``argmax(logits + g)`` instead). Without it the relaxed sample leaks inform
 its non-argmax tail: at a low KL weight the argmax codes collapse onto one code while the
 relaxed reconstructions still improve. ``diversity_weight`` w adds ``w * KL(mean q || uniform)``
 with q averaged over the batch and the grid (wav2vec 2.0's codebook-diversity term), which
-keeps the argmax codes spread over the vocabulary.
+keeps the argmax codes spread over the vocabulary; ``diversity_of='sharp'`` averages
+``softmax(logits / tau)`` instead, at the relaxation's temperature, which nears the histogram
+of the argmax codes as tau anneals.
 
 Schedules (A.2 says all of them are cosine): the temperature ``tau`` goes from ``temp_start``
 (1) to ``temp_end`` (1/16) over ``temp_steps`` updates (paper: 150,000; 0: the whole run)
@@ -65,8 +67,9 @@ from fmjax.objectives.base import Objective
 
 TEMP_SCHEDULES = ("cosine", "exponential")
 STRAIGHT_THROUGH = ("", "argmax", "sample")
+DIVERSITY_OF = ("q", "sharp")
 OPTIONS = ("name", "kl_weight", "kl_warmup_steps", "temp_start", "temp_end", "temp_steps",
-           "temp_schedule", "ema_decay", "straight_through", "diversity_weight")
+           "temp_schedule", "ema_decay", "straight_through", "diversity_weight", "diversity_of")
 
 
 # -- The paper's formulas. ------------------------------------------------------------------------
@@ -146,6 +149,7 @@ class DVAEObjective(Objective):
         self.ema_decay = float(o.get("ema_decay", 0.0))
         self.straight_through = o.get("straight_through", "") or ""
         self.diversity_weight = float(o.get("diversity_weight", 0.0))
+        self.diversity_of = o.get("diversity_of", "q") or "q"
 
     # -- config ----------------------------------------------------------------------------------
     def check(self, config):
@@ -175,6 +179,9 @@ class DVAEObjective(Objective):
         if self.diversity_weight < 0:
             raise ConfigError(f"config.objective.diversity_weight={self.diversity_weight} must be >= 0 "
                               "(0: no codebook-usage term).")
+        if self.diversity_of not in DIVERSITY_OF:
+            raise ConfigError(f"config.objective.diversity_of={self.diversity_of!r}; valid: {list(DIVERSITY_OF)} "
+                              "('q': the encoder's softmax(logits), 'sharp': softmax(logits / temperature)).")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"config.objective.ema_decay={self.ema_decay} must be in [0, 1) (0: no EMA).")
         size = int(config.data.get("image_size", 0) or 0)
@@ -247,8 +254,11 @@ class DVAEObjective(Objective):
         n_values = x.shape[1] * x.shape[2] * x.shape[3]
         loss = jnp.mean(nll + beta * kl / n_values)
         if self.diversity_weight:
-            mean_q = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=(0, 1, 2))
-            loss = loss + self.diversity_weight * kl_to_uniform(jnp.log(mean_q))  # log q: its own logits
+            sharpen = tau if self.diversity_of == "sharp" else 1.0
+            q = jax.nn.softmax(logits.astype(jnp.float32) / sharpen, axis=-1)
+            mean_q = jnp.mean(q, axis=(0, 1, 2))
+            # log(mean q) as its own logits; the floor keeps a code whose sharpened q underflows finite.
+            loss = loss + self.diversity_weight * kl_to_uniform(jnp.log(jnp.maximum(mean_q, 1e-30)))
         recon = dvae_lib.reconstruction(stats, self.output)
         counts = jnp.zeros((logits.shape[-1],), jnp.int32).at[jnp.argmax(logits, -1).ravel()].add(1)
         metrics = {"nll": nll.mean(), "kl": kl.mean() / (logits.shape[1] * logits.shape[2]),

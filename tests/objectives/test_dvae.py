@@ -194,14 +194,16 @@ def test_mse_variant_and_eval_metrics(shapes_data_dir):
     np.testing.assert_allclose(np.asarray(obj.features(params, extra, x).sum(-1)), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["argmax", "sample"])
-def test_straight_through_decodes_a_hard_code_and_diversity_is_the_batch_kl(shapes_data_dir, mode):
+@pytest.mark.parametrize("mode, diversity_of", [("argmax", "q"), ("sample", "q"), ("argmax", "sharp")])
+def test_straight_through_decodes_a_hard_code_and_diversity_is_the_batch_kl(shapes_data_dir, mode, diversity_of):
     """straight_through: the decoder reads one_hot(argmax(logits)) ('argmax': the codes a
     tokenizer hands on) or one_hot(argmax(logits + g)) ('sample': the Gumbel-max draw of the
     relaxed sample), and the gradients are the relaxed sample's; diversity_weight w adds
-    w * KL(mean_{batch, positions} q || uniform)."""
+    w * KL(mean_{batch, positions} q || uniform), with q = softmax(logits) ('q') or
+    softmax(logits / temperature) ('sharp')."""
     c = _tiny(shapes_data_dir)
-    c.objective.update(dict(kl_weight=2.0, kl_warmup_steps=0, straight_through=mode, diversity_weight=0.3))
+    c.objective.update(dict(kl_weight=2.0, kl_warmup_steps=0, temp_steps=10, straight_through=mode,
+                            diversity_weight=0.3, diversity_of=diversity_of))
     obj, x, params, extra, rng, step = _loss_inputs(c)
     loss, (metrics, _) = obj.loss(params, extra, {"image": x}, rng, step)
     m = obj.model
@@ -216,7 +218,11 @@ def test_straight_through_decodes_a_hard_code_and_diversity_is_the_batch_kl(shap
     q = np.exp(logits - logits.max(-1, keepdims=True))
     q /= q.sum(-1, keepdims=True)
     kl = np.sum(q * np.log(q * 32), axis=(1, 2, 3))
-    mean_q = q.mean(axis=(0, 1, 2))
+    tau = float(obj.schedules(step)[0])
+    assert tau < 0.9   # the step is past the anneal's start, so 'sharp' differs from 'q'
+    sharp = np.exp((logits - logits.max(-1, keepdims=True)) / tau)
+    sharp /= sharp.sum(-1, keepdims=True)
+    mean_q = (sharp if diversity_of == "sharp" else q).mean(axis=(0, 1, 2))
     diversity = np.sum(mean_q * np.log(mean_q * 32))
     ref = np.mean(np.asarray(nll, np.float64) + 2.0 * kl / (16 * 16 * 3)) + 0.3 * diversity
     np.testing.assert_allclose(float(loss), ref, rtol=1e-4)
@@ -238,6 +244,7 @@ def test_straight_through_decodes_a_hard_code_and_diversity_is_the_batch_kl(shap
     ({"model.n_hid": 10}, "n_hid=10 must be a positive multiple of 4"),
     ({"objective.straight_through": "hard"}, "straight_through='hard'; valid"),
     ({"objective.diversity_weight": -0.1}, "diversity_weight=-0.1 must be >= 0"),
+    ({"objective.diversity_of": "z"}, "diversity_of='z'; valid"),
 ])
 def test_config_errors(shapes_data_dir, override, match):
     config = _tiny(shapes_data_dir, **override)
